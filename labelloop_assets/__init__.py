@@ -1,0 +1,1 @@
+"""labelloop: continuous labeling feedback loops as a Dagster code location."""

@@ -1,0 +1,54 @@
+"""Privacy by default: keyed pseudonyms for user ids and PII scrubbing of free text, in SQL."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+_BLOCK = 64  # SHA-256 block size in bytes, as HMAC (RFC 2104) defines it
+
+# Order matters: e-mail before the digit patterns that would eat its parts.
+SCRUB_PATTERNS: tuple[tuple[str, str], ...] = (
+    (r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}", "[email]"),
+    (r"https?://[^\s/]*@[^\s]*", "[url-with-credentials]"),
+    (r"\b(?:\d{1,3}\.){3}\d{1,3}\b", "[ip]"),
+    (r"\b(?:\d[ -]?){13,19}\b", "[card-or-account]"),
+    (r"(?:\+|00)?\d{1,3}?[ .-]?\(?\d{2,4}\)?[ .-]?\d{3,4}[ .-]?\d{3,4}\b", "[phone]"),
+)
+
+
+def hmac_pads(key: bytes) -> tuple[bytes, bytes]:
+    """The inner and outer padded keys of HMAC-SHA256, so SQL can finish the hash per row."""
+    if len(key) > _BLOCK:
+        key = hashlib.sha256(key).digest()
+    key = key.ljust(_BLOCK, b"\0")
+    return bytes(b ^ 0x36 for b in key), bytes(b ^ 0x5C for b in key)
+
+
+def pseudonym_sql(column: str, inner_param: str, outer_param: str) -> str:
+    """HMAC-SHA256(key, column) as hex, computed by DuckDB on every row at once."""
+    return (
+        f"CASE WHEN {column} IS NULL THEN NULL ELSE "
+        f"'u_' || left(sha256({outer_param}::BLOB || unhex(sha256({inner_param}::BLOB || "
+        f"encode({column})))), 32) END"
+    )
+
+
+def pseudonym(key: bytes, user_id: str) -> str:
+    """The same pseudonym computed in Python, for look-ups by a known user id."""
+    return "u_" + hmac.new(key, user_id.encode("utf-8"), hashlib.sha256).hexdigest()[:32]
+
+
+def scrub_sql(text_column: str, author_column: str | None = None) -> str:
+    """Replace e-mail addresses, phone numbers and similar in free text with placeholders."""
+    expr = text_column
+    for pattern, placeholder in SCRUB_PATTERNS:
+        escaped = pattern.replace("'", "''")
+        expr = f"regexp_replace({expr}, '{escaped}', '{placeholder}', 'g')"
+    if author_column is not None:
+        # People sign their rationale with their own id; that id must not survive either.
+        expr = (
+            f"CASE WHEN coalesce({author_column}, '') = '' THEN {expr} "
+            f"ELSE replace({expr}, {author_column}, '[user]') END"
+        )
+    return expr

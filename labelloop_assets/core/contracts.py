@@ -1,0 +1,405 @@
+"""Landing-file contracts: read a file, check every record against its field spec, in SQL.
+
+Each line of a landing file ends up either as a typed record or as a quarantine row with a
+machine-readable reason. All checks are vectorized DuckDB expressions over the whole file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import polars as pl
+
+from labelloop_assets.core.anonymize import hmac_pads, pseudonym_sql, scrub_sql
+
+MAX_LINE_BYTES = 64 * 1024
+MAX_FILE_BYTES = 512 * 1024 * 1024
+SUPPORTED_SUFFIXES = (".jsonl", ".parquet")
+
+USER_ROLES = ("end_user", "annotator", "reviewer", "domain_expert")
+CORRECTION_SOURCES = ("feedback_button", "review_prompt", "audit_sample", "annotation")
+
+# Quarantine reason codes (a documented contract: analysts filter on them).
+MALFORMED_JSON = "malformed_json"
+NOT_AN_OBJECT = "not_an_object"
+INVALID_ENCODING = "invalid_encoding"
+OVERSIZE_LINE = "oversize_line"
+MISSING_FIELD = "missing_field"
+INVALID_TYPE = "invalid_type"
+INVALID_VALUE = "invalid_value"
+OUT_OF_RANGE = "out_of_range"
+BAD_TIMESTAMP = "bad_timestamp"
+OVERSIZE_FIELD = "oversize_field"
+UNKNOWN_LABEL = "unknown_label"
+UNKNOWN_ITEM = "unknown_item"
+GOLD_ITEM = "gold_item"
+NO_CONSENT = "no_consent"
+DUPLICATE_EVENT = "duplicate_event"
+CONFLICTING_DUPLICATE = "conflicting_duplicate"
+FEATURE_LENGTH_MISMATCH = "feature_length_mismatch"
+UNREADABLE_FILE = "unreadable_file"
+UNSUPPORTED_FORMAT = "unsupported_format"
+FILE_TOO_LARGE = "file_too_large"
+
+JSON_NUMBER_TYPES = ("UBIGINT", "BIGINT", "DOUBLE", "HUGEINT")
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One field of a landing record: its JSON type and the limits on its value."""
+
+    name: str
+    kind: str  # string | number | bool | timestamp | object | number_array
+    required: bool = True
+    max_length: int | None = 256
+    allowed: tuple[str, ...] | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+    private: bool = False  # stored only as a keyed pseudonym
+    free_text: bool = False  # stored only after PII scrubbing
+
+
+@dataclass(frozen=True)
+class RecordSpec:
+    kind: str
+    key: str  # the idempotency key
+    fields: tuple[FieldSpec, ...]
+
+
+CORRECTION_SPEC = RecordSpec(
+    kind="corrections",
+    key="event_id",
+    fields=(
+        FieldSpec("event_id", "string"),
+        FieldSpec("item_id", "string"),
+        FieldSpec("corrected_label", "string"),
+        FieldSpec("user_id", "string", private=True),
+        FieldSpec("user_role", "string", allowed=USER_ROLES),
+        FieldSpec("source", "string", allowed=CORRECTION_SOURCES),
+        FieldSpec("consent", "bool"),
+        FieldSpec("created_at", "timestamp"),
+        FieldSpec("original_label", "string", required=False),
+        FieldSpec("model_version", "string", required=False),
+        FieldSpec("prediction_id", "string", required=False),
+        FieldSpec("rationale", "string", required=False, max_length=2000, free_text=True),
+        FieldSpec("user_confidence", "number", required=False, minimum=0.0, maximum=1.0),
+        FieldSpec("context", "object", required=False, max_length=16 * 1024),
+    ),
+)
+
+PREDICTION_SPEC = RecordSpec(
+    kind="predictions",
+    key="prediction_id",
+    fields=(
+        FieldSpec("prediction_id", "string"),
+        FieldSpec("item_id", "string"),
+        FieldSpec("model_version", "string"),
+        FieldSpec("predicted_label", "string"),
+        FieldSpec("confidence", "number", minimum=0.0, maximum=1.0),
+        FieldSpec("served_at", "timestamp"),
+        FieldSpec("probabilities", "object", required=False, max_length=16 * 1024),
+    ),
+)
+
+ITEM_SPEC = RecordSpec(
+    kind="items",
+    key="item_id",
+    fields=(
+        FieldSpec("item_id", "string"),
+        FieldSpec("features", "number_array", max_length=4096),
+        FieldSpec("initial_label", "string", required=False),
+        FieldSpec("label_source", "string", required=False, max_length=64),
+        FieldSpec("gold_label", "string", required=False),
+    ),
+)
+
+SPECS = {spec.kind: spec for spec in (CORRECTION_SPEC, PREDICTION_SPEC, ITEM_SPEC)}
+
+QUARANTINE_COLUMNS = {
+    "kind": pl.String,
+    "source_file": pl.String,
+    "line_no": pl.Int64,
+    "reason": pl.String,
+    "detail": pl.String,
+    "record_id": pl.String,
+    "item_id": pl.String,
+    "line_sha256": pl.String,
+}
+
+
+class UnreadableFile(Exception):
+    """A landing file that cannot be read at all; it is quarantined whole."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def is_landing_file(path: Path) -> bool:
+    """Temp names of atomic writers (dot-prefixed, `.tmp`, `.part`) are not landed yet."""
+    name = path.name
+    return path.is_file() and not name.startswith((".", "_")) and not name.endswith(
+        (".tmp", ".part", ".partial")
+    )
+
+
+def read_lines(path: Path, con: duckdb.DuckDBPyConnection) -> tuple[pl.DataFrame, int]:
+    """Return (line_no, line) for every non-blank record of a file, and the blank-line count."""
+    if path.suffix not in SUPPORTED_SUFFIXES:
+        raise UnreadableFile(
+            UNSUPPORTED_FORMAT, f"{path.name}: expected one of {', '.join(SUPPORTED_SUFFIXES)}"
+        )
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise UnreadableFile(UNREADABLE_FILE, f"{path.name}: {exc.strerror}") from None
+    if size > MAX_FILE_BYTES:
+        raise UnreadableFile(FILE_TOO_LARGE, f"{path.name}: {size} bytes > {MAX_FILE_BYTES}")
+    if path.suffix == ".parquet":
+        try:
+            frame = con.sql(
+                "SELECT (row_number() OVER ())::BIGINT AS line_no, to_json(t)::VARCHAR AS line "
+                "FROM read_parquet($path) AS t",
+                params={"path": str(path)},
+            ).pl()
+        except duckdb.Error as exc:
+            raise UnreadableFile(UNREADABLE_FILE, f"{path.name}: {exc}") from None
+        return frame.with_columns(bad_encoding=pl.lit(False)), 0
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UnreadableFile(UNREADABLE_FILE, f"{path.name}: {exc.strerror}") from None
+    try:
+        text, had_bad_bytes = data.decode("utf-8"), False
+    except UnicodeDecodeError:
+        text, had_bad_bytes = data.decode("utf-8", errors="replace"), True
+    frame = pl.DataFrame({"line": text.split("\n")}).with_row_index("line_no", offset=1)
+    frame = frame.with_columns(
+        pl.col("line_no").cast(pl.Int64),
+        pl.col("line").str.strip_suffix("\r"),
+    )
+    blank = frame["line"].str.strip_chars().str.len_bytes() == 0
+    bad_encoding = (
+        pl.col("line").str.contains("\ufffd", literal=True) if had_bad_bytes else pl.lit(False)
+    )
+    records = frame.filter(~blank).with_columns(bad_encoding=bad_encoding)
+    # A trailing newline is not a blank record.
+    blank_count = int(blank.sum()) - int(text.endswith("\n"))
+    return records, max(blank_count, 0)
+
+
+def _json_type(name: str) -> str:
+    return f"json_type(line, '$.{name}')"
+
+
+def _field_rules(field: FieldSpec) -> list[tuple[str, str, str]]:
+    """(failing condition, reason, detail) for one field, in the order they are tried."""
+    jtype = _json_type(field.name)
+    text = f"(line->>'$.{field.name}')"
+    present = f"({jtype} IS NOT NULL AND {jtype} <> 'NULL')"
+    rules: list[tuple[str, str, str]] = []
+    if field.required:
+        rules.append((f"NOT {present}", MISSING_FIELD, field.name))
+    expected = {
+        "string": "= 'VARCHAR'",
+        "timestamp": "= 'VARCHAR'",
+        "bool": "= 'BOOLEAN'",
+        "number": f"IN {JSON_NUMBER_TYPES}",
+        "object": "= 'OBJECT'",
+        "number_array": "= 'ARRAY'",
+    }[field.kind]
+    rules.append((f"{present} AND NOT ({jtype} {expected})", INVALID_TYPE, field.name))
+    if field.kind == "string":
+        rules.append(
+            (f"{present} AND length(trim({text})) = 0", INVALID_VALUE, f"{field.name}: empty")
+        )
+    if field.kind == "number_array":
+        array = f"TRY_CAST(line->'$.{field.name}' AS DOUBLE[])"
+        rules.append(
+            (
+                f"{present} AND (json_array_length(line, '$.{field.name}') = 0 OR "
+                f"list_count({array}) <> json_array_length(line, '$.{field.name}'))",
+                INVALID_TYPE,
+                f"{field.name}: must be a non-empty array of numbers",
+            )
+        )
+    if field.max_length is not None:
+        measure = (
+            f"json_array_length(line, '$.{field.name}')"
+            if field.kind == "number_array"
+            else f"length(line->'$.{field.name}')"
+            if field.kind == "object"
+            else f"length({text})"
+        )
+        rules.append(
+            (
+                f"{present} AND {measure} > {field.max_length}",
+                OVERSIZE_FIELD,
+                f"{field.name}: longer than {field.max_length}",
+            )
+        )
+    if field.allowed:
+        allowed = ", ".join(f"'{value}'" for value in field.allowed)
+        rules.append(
+            (
+                f"{present} AND {text} NOT IN ({allowed})",
+                INVALID_VALUE,
+                f"{field.name}: not one of {', '.join(field.allowed)}",
+            )
+        )
+    if field.kind == "number" and (field.minimum is not None or field.maximum is not None):
+        number = f"TRY_CAST({text} AS DOUBLE)"
+        rules.append(
+            (
+                f"{present} AND NOT ({number} BETWEEN {field.minimum} AND {field.maximum})",
+                OUT_OF_RANGE,
+                f"{field.name}: outside [{field.minimum}, {field.maximum}]",
+            )
+        )
+    if field.kind == "timestamp":
+        rules.append(
+            (
+                f"{present} AND (NOT regexp_matches({text}, '(Z|z|[+-]\\d\\d(:?\\d\\d)?)$') "
+                f"OR TRY_CAST({text} AS TIMESTAMPTZ) IS NULL)",
+                BAD_TIMESTAMP,
+                f"{field.name}: not ISO-8601 with a time zone",
+            )
+        )
+    return rules
+
+
+def _extract(field: FieldSpec, author: str | None) -> str:
+    path = f"'$.{field.name}'"
+    if field.private:
+        return f"{pseudonym_sql(f'trim(line->>{path})', '$inner', '$outer')} AS {field.name}"
+    if field.free_text:
+        return f"{scrub_sql(f'(line->>{path})', author)} AS {field.name}"
+    if field.kind == "string":
+        return f"trim(line->>{path}) AS {field.name}"
+    if field.kind == "timestamp":
+        return f"TRY_CAST(line->>{path} AS TIMESTAMPTZ) AS {field.name}"
+    if field.kind == "number":
+        return f"TRY_CAST(line->>{path} AS DOUBLE) AS {field.name}"
+    if field.kind == "bool":
+        return f"TRY_CAST(line->>{path} AS BOOLEAN) AS {field.name}"
+    if field.kind == "object":
+        return f"CAST(line->{path} AS VARCHAR) AS {field.name}"
+    if field.kind == "number_array":
+        return f"TRY_CAST(line->{path} AS DOUBLE[]) AS {field.name}"
+    raise ValueError(field.kind)
+
+
+def _case(rules: list[tuple[str, str, str]], pick: int) -> str:
+    whens = " ".join(
+        f"WHEN {rule[0]} THEN '{rule[pick].replace(chr(39), chr(39) * 2)}'" for rule in rules
+    )
+    return f"CASE {whens} ELSE NULL END"
+
+
+def check_records(
+    lines: pl.DataFrame,
+    spec: RecordSpec,
+    source_file: str,
+    con: duckdb.DuckDBPyConnection,
+    key: bytes = b"",
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Split a file's lines into typed records and quarantine rows (structural checks only).
+
+    Private fields come out as keyed pseudonyms and free text scrubbed: raw values never leave
+    this query. Accepted records carry `source_file`, `line_no`, `line_sha256` and a
+    `payload_hash` of their (pseudonymized) fields, so a replay of the same event can be told
+    from a conflicting one.
+    """
+    rules: list[tuple[str, str, str]] = [
+        ("bad_encoding", INVALID_ENCODING, "bytes that are not UTF-8"),
+        (f"octet_length(encode(line)) > {MAX_LINE_BYTES}", OVERSIZE_LINE, f"> {MAX_LINE_BYTES} bytes"),
+        ("NOT json_valid(line)", MALFORMED_JSON, "not valid JSON"),
+        ("json_type(line) <> 'OBJECT'", NOT_AN_OBJECT, "a JSON value that is not an object"),
+    ]
+    for field in spec.fields:
+        rules.extend(_field_rules(field))
+    private = [field for field in spec.fields if field.private]
+    author = f"trim(line->>'$.{private[0].name}')" if private else None
+    extracted = ", ".join(_extract(field, author) for field in spec.fields)
+    inner, outer = hmac_pads(key)
+    hashed = ", ".join(f"coalesce(CAST({field.name} AS VARCHAR), '\\N')" for field in spec.fields)
+    con.register("landing_lines", lines.select("line_no", "line", "bad_encoding"))
+    try:
+        checked = con.sql(
+            f"""
+            SELECT line_no, line, {_case(rules, 1)} AS reason, {_case(rules, 2)} AS detail,
+                   sha256(line) AS line_sha256
+            FROM landing_lines
+            """
+        ).pl()
+        con.register("checked_lines", checked)
+        accepted = con.sql(
+            f"""
+            WITH typed AS (
+                SELECT line_no, line_sha256, {extracted}
+                FROM checked_lines WHERE reason IS NULL
+            )
+            SELECT *, $source_file AS source_file, md5(concat_ws('|', {hashed})) AS payload_hash
+            FROM typed ORDER BY line_no
+            """,
+            params={"source_file": source_file, **({"inner": inner, "outer": outer} if private else {})},
+        ).pl()
+        # Ids are taken only from lines that parsed, so a hostile line cannot smuggle them in.
+        quarantined = con.sql(
+            f"""
+            SELECT ? AS kind, ? AS source_file, line_no, reason, detail,
+                   CASE WHEN reason NOT IN ('{INVALID_ENCODING}', '{OVERSIZE_LINE}',
+                                            '{MALFORMED_JSON}', '{NOT_AN_OBJECT}')
+                        THEN left(line->>'$.{spec.key}', 256) END AS record_id,
+                   CASE WHEN reason NOT IN ('{INVALID_ENCODING}', '{OVERSIZE_LINE}',
+                                            '{MALFORMED_JSON}', '{NOT_AN_OBJECT}')
+                        THEN left(line->>'$.item_id', 256) END AS item_id,
+                   line_sha256
+            FROM checked_lines WHERE reason IS NOT NULL ORDER BY line_no
+            """,
+            params=[spec.kind, source_file],
+        ).pl()
+    finally:
+        con.unregister("landing_lines")
+        con.unregister("checked_lines")
+    return accepted, quarantined.cast(QUARANTINE_COLUMNS)
+
+
+def whole_file_quarantine(kind: str, source_file: str, error: UnreadableFile, path: Path) -> pl.DataFrame:
+    """One quarantine row for a file that could not be read at all."""
+    try:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        digest = None
+    return pl.DataFrame(
+        {
+            "kind": [kind],
+            "source_file": [source_file],
+            "line_no": [None],
+            "reason": [error.reason],
+            "detail": [error.detail],
+            "record_id": [None],
+            "item_id": [None],
+            "line_sha256": [digest],
+        },
+        schema=QUARANTINE_COLUMNS,
+    )
+
+
+def quarantine_rows(frame: pl.DataFrame, kind: str, reason: str, detail: pl.Expr | str, key: str) -> pl.DataFrame:
+    """Quarantine rows for accepted-so-far records that fail a semantic rule."""
+    detail_expr = pl.lit(detail) if isinstance(detail, str) else detail
+    return frame.select(
+        pl.lit(kind).alias("kind"),
+        pl.col("source_file"),
+        pl.col("line_no"),
+        pl.lit(reason).alias("reason"),
+        detail_expr.alias("detail"),
+        pl.col(key).alias("record_id"),
+        (pl.col("item_id") if "item_id" in frame.columns else pl.col(key)).alias("item_id"),
+        pl.col("line_sha256"),
+    ).cast(QUARANTINE_COLUMNS)

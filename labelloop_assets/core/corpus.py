@@ -1,0 +1,101 @@
+"""Versioned production corpus: one current label per item, every change kept as history."""
+
+from __future__ import annotations
+
+import polars as pl
+
+from labelloop_assets.core.resolve import CONFIRMED, PROMOTE
+
+INITIAL = "initial"
+CORRECTION = "correction"
+CONFIRMATION = "confirmation"
+RULE_APPROVER = "rule:weighted_vote"
+
+
+def plan_changes(
+    new_items: pl.DataFrame, decisions: pl.DataFrame, current: pl.DataFrame, version: int
+) -> pl.DataFrame:
+    """History rows for one new corpus version.
+
+    `new_items`: item_id, initial_label, label_source of items not yet in the corpus (gold items
+    never reach here). `decisions`: label_decisions rows not applied yet; the latest one per
+    item wins. `current`: item_id, label, human_confirmed of the touched items.
+    """
+    initial = new_items.filter(pl.col("initial_label").is_not_null()).select(
+        "item_id",
+        pl.col("initial_label").alias("label"),
+        pl.lit(None, pl.String).alias("previous_label"),
+        pl.lit(INITIAL).alias("change_kind"),
+        pl.col("label_source").fill_null("unknown").alias("label_source"),
+        pl.lit(None, pl.Int64).alias("decision_id"),
+        pl.lit(None, pl.List(pl.String)).alias("event_ids"),
+        pl.lit(None, pl.String).alias("rationale"),
+        pl.lit(None, pl.Float64).alias("support"),
+        pl.lit(None, pl.Float64).alias("share"),
+        pl.lit(None, pl.Int32).alias("n_contributors"),
+        pl.format("import:{}", pl.col("label_source").fill_null("unknown")).alias("approved_by"),
+    )
+    latest = (
+        decisions.sort("decision_id")
+        .group_by("item_id")
+        .last()
+        .join(
+            current.select("item_id", pl.col("label").alias("now"), "human_confirmed"),
+            on="item_id",
+            how="left",
+        )
+        .join(initial.select("item_id", pl.col("label").alias("arriving")), on="item_id", how="left")
+        .with_columns(now=pl.coalesce("now", "arriving"))
+    )
+    changed = (pl.col("status") == PROMOTE) & (pl.col("proposed_label") != pl.col("now")).fill_null(True)
+    confirmed = (
+        pl.col("status").is_in([PROMOTE, CONFIRMED])
+        & (pl.col("proposed_label") == pl.col("now")).fill_null(False)
+        & ~pl.col("human_confirmed").fill_null(False)
+    )
+    from_votes = latest.filter(changed | confirmed).select(
+        "item_id",
+        pl.col("proposed_label").alias("label"),
+        pl.col("now").alias("previous_label"),
+        pl.when(changed).then(pl.lit(CORRECTION)).otherwise(pl.lit(CONFIRMATION)).alias("change_kind"),
+        pl.lit(CORRECTION).alias("label_source"),
+        "decision_id",
+        "event_ids",
+        "rationale",
+        "support",
+        "share",
+        "n_contributors",
+        pl.lit(RULE_APPROVER).alias("approved_by"),
+    )
+    # An item that arrives and is corrected in the same batch gets both rows, in that order.
+    return pl.concat([initial, from_votes], how="vertical").with_columns(
+        corpus_version=pl.lit(version, pl.Int32)
+    )
+
+
+def corpus_rows(changes: pl.DataFrame, current: pl.DataFrame, version: int) -> pl.DataFrame:
+    """The new current row of every item touched by `changes` (for a keyed merge)."""
+    last = changes.group_by("item_id", maintain_order=True).last()
+    before = current.select(
+        "item_id",
+        pl.col("label").alias("old_label"),
+        pl.col("label_source").alias("old_source"),
+        "since_version",
+    )
+    return last.join(before, on="item_id", how="left").select(
+        "item_id",
+        "label",
+        pl.when(pl.col("change_kind") == INITIAL)
+        .then("label_source")
+        .when(pl.col("change_kind") == CONFIRMATION)
+        .then(pl.coalesce("old_source", pl.lit(CORRECTION)))
+        .otherwise(pl.lit(CORRECTION))
+        .alias("label_source"),
+        (pl.col("change_kind") != INITIAL).alias("human_confirmed"),
+        pl.when(pl.col("old_label") == pl.col("label"))
+        .then("since_version")
+        .otherwise(pl.lit(version))
+        .cast(pl.Int32)
+        .alias("since_version"),
+        pl.lit(version, pl.Int32).alias("updated_version"),
+    )

@@ -1,0 +1,323 @@
+"""Ingest landing files exactly once: structural checks, semantic checks, one transaction.
+
+Each batch is every landing file of a kind that the `ingested_files` ledger has not seen. The
+records, the quarantine rows and the ledger entries commit together, so a crash or a retried
+run can neither lose a file nor ingest it twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import duckdb
+import polars as pl
+
+from labelloop_assets.core import contracts as c
+from labelloop_assets.core import store
+from labelloop_assets.core.ontology import Ontology
+from labelloop_assets.core.settings import Home
+
+
+@dataclass
+class IngestReport:
+    """What one ingest batch did; the figures become Dagster metadata."""
+
+    kind: str
+    files: list[str] = field(default_factory=list)
+    records_in: int = 0
+    accepted: int = 0
+    quarantined: int = 0
+    blank_lines: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def reconciles(self) -> bool:
+        return self.records_in == self.accepted + self.quarantined
+
+
+@dataclass
+class _Batch:
+    accepted: list[pl.DataFrame] = field(default_factory=list)
+    quarantined: list[pl.DataFrame] = field(default_factory=list)
+    files: list[dict] = field(default_factory=list)
+
+
+def pending_files(home: Home, con: duckdb.DuckDBPyConnection, kind: str) -> list[Path]:
+    """Landing files of a kind that are not in the ledger yet, oldest name first."""
+    folder = home.landing_dir(kind)
+    if not folder.exists():
+        return []
+    candidates = sorted(p for p in folder.iterdir() if c.is_landing_file(p))
+    if not candidates:
+        return []
+    names = pl.DataFrame({"path": [relative_name(home, p) for p in candidates]})
+    seen = set(store.lookup(con, "ingested_files", "path", names, "t.kind")["path"].to_list())
+    return [p for p in candidates if relative_name(home, p) not in seen]
+
+
+def relative_name(home: Home, path: Path) -> str:
+    return path.resolve().relative_to(home.landing).as_posix()
+
+
+def _read_batch(
+    home: Home, files: list[Path], spec: c.RecordSpec, con: duckdb.DuckDBPyConnection, key: bytes
+) -> tuple[_Batch, int]:
+    batch, blank_total = _Batch(), 0
+    for path in files:
+        name = relative_name(home, path)
+        try:
+            lines, blank = c.read_lines(path, con)
+        except c.UnreadableFile as error:
+            batch.quarantined.append(c.whole_file_quarantine(spec.kind, name, error, path))
+            batch.files.append({"path": name, "size_bytes": _size(path), "blank_lines": 0})
+            continue
+        accepted, quarantined = c.check_records(lines, spec, name, con, key)
+        batch.accepted.append(accepted)
+        batch.quarantined.append(quarantined)
+        batch.files.append({"path": name, "size_bytes": _size(path), "blank_lines": blank})
+        blank_total += blank
+    return batch, blank_total
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
+
+
+def split_by_rules(
+    frame: pl.DataFrame, kind: str, key: str, rules: list[tuple[pl.Expr, str, pl.Expr | str]]
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """First failing rule wins; returns (passing rows, quarantine rows)."""
+    if frame.height == 0 or not rules:
+        return frame, pl.DataFrame(schema=c.QUARANTINE_COLUMNS)
+    reason = pl.when(rules[0][0]).then(pl.lit(rules[0][1]))
+    detail = pl.when(rules[0][0]).then(_lit(rules[0][2]))
+    for condition, code, text in rules[1:]:
+        reason = reason.when(condition).then(pl.lit(code))
+        detail = detail.when(condition).then(_lit(text))
+    tagged = frame.with_columns(
+        reason.otherwise(None).alias("_reason"), detail.otherwise(None).alias("_detail")
+    )
+    failed = tagged.filter(pl.col("_reason").is_not_null())
+    quarantined = c.quarantine_rows(failed, kind, "", pl.col("_detail"), key).with_columns(
+        reason=failed["_reason"]
+    )
+    return tagged.filter(pl.col("_reason").is_null()).drop("_reason", "_detail"), quarantined
+
+
+def _lit(value: pl.Expr | str) -> pl.Expr:
+    return pl.lit(value) if isinstance(value, str) else value
+
+
+def _duplicate_rules(
+    frame: pl.DataFrame, con: duckdb.DuckDBPyConnection, table: str, key: str
+) -> tuple[pl.DataFrame, list[tuple[pl.Expr, str, pl.Expr | str]]]:
+    """Mark replays (same key, same payload) and conflicts (same key, other payload).
+
+    The first occurrence in file order is compared with what is already stored; later
+    occurrences in the same batch are compared with the first.
+    """
+    stored = store.lookup(con, table, key, frame, "t.payload_hash AS stored_hash")
+    frame = (
+        frame.sort("source_file", "line_no")
+        .join(stored, on=key, how="left")
+        .with_columns(
+            _rank=pl.int_range(pl.len()).over(key),
+            _first_hash=pl.col("payload_hash").first().over(key),
+        )
+    )
+    reference = pl.coalesce("stored_hash", pl.when(pl.col("_rank") > 0).then("_first_hash"))
+    rules = [
+        (
+            reference.is_not_null() & (reference == pl.col("payload_hash")),
+            c.DUPLICATE_EVENT,
+            f"{key} already ingested with the same content",
+        ),
+        (
+            reference.is_not_null() & (reference != pl.col("payload_hash")),
+            c.CONFLICTING_DUPLICATE,
+            f"{key} already ingested with different content",
+        ),
+    ]
+    return frame, rules
+
+
+def _label_rule(ontology: Ontology, column: str, required: bool) -> tuple[pl.Expr, pl.Expr]:
+    """(harmonized label expr, failing condition) for one label column."""
+    harmonized = ontology.harmonize(column)
+    failing = pl.col(column).is_not_null() & harmonized.is_null()
+    if required:
+        failing = failing | pl.col(column).is_null()
+    return harmonized, failing
+
+
+def _label_detail(column: str) -> pl.Expr:
+    return pl.format(f"{column}: '{{}}' is not in the ontology", pl.col(column).str.slice(0, 64))
+
+
+def _finish(
+    con: duckdb.DuckDBPyConnection,
+    kind: str,
+    table: str,
+    batch: _Batch,
+    accepted: pl.DataFrame,
+    quarantined: list[pl.DataFrame],
+    blank_total: int,
+    run_id: str,
+) -> IngestReport:
+    """Commit records, quarantine rows and ledger entries in one transaction."""
+    quarantine = pl.concat(
+        [pl.DataFrame(schema=c.QUARANTINE_COLUMNS), *quarantined], how="vertical"
+    )
+    if not batch.files:
+        return IngestReport(kind=kind)
+    sources = [quarantine.select(path="source_file", accepted=pl.lit(0), quarantined=pl.lit(1))]
+    if accepted.height:
+        sources.append(
+            accepted.select(path="source_file", accepted=pl.lit(1), quarantined=pl.lit(0))
+        )
+    counts = (
+        pl.concat(sources)
+        .group_by("path")
+        .agg(pl.col("accepted").sum(), pl.col("quarantined").sum())
+    )
+    ledger = (
+        pl.DataFrame(
+            batch.files,
+            schema={"path": pl.String, "size_bytes": pl.Int64, "blank_lines": pl.Int64},
+        )
+        .join(counts, on="path", how="left")
+        .with_columns(
+            pl.col("accepted").fill_null(0).cast(pl.Int64),
+            pl.col("quarantined").fill_null(0).cast(pl.Int64),
+            kind=pl.lit(kind),
+            run_id=pl.lit(run_id),
+        )
+        .with_columns(records_in=pl.col("accepted") + pl.col("quarantined"))
+    )
+    with store.transaction(con):
+        if accepted.height:
+            store.append(con, table, accepted.with_columns(run_id=pl.lit(run_id)))
+        store.append(con, "quarantine", quarantine.with_columns(run_id=pl.lit(run_id)))
+        store.append(con, "ingested_files", ledger)
+    return IngestReport(
+        kind=kind,
+        files=ledger["path"].to_list(),
+        records_in=int(ledger["records_in"].sum()),
+        accepted=accepted.height,
+        quarantined=quarantine.height,
+        blank_lines=blank_total,
+        reasons=dict(quarantine.group_by("reason").len().sort("reason").iter_rows()),
+    )
+
+
+def _concat(frames: list[pl.DataFrame]) -> pl.DataFrame:
+    frames = [f for f in frames if f.height]
+    return pl.concat(frames, how="vertical") if frames else pl.DataFrame()
+
+
+def ingest_items(
+    con: duckdb.DuckDBPyConnection, home: Home, ontology: Ontology, run_id: str
+) -> IngestReport:
+    """New item files into `items`; the first batch fixes the deployment's feature length."""
+    spec = c.ITEM_SPEC
+    files = pending_files(home, con, spec.kind)
+    batch, blank = _read_batch(home, files, spec, con, b"")
+    records = _concat(batch.accepted)
+    quarantined = list(batch.quarantined)
+    if records.height:
+        expected = store.get_state(con, "feature_length", 0) or int(
+            records["features"].list.len().mode().sort().first()
+        )
+        initial, initial_bad = _label_rule(ontology, "initial_label", required=False)
+        gold, gold_bad = _label_rule(ontology, "gold_label", required=False)
+        records, dup_rules = _duplicate_rules(records, con, "items", spec.key)
+        rules = [
+            (initial_bad, c.UNKNOWN_LABEL, _label_detail("initial_label")),
+            (gold_bad, c.UNKNOWN_LABEL, _label_detail("gold_label")),
+            (
+                pl.col("features").list.len() != expected,
+                c.FEATURE_LENGTH_MISMATCH,
+                pl.format(f"features: {{}} values, this deployment uses {expected}",
+                          pl.col("features").list.len()),
+            ),
+            *dup_rules,
+        ]
+        records, rejected = split_by_rules(records, spec.kind, spec.key, rules)
+        quarantined.append(rejected)
+        records = records.with_columns(initial_label=initial, gold_label=gold).select(
+            "item_id", "features", "initial_label", "label_source", "gold_label",
+            "payload_hash", "source_file", "line_no",
+        )
+        if records.height and not store.get_state(con, "feature_length", 0):
+            store.set_state(con, "feature_length", expected)
+    return _finish(con, spec.kind, "items", batch, records, quarantined, blank, run_id)
+
+
+def ingest_predictions(
+    con: duckdb.DuckDBPyConnection, home: Home, ontology: Ontology, run_id: str
+) -> IngestReport:
+    """New prediction-log files into `predictions`."""
+    spec = c.PREDICTION_SPEC
+    files = pending_files(home, con, spec.kind)
+    batch, blank = _read_batch(home, files, spec, con, b"")
+    records = _concat(batch.accepted)
+    quarantined = list(batch.quarantined)
+    if records.height:
+        predicted, predicted_bad = _label_rule(ontology, "predicted_label", required=True)
+        known = store.lookup(con, "items", "item_id", records, "true AS known_item")
+        records = records.join(known, on="item_id", how="left")
+        records, dup_rules = _duplicate_rules(records, con, "predictions", spec.key)
+        rules = [
+            (predicted_bad, c.UNKNOWN_LABEL, _label_detail("predicted_label")),
+            (pl.col("known_item").is_null(), c.UNKNOWN_ITEM, "item_id is not a known item"),
+            *dup_rules,
+        ]
+        records, rejected = split_by_rules(records, spec.kind, spec.key, rules)
+        quarantined.append(rejected)
+        records = records.with_columns(predicted_label=predicted).select(
+            "prediction_id", "item_id", "model_version", "predicted_label", "confidence",
+            "probabilities", "served_at", "payload_hash", "source_file", "line_no",
+        )
+    return _finish(con, spec.kind, "predictions", batch, records, quarantined, blank, run_id)
+
+
+def ingest_corrections(
+    con: duckdb.DuckDBPyConnection, home: Home, ontology: Ontology, key: bytes, run_id: str
+) -> IngestReport:
+    """New correction files into `raw_corrections`: pseudonymized, scrubbed, deduplicated."""
+    spec = c.CORRECTION_SPEC
+    files = pending_files(home, con, spec.kind)
+    batch, blank = _read_batch(home, files, spec, con, key)
+    records = _concat(batch.accepted)
+    quarantined = list(batch.quarantined)
+    if records.height:
+        corrected, corrected_bad = _label_rule(ontology, "corrected_label", required=True)
+        original, original_bad = _label_rule(ontology, "original_label", required=False)
+        known = store.lookup(
+            con, "items", "item_id", records, "t.gold_label IS NOT NULL AS is_gold"
+        )
+        records = records.join(known, on="item_id", how="left")
+        records, dup_rules = _duplicate_rules(records, con, "raw_corrections", spec.key)
+        rules = [
+            (corrected_bad, c.UNKNOWN_LABEL, _label_detail("corrected_label")),
+            (original_bad, c.UNKNOWN_LABEL, _label_detail("original_label")),
+            (pl.col("is_gold").is_null(), c.UNKNOWN_ITEM, "item_id is not a known item"),
+            (pl.col("is_gold"), c.GOLD_ITEM, "gold items are frozen for evaluation"),
+            (~pl.col("consent"), c.NO_CONSENT, "consent is false: never used for training"),
+            *dup_rules,
+        ]
+        records, rejected = split_by_rules(records, spec.kind, spec.key, rules)
+        quarantined.append(rejected)
+        records = records.with_columns(
+            corrected_label=corrected, original_label=original
+        ).select(
+            "event_id", "item_id", "corrected_label", "original_label",
+            pl.col("user_id").alias("user_pseudonym"), "user_role", "source", "consent",
+            "created_at", "model_version", "prediction_id", "rationale", "user_confidence",
+            "context", "payload_hash", "source_file", "line_no",
+        )
+    return _finish(con, spec.kind, "raw_corrections", batch, records, quarantined, blank, run_id)

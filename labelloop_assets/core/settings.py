@@ -1,0 +1,108 @@
+"""Where labelloop keeps its state and the knobs read from the environment."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+LANDING_KINDS = ("items", "predictions", "corrections", "reviews")
+DEFAULTS_DIR = Path(__file__).resolve().parent.parent / "defaults"
+DEV_SECRET = "labelloop-development-secret-do-not-use-in-production"
+
+
+class LabelloopConfigError(ValueError):
+    """A configuration file or environment variable is wrong; the message says how."""
+
+
+@dataclass(frozen=True)
+class Home:
+    """The folder that holds all labelloop state (the `LABELLOOP_HOME` contract)."""
+
+    root: Path
+
+    @classmethod
+    def from_env(cls) -> "Home":
+        return cls(Path(os.environ.get("LABELLOOP_HOME", "data/home")).resolve())
+
+    @property
+    def database(self) -> Path:
+        return self.root / "labelloop.duckdb"
+
+    @property
+    def landing(self) -> Path:
+        return self.root / "landing"
+
+    def landing_dir(self, kind: str) -> Path:
+        return self.landing / kind
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
+    @property
+    def ontology_file(self) -> Path:
+        return self.root / "ontology.yaml"
+
+    @property
+    def governance_file(self) -> Path:
+        return self.root / "governance.yaml"
+
+    def ensure(self) -> "Home":
+        """Create the folder layout and copy default configuration files that are missing."""
+        for kind in LANDING_KINDS:
+            self.landing_dir(kind).mkdir(parents=True, exist_ok=True)
+        self.models.mkdir(parents=True, exist_ok=True)
+        self.reports.mkdir(parents=True, exist_ok=True)
+        for name in ("ontology.yaml", "governance.yaml"):
+            target = self.root / name
+            if not target.exists():
+                shutil.copyfile(DEFAULTS_DIR / name, target)
+        return self
+
+
+def _env_number(name: str, default: float, cast=float):
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = cast(raw)
+    except ValueError:
+        raise LabelloopConfigError(f"{name}={raw!r} is not a number") from None
+    if value < 0:
+        raise LabelloopConfigError(f"{name}={raw!r} must not be negative")
+    return value
+
+
+@dataclass(frozen=True)
+class RetrainPolicy:
+    """When the retrain sensor asks for a new model."""
+
+    min_label_changes: int
+    min_interval_seconds: float
+
+    @classmethod
+    def from_env(cls) -> "RetrainPolicy":
+        return cls(
+            min_label_changes=_env_number("LABELLOOP_RETRAIN_MIN_CHANGES", 50, int),
+            min_interval_seconds=_env_number("LABELLOOP_RETRAIN_MIN_INTERVAL_SECONDS", 3600.0),
+        )
+
+
+def pseudonymization_key() -> bytes:
+    """The keyed-hash secret; a loud warning when the development default is in use."""
+    secret = os.environ.get("LABELLOOP_SECRET", "")
+    if not secret:
+        warnings.warn(
+            "LABELLOOP_SECRET is not set: user ids are pseudonymized with the public development "
+            "key, which anyone can reverse by guessing ids. Set LABELLOOP_SECRET in production.",
+            stacklevel=2,
+        )
+        secret = DEV_SECRET
+    return secret.encode("utf-8")

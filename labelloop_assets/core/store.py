@@ -1,0 +1,226 @@
+"""The DuckDB schema labelloop writes, and small helpers to read and write it.
+
+Large, growing tables (raw corrections, label history, quarantine) are append-only; derived
+tables that hold one row per item (`production_corpus`) are merged in place by key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import polars as pl
+
+SCHEMA_VERSION = 1
+
+DDL = """
+CREATE TABLE IF NOT EXISTS schema_info (key VARCHAR PRIMARY KEY, value VARCHAR);
+CREATE TABLE IF NOT EXISTS pipeline_state (name VARCHAR PRIMARY KEY, value BIGINT NOT NULL);
+
+CREATE TABLE IF NOT EXISTS ingested_files (
+    path VARCHAR PRIMARY KEY, kind VARCHAR NOT NULL, size_bytes BIGINT,
+    records_in BIGINT NOT NULL, accepted BIGINT NOT NULL, quarantined BIGINT NOT NULL,
+    blank_lines BIGINT NOT NULL, ingested_at TIMESTAMPTZ NOT NULL DEFAULT now(), run_id VARCHAR
+);
+
+CREATE TABLE IF NOT EXISTS quarantine (
+    kind VARCHAR NOT NULL, source_file VARCHAR NOT NULL, line_no BIGINT,
+    reason VARCHAR NOT NULL, detail VARCHAR, record_id VARCHAR, item_id VARCHAR,
+    line_sha256 VARCHAR, quarantined_at TIMESTAMPTZ NOT NULL DEFAULT now(), run_id VARCHAR
+);
+CREATE OR REPLACE VIEW quarantined_corrections AS
+    SELECT * EXCLUDE (kind) FROM quarantine WHERE kind = 'corrections';
+
+CREATE SEQUENCE IF NOT EXISTS items_seq;
+CREATE TABLE IF NOT EXISTS items (
+    seq BIGINT NOT NULL DEFAULT nextval('items_seq'), item_id VARCHAR PRIMARY KEY, features DOUBLE[] NOT NULL,
+    initial_label VARCHAR, label_source VARCHAR, gold_label VARCHAR,
+    payload_hash VARCHAR NOT NULL, source_file VARCHAR, line_no BIGINT,
+    ingested_at TIMESTAMPTZ NOT NULL DEFAULT now(), run_id VARCHAR
+);
+
+CREATE TABLE IF NOT EXISTS predictions (
+    prediction_id VARCHAR PRIMARY KEY, item_id VARCHAR NOT NULL, model_version VARCHAR NOT NULL,
+    predicted_label VARCHAR NOT NULL, confidence DOUBLE NOT NULL, probabilities VARCHAR,
+    served_at TIMESTAMPTZ NOT NULL, payload_hash VARCHAR NOT NULL, source_file VARCHAR,
+    line_no BIGINT, ingested_at TIMESTAMPTZ NOT NULL DEFAULT now(), run_id VARCHAR
+);
+
+CREATE SEQUENCE IF NOT EXISTS raw_corrections_seq;
+CREATE TABLE IF NOT EXISTS raw_corrections (
+    seq BIGINT NOT NULL DEFAULT nextval('raw_corrections_seq'), event_id VARCHAR PRIMARY KEY,
+    item_id VARCHAR NOT NULL, corrected_label VARCHAR NOT NULL, original_label VARCHAR, user_pseudonym VARCHAR NOT NULL,
+    user_role VARCHAR NOT NULL, source VARCHAR NOT NULL, consent BOOLEAN NOT NULL,
+    created_at TIMESTAMPTZ NOT NULL, model_version VARCHAR, prediction_id VARCHAR,
+    rationale VARCHAR, user_confidence DOUBLE, context VARCHAR, payload_hash VARCHAR NOT NULL,
+    source_file VARCHAR, line_no BIGINT, ingested_at TIMESTAMPTZ NOT NULL DEFAULT now(), run_id VARCHAR
+);
+
+CREATE TABLE IF NOT EXISTS validated_labels (
+    seq BIGINT NOT NULL, event_id VARCHAR PRIMARY KEY, item_id VARCHAR NOT NULL,
+    corrected_label VARCHAR NOT NULL, original_label VARCHAR, label_before VARCHAR,
+    predicted_label VARCHAR, prediction_confidence DOUBLE, model_version VARCHAR,
+    prediction_id VARCHAR, prediction_found BOOLEAN NOT NULL, user_pseudonym VARCHAR NOT NULL,
+    user_role VARCHAR NOT NULL, source VARCHAR NOT NULL, vote_weight DOUBLE NOT NULL,
+    created_at TIMESTAMPTZ NOT NULL, rationale VARCHAR, staged_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    run_id VARCHAR
+);
+
+CREATE SEQUENCE IF NOT EXISTS label_decisions_seq;
+CREATE TABLE IF NOT EXISTS label_decisions (
+    decision_id BIGINT PRIMARY KEY DEFAULT nextval('label_decisions_seq'), item_id VARCHAR NOT NULL, current_label VARCHAR,
+    proposed_label VARCHAR NOT NULL, support DOUBLE NOT NULL, total_weight DOUBLE NOT NULL,
+    share DOUBLE NOT NULL, n_contributors INTEGER NOT NULL, status VARCHAR NOT NULL,
+    event_ids VARCHAR[] NOT NULL, rationale VARCHAR, decided_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    run_id VARCHAR
+);
+
+CREATE TABLE IF NOT EXISTS corpus_versions (
+    corpus_version INTEGER PRIMARY KEY, created_at TIMESTAMPTZ NOT NULL,
+    n_new_items BIGINT NOT NULL, n_label_changes BIGINT NOT NULL, n_confirmations BIGINT NOT NULL,
+    n_items BIGINT NOT NULL, label_changes_total BIGINT NOT NULL, run_id VARCHAR
+);
+
+CREATE TABLE IF NOT EXISTS label_history (
+    item_id VARCHAR NOT NULL, corpus_version INTEGER NOT NULL, label VARCHAR NOT NULL,
+    previous_label VARCHAR, change_kind VARCHAR NOT NULL, label_source VARCHAR,
+    decision_id BIGINT, event_ids VARCHAR[], rationale VARCHAR, support DOUBLE, share DOUBLE,
+    n_contributors INTEGER, approved_by VARCHAR NOT NULL, changed_at TIMESTAMPTZ NOT NULL,
+    run_id VARCHAR
+);
+
+CREATE TABLE IF NOT EXISTS production_corpus (
+    item_id VARCHAR PRIMARY KEY, label VARCHAR NOT NULL, label_source VARCHAR NOT NULL,
+    human_confirmed BOOLEAN NOT NULL, since_version INTEGER NOT NULL,
+    updated_version INTEGER NOT NULL, updated_at TIMESTAMPTZ NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS models (
+    model_version VARCHAR PRIMARY KEY, corpus_version INTEGER NOT NULL,
+    trained_at TIMESTAMPTZ NOT NULL, n_train_rows BIGINT NOT NULL, n_classes INTEGER NOT NULL,
+    algorithm VARCHAR NOT NULL, params VARCHAR NOT NULL, train_data_hash VARCHAR NOT NULL,
+    gold_accuracy DOUBLE, gold_macro_f1 DOUBLE, n_gold BIGINT NOT NULL,
+    label_changes_total BIGINT NOT NULL, path VARCHAR NOT NULL, run_id VARCHAR
+);
+
+CREATE TABLE IF NOT EXISTS label_quality_metrics (
+    computed_at TIMESTAMPTZ NOT NULL, corpus_version INTEGER, model_version VARCHAR,
+    n_items BIGINT NOT NULL, n_gold_items BIGINT NOT NULL, n_human_confirmed BIGINT NOT NULL,
+    coverage DOUBLE, n_predictions BIGINT NOT NULL, n_corrected_predictions BIGINT NOT NULL,
+    correction_rate DOUBLE, n_corrections BIGINT NOT NULL, n_quarantined BIGINT NOT NULL,
+    n_pending_items BIGINT NOT NULL, n_conflict_items BIGINT NOT NULL,
+    model_gold_accuracy DOUBLE, run_id VARCHAR
+);
+
+CREATE TABLE IF NOT EXISTS label_quality_by_label (
+    computed_at TIMESTAMPTZ NOT NULL, corpus_version INTEGER, label VARCHAR NOT NULL,
+    n_items BIGINT NOT NULL, n_human_confirmed BIGINT NOT NULL, coverage DOUBLE,
+    n_corrections_to BIGINT NOT NULL, n_predicted BIGINT NOT NULL,
+    n_predicted_corrected BIGINT NOT NULL, correction_rate DOUBLE, run_id VARCHAR
+);
+
+-- Analysts' lineage: every current label back to the corrections, people (pseudonymized),
+-- model versions and corpus versions behind it, and the models trained on that corpus.
+CREATE OR REPLACE VIEW label_lineage AS
+    WITH current_change AS (
+        SELECT h.* FROM label_history h
+        JOIN production_corpus c
+          ON c.item_id = h.item_id AND c.updated_version = h.corpus_version
+    )
+    SELECT c.item_id, c.label, c.label_source, c.human_confirmed,
+           c.since_version AS label_since_version, h.change_kind, h.previous_label,
+           h.approved_by, h.support, h.share, h.rationale AS decision_rationale,
+           e.event_id, v.user_pseudonym, v.user_role, v.source, v.corrected_label,
+           v.model_version AS corrected_model_version, v.predicted_label, v.rationale,
+           v.created_at AS corrected_at,
+           (SELECT list(m.model_version ORDER BY m.model_version) FROM models m
+             WHERE m.corpus_version >= c.since_version) AS models_trained_with_label
+    FROM production_corpus c
+    JOIN current_change h USING (item_id)
+    LEFT JOIN LATERAL (SELECT unnest(h.event_ids) AS event_id) e ON TRUE
+    LEFT JOIN validated_labels v ON v.event_id = e.event_id;
+"""
+
+
+def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
+    """Create every table and view that is missing; a newer file is refused, not downgraded."""
+    con.execute(DDL)
+    found = con.execute("SELECT value FROM schema_info WHERE key = 'schema_version'").fetchall()
+    if not found:
+        con.execute("INSERT INTO schema_info VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
+    elif int(found[0][0]) > SCHEMA_VERSION:
+        raise RuntimeError(
+            f"the DuckDB file has schema version {found[0][0]}, newer than this labelloop "
+            f"({SCHEMA_VERSION}); upgrade labelloop before running it on this file"
+        )
+
+
+@contextmanager
+def connect(database: Path, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+    con = duckdb.connect(str(database), read_only=read_only)
+    try:
+        if not read_only:
+            ensure_schema(con)
+        yield con
+    finally:
+        con.close()
+
+
+@contextmanager
+def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConnection]:
+    """All or nothing: a crash or error inside leaves the file as it was before."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        yield con
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")
+
+
+def frame(con: duckdb.DuckDBPyConnection, sql: str, params: Any = None) -> pl.DataFrame:
+    return con.sql(sql, params=params).pl()
+
+
+def scalar(con: duckdb.DuckDBPyConnection, sql: str, params: Any = None) -> Any:
+    row = con.execute(sql, params or []).fetchone()
+    return None if row is None else row[0]
+
+
+def append(con: duckdb.DuckDBPyConnection, table: str, rows: pl.DataFrame) -> int:
+    """Insert a frame into a table by column name (columns the frame lacks get defaults)."""
+    if rows.height == 0:
+        return 0
+    columns = ", ".join(rows.columns)
+    con.register("rows_to_append", rows)
+    try:
+        con.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM rows_to_append")
+    finally:
+        con.unregister("rows_to_append")
+    return rows.height
+
+
+def get_state(con: duckdb.DuckDBPyConnection, name: str, default: int = 0) -> int:
+    value = scalar(con, "SELECT value FROM pipeline_state WHERE name = ?", [name])
+    return default if value is None else int(value)
+
+
+def set_state(con: duckdb.DuckDBPyConnection, name: str, value: int) -> None:
+    con.execute(
+        "INSERT INTO pipeline_state VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+        [name, value],
+    )
+
+
+def lookup(con: duckdb.DuckDBPyConnection, table: str, key: str, keys: pl.DataFrame, columns: str) -> pl.DataFrame:
+    """Rows of `table` whose `key` is among `keys[key]`: an indexed probe, O(batch)."""
+    con.register("lookup_keys", keys.select(key).unique())
+    try:
+        return frame(
+            con, f"SELECT t.{key}, {columns} FROM {table} t JOIN lookup_keys k USING ({key})"
+        )
+    finally:
+        con.unregister("lookup_keys")

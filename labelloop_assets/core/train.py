@@ -1,0 +1,124 @@
+"""Train, evaluate and store the model: scikit-learn to fit, plain arrays and JSON to keep.
+
+A model is stored as `model.npz` (numbers only, loaded with allow_pickle=False) and
+`metadata.json` beside it, so loading one never executes code from the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import accuracy_score, f1_score
+from sklearn.preprocessing import StandardScaler
+
+ALGORITHM = "standard_scaler+logistic_regression"
+DEFAULT_PARAMS = {"C": 0.1, "max_iter": 2000}
+CURRENT_POINTER = "CURRENT"
+
+
+@dataclass
+class LinearModel:
+    """A fitted multinomial logistic regression reduced to its arrays."""
+
+    classes: np.ndarray
+    mean: np.ndarray
+    scale: np.ndarray
+    coef: np.ndarray
+    intercept: np.ndarray
+
+    def decision(self, features: np.ndarray) -> np.ndarray:
+        return ((features - self.mean) / self.scale) @ self.coef.T + self.intercept
+
+    def predict_proba(self, features: np.ndarray) -> np.ndarray:
+        logits = self.decision(features)
+        if logits.shape[1] == 1:  # binary: sklearn keeps one column for the positive class
+            logits = np.hstack([-logits, logits])
+        logits = logits - logits.max(axis=1, keepdims=True)
+        exp = np.exp(logits)
+        return exp / exp.sum(axis=1, keepdims=True)
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        return self.classes[self.predict_proba(features).argmax(axis=1)]
+
+
+def features_matrix(frame: pl.DataFrame, column: str = "features") -> np.ndarray:
+    return np.asarray(frame[column].to_list(), dtype=np.float64)
+
+
+def fit(features: np.ndarray, labels: np.ndarray, params: dict | None = None) -> LinearModel:
+    params = {**DEFAULT_PARAMS, **(params or {})}
+    if len(np.unique(labels)) < 2:
+        raise ValueError("training needs at least two distinct labels in the corpus")
+    scaler = StandardScaler().fit(features)
+    scale = np.where(scaler.scale_ == 0, 1.0, scaler.scale_)
+    classifier = LogisticRegression(C=params["C"], max_iter=params["max_iter"])
+    classifier.fit((features - scaler.mean_) / scale, labels)
+    return LinearModel(
+        classes=np.asarray(classifier.classes_).astype(str),
+        mean=scaler.mean_,
+        scale=scale,
+        coef=classifier.coef_,
+        intercept=classifier.intercept_,
+    )
+
+
+def evaluate(model: LinearModel, features: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    if len(labels) == 0:
+        return {"accuracy": float("nan"), "macro_f1": float("nan")}
+    predicted = model.predict(features)
+    return {
+        "accuracy": float(accuracy_score(labels, predicted)),
+        "macro_f1": float(f1_score(labels, predicted, average="macro", zero_division=0)),
+    }
+
+
+def training_data_hash(item_ids: list[str], labels: list[str]) -> str:
+    """A fingerprint of exactly which labels a model saw (order-independent)."""
+    digest = hashlib.sha256()
+    for item_id, label in sorted(zip(item_ids, labels)):
+        digest.update(f"{item_id}\t{label}\n".encode())
+    return digest.hexdigest()
+
+
+def save(model: LinearModel, folder: Path, metadata: dict) -> Path:
+    """Write the arrays and metadata into a temp folder, then rename it into place."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = folder.with_name(f".{folder.name}.tmp")
+    staging.mkdir(parents=True, exist_ok=True)
+    np.savez(
+        staging / "model.npz",
+        classes=model.classes.astype("U"),
+        mean=model.mean,
+        scale=model.scale,
+        coef=model.coef,
+        intercept=model.intercept,
+    )
+    (staging / "metadata.json").write_text(json.dumps(metadata, indent=2, sort_keys=True, default=str))
+    os.replace(staging, folder)
+    return folder
+
+
+def load(folder: Path) -> tuple[LinearModel, dict]:
+    with np.load(folder / "model.npz", allow_pickle=False) as arrays:
+        model = LinearModel(**{name: arrays[name] for name in ("classes", "mean", "scale", "coef", "intercept")})
+    metadata = json.loads((folder / "metadata.json").read_text())
+    return model, metadata
+
+
+def set_current(models_dir: Path, version: str) -> None:
+    """Point serving code at a model version, atomically."""
+    tmp = models_dir / f".{CURRENT_POINTER}.tmp"
+    tmp.write_text(version + "\n")
+    os.replace(tmp, models_dir / CURRENT_POINTER)
+
+
+def current_version(models_dir: Path) -> str | None:
+    pointer = models_dir / CURRENT_POINTER
+    return pointer.read_text().strip() if pointer.exists() else None
