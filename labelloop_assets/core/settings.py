@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,14 +94,17 @@ class RetrainPolicy:
         )
 
 
+DEV_SECRET_WARNING = (
+    "LABELLOOP_SECRET is not set: user ids are pseudonymized with the public development key, "
+    "so anyone who guesses an id can link it to its pseudonym. Set LABELLOOP_SECRET (and keep it "
+    "out of LABELLOOP_HOME) before real users' data lands."
+)
+
+
+def using_development_secret() -> bool:
+    return not os.environ.get("LABELLOOP_SECRET")
+
+
 def pseudonymization_key() -> bytes:
-    """The keyed-hash secret; a loud warning when the development default is in use."""
-    secret = os.environ.get("LABELLOOP_SECRET", "")
-    if not secret:
-        warnings.warn(
-            "LABELLOOP_SECRET is not set: user ids are pseudonymized with the public development "
-            "key, which anyone can reverse by guessing ids. Set LABELLOOP_SECRET in production.",
-            stacklevel=2,
-        )
-        secret = DEV_SECRET
-    return secret.encode("utf-8")
+    """The keyed-hash secret from LABELLOOP_SECRET, or the public development default."""
+    return (os.environ.get("LABELLOOP_SECRET") or DEV_SECRET).encode("utf-8")

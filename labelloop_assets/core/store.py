@@ -79,7 +79,7 @@ CREATE TABLE IF NOT EXISTS label_decisions (
 );
 
 CREATE TABLE IF NOT EXISTS corpus_versions (
-    corpus_version INTEGER PRIMARY KEY, created_at TIMESTAMPTZ NOT NULL,
+    corpus_version INTEGER PRIMARY KEY, created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
     n_new_items BIGINT NOT NULL, n_label_changes BIGINT NOT NULL, n_confirmations BIGINT NOT NULL,
     n_items BIGINT NOT NULL, label_changes_total BIGINT NOT NULL, run_id VARCHAR
 );
@@ -88,26 +88,26 @@ CREATE TABLE IF NOT EXISTS label_history (
     item_id VARCHAR NOT NULL, corpus_version INTEGER NOT NULL, label VARCHAR NOT NULL,
     previous_label VARCHAR, change_kind VARCHAR NOT NULL, label_source VARCHAR,
     decision_id BIGINT, event_ids VARCHAR[], rationale VARCHAR, support DOUBLE, share DOUBLE,
-    n_contributors INTEGER, approved_by VARCHAR NOT NULL, changed_at TIMESTAMPTZ NOT NULL,
+    n_contributors INTEGER, approved_by VARCHAR NOT NULL, changed_at TIMESTAMPTZ NOT NULL DEFAULT now(),
     run_id VARCHAR
 );
 
 CREATE TABLE IF NOT EXISTS production_corpus (
     item_id VARCHAR PRIMARY KEY, label VARCHAR NOT NULL, label_source VARCHAR NOT NULL,
     human_confirmed BOOLEAN NOT NULL, since_version INTEGER NOT NULL,
-    updated_version INTEGER NOT NULL, updated_at TIMESTAMPTZ NOT NULL
+    updated_version INTEGER NOT NULL, updated_at TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 
 CREATE TABLE IF NOT EXISTS models (
     model_version VARCHAR PRIMARY KEY, corpus_version INTEGER NOT NULL,
-    trained_at TIMESTAMPTZ NOT NULL, n_train_rows BIGINT NOT NULL, n_classes INTEGER NOT NULL,
+    trained_at TIMESTAMPTZ NOT NULL DEFAULT now(), n_train_rows BIGINT NOT NULL, n_classes INTEGER NOT NULL,
     algorithm VARCHAR NOT NULL, params VARCHAR NOT NULL, train_data_hash VARCHAR NOT NULL,
     gold_accuracy DOUBLE, gold_macro_f1 DOUBLE, n_gold BIGINT NOT NULL,
     label_changes_total BIGINT NOT NULL, path VARCHAR NOT NULL, run_id VARCHAR
 );
 
 CREATE TABLE IF NOT EXISTS label_quality_metrics (
-    computed_at TIMESTAMPTZ NOT NULL, corpus_version INTEGER, model_version VARCHAR,
+    computed_at TIMESTAMPTZ NOT NULL DEFAULT now(), corpus_version INTEGER, model_version VARCHAR,
     n_items BIGINT NOT NULL, n_gold_items BIGINT NOT NULL, n_human_confirmed BIGINT NOT NULL,
     coverage DOUBLE, n_predictions BIGINT NOT NULL, n_corrected_predictions BIGINT NOT NULL,
     correction_rate DOUBLE, n_corrections BIGINT NOT NULL, n_quarantined BIGINT NOT NULL,
@@ -116,7 +116,7 @@ CREATE TABLE IF NOT EXISTS label_quality_metrics (
 );
 
 CREATE TABLE IF NOT EXISTS label_quality_by_label (
-    computed_at TIMESTAMPTZ NOT NULL, corpus_version INTEGER, label VARCHAR NOT NULL,
+    computed_at TIMESTAMPTZ NOT NULL DEFAULT now(), corpus_version INTEGER, label VARCHAR NOT NULL,
     n_items BIGINT NOT NULL, n_human_confirmed BIGINT NOT NULL, coverage DOUBLE,
     n_corrections_to BIGINT NOT NULL, n_predicted BIGINT NOT NULL,
     n_predicted_corrected BIGINT NOT NULL, correction_rate DOUBLE, run_id VARCHAR
@@ -186,8 +186,8 @@ def frame(con: duckdb.DuckDBPyConnection, sql: str, params: Any = None) -> pl.Da
 
 
 def scalar(con: duckdb.DuckDBPyConnection, sql: str, params: Any = None) -> Any:
-    row = con.execute(sql, params or []).fetchone()
-    return None if row is None else row[0]
+    rows = con.execute(sql, params or []).fetchall()
+    return rows[0][0] if rows else None
 
 
 def append(con: duckdb.DuckDBPyConnection, table: str, rows: pl.DataFrame) -> int:

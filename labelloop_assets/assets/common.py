@@ -1,0 +1,41 @@
+"""Small pieces shared by the asset modules."""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import dagster as dg
+import polars as pl
+
+from labelloop_assets.checks.schema_checks import markdown_table
+from labelloop_assets.core.ingest import IngestReport
+from labelloop_assets.core.settings import LabelloopConfigError
+
+DUCKDB_POOL = "duckdb"
+OWNERS = ["team:labelloop"]
+
+
+@contextmanager
+def config_errors_as_failures() -> Iterator[None]:
+    """A wrong config file fails the step with its own message, not a traceback."""
+    try:
+        yield
+    except LabelloopConfigError as error:
+        raise dg.Failure(description=f"labelloop configuration error: {error}") from None
+
+
+def ingest_metadata(report: IngestReport, table_rows: int) -> dict:
+    reasons = pl.DataFrame(
+        {"reason": list(report.reasons), "rows": list(report.reasons.values())},
+        schema={"reason": pl.String, "rows": pl.Int64},
+    )
+    return {
+        "dagster/row_count": dg.MetadataValue.int(table_rows),
+        "files_ingested": dg.MetadataValue.int(len(report.files)),
+        "records_in": dg.MetadataValue.int(report.records_in),
+        "accepted": dg.MetadataValue.int(report.accepted),
+        "quarantined": dg.MetadataValue.int(report.quarantined),
+        "blank_lines_skipped": dg.MetadataValue.int(report.blank_lines),
+        "counts_reconcile": dg.MetadataValue.bool(report.reconciles),
+        "quarantine_reasons": dg.MetadataValue.md(markdown_table(reasons)),
+        "files": dg.MetadataValue.md("\n".join(f"- `{f}`" for f in report.files) or "_none_"),
+    }

@@ -1,0 +1,212 @@
+"""Curation: stage corrections, resolve them per item, promote changes into a versioned corpus."""
+
+import dagster as dg
+import polars as pl
+from dagster_duckdb import DuckDBResource
+
+from labelloop_assets.assets.common import DUCKDB_POOL, OWNERS, config_errors_as_failures
+from labelloop_assets.assets.ingest import raw_corrections
+from labelloop_assets.checks.schema_checks import (
+    PRODUCTION_CORPUS_SCHEMA,
+    VALIDATED_LABELS_SCHEMA,
+    markdown_table,
+    schema_check_result,
+)
+from labelloop_assets.core import corpus, resolve, schemas, store
+from labelloop_assets.resources import LabelloopHome, open_store
+
+GROUP = "curation"
+STAGED_SEQ = "validated_labels.raw_seq"
+APPLIED_ITEMS = "production_corpus.items_seq"
+APPLIED_DECISIONS = "production_corpus.decision_id"
+
+
+@dg.asset(
+    group_name=GROUP,
+    kinds={"duckdb", "polars"},
+    pool=DUCKDB_POOL,
+    owners=OWNERS,
+    deps=[raw_corrections, "predictions"],
+    check_specs=[
+        dg.AssetCheckSpec(
+            VALIDATED_LABELS_SCHEMA,
+            asset="validated_labels",
+            blocking=True,
+            description="Pandera schema of the staged corrections; a failure keeps the batch out of the corpus.",
+        )
+    ],
+)
+def validated_labels(
+    context: dg.AssetExecutionContext, labelloop: LabelloopHome, database: DuckDBResource
+) -> dg.MaterializeResult:
+    """Staging zone: new corrections joined to the prediction they correct, weighed and resolved per item."""
+    with config_errors_as_failures():
+        ontology, policy = labelloop.ontology(), labelloop.policy()
+    with open_store(database) as con:
+        new = store.frame(
+            con,
+            "SELECT * FROM raw_corrections WHERE seq > ? ORDER BY seq",
+            [store.get_state(con, STAGED_SEQ)],
+        )
+        staged, decisions = _stage_and_resolve(con, new, policy)
+        validation = schemas.validate(schemas.validated_labels_schema(ontology.labels), staged)
+        if validation.passed and staged.height:
+            with store.transaction(con):
+                store.append(con, "validated_labels", staged.with_columns(run_id=pl.lit(context.run_id)))
+                store.append(con, "label_decisions", decisions.with_columns(run_id=pl.lit(context.run_id)))
+                store.set_state(con, STAGED_SEQ, int(new["seq"].max()))
+        total = store.scalar(con, "SELECT count(*) FROM validated_labels")
+    statuses = decisions.group_by("status").len().sort("status") if decisions.height else pl.DataFrame()
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": total,
+            "staged": staged.height if validation.passed else 0,
+            "committed": validation.passed,
+            "items_decided": decisions.height,
+            "promote": _count(decisions, resolve.PROMOTE),
+            "confirmed": _count(decisions, resolve.CONFIRMED),
+            "pending": _count(decisions, resolve.PENDING),
+            "conflict": _count(decisions, resolve.CONFLICT),
+            "decisions_by_status": dg.MetadataValue.md(markdown_table(statuses)),
+        },
+        check_results=[
+            schema_check_result(VALIDATED_LABELS_SCHEMA, "validated_labels", validation, blocking=True)
+        ],
+    )
+
+
+def _stage_and_resolve(con, new: pl.DataFrame, policy: resolve.ResolutionPolicy):
+    if new.height == 0:
+        return new, pl.DataFrame()
+    predictions = store.lookup(
+        con,
+        "predictions",
+        "prediction_id",
+        new.filter(pl.col("prediction_id").is_not_null()),
+        "t.item_id, t.predicted_label, t.confidence, t.model_version",
+    )
+    current = store.lookup(con, "production_corpus", "item_id", new, "t.label")
+    staged = resolve.stage(new, predictions, current, policy)
+    earlier = store.lookup(
+        con, "validated_labels", "item_id", staged, "t.* EXCLUDE (item_id, staged_at, run_id)"
+    )
+    votes = pl.concat([earlier, staged], how="diagonal_relaxed")
+    return staged, resolve.resolve(votes, current, policy)
+
+
+def _count(decisions: pl.DataFrame, status: str) -> int:
+    return decisions.filter(pl.col("status") == status).height if decisions.height else 0
+
+
+@dg.asset(
+    group_name=GROUP,
+    kinds={"duckdb", "polars"},
+    pool=DUCKDB_POOL,
+    owners=OWNERS,
+    deps=[validated_labels, "items"],
+    check_specs=[
+        dg.AssetCheckSpec(
+            PRODUCTION_CORPUS_SCHEMA,
+            asset="production_corpus",
+            blocking=True,
+            description="Pandera schema of the new corpus rows: one current label per item, in the ontology.",
+        )
+    ],
+)
+def production_corpus(
+    context: dg.AssetExecutionContext, labelloop: LabelloopHome, database: DuckDBResource
+) -> dg.MaterializeResult:
+    """One current label per item; every change kept in label_history under a new corpus version."""
+    with config_errors_as_failures():
+        ontology = labelloop.ontology()
+    with open_store(database) as con:
+        item_mark, decision_mark = store.get_state(con, APPLIED_ITEMS), store.get_state(con, APPLIED_DECISIONS)
+        new_items = store.frame(
+            con,
+            "SELECT seq, item_id, initial_label, label_source FROM items "
+            "WHERE seq > ? AND gold_label IS NULL ORDER BY seq",
+            [item_mark],
+        )
+        decisions = store.frame(
+            con, "SELECT * FROM label_decisions WHERE decision_id > ? ORDER BY decision_id", [decision_mark]
+        )
+        touched = pl.concat([new_items.select("item_id"), decisions.select("item_id")])
+        current = store.lookup(
+            con, "production_corpus", "item_id", touched,
+            "t.label, t.human_confirmed, t.label_source, t.since_version",
+        )
+        previous = store.frame(
+            con, "SELECT corpus_version, label_changes_total FROM corpus_versions "
+            "ORDER BY corpus_version DESC LIMIT 1",
+        )
+        version = (previous["corpus_version"][0] if previous.height else 0) + 1
+        changes_before = previous["label_changes_total"][0] if previous.height else 0
+        changes = corpus.plan_changes(new_items, decisions, current, version)
+        rows = corpus.corpus_rows(changes, current, version)
+        validation = schemas.validate(schemas.production_corpus_schema(ontology.labels), rows)
+        n_changes = changes.filter(pl.col("change_kind") == corpus.CORRECTION).height
+        if validation.passed:
+            with store.transaction(con):
+                if changes.height:
+                    store.append(con, "label_history", changes.with_columns(run_id=pl.lit(context.run_id)))
+                    _merge_corpus(con, rows)
+                    con.execute(
+                        "INSERT INTO corpus_versions (corpus_version, n_new_items, n_label_changes, "
+                        "n_confirmations, n_items, label_changes_total, run_id) "
+                        "SELECT ?, ?, ?, ?, (SELECT count(*) FROM production_corpus), ?, ?",
+                        [
+                            version,
+                            changes.filter(pl.col("change_kind") == corpus.INITIAL).height,
+                            n_changes,
+                            changes.filter(pl.col("change_kind") == corpus.CONFIRMATION).height,
+                            changes_before + n_changes,
+                            context.run_id,
+                        ],
+                    )
+                if new_items.height:
+                    store.set_state(con, APPLIED_ITEMS, int(new_items["seq"].max()))
+                if decisions.height:
+                    store.set_state(con, APPLIED_DECISIONS, int(decisions["decision_id"].max()))
+        published = validation.passed and changes.height > 0
+        distribution = store.frame(
+            con, "SELECT label, count(*) AS items, count(*) FILTER (WHERE human_confirmed) AS "
+            "human_confirmed FROM production_corpus GROUP BY label ORDER BY label",
+        )
+        latest_version = store.scalar(con, "SELECT max(corpus_version) FROM corpus_versions")
+        changes_total = store.scalar(
+            con, "SELECT label_changes_total FROM corpus_versions ORDER BY corpus_version DESC LIMIT 1"
+        )
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": int(distribution["items"].sum()) if distribution.height else 0,
+            "corpus_version": latest_version or 0,
+            "new_version_published": published,
+            "label_changes_this_run": n_changes if published else 0,
+            "label_changes_total": changes_total or 0,
+            "history_rows_this_run": changes.height if published else 0,
+            "label_distribution": dg.MetadataValue.md(markdown_table(distribution)),
+        },
+        check_results=[
+            schema_check_result(PRODUCTION_CORPUS_SCHEMA, "production_corpus", validation, blocking=True)
+        ],
+    )
+
+
+def _merge_corpus(con, rows: pl.DataFrame) -> None:
+    """Upsert the touched items only: O(changes), whatever the corpus size."""
+    con.register("corpus_rows", rows)
+    try:
+        con.execute(
+            """
+            INSERT INTO production_corpus
+                (item_id, label, label_source, human_confirmed, since_version, updated_version)
+            SELECT item_id, label, label_source, human_confirmed, since_version, updated_version
+            FROM corpus_rows
+            ON CONFLICT (item_id) DO UPDATE SET
+                label = excluded.label, label_source = excluded.label_source,
+                human_confirmed = excluded.human_confirmed, since_version = excluded.since_version,
+                updated_version = excluded.updated_version, updated_at = now()
+            """
+        )
+    finally:
+        con.unregister("corpus_rows")

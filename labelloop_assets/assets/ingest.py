@@ -1,0 +1,109 @@
+"""Ingest: landing files into items, predictions and raw corrections, exactly once."""
+
+import dagster as dg
+from dagster_duckdb import DuckDBResource
+
+from labelloop_assets.assets.common import (
+    DUCKDB_POOL,
+    OWNERS,
+    config_errors_as_failures,
+    ingest_metadata,
+)
+from labelloop_assets.checks.schema_checks import (
+    RAW_CORRECTIONS_RECONCILE,
+    RAW_CORRECTIONS_SCHEMA,
+    schema_check_result,
+)
+from labelloop_assets.core import ingest, schemas, store
+from labelloop_assets.core.settings import DEV_SECRET_WARNING, using_development_secret
+from labelloop_assets.resources import LabelloopHome, open_store
+
+GROUP = "ingest"
+
+
+@dg.asset(group_name=GROUP, kinds={"duckdb", "polars"}, pool=DUCKDB_POOL, owners=OWNERS)
+def items(
+    context: dg.AssetExecutionContext, labelloop: LabelloopHome, database: DuckDBResource
+) -> dg.MaterializeResult:
+    """Items (features, initial and gold labels) from landing/items, each file ingested once."""
+    with config_errors_as_failures():
+        ontology = labelloop.ontology()
+    with open_store(database) as con:
+        report = ingest.ingest_items(con, labelloop.home(), ontology, context.run_id)
+        total = store.scalar(con, "SELECT count(*) FROM items")
+    return dg.MaterializeResult(metadata=ingest_metadata(report, total))
+
+
+@dg.asset(
+    group_name=GROUP, kinds={"duckdb", "polars"}, pool=DUCKDB_POOL, owners=OWNERS, deps=[items]
+)
+def predictions(
+    context: dg.AssetExecutionContext, labelloop: LabelloopHome, database: DuckDBResource
+) -> dg.MaterializeResult:
+    """The prediction log from landing/predictions: what each model version served."""
+    with config_errors_as_failures():
+        ontology = labelloop.ontology()
+    with open_store(database) as con:
+        report = ingest.ingest_predictions(con, labelloop.home(), ontology, context.run_id)
+        total = store.scalar(con, "SELECT count(*) FROM predictions")
+    return dg.MaterializeResult(metadata=ingest_metadata(report, total))
+
+
+@dg.asset(
+    group_name=GROUP,
+    kinds={"duckdb", "polars"},
+    pool=DUCKDB_POOL,
+    owners=OWNERS,
+    deps=[items],
+    check_specs=[
+        dg.AssetCheckSpec(
+            RAW_CORRECTIONS_SCHEMA,
+            asset="raw_corrections",
+            description="Pandera schema of the corrections accepted in this run.",
+        ),
+        dg.AssetCheckSpec(
+            RAW_CORRECTIONS_RECONCILE,
+            asset="raw_corrections",
+            blocking=True,
+            description="Every line read is either accepted or quarantined: in = accepted + quarantined.",
+        ),
+    ],
+)
+def raw_corrections(
+    context: dg.AssetExecutionContext, labelloop: LabelloopHome, database: DuckDBResource
+) -> dg.MaterializeResult:
+    """Correction events parsed once, deduplicated, pseudonymized and scrubbed; bad rows quarantined."""
+    with config_errors_as_failures():
+        ontology = labelloop.ontology()
+        key = labelloop.secret()
+    if using_development_secret():
+        context.log.warning(DEV_SECRET_WARNING)
+    with open_store(database) as con:
+        report = ingest.ingest_corrections(con, labelloop.home(), ontology, key, context.run_id)
+        batch = store.frame(
+            con, "SELECT * FROM raw_corrections WHERE run_id = ?", [context.run_id]
+        )
+        total = store.scalar(con, "SELECT count(*) FROM raw_corrections")
+    validation = schemas.validate(schemas.raw_corrections_schema(ontology.labels), batch)
+    return dg.MaterializeResult(
+        metadata={
+            **ingest_metadata(report, total),
+            "pseudonymization_key": "development default (NOT SECRET)"
+            if using_development_secret()
+            else "from LABELLOOP_SECRET",
+        },
+        check_results=[
+            schema_check_result(
+                RAW_CORRECTIONS_SCHEMA, "raw_corrections", validation, blocking=False
+            ),
+            dg.AssetCheckResult(
+                check_name=RAW_CORRECTIONS_RECONCILE,
+                passed=report.reconciles,
+                metadata={
+                    "records_in": report.records_in,
+                    "accepted": report.accepted,
+                    "quarantined": report.quarantined,
+                },
+            ),
+        ],
+    )

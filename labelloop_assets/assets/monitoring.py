@@ -1,0 +1,64 @@
+"""Monitoring: label quality figures over time."""
+
+import dagster as dg
+import polars as pl
+from dagster_duckdb import DuckDBResource
+
+from labelloop_assets.assets.common import DUCKDB_POOL, OWNERS, config_errors_as_failures
+from labelloop_assets.checks.schema_checks import markdown_table
+from labelloop_assets.core import metrics, store
+from labelloop_assets.resources import LabelloopHome, open_store
+
+FIGURES = (
+    "coverage",
+    "correction_rate",
+    "model_gold_accuracy",
+    "n_items",
+    "n_human_confirmed",
+    "n_predictions",
+    "n_corrections",
+    "n_quarantined",
+    "n_pending_items",
+    "n_conflict_items",
+)
+
+
+@dg.asset(
+    group_name="monitoring",
+    kinds={"duckdb"},
+    pool=DUCKDB_POOL,
+    owners=OWNERS,
+    deps=["production_corpus", "retrained_model"],
+)
+def label_quality_metrics(
+    context: dg.AssetExecutionContext, labelloop: LabelloopHome, database: DuckDBResource
+) -> dg.MaterializeResult:
+    """Coverage, correction rate, per-label counts and the current model's accuracy on gold items."""
+    with config_errors_as_failures():
+        labels = labelloop.ontology().labels
+    with open_store(database) as con:
+        summary = metrics.summary(con)
+        per_label = metrics.by_label(con, labels)
+        with store.transaction(con):
+            store.append(con, "label_quality_metrics", pl.DataFrame([{**summary, "run_id": context.run_id}]))
+            store.append(
+                con,
+                "label_quality_by_label",
+                per_label.with_columns(
+                    corpus_version=pl.lit(summary["corpus_version"]), run_id=pl.lit(context.run_id)
+                ),
+            )
+    numbers = {
+        name: (dg.MetadataValue.float(float(summary[name])) if isinstance(summary[name], float)
+               else dg.MetadataValue.int(int(summary[name])))
+        for name in FIGURES
+        if summary[name] is not None
+    }
+    return dg.MaterializeResult(
+        metadata={
+            **numbers,
+            "corpus_version": summary["corpus_version"] or 0,
+            "model_version": summary["model_version"] or "none yet",
+            "by_label": dg.MetadataValue.md(markdown_table(per_label.with_columns(pl.selectors.float().round(3)))),
+        }
+    )

@@ -1,0 +1,86 @@
+"""Training: a model fitted on the current corpus and evaluated on the frozen gold items."""
+
+import json
+
+import dagster as dg
+import numpy as np
+import polars as pl
+from dagster_duckdb import DuckDBResource
+
+from labelloop_assets.assets.common import DUCKDB_POOL, OWNERS
+from labelloop_assets.core import store, train
+from labelloop_assets.resources import LabelloopHome, open_store
+
+
+@dg.asset(
+    group_name="training",
+    kinds={"scikit-learn", "duckdb"},
+    pool=DUCKDB_POOL,
+    owners=OWNERS,
+    deps=["production_corpus"],
+)
+def retrained_model(
+    context: dg.AssetExecutionContext, labelloop: LabelloopHome, database: DuckDBResource
+) -> dg.MaterializeResult:
+    """A scikit-learn model trained on the current corpus, stored under models/<version>/ with its metrics."""
+    home = labelloop.home()
+    with open_store(database) as con:
+        corpus_version = store.scalar(con, "SELECT max(corpus_version) FROM corpus_versions")
+        changes_total = store.scalar(
+            con, "SELECT label_changes_total FROM corpus_versions ORDER BY corpus_version DESC LIMIT 1"
+        )
+        training = store.frame(
+            con,
+            "SELECT c.item_id, c.label, i.features FROM production_corpus c "
+            "JOIN items i USING (item_id) ORDER BY c.item_id",
+        )
+        gold = store.frame(
+            con, "SELECT item_id, gold_label, features FROM items WHERE gold_label IS NOT NULL"
+        )
+        n_models = store.scalar(con, "SELECT count(*) FROM models")
+    if training.height == 0 or training["label"].n_unique() < 2:
+        raise dg.Failure(
+            description="the production corpus has fewer than two labels yet: land items with "
+            "initial labels or corrections first"
+        )
+    model = train.fit(train.features_matrix(training), training["label"].to_numpy())
+    scores = train.evaluate(model, train.features_matrix(gold), gold["gold_label"].to_numpy())
+    version = f"m{n_models + 1:04d}"
+    record = {
+        "model_version": version,
+        "corpus_version": int(corpus_version),
+        "n_train_rows": training.height,
+        "n_classes": int(len(model.classes)),
+        "algorithm": train.ALGORITHM,
+        "params": train.DEFAULT_PARAMS,
+        "train_data_hash": train.training_data_hash(
+            training["item_id"].to_list(), training["label"].to_list()
+        ),
+        "gold_accuracy": scores["accuracy"],
+        "gold_macro_f1": scores["macro_f1"],
+        "n_gold": gold.height,
+        "label_changes_total": int(changes_total or 0),
+        "run_id": context.run_id,
+    }
+    folder = train.save(model, home.models / version, record)
+    with open_store(database) as con:
+        store.append(
+            con,
+            "models",
+            pl.DataFrame([{**record, "params": json.dumps(record["params"]), "path": str(folder)}]).with_columns(
+                pl.col("gold_accuracy", "gold_macro_f1").fill_nan(None)
+            ),
+        )
+    train.set_current(home.models, version)
+    return dg.MaterializeResult(
+        metadata={
+            "model_version": version,
+            "corpus_version": int(corpus_version),
+            "label_changes_total": int(changes_total or 0),
+            "n_train_rows": training.height,
+            "gold_accuracy": float(np.nan_to_num(scores["accuracy"])),
+            "gold_macro_f1": float(np.nan_to_num(scores["macro_f1"])),
+            "n_gold": gold.height,
+            "path": dg.MetadataValue.path(str(folder)),
+        }
+    )

@@ -1,0 +1,205 @@
+"""`labelloop`: the command line for running the demo and reading the loop's state."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import duckdb
+import polars as pl
+
+from labelloop_assets.core import store
+from labelloop_assets.core.settings import Home, LabelloopConfigError
+
+
+def _home() -> Home:
+    return Home.from_env()
+
+
+def _read(home: Home):
+    if not home.database.exists():
+        raise SystemExit(
+            f"labelloop: no database at {home.database} yet; run `make demo` or materialize the "
+            "assets first (LABELLOOP_HOME selects the folder)"
+        )
+    try:
+        return store.connect(home.database, read_only=True)
+    except duckdb.IOException as error:
+        raise SystemExit(f"labelloop: cannot open {home.database} for reading: {error}") from None
+
+
+def _print(frame: pl.DataFrame, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(frame.to_dicts(), indent=2, default=str))
+        return
+    with pl.Config(tbl_rows=200, tbl_cols=20, fmt_str_lengths=60, tbl_hide_dataframe_shape=True):
+        print(frame)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import dagster as dg
+
+    from labelloop_assets.demo.run import DemoRefused, prepare_home, run_demo
+    from labelloop_assets.demo.simulator import DemoConfig
+
+    root = Path(os.environ.get("LABELLOOP_HOME", "data/home")).resolve()
+    if not os.environ.get("DAGSTER_HOME"):
+        print(
+            "labelloop: DAGSTER_HOME is not set. Run `make demo`, or point DAGSTER_HOME at the "
+            "folder holding dagster.yaml so that `dagster dev` can show the demo's runs.",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        home = prepare_home(root)
+    except DemoRefused as error:
+        print(f"labelloop: {error}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("LABELLOOP_DAGSTER_STORAGE", str(home.root / "dagster"))
+    with dg.DagsterInstance.get() as instance:
+        rows = run_demo(home, instance, days=args.days, config=DemoConfig(seed=args.seed))
+    first, last = rows[0], rows[-1]
+    print()
+    print(
+        f"corpus label accuracy {first['corpus_label_accuracy']:.3f} -> "
+        f"{last['corpus_label_accuracy']:.3f}; model accuracy on gold "
+        f"{first['model_gold_accuracy']:.3f} -> {last['model_gold_accuracy']:.3f}"
+    )
+    print(f"state:   {home.root}  (DuckDB file: {home.database})")
+    print(f"report:  {home.reports / 'demo.json'}")
+    print("open it: make dev   (then http://127.0.0.1:3000: Assets, Runs, Automation)")
+    print(f"query:   labelloop status | labelloop lineage ITEM_ID | duckdb -readonly {home.database}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    home = _home()
+    with _read(home) as con:
+        counts = store.frame(
+            con,
+            """
+            SELECT 'items' AS table_name, count(*) AS rows FROM items
+            UNION ALL SELECT 'predictions', count(*) FROM predictions
+            UNION ALL SELECT 'raw_corrections', count(*) FROM raw_corrections
+            UNION ALL SELECT 'quarantine', count(*) FROM quarantine
+            UNION ALL SELECT 'validated_labels', count(*) FROM validated_labels
+            UNION ALL SELECT 'production_corpus', count(*) FROM production_corpus
+            UNION ALL SELECT 'label_history', count(*) FROM label_history
+            UNION ALL SELECT 'corpus_versions', count(*) FROM corpus_versions
+            UNION ALL SELECT 'models', count(*) FROM models
+            """,
+        )
+        models = store.frame(
+            con,
+            "SELECT model_version, corpus_version, n_train_rows, round(gold_accuracy, 4) AS "
+            "gold_accuracy, trained_at FROM models ORDER BY trained_at",
+        )
+    if args.json:
+        print(json.dumps({"home": str(home.root), "tables": counts.to_dicts(),
+                          "models": models.to_dicts()}, indent=2, default=str))
+        return 0
+    print(f"LABELLOOP_HOME {home.root}")
+    _print(counts, False)
+    _print(models, False)
+    return 0
+
+
+def cmd_quarantine(args: argparse.Namespace) -> int:
+    with _read(_home()) as con:
+        rows = store.frame(
+            con,
+            """
+            SELECT kind, source_file, line_no, reason, detail, record_id, item_id
+            FROM quarantine
+            WHERE ($kind IS NULL OR kind = $kind) AND ($reason IS NULL OR reason = $reason)
+            ORDER BY quarantined_at, source_file, line_no LIMIT $limit
+            """,
+            {"kind": args.kind, "reason": args.reason, "limit": args.limit},
+        )
+        summary = store.frame(
+            con, "SELECT kind, reason, count(*) AS rows FROM quarantine GROUP BY ALL ORDER BY ALL"
+        )
+    if args.json:
+        _print(rows, True)
+    else:
+        _print(summary, False)
+        _print(rows, False)
+    return 0
+
+
+def cmd_lineage(args: argparse.Namespace) -> int:
+    with _read(_home()) as con:
+        history = store.frame(
+            con,
+            "SELECT corpus_version, label, previous_label, change_kind, approved_by, support, "
+            "share, event_ids, rationale, changed_at FROM label_history WHERE item_id = $item "
+            "ORDER BY corpus_version, changed_at",
+            {"item": args.item_id},
+        )
+        events = store.frame(
+            con,
+            "SELECT event_id, corrected_label, user_pseudonym, user_role, source, model_version, "
+            "predicted_label, vote_weight, rationale, created_at FROM validated_labels "
+            "WHERE item_id = $item ORDER BY created_at",
+            {"item": args.item_id},
+        )
+        models = store.frame(
+            con,
+            "SELECT model_version, corpus_version FROM models WHERE corpus_version >= "
+            "(SELECT min(corpus_version) FROM label_history WHERE item_id = $item) ORDER BY 1",
+            {"item": args.item_id},
+        )
+    if history.height == 0 and events.height == 0:
+        print(f"labelloop: no label history for item {args.item_id!r}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"item_id": args.item_id, "history": history.to_dicts(),
+                          "corrections": events.to_dicts(), "models": models.to_dicts()},
+                         indent=2, default=str))
+        return 0
+    print(f"item {args.item_id}: label history")
+    _print(history, False)
+    print("corrections")
+    _print(events, False)
+    print("models trained on a corpus version containing this item")
+    _print(models, False)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="labelloop", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser("demo", help="run the loop on simulated days of digits traffic")
+    demo.add_argument("--days", type=int, default=6)
+    demo.add_argument("--seed", type=int, default=7)
+    demo.set_defaults(func=cmd_demo)
+    status = commands.add_parser("status", help="table sizes and trained models")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
+    quarantine = commands.add_parser("quarantine", help="rows set aside, with their reasons")
+    quarantine.add_argument("--kind", choices=["items", "predictions", "corrections"])
+    quarantine.add_argument("--reason")
+    quarantine.add_argument("--limit", type=int, default=50)
+    quarantine.add_argument("--json", action="store_true")
+    quarantine.set_defaults(func=cmd_quarantine)
+    lineage = commands.add_parser("lineage", help="every change of one item's label, and why")
+    lineage.add_argument("item_id")
+    lineage.add_argument("--json", action="store_true")
+    lineage.set_defaults(func=cmd_lineage)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except LabelloopConfigError as error:
+        print(f"labelloop: configuration error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""The demo: simulated days of traffic, with every run requested by the sensors and executed by Dagster."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import dagster as dg
+
+from labelloop_assets.core import store, train
+from labelloop_assets.core.settings import Home, RetrainPolicy
+from labelloop_assets.definitions import build_definitions
+from labelloop_assets.resources import build_resources
+from labelloop_assets.demo import simulator
+
+DEMO_MARKER = ".labelloop-demo"
+# A simulated day passes in seconds, so the demo waits for label changes, not for the clock.
+DEMO_RETRAIN = RetrainPolicy(min_label_changes=40, min_interval_seconds=0)
+
+
+class DemoRefused(RuntimeError):
+    """The demo would overwrite a LABELLOOP_HOME it did not create."""
+
+
+def prepare_home(root: Path) -> Home:
+    """Start from an empty home; only a home the demo itself made is ever wiped."""
+    if root.exists() and any(root.iterdir()):
+        if not (root / DEMO_MARKER).exists():
+            raise DemoRefused(
+                f"{root} holds data that the demo did not create; point LABELLOOP_HOME at an "
+                "empty folder or remove it yourself"
+            )
+        shutil.rmtree(root)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / DEMO_MARKER).write_text("created by `labelloop demo`; `make demo` may wipe this folder\n")
+    return Home(root.resolve()).ensure()
+
+
+@dataclass
+class _Loop:
+    defs: dg.Definitions
+    resources: dict
+    instance: dg.DagsterInstance
+    landing_cursor: str | None = None
+
+    def tick(self, sensor_name: str) -> list[dg.RunRequest]:
+        sensor = self.defs.resolve_sensor_def(sensor_name)
+        cursor = self.landing_cursor if sensor_name == "landing_sensor" else None
+        with dg.build_sensor_context(
+            instance=self.instance, cursor=cursor, resources=self.resources, sensor_name=sensor_name
+        ) as context:
+            result = sensor(context)
+        if isinstance(result, dg.SkipReason):
+            return []
+        if isinstance(result, dg.SensorResult):
+            if sensor_name == "landing_sensor" and result.cursor is not None:
+                self.landing_cursor = result.cursor
+            return list(result.run_requests or [])
+        return [result] if isinstance(result, dg.RunRequest) else []
+
+    def execute(self, sensor_name: str, request: dg.RunRequest) -> dg.ExecuteInProcessResult:
+        job_name = self.defs.resolve_sensor_def(sensor_name).job_name
+        tags = {**request.tags, "dagster/sensor_name": sensor_name, "dagster/run_key": request.run_key}
+        return self.defs.resolve_job_def(job_name).execute_in_process(
+            instance=self.instance, tags=tags
+        )
+
+    def run_sensor(self, sensor_name: str) -> list[dg.ExecuteInProcessResult]:
+        return [self.execute(sensor_name, request) for request in self.tick(sensor_name)]
+
+
+def _metadata(results: list[dg.ExecuteInProcessResult], asset: str) -> list[dict]:
+    found = []
+    for result in results:
+        for event in result.get_asset_materialization_events():
+            materialization = event.step_materialization_data.materialization
+            if materialization.asset_key == dg.AssetKey(asset):
+                found.append({k: v.value for k, v in materialization.metadata.items()})
+    return found
+
+
+def run_demo(
+    home: Home,
+    instance: dg.DagsterInstance,
+    days: int = 6,
+    config: simulator.DemoConfig = simulator.DemoConfig(),
+    retrain: RetrainPolicy = DEMO_RETRAIN,
+    echo: Callable[[str], None] = print,
+) -> list[dict]:
+    """Day 0 lands the items; each later day the current model serves and users correct it."""
+    world = simulator.build_world(config)
+    loop = _Loop(build_definitions(home, retrain), build_resources(home, retrain), instance)
+    rows: list[dict] = []
+    echo(_header())
+    for day in range(days + 1):
+        if day == 0:
+            simulator.land_items(world, home)
+            sent = {"corrections_sent": 0}
+        else:
+            version = train.current_version(home.models)
+            model, _ = train.load(home.models / version)
+            sent = simulator.simulate_day(world, home, day, model, version)
+        ingest_runs = loop.run_sensor("landing_sensor")
+        retrain_runs = loop.run_sensor("retrain_sensor")
+        failed = [r for r in ingest_runs + retrain_runs if not r.success]
+        if failed:
+            raise RuntimeError(f"day {day}: run {failed[0].run_id} failed; see `make dev` for its logs")
+        corrections = _metadata(ingest_runs, "raw_corrections")
+        corpus_meta = _metadata(ingest_runs, "production_corpus")
+        with store.connect(home.database, read_only=True) as con:
+            corpus = dict(store.frame(con, "SELECT item_id, label FROM production_corpus").iter_rows())
+            model_row = store.frame(
+                con, "SELECT model_version, gold_accuracy FROM models ORDER BY trained_at DESC LIMIT 1"
+            ).to_dicts()
+        row = {
+            "day": day,
+            "corrections_received": sum(m["records_in"] for m in corrections),
+            "corrections_quarantined": sum(m["quarantined"] for m in corrections),
+            "labels_promoted": sum(m["label_changes_this_run"] for m in corpus_meta),
+            "corpus_version": corpus_meta[-1]["corpus_version"] if corpus_meta else None,
+            "corpus_label_accuracy": round(simulator.corpus_accuracy(world, corpus), 4),
+            "model_version": model_row[0]["model_version"] if model_row else None,
+            "model_gold_accuracy": round(model_row[0]["gold_accuracy"], 4) if model_row else None,
+            "retrained": len(retrain_runs) > 0,
+            "ingest_runs": [r.run_id for r in ingest_runs],
+            "retrain_runs": [r.run_id for r in retrain_runs],
+        }
+        assert row["corrections_received"] == sent["corrections_sent"], "every line sent is counted"
+        rows.append(row)
+        echo(_format(row))
+    report = home.reports / "demo.json"
+    report.write_text(json.dumps(rows, indent=2))
+    return rows
+
+
+COLUMNS = (
+    ("day", 3), ("corrections_received", 9), ("corrections_quarantined", 11),
+    ("labels_promoted", 8), ("corpus_label_accuracy", 15), ("model_gold_accuracy", 14),
+    ("model_version", 7),
+)
+TITLES = {
+    "day": "day", "corrections_received": "received", "corrections_quarantined": "quarantined",
+    "labels_promoted": "promoted", "corpus_label_accuracy": "corpus accuracy",
+    "model_gold_accuracy": "model on gold", "model_version": "model",
+}
+
+
+def _header() -> str:
+    return "| " + " | ".join(TITLES[name].rjust(width) for name, width in COLUMNS) + " |\n" + \
+        "|" + "|".join("-" * (width + 1) + ":" for _, width in COLUMNS) + "|"
+
+
+def _format(row: dict) -> str:
+    cells = []
+    for name, width in COLUMNS:
+        value = row[name]
+        text = f"{value:.3f}" if isinstance(value, float) else str(value)
+        cells.append(text.rjust(width))
+    return "| " + " | ".join(cells) + " |"

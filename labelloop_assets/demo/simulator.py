@@ -1,0 +1,271 @@
+"""A seeded product and its users, writing landing files through the contract.
+
+The world is scikit-learn's bundled handwritten digits (1,797 real images, 10 classes). Only the
+simulator knows the true labels; labelloop sees items with noisy initial labels, the model's
+predictions, and the corrections users send back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+from sklearn.datasets import load_digits
+
+from labelloop_assets.core.settings import Home
+from labelloop_assets.core.train import LinearModel
+
+LABELS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+# Digit pairs a reader (and a model) confuses most often, from a cross-validated confusion matrix.
+CONFUSABLE = {
+    0: (6, 5), 1: (8, 9, 7), 2: (1, 3), 3: (8, 9, 5), 4: (7, 9), 5: (9, 3),
+    6: (1, 5), 7: (4, 9, 1), 8: (1, 3, 9), 9: (5, 8, 3, 7),
+}
+START = datetime(2026, 3, 2, 8, 0, tzinfo=timezone.utc)
+RATIONALES = (
+    "the loop at the top is closed, so it is a {label}",
+    "clearly a {label}, the stroke goes straight down",
+    "looks like a {label} to me",
+    "customer called about this one: it is a {label}; reach me at {email} if unsure",
+    "a {label}; checked with the sender on {phone}",
+    "ambiguous scan, my best guess is {label}",
+)
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    seed: int = 7
+    noise_rate: float = 0.20
+    confusable_share: float = 0.75
+    n_gold: int = 360
+    served_per_day: int = 600
+    end_user_report_rate: float = 0.45
+    end_user_accuracy: float = 0.85
+    end_user_false_alarm_rate: float = 0.01
+    no_consent_rate: float = 0.08
+    annotator_items_per_day: int = 120
+    annotator_accuracy: float = 0.94
+    second_annotator_rate: float = 0.3
+    reviewer_items_per_day: int = 25
+    reviewer_accuracy: float = 0.99
+    malformed_rate: float = 0.01
+    replay_rate: float = 0.01
+
+
+@dataclass
+class Contributor:
+    user_id: str
+    role: str
+    accuracy: float
+
+
+@dataclass
+class DemoWorld:
+    """The items, their true labels, and what labelloop is told about them."""
+
+    item_ids: np.ndarray
+    features: np.ndarray
+    truth: np.ndarray  # class indices
+    gold: np.ndarray  # bool mask
+    initial: np.ndarray  # noisy class indices (meaningless for gold items)
+    config: DemoConfig
+    rng: np.random.Generator
+    contributors: list[Contributor] = field(default_factory=list)
+    event_counter: int = 0
+
+    @property
+    def truth_labels(self) -> dict[str, str]:
+        return {i: LABELS[t] for i, t in zip(self.item_ids, self.truth)}
+
+
+def build_world(config: DemoConfig = DemoConfig()) -> DemoWorld:
+    digits = load_digits()
+    rng = np.random.default_rng(config.seed)
+    n = len(digits.target)
+    order = rng.permutation(n)
+    features, truth = digits.data[order], digits.target[order]
+    gold = np.zeros(n, dtype=bool)
+    gold[: config.n_gold] = True
+    initial = truth.copy()
+    noisy = (~gold) & (rng.random(n) < config.noise_rate)
+    for index in np.flatnonzero(noisy):
+        initial[index] = _wrong_label(int(truth[index]), rng, config.confusable_share)
+    world = DemoWorld(
+        item_ids=np.array([f"digit-{i:05d}" for i in range(n)]),
+        features=features,
+        truth=truth,
+        gold=gold,
+        initial=initial,
+        config=config,
+        rng=rng,
+    )
+    world.contributors = (
+        [Contributor(f"customer{k:03d}@shop.example", "end_user", config.end_user_accuracy) for k in range(80)]
+        + [Contributor(f"annotator-{k}", "annotator", config.annotator_accuracy) for k in range(4)]
+        + [Contributor(f"reviewer-{k}", "reviewer", config.reviewer_accuracy) for k in range(2)]
+    )
+    return world
+
+
+def _wrong_label(true_class: int, rng: np.random.Generator, confusable_share: float) -> int:
+    if rng.random() < confusable_share:
+        return int(rng.choice(CONFUSABLE[true_class]))
+    return int(rng.choice([c for c in range(10) if c != true_class]))
+
+
+def write_jsonl(folder: Path, name: str, lines: list[str]) -> Path:
+    """Atomic landing: write a dot-prefixed temp file, then rename it into place."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{name}.tmp"
+    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    target = folder / name
+    os.replace(tmp, target)
+    return target
+
+
+def land_items(world: DemoWorld, home: Home) -> Path:
+    """Day 0: every item with its features; gold items carry their true label, the rest a noisy one."""
+    lines = []
+    for index, item_id in enumerate(world.item_ids):
+        record = {"item_id": str(item_id), "features": world.features[index].tolist()}
+        if world.gold[index]:
+            record["gold_label"] = LABELS[world.truth[index]]
+        else:
+            record["initial_label"] = LABELS[world.initial[index]]
+            record["label_source"] = "vendor" if index % 3 else "heuristic"
+        lines.append(json.dumps(record, separators=(",", ":")))
+    return write_jsonl(home.landing_dir("items"), "items-day00.jsonl", lines)
+
+
+def _label_term(world: DemoWorld, class_index: int) -> str:
+    # Some clients still send the legacy term; the ontology's renames harmonize it.
+    if class_index == 0 and world.rng.random() < 0.3:
+        return "nought"
+    return LABELS[class_index]
+
+
+def _answer(world: DemoWorld, contributor: Contributor, true_class: int, ambiguous: bool) -> int:
+    accuracy = contributor.accuracy - (0.1 if ambiguous and contributor.role == "end_user" else 0.0)
+    if world.rng.random() < accuracy:
+        return true_class
+    return _wrong_label(true_class, world.rng, 0.8)
+
+
+def _event(
+    world: DemoWorld, day: int, item_index: int, contributor: Contributor, label: int,
+    source: str, prediction: dict | None,
+) -> dict:
+    world.event_counter += 1
+    created = START + timedelta(days=day, minutes=int(world.rng.integers(0, 600)))
+    record = {
+        "event_id": f"evt-{world.event_counter:07d}",
+        "item_id": str(world.item_ids[item_index]),
+        "corrected_label": _label_term(world, label),
+        "user_id": contributor.user_id,
+        "user_role": contributor.role,
+        "source": source,
+        "consent": not (contributor.role == "end_user" and world.rng.random() < world.config.no_consent_rate),
+        "created_at": created.isoformat(),
+    }
+    if prediction is not None:
+        record.update(
+            original_label=prediction["predicted_label"],
+            model_version=prediction["model_version"],
+            prediction_id=prediction["prediction_id"],
+        )
+    if world.rng.random() < 0.5:
+        template = RATIONALES[int(world.rng.integers(0, len(RATIONALES)))]
+        record["rationale"] = template.format(
+            label=LABELS[label], email=contributor.user_id if "@" in contributor.user_id
+            else f"{contributor.user_id}@labels.example",
+            phone=f"+44 20 7946 {int(world.rng.integers(1000, 9999))}",
+        ) + f" -- {contributor.user_id}"
+    if contributor.role != "end_user" or world.rng.random() < 0.3:
+        record["user_confidence"] = round(float(world.rng.uniform(0.5, 1.0)), 2)
+    return record
+
+
+def simulate_day(
+    world: DemoWorld, home: Home, day: int, model: LinearModel, model_version: str
+) -> dict[str, int]:
+    """One day of traffic: the product serves predictions, users send corrections back."""
+    cfg, rng = world.config, world.rng
+    pool = np.flatnonzero(~world.gold)
+    served = rng.choice(pool, size=min(cfg.served_per_day, len(pool)), replace=False)
+    probabilities = model.predict_proba(world.features[served])
+    class_index = {label: i for i, label in enumerate(LABELS)}
+    predicted = np.array([class_index[c] for c in model.classes[probabilities.argmax(axis=1)]])
+    confidence = probabilities.max(axis=1)
+    served_at = START + timedelta(days=day)
+    predictions = []
+    for k, item_index in enumerate(served):
+        predictions.append(
+            {
+                "prediction_id": f"pred-d{day:02d}-{k:05d}",
+                "item_id": str(world.item_ids[item_index]),
+                "model_version": model_version,
+                "predicted_label": LABELS[predicted[k]],
+                "confidence": round(float(confidence[k]), 4),
+                "probabilities": {
+                    str(label): round(float(p), 4) for label, p in zip(model.classes, probabilities[k])
+                },
+                "served_at": (served_at + timedelta(seconds=k)).isoformat(),
+            }
+        )
+    end_users = [c for c in world.contributors if c.role == "end_user"]
+    annotators = [c for c in world.contributors if c.role == "annotator"]
+    reviewers = [c for c in world.contributors if c.role == "reviewer"]
+    events: list[dict] = []
+    for k, item_index in enumerate(served):
+        true_class = int(world.truth[item_index])
+        ambiguous = confidence[k] < 0.6
+        wrong = predicted[k] != true_class
+        if (wrong and rng.random() < cfg.end_user_report_rate) or (
+            not wrong and rng.random() < cfg.end_user_false_alarm_rate
+        ):
+            user = end_users[int(rng.integers(0, len(end_users)))]
+            label = _answer(world, user, true_class, ambiguous) if wrong else _wrong_label(true_class, rng, 0.8)
+            events.append(_event(world, day, item_index, user, label, "feedback_button", predictions[k]))
+    # Low-confidence predictions go to annotators (review prompts), some twice.
+    for k in np.argsort(confidence)[: cfg.annotator_items_per_day]:
+        item_index = served[k]
+        chosen = rng.choice(len(annotators), size=2, replace=False)
+        n_votes = 2 if rng.random() < cfg.second_annotator_rate else 1
+        for a in chosen[:n_votes]:
+            label = _answer(world, annotators[a], int(world.truth[item_index]), True)
+            events.append(_event(world, day, item_index, annotators[a], label, "review_prompt", predictions[k]))
+    for item_index in rng.choice(pool, size=cfg.reviewer_items_per_day, replace=False):
+        reviewer = reviewers[int(rng.integers(0, len(reviewers)))]
+        label = _answer(world, reviewer, int(world.truth[item_index]), False)
+        events.append(_event(world, day, item_index, reviewer, label, "audit_sample", None))
+    lines = [json.dumps(e, separators=(",", ":")) for e in events]
+    replays = [lines[i] for i in rng.choice(len(lines), size=int(len(lines) * cfg.replay_rate), replace=False)]
+    broken = [
+        lines[i][: len(lines[i]) // 2] for i in rng.choice(len(lines), size=max(1, int(len(lines) * cfg.malformed_rate)), replace=False)
+    ]
+    # One client still sends a term that is in neither the ontology nor its renames.
+    unknown_term = [json.dumps(dict(events[0], event_id=f"evt-bad-{day}", corrected_label="seventeen"))] if events else []
+    all_lines = lines + replays + broken + unknown_term
+    order = rng.permutation(len(all_lines))
+    write_jsonl(
+        home.landing_dir("predictions"), f"predictions-day{day:02d}.jsonl",
+        [json.dumps(p, separators=(",", ":")) for p in predictions],
+    )
+    write_jsonl(home.landing_dir("corrections"), f"corrections-day{day:02d}.jsonl", [all_lines[i] for i in order])
+    return {
+        "predictions_served": len(predictions),
+        "corrections_sent": len(all_lines),
+        "no_consent_sent": sum(not e["consent"] for e in events),
+    }
+
+
+def corpus_accuracy(world: DemoWorld, corpus: dict[str, str]) -> float:
+    """Share of corpus labels equal to the truth that only the simulator knows."""
+    truth = world.truth_labels
+    if not corpus:
+        return float("nan")
+    return sum(truth[item] == label for item, label in corpus.items()) / len(corpus)

@@ -1,0 +1,19 @@
+"""Jobs the sensors launch."""
+
+import dagster as dg
+
+INGEST_JOB = "ingest_job"
+RETRAIN_JOB = "retrain_job"
+
+ingest_job = dg.define_asset_job(
+    INGEST_JOB,
+    selection=dg.AssetSelection.groups("ingest", "curation")
+    | dg.AssetSelection.assets("label_quality_metrics"),
+    description="Ingest new landing files, stage and resolve corrections, publish a corpus version, refresh metrics.",
+)
+
+retrain_job = dg.define_asset_job(
+    RETRAIN_JOB,
+    selection=dg.AssetSelection.assets("retrained_model", "label_quality_metrics"),
+    description="Train a model on the current corpus version, evaluate it on gold items, refresh metrics.",
+)

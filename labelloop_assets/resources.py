@@ -1,0 +1,61 @@
+"""Resources: where the loop keeps its state, and the DuckDB connection to it."""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import dagster as dg
+import duckdb
+from dagster_duckdb import DuckDBResource
+
+from labelloop_assets.core import store
+from labelloop_assets.core.ontology import Ontology
+from labelloop_assets.core.resolve import ResolutionPolicy
+from labelloop_assets.core.settings import Home, RetrainPolicy, pseudonymization_key
+
+
+class LabelloopHome(dg.ConfigurableResource):
+    """The `LABELLOOP_HOME` folder: landing zone, models, reports and configuration."""
+
+    root: str
+
+    def home(self) -> Home:
+        return Home(Path(self.root).resolve()).ensure()
+
+    def ontology(self) -> Ontology:
+        return Ontology.load(self.home().ontology_file)
+
+    def policy(self) -> ResolutionPolicy:
+        return ResolutionPolicy.load(self.home().governance_file)
+
+    def secret(self) -> bytes:
+        return pseudonymization_key()
+
+
+@contextmanager
+def open_store(database: DuckDBResource) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A DuckDB connection with labelloop's schema in place (retries while another holds the file)."""
+    with database.get_connection() as con:
+        store.ensure_schema(con)
+        yield con
+
+
+class RetrainCadence(dg.ConfigurableResource):
+    """How many promoted label changes, and how long a pause, before the next training."""
+
+    min_label_changes: int
+    min_interval_seconds: float
+
+    def policy(self) -> RetrainPolicy:
+        return RetrainPolicy(self.min_label_changes, self.min_interval_seconds)
+
+
+def build_resources(home: Home, retrain: RetrainPolicy) -> dict:
+    return {
+        "labelloop": LabelloopHome(root=str(home.root)),
+        "database": DuckDBResource(database=str(home.database)),
+        "retrain_cadence": RetrainCadence(
+            min_label_changes=retrain.min_label_changes,
+            min_interval_seconds=retrain.min_interval_seconds,
+        ),
+    }

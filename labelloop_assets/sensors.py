@@ -1,0 +1,115 @@
+"""Sensors that run the loop: new landing files -> ingest; accumulated label changes -> retrain.
+
+Neither sensor opens the DuckDB file: one lists file names and sizes, the other reads
+materialization metadata from Dagster's event log, so they never race a running job.
+"""
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import dagster as dg
+
+from labelloop_assets.core.contracts import is_landing_file
+from labelloop_assets.core.settings import Home, RetrainPolicy
+from labelloop_assets.jobs import ingest_job, retrain_job
+from labelloop_assets.resources import LabelloopHome, RetrainCadence
+
+INGESTED_KINDS = ("items", "predictions", "corrections")
+
+
+def landed_files(home: Home) -> list[str]:
+    """Every complete landing file, as `kind/name`."""
+    names = []
+    for kind in INGESTED_KINDS:
+        folder = home.landing_dir(kind)
+        if folder.is_dir():
+            names.extend(f"{kind}/{p.name}" for p in folder.iterdir() if is_landing_file(p))
+    return sorted(names)
+
+
+@dg.sensor(
+    job=ingest_job,
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.STOPPED,
+    description="Requests an ingest run when new files appear under landing/{items,predictions,corrections}.",
+)
+def landing_sensor(
+    context: dg.SensorEvaluationContext, labelloop: LabelloopHome
+) -> dg.SensorResult | dg.SkipReason:
+    home = Home(Path(labelloop.root).resolve())
+    seen = set(json.loads(context.cursor)["seen"]) if context.cursor else set()
+    current = landed_files(home)
+    new = [name for name in current if name not in seen]
+    if not new:
+        return dg.SkipReason(f"no new landing files ({len(current)} already seen)")
+    # The run ingests whatever the ledger has not seen; the run_key makes a repeated tick harmless.
+    run_key = "landing-" + hashlib.sha256("\n".join(new).encode()).hexdigest()[:16]
+    return dg.SensorResult(
+        run_requests=[
+            dg.RunRequest(
+                run_key=run_key,
+                tags={"labelloop/new_files": str(len(new)), "labelloop/trigger": "landing_sensor"},
+            )
+        ],
+        cursor=json.dumps({"seen": sorted(seen | set(new))}),
+    )
+
+
+def _latest_metadata(instance: dg.DagsterInstance, asset: str) -> tuple[dict, float] | None:
+    records = instance.fetch_materializations(dg.AssetKey(asset), limit=1).records
+    if not records:
+        return None
+    materialization = records[0].asset_materialization
+    metadata = {key: value.value for key, value in materialization.metadata.items()}
+    return metadata, records[0].timestamp
+
+
+def retrain_decision(
+    corpus: tuple[dict, float] | None,
+    model: tuple[dict, float] | None,
+    policy: RetrainPolicy,
+    now: float,
+) -> tuple[str | None, str]:
+    """(run_key or None, reason): the retraining cadence in one place."""
+    if corpus is None or not corpus[0].get("corpus_version"):
+        return None, "no corpus version published yet"
+    version = int(corpus[0]["corpus_version"])
+    total = int(corpus[0].get("label_changes_total", 0))
+    run_key = f"retrain-corpus-v{version}"
+    if model is None:
+        return run_key, f"no model yet: training the first one on corpus v{version}"
+    trained_on = int(model[0].get("corpus_version", 0))
+    if trained_on >= version:
+        return None, f"the latest model is already trained on corpus v{version}"
+    since = total - int(model[0].get("label_changes_total", 0))
+    if since < policy.min_label_changes:
+        return None, (
+            f"{since} label changes since the last training, fewer than the threshold of "
+            f"{policy.min_label_changes}"
+        )
+    waited = now - model[1]
+    if waited < policy.min_interval_seconds:
+        return None, (
+            f"{since} label changes are waiting, but only {waited:.0f}s passed since the last "
+            f"training (minimum {policy.min_interval_seconds:.0f}s)"
+        )
+    return run_key, f"{since} label changes since the model trained on corpus v{trained_on}"
+
+
+@dg.sensor(
+    job=retrain_job,
+    minimum_interval_seconds=60,
+    default_status=dg.DefaultSensorStatus.STOPPED,
+    description="Requests retraining when promoted label changes reach a threshold and a minimum interval has passed.",
+)
+def retrain_sensor(
+    context: dg.SensorEvaluationContext, retrain_cadence: RetrainCadence
+) -> dg.RunRequest | dg.SkipReason:
+    corpus = _latest_metadata(context.instance, "production_corpus")
+    model = _latest_metadata(context.instance, "retrained_model")
+    run_key, reason = retrain_decision(corpus, model, retrain_cadence.policy(), time.time())
+    if run_key is None:
+        return dg.SkipReason(reason)
+    return dg.RunRequest(run_key=run_key, tags={"labelloop/reason": reason[:200]})
