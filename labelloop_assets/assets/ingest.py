@@ -29,7 +29,7 @@ def items(
     with config_errors_as_failures():
         ontology = labelloop.ontology()
     with open_store(database) as con:
-        report = ingest.ingest_items(con, labelloop.home(), ontology, context.run_id)
+        report = ingest.ingest_items(con, labelloop.home(), ontology, context.run.run_id)
         total = store.scalar(con, "SELECT count(*) FROM items")
     return dg.MaterializeResult(metadata=ingest_metadata(report, total))
 
@@ -44,7 +44,7 @@ def predictions(
     with config_errors_as_failures():
         ontology = labelloop.ontology()
     with open_store(database) as con:
-        report = ingest.ingest_predictions(con, labelloop.home(), ontology, context.run_id)
+        report = ingest.ingest_predictions(con, labelloop.home(), ontology, context.run.run_id)
         total = store.scalar(con, "SELECT count(*) FROM predictions")
     return dg.MaterializeResult(metadata=ingest_metadata(report, total))
 
@@ -79,9 +79,9 @@ def raw_corrections(
     if using_development_secret():
         context.log.warning(DEV_SECRET_WARNING)
     with open_store(database) as con:
-        report = ingest.ingest_corrections(con, labelloop.home(), ontology, key, context.run_id)
+        report = ingest.ingest_corrections(con, labelloop.home(), ontology, key, context.run.run_id)
         batch = store.frame(
-            con, "SELECT * FROM raw_corrections WHERE run_id = ?", [context.run_id]
+            con, "SELECT * FROM raw_corrections WHERE run_id = ?", [context.run.run_id]
         )
         total = store.scalar(con, "SELECT count(*) FROM raw_corrections")
     validation = schemas.validate(schemas.raw_corrections_schema(ontology.labels), batch)

@@ -40,12 +40,12 @@ def label_quality_metrics(
         summary = metrics.summary(con)
         per_label = metrics.by_label(con, labels)
         with store.transaction(con):
-            store.append(con, "label_quality_metrics", pl.DataFrame([{**summary, "run_id": context.run_id}]))
+            store.append(con, "label_quality_metrics", pl.DataFrame([{**summary, "run_id": context.run.run_id}]))
             store.append(
                 con,
                 "label_quality_by_label",
                 per_label.with_columns(
-                    corpus_version=pl.lit(summary["corpus_version"]), run_id=pl.lit(context.run_id)
+                    corpus_version=pl.lit(summary["corpus_version"]), run_id=pl.lit(context.run.run_id)
                 ),
             )
     numbers = {

@@ -60,7 +60,7 @@ def retrained_model(
         "gold_macro_f1": scores["macro_f1"],
         "n_gold": gold.height,
         "label_changes_total": int(changes_total or 0),
-        "run_id": context.run_id,
+        "run_id": context.run.run_id,
     }
     folder = train.save(model, home.models / version, record)
     with open_store(database) as con:

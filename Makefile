@@ -1,0 +1,32 @@
+# labelloop: `make demo` runs the loop on simulated days, `make test` runs the test suite.
+# Both create (or reuse) .venv and install the project into it.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+export LABELLOOP_HOME ?= $(CURDIR)/data/home
+export DAGSTER_HOME := $(CURDIR)
+export LABELLOOP_DAGSTER_STORAGE ?= $(LABELLOOP_HOME)/dagster
+
+.PHONY: venv demo test dev clean
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+venv: $(BIN)/.installed
+
+demo: venv
+	$(BIN)/labelloop demo
+
+test: venv
+	$(BIN)/python -m pytest
+
+dev: venv
+	$(BIN)/dagster dev -w workspace.yaml
+
+clean:
+	rm -rf $(LABELLOOP_HOME)

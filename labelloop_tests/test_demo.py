@@ -1,0 +1,55 @@
+"""The demo at small scale, end to end through Dagster: sensors request runs, accuracies rise."""
+
+from __future__ import annotations
+
+import json
+
+import dagster as dg
+import pytest
+
+from labelloop_assets.core import store
+from labelloop_assets.core.settings import RetrainPolicy
+from labelloop_assets.demo.run import DemoRefused, prepare_home, run_demo
+from labelloop_assets.demo.simulator import DemoConfig
+
+
+@pytest.mark.slow
+def test_demo_loop_raises_corpus_and_model_accuracy(tmp_path, instance):
+    home = prepare_home(tmp_path / "demo-home")
+    config = DemoConfig(served_per_day=400, annotator_items_per_day=100)
+    rows = run_demo(
+        home, instance, days=3, config=config,
+        retrain=RetrainPolicy(min_label_changes=25, min_interval_seconds=0), echo=lambda _: None,
+    )
+
+    assert [r["day"] for r in rows] == [0, 1, 2, 3]
+    first, last = rows[0], rows[-1]
+    assert last["corpus_label_accuracy"] > first["corpus_label_accuracy"]
+    assert last["model_gold_accuracy"] > first["model_gold_accuracy"]
+    assert last["model_version"] != first["model_version"]
+    assert all(r["corrections_quarantined"] > 0 for r in rows[1:])  # malformed lines, replays...
+    assert json.loads((home.reports / "demo.json").read_text()) == rows
+    # Every run came from a sensor and ran through Dagster on the instance.
+    runs = instance.get_runs()
+    assert {r.tags.get("dagster/sensor_name") for r in runs} == {"landing_sensor", "retrain_sensor"}
+    assert all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs)
+    with store.connect(home.database, read_only=True) as con:
+        files = store.frame(con, "SELECT sum(records_in) AS n, sum(accepted) AS a, "
+                                 "sum(quarantined) AS q FROM ingested_files WHERE kind = 'corrections'")
+        raw = store.scalar(con, "SELECT count(*) FROM raw_corrections")
+        quarantined = store.scalar(con, "SELECT count(*) FROM quarantined_corrections")
+    n, accepted, q = files.row(0)
+    assert n == accepted + q == sum(r["corrections_received"] for r in rows)
+    assert (accepted, q) == (raw, quarantined)
+
+
+def test_demo_never_wipes_a_home_it_did_not_create(tmp_path):
+    precious = tmp_path / "home"
+    precious.mkdir()
+    (precious / "labelloop.duckdb").write_text("someone's data")
+    with pytest.raises(DemoRefused, match="did not create"):
+        prepare_home(precious)
+    assert (precious / "labelloop.duckdb").read_text() == "someone's data"
+    again = prepare_home(tmp_path / "fresh")
+    (again.root / "leftover").write_text("x")
+    assert not (prepare_home(again.root).root / "leftover").exists()

@@ -1,0 +1,88 @@
+"""Sensors tick by tick on a real Dagster instance."""
+
+from __future__ import annotations
+
+import json
+
+import dagster as dg
+
+from labelloop_assets.core.settings import RetrainPolicy
+from labelloop_assets.jobs import INGEST_JOB, RETRAIN_JOB
+from labelloop_assets.sensors import landing_sensor, retrain_decision, retrain_sensor
+from labelloop_tests.conftest import correction, make_items, write_jsonl
+
+
+def _tick(sensor, instance, resources, cursor=None):
+    with dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources) as context:
+        return sensor(context)
+
+
+def test_landing_sensor_requests_each_new_file_once(home, instance, resources):
+    assert isinstance(_tick(landing_sensor, instance, resources), dg.SkipReason)
+
+    write_jsonl(home.landing_dir("items"), "items.jsonl", make_items()[0])
+    (home.landing_dir("corrections") / ".half-written.jsonl.tmp").write_text('{"event_id":')
+    first = _tick(landing_sensor, instance, resources)
+    assert isinstance(first, dg.SensorResult) and len(first.run_requests) == 1
+    assert json.loads(first.cursor)["seen"] == ["items/items.jsonl"]  # temp files are not landed
+    # The same tick evaluated again (a retry, or a restart before the cursor was stored)
+    # asks for the same run_key, which Dagster launches only once.
+    again = _tick(landing_sensor, instance, resources)
+    assert again.run_requests[0].run_key == first.run_requests[0].run_key
+    # After the cursor is stored, nothing new means no run.
+    skipped = _tick(landing_sensor, instance, resources, cursor=first.cursor)
+    assert isinstance(skipped, dg.SkipReason) and "1 already seen" in skipped.skip_message
+
+    write_jsonl(home.landing_dir("corrections"), "c1.jsonl", [correction("e-1", "item-030", "one")])
+    second = _tick(landing_sensor, instance, resources, cursor=first.cursor)
+    assert len(second.run_requests) == 1
+    assert second.run_requests[0].run_key != first.run_requests[0].run_key
+    assert json.loads(second.cursor)["seen"] == ["corrections/c1.jsonl", "items/items.jsonl"]
+
+
+def test_sensor_run_ingests_exactly_once_even_when_the_run_is_retried(home, instance, resources, defs):
+    write_jsonl(home.landing_dir("items"), "items.jsonl", make_items()[0])
+    request = _tick(landing_sensor, instance, resources).run_requests[0]
+    job = defs.resolve_job_def(INGEST_JOB)
+    first = job.execute_in_process(instance=instance, tags={"dagster/run_key": request.run_key})
+    retried = job.execute_in_process(instance=instance, tags={"dagster/run_key": request.run_key})
+    counts = [
+        {k: v.value for k, v in e.step_materialization_data.materialization.metadata.items()}
+        for r in (first, retried)
+        for e in r.get_asset_materialization_events()
+        if e.asset_key == dg.AssetKey("items")
+    ]
+    assert [c["accepted"] for c in counts] == [60, 0]
+    assert [c["dagster/row_count"] for c in counts] == [60, 60]
+
+
+def test_retrain_sensor_follows_the_cadence(home, instance, resources, defs):
+    assert "no corpus version" in _tick(retrain_sensor, instance, resources).skip_message
+    write_jsonl(home.landing_dir("items"), "items.jsonl", make_items()[0])
+    defs.resolve_job_def(INGEST_JOB).execute_in_process(instance=instance)
+
+    first = _tick(retrain_sensor, instance, resources)
+    assert isinstance(first, dg.RunRequest) and first.run_key == "retrain-corpus-v1"
+    defs.resolve_job_def(RETRAIN_JOB).execute_in_process(instance=instance)
+    assert "already trained on corpus v1" in _tick(retrain_sensor, instance, resources).skip_message
+
+    # One label change: below the threshold of 2 configured for tests.
+    write_jsonl(home.landing_dir("corrections"), "c1.jsonl", [correction("e-1", "item-030", "one")])
+    defs.resolve_job_def(INGEST_JOB).execute_in_process(instance=instance)
+    waiting = _tick(retrain_sensor, instance, resources)
+    assert "1 label changes since the last training, fewer than the threshold of 2" in waiting.skip_message
+
+    write_jsonl(home.landing_dir("corrections"), "c2.jsonl", [correction("e-2", "item-031", "zero")])
+    defs.resolve_job_def(INGEST_JOB).execute_in_process(instance=instance)
+    due = _tick(retrain_sensor, instance, resources)
+    assert isinstance(due, dg.RunRequest) and due.run_key == "retrain-corpus-v3"
+
+
+def test_retrain_decision_respects_the_minimum_interval():
+    corpus = ({"corpus_version": 5, "label_changes_total": 120}, 1000.0)
+    model = ({"corpus_version": 3, "label_changes_total": 20}, 1000.0)
+    policy = RetrainPolicy(min_label_changes=50, min_interval_seconds=3600)
+    run_key, reason = retrain_decision(corpus, model, policy, now=1000.0 + 600)
+    assert run_key is None and "only 600s passed" in reason
+    run_key, reason = retrain_decision(corpus, model, policy, now=1000.0 + 3600)
+    assert run_key == "retrain-corpus-v5" and "100 label changes" in reason
