@@ -71,7 +71,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"state:   {home.root}  (DuckDB file: {home.database})")
     print(f"report:  {home.reports / 'demo.json'}")
     print("open it: make dev   (then http://127.0.0.1:3000: Assets, Runs, Automation)")
-    print(f"query:   labelloop status | labelloop lineage ITEM_ID | duckdb -readonly {home.database}")
+    print("inspect: labelloop status | labelloop quarantine | labelloop lineage ITEM_ID")
     return 0
 
 

@@ -11,7 +11,12 @@ from pathlib import Path
 import dagster as dg
 
 from labelloop_assets.core import store, train
-from labelloop_assets.core.settings import Home, RetrainPolicy
+from labelloop_assets.core.settings import (
+    DEV_SECRET_WARNING,
+    Home,
+    RetrainPolicy,
+    using_development_secret,
+)
 from labelloop_assets.definitions import build_definitions
 from labelloop_assets.resources import build_resources
 from labelloop_assets.demo import simulator
@@ -27,8 +32,8 @@ class DemoRefused(RuntimeError):
 
 def prepare_home(root: Path) -> Home:
     """Start from an empty home; only a home the demo itself made is ever wiped."""
-    if root.exists() and any(root.iterdir()):
-        if not (root / DEMO_MARKER).exists():
+    if root.exists():
+        if not (root / DEMO_MARKER).exists() and _holds_loop_data(Home(root)):
             raise DemoRefused(
                 f"{root} holds data that the demo did not create; point LABELLOOP_HOME at an "
                 "empty folder or remove it yourself"
@@ -37,6 +42,11 @@ def prepare_home(root: Path) -> Home:
     root.mkdir(parents=True, exist_ok=True)
     (root / DEMO_MARKER).write_text("created by `labelloop demo`; `make demo` may wipe this folder\n")
     return Home(root.resolve()).ensure()
+
+
+def _holds_loop_data(home: Home) -> bool:
+    landed = home.landing.exists() and any(p.is_file() for p in home.landing.rglob("*"))
+    return home.database.exists() or landed or (home.models.exists() and any(home.models.iterdir()))
 
 
 @dataclass
@@ -64,8 +74,10 @@ class _Loop:
     def execute(self, sensor_name: str, request: dg.RunRequest) -> dg.ExecuteInProcessResult:
         job_name = self.defs.resolve_sensor_def(sensor_name).job_name
         tags = {**request.tags, "dagster/sensor_name": sensor_name, "dagster/run_key": request.run_key}
+        # The full event log goes to the instance (see `make dev`); the terminal shows the table.
+        quiet = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
         return self.defs.resolve_job_def(job_name).execute_in_process(
-            instance=self.instance, tags=tags
+            instance=self.instance, tags=tags, run_config=quiet
         )
 
     def run_sensor(self, sensor_name: str) -> list[dg.ExecuteInProcessResult]:
@@ -91,6 +103,8 @@ def run_demo(
     echo: Callable[[str], None] = print,
 ) -> list[dict]:
     """Day 0 lands the items; each later day the current model serves and users correct it."""
+    if using_development_secret():
+        echo(f"note: {DEV_SECRET_WARNING}\n")
     world = simulator.build_world(config)
     loop = _Loop(build_definitions(home, retrain), build_resources(home, retrain), instance)
     rows: list[dict] = []
