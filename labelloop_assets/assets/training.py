@@ -53,9 +53,7 @@ def retrained_model(
         "n_classes": int(len(model.classes)),
         "algorithm": train.ALGORITHM,
         "params": train.DEFAULT_PARAMS,
-        "train_data_hash": train.training_data_hash(
-            training["item_id"].to_list(), training["label"].to_list()
-        ),
+        "train_data_hash": train.training_data_hash(training),
         "gold_accuracy": scores["accuracy"],
         "gold_macro_f1": scores["macro_f1"],
         "n_gold": gold.height,

@@ -57,7 +57,7 @@ def pending_files(home: Home, con: duckdb.DuckDBPyConnection, kind: str) -> list
 
 
 def relative_name(home: Home, path: Path) -> str:
-    return path.resolve().relative_to(home.landing).as_posix()
+    return path.relative_to(home.landing).as_posix()
 
 
 def _read_batch(

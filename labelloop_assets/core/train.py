@@ -49,7 +49,11 @@ class LinearModel:
 
 
 def features_matrix(frame: pl.DataFrame, column: str = "features") -> np.ndarray:
-    return np.asarray(frame[column].to_list(), dtype=np.float64)
+    """A (rows, width) float matrix from a list column of one fixed width."""
+    if frame.height == 0:
+        return np.empty((0, 0))
+    width = int(frame[column].list.len().max())
+    return frame[column].list.to_array(width).to_numpy().astype(np.float64, copy=False)
 
 
 def fit(features: np.ndarray, labels: np.ndarray, params: dict | None = None) -> LinearModel:
@@ -79,12 +83,10 @@ def evaluate(model: LinearModel, features: np.ndarray, labels: np.ndarray) -> di
     }
 
 
-def training_data_hash(item_ids: list[str], labels: list[str]) -> str:
-    """A fingerprint of exactly which labels a model saw (order-independent)."""
-    digest = hashlib.sha256()
-    for item_id, label in sorted(zip(item_ids, labels)):
-        digest.update(f"{item_id}\t{label}\n".encode())
-    return digest.hexdigest()
+def training_data_hash(training: pl.DataFrame) -> str:
+    """A fingerprint of exactly which (item, label) pairs a model saw, whatever their order."""
+    lines = training.sort("item_id").select(pl.format("{}\t{}", "item_id", "label")).to_series()
+    return hashlib.sha256(lines.str.join("\n").item().encode()).hexdigest()
 
 
 def save(model: LinearModel, folder: Path, metadata: dict) -> Path:
