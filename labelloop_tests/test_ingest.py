@@ -660,3 +660,21 @@ def test_user_id_with_trailing_tab_is_normalized_like_spaces(seeded):
     assert run_ingest(con, home, "corrections").accepted == 2
     rows = con.execute("SELECT user_pseudonym, rationale FROM raw_corrections ORDER BY event_id").fetchall()
     assert rows == [(anonymize.pseudonym(KEY, USER), "signed [user]")] * 2
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: contracts._extract turns a null optional object column (context) of a Parquet file "
+    "into the string 'null'; the same events resent as JSONL without the field then hash "
+    "differently and are quarantined as conflicting_duplicate instead of duplicate_event",
+)
+def test_parquet_with_null_context_then_jsonl_without_it_are_duplicates(seeded):
+    home, con = seeded
+    rows = [correction("y-1", context={"screen": "review"}), correction("y-2", context=None)]
+    pl.DataFrame(rows).write_parquet(home.landing_dir("corrections") / "a.parquet")
+    assert run_ingest(con, home, "corrections").accepted == 2
+    assert con.execute("SELECT event_id, context FROM raw_corrections ORDER BY 1").fetchall() == [
+        ("y-1", '{"screen":"review"}'), ("y-2", None)
+    ]
+    land(home, "corrections", "b.jsonl", [correction("y-2")])
+    assert run_ingest(con, home, "corrections").reasons == {"duplicate_event": 1}
