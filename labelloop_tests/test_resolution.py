@@ -375,7 +375,7 @@ def test_decisions_become_corrections_and_confirmations():
     assert set(rows) == {"a", "b", "c", "g"}
     # a changed label restarts since_version; a confirmation keeps it and the label's source
     assert rows["a"] == {"item_id": "a", "label": "two", "label_source": "correction",
-                              "human_confirmed": True, "since_version": 4, "updated_version": 4}
+                        "human_confirmed": True, "since_version": 4, "updated_version": 4}
     assert (rows["b"]["since_version"], rows["b"]["label_source"], rows["b"]["human_confirmed"]) == (1, "vendor", True)
     assert (rows["c"]["since_version"], rows["c"]["label_source"]) == (2, "vendor")
     assert (rows["g"]["since_version"], rows["g"]["label"]) == (4, "seven")
