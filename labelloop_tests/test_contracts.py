@@ -74,11 +74,6 @@ def test_read_lines_without_trailing_newline_keeps_last_line(tmp_path, con):
     assert frame["line"].to_list() == ['{"a":1}', '{"b":2}'] and blank == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: contracts.read_lines reports 1 blank line for an empty (0-byte) file: "
-    "''.split('\\n') yields [''] and the trailing-newline correction does not apply",
-)
 def test_read_lines_of_an_empty_file_has_no_blank_lines(tmp_path, con):
     path = tmp_path / "empty.jsonl"
     path.write_bytes(b"")
@@ -195,12 +190,6 @@ def test_optional_fields_may_be_absent_or_null(con):
     assert hashes[0] != hashes[1]  # the event ids differ
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: contracts._extract stores an explicit JSON null in an optional object field "
-    "(context, probabilities) as the 4-character string 'null' instead of NULL, while the rules "
-    "treat it as absent; the payload_hash then differs from the same event without the field",
-)
 def test_explicit_null_object_field_is_stored_as_null(con):
     accepted, _ = check(con, correction("e1"), correction("e1", context=None))
     assert accepted["context"].to_list() == [None, None]
@@ -260,22 +249,11 @@ def test_timestamps_with_offsets_are_accepted(con):
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: contracts._field_rules accepts a date-only timestamp '2024-05-01' (no time, no "
-    "time zone): the zone regex matches the trailing '-01' day as a UTC offset",
-)
 def test_date_only_timestamp_is_quarantined(con):
     _, quarantined = check(con, correction("a", created_at="2024-05-01"))
     assert reasons(quarantined) == [(1, "bad_timestamp", "created_at: not ISO-8601 with a time zone")]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: contracts._field_rules' zone regex explicitly allows a lowercase 'z' (valid in "
-    "RFC 3339) but TRY_CAST(... AS TIMESTAMPTZ) rejects it, so '2024-05-01T12:00:00z' is "
-    "quarantined as bad_timestamp",
-)
 def test_lowercase_z_timestamp_is_accepted(con):
     accepted, quarantined = check(con, correction("a", created_at="2024-05-01T12:00:00z"))
     assert quarantined.height == 0
@@ -337,12 +315,6 @@ def test_item_features_must_be_a_non_empty_number_array(con, features, ok):
         assert quarantined["detail"][0].startswith("features")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: contracts._field_rules lets number_array elements that are JSON strings or "
-    "booleans through (['1','2'] and [true,false] are cast to doubles) although the rule says "
-    "'must be a non-empty array of numbers'",
-)
 @pytest.mark.parametrize("features", [["1", "2"], [True, False]])
 def test_item_features_that_are_not_json_numbers_are_quarantined(con, features):
     _, quarantined = check(con, {"item_id": "x", "features": features}, spec=contracts.ITEM_SPEC)
@@ -442,20 +414,9 @@ def test_scrub_removes_the_authors_own_id_and_keeps_null(con):
     assert scrub(con, "regex chars a.b*", author="a.b*") == "regex chars [user]"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: anonymize.SCRUB_PATTERNS misses phone numbers written in pairs, e.g. the French "
-    "'+33 1 23 45 67 89', which is stored verbatim in raw_corrections.rationale",
-)
 def test_scrub_french_phone_number(con):
     assert "23 45 67 89" not in scrub(con, "appelez +33 1 23 45 67 89")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: anonymize.SCRUB_PATTERNS runs the e-mail pattern before the url-with-credentials "
-    "one, so 'https://bob:pw@host.com/x' becomes 'https://bob:[email]/x' and the user name 'bob' "
-    "survives; the [url-with-credentials] rule never fires for such URLs",
-)
 def test_scrub_url_with_credentials(con):
     assert scrub(con, "see https://bob:pw@intranet.example.com/x") == "see [url-with-credentials]"

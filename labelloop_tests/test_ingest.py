@@ -430,12 +430,6 @@ def test_replay_with_other_formatting_is_a_duplicate_but_changed_content_conflic
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: ingest._duplicate_rules compares later copies of a key with the batch's first copy "
-    "even when that first copy is itself quarantined (e.g. unknown_label), so the valid resend is "
-    "rejected as conflicting_duplicate 'already ingested' although the event was never stored",
-)
 def test_valid_resend_after_a_rejected_copy_in_the_same_batch_is_accepted(seeded):
     home, con = seeded
     land(home, "corrections", "c.jsonl", [
@@ -644,13 +638,6 @@ def test_same_events_as_parquet_then_jsonl_are_duplicates(seeded):
     assert stored_ids(con, "corrections") == ["x-1", "x-2"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: contracts.check_records normalizes user_id with DuckDB trim(), which strips spaces "
-    "only: a user_id with a trailing tab/newline gets a different pseudonym than the same id "
-    "without it (one person counts as two voters) and the id signed in the rationale is not "
-    "replaced by [user], so the raw user id is stored in raw_corrections.rationale",
-)
 def test_user_id_with_trailing_tab_is_normalized_like_spaces(seeded):
     home, con = seeded
     land(home, "corrections", "c.jsonl", [
@@ -662,12 +649,6 @@ def test_user_id_with_trailing_tab_is_normalized_like_spaces(seeded):
     assert rows == [(anonymize.pseudonym(KEY, USER), "signed [user]")] * 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: contracts._extract turns a null optional object column (context) of a Parquet file "
-    "into the string 'null'; the same events resent as JSONL without the field then hash "
-    "differently and are quarantined as conflicting_duplicate instead of duplicate_event",
-)
 def test_parquet_with_null_context_then_jsonl_without_it_are_duplicates(seeded):
     home, con = seeded
     rows = [correction("y-1", context={"screen": "review"}), correction("y-2", context=None)]

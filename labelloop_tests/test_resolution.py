@@ -235,12 +235,6 @@ def test_ties_are_never_promoted(votes, min_share):
     assert d["proposed_label"] in {"two", "three"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: resolve.resolve breaks a tie by label name; when the current label ties with a "
-    "challenger the status is 'pending' if the current label sorts first and 'conflict' "
-    "otherwise, so the same disagreement is reported differently depending on label spelling",
-)
 def test_tie_with_the_current_label_does_not_depend_on_label_names():
     votes = corrections(
         ("a", "one", "ann1", "annotator"), ("a", "two", "ann2", "annotator"),
@@ -271,12 +265,6 @@ def test_one_decision_per_item_sorted_with_rationales():
     assert decisions[2]["rationale"] is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: resolve.resolve joins the rationales of a label's votes in hash-group order "
-    "(group_by without maintain_order/sort), so label_decisions.rationale for the same votes "
-    "differs from run to run ('a | b' or 'b | a')",
-)
 def test_rationale_of_a_decision_is_reproducible():
     votes = corrections(
         ("a", "six", "eu1", "end_user", 1, {"rationale": "closed loop"}),
@@ -418,12 +406,6 @@ def test_corpus_rows_keeps_since_version_when_the_label_is_unchanged():
     assert rows.schema["since_version"] == pl.Int32 and rows.schema["updated_version"] == pl.Int32
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: corpus.corpus_rows sets label_source='correction' when an item arrives and is "
-    "confirmed in the same batch, but keeps the import source (e.g. 'vendor') when the same "
-    "confirmation lands one batch later: provenance depends on timing",
-)
 def test_same_batch_confirmation_keeps_the_import_label_source():
     changes = corpus.plan_changes(
         new_items(("n1", "three", "vendor")), decisions((1, "n1", "three", "promote")), corpus_now(), 1

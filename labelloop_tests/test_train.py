@@ -89,12 +89,6 @@ def test_fit_params_are_used(digits):
     assert np.abs(loose.coef).max() > 2 * np.abs(tight.coef).max()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: train.LinearModel.predict_proba for a two-label corpus uses softmax([-z, z]) = "
-    "sigmoid(2z), while scikit-learn's binary LogisticRegression gives sigmoid(z); predicted "
-    "labels agree but confidences are wrong (off by up to ~0.15 on digits 3 vs 8)",
-)
 def test_binary_predict_proba_equals_sklearn(digits):
     features, labels = digits
     mask = np.isin(labels, ["three", "eight"])

@@ -7,12 +7,15 @@ import hmac
 
 _BLOCK = 64  # SHA-256 block size in bytes, as HMAC (RFC 2104) defines it
 
-# Order matters: e-mail before the digit patterns that would eat its parts.
+# Order matters: URLs with credentials before e-mail (which would leave the user name), and the
+# specific phone shapes before the generic one.
 SCRUB_PATTERNS: tuple[tuple[str, str], ...] = (
+    (r"[A-Za-z][A-Za-z0-9+.-]*://[^\s/@]+@[^\s]*", "[url-with-credentials]"),
     (r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}", "[email]"),
-    (r"https?://[^\s/]*@[^\s]*", "[url-with-credentials]"),
     (r"\b(?:\d{1,3}\.){3}\d{1,3}\b", "[ip]"),
-    (r"\b(?:\d[ -]?){13,19}\b", "[card-or-account]"),
+    (r"\b\d(?:[ -]?\d){12,18}\b", "[card-or-account]"),
+    (r"(?:\+|\b00)\d{1,3}(?:[ .-]?\(?\d+\)?){2,7}", "[phone]"),
+    (r"\b0\d(?:[ .-]?\d\d){4}\b", "[phone]"),
     (r"(?:\+|00)?\d{1,3}?[ .-]?\(?\d{2,4}\)?[ .-]?\d{3,4}[ .-]?\d{3,4}\b", "[phone]"),
 )
 

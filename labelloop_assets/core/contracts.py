@@ -45,6 +45,17 @@ UNSUPPORTED_FORMAT = "unsupported_format"
 FILE_TOO_LARGE = "file_too_large"
 
 JSON_NUMBER_TYPES = ("UBIGINT", "BIGINT", "DOUBLE", "HUGEINT")
+# ISO-8601 date and time with a zone; a bare date or a zone-less time is refused.
+ISO_TIMESTAMP = r"^\d{4}-\d\d-\d\d[Tt ]\d\d:\d\d(:\d\d(\.\d+)?)?([Zz]|[+-]\d\d(:?\d\d)?)$"
+
+
+def _trim(expr: str) -> str:
+    """Strip spaces, tabs and line breaks (DuckDB's one-argument trim strips spaces only)."""
+    return f"trim({expr}, E' \\t\\r\\n')"
+
+
+def _timestamp(expr: str) -> str:
+    return f"TRY_CAST(upper({_trim(expr)}) AS TIMESTAMPTZ)"
 
 
 @dataclass(frozen=True)
@@ -187,9 +198,9 @@ def read_lines(path: Path, con: duckdb.DuckDBPyConnection) -> tuple[pl.DataFrame
         pl.col("line").str.contains("\ufffd", literal=True) if had_bad_bytes else pl.lit(False)
     )
     records = frame.filter(~blank).with_columns(bad_encoding=bad_encoding)
-    # A trailing newline is not a blank record.
-    blank_count = int(blank.sum()) - int(text.endswith("\n"))
-    return records, max(blank_count, 0)
+    # What follows the last newline (or an empty file) is no line at all.
+    blank_count = int(blank.sum()) - int(text == "" or text.endswith("\n"))
+    return records, blank_count
 
 
 def _json_type(name: str) -> str:
@@ -199,7 +210,7 @@ def _json_type(name: str) -> str:
 def _field_rules(field: FieldSpec) -> list[tuple[str, str, str]]:
     """(failing condition, reason, detail) for one field, in the order they are tried."""
     jtype = _json_type(field.name)
-    text = f"(line->>'$.{field.name}')"
+    text = _trim(f"(line->>'$.{field.name}')")
     present = f"({jtype} IS NOT NULL AND {jtype} <> 'NULL')"
     rules: list[tuple[str, str, str]] = []
     if field.required:
@@ -215,13 +226,15 @@ def _field_rules(field: FieldSpec) -> list[tuple[str, str, str]]:
     rules.append((f"{present} AND NOT ({jtype} {expected})", INVALID_TYPE, field.name))
     if field.kind == "string":
         rules.append(
-            (f"{present} AND length(trim({text})) = 0", INVALID_VALUE, f"{field.name}: empty")
+            (f"{present} AND length({text}) = 0", INVALID_VALUE, f"{field.name}: empty")
         )
     if field.kind == "number_array":
         array = f"TRY_CAST(line->'$.{field.name}' AS DOUBLE[])"
         rules.append(
             (
                 f"{present} AND (json_array_length(line, '$.{field.name}') = 0 OR "
+                f"NOT list_bool_and(list_transform(json_type(line, '$.{field.name}[*]'), "
+                f"lambda t: t IN {JSON_NUMBER_TYPES})) OR "
                 f"list_count({array}) <> json_array_length(line, '$.{field.name}'))",
                 INVALID_TYPE,
                 f"{field.name}: must be a non-empty array of numbers",
@@ -263,8 +276,8 @@ def _field_rules(field: FieldSpec) -> list[tuple[str, str, str]]:
     if field.kind == "timestamp":
         rules.append(
             (
-                f"{present} AND (NOT regexp_matches({text}, '(Z|z|[+-]\\d\\d(:?\\d\\d)?)$') "
-                f"OR TRY_CAST({text} AS TIMESTAMPTZ) IS NULL)",
+                f"{present} AND (NOT regexp_matches({text}, '{ISO_TIMESTAMP}') "
+                f"OR {_timestamp(f"line->>'$.{field.name}'")} IS NULL)",
                 BAD_TIMESTAMP,
                 f"{field.name}: not ISO-8601 with a time zone",
             )
@@ -275,19 +288,23 @@ def _field_rules(field: FieldSpec) -> list[tuple[str, str, str]]:
 def _extract(field: FieldSpec, author: str | None) -> str:
     path = f"'$.{field.name}'"
     if field.private:
-        return f"{pseudonym_sql(f'trim(line->>{path})', '$inner', '$outer')} AS {field.name}"
+        return f"{pseudonym_sql(_trim(f'line->>{path}'), '$inner', '$outer')} AS {field.name}"
     if field.free_text:
         return f"{scrub_sql(f'(line->>{path})', author)} AS {field.name}"
     if field.kind == "string":
-        return f"trim(line->>{path}) AS {field.name}"
+        return f"{_trim(f'line->>{path}')} AS {field.name}"
     if field.kind == "timestamp":
-        return f"TRY_CAST(line->>{path} AS TIMESTAMPTZ) AS {field.name}"
+        return f"{_timestamp(f'line->>{path}')} AS {field.name}"
     if field.kind == "number":
         return f"TRY_CAST(line->>{path} AS DOUBLE) AS {field.name}"
     if field.kind == "bool":
         return f"TRY_CAST(line->>{path} AS BOOLEAN) AS {field.name}"
     if field.kind == "object":
-        return f"CAST(line->{path} AS VARCHAR) AS {field.name}"
+        # An explicit JSON null is the same as an absent field.
+        return (
+            f"CASE WHEN json_type(line, {path}) = 'NULL' THEN NULL "
+            f"ELSE CAST(line->{path} AS VARCHAR) END AS {field.name}"
+        )
     if field.kind == "number_array":
         return f"TRY_CAST(line->{path} AS DOUBLE[]) AS {field.name}"
     raise ValueError(field.kind)
@@ -323,7 +340,7 @@ def check_records(
     for field in spec.fields:
         rules.extend(_field_rules(field))
     private = [field for field in spec.fields if field.private]
-    author = f"trim(line->>'$.{private[0].name}')" if private else None
+    author = _trim(f"line->>'$.{private[0].name}'") if private else None
     extracted = ", ".join(_extract(field, author) for field in spec.fields)
     inner, outer = hmac_pads(key)
     hashed = ", ".join(f"coalesce(CAST({field.name} AS VARCHAR), '\\N')" for field in spec.fields)

@@ -75,7 +75,10 @@ def plan_changes(
 
 def corpus_rows(changes: pl.DataFrame, current: pl.DataFrame, version: int) -> pl.DataFrame:
     """The new current row of every item touched by `changes` (for a keyed merge)."""
-    last = changes.group_by("item_id", maintain_order=True).last()
+    last = changes.group_by("item_id", maintain_order=True).agg(
+        pl.all().last(),
+        imported_source=pl.col("label_source").filter(pl.col("change_kind") == INITIAL).first(),
+    )
     before = current.select(
         "item_id",
         pl.col("label").alias("old_label"),
@@ -88,7 +91,7 @@ def corpus_rows(changes: pl.DataFrame, current: pl.DataFrame, version: int) -> p
         pl.when(pl.col("change_kind") == INITIAL)
         .then("label_source")
         .when(pl.col("change_kind") == CONFIRMATION)
-        .then(pl.coalesce("old_source", pl.lit(CORRECTION)))
+        .then(pl.coalesce("old_source", "imported_source", pl.lit(CORRECTION)))
         .otherwise(pl.lit(CORRECTION))
         .alias("label_source"),
         (pl.col("change_kind") != INITIAL).alias("human_confirmed"),

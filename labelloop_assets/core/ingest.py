@@ -112,14 +112,16 @@ def _lit(value: pl.Expr | str) -> pl.Expr:
     return pl.lit(value) if isinstance(value, str) else value
 
 
-def _duplicate_rules(
-    frame: pl.DataFrame, con: duckdb.DuckDBPyConnection, table: str, key: str
-) -> tuple[pl.DataFrame, list[tuple[pl.Expr, str, pl.Expr | str]]]:
-    """Mark replays (same key, same payload) and conflicts (same key, other payload).
+def _split_duplicates(
+    frame: pl.DataFrame, con: duckdb.DuckDBPyConnection, table: str, kind: str, key: str
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Quarantine replays (same key, same payload) and conflicts (same key, other payload).
 
-    The first occurrence in file order is compared with what is already stored; later
-    occurrences in the same batch are compared with the first.
+    Run on rows that passed every other rule: the first such occurrence in file order is
+    compared with what is stored, later ones in the batch with the first.
     """
+    if frame.height == 0:
+        return frame, pl.DataFrame(schema=c.QUARANTINE_COLUMNS)
     stored = store.lookup(con, table, key, frame, "t.payload_hash AS stored_hash")
     frame = (
         frame.sort("source_file", "line_no")
@@ -130,7 +132,7 @@ def _duplicate_rules(
         )
     )
     reference = pl.coalesce("stored_hash", pl.when(pl.col("_rank") > 0).then("_first_hash"))
-    rules = [
+    rules: list[tuple[pl.Expr, str, pl.Expr | str]] = [
         (
             reference.is_not_null() & (reference == pl.col("payload_hash")),
             c.DUPLICATE_EVENT,
@@ -142,7 +144,8 @@ def _duplicate_rules(
             f"{key} already ingested with different content",
         ),
     ]
-    return frame, rules
+    kept, rejected = split_by_rules(frame, kind, key, rules)
+    return kept.drop("stored_hash", "_rank", "_first_hash"), rejected
 
 
 def _label_rule(ontology: Ontology, column: str, required: bool) -> tuple[pl.Expr, pl.Expr]:
@@ -155,7 +158,11 @@ def _label_rule(ontology: Ontology, column: str, required: bool) -> tuple[pl.Exp
 
 
 def _label_detail(column: str) -> pl.Expr:
-    return pl.format(f"{column}: '{{}}' is not in the ontology", pl.col(column).str.slice(0, 64))
+    # Show the term to help fix the ontology, unless it does not look like one (it may be PII).
+    term_like = pl.col(column).str.contains(r"^[A-Za-z][\w\- ]{0,63}$")
+    return pl.when(term_like).then(
+        pl.format(f"{column}: '{{}}' is not in the ontology", pl.col(column))
+    ).otherwise(pl.lit(f"{column}: value is not in the ontology (withheld: not term-like)"))
 
 
 def _finish(
@@ -234,7 +241,6 @@ def ingest_items(
         )
         initial, initial_bad = _label_rule(ontology, "initial_label", required=False)
         gold, gold_bad = _label_rule(ontology, "gold_label", required=False)
-        records, dup_rules = _duplicate_rules(records, con, "items", spec.key)
         rules = [
             (initial_bad, c.UNKNOWN_LABEL, _label_detail("initial_label")),
             (gold_bad, c.UNKNOWN_LABEL, _label_detail("gold_label")),
@@ -244,10 +250,10 @@ def ingest_items(
                 pl.format(f"features: {{}} values, this deployment uses {expected}",
                           pl.col("features").list.len()),
             ),
-            *dup_rules,
         ]
         records, rejected = split_by_rules(records, spec.kind, spec.key, rules)
-        quarantined.append(rejected)
+        records, replayed = _split_duplicates(records, con, "items", spec.kind, spec.key)
+        quarantined.extend([rejected, replayed])
         records = records.with_columns(initial_label=initial, gold_label=gold).select(
             "item_id", "features", "initial_label", "label_source", "gold_label",
             "payload_hash", "source_file", "line_no",
@@ -270,14 +276,13 @@ def ingest_predictions(
         predicted, predicted_bad = _label_rule(ontology, "predicted_label", required=True)
         known = store.lookup(con, "items", "item_id", records, "true AS known_item")
         records = records.join(known, on="item_id", how="left")
-        records, dup_rules = _duplicate_rules(records, con, "predictions", spec.key)
         rules = [
             (predicted_bad, c.UNKNOWN_LABEL, _label_detail("predicted_label")),
             (pl.col("known_item").is_null(), c.UNKNOWN_ITEM, "item_id is not a known item"),
-            *dup_rules,
         ]
         records, rejected = split_by_rules(records, spec.kind, spec.key, rules)
-        quarantined.append(rejected)
+        records, replayed = _split_duplicates(records, con, "predictions", spec.kind, spec.key)
+        quarantined.extend([rejected, replayed])
         records = records.with_columns(predicted_label=predicted).select(
             "prediction_id", "item_id", "model_version", "predicted_label", "confidence",
             "probabilities", "served_at", "payload_hash", "source_file", "line_no",
@@ -301,17 +306,16 @@ def ingest_corrections(
             con, "items", "item_id", records, "t.gold_label IS NOT NULL AS is_gold"
         )
         records = records.join(known, on="item_id", how="left")
-        records, dup_rules = _duplicate_rules(records, con, "raw_corrections", spec.key)
         rules = [
             (corrected_bad, c.UNKNOWN_LABEL, _label_detail("corrected_label")),
             (original_bad, c.UNKNOWN_LABEL, _label_detail("original_label")),
             (pl.col("is_gold").is_null(), c.UNKNOWN_ITEM, "item_id is not a known item"),
             (pl.col("is_gold"), c.GOLD_ITEM, "gold items are frozen for evaluation"),
             (~pl.col("consent"), c.NO_CONSENT, "consent is false: never used for training"),
-            *dup_rules,
         ]
         records, rejected = split_by_rules(records, spec.kind, spec.key, rules)
-        quarantined.append(rejected)
+        records, replayed = _split_duplicates(records, con, "raw_corrections", spec.kind, spec.key)
+        quarantined.extend([rejected, replayed])
         records = records.with_columns(
             corrected_label=corrected, original_label=original
         ).select(

@@ -119,7 +119,7 @@ def resolve(votes: pl.DataFrame, current: pl.DataFrame, policy: ResolutionPolicy
         .agg(
             support=pl.col("vote_weight").sum(),
             event_ids=pl.col("event_id").sort(),
-            rationale=pl.col("rationale").drop_nulls().str.slice(0, 200).str.join(" | "),
+            rationale=pl.col("rationale").sort_by("event_id").drop_nulls().str.slice(0, 200).str.join(" | "),
         )
         .with_columns(
             total_weight=pl.col("support").sum().over("item_id"),
@@ -143,10 +143,13 @@ def resolve(votes: pl.DataFrame, current: pl.DataFrame, policy: ResolutionPolicy
     )
     strong = (pl.col("support") >= policy.min_support) & (pl.col("share") >= policy.min_share)
     same = pl.col("corrected_label") == pl.col("current_label")
+    supported = pl.col("support") >= policy.min_support
+    # A tie is a disagreement whichever label it involves: never promoted, never confirmed.
     status = (
-        pl.when(strong & ~pl.col("_tied") & same.fill_null(False)).then(pl.lit(CONFIRMED))
+        pl.when(pl.col("_tied") & supported).then(pl.lit(CONFLICT))
+        .when(strong & ~pl.col("_tied") & same.fill_null(False)).then(pl.lit(CONFIRMED))
         .when(strong & ~pl.col("_tied")).then(pl.lit(PROMOTE))
-        .when((pl.col("support") >= policy.min_support) & ~same.fill_null(False)).then(pl.lit(CONFLICT))
+        .when(supported & ~same.fill_null(False)).then(pl.lit(CONFLICT))
         .otherwise(pl.lit(PENDING))
     )
     return top.select(

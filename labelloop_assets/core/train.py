@@ -38,8 +38,8 @@ class LinearModel:
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
         logits = self.decision(features)
-        if logits.shape[1] == 1:  # binary: sklearn keeps one column for the positive class
-            logits = np.hstack([-logits, logits])
+        if logits.shape[1] == 1:  # binary: one logit for the second class, as in scikit-learn
+            logits = np.hstack([np.zeros_like(logits), logits])
         logits = logits - logits.max(axis=1, keepdims=True)
         exp = np.exp(logits)
         return exp / exp.sum(axis=1, keepdims=True)
