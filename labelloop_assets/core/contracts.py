@@ -274,10 +274,11 @@ def _field_rules(field: FieldSpec) -> list[tuple[str, str, str]]:
             )
         )
     if field.kind == "timestamp":
+        parsed = _timestamp(f"line->>'$.{field.name}'")
         rules.append(
             (
                 f"{present} AND (NOT regexp_matches({text}, '{ISO_TIMESTAMP}') "
-                f"OR {_timestamp(f"line->>'$.{field.name}'")} IS NULL)",
+                f"OR {parsed} IS NULL)",
                 BAD_TIMESTAMP,
                 f"{field.name}: not ISO-8601 with a time zone",
             )
