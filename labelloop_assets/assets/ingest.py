@@ -26,12 +26,7 @@ def items(
     context: dg.AssetExecutionContext, labelloop: LabelloopHome, database: DuckDBResource
 ) -> dg.MaterializeResult:
     """Items (features, initial and gold labels) from landing/items, each file ingested once."""
-    with config_errors_as_failures():
-        ontology = labelloop.ontology()
-    with open_store(database) as con:
-        report = ingest.ingest_items(con, labelloop.home(), ontology, context.run.run_id)
-        total = store.scalar(con, "SELECT count(*) FROM items")
-    return dg.MaterializeResult(metadata=ingest_metadata(report, total))
+    return _ingest(context, labelloop, database, ingest.ingest_items, "items")
 
 
 @dg.asset(
@@ -41,11 +36,15 @@ def predictions(
     context: dg.AssetExecutionContext, labelloop: LabelloopHome, database: DuckDBResource
 ) -> dg.MaterializeResult:
     """The prediction log from landing/predictions: what each model version served."""
+    return _ingest(context, labelloop, database, ingest.ingest_predictions, "predictions")
+
+
+def _ingest(context, labelloop: LabelloopHome, database: DuckDBResource, ingest_kind, table: str):
     with config_errors_as_failures():
         ontology = labelloop.ontology()
     with open_store(database) as con:
-        report = ingest.ingest_predictions(con, labelloop.home(), ontology, context.run.run_id)
-        total = store.scalar(con, "SELECT count(*) FROM predictions")
+        report = ingest_kind(con, labelloop.home(), ontology, context.run.run_id)
+        total = store.scalar(con, f"SELECT count(*) FROM {table}")
     return dg.MaterializeResult(metadata=ingest_metadata(report, total))
 
 

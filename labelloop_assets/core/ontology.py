@@ -6,9 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
-import yaml
 
-from labelloop_assets.core.settings import LabelloopConfigError
+from labelloop_assets.core.settings import LabelloopConfigError, load_yaml_mapping
 
 
 @dataclass(frozen=True)
@@ -54,14 +53,7 @@ class Ontology:
 
     @classmethod
     def load(cls, path: Path) -> "Ontology":
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except FileNotFoundError:
-            raise LabelloopConfigError(f"ontology file not found: {path}") from None
-        except yaml.YAMLError as exc:
-            raise LabelloopConfigError(f"ontology file {path} is not valid YAML: {exc}") from None
-        if not isinstance(raw, dict):
-            raise LabelloopConfigError(f"ontology file {path} must be a mapping")
+        raw = load_yaml_mapping(path, "ontology")
         labels = raw.get("labels") or []
         renames = raw.get("renames") or {}
         if not isinstance(labels, list) or not isinstance(renames, dict):

@@ -6,10 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
-import yaml
-
 from labelloop_assets.core.contracts import USER_ROLES
-from labelloop_assets.core.settings import LabelloopConfigError
+from labelloop_assets.core.settings import LabelloopConfigError, load_yaml_mapping
 
 PROMOTE = "promote"
 CONFIRMED = "confirmed"
@@ -39,12 +37,7 @@ class ResolutionPolicy:
 
     @classmethod
     def load(cls, path: Path) -> "ResolutionPolicy":
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except FileNotFoundError:
-            raise LabelloopConfigError(f"governance file not found: {path}") from None
-        except yaml.YAMLError as exc:
-            raise LabelloopConfigError(f"governance file {path} is not valid YAML: {exc}") from None
+        raw = load_yaml_mapping(path, "governance")
         try:
             return cls(
                 role_weights={str(k): float(v) for k, v in (raw.get("role_weights") or {}).items()},

@@ -7,6 +7,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 LANDING_KINDS = ("items", "predictions", "corrections", "reviews")
 DEFAULTS_DIR = Path(__file__).resolve().parent.parent / "defaults"
 DEV_SECRET = "labelloop-development-secret-do-not-use-in-production"
@@ -64,6 +66,19 @@ class Home:
             if not target.exists():
                 shutil.copyfile(DEFAULTS_DIR / name, target)
         return self
+
+
+def load_yaml_mapping(path: Path, what: str) -> dict:
+    """A YAML configuration file that must hold a mapping; every problem is a config error."""
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise LabelloopConfigError(f"{what} file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise LabelloopConfigError(f"{what} file {path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise LabelloopConfigError(f"{what} file {path} must be a mapping")
+    return raw
 
 
 def _env_number(name: str, default: float, cast=float):
