@@ -203,14 +203,31 @@ def read_lines(path: Path, con: duckdb.DuckDBPyConnection) -> tuple[pl.DataFrame
     return records, blank_count
 
 
-def _json_type(name: str) -> str:
-    return f"json_type(line, '$.{name}')"
+def _ref(field: FieldSpec) -> str:
+    """The column holding a field's JSON value (parsed once per line, see check_records)."""
+    return f"f_{field.name}"
+
+
+def _type_ref(field: FieldSpec) -> str:
+    return f"t_{field.name}"
+
+
+def _text_ref(field: FieldSpec) -> str:
+    return f"s_{field.name}"
+
+
+def _field_columns(field: FieldSpec) -> str:
+    """A field's JSON type and its trimmed text, computed once for all of its rules."""
+    value = _ref(field)
+    text = _trim("(" + value + "->>'$')")
+    return f"json_type({value}) AS {_type_ref(field)}, {text} AS {_text_ref(field)}"
 
 
 def _field_rules(field: FieldSpec) -> list[tuple[str, str, str]]:
     """(failing condition, reason, detail) for one field, in the order they are tried."""
-    jtype = _json_type(field.name)
-    text = _trim(f"(line->>'$.{field.name}')")
+    value = _ref(field)
+    jtype = _type_ref(field)
+    text = _text_ref(field)
     present = f"({jtype} IS NOT NULL AND {jtype} <> 'NULL')"
     rules: list[tuple[str, str, str]] = []
     if field.required:
@@ -229,22 +246,20 @@ def _field_rules(field: FieldSpec) -> list[tuple[str, str, str]]:
             (f"{present} AND length({text}) = 0", INVALID_VALUE, f"{field.name}: empty")
         )
     if field.kind == "number_array":
-        array = f"TRY_CAST(line->'$.{field.name}' AS DOUBLE[])"
         rules.append(
             (
-                f"{present} AND (json_array_length(line, '$.{field.name}') = 0 OR "
-                f"NOT list_bool_and(list_transform(json_type(line, '$.{field.name}[*]'), "
-                f"lambda t: t IN {JSON_NUMBER_TYPES})) OR "
-                f"list_count({array}) <> json_array_length(line, '$.{field.name}'))",
+                f"{present} AND (json_array_length({value}) = 0 OR "
+                f"NOT list_bool_and(list_transform(json_type({value}, '$[*]'), "
+                f"lambda t: t IN {JSON_NUMBER_TYPES})))",
                 INVALID_TYPE,
                 f"{field.name}: must be a non-empty array of numbers",
             )
         )
     if field.max_length is not None:
         measure = (
-            f"json_array_length(line, '$.{field.name}')"
+            f"json_array_length({value})"
             if field.kind == "number_array"
-            else f"length(line->'$.{field.name}')"
+            else f"length({value})"
             if field.kind == "object"
             else f"length({text})"
         )
@@ -274,7 +289,7 @@ def _field_rules(field: FieldSpec) -> list[tuple[str, str, str]]:
             )
         )
     if field.kind == "timestamp":
-        parsed = _timestamp(f"line->>'$.{field.name}'")
+        parsed = f"TRY_CAST(upper({text}) AS TIMESTAMPTZ)"
         rules.append(
             (
                 f"{present} AND (NOT regexp_matches({text}, '{ISO_TIMESTAMP}') "
@@ -287,27 +302,28 @@ def _field_rules(field: FieldSpec) -> list[tuple[str, str, str]]:
 
 
 def _extract(field: FieldSpec, author: str | None) -> str:
-    path = f"'$.{field.name}'"
+    value = _ref(field)
+    text = f"({value}->>'$')"
     if field.private:
-        return f"{pseudonym_sql(_trim(f'line->>{path}'), '$inner', '$outer')} AS {field.name}"
+        return f"{pseudonym_sql(_trim(text), '$inner', '$outer')} AS {field.name}"
     if field.free_text:
-        return f"{scrub_sql(f'(line->>{path})', author)} AS {field.name}"
+        return f"{scrub_sql(text, author)} AS {field.name}"
     if field.kind == "string":
-        return f"{_trim(f'line->>{path}')} AS {field.name}"
+        return f"{_trim(text)} AS {field.name}"
     if field.kind == "timestamp":
-        return f"{_timestamp(f'line->>{path}')} AS {field.name}"
+        return f"{_timestamp(text)} AS {field.name}"
     if field.kind == "number":
-        return f"TRY_CAST(line->>{path} AS DOUBLE) AS {field.name}"
+        return f"TRY_CAST({text} AS DOUBLE) AS {field.name}"
     if field.kind == "bool":
-        return f"TRY_CAST(line->>{path} AS BOOLEAN) AS {field.name}"
+        return f"TRY_CAST({text} AS BOOLEAN) AS {field.name}"
     if field.kind == "object":
         # An explicit JSON null is the same as an absent field.
         return (
-            f"CASE WHEN json_type(line, {path}) = 'NULL' THEN NULL "
-            f"ELSE CAST(line->{path} AS VARCHAR) END AS {field.name}"
+            f"CASE WHEN json_type({value}) = 'NULL' THEN NULL "
+            f"ELSE CAST({value} AS VARCHAR) END AS {field.name}"
         )
     if field.kind == "number_array":
-        return f"TRY_CAST(line->{path} AS DOUBLE[]) AS {field.name}"
+        return f"TRY_CAST({value} AS DOUBLE[]) AS {field.name}"
     raise ValueError(field.kind)
 
 
@@ -321,11 +337,14 @@ def _case(rules: list[tuple[str, str, str]], pick: int) -> str:
 def check_records(
     lines: pl.DataFrame,
     spec: RecordSpec,
-    source_file: str,
+    source_file: str | None,
     con: duckdb.DuckDBPyConnection,
     key: bytes = b"",
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Split a file's lines into typed records and quarantine rows (structural checks only).
+    """Split lines into typed records and quarantine rows (structural checks only).
+
+    `lines` holds line_no, line, bad_encoding and, when it spans several files, source_file
+    (otherwise `source_file` names the one file). One call checks a whole batch at once.
 
     Private fields come out as keyed pseudonyms and free text scrubbed: raw values never leave
     this query. Accepted records carry `source_file`, `line_no`, `line_sha256` and a
@@ -334,56 +353,76 @@ def check_records(
     """
     rules: list[tuple[str, str, str]] = [
         ("bad_encoding", INVALID_ENCODING, "bytes that are not UTF-8"),
-        (f"octet_length(encode(line)) > {MAX_LINE_BYTES}", OVERSIZE_LINE, f"> {MAX_LINE_BYTES} bytes"),
-        ("NOT json_valid(line)", MALFORMED_JSON, "not valid JSON"),
-        ("json_type(line) <> 'OBJECT'", NOT_AN_OBJECT, "a JSON value that is not an object"),
+        ("oversize", OVERSIZE_LINE, f"> {MAX_LINE_BYTES} bytes"),
+        ("NOT valid", MALFORMED_JSON, "not valid JSON"),
+        ("root <> 'OBJECT'", NOT_AN_OBJECT, "a JSON value that is not an object"),
     ]
     for field in spec.fields:
         rules.extend(_field_rules(field))
     private = [field for field in spec.fields if field.private]
-    author = _trim(f"line->>'$.{private[0].name}'") if private else None
+    author = _trim(f"({_ref(private[0])}->>'$')") if private else None
     extracted = ", ".join(_extract(field, author) for field in spec.fields)
     inner, outer = hmac_pads(key)
     hashed = ", ".join(f"coalesce(CAST({field.name} AS VARCHAR), '\\N')" for field in spec.fields)
-    con.register("landing_lines", lines.select("line_no", "line", "bad_encoding"))
+    paths = ", ".join(f"'$.{field.name}'" for field in spec.fields)
+    values = ", ".join(f"v[{i}] AS {_ref(field)}" for i, field in enumerate(spec.fields, start=1))
+    item_ref = "f_item_id" if any(f.name == "item_id" for f in spec.fields) else "NULL"
+    described = ", ".join(_field_columns(field) for field in spec.fields)
+    if "source_file" not in lines.columns:
+        lines = lines.with_columns(source_file=pl.lit(source_file, pl.String))
+    con.register("landing_lines", lines.select("source_file", "line_no", "line", "bad_encoding"))
     try:
-        checked = con.sql(
+        # Each line is parsed once into a list of its fields' JSON values; every rule then
+        # reads those small values instead of re-parsing the line.
+        con.execute(
             f"""
-            SELECT line_no, line, {_case(rules, 1)} AS reason, {_case(rules, 2)} AS detail,
-                   sha256(line) AS line_sha256
-            FROM landing_lines
+            CREATE OR REPLACE TEMP TABLE checked_lines AS
+            WITH base AS (
+                SELECT source_file, line_no, line, bad_encoding,
+                       octet_length(encode(line)) > {MAX_LINE_BYTES} AS oversize
+                FROM landing_lines
+            ), valid AS (
+                SELECT *, NOT bad_encoding AND NOT oversize AND json_valid(line) AS valid FROM base
+            ), rooted AS (
+                SELECT *, CASE WHEN valid THEN json_type(line) END AS root FROM valid
+            ), parsed AS (
+                SELECT *, CASE WHEN root = 'OBJECT' THEN json_extract(line, [{paths}]) END AS v
+                FROM rooted
+            ), fields AS (
+                SELECT line_no, source_file, bad_encoding, oversize, valid, root,
+                       sha256(line) AS line_sha256, {values}
+                FROM parsed
+            ), described AS (
+                SELECT *, {described} FROM fields
+            )
+            SELECT *, {_case(rules, 1)} AS reason, {_case(rules, 2)} AS detail FROM described
             """
-        ).pl()
-        con.register("checked_lines", checked)
+        )
         accepted = con.sql(
             f"""
             WITH typed AS (
-                SELECT line_no, line_sha256, {extracted}
+                SELECT source_file, line_no, line_sha256, {extracted}
                 FROM checked_lines WHERE reason IS NULL
             )
-            SELECT *, $source_file AS source_file, md5(concat_ws('|', {hashed})) AS payload_hash
-            FROM typed ORDER BY line_no
+            SELECT *, md5(concat_ws('|', {hashed})) AS payload_hash
+            FROM typed ORDER BY source_file, line_no
             """,
-            params={"source_file": source_file, **({"inner": inner, "outer": outer} if private else {})},
+            params={"inner": inner, "outer": outer} if private else None,
         ).pl()
         # Ids are taken only from lines that parsed, so a hostile line cannot smuggle them in.
         quarantined = con.sql(
             f"""
-            SELECT ? AS kind, ? AS source_file, line_no, reason, detail,
-                   CASE WHEN reason NOT IN ('{INVALID_ENCODING}', '{OVERSIZE_LINE}',
-                                            '{MALFORMED_JSON}', '{NOT_AN_OBJECT}')
-                        THEN left(line->>'$.{spec.key}', 256) END AS record_id,
-                   CASE WHEN reason NOT IN ('{INVALID_ENCODING}', '{OVERSIZE_LINE}',
-                                            '{MALFORMED_JSON}', '{NOT_AN_OBJECT}')
-                        THEN left(line->>'$.item_id', 256) END AS item_id,
+            SELECT ? AS kind, source_file, line_no, reason, detail,
+                   left(f_{spec.key}->>'$', 256) AS record_id,
+                   left({item_ref}->>'$', 256) AS item_id,
                    line_sha256
-            FROM checked_lines WHERE reason IS NOT NULL ORDER BY line_no
+            FROM checked_lines WHERE reason IS NOT NULL ORDER BY source_file, line_no
             """,
-            params=[spec.kind, source_file],
+            params=[spec.kind],
         ).pl()
     finally:
         con.unregister("landing_lines")
-        con.unregister("checked_lines")
+        con.execute("DROP TABLE IF EXISTS checked_lines")
     return accepted, quarantined.cast(QUARANTINE_COLUMNS)
 
 
