@@ -9,7 +9,7 @@ export LABELLOOP_HOME ?= $(CURDIR)/data/home
 export DAGSTER_HOME := $(CURDIR)
 export LABELLOOP_DAGSTER_STORAGE ?= $(LABELLOOP_HOME)/dagster
 
-.PHONY: venv demo test dev clean
+.PHONY: venv demo test dev bench clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ demo: venv
 
 test: venv
 	$(BIN)/python -m pytest
+
+bench: venv
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	$(BIN)/python -m benchmarks.run
 
 dev: venv
 	$(BIN)/dagster dev -w workspace.yaml

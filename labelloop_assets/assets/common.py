@@ -1,5 +1,6 @@
 """Small pieces shared by the asset modules."""
 
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -21,6 +22,14 @@ def config_errors_as_failures() -> Iterator[None]:
         yield
     except LabelloopConfigError as error:
         raise dg.Failure(description=f"labelloop configuration error: {error}") from None
+
+
+def run_id(context: dg.AssetExecutionContext) -> str:
+    """The run's id; a direct invocation (tests, benchmarks) has no run, so it gets its own id."""
+    try:
+        return context.run.run_id
+    except dg.DagsterError:
+        return f"direct-{uuid.uuid4()}"
 
 
 def ingest_metadata(report: IngestReport, table_rows: int) -> dict:

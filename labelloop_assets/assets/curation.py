@@ -4,7 +4,12 @@ import dagster as dg
 import polars as pl
 from dagster_duckdb import DuckDBResource
 
-from labelloop_assets.assets.common import DUCKDB_POOL, OWNERS, config_errors_as_failures
+from labelloop_assets.assets.common import (
+    DUCKDB_POOL,
+    OWNERS,
+    config_errors_as_failures,
+    run_id,
+)
 from labelloop_assets.assets.ingest import raw_corrections
 from labelloop_assets.checks.schema_checks import (
     PRODUCTION_CORPUS_SCHEMA,
@@ -52,8 +57,8 @@ def validated_labels(
         validation = schemas.validate(schemas.validated_labels_schema(ontology.labels), staged)
         if validation.passed and staged.height:
             with store.transaction(con):
-                store.append(con, "validated_labels", staged.with_columns(run_id=pl.lit(context.run.run_id)))
-                store.append(con, "label_decisions", decisions.with_columns(run_id=pl.lit(context.run.run_id)))
+                store.append(con, "validated_labels", staged.with_columns(run_id=pl.lit(run_id(context))))
+                store.append(con, "label_decisions", decisions.with_columns(run_id=pl.lit(run_id(context))))
                 store.set_state(con, STAGED_SEQ, int(new["seq"].max()))
         total = store.scalar(con, "SELECT count(*) FROM validated_labels")
     statuses = decisions.group_by("status").len().sort("status") if decisions.height else pl.DataFrame()
@@ -148,7 +153,7 @@ def production_corpus(
         if validation.passed:
             with store.transaction(con):
                 if changes.height:
-                    store.append(con, "label_history", changes.with_columns(run_id=pl.lit(context.run.run_id)))
+                    store.append(con, "label_history", changes.with_columns(run_id=pl.lit(run_id(context))))
                     _merge_corpus(con, rows)
                     con.execute(
                         "INSERT INTO corpus_versions (corpus_version, n_new_items, n_label_changes, "
@@ -160,7 +165,7 @@ def production_corpus(
                             n_changes,
                             changes.filter(pl.col("change_kind") == corpus.CONFIRMATION).height,
                             changes_before + n_changes,
-                            context.run.run_id,
+                            run_id(context),
                         ],
                     )
                 if new_items.height:

@@ -8,6 +8,7 @@ from labelloop_assets.assets.common import (
     OWNERS,
     config_errors_as_failures,
     ingest_metadata,
+    run_id,
 )
 from labelloop_assets.checks.schema_checks import (
     RAW_CORRECTIONS_RECONCILE,
@@ -43,7 +44,7 @@ def _ingest(context, labelloop: LabelloopHome, database: DuckDBResource, ingest_
     with config_errors_as_failures():
         ontology = labelloop.ontology()
     with open_store(database) as con:
-        report = ingest_kind(con, labelloop.home(), ontology, context.run.run_id)
+        report = ingest_kind(con, labelloop.home(), ontology, run_id(context))
         total = store.scalar(con, f"SELECT count(*) FROM {table}")
     return dg.MaterializeResult(metadata=ingest_metadata(report, total))
 
@@ -78,9 +79,9 @@ def raw_corrections(
     if using_development_secret():
         context.log.warning(DEV_SECRET_WARNING)
     with open_store(database) as con:
-        report = ingest.ingest_corrections(con, labelloop.home(), ontology, key, context.run.run_id)
+        report = ingest.ingest_corrections(con, labelloop.home(), ontology, key, run_id(context))
         batch = store.frame(
-            con, "SELECT * FROM raw_corrections WHERE run_id = ?", [context.run.run_id]
+            con, "SELECT * FROM raw_corrections WHERE run_id = ?", [run_id(context)]
         )
         total = store.scalar(con, "SELECT count(*) FROM raw_corrections")
     validation = schemas.validate(schemas.raw_corrections_schema(ontology.labels), batch)

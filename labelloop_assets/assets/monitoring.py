@@ -4,7 +4,12 @@ import dagster as dg
 import polars as pl
 from dagster_duckdb import DuckDBResource
 
-from labelloop_assets.assets.common import DUCKDB_POOL, OWNERS, config_errors_as_failures
+from labelloop_assets.assets.common import (
+    DUCKDB_POOL,
+    OWNERS,
+    config_errors_as_failures,
+    run_id,
+)
 from labelloop_assets.checks.schema_checks import markdown_table
 from labelloop_assets.core import metrics, store
 from labelloop_assets.resources import LabelloopHome, open_store
@@ -40,12 +45,12 @@ def label_quality_metrics(
         summary = metrics.summary(con)
         per_label = metrics.by_label(con, labels)
         with store.transaction(con):
-            store.append(con, "label_quality_metrics", pl.DataFrame([{**summary, "run_id": context.run.run_id}]))
+            store.append(con, "label_quality_metrics", pl.DataFrame([{**summary, "run_id": run_id(context)}]))
             store.append(
                 con,
                 "label_quality_by_label",
                 per_label.with_columns(
-                    corpus_version=pl.lit(summary["corpus_version"]), run_id=pl.lit(context.run.run_id)
+                    corpus_version=pl.lit(summary["corpus_version"]), run_id=pl.lit(run_id(context))
                 ),
             )
     numbers = {

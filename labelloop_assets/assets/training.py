@@ -7,7 +7,7 @@ import numpy as np
 import polars as pl
 from dagster_duckdb import DuckDBResource
 
-from labelloop_assets.assets.common import DUCKDB_POOL, OWNERS
+from labelloop_assets.assets.common import DUCKDB_POOL, OWNERS, run_id
 from labelloop_assets.core import store, train
 from labelloop_assets.resources import LabelloopHome, open_store
 
@@ -58,7 +58,7 @@ def retrained_model(
         "gold_macro_f1": scores["macro_f1"],
         "n_gold": gold.height,
         "label_changes_total": int(changes_total or 0),
-        "run_id": context.run.run_id,
+        "run_id": run_id(context),
     }
     folder = train.save(model, home.models / version, record)
     with open_store(database) as con:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
+
 from labelloop_assets.core.contracts import USER_ROLES
 from labelloop_assets.core.settings import LabelloopConfigError, load_yaml_mapping
 

@@ -18,8 +18,8 @@ from labelloop_assets.core.settings import (
     using_development_secret,
 )
 from labelloop_assets.definitions import build_definitions
-from labelloop_assets.resources import build_resources
 from labelloop_assets.demo import simulator
+from labelloop_assets.resources import build_resources
 
 DEMO_MARKER = ".labelloop-demo"
 # A simulated day passes in seconds, so the demo waits for label changes, not for the clock.

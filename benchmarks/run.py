@@ -1,0 +1,393 @@
+"""`make bench`: the loop's cost measured through Dagster, beside baselines on the same files.
+
+Every measurement runs in a child process of its own, so its peak memory (ru_maxrss) is its own.
+Results go to benchmarks/results/latest.json and, as a markdown table, into README.md.
+
+    python -m benchmarks.run                 # the full suite (100k / 300k / 1M events)
+    python -m benchmarks.run --scales 3000   # a smoke run (what `make test` does)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+QUIET = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
+EVENTS_PER_FILE = 10_000
+INCREMENT = 10_000
+SENSOR_FILES = 10_000
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _home(path: str):
+    from labelloop_assets.core.settings import Home
+
+    return Home(Path(path))
+
+
+def _definitions(home):
+    from labelloop_assets.core.settings import RetrainPolicy
+    from labelloop_assets.definitions import build_definitions
+
+    return build_definitions(home, RetrainPolicy(min_label_changes=10**12, min_interval_seconds=0))
+
+
+def _step_seconds(result) -> dict[str, float]:
+    return {
+        e.step_key: round(e.event_specific_data.duration_ms / 1000, 3)
+        for e in result.all_events
+        if e.event_type_value == "STEP_SUCCESS"
+    }
+
+
+# ---- child workloads: each prints one JSON object -------------------------------------------
+
+
+def child_setup(home_dir: str, events: int, n_items: int) -> dict:
+    """Items landed and ingested (corpus v1), then `events` correction events landed."""
+    import dagster as dg
+
+    from benchmarks.generate import Workload, write_corrections, write_items
+
+    home = _home(home_dir)
+    workload = Workload(n_items=n_items)
+    write_items(home, workload)
+    defs = _definitions(home)
+    with dg.instance_for_test() as instance:
+        job = defs.resolve_implicit_global_asset_job_def()
+        keys = [dg.AssetKey("items"), dg.AssetKey("production_corpus")]
+        assert job.execute_in_process(instance=instance, asset_selection=keys, run_config=QUIET).success
+    files = write_corrections(home, workload, events, max(1, events // EVENTS_PER_FILE))
+    return {"files": len(files), "bytes": sum(f.stat().st_size for f in files)}
+
+
+def child_loop(home_dir: str) -> dict:
+    """ingest -> validate -> resolve -> promote -> metrics: the ingest job, run by Dagster."""
+    import dagster as dg
+
+    home = _home(home_dir)
+    defs = _definitions(home)
+    with dg.instance_for_test() as instance:
+        started = time.perf_counter()
+        result = defs.resolve_job_def("ingest_job").execute_in_process(instance=instance, run_config=QUIET)
+        seconds = time.perf_counter() - started
+        assert result.success
+        raw = [
+            {k: v.value for k, v in e.step_materialization_data.materialization.metadata.items()}
+            for e in result.get_asset_materialization_events()
+            if e.asset_key == dg.AssetKey("raw_corrections")
+        ][0]
+    return {"seconds": seconds, "steps": _step_seconds(result), "records_in": raw["records_in"],
+            "accepted": raw["accepted"], "quarantined": raw["quarantined"], "peak_mb": _peak_mb()}
+
+
+def child_direct(home_dir: str) -> dict:
+    """The same asset functions invoked directly: the work without the orchestration."""
+    import dagster as dg
+
+    from labelloop_assets.assets import curation, ingest, monitoring
+    from labelloop_assets.core.settings import RetrainPolicy
+    from labelloop_assets.resources import build_resources
+
+    home = _home(home_dir)
+    resources = build_resources(home, RetrainPolicy(10**12, 0))
+    started = time.perf_counter()
+    for asset in (ingest.items, ingest.predictions, ingest.raw_corrections,
+                  curation.validated_labels, curation.production_corpus,
+                  monitoring.label_quality_metrics):
+        asset(dg.build_asset_context(resources=resources))
+    return {"seconds": time.perf_counter() - started, "peak_mb": _peak_mb()}
+
+
+def child_increment(home_dir: str) -> dict:
+    """INCREMENT new events on top of what the home already processed."""
+    from benchmarks.generate import Workload, write_corrections
+
+    home = _home(home_dir)
+    with (home.root / "bench.json").open() as f:
+        spec = json.load(f)
+    write_corrections(home, Workload(n_items=spec["n_items"]), INCREMENT, 1,
+                      first_event=spec["events"], prefix="increment")
+    return child_loop(home_dir)
+
+
+def child_sensor(work_dir: str) -> dict:
+    """A landing_sensor tick with SENSOR_FILES files already seen and 10 new ones."""
+    import dagster as dg
+
+    from labelloop_assets.core.settings import RetrainPolicy
+    from labelloop_assets.resources import build_resources
+    from labelloop_assets.sensors import landed_files, landing_sensor
+
+    home = _home(work_dir)
+    folder = home.landing_dir("corrections")
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(SENSOR_FILES):
+        (folder / f"old-{i:06d}.jsonl").write_text("{}\n")
+    cursor = json.dumps({"seen": landed_files(home)})
+    for i in range(10):
+        (folder / f"new-{i:02d}.jsonl").write_text("{}\n")
+    resources = build_resources(home, RetrainPolicy(10**12, 0))
+    timings = []
+    with dg.instance_for_test() as instance:
+        for _ in range(21):
+            with dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources) as ctx:
+                started = time.perf_counter()
+                result = landing_sensor(ctx)
+                timings.append(time.perf_counter() - started)
+            assert len(result.run_requests) == 1
+    return {"median_ms": statistics.median(timings) * 1000, "max_ms": max(timings) * 1000,
+            "files_seen": SENSOR_FILES, "new_files": 10}
+
+
+def child_train(home_dir: str) -> dict:
+    """retrained_model on the corpus of the prepared home."""
+    import dagster as dg
+
+    home = _home(home_dir)
+    defs = _definitions(home)
+    with dg.instance_for_test() as instance:
+        job = defs.resolve_implicit_global_asset_job_def()
+        started = time.perf_counter()
+        result = job.execute_in_process(
+            instance=instance, asset_selection=[dg.AssetKey("retrained_model")], run_config=QUIET
+        )
+        seconds = time.perf_counter() - started
+        meta = {
+            k: v.value
+            for e in result.get_asset_materialization_events()
+            for k, v in e.step_materialization_data.materialization.metadata.items()
+        }
+    return {"seconds": seconds, "n_train_rows": meta["n_train_rows"],
+            "gold_accuracy": meta["gold_accuracy"], "peak_mb": _peak_mb()}
+
+
+def child_raw_floor(home_dir: str) -> dict:
+    """The fastest plain read of the same files + one group-by + one DuckDB insert."""
+    import duckdb
+
+    home = _home(home_dir)
+    files = sorted(str(p) for p in home.landing_dir("corrections").glob("*.jsonl"))
+    database = home.root / "raw_floor.duckdb"
+    database.unlink(missing_ok=True)
+    started = time.perf_counter()
+    with duckdb.connect(str(database)) as con:
+        con.execute(
+            "CREATE TABLE raw AS SELECT * FROM read_ndjson(?, ignore_errors = true, "
+            "format = 'newline_delimited')", [files],
+        )
+        con.execute(
+            "CREATE TABLE per_item AS SELECT item_id, corrected_label, count(*) AS n "
+            "FROM raw GROUP BY ALL"
+        )
+    seconds = time.perf_counter() - started
+    polars_note = "Polars' read_ndjson fails the whole file on a malformed line, so DuckDB's reader is the floor"
+    return {"seconds": seconds, "engine": "duckdb read_ndjson(ignore_errors)", "note": polars_note,
+            "peak_mb": _peak_mb()}
+
+
+def child_pandas(home_dir: str) -> dict:
+    from benchmarks import pandas_baseline as pb
+
+    home = _home(home_dir)
+    files = sorted(home.landing_dir("corrections").glob("*.jsonl"))
+    items = pb.load_items(home.landing_dir("items") / "items-000.jsonl")
+    labels = pb.read_labels(home.ontology_file)
+    database = home.root / "pandas.duckdb"
+    database.unlink(missing_ok=True)
+    started = time.perf_counter()
+    counts = pb.run(files, database, labels, items, b"bench-key")
+    return {"seconds": time.perf_counter() - started, **counts, "peak_mb": _peak_mb()}
+
+
+CHILDREN = {
+    "setup": child_setup, "loop": child_loop, "direct": child_direct,
+    "increment": child_increment, "sensor": child_sensor, "train": child_train,
+    "raw_floor": child_raw_floor, "pandas": child_pandas,
+}
+
+
+def _child(name: str, *args) -> dict:
+    env = {**os.environ, "LABELLOOP_SECRET": "benchmark-secret"}
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--child", name, *map(str, args)],
+        cwd=REPO, env=env, capture_output=True, text=True,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"benchmark step {name} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ---- the suite ------------------------------------------------------------------------------
+
+
+def suite(scales: list[int], work: Path, n_items: int, log=print) -> dict:
+    work.mkdir(parents=True, exist_ok=True)
+    results: dict = {"machine": _machine(), "n_items": n_items, "scales": {}}
+    for events in scales:
+        base = work / f"home-{events}"
+        shutil.rmtree(base, ignore_errors=True)
+        log(f"[{events:>9,} events] generating landing files ...")
+        setup = _child("setup", base, events, n_items)
+        (base / "bench.json").write_text(json.dumps({"events": events, "n_items": n_items}))
+        copies = {name: work / f"home-{events}-{name}" for name in ("direct", "floor", "pandas")}
+        for copy in copies.values():
+            shutil.rmtree(copy, ignore_errors=True)
+            shutil.copytree(base, copy)
+        log(f"[{events:>9,} events] loop through Dagster ...")
+        loop = _child("loop", base)
+        log(f"[{events:>9,} events] same work without Dagster, raw floor, pandas baseline ...")
+        direct = _child("direct", copies["direct"])
+        floor = _child("raw_floor", copies["floor"])
+        pandas = _child("pandas", copies["pandas"])
+        entry = {
+            "setup": setup, "loop": loop, "direct": direct, "raw_floor": floor, "pandas": pandas,
+            "events_per_second": events / loop["seconds"],
+            "vs_raw_floor": loop["seconds"] / floor["seconds"],
+            "pandas_vs_loop": pandas["seconds"] / loop["seconds"],
+            "dagster_overhead_seconds": loop["seconds"] - direct["seconds"],
+        }
+        if events == max(scales):
+            log(f"[{events:>9,} events] incremental batch of {INCREMENT:,} ...")
+            entry["increment"] = _child("increment", base)
+            entry["increment_share_of_full"] = entry["increment"]["seconds"] / loop["seconds"]
+        results["scales"][str(events)] = entry
+        for copy in copies.values():
+            shutil.rmtree(copy, ignore_errors=True)
+    log("sensor tick ...")
+    sensor_dir = work / "sensor"
+    shutil.rmtree(sensor_dir, ignore_errors=True)
+    results["sensor"] = _child("sensor", sensor_dir)
+    log("retrained_model ...")
+    results["train"] = _child("train", work / f"home-{min(scales)}")
+    results["targets"] = _targets(results, scales)
+    return results
+
+
+def _targets(results: dict, scales: list[int]) -> dict:
+    top = results["scales"][str(max(scales))]
+    loop_seconds = [results["scales"][str(s)]["loop"]["seconds"] for s in scales]
+    return {
+        "loop_within_3x_raw_floor": {"ratio": top["vs_raw_floor"], "met": top["vs_raw_floor"] <= 3},
+        "at_least_5x_faster_than_pandas": {"ratio": top["pandas_vs_loop"], "met": top["pandas_vs_loop"] >= 5},
+        "increment_at_most_5pct_of_full": {
+            "ratio": top.get("increment_share_of_full"),
+            "met": top.get("increment_share_of_full", 1) <= 0.05,
+        },
+        "sensor_tick_under_100ms": {"ms": results["sensor"]["median_ms"],
+                                     "met": results["sensor"]["median_ms"] < 100},
+        "peak_memory_under_3gb": {"mb": top["loop"]["peak_mb"], "met": top["loop"]["peak_mb"] < 3072},
+        "linear_scaling": {
+            "seconds_per_million": [
+                round(s / e * 1e6, 2) for s, e in zip(loop_seconds, scales)
+            ],
+        },
+    }
+
+
+def _machine() -> dict:
+    return {
+        "python": platform.python_version(), "platform": platform.platform(),
+        "cpus": os.cpu_count(), "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+    }
+
+
+def markdown(results: dict) -> str:
+    m = results["machine"]
+    lines = [
+        f"Measured on {m['cpus']} CPUs, {m['memory_gb']} GiB, Python {m['python']}, {m['platform']}; "
+        f"{results['n_items']:,} items.",
+        "",
+        "| events | loop (Dagster) | events/s | peak MB | without Dagster | raw floor | loop / floor | pandas | pandas / loop |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for events, e in results["scales"].items():
+        lines.append(
+            f"| {int(events):,} | {e['loop']['seconds']:.2f} s | {e['events_per_second']:,.0f} | "
+            f"{e['loop']['peak_mb']:,.0f} | {e['direct']['seconds']:.2f} s | "
+            f"{e['raw_floor']['seconds']:.2f} s | {e['vs_raw_floor']:.1f}x | "
+            f"{e['pandas']['seconds']:.2f} s | {e['pandas_vs_loop']:.1f}x |"
+        )
+    top = list(results["scales"].values())[-1]
+    t = results["targets"]
+    lines += [
+        "",
+        "| target | measured | met |",
+        "|---|---:|:---:|",
+        f"| end to end within 3x the raw floor | {t['loop_within_3x_raw_floor']['ratio']:.1f}x | {_yes(t['loop_within_3x_raw_floor'])} |",
+        f"| at least 5x faster than pandas + pandera | {t['at_least_5x_faster_than_pandas']['ratio']:.1f}x | {_yes(t['at_least_5x_faster_than_pandas'])} |",
+    ]
+    if "increment" in top:
+        lines.append(
+            f"| {INCREMENT:,} new events cost ≤ 5% of the full run | "
+            f"{top['increment']['seconds']:.2f} s = {100 * top['increment_share_of_full']:.1f}% | "
+            f"{_yes(t['increment_at_most_5pct_of_full'])} |"
+        )
+    lines += [
+        f"| landing_sensor tick with {SENSOR_FILES:,} files seen + 10 new < 100 ms | {t['sensor_tick_under_100ms']['ms']:.1f} ms | {_yes(t['sensor_tick_under_100ms'])} |",
+        f"| peak memory < 3 GB at the largest scale | {t['peak_memory_under_3gb']['mb']:,.0f} MB | {_yes(t['peak_memory_under_3gb'])} |",
+        f"| cost grows linearly (seconds per million events, by scale) | {', '.join(map(str, t['linear_scaling']['seconds_per_million']))} | |",
+        "",
+        f"`retrained_model` on a {results['train']['n_train_rows']:,}-item corpus: "
+        f"{results['train']['seconds']:.2f} s (gold accuracy {results['train']['gold_accuracy']:.3f}). "
+        f"Dagster's orchestration (the loop minus the same asset functions called directly) cost "
+        + ", ".join(f"{e['dagster_overhead_seconds']:.2f} s at {int(k):,}" for k, e in results["scales"].items())
+        + ".",
+    ]
+    return "\n".join(lines)
+
+
+def _yes(target: dict) -> str:
+    return "yes" if target["met"] else "**no**"
+
+
+def write_readme(table: str) -> None:
+    readme = REPO / "README.md"
+    text = readme.read_text()
+    start, end = "<!-- bench:start -->", "<!-- bench:end -->"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        _, tail = rest.split(end, 1)
+        readme.write_text(f"{head}{start}\n{table}\n{end}{tail}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    parser.add_argument("--scales", type=int, nargs="+", default=[100_000, 300_000, 1_000_000])
+    parser.add_argument("--items", type=int, default=100_000)
+    parser.add_argument("--work", type=Path, default=REPO / "benchmarks" / "work")
+    parser.add_argument("--no-readme", action="store_true")
+    args = parser.parse_args(argv)
+    if args.child:
+        name, *rest = args.child
+        casts = {"setup": (str, int, int)}
+        values = [cast(v) for cast, v in zip(casts.get(name, (str,)), rest)]
+        print(json.dumps(CHILDREN[name](*values)))
+        return 0
+    results = suite(sorted(args.scales), args.work, args.items)
+    table = markdown(results)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "latest.json").write_text(json.dumps(results, indent=2))
+    print(table)
+    if not args.no_readme:
+        write_readme(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
