@@ -1,0 +1,30 @@
+"""A small run of the benchmark harness, so `make bench` cannot rot (measurements live there)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import run
+
+
+@pytest.mark.slow
+def test_benchmark_harness_smoke(tmp_path):
+    results = run.suite(
+        [2_000], tmp_path / "work", n_items=1_000, log=lambda _: None,
+        increment=500, sensor_files=200,
+    )
+
+    entry = results["scales"]["2000"]
+    loop = entry["loop"]
+    assert loop["records_in"] == 2_000 == loop["accepted"] + loop["quarantined"]
+    assert 0.03 < loop["quarantined"] / 2_000 < 0.12  # ~5% bad rows, plus corrections of gold items
+    # The hand-written baseline applies the same rules and must accept exactly the same rows.
+    assert entry["pandas"]["accepted"] == loop["accepted"]
+    assert entry["increment"]["records_in"] == 500
+    assert results["sensor"]["new_files"] == 10
+    assert results["train"]["n_train_rows"] > 900
+    table = run.markdown(results)
+    assert "| 2,000 |" in table and "raw floor" in table
+    json.dumps(results)
