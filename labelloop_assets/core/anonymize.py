@@ -44,14 +44,22 @@ def pseudonym(key: bytes, user_id: str) -> str:
 
 def scrub_sql(text_column: str, author_column: str | None = None) -> str:
     """Replace e-mail addresses, phone numbers and similar in free text with placeholders."""
-    expr = text_column
+    scrubbed = text_column
     for pattern, placeholder in SCRUB_PATTERNS:
-        escaped = pattern.replace("'", "''")
-        expr = f"regexp_replace({expr}, '{escaped}', '{placeholder}', 'g')"
+        scrubbed = f"regexp_replace({scrubbed}, {_literal(pattern)}, '{placeholder}', 'g')"
+    # Most text holds none of them: one combined test spares it the whole chain.
+    any_pattern = _literal("|".join(f"(?:{pattern})" for pattern, _ in SCRUB_PATTERNS))
+    expr = f"CASE WHEN regexp_matches({text_column}, {any_pattern}) THEN {scrubbed} ELSE {text_column} END"
     if author_column is not None:
-        # People sign their rationale with their own id; that id must not survive either.
+        # People sign their rationale with their own id, in any case; it must not survive either.
         expr = (
-            f"CASE WHEN coalesce({author_column}, '') = '' THEN {expr} "
-            f"ELSE replace({expr}, {author_column}, '[user]') END"
+            f"CASE WHEN coalesce({author_column}, '') <> '' AND "
+            f"contains(lower({expr}), lower({author_column})) THEN "
+            f"regexp_replace({expr}, '(?i)' || regexp_escape({author_column}), '[user]', 'g') "
+            f"ELSE {expr} END"
         )
     return expr
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"

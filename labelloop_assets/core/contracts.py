@@ -54,9 +54,6 @@ def _trim(expr: str) -> str:
     return f"trim({expr}, E' \\t\\r\\n')"
 
 
-def _timestamp(expr: str) -> str:
-    return f"TRY_CAST(upper({_trim(expr)}) AS TIMESTAMPTZ)"
-
 
 @dataclass(frozen=True)
 class FieldSpec:
@@ -204,7 +201,8 @@ def read_lines(path: Path, con: duckdb.DuckDBPyConnection) -> tuple[pl.DataFrame
 
 
 def _ref(field: FieldSpec) -> str:
-    """The column holding a field's JSON value (parsed once per line, see check_records)."""
+    """The column holding a field's value as text: the string itself, or JSON for arrays and
+    objects (extracted once per line, see check_records)."""
     return f"f_{field.name}"
 
 
@@ -217,10 +215,8 @@ def _text_ref(field: FieldSpec) -> str:
 
 
 def _field_columns(field: FieldSpec) -> str:
-    """A field's JSON type and its trimmed text, computed once for all of its rules."""
-    value = _ref(field)
-    text = _trim("(" + value + "->>'$')")
-    return f"json_type({value}) AS {_type_ref(field)}, {text} AS {_text_ref(field)}"
+    """A field's trimmed text, computed once for all of its rules."""
+    return f"{_trim(_ref(field))} AS {_text_ref(field)}"
 
 
 def _field_rules(field: FieldSpec) -> list[tuple[str, str, str]]:
@@ -302,36 +298,28 @@ def _field_rules(field: FieldSpec) -> list[tuple[str, str, str]]:
 
 
 def _extract(field: FieldSpec, author: str | None) -> str:
-    value = _ref(field)
-    text = f"({value}->>'$')"
+    value, text = _ref(field), _text_ref(field)
     if field.private:
-        return f"{pseudonym_sql(_trim(text), '$inner', '$outer')} AS {field.name}"
+        return f"p_{field.name} AS {field.name}"
     if field.free_text:
-        return f"{scrub_sql(text, author)} AS {field.name}"
+        return f"{scrub_sql(value, author)} AS {field.name}"
     if field.kind == "string":
-        return f"{_trim(text)} AS {field.name}"
+        return f"{text} AS {field.name}"
     if field.kind == "timestamp":
-        return f"{_timestamp(text)} AS {field.name}"
+        return f"TRY_CAST(upper({text}) AS TIMESTAMPTZ) AS {field.name}"
     if field.kind == "number":
         return f"TRY_CAST({text} AS DOUBLE) AS {field.name}"
     if field.kind == "bool":
         return f"TRY_CAST({text} AS BOOLEAN) AS {field.name}"
     if field.kind == "object":
         # An explicit JSON null is the same as an absent field.
-        return (
-            f"CASE WHEN json_type({value}) = 'NULL' THEN NULL "
-            f"ELSE CAST({value} AS VARCHAR) END AS {field.name}"
-        )
+        return f"CASE WHEN {_type_ref(field)} = 'NULL' THEN NULL ELSE {value} END AS {field.name}"
     if field.kind == "number_array":
-        return f"TRY_CAST({value} AS DOUBLE[]) AS {field.name}"
+        return (
+            f"CASE WHEN {_type_ref(field)} = 'ARRAY' "
+            f"THEN TRY_CAST(CAST({value} AS JSON) AS DOUBLE[]) END AS {field.name}"
+        )
     raise ValueError(field.kind)
-
-
-def _case(rules: list[tuple[str, str, str]], pick: int) -> str:
-    whens = " ".join(
-        f"WHEN {rule[0]} THEN '{rule[pick].replace(chr(39), chr(39) * 2)}'" for rule in rules
-    )
-    return f"CASE {whens} ELSE NULL END"
 
 
 def check_records(
@@ -360,23 +348,38 @@ def check_records(
     for field in spec.fields:
         rules.extend(_field_rules(field))
     private = [field for field in spec.fields if field.private]
-    author = _trim(f"({_ref(private[0])}->>'$')") if private else None
+    author = _text_ref(private[0]) if private else None
+    # Keyed pseudonyms are computed once per distinct value, then joined back to every row.
+    pseudonyms = "".join(
+        f""", pseudonyms_{f.name} AS (
+                SELECT {_text_ref(f)}, {pseudonym_sql(_text_ref(f), '$inner', '$outer')} AS p_{f.name}
+                FROM (SELECT DISTINCT {_text_ref(f)} FROM judged)
+            )"""
+        for f in private
+    )
+    joins = " ".join(f"LEFT JOIN pseudonyms_{f.name} USING ({_text_ref(f)})" for f in private)
     extracted = ", ".join(_extract(field, author) for field in spec.fields)
     inner, outer = hmac_pads(key)
     hashed = ", ".join(f"coalesce(CAST({field.name} AS VARCHAR), '\\N')" for field in spec.fields)
     paths = ", ".join(f"'$.{field.name}'" for field in spec.fields)
-    values = ", ".join(f"v[{i}] AS {_ref(field)}" for i, field in enumerate(spec.fields, start=1))
-    item_ref = "f_item_id" if any(f.name == "item_id" for f in spec.fields) else "NULL"
+    values = ", ".join(
+        f"types[{i}] AS {_type_ref(field)}, texts[{i}] AS {_ref(field)}"
+        for i, field in enumerate(spec.fields, start=1)
+    )
+    item_ref = "s_item_id" if any(f.name == "item_id" for f in spec.fields) else "NULL"
     described = ", ".join(_field_columns(field) for field in spec.fields)
     if "source_file" not in lines.columns:
         lines = lines.with_columns(source_file=pl.lit(source_file, pl.String))
+    whens = " ".join(f"WHEN {condition} THEN {n}" for n, (condition, _, _) in enumerate(rules, start=1))
+    reasons = "[" + ", ".join(_quote(reason) for _, reason, _ in rules) + "]"
+    details = "[" + ", ".join(_quote(detail) for _, _, detail in rules) + "]"
     con.register("landing_lines", lines.select("source_file", "line_no", "line", "bad_encoding"))
     try:
-        # Each line is parsed once into a list of its fields' JSON values; every rule then
-        # reads those small values instead of re-parsing the line.
-        con.execute(
+        # One pass: each line is parsed once into its fields' JSON values; every rule reads
+        # those small values, the first failing rule's number names the reason, and the typed
+        # values are extracted in the same query.
+        checked = con.sql(
             f"""
-            CREATE OR REPLACE TEMP TABLE checked_lines AS
             WITH base AS (
                 SELECT source_file, line_no, line, bad_encoding,
                        octet_length(encode(line)) > {MAX_LINE_BYTES} AS oversize
@@ -386,44 +389,54 @@ def check_records(
             ), rooted AS (
                 SELECT *, CASE WHEN valid THEN json_type(line) END AS root FROM valid
             ), parsed AS (
-                SELECT *, CASE WHEN root = 'OBJECT' THEN json_extract(line, [{paths}]) END AS v
+                SELECT *,
+                       CASE WHEN root = 'OBJECT' THEN json_type(line, [{paths}]) END AS types,
+                       CASE WHEN root = 'OBJECT' THEN json_extract_string(line, [{paths}]) END AS texts
                 FROM rooted
             ), fields AS (
-                SELECT line_no, source_file, bad_encoding, oversize, valid, root,
-                       sha256(line) AS line_sha256, {values}
+                SELECT line, source_file, line_no, bad_encoding, oversize, valid, root, {values}
                 FROM parsed
             ), described AS (
                 SELECT *, {described} FROM fields
+            ), judged AS (
+                SELECT *, CASE {whens} END AS rule_no FROM described
+            ){pseudonyms}, typed AS (
+                SELECT source_file, line_no, rule_no,
+                       -- the raw line is never kept; its hash identifies a rejected one
+                       CASE WHEN rule_no IS NOT NULL THEN sha256(line) END AS line_sha256,
+                       left(s_{spec.key}, 256) AS record_id,
+                       left({item_ref}, 256) AS quarantined_item_id,
+                       {extracted}
+                FROM judged {joins}
             )
-            SELECT *, {_case(rules, 1)} AS reason, {_case(rules, 2)} AS detail FROM described
-            """
-        )
-        accepted = con.sql(
-            f"""
-            WITH typed AS (
-                SELECT source_file, line_no, line_sha256, {extracted}
-                FROM checked_lines WHERE reason IS NULL
-            )
-            SELECT *, md5(concat_ws('|', {hashed})) AS payload_hash
+            SELECT *, {reasons}[rule_no] AS reason, {details}[rule_no] AS detail,
+                   CASE WHEN rule_no IS NULL THEN md5(concat_ws('|', {hashed})) END AS payload_hash
             FROM typed ORDER BY source_file, line_no
             """,
             params={"inner": inner, "outer": outer} if private else None,
         ).pl()
-        # Ids are taken only from lines that parsed, so a hostile line cannot smuggle them in.
-        quarantined = con.sql(
-            f"""
-            SELECT ? AS kind, source_file, line_no, reason, detail,
-                   left(f_{spec.key}->>'$', 256) AS record_id,
-                   left({item_ref}->>'$', 256) AS item_id,
-                   line_sha256
-            FROM checked_lines WHERE reason IS NOT NULL ORDER BY source_file, line_no
-            """,
-            params=[spec.kind],
-        ).pl()
     finally:
         con.unregister("landing_lines")
-        con.execute("DROP TABLE IF EXISTS checked_lines")
+    failed = pl.col("reason").is_not_null()
+    accepted = checked.filter(~failed).drop(
+        "rule_no", "reason", "detail", "record_id", "quarantined_item_id"
+    )
+    # Ids are taken only from lines that parsed, so a hostile line cannot smuggle them in.
+    quarantined = checked.filter(failed).select(
+        pl.lit(spec.kind).alias("kind"),
+        "source_file",
+        "line_no",
+        "reason",
+        "detail",
+        "record_id",
+        pl.col("quarantined_item_id").alias("item_id"),
+        "line_sha256",
+    )
     return accepted, quarantined.cast(QUARANTINE_COLUMNS)
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
 
 
 def whole_file_quarantine(kind: str, source_file: str, error: UnreadableFile, path: Path) -> pl.DataFrame:
