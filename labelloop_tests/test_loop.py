@@ -212,3 +212,50 @@ def test_shipped_samples_run_through_the_whole_loop(home, defs, instance):
     labels = dict(_rows(home, "SELECT item_id, label FROM production_corpus").iter_rows())
     assert labels["sample-04"] == "one" and labels["sample-07"] == "zero"
     assert _metadata(result, "retrained_model")["n_gold"] == 3
+
+
+def test_ontology_rename_migrates_stored_labels_and_a_dropped_label_holds_training(
+    home, defs, instance
+):
+    records, _ = make_items()
+    write_jsonl(home.landing_dir("items"), "items.jsonl", records)
+    assert _materialize(defs, instance).success
+    n_two = _rows(home, "SELECT count(*) AS n FROM production_corpus WHERE label = 'two'")["n"][0]
+    assert n_two == 15
+
+    # "two" becomes "deux": stored labels follow in a new corpus version, traceably.
+    home.ontology_file.write_text("labels: [zero, one, deux]\nrenames: {two: deux}\n")
+    renamed = _materialize(defs, instance, ["production_corpus"])
+    assert renamed.success
+    assert _metadata(renamed, "production_corpus")["corpus_version"] == 2
+    history = _rows(home, "SELECT change_kind, approved_by, previous_label, label FROM label_history "
+                          "WHERE corpus_version = 2")
+    assert history.height == n_two
+    assert set(history.rows()) == {("rename", "ontology:renames", "two", "deux")}
+    assert _rows(home, "SELECT count(*) AS n FROM production_corpus WHERE label = 'deux'")["n"][0] == n_two
+
+    # "one" dropped with no rename: the corpus check fails and no model trains on it.
+    home.ontology_file.write_text("labels: [zero, deux]\nrenames: {two: deux}\n")
+    held = _materialize(defs, instance, ["production_corpus", "retrained_model"], raise_on_error=False)
+    assert not held.success
+    materialized = {e.asset_key.path[-1] for e in held.get_asset_materialization_events()}
+    assert "retrained_model" not in materialized
+
+
+def test_a_changed_pseudonymization_key_is_refused(home, defs, instance, monkeypatch):
+    records, _ = make_items()
+    write_jsonl(home.landing_dir("items"), "items.jsonl", records)
+    monkeypatch.setenv("LABELLOOP_SECRET", "first-key")
+    write_jsonl(home.landing_dir("corrections"), "c1.jsonl",
+                [correction("e-1", "item-030", "one", user="zed", role="end_user")])
+    assert _materialize(defs, instance, ["items", "raw_corrections"]).success
+
+    monkeypatch.setenv("LABELLOOP_SECRET", "another-key")
+    write_jsonl(home.landing_dir("corrections"), "c2.jsonl",
+                [correction("e-2", "item-030", "one", user="zed", role="end_user")])
+    result = _materialize(defs, instance, ["raw_corrections"], raise_on_error=False)
+
+    assert not result.success
+    failure = [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE][0]
+    assert "LABELLOOP_SECRET is not the key" in failure.step_failure_data.error.message
+    assert _rows(home, "SELECT count(*) AS n FROM raw_corrections")["n"][0] == 1

@@ -501,10 +501,14 @@ def test_ontology_config_errors(labels, renames, message):
 
 def test_ontology_load_from_yaml_stringifies_numbers(tmp_path):
     path = tmp_path / "ontology.yaml"
-    path.write_text("labels: [0, 1, yes]\nrenames:\n  zero: 0\n  '01': zero\n")
+    path.write_text("labels: [0, 1]\nrenames:\n  zero: 0\n  '01': zero\n")
     ontology = Ontology.load(path)
-    assert ontology.labels == ("0", "1", "True")
+    assert ontology.labels == ("0", "1")
     assert ontology.rename_map == {"zero": "0", "01": "0"}
+    # YAML's yes/null are not label names: refused instead of becoming "True" or "None".
+    path.write_text("labels: [0, yes, null]\n")
+    with pytest.raises(LabelloopConfigError, match="non-empty name"):
+        Ontology.load(path)
 
 
 @pytest.mark.parametrize(

@@ -53,7 +53,7 @@ def validated_labels(
             "SELECT * FROM raw_corrections WHERE seq > ? ORDER BY seq",
             [store.get_state(con, STAGED_SEQ)],
         )
-        staged, decisions = _stage_and_resolve(con, new, policy)
+        staged, decisions = _stage_and_resolve(con, new, policy, ontology)
         validation = schemas.validate(schemas.validated_labels_schema(ontology.labels), staged)
         if validation.passed and staged.height:
             with store.transaction(con):
@@ -80,7 +80,7 @@ def validated_labels(
     )
 
 
-def _stage_and_resolve(con, new: pl.DataFrame, policy: resolve.ResolutionPolicy):
+def _stage_and_resolve(con, new: pl.DataFrame, policy: resolve.ResolutionPolicy, ontology):
     if new.height == 0:
         return new, pl.DataFrame()
     predictions = store.lookup(
@@ -95,7 +95,10 @@ def _stage_and_resolve(con, new: pl.DataFrame, policy: resolve.ResolutionPolicy)
     earlier = store.lookup(
         con, "validated_labels", "item_id", staged, "t.* EXCLUDE (item_id, staged_at, run_id)"
     )
-    votes = pl.concat([earlier, staged], how="diagonal_relaxed")
+    # Older votes are read in today's terms; a vote for a term since dropped counts no more.
+    votes = pl.concat([earlier, staged], how="diagonal_relaxed").with_columns(
+        corrected_label=ontology.harmonize("corrected_label")
+    ).drop_nulls("corrected_label")
     return staged, resolve.resolve(votes, current, policy)
 
 
@@ -135,7 +138,24 @@ def production_corpus(
         decisions = store.frame(
             con, "SELECT * FROM label_decisions WHERE decision_id > ? ORDER BY decision_id", [decision_mark]
         )
-        touched = pl.concat([new_items.select("item_id"), decisions.select("item_id")])
+        # Stored labels outside the ontology: a rename maps them to the current term in this
+        # version; any left over fail the schema check below and hold the corpus.
+        stale = store.frame(
+            con,
+            "SELECT item_id, label, label_source, human_confirmed, since_version, updated_version "
+            "FROM production_corpus WHERE NOT list_contains($labels, label)",
+            {"labels": list(ontology.labels)},
+        )
+        mapped = stale.with_columns(
+            current_term=pl.col("label").replace_strict(ontology.rename_map, default=None)
+        )
+        renamed = mapped.filter(pl.col("current_term").is_not_null()).select(
+            "item_id", pl.col("current_term").alias("label"), pl.col("label").alias("previous_label")
+        )
+        orphans = mapped.filter(pl.col("current_term").is_null()).drop("current_term")
+        touched = pl.concat(
+            [new_items.select("item_id"), decisions.select("item_id"), renamed.select("item_id")]
+        )
         current = store.lookup(
             con, "production_corpus", "item_id", touched,
             "t.label, t.human_confirmed, t.label_source, t.since_version",
@@ -146,9 +166,12 @@ def production_corpus(
         )
         version = (previous["corpus_version"][0] if previous.height else 0) + 1
         changes_before = previous["label_changes_total"][0] if previous.height else 0
-        changes = corpus.plan_changes(new_items, decisions, current, version)
+        changes = corpus.plan_changes(new_items, decisions, current, version, renamed)
         rows = corpus.corpus_rows(changes, current, version)
-        validation = schemas.validate(schemas.production_corpus_schema(ontology.labels), rows)
+        validation = schemas.validate(
+            schemas.production_corpus_schema(ontology.labels),
+            pl.concat([rows, orphans.select(rows.columns)], how="vertical_relaxed"),
+        )
         n_changes = changes.filter(pl.col("change_kind") == corpus.CORRECTION).height
         if validation.passed:
             with store.transaction(con):

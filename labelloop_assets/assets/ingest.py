@@ -78,7 +78,7 @@ def raw_corrections(
         key = labelloop.secret()
     if using_development_secret():
         context.log.warning(DEV_SECRET_WARNING)
-    with open_store(database) as con:
+    with open_store(database) as con, config_errors_as_failures():
         report = ingest.ingest_corrections(con, labelloop.home(), ontology, key, run_id(context))
         batch = store.frame(
             con, "SELECT * FROM raw_corrections WHERE run_id = ?", [run_id(context)]

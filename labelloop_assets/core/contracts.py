@@ -46,7 +46,9 @@ FILE_TOO_LARGE = "file_too_large"
 
 JSON_NUMBER_TYPES = ("UBIGINT", "BIGINT", "DOUBLE", "HUGEINT")
 # ISO-8601 date and time with a zone; a bare date or a zone-less time is refused.
-ISO_TIMESTAMP = r"^\d{4}-\d\d-\d\d[Tt ]\d\d:\d\d(:\d\d(\.\d+)?)?([Zz]|[+-]\d\d(:?\d\d)?)$"
+ISO_TIMESTAMP = (
+    r"^\d{4}-\d\d-\d\d[Tt ]\d\d:\d\d(:\d\d(\.\d+)?)?([Zz]|[+-]([01]\d|2[0-3])(:?[0-5]\d)?)$"
+)
 
 
 def _trim(expr: str) -> str:
@@ -60,7 +62,7 @@ class FieldSpec:
     """One field of a landing record: its JSON type and the limits on its value."""
 
     name: str
-    kind: str  # string | number | bool | timestamp | object | number_array
+    kind: str  # string | number | bool | timestamp | object | number_map | number_array
     required: bool = True
     max_length: int | None = 256
     allowed: tuple[str, ...] | None = None
@@ -108,7 +110,7 @@ PREDICTION_SPEC = RecordSpec(
         FieldSpec("predicted_label", "string"),
         FieldSpec("confidence", "number", minimum=0.0, maximum=1.0),
         FieldSpec("served_at", "timestamp"),
-        FieldSpec("probabilities", "object", required=False, max_length=16 * 1024),
+        FieldSpec("probabilities", "number_map", required=False, max_length=16 * 1024),
     ),
 )
 
@@ -157,7 +159,7 @@ def is_landing_file(path: Path) -> bool:
 
 def read_lines(path: Path, con: duckdb.DuckDBPyConnection) -> tuple[pl.DataFrame, int]:
     """Return (line_no, line) for every non-blank record of a file, and the blank-line count."""
-    if path.suffix not in SUPPORTED_SUFFIXES:
+    if path.suffix.lower() not in SUPPORTED_SUFFIXES:
         raise UnreadableFile(
             UNSUPPORTED_FORMAT, f"{path.name}: expected one of {', '.join(SUPPORTED_SUFFIXES)}"
         )
@@ -167,7 +169,7 @@ def read_lines(path: Path, con: duckdb.DuckDBPyConnection) -> tuple[pl.DataFrame
         raise UnreadableFile(UNREADABLE_FILE, f"{path.name}: {exc.strerror}") from None
     if size > MAX_FILE_BYTES:
         raise UnreadableFile(FILE_TOO_LARGE, f"{path.name}: {size} bytes > {MAX_FILE_BYTES}")
-    if path.suffix == ".parquet":
+    if path.suffix.lower() == ".parquet":
         try:
             frame = con.sql(
                 "SELECT (row_number() OVER ())::BIGINT AS line_no, to_json(t)::VARCHAR AS line "
@@ -181,6 +183,8 @@ def read_lines(path: Path, con: duckdb.DuckDBPyConnection) -> tuple[pl.DataFrame
         data = path.read_bytes()
     except OSError as exc:
         raise UnreadableFile(UNREADABLE_FILE, f"{path.name}: {exc.strerror}") from None
+    if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark is not part of line 1
+        data = data[3:]
     try:
         text, had_bad_bytes = data.decode("utf-8"), False
     except UnicodeDecodeError:
@@ -234,6 +238,7 @@ def _field_rules(field: FieldSpec) -> list[tuple[str, str, str]]:
         "bool": "= 'BOOLEAN'",
         "number": f"IN {JSON_NUMBER_TYPES}",
         "object": "= 'OBJECT'",
+        "number_map": "= 'OBJECT'",
         "number_array": "= 'ARRAY'",
     }[field.kind]
     rules.append((f"{present} AND NOT ({jtype} {expected})", INVALID_TYPE, field.name))
@@ -251,12 +256,29 @@ def _field_rules(field: FieldSpec) -> list[tuple[str, str, str]]:
                 f"{field.name}: must be a non-empty array of numbers",
             )
         )
+        rules.append(
+            (
+                f"{present} AND NOT list_bool_and(list_transform("
+                f"TRY_CAST(CAST({value} AS JSON) AS DOUBLE[]), lambda x: isfinite(x)))",
+                INVALID_VALUE,
+                f"{field.name}: numbers must be finite",
+            )
+        )
+    if field.kind == "number_map":
+        rules.append(
+            (
+                f"{present} AND NOT coalesce(list_bool_and(list_transform(json_type({value}, '$.*'), "
+                f"lambda t: t IN {JSON_NUMBER_TYPES})), true)",
+                INVALID_TYPE,
+                f"{field.name}: must map labels to numbers",
+            )
+        )
     if field.max_length is not None:
         measure = (
             f"json_array_length({value})"
             if field.kind == "number_array"
             else f"length({value})"
-            if field.kind == "object"
+            if field.kind in ("object", "number_map")
             else f"length({text})"
         )
         rules.append(
@@ -311,7 +333,7 @@ def _extract(field: FieldSpec, author: str | None) -> str:
         return f"TRY_CAST({text} AS DOUBLE) AS {field.name}"
     if field.kind == "bool":
         return f"TRY_CAST({text} AS BOOLEAN) AS {field.name}"
-    if field.kind == "object":
+    if field.kind in ("object", "number_map"):
         # An explicit JSON null is the same as an absent field.
         return f"CASE WHEN {_type_ref(field)} = 'NULL' THEN NULL ELSE {value} END AS {field.name}"
     if field.kind == "number_array":

@@ -7,19 +7,28 @@ import polars as pl
 from labelloop_assets.core.resolve import CONFIRMED, PROMOTE
 
 INITIAL = "initial"
+RENAME = "rename"
 CORRECTION = "correction"
 CONFIRMATION = "confirmation"
 RULE_APPROVER = "rule:weighted_vote"
+ONTOLOGY_APPROVER = "ontology:renames"
+# Within one corpus version an item's changes apply in this order (label_history.change_order).
+CHANGE_ORDER = {INITIAL: 0, RENAME: 1, CORRECTION: 2, CONFIRMATION: 2}
 
 
 def plan_changes(
-    new_items: pl.DataFrame, decisions: pl.DataFrame, current: pl.DataFrame, version: int
+    new_items: pl.DataFrame,
+    decisions: pl.DataFrame,
+    current: pl.DataFrame,
+    version: int,
+    renamed: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
     """History rows for one new corpus version.
 
     `new_items`: item_id, initial_label, label_source of items not yet in the corpus (gold items
     never reach here). `decisions`: label_decisions rows not applied yet; the latest one per
-    item wins. `current`: item_id, label, human_confirmed of the touched items.
+    item wins. `current`: item_id, label, human_confirmed of the touched items. `renamed`:
+    item_id, label (the current term), previous_label of stored labels an ontology rename maps.
     """
     initial = new_items.filter(pl.col("initial_label").is_not_null()).select(
         "item_id",
@@ -35,6 +44,22 @@ def plan_changes(
         pl.lit(None, pl.Int32).alias("n_contributors"),
         pl.format("import:{}", pl.col("label_source").fill_null("unknown")).alias("approved_by"),
     )
+    renames = (renamed if renamed is not None else pl.DataFrame(
+        schema={"item_id": pl.String, "label": pl.String, "previous_label": pl.String}
+    )).select(
+        "item_id",
+        "label",
+        "previous_label",
+        pl.lit(RENAME).alias("change_kind"),
+        pl.lit(None, pl.String).alias("label_source"),
+        pl.lit(None, pl.Int64).alias("decision_id"),
+        pl.lit(None, pl.List(pl.String)).alias("event_ids"),
+        pl.lit(None, pl.String).alias("rationale"),
+        pl.lit(None, pl.Float64).alias("support"),
+        pl.lit(None, pl.Float64).alias("share"),
+        pl.lit(None, pl.Int32).alias("n_contributors"),
+        pl.lit(ONTOLOGY_APPROVER).alias("approved_by"),
+    )
     latest = (
         decisions.sort("decision_id")
         .group_by("item_id")
@@ -45,7 +70,8 @@ def plan_changes(
             how="left",
         )
         .join(initial.select("item_id", pl.col("label").alias("arriving")), on="item_id", how="left")
-        .with_columns(now=pl.coalesce("now", "arriving"))
+        .join(renames.select("item_id", pl.col("label").alias("renamed_to")), on="item_id", how="left")
+        .with_columns(now=pl.coalesce("renamed_to", "now", "arriving"))
     )
     changed = (pl.col("status") == PROMOTE) & (pl.col("proposed_label") != pl.col("now")).fill_null(True)
     confirmed = (
@@ -68,8 +94,10 @@ def plan_changes(
         pl.lit(RULE_APPROVER).alias("approved_by"),
     )
     # An item that arrives and is corrected in the same batch gets both rows, in that order.
-    return pl.concat([initial, from_votes], how="vertical").with_columns(
-        corpus_version=pl.lit(version, pl.Int32)
+    changes = pl.concat([initial, renames, from_votes], how="vertical")
+    return changes.with_columns(
+        corpus_version=pl.lit(version, pl.Int32),
+        change_order=pl.col("change_kind").replace_strict(CHANGE_ORDER, return_dtype=pl.Int32),
     )
 
 
@@ -83,6 +111,7 @@ def corpus_rows(changes: pl.DataFrame, current: pl.DataFrame, version: int) -> p
         "item_id",
         pl.col("label").alias("old_label"),
         pl.col("label_source").alias("old_source"),
+        pl.col("human_confirmed").alias("old_confirmed"),
         "since_version",
     )
     return last.join(before, on="item_id", how="left").select(
@@ -90,11 +119,14 @@ def corpus_rows(changes: pl.DataFrame, current: pl.DataFrame, version: int) -> p
         "label",
         pl.when(pl.col("change_kind") == INITIAL)
         .then("label_source")
-        .when(pl.col("change_kind") == CONFIRMATION)
+        .when(pl.col("change_kind").is_in([CONFIRMATION, RENAME]))
         .then(pl.coalesce("old_source", "imported_source", pl.lit(CORRECTION)))
         .otherwise(pl.lit(CORRECTION))
         .alias("label_source"),
-        (pl.col("change_kind") != INITIAL).alias("human_confirmed"),
+        pl.when(pl.col("change_kind") == RENAME)
+        .then(pl.col("old_confirmed").fill_null(False))
+        .otherwise(pl.col("change_kind") != INITIAL)
+        .alias("human_confirmed"),
         pl.when(pl.col("old_label") == pl.col("label"))
         .then("since_version")
         .otherwise(pl.lit(version))

@@ -16,7 +16,8 @@ import polars as pl
 from labelloop_assets.core import contracts as c
 from labelloop_assets.core import store
 from labelloop_assets.core.ontology import Ontology
-from labelloop_assets.core.settings import Home
+from labelloop_assets.core.anonymize import pseudonym
+from labelloop_assets.core.settings import Home, LabelloopConfigError
 
 
 @dataclass
@@ -293,10 +294,32 @@ def ingest_predictions(
     return _finish(con, spec.kind, "predictions", batch, records, quarantined, blank, run_id)
 
 
+KEY_CHECK = "labelloop:pseudonymization-key-check"
+
+
+def check_pseudonymization_key(con: duckdb.DuckDBPyConnection, key: bytes) -> None:
+    """Refuse a key other than the one the stored pseudonyms were made with.
+
+    With another key one person would get a second pseudonym and a second vote. Only a keyed
+    hash of a constant is stored, which reveals nothing about the key.
+    """
+    fingerprint = pseudonym(key, KEY_CHECK)
+    stored = store.scalar(con, "SELECT value FROM schema_info WHERE key = 'pseudonym_key_check'")
+    if stored is None:
+        con.execute("INSERT INTO schema_info VALUES ('pseudonym_key_check', ?)", [fingerprint])
+    elif stored != fingerprint:
+        raise LabelloopConfigError(
+            "LABELLOOP_SECRET is not the key this database's user pseudonyms were made with; "
+            "restore that key (a different one would give each person a second pseudonym and a "
+            "second vote)"
+        )
+
+
 def ingest_corrections(
     con: duckdb.DuckDBPyConnection, home: Home, ontology: Ontology, key: bytes, run_id: str
 ) -> IngestReport:
     """New correction files into `raw_corrections`: pseudonymized, scrubbed, deduplicated."""
+    check_pseudonymization_key(con, key)
     spec = c.CORRECTION_SPEC
     files = pending_files(home, con, spec.kind)
     batch, blank = _read_batch(home, files, spec, con, key)

@@ -60,7 +60,16 @@ class Ontology:
             raise LabelloopConfigError(
                 f"ontology file {path}: `labels` must be a list and `renames` a mapping"
             )
+        # YAML reads `7` as a number, which is a fine label; null, true or an empty name is not.
+        bad = [
+            label for label in labels
+            if isinstance(label, bool) or not isinstance(label, (str, int)) or not str(label).strip()
+        ]
+        if bad:
+            raise LabelloopConfigError(
+                f"ontology file {path}: every label must be a non-empty name, got {bad!r}"
+            )
         return cls(
-            labels=tuple(str(label) for label in labels),
+            labels=tuple(str(label).strip() for label in labels),
             renames={str(old): str(new) for old, new in renames.items()},
         )

@@ -37,8 +37,10 @@ def validated_labels_schema(labels: tuple[str, ...]) -> pa.DataFrameSchema:
             "event_id": pa.Column(str, unique=True),
             "item_id": pa.Column(str),
             "corrected_label": pa.Column(str, pa.Check.isin(list(labels))),
-            "label_before": pa.Column(str, pa.Check.isin(list(labels)), nullable=True),
-            "predicted_label": pa.Column(str, pa.Check.isin(list(labels)), nullable=True),
+            # What the label was, and what a model predicted, are history: a term since dropped
+            # from the ontology may appear there.
+            "label_before": pa.Column(str, nullable=True),
+            "predicted_label": pa.Column(str, nullable=True),
             "prediction_confidence": pa.Column(float, pa.Check.in_range(0.0, 1.0), nullable=True),
             "user_pseudonym": pa.Column(str, pa.Check.str_matches(PSEUDONYM)),
             "user_role": pa.Column(str, pa.Check.isin(list(USER_ROLES))),

@@ -85,8 +85,8 @@ CREATE TABLE IF NOT EXISTS corpus_versions (
 );
 
 CREATE TABLE IF NOT EXISTS label_history (
-    item_id VARCHAR NOT NULL, corpus_version INTEGER NOT NULL, label VARCHAR NOT NULL,
-    previous_label VARCHAR, change_kind VARCHAR NOT NULL, label_source VARCHAR,
+    item_id VARCHAR NOT NULL, corpus_version INTEGER NOT NULL, change_order INTEGER NOT NULL,
+    label VARCHAR NOT NULL, previous_label VARCHAR, change_kind VARCHAR NOT NULL, label_source VARCHAR,
     decision_id BIGINT, event_ids VARCHAR[], rationale VARCHAR, support DOUBLE, share DOUBLE,
     n_contributors INTEGER, approved_by VARCHAR NOT NULL, changed_at TIMESTAMPTZ NOT NULL DEFAULT now(),
     run_id VARCHAR
@@ -129,6 +129,7 @@ CREATE OR REPLACE VIEW label_lineage AS
         SELECT h.* FROM label_history h
         JOIN production_corpus c
           ON c.item_id = h.item_id AND c.updated_version = h.corpus_version
+        QUALIFY row_number() OVER (PARTITION BY h.item_id ORDER BY h.change_order DESC) = 1
     )
     SELECT c.item_id, c.label, c.label_source, c.human_confirmed,
            c.since_version AS label_since_version, h.change_kind, h.previous_label,
