@@ -31,5 +31,7 @@ bench: venv
 dev: venv
 	$(BIN)/dagster dev -w workspace.yaml
 
+# Removes the demo's state only: a LABELLOOP_HOME the demo did not create is left alone.
 clean:
-	rm -rf $(LABELLOOP_HOME)
+	@if [ -f "$(LABELLOOP_HOME)/.labelloop-demo" ]; then rm -rf "$(LABELLOOP_HOME)"; echo "removed $(LABELLOOP_HOME)"; \
+	else echo "not removing $(LABELLOOP_HOME): the demo did not create it"; fi

@@ -71,7 +71,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"state:   {home.root}  (DuckDB file: {home.database})")
     print(f"report:  {home.reports / 'demo.json'}")
     print("open it: make dev   (then http://127.0.0.1:3000: Assets, Runs, Automation)")
-    print("inspect: labelloop status | labelloop quarantine | labelloop lineage ITEM_ID")
+    cli = Path(sys.argv[0])
+    command = os.path.relpath(cli) if cli.is_absolute() else str(cli)
+    print(f"inspect: {command} status | {command} quarantine | {command} lineage ITEM_ID")
     return 0
 
 
@@ -85,11 +87,14 @@ def cmd_status(args: argparse.Namespace) -> int:
             UNION ALL SELECT 'predictions', count(*) FROM predictions
             UNION ALL SELECT 'raw_corrections', count(*) FROM raw_corrections
             UNION ALL SELECT 'quarantine', count(*) FROM quarantine
+            UNION ALL SELECT 'ingested_files', count(*) FROM ingested_files
             UNION ALL SELECT 'validated_labels', count(*) FROM validated_labels
+            UNION ALL SELECT 'label_decisions', count(*) FROM label_decisions
             UNION ALL SELECT 'production_corpus', count(*) FROM production_corpus
             UNION ALL SELECT 'label_history', count(*) FROM label_history
             UNION ALL SELECT 'corpus_versions', count(*) FROM corpus_versions
             UNION ALL SELECT 'models', count(*) FROM models
+            UNION ALL SELECT 'label_quality_metrics', count(*) FROM label_quality_metrics
             """,
         )
         models = store.frame(
@@ -108,26 +113,39 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_quarantine(args: argparse.Namespace) -> int:
+    where = "($kind IS NULL OR kind = $kind) AND ($reason IS NULL OR reason = $reason)"
+    filters = {"kind": args.kind, "reason": args.reason}
     with _read(_home()) as con:
         rows = store.frame(
             con,
-            """
-            SELECT kind, source_file, line_no, reason, detail, record_id, item_id
-            FROM quarantine
-            WHERE ($kind IS NULL OR kind = $kind) AND ($reason IS NULL OR reason = $reason)
-            ORDER BY quarantined_at, source_file, line_no LIMIT $limit
+            f"""
+            SELECT kind, source_file, line_no, reason, detail, record_id, item_id, quarantined_at
+            FROM quarantine WHERE {where}
+            ORDER BY quarantined_at DESC, source_file, line_no LIMIT $limit
             """,
-            {"kind": args.kind, "reason": args.reason, "limit": args.limit},
+            {**filters, "limit": args.limit},
         )
         summary = store.frame(
-            con, "SELECT kind, reason, count(*) AS rows FROM quarantine GROUP BY ALL ORDER BY ALL"
+            con,
+            f"SELECT kind, reason, count(*) AS rows FROM quarantine WHERE {where} "
+            "GROUP BY ALL ORDER BY ALL",
+            filters,
         )
+    total = int(summary["rows"].sum()) if summary.height else 0
     if args.json:
         _print(rows, True)
     else:
         _print(summary, False)
+        print(f"newest {rows.height} of {total} rows (--limit N for more)")
         _print(rows, False)
     return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be a positive whole number")
+    return value
 
 
 def cmd_lineage(args: argparse.Namespace) -> int:
@@ -153,7 +171,8 @@ def cmd_lineage(args: argparse.Namespace) -> int:
             {"item": args.item_id},
         )
     if history.height == 0 and events.height == 0:
-        print(f"labelloop: no label history for item {args.item_id!r}", file=sys.stderr)
+        print(f"labelloop: no label history for item {args.item_id!r}{_why_no_history(args.item_id)}",
+              file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps({"item_id": args.item_id, "history": history.to_dicts(),
@@ -169,6 +188,16 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _why_no_history(item_id: str) -> str:
+    with _read(_home()) as con:
+        found = store.frame(con, "SELECT gold_label FROM items WHERE item_id = ?", [item_id])
+    if found.height == 0:
+        return ": it is not a known item"
+    if found["gold_label"][0] is not None:
+        return ": it is a gold (evaluation) item, never in the corpus"
+    return ": it has no label yet"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="labelloop", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -182,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     quarantine = commands.add_parser("quarantine", help="rows set aside, with their reasons")
     quarantine.add_argument("--kind", choices=["items", "predictions", "corrections"])
     quarantine.add_argument("--reason")
-    quarantine.add_argument("--limit", type=int, default=50)
+    quarantine.add_argument("--limit", type=_positive, default=50)
     quarantine.add_argument("--json", action="store_true")
     quarantine.set_defaults(func=cmd_quarantine)
     lineage = commands.add_parser("lineage", help="every change of one item's label, and why")

@@ -36,8 +36,13 @@ class LabelloopHome(dg.ConfigurableResource):
 def open_store(database: DuckDBResource) -> Iterator[duckdb.DuckDBPyConnection]:
     """A DuckDB connection with labelloop's schema in place (retries while another holds the file)."""
     with database.get_connection() as con:
-        store.ensure_schema(con)
-        yield con
+        # The resource closes the connection only on success; a failed step must not leave the
+        # file held open by this process.
+        try:
+            store.ensure_schema(con)
+            yield con
+        finally:
+            con.close()
 
 
 class RetrainCadence(dg.ConfigurableResource):

@@ -65,6 +65,11 @@ def test_first_run_builds_corpus_model_and_metrics(home, defs, instance):
     metrics = _metadata(result, "label_quality_metrics")
     assert metrics["model_gold_accuracy"] == pytest.approx(1.0)
     assert metrics["coverage"] == 0.0  # nothing human-confirmed yet
+    # Asking again for a model of the same corpus version reuses it: one training per version.
+    again = _materialize(defs, instance, ["retrained_model"])
+    assert _metadata(again, "retrained_model")["model_version"] == "m0001"
+    assert _metadata(again, "retrained_model")["reused"] is True
+    assert _rows(home, "SELECT count(*) AS n FROM models")["n"][0] == 1
 
 
 def test_corrections_flow_to_a_new_corpus_version_with_lineage(home, defs, instance):

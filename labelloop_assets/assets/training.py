@@ -29,6 +29,20 @@ def retrained_model(
         changes_total = store.scalar(
             con, "SELECT label_changes_total FROM corpus_versions ORDER BY corpus_version DESC LIMIT 1"
         )
+        # One training per corpus version: the same corpus and configuration give the same model.
+        existing = store.frame(
+            con,
+            "SELECT * FROM models WHERE corpus_version = ? AND algorithm = ? AND params = ? "
+            "ORDER BY trained_at DESC LIMIT 1",
+            [corpus_version, train.ALGORITHM, json.dumps(train.DEFAULT_PARAMS)],
+        )
+        if existing.height:
+            record = existing.to_dicts()[0]
+            train.set_current(home.models, record["model_version"])
+            context.log.info(
+                f"{record['model_version']} is already trained on corpus v{corpus_version}; reused"
+            )
+            return dg.MaterializeResult(metadata={**_model_metadata(record), "reused": True})
         training = store.frame(
             con,
             "SELECT c.item_id, c.label, i.features FROM production_corpus c "
@@ -61,24 +75,27 @@ def retrained_model(
         "run_id": run_id(context),
     }
     folder = train.save(model, home.models / version, record)
+    record = {**record, "params": json.dumps(record["params"]), "path": str(folder)}
     with open_store(database) as con:
         store.append(
             con,
             "models",
-            pl.DataFrame([{**record, "params": json.dumps(record["params"]), "path": str(folder)}]).with_columns(
+            pl.DataFrame([record]).with_columns(
                 pl.col("gold_accuracy", "gold_macro_f1").fill_nan(None)
             ),
         )
     train.set_current(home.models, version)
-    return dg.MaterializeResult(
-        metadata={
-            "model_version": version,
-            "corpus_version": int(corpus_version),
-            "label_changes_total": int(changes_total or 0),
-            "n_train_rows": training.height,
-            "gold_accuracy": float(np.nan_to_num(scores["accuracy"])),
-            "gold_macro_f1": float(np.nan_to_num(scores["macro_f1"])),
-            "n_gold": gold.height,
-            "path": dg.MetadataValue.path(str(folder)),
-        }
-    )
+    return dg.MaterializeResult(metadata={**_model_metadata(record), "reused": False})
+
+
+def _model_metadata(record: dict) -> dict:
+    return {
+        "model_version": record["model_version"],
+        "corpus_version": int(record["corpus_version"]),
+        "label_changes_total": int(record["label_changes_total"]),
+        "n_train_rows": int(record["n_train_rows"]),
+        "gold_accuracy": float(np.nan_to_num(record["gold_accuracy"] or 0.0)),
+        "gold_macro_f1": float(np.nan_to_num(record["gold_macro_f1"] or 0.0)),
+        "n_gold": int(record["n_gold"]),
+        "path": dg.MetadataValue.path(record["path"]),
+    }

@@ -15,8 +15,8 @@ import polars as pl
 
 from labelloop_assets.core import contracts as c
 from labelloop_assets.core import store
-from labelloop_assets.core.ontology import Ontology
 from labelloop_assets.core.anonymize import pseudonym
+from labelloop_assets.core.ontology import Ontology
 from labelloop_assets.core.settings import Home, LabelloopConfigError
 
 
