@@ -304,7 +304,7 @@ def _targets(results: dict, scales: list[int]) -> dict:
 
 def _machine() -> dict:
     return {
-        "python": platform.python_version(), "platform": platform.platform(),
+        "python": platform.python_version(), "platform": f"{platform.system()} {platform.machine()}",
         "cpus": os.cpu_count(), "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
     }
 
