@@ -48,7 +48,7 @@ def make_items(n: int = 60, n_gold: int = 15, seed: int = 0) -> tuple[list[dict]
 
 
 def correction(event_id: str, item_id: str, label: str, user: str = "alice",
-               role: str = "annotator", **extra) -> dict:
+               role: str = "reviewer", **extra) -> dict:
     record = {
         "event_id": event_id,
         "item_id": item_id,

@@ -81,9 +81,9 @@ def test_corrections_flow_to_a_new_corpus_version_with_lineage(home, defs, insta
         "predicted_label": "zero", "confidence": 0.55, "served_at": "2026-03-02T09:00:00Z",
     }])
     write_jsonl(home.landing_dir("corrections"), "c1.jsonl", [
-        # item-030 is a "zero" in the corpus; an annotator says "one" and explains why.
-        correction("e-1", "item-030", "one", user="ann@corp.example", prediction_id="p-1",
-                   rationale="stroke is vertical, ask ann@corp.example"),
+        # item-030 is a "zero" in the corpus; a reviewer says "one" and explains why.
+        correction("e-1", "item-030", "one", user="ann@corp.example", role="reviewer",
+                   prediction_id="p-1", rationale="stroke is vertical, ask ann@corp.example"),
         # A lone end user cannot flip a label.
         correction("e-2", "item-033", "two", user="bob", role="end_user"),
         # Rows without consent never reach training.

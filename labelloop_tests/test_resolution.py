@@ -162,9 +162,31 @@ def test_two_end_users_agreeing_promote():
     assert d["event_ids"] == ["e01", "e02"] and d["n_contributors"] == 2
 
 
-def test_one_annotator_promotes():
+def test_a_new_annotator_cannot_flip_a_label_alone_but_a_proven_one_can():
+    vote = stage(corrections(("a", "two", "ann", "annotator")), NO_PREDICTIONS, current(a="one"), POLICY)
     d = one(corrections(("a", "two", "ann", "annotator")), current(a="one"))
-    assert (d["status"], d["support"]) == ("promote", 2.0)
+    assert (d["status"], d["support"]) == ("pending", 2.0)
+    proven = pl.DataFrame({"user_pseudonym": ["u_ann"], "accuracy": [0.95], "n_votes": [40]})
+    d = resolve(vote, current(a="one"), POLICY, proven).to_dicts()[0]
+    # weight 2.0 x 0.95 / 0.7 (the prior mean): a reliable annotator counts for more
+    assert d["status"] == "promote" and d["support"] == pytest.approx(2.0 * 0.95 / 0.7)
+    unreliable = proven.with_columns(accuracy=pl.lit(0.5))
+    assert resolve(vote, current(a="one"), POLICY, unreliable)["status"][0] == "pending"
+
+
+def test_a_reviewer_alone_may_flip_a_label():
+    d = one(corrections(("a", "two", "rev", "reviewer")), current(a="one"))
+    assert (d["status"], d["support"]) == ("promote", 4.0)
+
+
+def test_only_a_reviewer_or_domain_expert_changes_a_reviewer_confirmed_label():
+    protected = current(a="one").with_columns(reviewer_confirmed=pl.lit(True))
+    crowd = stage(corrections(*[("a", "two", f"eu{k}", "end_user") for k in range(5)]),
+                  NO_PREDICTIONS, protected, POLICY)
+    d = resolve(crowd, protected, POLICY).to_dicts()[0]
+    assert (d["status"], d["escalation_reason"]) == ("escalate", "contradicts_confirmed")
+    expert = stage(corrections(("a", "two", "exp", "domain_expert")), NO_PREDICTIONS, protected, POLICY)
+    assert resolve(expert, protected, POLICY)["status"][0] == "promote"
 
 
 def test_a_contributors_latest_vote_counts_once():
@@ -172,10 +194,10 @@ def test_a_contributors_latest_vote_counts_once():
     d = one(repeated, current(a="one"))
     assert (d["status"], d["support"], d["n_contributors"], d["event_ids"]) == ("pending", 1.0, 1, ["e03"])
 
-    changed_mind = corrections(("a", "two", "ann", "annotator"), ("a", "three", "ann", "annotator"))
+    changed_mind = corrections(("a", "two", "rev", "reviewer"), ("a", "three", "rev", "reviewer"))
     d = one(changed_mind, current(a="one"))
     assert (d["status"], d["proposed_label"], d["support"], d["total_weight"], d["event_ids"]) == (
-        "promote", "three", 2.0, 2.0, ["e02"]
+        "promote", "three", 4.0, 4.0, ["e02"]
     )
 
 
@@ -192,7 +214,7 @@ def test_enough_support_but_low_share_is_a_conflict():
     )
     d = one(votes, current(a="one"))
     assert (d["status"], d["proposed_label"], d["support"], d["total_weight"], d["share"]) == (
-        "conflict", "two", 4.0, 8.0, 0.5
+        "escalate", "two", 4.0, 8.0, 0.5
     )
 
 
@@ -231,7 +253,7 @@ def test_a_single_end_user_agreeing_with_the_current_label_is_not_enough():
 def test_ties_are_never_promoted(votes, min_share):
     policy = ResolutionPolicy(role_weights=POLICY.role_weights, min_support=2.0, min_share=min_share)
     d = one(corrections(*votes), current(a="one"), policy)
-    assert d["status"] == "conflict"
+    assert d["status"] == "escalate"
     assert d["proposed_label"] in {"two", "three"}
 
 
@@ -241,11 +263,11 @@ def test_tie_with_the_current_label_does_not_depend_on_label_names():
         ("b", "one", "ann1", "annotator"), ("b", "two", "ann2", "annotator"),
     )
     decisions = decide(votes, current(a="one", b="two"))
-    assert [d["status"] for d in decisions] == ["conflict", "conflict"]
+    assert [d["status"] for d in decisions] == ["escalate", "escalate"]
 
 
 def test_item_outside_the_corpus_is_promoted_with_no_current_label():
-    d = one(corrections(("new", "four", "ann", "annotator")), current())
+    d = one(corrections(("new", "four", "rev", "reviewer")), current())
     assert (d["status"], d["current_label"], d["proposed_label"]) == ("promote", None, "four")
 
 
@@ -331,7 +353,7 @@ def test_new_items_get_initial_rows():
         ("n2", "initial", None, "five", "unknown", "import:unknown", 1),
     ]
     rows = corpus.corpus_rows(changes, corpus_now(), 1)
-    assert rows.rows() == [("n1", "three", "vendor", False, 1, 1), ("n2", "five", "unknown", False, 1, 1)]
+    assert rows.drop("reviewer_confirmed").rows() == [("n1", "three", "vendor", False, 1, 1), ("n2", "five", "unknown", False, 1, 1)]
 
 
 def test_decisions_become_corrections_and_confirmations():
@@ -345,7 +367,7 @@ def test_decisions_become_corrections_and_confirmations():
     )
     plan = decisions(
         (1, "a", "two", "promote"), (2, "b", "two", "confirmed"), (3, "c", "three", "promote"),
-        (4, "d", "four", "confirmed"), (5, "e", "zero", "pending"), (6, "f", "zero", "conflict"),
+        (4, "d", "four", "confirmed"), (5, "e", "zero", "pending"), (6, "f", "zero", "escalate"),
         (7, "g", "seven", "promote"),  # not in the corpus yet, no initial label -> enters corrected
     )
     changes = corpus.plan_changes(new_items(), plan, now, 4)
@@ -363,7 +385,8 @@ def test_decisions_become_corrections_and_confirmations():
     assert set(rows) == {"a", "b", "c", "g"}
     # a changed label restarts since_version; a confirmation keeps it and the label's source
     assert rows["a"] == {"item_id": "a", "label": "two", "label_source": "correction",
-                        "human_confirmed": True, "since_version": 4, "updated_version": 4}
+                        "human_confirmed": True, "reviewer_confirmed": False,
+                        "since_version": 4, "updated_version": 4}
     assert (rows["b"]["since_version"], rows["b"]["label_source"], rows["b"]["human_confirmed"]) == (1, "vendor", True)
     assert (rows["c"]["since_version"], rows["c"]["label_source"]) == (2, "vendor")
     assert (rows["g"]["since_version"], rows["g"]["label"]) == (4, "seven")
@@ -387,7 +410,7 @@ def test_item_arriving_and_corrected_in_the_same_batch_gets_both_rows():
     assert [(r[1], r[2], r[3]) for r in history(changes)] == [
         ("initial", None, "three"), ("correction", "three", "eight")
     ]
-    assert corpus.corpus_rows(changes, corpus_now(), 5).rows() == [("n1", "eight", "correction", True, 5, 5)]
+    assert corpus.corpus_rows(changes, corpus_now(), 5).drop("reviewer_confirmed").rows() == [("n1", "eight", "correction", True, 5, 5)]
 
 
 def test_no_decisions_and_no_items_plan_nothing():
@@ -399,7 +422,7 @@ def test_corpus_rows_keeps_since_version_when_the_label_is_unchanged():
     plan = decisions((1, "a", "one", "confirmed"), (2, "b", "two", "promote"))
     changes = corpus.plan_changes(new_items(), plan, now, 7)
     rows = corpus.corpus_rows(changes, now, 7)
-    assert rows.sort("item_id").rows() == [
+    assert rows.sort("item_id").drop("reviewer_confirmed").rows() == [
         ("a", "one", "model", True, 2, 7),
         ("b", "two", "correction", True, 7, 7),
     ]
@@ -411,7 +434,7 @@ def test_same_batch_confirmation_keeps_the_import_label_source():
         new_items(("n1", "three", "vendor")), decisions((1, "n1", "three", "promote")), corpus_now(), 1
     )
     assert [r[1] for r in history(changes)] == ["initial", "confirmation"]
-    assert corpus.corpus_rows(changes, corpus_now(), 1).rows() == [("n1", "three", "vendor", True, 1, 1)]
+    assert corpus.corpus_rows(changes, corpus_now(), 1).drop("reviewer_confirmed").rows() == [("n1", "three", "vendor", True, 1, 1)]
 
 
 # --------------------------------------------------------------------------- through DuckDB
@@ -454,7 +477,7 @@ def test_ingested_corrections_resolve_into_a_corpus_version(tmp_path: Path):
     plan = result.with_row_index("decision_id", offset=1).with_columns(pl.col("decision_id").cast(pl.Int64))
     changes = corpus.plan_changes(items.clear(), plan, corpus_v1, 2)
     rows = corpus.corpus_rows(changes, corpus_v1, 2).sort("item_id")
-    assert rows.rows() == [("i0", "two", "correction", True, 2, 2), ("i2", "one", "vendor", True, 1, 2)]
+    assert rows.drop("reviewer_confirmed").rows() == [("i0", "two", "correction", True, 2, 2), ("i2", "one", "vendor", True, 1, 2)]
 
 
 # --------------------------------------------------------------------------- ontology

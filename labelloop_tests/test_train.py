@@ -185,7 +185,7 @@ def test_metrics_of_an_empty_store(con):
         "corpus_version": None, "model_version": None, "n_items": 0, "n_gold_items": 0,
         "n_human_confirmed": 0, "coverage": None, "n_predictions": 0, "n_corrected_predictions": 0,
         "correction_rate": None, "n_corrections": 0, "n_quarantined": 0, "n_pending_items": 0,
-        "n_conflict_items": 0, "model_gold_accuracy": None,
+        "n_escalated_items": 0, "model_gold_accuracy": None,
     }
     by_label = metrics.by_label(con, ("one", "two"))
     assert by_label.select("label", "n_items", "n_corrections_to", "coverage").rows() == [
@@ -212,7 +212,7 @@ def _populate(con) -> None:
                (5, 'v5', 'd', 'one', NULL, 'p9', false, 'u_3', 'end_user', 'feedback_button', 1, '2024-01-02 00:00:00Z');
         INSERT INTO label_decisions (item_id, proposed_label, support, total_weight, share, n_contributors, status, event_ids)
         VALUES ('a', 'one', 1, 1, 1, 1, 'pending', ['v4']), ('a', 'one', 3, 3, 1, 2, 'promote', ['v1', 'v4']),
-               ('e', 'two', 4, 8, 0.5, 3, 'conflict', []), ('f', 'two', 1, 1, 1, 1, 'pending', []);
+               ('e', 'two', 4, 8, 0.5, 3, 'escalate', []), ('f', 'two', 1, 1, 1, 1, 'pending', []);
         INSERT INTO quarantine (kind, source_file, reason) VALUES ('corrections', 'f', 'no_consent'),
                ('items', 'g', 'malformed_json');
         INSERT INTO corpus_versions (corpus_version, n_new_items, n_label_changes, n_confirmations, n_items, label_changes_total)
@@ -231,7 +231,7 @@ def test_metrics_summary(con):
         "corpus_version": 2, "model_version": "m2", "n_items": 4, "n_gold_items": 2,
         "n_human_confirmed": 2, "coverage": 0.5, "n_predictions": 3, "n_corrected_predictions": 2,
         "correction_rate": pytest.approx(2 / 3), "n_corrections": 5, "n_quarantined": 2,
-        "n_pending_items": 1, "n_conflict_items": 1, "model_gold_accuracy": 0.9,
+        "n_pending_items": 1, "n_escalated_items": 1, "model_gold_accuracy": 0.9,
     }
 
 

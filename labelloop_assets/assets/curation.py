@@ -71,7 +71,7 @@ def validated_labels(
             "promote": _count(decisions, resolve.PROMOTE),
             "confirmed": _count(decisions, resolve.CONFIRMED),
             "pending": _count(decisions, resolve.PENDING),
-            "conflict": _count(decisions, resolve.CONFLICT),
+            "escalate": _count(decisions, resolve.ESCALATE),
             "decisions_by_status": dg.MetadataValue.md(markdown_table(statuses)),
         },
         check_results=[
@@ -90,7 +90,7 @@ def _stage_and_resolve(con, new: pl.DataFrame, policy: resolve.ResolutionPolicy,
         new.filter(pl.col("prediction_id").is_not_null()),
         "t.item_id, t.predicted_label, t.confidence, t.model_version",
     )
-    current = store.lookup(con, "production_corpus", "item_id", new, "t.label")
+    current = store.lookup(con, "production_corpus", "item_id", new, "t.label, t.reviewer_confirmed")
     staged = resolve.stage(new, predictions, current, policy)
     earlier = store.lookup(
         con, "validated_labels", "item_id", staged, "t.* EXCLUDE (item_id, staged_at, run_id)"
@@ -142,7 +142,7 @@ def production_corpus(
         # version; any left over fail the schema check below and hold the corpus.
         stale = store.frame(
             con,
-            "SELECT item_id, label, label_source, human_confirmed, since_version, updated_version "
+            "SELECT item_id, label, label_source, human_confirmed, reviewer_confirmed, since_version, updated_version "
             "FROM production_corpus WHERE NOT list_contains($labels, label)",
             {"labels": list(ontology.labels)},
         )
@@ -158,7 +158,7 @@ def production_corpus(
         )
         current = store.lookup(
             con, "production_corpus", "item_id", touched,
-            "t.label, t.human_confirmed, t.label_source, t.since_version",
+            "t.label, t.human_confirmed, t.reviewer_confirmed, t.label_source, t.since_version",
         )
         previous = store.frame(
             con, "SELECT corpus_version, label_changes_total FROM corpus_versions "
@@ -226,13 +226,16 @@ def _merge_corpus(con, rows: pl.DataFrame) -> None:
     try:
         con.execute(
             """
-            INSERT INTO production_corpus
-                (item_id, label, label_source, human_confirmed, since_version, updated_version)
-            SELECT item_id, label, label_source, human_confirmed, since_version, updated_version
+            INSERT INTO production_corpus (item_id, label, label_source, human_confirmed,
+                reviewer_confirmed, since_version, updated_version)
+            SELECT item_id, label, label_source, human_confirmed, reviewer_confirmed,
+                   since_version, updated_version
             FROM corpus_rows
             ON CONFLICT (item_id) DO UPDATE SET
                 label = excluded.label, label_source = excluded.label_source,
-                human_confirmed = excluded.human_confirmed, since_version = excluded.since_version,
+                human_confirmed = excluded.human_confirmed,
+                reviewer_confirmed = excluded.reviewer_confirmed,
+                since_version = excluded.since_version,
                 updated_version = excluded.updated_version, updated_at = now()
             """
         )

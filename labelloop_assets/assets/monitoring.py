@@ -24,7 +24,7 @@ FIGURES = (
     "n_corrections",
     "n_quarantined",
     "n_pending_items",
-    "n_conflict_items",
+    "n_escalated_items",
 )
 
 

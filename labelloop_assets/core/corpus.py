@@ -43,6 +43,7 @@ def plan_changes(
         pl.lit(None, pl.Float64).alias("share"),
         pl.lit(None, pl.Int32).alias("n_contributors"),
         pl.format("import:{}", pl.col("label_source").fill_null("unknown")).alias("approved_by"),
+        pl.lit(False).alias("by_authority"),
     )
     renames = (renamed if renamed is not None else pl.DataFrame(
         schema={"item_id": pl.String, "label": pl.String, "previous_label": pl.String}
@@ -59,6 +60,7 @@ def plan_changes(
         pl.lit(None, pl.Float64).alias("share"),
         pl.lit(None, pl.Int32).alias("n_contributors"),
         pl.lit(ONTOLOGY_APPROVER).alias("approved_by"),
+        pl.lit(None, pl.Boolean).alias("by_authority"),
     )
     latest = (
         decisions.sort("decision_id")
@@ -92,6 +94,8 @@ def plan_changes(
         "share",
         "n_contributors",
         pl.lit(RULE_APPROVER).alias("approved_by"),
+        pl.col("by_authority").fill_null(False) if "by_authority" in decisions.columns
+        else pl.lit(False).alias("by_authority"),
     )
     # An item that arrives and is corrected in the same batch gets both rows, in that order.
     changes = pl.concat([initial, renames, from_votes], how="vertical")
@@ -107,11 +111,14 @@ def corpus_rows(changes: pl.DataFrame, current: pl.DataFrame, version: int) -> p
         pl.all().last(),
         imported_source=pl.col("label_source").filter(pl.col("change_kind") == INITIAL).first(),
     )
+    if "reviewer_confirmed" not in current.columns:
+        current = current.with_columns(reviewer_confirmed=pl.lit(False))
     before = current.select(
         "item_id",
         pl.col("label").alias("old_label"),
         pl.col("label_source").alias("old_source"),
         pl.col("human_confirmed").alias("old_confirmed"),
+        pl.col("reviewer_confirmed").alias("old_reviewer_confirmed"),
         "since_version",
     )
     return last.join(before, on="item_id", how="left").select(
@@ -127,6 +134,13 @@ def corpus_rows(changes: pl.DataFrame, current: pl.DataFrame, version: int) -> p
         .then(pl.col("old_confirmed").fill_null(False))
         .otherwise(pl.col("change_kind") != INITIAL)
         .alias("human_confirmed"),
+        # A reviewer's or domain expert's word protects a label; a rename or the crowd
+        # confirming it keeps that protection; a crowd change replaces it.
+        pl.when(pl.col("change_kind") == INITIAL).then(False)
+        .when(pl.col("change_kind").is_in([RENAME, CONFIRMATION]))
+        .then(pl.col("old_reviewer_confirmed").fill_null(False) | pl.col("by_authority").fill_null(False))
+        .otherwise(pl.col("by_authority").fill_null(False))
+        .alias("reviewer_confirmed"),
         pl.when(pl.col("old_label") == pl.col("label"))
         .then("since_version")
         .otherwise(pl.lit(version))

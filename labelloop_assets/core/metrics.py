@@ -36,7 +36,7 @@ SELECT
     (SELECT count(*) FROM validated_labels) AS n_corrections,
     (SELECT count(*) FROM quarantine) AS n_quarantined,
     (SELECT count(*) FROM latest_decision WHERE status = 'pending') AS n_pending_items,
-    (SELECT count(*) FROM latest_decision WHERE status = 'conflict') AS n_conflict_items,
+    (SELECT count(*) FROM latest_decision WHERE status = 'escalate') AS n_escalated_items,
     (SELECT gold_accuracy FROM latest_model) AS model_gold_accuracy
 FROM corpus, served, corrected
 """

@@ -1,4 +1,5 @@
-"""Staging and the first resolution rule: corrections are votes weighted by role."""
+"""Staging and resolution: corrections are votes, weighed by role and by the contributor's
+estimated reliability; governance rules decide what a vote may change on its own."""
 
 from __future__ import annotations
 
@@ -13,17 +14,40 @@ from labelloop_assets.core.settings import LabelloopConfigError, load_yaml_mappi
 PROMOTE = "promote"
 CONFIRMED = "confirmed"
 PENDING = "pending"
-CONFLICT = "conflict"
-DECISION_STATUSES = (PROMOTE, CONFIRMED, PENDING, CONFLICT)
+ESCALATE = "escalate"
+DECISION_STATUSES = (PROMOTE, CONFIRMED, PENDING, ESCALATE)
+
+# Why an item needs a reviewer (label_decisions.escalation_reason, escalations.reason).
+DISAGREEMENT = "disagreement"
+TIE = "tie"
+CONTRADICTS_CONFIRMED = "contradicts_confirmed"
+ESCALATION_REASONS = (DISAGREEMENT, TIE, CONTRADICTS_CONFIRMED)
+AUTHORITY_ROLES = ("reviewer", "domain_expert")
 
 
 @dataclass(frozen=True)
 class ResolutionPolicy:
-    """Role weights and the support a label needs before it replaces the current one."""
+    """Role weights, the support a change needs, and what a vote may change on its own."""
 
     role_weights: dict[str, float]
     min_support: float = 2.0
     min_share: float = 0.6
+    min_contributors: int = 1
+    # A lone contributor who is not a reviewer or domain expert may flip a label only with an
+    # estimated accuracy this high, measured on at least this many votes.
+    solo_min_accuracy: float = 0.85
+    solo_min_votes: int = 20
+    # Reliability weighting: weight x accuracy / prior mean, so a typical contributor keeps the
+    # role weight; reviewers and domain experts are the reference and are not re-weighed.
+    reliability_prior_mean: float = 0.7
+    reliability_prior_strength: float = 4.0
+    escalation_sla_hours: float = 48.0
+    # Which roles may decide an escalation, by its reason.
+    may_decide: dict[str, tuple[str, ...]] | None = None
+
+    def deciders(self, reason: str) -> tuple[str, ...]:
+        table = self.may_decide or {}
+        return tuple(table.get(reason, AUTHORITY_ROLES))
 
     def __post_init__(self) -> None:
         missing = set(USER_ROLES) - set(self.role_weights)
@@ -35,15 +59,44 @@ class ResolutionPolicy:
             raise LabelloopConfigError("governance: min_share must be in [0.5, 1]")
         if self.min_support <= 0:
             raise LabelloopConfigError("governance: min_support must be positive")
+        if self.min_contributors < 1:
+            raise LabelloopConfigError("governance: min_contributors must be at least 1")
+        if not 0 < self.reliability_prior_mean < 1:
+            raise LabelloopConfigError("governance: reliability.prior_mean must be in (0, 1)")
+        if self.escalation_sla_hours <= 0:
+            raise LabelloopConfigError("governance: escalation.sla_hours must be positive")
+        for reason, roles in (self.may_decide or {}).items():
+            if reason not in ESCALATION_REASONS:
+                raise LabelloopConfigError(
+                    f"governance: may_decide names an unknown reason {reason!r}; "
+                    f"reasons are {', '.join(ESCALATION_REASONS)}"
+                )
+            unknown = set(roles) - set(USER_ROLES)
+            if unknown:
+                raise LabelloopConfigError(f"governance: may_decide.{reason} names unknown roles {sorted(unknown)}")
 
     @classmethod
     def load(cls, path: Path) -> "ResolutionPolicy":
         raw = load_yaml_mapping(path, "governance")
         try:
+            reliability = raw.get("reliability") or {}
+            solo = raw.get("solo_flip") or {}
+            escalation = raw.get("escalation") or {}
+            may_decide = escalation.get("may_decide")
             return cls(
                 role_weights={str(k): float(v) for k, v in (raw.get("role_weights") or {}).items()},
                 min_support=float(raw.get("min_support", 2.0)),
                 min_share=float(raw.get("min_share", 0.6)),
+                min_contributors=int(raw.get("min_contributors", 1)),
+                solo_min_accuracy=float(solo.get("min_accuracy", 0.85)),
+                solo_min_votes=int(solo.get("min_votes", 20)),
+                reliability_prior_mean=float(reliability.get("prior_mean", 0.7)),
+                reliability_prior_strength=float(reliability.get("prior_strength", 4.0)),
+                escalation_sla_hours=float(escalation.get("sla_hours", 48.0)),
+                may_decide=(
+                    {str(k): tuple(str(r) for r in v) for k, v in may_decide.items()}
+                    if may_decide else None
+                ),
             )
         except (TypeError, ValueError, AttributeError) as exc:
             raise LabelloopConfigError(f"governance file {path}: {exc}") from None
@@ -100,18 +153,51 @@ def stage(
     )
 
 
-def resolve(votes: pl.DataFrame, current: pl.DataFrame, policy: ResolutionPolicy) -> pl.DataFrame:
+def resolve(
+    votes: pl.DataFrame,
+    current: pl.DataFrame,
+    policy: ResolutionPolicy,
+    reliability: pl.DataFrame | None = None,
+) -> pl.DataFrame:
     """One decision per item from all its staged votes (each contributor's latest counts once).
 
     `votes` are validated_labels rows of the items touched by a batch, whatever their age;
-    `current` holds item_id, label. Returns item_id, current_label, proposed_label, support,
-    total_weight, share, n_contributors, status, event_ids, rationale.
+    `current` holds item_id, label and optionally reviewer_confirmed; `reliability` holds
+    user_pseudonym, accuracy, n_votes (contributors missing from it count at the prior mean).
+    Returns item_id, current_label, proposed_label, support, total_weight, share,
+    n_contributors, n_supporters, status, escalation_reason, event_ids, rationale.
     """
-    latest = votes.sort("created_at", "seq").group_by("item_id", "user_pseudonym").last()
+    if reliability is None or reliability.height == 0:
+        reliability = pl.DataFrame(
+            schema={"user_pseudonym": pl.String, "accuracy": pl.Float64, "n_votes": pl.Int64}
+        )
+    authority = pl.col("user_role").is_in(list(AUTHORITY_ROLES))
+    latest = (
+        votes.sort("created_at", "seq")
+        .group_by("item_id", "user_pseudonym")
+        .last()
+        .join(reliability.select("user_pseudonym", "accuracy", "n_votes"), on="user_pseudonym", how="left")
+        .with_columns(
+            pl.col("accuracy").fill_null(policy.reliability_prior_mean),
+            pl.col("n_votes").fill_null(0),
+        )
+        .with_columns(
+            effective_weight=pl.when(authority)
+            .then(pl.col("vote_weight"))
+            .otherwise(pl.col("vote_weight") * pl.col("accuracy") / policy.reliability_prior_mean),
+            authority=authority,
+            trusted_alone=~authority
+            & (pl.col("accuracy") >= policy.solo_min_accuracy)
+            & (pl.col("n_votes") >= policy.solo_min_votes),
+        )
+    )
     per_label = (
         latest.group_by("item_id", "corrected_label")
         .agg(
-            support=pl.col("vote_weight").sum(),
+            support=pl.col("effective_weight").sum(),
+            n_supporters=pl.len().cast(pl.Int32),
+            has_authority=pl.col("authority").any(),
+            trusted_alone=pl.col("trusted_alone").any(),
             event_ids=pl.col("event_id").sort(),
             rationale=pl.col("rationale").sort_by("event_id").drop_nulls().str.slice(0, 200).str.join(" | "),
         )
@@ -124,37 +210,65 @@ def resolve(votes: pl.DataFrame, current: pl.DataFrame, policy: ResolutionPolicy
         )
     )
     contributors = latest.group_by("item_id").agg(n_contributors=pl.len().cast(pl.Int32))
+    if "reviewer_confirmed" not in current.columns:
+        current = current.with_columns(reviewer_confirmed=pl.lit(False))
     top = (
         per_label.filter(pl.col("_rank") == 1)
         .join(contributors, on="item_id")
-        .join(current.select("item_id", pl.col("label").alias("current_label")), on="item_id", how="left")
+        .join(
+            current.select(
+                "item_id", pl.col("label").alias("current_label"), "reviewer_confirmed"
+            ),
+            on="item_id",
+            how="left",
+        )
         .with_columns(
             share=pl.when(pl.col("total_weight") > 0)
             .then(pl.col("support") / pl.col("total_weight"))
             .otherwise(0.0),
             _tied=pl.col("_runner_up").fill_null(-1.0) == pl.col("support"),
+            reviewer_confirmed=pl.col("reviewer_confirmed").fill_null(False),
         )
     )
-    strong = (pl.col("support") >= policy.min_support) & (pl.col("share") >= policy.min_share)
-    same = pl.col("corrected_label") == pl.col("current_label")
     supported = pl.col("support") >= policy.min_support
-    # A tie is a disagreement whichever label it involves: never promoted, never confirmed.
+    strong = supported & (pl.col("share") >= policy.min_share) & ~pl.col("_tied")
+    same = (pl.col("corrected_label") == pl.col("current_label")).fill_null(False)
+    alone = pl.col("n_supporters") == 1
+    protected = pl.col("reviewer_confirmed") & ~pl.col("has_authority")
     status = (
-        pl.when(pl.col("_tied") & supported).then(pl.lit(CONFLICT))
-        .when(strong & ~pl.col("_tied") & same.fill_null(False)).then(pl.lit(CONFIRMED))
-        .when(strong & ~pl.col("_tied")).then(pl.lit(PROMOTE))
-        .when(supported & ~same.fill_null(False)).then(pl.lit(CONFLICT))
+        # A tie is a disagreement whichever label it involves: never promoted, never confirmed.
+        pl.when(pl.col("_tied") & supported).then(pl.lit(ESCALATE))
+        .when(strong & same).then(pl.lit(CONFIRMED))
+        .when(strong & protected).then(pl.lit(ESCALATE))
+        .when(strong & (pl.col("n_supporters") < policy.min_contributors)).then(pl.lit(PENDING))
+        .when(strong & alone & ~pl.col("has_authority") & ~pl.col("trusted_alone")).then(pl.lit(PENDING))
+        .when(strong).then(pl.lit(PROMOTE))
+        .when(supported & ~same).then(pl.lit(ESCALATE))
         .otherwise(pl.lit(PENDING))
     )
-    return top.select(
-        "item_id",
-        "current_label",
-        pl.col("corrected_label").alias("proposed_label"),
-        pl.col("support").cast(pl.Float64),
-        pl.col("total_weight").cast(pl.Float64),
-        pl.col("share").cast(pl.Float64),
-        "n_contributors",
-        status.alias("status"),
-        "event_ids",
-        pl.col("rationale").replace("", None),
-    ).sort("item_id")
+    reason = (
+        pl.when(pl.col("status") != ESCALATE).then(None)
+        .when(pl.col("_tied")).then(pl.lit(TIE))
+        .when(protected & ~same).then(pl.lit(CONTRADICTS_CONFIRMED))
+        .otherwise(pl.lit(DISAGREEMENT))
+    )
+    return (
+        top.with_columns(status=status)
+        .with_columns(escalation_reason=reason)
+        .select(
+            "item_id",
+            "current_label",
+            pl.col("corrected_label").alias("proposed_label"),
+            pl.col("support").cast(pl.Float64),
+            pl.col("total_weight").cast(pl.Float64),
+            pl.col("share").cast(pl.Float64),
+            "n_contributors",
+            "n_supporters",
+            pl.col("has_authority").alias("by_authority"),
+            "status",
+            "escalation_reason",
+            "event_ids",
+            pl.col("rationale").replace("", None),
+        )
+        .sort("item_id")
+    )

@@ -57,6 +57,7 @@ def production_corpus_schema(labels: tuple[str, ...]) -> pa.DataFrameSchema:
             "label": pa.Column(str, pa.Check.isin(list(labels))),
             "label_source": pa.Column(str),
             "human_confirmed": pa.Column(bool),
+            "reviewer_confirmed": pa.Column(bool),
             "since_version": pa.Column(pl.Int32, pa.Check.ge(1)),
             "updated_version": pa.Column(pl.Int32, pa.Check.ge(1)),
         },

@@ -73,7 +73,8 @@ CREATE SEQUENCE IF NOT EXISTS label_decisions_seq;
 CREATE TABLE IF NOT EXISTS label_decisions (
     decision_id BIGINT PRIMARY KEY DEFAULT nextval('label_decisions_seq'), item_id VARCHAR NOT NULL, current_label VARCHAR,
     proposed_label VARCHAR NOT NULL, support DOUBLE NOT NULL, total_weight DOUBLE NOT NULL,
-    share DOUBLE NOT NULL, n_contributors INTEGER NOT NULL, status VARCHAR NOT NULL,
+    share DOUBLE NOT NULL, n_contributors INTEGER NOT NULL, n_supporters INTEGER,
+    by_authority BOOLEAN, status VARCHAR NOT NULL, escalation_reason VARCHAR,
     event_ids VARCHAR[] NOT NULL, rationale VARCHAR, decided_at TIMESTAMPTZ NOT NULL DEFAULT now(),
     run_id VARCHAR
 );
@@ -88,13 +89,14 @@ CREATE TABLE IF NOT EXISTS label_history (
     item_id VARCHAR NOT NULL, corpus_version INTEGER NOT NULL, change_order INTEGER NOT NULL,
     label VARCHAR NOT NULL, previous_label VARCHAR, change_kind VARCHAR NOT NULL, label_source VARCHAR,
     decision_id BIGINT, event_ids VARCHAR[], rationale VARCHAR, support DOUBLE, share DOUBLE,
-    n_contributors INTEGER, approved_by VARCHAR NOT NULL, changed_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    n_contributors INTEGER, by_authority BOOLEAN, approved_by VARCHAR NOT NULL, changed_at TIMESTAMPTZ NOT NULL DEFAULT now(),
     run_id VARCHAR
 );
 
 CREATE TABLE IF NOT EXISTS production_corpus (
     item_id VARCHAR PRIMARY KEY, label VARCHAR NOT NULL, label_source VARCHAR NOT NULL,
-    human_confirmed BOOLEAN NOT NULL, since_version INTEGER NOT NULL,
+    human_confirmed BOOLEAN NOT NULL, reviewer_confirmed BOOLEAN NOT NULL DEFAULT false,
+    since_version INTEGER NOT NULL,
     updated_version INTEGER NOT NULL, updated_at TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 
@@ -111,7 +113,7 @@ CREATE TABLE IF NOT EXISTS label_quality_metrics (
     n_items BIGINT NOT NULL, n_gold_items BIGINT NOT NULL, n_human_confirmed BIGINT NOT NULL,
     coverage DOUBLE, n_predictions BIGINT NOT NULL, n_corrected_predictions BIGINT NOT NULL,
     correction_rate DOUBLE, n_corrections BIGINT NOT NULL, n_quarantined BIGINT NOT NULL,
-    n_pending_items BIGINT NOT NULL, n_conflict_items BIGINT NOT NULL,
+    n_pending_items BIGINT NOT NULL, n_escalated_items BIGINT NOT NULL,
     model_gold_accuracy DOUBLE, run_id VARCHAR
 );
 

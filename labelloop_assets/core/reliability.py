@@ -1,0 +1,288 @@
+"""Contributor reliability: a one-coin Dawid–Skene model fitted by MAP EM, clamped by anchors.
+
+Model. Each item i has an unknown true label z_i drawn from a class prior pi over K labels.
+Contributor c gives the true label with probability p_c (their accuracy); otherwise they give
+one of the other K-1 labels, uniformly at random. Votes are independent given the true labels.
+
+Fit. EM alternates between the posterior over each item's true label (E-step) and the
+accuracies and class prior that best explain those posteriors (M-step). Items with a
+reviewer-confirmed label (anchors) are not inferred: their posterior is clamped to a one-hot
+on the anchor, so they count as known truth, and every other item counts through the consensus.
+
+Prior. Each p_c has a Beta prior worth `strength` pseudo-votes, a `mean` share of them correct
+(a = mean * strength, b = (1 - mean) * strength), so the M-step is
+
+    p_c = (expected correct votes of c + a) / (votes of c + a + b),
+
+the posterior mode under Beta(a + 1, b + 1), a prior whose own mode is `mean`. A contributor
+with a handful of votes stays near `mean`; with hundreds, the data decides. The estimate is
+always strictly inside (0, 1).
+
+Start. The first accuracies come from the anchored votes alone (the prior mean for anyone
+without one), so a group that agrees among itself but not with the reviewers starts low and
+cannot take over the consensus.
+
+Limits. The one-coin model assumes independent errors: without anchors, colluders who outnumber
+honest contributors on the same items look reliable. Items only one contributor labeled say
+little about that contributor; with no anchors and no overlap their estimate rests on the prior
+and on self-consistency (it drifts up when their labels concentrate on a few classes).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+
+CONTRIBUTOR_SCHEMA = {
+    "user_pseudonym": pl.String,
+    "n_votes": pl.Int64,
+    "n_anchored": pl.Int64,
+    "n_anchor_agreements": pl.Int64,
+    "accuracy": pl.Float64,
+    "iterations": pl.Int64,
+}
+POSTERIOR_SCHEMA = {"item_id": pl.String, "label": pl.String, "probability": pl.Float64}
+
+# Pseudo-count per class in the class prior, so a label nobody voted keeps a finite log prior.
+CLASS_PRIOR_PSEUDO_COUNT = 1.0
+
+
+@dataclass(frozen=True)
+class ReliabilityPrior:
+    """Beta prior on a contributor's accuracy: `strength` pseudo-votes, a `mean` share correct."""
+
+    mean: float = 0.7
+    strength: float = 4.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.mean < 1.0:
+            raise ValueError(f"reliability prior mean must be in (0, 1), got {self.mean}")
+        if not (self.strength > 0.0 and math.isfinite(self.strength)):
+            raise ValueError(f"reliability prior strength must be positive, got {self.strength}")
+
+    @property
+    def correct_pseudo_votes(self) -> float:
+        return self.mean * self.strength
+
+
+@dataclass(frozen=True)
+class ReliabilityFit:
+    """One EM fit: per-contributor accuracies and per-item posteriors over the label set."""
+
+    contributors: pl.DataFrame
+    item_posteriors: pl.DataFrame
+    iterations: int
+    converged: bool
+
+
+@dataclass(frozen=True)
+class _EncodedVotes:
+    """Votes as integer codes: items and contributors in sorted order, labels in `labels` order."""
+
+    item_ids: pl.Series
+    user_pseudonyms: pl.Series
+    vote_item: np.ndarray
+    vote_user: np.ndarray
+    vote_label: np.ndarray
+    item_anchor: np.ndarray  # anchor label code per item, -1 where the item has no anchor
+
+
+def fit_reliability(
+    votes: pl.DataFrame,
+    anchors: pl.DataFrame,
+    labels: tuple[str, ...],
+    prior: ReliabilityPrior = ReliabilityPrior(),
+    max_iterations: int = 50,
+    tolerance: float = 1e-6,
+) -> ReliabilityFit:
+    """Fit the anchored one-coin Dawid–Skene model; see `estimate_reliability` for the inputs."""
+    labels = _checked_labels(labels)
+    if max_iterations < 1:
+        raise ValueError(f"max_iterations must be at least 1, got {max_iterations}")
+    if not tolerance >= 0.0:
+        raise ValueError(f"tolerance must not be negative, got {tolerance}")
+
+    if anchors.is_empty():
+        anchors = pl.DataFrame(schema={"item_id": pl.String, "label": pl.String})
+    encoded = None if votes.is_empty() else _encode(votes, anchors, labels)
+    if encoded is None or len(encoded.vote_item) == 0:
+        return ReliabilityFit(
+            contributors=pl.DataFrame(schema=CONTRIBUTOR_SCHEMA),
+            item_posteriors=pl.DataFrame(schema=POSTERIOR_SCHEMA),
+            iterations=0,
+            converged=True,
+        )
+
+    n_classes = len(labels)
+    n_items = len(encoded.item_ids)
+    n_users = len(encoded.user_pseudonyms)
+    vote_item, vote_user, vote_label = encoded.vote_item, encoded.vote_user, encoded.vote_label
+    vote_cell = vote_item * n_classes + vote_label
+
+    anchored_items = np.flatnonzero(encoded.item_anchor >= 0)
+    clamped = np.zeros((len(anchored_items), n_classes))
+    clamped[np.arange(len(anchored_items)), encoded.item_anchor[anchored_items]] = 1.0
+
+    vote_anchor = encoded.item_anchor[vote_item]
+    vote_is_anchored = vote_anchor >= 0
+    n_votes = np.bincount(vote_user, minlength=n_users)
+    n_anchored = np.bincount(vote_user, weights=vote_is_anchored, minlength=n_users)
+    n_anchor_agreements = np.bincount(
+        vote_user, weights=vote_is_anchored & (vote_label == vote_anchor), minlength=n_users
+    )
+
+    def map_accuracy(expected_correct: np.ndarray, counted_votes: np.ndarray) -> np.ndarray:
+        return (expected_correct + prior.correct_pseudo_votes) / (counted_votes + prior.strength)
+
+    def e_step(accuracy: np.ndarray, class_prior: np.ndarray) -> np.ndarray:
+        # Every vote on an item adds log((1-p)/(K-1)) to all K classes and, on the class it names,
+        # log p - log((1-p)/(K-1)) on top. The first part is the same for every class of the item,
+        # so it cancels in the normalisation and only the second part is accumulated.
+        log_wrong = np.log1p(-accuracy) - math.log(n_classes - 1)
+        evidence = np.bincount(
+            vote_cell,
+            weights=(np.log(accuracy) - log_wrong)[vote_user],
+            minlength=n_items * n_classes,
+        ).reshape(n_items, n_classes)
+        log_posterior = evidence + np.log(class_prior)
+        log_posterior -= log_posterior.max(axis=1, keepdims=True)
+        posterior = np.exp(log_posterior)
+        posterior /= posterior.sum(axis=1, keepdims=True)
+        posterior[anchored_items] = clamped
+        return posterior
+
+    def m_step(posterior: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        expected_correct = np.bincount(
+            vote_user, weights=posterior.ravel()[vote_cell], minlength=n_users
+        )
+        class_counts = posterior.sum(axis=0) + CLASS_PRIOR_PSEUDO_COUNT
+        return map_accuracy(expected_correct, n_votes), class_counts / class_counts.sum()
+
+    accuracy = map_accuracy(n_anchor_agreements, n_anchored)
+    class_prior = np.full(n_classes, 1.0 / n_classes)
+    converged = False
+    for iterations in range(1, max_iterations + 1):
+        next_accuracy, next_class_prior = m_step(e_step(accuracy, class_prior))
+        change = max(
+            np.abs(next_accuracy - accuracy).max(), np.abs(next_class_prior - class_prior).max()
+        )
+        accuracy, class_prior = next_accuracy, next_class_prior
+        if change < tolerance:
+            converged = True
+            break
+    posterior = e_step(accuracy, class_prior)
+
+    contributors = pl.DataFrame(
+        {
+            "user_pseudonym": encoded.user_pseudonyms,
+            "n_votes": n_votes.astype(np.int64),
+            "n_anchored": n_anchored.astype(np.int64),
+            "n_anchor_agreements": n_anchor_agreements.astype(np.int64),
+            "accuracy": accuracy,
+            "iterations": np.full(n_users, iterations, dtype=np.int64),
+        },
+        schema=CONTRIBUTOR_SCHEMA,
+    )
+    item_posteriors = pl.DataFrame(
+        {
+            "item_id": np.repeat(encoded.item_ids.to_numpy(), n_classes),
+            "label": np.tile(np.array(labels, dtype=object), n_items),
+            "probability": posterior.ravel(),
+        },
+        schema=POSTERIOR_SCHEMA,
+    )
+    return ReliabilityFit(contributors, item_posteriors, iterations, converged)
+
+
+def estimate_reliability(
+    votes: pl.DataFrame,
+    anchors: pl.DataFrame,
+    labels: tuple[str, ...],
+    prior: ReliabilityPrior = ReliabilityPrior(),
+    max_iterations: int = 50,
+    tolerance: float = 1e-6,
+) -> pl.DataFrame:
+    """Each contributor's accuracy, from agreement with the anchors and with the consensus.
+
+    `votes` holds item_id, user_pseudonym, corrected_label, one row per contributor and item
+    (should a pair repeat, its last row counts); labels outside `labels` and rows with nulls are
+    ignored. `anchors` holds item_id, label: reviewer-confirmed labels, taken as truth (the last
+    row per item counts; labels outside `labels` are ignored).
+
+    Returns one row per contributor, sorted by user_pseudonym: user_pseudonym, n_votes,
+    n_anchored (votes on anchored items), n_anchor_agreements, accuracy (MAP estimate, strictly
+    inside (0, 1)) and iterations (EM iterations run, the same on every row).
+    """
+    return fit_reliability(votes, anchors, labels, prior, max_iterations, tolerance).contributors
+
+
+def item_posteriors(
+    votes: pl.DataFrame,
+    anchors: pl.DataFrame,
+    labels: tuple[str, ...],
+    prior: ReliabilityPrior = ReliabilityPrior(),
+    max_iterations: int = 50,
+    tolerance: float = 1e-6,
+) -> pl.DataFrame:
+    """Per voted item, the posterior over `labels`: item_id, label, probability (K rows per item).
+
+    Anchored items are one-hot on their anchor. Use `fit_reliability` to get these and the
+    contributor accuracies from a single fit.
+    """
+    return fit_reliability(votes, anchors, labels, prior, max_iterations, tolerance).item_posteriors
+
+
+def _checked_labels(labels: tuple[str, ...]) -> tuple[str, ...]:
+    labels = tuple(labels)
+    if len(labels) < 2:
+        raise ValueError(f"need at least two labels, got {labels!r}")
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"labels must be distinct, got {labels!r}")
+    return labels
+
+
+def _encode(votes: pl.DataFrame, anchors: pl.DataFrame, labels: tuple[str, ...]) -> _EncodedVotes:
+    label_codes = pl.DataFrame(
+        {"label": list(labels), "label_code": np.arange(len(labels), dtype=np.int64)},
+        schema={"label": pl.String, "label_code": pl.Int64},
+    )
+    coded = (
+        votes.select(
+            pl.col("item_id").cast(pl.String),
+            pl.col("user_pseudonym").cast(pl.String),
+            pl.col("corrected_label").cast(pl.String).alias("label"),
+        )
+        .drop_nulls()
+        .unique(subset=["item_id", "user_pseudonym"], keep="last", maintain_order=True)
+        .join(label_codes, on="label", how="inner")
+        .with_columns(
+            (pl.col("item_id").rank("dense").cast(pl.Int64) - 1).alias("item_code"),
+            (pl.col("user_pseudonym").rank("dense").cast(pl.Int64) - 1).alias("user_code"),
+        )
+    )
+    anchor_codes = (
+        anchors.select(pl.col("item_id").cast(pl.String), pl.col("label").cast(pl.String))
+        .drop_nulls()
+        .unique(subset="item_id", keep="last", maintain_order=True)
+        .join(label_codes, on="label", how="inner")
+        .select("item_id", pl.col("label_code").alias("anchor_code"))
+    )
+    items = (
+        coded.select("item_id", "item_code")
+        .unique()
+        .sort("item_code")
+        .join(anchor_codes, on="item_id", how="left", maintain_order="left")
+        .with_columns(pl.col("anchor_code").fill_null(-1))
+    )
+    users = coded.select("user_pseudonym", "user_code").unique().sort("user_code")
+    return _EncodedVotes(
+        item_ids=items["item_id"],
+        user_pseudonyms=users["user_pseudonym"],
+        vote_item=coded["item_code"].to_numpy(),
+        vote_user=coded["user_code"].to_numpy(),
+        vote_label=coded["label_code"].to_numpy(),
+        item_anchor=items["anchor_code"].to_numpy(),
+    )
