@@ -16,7 +16,7 @@ from labelloop_assets.core.settings import Home, RetrainPolicy
 from labelloop_assets.jobs import ingest_job, retrain_job
 from labelloop_assets.resources import LabelloopHome, RetrainCadence
 
-INGESTED_KINDS = ("items", "predictions", "corrections")
+INGESTED_KINDS = ("items", "predictions", "corrections", "reviews")
 
 
 def landed_files(home: Home) -> list[str]:
@@ -33,7 +33,7 @@ def landed_files(home: Home) -> list[str]:
     job=ingest_job,
     minimum_interval_seconds=30,
     default_status=dg.DefaultSensorStatus.STOPPED,
-    description="Requests an ingest run when new files appear under landing/{items,predictions,corrections}.",
+    description="Requests an ingest run when new files appear under landing/{items,predictions,corrections,reviews}.",
 )
 def landing_sensor(
     context: dg.SensorEvaluationContext, labelloop: LabelloopHome

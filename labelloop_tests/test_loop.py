@@ -186,8 +186,10 @@ def test_definitions_load_with_descriptions_groups_and_pools(home):
     groups = {k.path[-1]: graph.get(k).group_name for k in graph.get_all_asset_keys()}
     assert groups == {
         "items": "ingest", "predictions": "ingest", "raw_corrections": "ingest",
-        "validated_labels": "curation", "production_corpus": "curation",
+        "review_decisions": "ingest", "validated_labels": "curation",
+        "production_corpus": "curation", "escalations": "curation",
         "label_quality_metrics": "monitoring", "retrained_model": "training",
+        "contributor_reliability": "training",
     }
     for key in graph.get_all_asset_keys():
         node = graph.get(key)

@@ -186,6 +186,7 @@ def test_metrics_of_an_empty_store(con):
         "n_human_confirmed": 0, "coverage": None, "n_predictions": 0, "n_corrected_predictions": 0,
         "correction_rate": None, "n_corrections": 0, "n_quarantined": 0, "n_pending_items": 0,
         "n_escalated_items": 0, "model_gold_accuracy": None,
+        "n_open_escalations": 0, "n_sla_breaches": 0,
     }
     by_label = metrics.by_label(con, ("one", "two"))
     assert by_label.select("label", "n_items", "n_corrections_to", "coverage").rows() == [
@@ -232,6 +233,7 @@ def test_metrics_summary(con):
         "n_human_confirmed": 2, "coverage": 0.5, "n_predictions": 3, "n_corrected_predictions": 2,
         "correction_rate": pytest.approx(2 / 3), "n_corrections": 5, "n_quarantined": 2,
         "n_pending_items": 1, "n_escalated_items": 1, "model_gold_accuracy": 0.9,
+        "n_open_escalations": 0, "n_sla_breaches": 0,
     }
 
 

@@ -17,13 +17,14 @@ from labelloop_assets.checks.schema_checks import (
     markdown_table,
     schema_check_result,
 )
-from labelloop_assets.core import corpus, resolve, schemas, store
+from labelloop_assets.core import corpus, resolve, review, schemas, store
 from labelloop_assets.resources import LabelloopHome, open_store
 
 GROUP = "curation"
 STAGED_SEQ = "validated_labels.raw_seq"
 APPLIED_ITEMS = "production_corpus.items_seq"
 APPLIED_DECISIONS = "production_corpus.decision_id"
+APPLIED_REVIEWS = "production_corpus.review_seq"
 
 
 @dg.asset(
@@ -31,7 +32,7 @@ APPLIED_DECISIONS = "production_corpus.decision_id"
     kinds={"duckdb", "polars"},
     pool=DUCKDB_POOL,
     owners=OWNERS,
-    deps=[raw_corrections, "predictions"],
+    deps=[raw_corrections, "predictions", "review_decisions"],
     check_specs=[
         dg.AssetCheckSpec(
             VALIDATED_LABELS_SCHEMA,
@@ -93,13 +94,28 @@ def _stage_and_resolve(con, new: pl.DataFrame, policy: resolve.ResolutionPolicy,
     current = store.lookup(con, "production_corpus", "item_id", new, "t.label, t.reviewer_confirmed")
     staged = resolve.stage(new, predictions, current, policy)
     earlier = store.lookup(
-        con, "validated_labels", "item_id", staged, "t.* EXCLUDE (item_id, staged_at, run_id)"
+        con, "validated_labels", "item_id", staged, "t.* EXCLUDE (item_id, run_id)"
+    )
+    # A reviewer's decision settles the votes that came before it: only later ones count.
+    reviewed = store.frame(
+        con,
+        "SELECT item_id, max(ingested_at) AS reviewed_at FROM review_decisions "
+        "WHERE decision IN ('accept', 'reject') AND list_contains($items, item_id) GROUP BY item_id",
+        {"items": staged["item_id"].unique().to_list()},
+    )
+    earlier = earlier.join(reviewed, on="item_id", how="left").filter(
+        pl.col("reviewed_at").is_null() | (pl.col("staged_at") > pl.col("reviewed_at"))
+    ).drop("reviewed_at", "staged_at")
+    reliability = store.lookup(
+        con, "contributor_reliability", "user_pseudonym",
+        pl.concat([earlier.select("user_pseudonym"), staged.select("user_pseudonym")]),
+        "t.accuracy, t.n_votes",
     )
     # Older votes are read in today's terms; a vote for a term since dropped counts no more.
     votes = pl.concat([earlier, staged], how="diagonal_relaxed").with_columns(
         corrected_label=ontology.harmonize("corrected_label")
     ).drop_nulls("corrected_label")
-    return staged, resolve.resolve(votes, current, policy)
+    return staged, resolve.resolve(votes, current, policy, reliability)
 
 
 def _count(decisions: pl.DataFrame, status: str) -> int:
@@ -111,7 +127,7 @@ def _count(decisions: pl.DataFrame, status: str) -> int:
     kinds={"duckdb", "polars"},
     pool=DUCKDB_POOL,
     owners=OWNERS,
-    deps=[validated_labels, "items"],
+    deps=[validated_labels, "items", "review_decisions"],
     check_specs=[
         dg.AssetCheckSpec(
             PRODUCTION_CORPUS_SCHEMA,
@@ -138,6 +154,12 @@ def production_corpus(
         decisions = store.frame(
             con, "SELECT * FROM label_decisions WHERE decision_id > ? ORDER BY decision_id", [decision_mark]
         )
+        reviews = store.frame(
+            con,
+            "SELECT seq, decision_id, item_id, decision, label, reviewer_pseudonym, rationale "
+            "FROM review_decisions WHERE seq > ? AND decision IN ('accept', 'reject') ORDER BY seq",
+            [store.get_state(con, APPLIED_REVIEWS)],
+        )
         # Stored labels outside the ontology: a rename maps them to the current term in this
         # version; any left over fail the schema check below and hold the corpus.
         stale = store.frame(
@@ -154,7 +176,8 @@ def production_corpus(
         )
         orphans = mapped.filter(pl.col("current_term").is_null()).drop("current_term")
         touched = pl.concat(
-            [new_items.select("item_id"), decisions.select("item_id"), renamed.select("item_id")]
+            [new_items.select("item_id"), decisions.select("item_id"), renamed.select("item_id"),
+             reviews.select("item_id")]
         )
         current = store.lookup(
             con, "production_corpus", "item_id", touched,
@@ -166,13 +189,16 @@ def production_corpus(
         )
         version = (previous["corpus_version"][0] if previous.height else 0) + 1
         changes_before = previous["label_changes_total"][0] if previous.height else 0
-        changes = corpus.plan_changes(new_items, decisions, current, version, renamed)
+        changes = corpus.plan_changes(new_items, decisions, current, version, renamed, reviews)
         rows = corpus.corpus_rows(changes, current, version)
         validation = schemas.validate(
             schemas.production_corpus_schema(ontology.labels),
             pl.concat([rows, orphans.select(rows.columns)], how="vertical_relaxed"),
         )
-        n_changes = changes.filter(pl.col("change_kind") == corpus.CORRECTION).height
+        n_changes = changes.filter(
+            pl.col("change_kind").is_in([corpus.CORRECTION, corpus.REVIEW])
+            & (pl.col("label") != pl.col("previous_label")).fill_null(True)
+        ).height
         if validation.passed:
             with store.transaction(con):
                 if changes.height:
@@ -195,6 +221,8 @@ def production_corpus(
                     store.set_state(con, APPLIED_ITEMS, int(new_items["seq"].max()))
                 if decisions.height:
                     store.set_state(con, APPLIED_DECISIONS, int(decisions["decision_id"].max()))
+                if reviews.height:
+                    store.set_state(con, APPLIED_REVIEWS, int(reviews["seq"].max()))
         published = validation.passed and changes.height > 0
         distribution = store.frame(
             con, "SELECT label, count(*) AS items, count(*) FILTER (WHERE human_confirmed) AS "
@@ -241,3 +269,60 @@ def _merge_corpus(con, rows: pl.DataFrame) -> None:
         )
     finally:
         con.unregister("corpus_rows")
+
+
+ESCALATIONS_WITHIN_SLA = "escalations_within_sla"
+
+
+@dg.asset(
+    group_name=GROUP,
+    kinds={"duckdb"},
+    pool=DUCKDB_POOL,
+    owners=OWNERS,
+    deps=[production_corpus],
+    check_specs=[
+        dg.AssetCheckSpec(
+            ESCALATIONS_WITHIN_SLA,
+            asset="escalations",
+            description="Warns when an open escalation is older than its SLA (governance.yaml escalation.sla_hours).",
+        )
+    ],
+)
+def escalations(context: dg.AssetExecutionContext, labelloop: LabelloopHome, database: DuckDBResource):
+    """Open conflicts waiting for a reviewer: reason, evidence, age, SLA deadline and breach flag."""
+    with config_errors_as_failures():
+        policy = labelloop.policy()
+    with open_store(database) as con:
+        rows = review.open_escalations(con, policy)
+        with store.transaction(con):
+            con.execute("DELETE FROM escalations")
+            store.append(con, "escalations", rows)
+    breached = rows.filter(pl.col("sla_breached")) if rows.height else rows
+    oldest = float(rows["age_hours"].max()) if rows.height else 0.0
+    by_reason = rows.group_by("reason").len().sort("reason") if rows.height else pl.DataFrame()
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": rows.height,
+            "open_escalations": rows.height,
+            "sla_breaches": breached.height,
+            "oldest_age_hours": dg.MetadataValue.float(round(oldest, 2)),
+            "sla_hours": dg.MetadataValue.float(policy.escalation_sla_hours),
+            "by_reason": dg.MetadataValue.md(markdown_table(by_reason)),
+            "review_with": "labelloop review list",
+        },
+        check_results=[
+            dg.AssetCheckResult(
+                check_name=ESCALATIONS_WITHIN_SLA,
+                passed=breached.height == 0,
+                severity=dg.AssetCheckSeverity.WARN,
+                metadata={
+                    "breached": breached.height,
+                    "breached_escalations": dg.MetadataValue.md(
+                        markdown_table(
+                            breached.select("escalation_id", "item_id", "reason", "age_hours").head(20)
+                        ) if breached.height else "_none_"
+                    ),
+                },
+            )
+        ],
+    )

@@ -13,9 +13,10 @@ from labelloop_assets.assets.common import (
 from labelloop_assets.checks.schema_checks import (
     RAW_CORRECTIONS_RECONCILE,
     RAW_CORRECTIONS_SCHEMA,
+    markdown_table,
     schema_check_result,
 )
-from labelloop_assets.core import ingest, schemas, store
+from labelloop_assets.core import ingest, review, schemas, store
 from labelloop_assets.core.settings import DEV_SECRET_WARNING, using_development_secret
 from labelloop_assets.resources import LabelloopHome, open_store
 
@@ -106,4 +107,29 @@ def raw_corrections(
                 },
             ),
         ],
+    )
+
+
+@dg.asset(group_name=GROUP, kinds={"duckdb", "polars"}, pool=DUCKDB_POOL, owners=OWNERS)
+def review_decisions(
+    context: dg.AssetExecutionContext, labelloop: LabelloopHome, database: DuckDBResource
+) -> dg.MaterializeResult:
+    """Reviewer decisions from landing/reviews, checked against reviewers.yaml and open escalations; refusals audited."""
+    with config_errors_as_failures():
+        ontology, policy = labelloop.ontology(), labelloop.policy()
+        reviewers = review.load_reviewers(labelloop.home().reviewers_file)
+        key = labelloop.secret()
+    with open_store(database) as con, config_errors_as_failures():
+        report, accepted = review.ingest_reviews(
+            con, labelloop.home(), ontology, key, reviewers, policy, run_id(context)
+        )
+        total = store.scalar(con, "SELECT count(*) FROM review_decisions")
+    return dg.MaterializeResult(
+        metadata={
+            **ingest_metadata(report, total),
+            "decisions_by_kind": dg.MetadataValue.md(
+                markdown_table(accepted.group_by("decision").len().sort("decision"))
+                if accepted.height else "_none_"
+            ),
+        }
     )

@@ -25,6 +25,8 @@ FIGURES = (
     "n_quarantined",
     "n_pending_items",
     "n_escalated_items",
+    "n_open_escalations",
+    "n_sla_breaches",
 )
 
 
@@ -33,7 +35,7 @@ FIGURES = (
     kinds={"duckdb"},
     pool=DUCKDB_POOL,
     owners=OWNERS,
-    deps=["production_corpus", "retrained_model"],
+    deps=["production_corpus", "retrained_model", "escalations"],
 )
 def label_quality_metrics(
     context: dg.AssetExecutionContext, labelloop: LabelloopHome, database: DuckDBResource

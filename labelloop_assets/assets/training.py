@@ -1,14 +1,20 @@
 """Training: a model fitted on the current corpus and evaluated on the frozen gold items."""
 
 import json
+from datetime import datetime, timezone
 
 import dagster as dg
 import numpy as np
 import polars as pl
 from dagster_duckdb import DuckDBResource
 
-from labelloop_assets.assets.common import DUCKDB_POOL, OWNERS, run_id
-from labelloop_assets.core import store, train
+from labelloop_assets.assets.common import (
+    DUCKDB_POOL,
+    OWNERS,
+    config_errors_as_failures,
+    run_id,
+)
+from labelloop_assets.core import reliability, store, train
 from labelloop_assets.resources import LabelloopHome, open_store
 
 
@@ -99,3 +105,55 @@ def _model_metadata(record: dict) -> dict:
         "n_gold": int(record["n_gold"]),
         "path": dg.MetadataValue.path(record["path"]),
     }
+
+
+@dg.asset(
+    group_name="training",
+    kinds={"duckdb", "numpy"},
+    pool=DUCKDB_POOL,
+    owners=OWNERS,
+    deps=["production_corpus"],
+)
+def contributor_reliability(
+    context: dg.AssetExecutionContext, labelloop: LabelloopHome, database: DuckDBResource
+) -> dg.MaterializeResult:
+    """Each contributor's estimated accuracy (one-coin Dawid-Skene anchored on reviewer-confirmed labels)."""
+    with config_errors_as_failures():
+        ontology, policy = labelloop.ontology(), labelloop.policy()
+    with open_store(database) as con:
+        votes = store.frame(
+            con,
+            "SELECT item_id, user_pseudonym, corrected_label FROM validated_labels "
+            "QUALIFY row_number() OVER (PARTITION BY item_id, user_pseudonym "
+            "ORDER BY created_at DESC, seq DESC) = 1",
+        )
+        anchors = store.frame(
+            con, "SELECT item_id, label FROM production_corpus WHERE reviewer_confirmed"
+        )
+        corpus_version = store.scalar(con, "SELECT max(corpus_version) FROM corpus_versions")
+        estimates = reliability.estimate_reliability(
+            votes, anchors, ontology.labels,
+            reliability.ReliabilityPrior(policy.reliability_prior_mean, policy.reliability_prior_strength),
+        )
+        rows = estimates.drop("iterations").with_columns(
+            estimated_at=pl.lit(datetime.now(timezone.utc)),
+            corpus_version=pl.lit(corpus_version, pl.Int32),
+        )
+        with store.transaction(con):
+            con.execute("DELETE FROM contributor_reliability")
+            store.append(con, "contributor_reliability", rows)
+    trusted = estimates.filter(
+        (pl.col("accuracy") >= policy.solo_min_accuracy) & (pl.col("n_votes") >= policy.solo_min_votes)
+    ).height
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": estimates.height,
+            "contributors": estimates.height,
+            "anchored_items": anchors.height,
+            "trusted_to_flip_alone": trusted,
+            "median_accuracy": dg.MetadataValue.float(
+                float(estimates["accuracy"].median()) if estimates.height else 0.0
+            ),
+            "em_iterations": int(estimates["iterations"][0]) if estimates.height else 0,
+        }
+    )

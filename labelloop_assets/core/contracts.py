@@ -39,6 +39,10 @@ GOLD_ITEM = "gold_item"
 NO_CONSENT = "no_consent"
 DUPLICATE_EVENT = "duplicate_event"
 CONFLICTING_DUPLICATE = "conflicting_duplicate"
+UNKNOWN_REVIEWER = "unknown_reviewer"
+ROLE_NOT_ALLOWED = "role_not_allowed"
+UNKNOWN_ESCALATION = "unknown_escalation"
+ESCALATION_CLOSED = "escalation_closed"
 FEATURE_LENGTH_MISMATCH = "feature_length_mismatch"
 UNREADABLE_FILE = "unreadable_file"
 UNSUPPORTED_FORMAT = "unsupported_format"
@@ -126,7 +130,23 @@ ITEM_SPEC = RecordSpec(
     ),
 )
 
-SPECS = {spec.kind: spec for spec in (CORRECTION_SPEC, PREDICTION_SPEC, ITEM_SPEC)}
+REVIEW_DECISIONS = ("accept", "reject", "defer")
+
+REVIEW_SPEC = RecordSpec(
+    kind="reviews",
+    key="decision_id",
+    fields=(
+        FieldSpec("decision_id", "string"),
+        FieldSpec("escalation_id", "string"),
+        FieldSpec("decision", "string", allowed=REVIEW_DECISIONS),
+        FieldSpec("label", "string", required=False),
+        FieldSpec("reviewer_id", "string", private=True),
+        FieldSpec("rationale", "string", max_length=2000, free_text=True),
+        FieldSpec("decided_at", "timestamp"),
+    ),
+)
+
+SPECS = {spec.kind: spec for spec in (CORRECTION_SPEC, PREDICTION_SPEC, ITEM_SPEC, REVIEW_SPEC)}
 
 QUARANTINE_COLUMNS = {
     "kind": pl.String,

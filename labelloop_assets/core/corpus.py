@@ -8,12 +8,13 @@ from labelloop_assets.core.resolve import CONFIRMED, PROMOTE
 
 INITIAL = "initial"
 RENAME = "rename"
+REVIEW = "review"
 CORRECTION = "correction"
 CONFIRMATION = "confirmation"
 RULE_APPROVER = "rule:weighted_vote"
 ONTOLOGY_APPROVER = "ontology:renames"
 # Within one corpus version an item's changes apply in this order (label_history.change_order).
-CHANGE_ORDER = {INITIAL: 0, RENAME: 1, CORRECTION: 2, CONFIRMATION: 2}
+CHANGE_ORDER = {INITIAL: 0, RENAME: 1, CORRECTION: 2, CONFIRMATION: 2, REVIEW: 3}
 
 
 def plan_changes(
@@ -22,6 +23,7 @@ def plan_changes(
     current: pl.DataFrame,
     version: int,
     renamed: pl.DataFrame | None = None,
+    reviews: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
     """History rows for one new corpus version.
 
@@ -29,6 +31,9 @@ def plan_changes(
     never reach here). `decisions`: label_decisions rows not applied yet; the latest one per
     item wins. `current`: item_id, label, human_confirmed of the touched items. `renamed`:
     item_id, label (the current term), previous_label of stored labels an ontology rename maps.
+    `reviews`: accepted review decisions not applied yet (decision_id, item_id, decision, label,
+    reviewer_pseudonym, rationale); `accept` sets the label, `reject` keeps it — both make it
+    reviewer-confirmed.
     """
     initial = new_items.filter(pl.col("initial_label").is_not_null()).select(
         "item_id",
@@ -97,11 +102,55 @@ def plan_changes(
         pl.col("by_authority").fill_null(False) if "by_authority" in decisions.columns
         else pl.lit(False).alias("by_authority"),
     )
+    voted = from_votes.filter(pl.col("change_kind") == CORRECTION).select(
+        "item_id", pl.col("label").alias("voted_to")
+    )
+    review_rows = _review_rows(reviews, voted, current, initial, renames)
     # An item that arrives and is corrected in the same batch gets both rows, in that order.
-    changes = pl.concat([initial, renames, from_votes], how="vertical")
+    changes = pl.concat(
+        [f.with_columns(review_decision_id=pl.lit(None, pl.String)) for f in (initial, renames, from_votes)]
+        + [review_rows],
+        how="vertical",
+    )
     return changes.with_columns(
         corpus_version=pl.lit(version, pl.Int32),
         change_order=pl.col("change_kind").replace_strict(CHANGE_ORDER, return_dtype=pl.Int32),
+    )
+
+
+def _review_rows(reviews, voted, current, initial, renames) -> pl.DataFrame:
+    schema_source = {
+        "decision_id": pl.String, "item_id": pl.String, "decision": pl.String, "label": pl.String,
+        "reviewer_pseudonym": pl.String, "rationale": pl.String,
+    }
+    if reviews is None or reviews.height == 0:
+        reviews = pl.DataFrame(schema=schema_source)
+    now = (
+        reviews.select("item_id").unique()
+        .join(voted, on="item_id", how="left")
+        .join(renames.select("item_id", pl.col("label").alias("renamed_to")), on="item_id", how="left")
+        .join(current.select("item_id", pl.col("label").alias("stored")), on="item_id", how="left")
+        .join(initial.select("item_id", pl.col("label").alias("arriving")), on="item_id", how="left")
+        .select("item_id", now=pl.coalesce("voted_to", "renamed_to", "stored", "arriving"))
+    )
+    ordered = reviews.sort("decision_id").join(now, on="item_id", how="left")
+    return ordered.filter(
+        (pl.col("decision") == "accept") | pl.col("now").is_not_null()
+    ).select(
+        "item_id",
+        pl.when(pl.col("decision") == "accept").then("label").otherwise("now").alias("label"),
+        pl.col("now").alias("previous_label"),
+        pl.lit(REVIEW).alias("change_kind"),
+        pl.lit(CORRECTION).alias("label_source"),
+        pl.lit(None, pl.Int64).alias("decision_id"),
+        pl.lit(None, pl.List(pl.String)).alias("event_ids"),
+        "rationale",
+        pl.lit(None, pl.Float64).alias("support"),
+        pl.lit(None, pl.Float64).alias("share"),
+        pl.lit(None, pl.Int32).alias("n_contributors"),
+        pl.format("reviewer:{}", "reviewer_pseudonym").alias("approved_by"),
+        pl.lit(True).alias("by_authority"),
+        pl.col("decision_id").alias("review_decision_id"),
     )
 
 
@@ -126,7 +175,9 @@ def corpus_rows(changes: pl.DataFrame, current: pl.DataFrame, version: int) -> p
         "label",
         pl.when(pl.col("change_kind") == INITIAL)
         .then("label_source")
-        .when(pl.col("change_kind").is_in([CONFIRMATION, RENAME]))
+        .when(pl.col("change_kind").is_in([CONFIRMATION, RENAME]) | (
+            (pl.col("change_kind") == REVIEW) & (pl.col("label") == pl.col("old_label"))
+        ))
         .then(pl.coalesce("old_source", "imported_source", pl.lit(CORRECTION)))
         .otherwise(pl.lit(CORRECTION))
         .alias("label_source"),

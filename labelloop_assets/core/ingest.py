@@ -178,8 +178,9 @@ def _finish(
     quarantined: list[pl.DataFrame],
     blank_total: int,
     run_id: str,
+    extra: list[tuple[str, pl.DataFrame]] | None = None,
 ) -> IngestReport:
-    """Commit records, quarantine rows and ledger entries in one transaction."""
+    """Commit records, quarantine rows, ledger entries (and `extra` rows) in one transaction."""
     quarantine = pl.concat(
         [pl.DataFrame(schema=c.QUARANTINE_COLUMNS), *quarantined], how="vertical"
     )
@@ -214,6 +215,8 @@ def _finish(
             store.append(con, table, accepted.with_columns(run_id=pl.lit(run_id)))
         store.append(con, "quarantine", quarantine.with_columns(run_id=pl.lit(run_id)))
         store.append(con, "ingested_files", ledger)
+        for table, rows in extra or []:
+            store.append(con, table, rows)
     return IngestReport(
         kind=kind,
         files=ledger["path"].to_list(),

@@ -37,7 +37,9 @@ SELECT
     (SELECT count(*) FROM quarantine) AS n_quarantined,
     (SELECT count(*) FROM latest_decision WHERE status = 'pending') AS n_pending_items,
     (SELECT count(*) FROM latest_decision WHERE status = 'escalate') AS n_escalated_items,
-    (SELECT gold_accuracy FROM latest_model) AS model_gold_accuracy
+    (SELECT gold_accuracy FROM latest_model) AS model_gold_accuracy,
+    (SELECT count(*) FROM escalations) AS n_open_escalations,
+    (SELECT count(*) FILTER (WHERE sla_breached) FROM escalations) AS n_sla_breaches
 FROM corpus, served, corrected
 """
 

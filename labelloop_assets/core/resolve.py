@@ -42,6 +42,9 @@ class ResolutionPolicy:
     reliability_prior_mean: float = 0.7
     reliability_prior_strength: float = 4.0
     escalation_sla_hours: float = 48.0
+    # SLA ages run on the wall clock, or on the event clock (the newest correction's time), which
+    # is what a replay or a simulation of past days needs.
+    escalation_clock: str = "wall"
     # Which roles may decide an escalation, by its reason.
     may_decide: dict[str, tuple[str, ...]] | None = None
 
@@ -63,6 +66,8 @@ class ResolutionPolicy:
             raise LabelloopConfigError("governance: min_contributors must be at least 1")
         if not 0 < self.reliability_prior_mean < 1:
             raise LabelloopConfigError("governance: reliability.prior_mean must be in (0, 1)")
+        if self.escalation_clock not in ("wall", "events"):
+            raise LabelloopConfigError("governance: escalation.clock must be `wall` or `events`")
         if self.escalation_sla_hours <= 0:
             raise LabelloopConfigError("governance: escalation.sla_hours must be positive")
         for reason, roles in (self.may_decide or {}).items():
@@ -93,6 +98,7 @@ class ResolutionPolicy:
                 reliability_prior_mean=float(reliability.get("prior_mean", 0.7)),
                 reliability_prior_strength=float(reliability.get("prior_strength", 4.0)),
                 escalation_sla_hours=float(escalation.get("sla_hours", 48.0)),
+                escalation_clock=str(escalation.get("clock", "wall")),
                 may_decide=(
                     {str(k): tuple(str(r) for r in v) for k, v in may_decide.items()}
                     if may_decide else None
@@ -209,7 +215,9 @@ def resolve(
             _runner_up=pl.col("support").sort(descending=True).slice(1, 1).first().over("item_id"),
         )
     )
-    contributors = latest.group_by("item_id").agg(n_contributors=pl.len().cast(pl.Int32))
+    contributors = latest.group_by("item_id").agg(
+        n_contributors=pl.len().cast(pl.Int32), event_time=pl.col("created_at").max()
+    )
     if "reviewer_confirmed" not in current.columns:
         current = current.with_columns(reviewer_confirmed=pl.lit(False))
     top = (
@@ -269,6 +277,7 @@ def resolve(
             "escalation_reason",
             "event_ids",
             pl.col("rationale").replace("", None),
+            "event_time",
         )
         .sort("item_id")
     )

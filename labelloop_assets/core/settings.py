@@ -55,13 +55,17 @@ class Home:
     def governance_file(self) -> Path:
         return self.root / "governance.yaml"
 
+    @property
+    def reviewers_file(self) -> Path:
+        return self.root / "reviewers.yaml"
+
     def ensure(self) -> "Home":
         """Create the folder layout and copy default configuration files that are missing."""
         for kind in LANDING_KINDS:
             self.landing_dir(kind).mkdir(parents=True, exist_ok=True)
         self.models.mkdir(parents=True, exist_ok=True)
         self.reports.mkdir(parents=True, exist_ok=True)
-        for name in ("ontology.yaml", "governance.yaml"):
+        for name in ("ontology.yaml", "governance.yaml", "reviewers.yaml"):
             target = self.root / name
             if not target.exists():
                 shutil.copyfile(DEFAULTS_DIR / name, target)

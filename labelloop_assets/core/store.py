@@ -75,8 +75,39 @@ CREATE TABLE IF NOT EXISTS label_decisions (
     proposed_label VARCHAR NOT NULL, support DOUBLE NOT NULL, total_weight DOUBLE NOT NULL,
     share DOUBLE NOT NULL, n_contributors INTEGER NOT NULL, n_supporters INTEGER,
     by_authority BOOLEAN, status VARCHAR NOT NULL, escalation_reason VARCHAR,
+    event_time TIMESTAMPTZ,
     event_ids VARCHAR[] NOT NULL, rationale VARCHAR, decided_at TIMESTAMPTZ NOT NULL DEFAULT now(),
     run_id VARCHAR
+);
+
+CREATE SEQUENCE IF NOT EXISTS review_decisions_seq;
+CREATE TABLE IF NOT EXISTS review_decisions (
+    seq BIGINT NOT NULL DEFAULT nextval('review_decisions_seq'), decision_id VARCHAR PRIMARY KEY,
+    escalation_id VARCHAR NOT NULL, item_id VARCHAR NOT NULL, decision VARCHAR NOT NULL,
+    label VARCHAR, reviewer_pseudonym VARCHAR NOT NULL, reviewer_role VARCHAR NOT NULL,
+    rationale VARCHAR NOT NULL, decided_at TIMESTAMPTZ NOT NULL, payload_hash VARCHAR NOT NULL,
+    source_file VARCHAR, line_no BIGINT, ingested_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    run_id VARCHAR
+);
+
+CREATE TABLE IF NOT EXISTS escalations (
+    escalation_id VARCHAR PRIMARY KEY, item_id VARCHAR NOT NULL, reason VARCHAR NOT NULL,
+    current_label VARCHAR, proposed_label VARCHAR, support DOUBLE, share DOUBLE,
+    n_contributors INTEGER, event_ids VARCHAR[], rationale VARCHAR, model_confidence DOUBLE,
+    opened_at TIMESTAMPTZ NOT NULL, sla_deadline TIMESTAMPTZ NOT NULL, age_hours DOUBLE,
+    sla_breached BOOLEAN NOT NULL, deferrals INTEGER NOT NULL, refreshed_at TIMESTAMPTZ NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS audit_log (
+    logged_at TIMESTAMPTZ NOT NULL DEFAULT now(), actor VARCHAR NOT NULL, actor_role VARCHAR,
+    action VARCHAR NOT NULL, target VARCHAR, outcome VARCHAR NOT NULL, reason VARCHAR,
+    detail VARCHAR, run_id VARCHAR
+);
+
+CREATE TABLE IF NOT EXISTS contributor_reliability (
+    user_pseudonym VARCHAR PRIMARY KEY, n_votes BIGINT NOT NULL, n_anchored BIGINT NOT NULL,
+    n_anchor_agreements BIGINT NOT NULL, accuracy DOUBLE NOT NULL, estimated_at TIMESTAMPTZ NOT NULL,
+    corpus_version INTEGER
 );
 
 CREATE TABLE IF NOT EXISTS corpus_versions (
@@ -89,7 +120,8 @@ CREATE TABLE IF NOT EXISTS label_history (
     item_id VARCHAR NOT NULL, corpus_version INTEGER NOT NULL, change_order INTEGER NOT NULL,
     label VARCHAR NOT NULL, previous_label VARCHAR, change_kind VARCHAR NOT NULL, label_source VARCHAR,
     decision_id BIGINT, event_ids VARCHAR[], rationale VARCHAR, support DOUBLE, share DOUBLE,
-    n_contributors INTEGER, by_authority BOOLEAN, approved_by VARCHAR NOT NULL, changed_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    n_contributors INTEGER, by_authority BOOLEAN, review_decision_id VARCHAR,
+    approved_by VARCHAR NOT NULL, changed_at TIMESTAMPTZ NOT NULL DEFAULT now(),
     run_id VARCHAR
 );
 
@@ -114,7 +146,7 @@ CREATE TABLE IF NOT EXISTS label_quality_metrics (
     coverage DOUBLE, n_predictions BIGINT NOT NULL, n_corrected_predictions BIGINT NOT NULL,
     correction_rate DOUBLE, n_corrections BIGINT NOT NULL, n_quarantined BIGINT NOT NULL,
     n_pending_items BIGINT NOT NULL, n_escalated_items BIGINT NOT NULL,
-    model_gold_accuracy DOUBLE, run_id VARCHAR
+    model_gold_accuracy DOUBLE, n_open_escalations BIGINT, n_sla_breaches BIGINT, run_id VARCHAR
 );
 
 CREATE TABLE IF NOT EXISTS label_quality_by_label (
