@@ -198,6 +198,93 @@ def _why_no_history(item_id: str) -> str:
     return ": it has no label yet"
 
 
+def _escalation(con, escalation_id: str) -> dict | None:
+    found = store.frame(con, "SELECT * FROM escalations WHERE escalation_id = ?", [escalation_id])
+    return found.to_dicts()[0] if found.height else None
+
+
+def cmd_review_list(args: argparse.Namespace) -> int:
+    with _read(_home()) as con:
+        rows = store.frame(
+            con,
+            "SELECT escalation_id, item_id, reason, current_label, proposed_label, "
+            "round(share, 2) AS share, n_contributors, round(age_hours, 1) AS age_hours, "
+            "sla_deadline, sla_breached, deferrals FROM escalations ORDER BY opened_at, item_id",
+        )
+    if args.json:
+        _print(rows, True)
+    else:
+        print(f"{rows.height} open escalations, oldest first")
+        _print(rows, False)
+    return 0
+
+
+def cmd_review_show(args: argparse.Namespace) -> int:
+    with _read(_home()) as con:
+        escalation = _escalation(con, args.escalation_id)
+        if escalation is None:
+            print(f"labelloop: no open escalation {args.escalation_id!r}", file=sys.stderr)
+            return 1
+        votes = store.frame(
+            con,
+            "SELECT event_id, corrected_label, user_pseudonym, user_role, source, vote_weight, "
+            "round(prediction_confidence, 3) AS model_confidence, predicted_label, rationale, "
+            "created_at FROM validated_labels WHERE item_id = ? ORDER BY created_at",
+            [escalation["item_id"]],
+        )
+    if args.json:
+        print(json.dumps({"escalation": escalation, "votes": votes.to_dicts()}, indent=2, default=str))
+        return 0
+    for key, value in escalation.items():
+        print(f"{key:>17}: {value}")
+    print("votes")
+    _print(votes, False)
+    return 0
+
+
+def cmd_review_decide(args: argparse.Namespace) -> int:
+    """Check the decision as far as can be known here, then land it; ingest checks it again."""
+    from labelloop_assets.core import review
+    from labelloop_assets.core.ontology import Ontology
+    from labelloop_assets.core.resolve import ResolutionPolicy
+
+    home = _home().ensure()
+    decision = {"decide": "accept", "reject": "reject", "defer": "defer"}[args.review_command]
+    label = getattr(args, "label", None)
+    problems = []
+    reviewers = review.load_reviewers(home.reviewers_file)
+    role = reviewers.get(args.reviewer)
+    if role is None:
+        problems.append(f"{args.reviewer!r} is not a reviewer in {home.reviewers_file}")
+    if label is not None:
+        ontology = Ontology.load(home.ontology_file)
+        if ontology.resolve_term(label) not in ontology.labels:
+            problems.append(f"label {label!r} is not in the ontology ({', '.join(ontology.labels)})")
+    try:
+        with store.connect(home.database, read_only=True) as con:
+            escalation = _escalation(con, args.escalation_id)
+    except (duckdb.IOException, duckdb.ConnectionException):
+        escalation = "unknown"  # a run holds the file: the ingest run will check instead
+    if escalation is None:
+        problems.append(f"{args.escalation_id!r} is not an open escalation")
+    elif isinstance(escalation, dict) and role is not None:
+        allowed = ResolutionPolicy.load(home.governance_file).deciders(escalation["reason"])
+        if role not in allowed:
+            problems.append(
+                f"role {role} may not decide a {escalation['reason']} escalation "
+                f"(allowed: {', '.join(allowed)})"
+            )
+    # Refused attempts are landed too, so that the ingest run writes them to the audit log.
+    path = review.write_decision(home, args.escalation_id, decision, args.reviewer, args.rationale, label)
+    if problems:
+        for problem in problems:
+            print(f"labelloop: refused: {problem}", file=sys.stderr)
+        print(f"labelloop: the attempt is recorded for the audit log ({path.name})", file=sys.stderr)
+        return 3
+    print(f"recorded {decision} of {args.escalation_id} as {path.name}; the next ingest run applies it")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="labelloop", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -214,6 +301,24 @@ def build_parser() -> argparse.ArgumentParser:
     quarantine.add_argument("--limit", type=_positive, default=50)
     quarantine.add_argument("--json", action="store_true")
     quarantine.set_defaults(func=cmd_quarantine)
+    reviewing = commands.add_parser("review", help="escalations for reviewers: list, show, decide")
+    review_commands = reviewing.add_subparsers(dest="review_command", required=True)
+    listing = review_commands.add_parser("list", help="open escalations, oldest first")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(func=cmd_review_list)
+    showing = review_commands.add_parser("show", help="one escalation with its votes")
+    showing.add_argument("escalation_id")
+    showing.add_argument("--json", action="store_true")
+    showing.set_defaults(func=cmd_review_show)
+    for name, text in (("decide", "set the label"), ("reject", "keep the current label"),
+                       ("defer", "leave it open, with a note")):
+        action = review_commands.add_parser(name, help=text)
+        action.add_argument("escalation_id")
+        if name == "decide":
+            action.add_argument("--label", required=True)
+        action.add_argument("--rationale", required=True)
+        action.add_argument("--as", dest="reviewer", required=True, metavar="REVIEWER_ID")
+        action.set_defaults(func=cmd_review_decide)
     lineage = commands.add_parser("lineage", help="every change of one item's label, and why")
     lineage.add_argument("item_id")
     lineage.add_argument("--json", action="store_true")

@@ -199,3 +199,11 @@ def corpus_rows(changes: pl.DataFrame, current: pl.DataFrame, version: int) -> p
         .alias("since_version"),
         pl.lit(version, pl.Int32).alias("updated_version"),
     )
+
+
+def corpus_as_of(con, version: int) -> pl.DataFrame:
+    """Exactly the (item_id, label) pairs a model trained on corpus `version` saw."""
+    return con.sql(
+        "SELECT item_id, label FROM corpus_as_of($version) ORDER BY item_id",
+        params={"version": version},
+    ).pl()

@@ -156,6 +156,12 @@ CREATE TABLE IF NOT EXISTS label_quality_by_label (
     n_predicted_corrected BIGINT NOT NULL, correction_rate DOUBLE, run_id VARCHAR
 );
 
+-- What a model trained on corpus version v saw: SELECT * FROM corpus_as_of(v).
+CREATE OR REPLACE MACRO corpus_as_of(v) AS TABLE
+    SELECT item_id, label, corpus_version AS labelled_in_version
+    FROM label_history WHERE corpus_version <= v
+    QUALIFY row_number() OVER (PARTITION BY item_id ORDER BY corpus_version DESC, change_order DESC) = 1;
+
 -- Analysts' lineage: every current label back to the corrections, people (pseudonymized),
 -- model versions and corpus versions behind it, and the models trained on that corpus.
 CREATE OR REPLACE VIEW label_lineage AS

@@ -1,0 +1,153 @@
+"""Governance end to end: escalations, reviewer decisions under sensors, audit, SLA, corpus as of."""
+
+from __future__ import annotations
+
+import json
+
+import dagster as dg
+
+from labelloop_assets import cli
+from labelloop_assets.core import corpus, store, train
+from labelloop_assets.jobs import INGEST_JOB, RETRAIN_JOB
+from labelloop_assets.sensors import landing_sensor
+from labelloop_tests.conftest import correction, make_items, write_jsonl
+from labelloop_tests.test_loop import _materialize, _metadata, _rows
+
+
+def _tick_and_run(defs, instance, resources, cursor):
+    with dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources) as ctx:
+        result = landing_sensor(ctx)
+    runs = [
+        defs.resolve_job_def(INGEST_JOB).execute_in_process(instance=instance, tags={"dagster/run_key": r.run_key})
+        for r in (result.run_requests if isinstance(result, dg.SensorResult) else [])
+    ]
+    assert all(r.success for r in runs)
+    return (result.cursor if isinstance(result, dg.SensorResult) else cursor), runs
+
+
+def _tie_on_item_030(home, name="c1.jsonl", start=0):
+    votes = [correction(f"e-{start + k}", "item-030", label, user=f"user{start + k}", role="end_user")
+             for k, label in enumerate(["one", "one", "two", "two"])]
+    write_jsonl(home.landing_dir("corrections"), name, votes)
+
+
+def test_conflict_escalates_and_a_reviewer_decision_is_promoted_under_sensors(
+    home, defs, instance, resources, monkeypatch, capsys
+):
+    monkeypatch.setenv("LABELLOOP_HOME", str(home.root))
+    home.reviewers_file.write_text(
+        "reviewers:\n  - {id: reviewer-0, role: reviewer}\n  - {id: ann-1, role: annotator}\n"
+    )
+    write_jsonl(home.landing_dir("items"), "items.jsonl", make_items()[0])
+    _tie_on_item_030(home)
+    cursor, _ = _tick_and_run(defs, instance, resources, None)
+
+    assert cli.main(["review", "list", "--json"]) == 0
+    open_escalations = json.loads(capsys.readouterr().out)
+    assert [(e["escalation_id"], e["reason"]) for e in open_escalations] == [("esc-item-030-1", "tie")]
+    assert cli.main(["review", "show", "esc-item-030-1", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert len(shown["votes"]) == 4
+
+    # Refused: unknown identity, a role that may not decide, a label outside the ontology.
+    assert cli.main(["review", "decide", "esc-item-030-1", "--label", "two", "--rationale", "x",
+                     "--as", "mallory"]) == 3
+    assert "'mallory' is not a reviewer" in capsys.readouterr().err
+    assert cli.main(["review", "decide", "esc-item-030-1", "--label", "two", "--rationale", "x",
+                     "--as", "ann-1"]) == 3
+    assert "role annotator may not decide a tie escalation" in capsys.readouterr().err
+    assert cli.main(["review", "decide", "esc-item-030-1", "--label", "purple", "--rationale", "x",
+                     "--as", "reviewer-0"]) == 3
+    # Accepted: the decision travels as a landing file.
+    assert cli.main(["review", "decide", "esc-item-030-1", "--label", "two",
+                     "--rationale", "the loop is open at the top", "--as", "reviewer-0"]) == 0
+    capsys.readouterr()
+
+    cursor, runs = _tick_and_run(defs, instance, resources, cursor)
+    assert len(runs) == 1
+    current = _rows(home, "SELECT label, reviewer_confirmed FROM production_corpus WHERE item_id = 'item-030'")
+    assert current.rows() == [("two", True)]
+    last = _rows(home, "SELECT change_kind, approved_by, rationale FROM label_history "
+                       "WHERE item_id = 'item-030' ORDER BY corpus_version DESC, change_order DESC LIMIT 1")
+    kind, approver, rationale = last.row(0)
+    assert kind == "review" and approver.startswith("reviewer:u_") and "loop is open" in rationale
+    assert _rows(home, "SELECT count(*) AS n FROM escalations")["n"][0] == 0
+    audit = _rows(home, "SELECT outcome, reason FROM audit_log ORDER BY outcome, reason")
+    assert audit.rows() == [
+        ("accepted", None), ("refused", "role_not_allowed"), ("refused", "unknown_label"),
+        ("refused", "unknown_reviewer"),
+    ]
+    quarantined = _rows(home, "SELECT reason FROM quarantine WHERE kind = 'reviews' ORDER BY reason")
+    assert quarantined["reason"].to_list() == ["role_not_allowed", "unknown_label", "unknown_reviewer"]
+
+    # A decision on the closed escalation, or on none at all, changes nothing and is audited.
+    assert cli.main(["review", "decide", "esc-item-030-1", "--label", "one", "--rationale", "again",
+                     "--as", "reviewer-0"]) == 3
+    assert cli.main(["review", "reject", "esc-nope-1", "--rationale", "?", "--as", "reviewer-0"]) == 3
+    # The crowd cannot overturn a reviewer-confirmed label: it escalates instead.
+    write_jsonl(home.landing_dir("corrections"), "c2.jsonl", [
+        correction(f"e-crowd-{k}", "item-030", "one", user=f"crowd{k}", role="end_user") for k in range(4)
+    ])
+    cursor, _ = _tick_and_run(defs, instance, resources, cursor)
+    assert _rows(home, "SELECT label FROM production_corpus WHERE item_id = 'item-030'")["label"][0] == "two"
+    reasons = _rows(home, "SELECT reason FROM quarantine WHERE kind = 'reviews' ORDER BY reason")
+    assert {"escalation_closed", "unknown_escalation"} <= set(reasons["reason"].to_list())
+    escalations = _rows(home, "SELECT escalation_id, reason FROM escalations")
+    assert escalations.rows() == [("esc-item-030-2", "contradicts_confirmed")]
+
+
+def test_sla_breach_is_flagged_and_warned(home, defs, instance):
+    home.governance_file.write_text(
+        home.governance_file.read_text().replace("sla_hours: 48", "sla_hours: 0.000001")
+    )
+    write_jsonl(home.landing_dir("items"), "items.jsonl", make_items()[0])
+    _tie_on_item_030(home)
+    result = _materialize(defs, instance, ["items", "review_decisions", "raw_corrections", "validated_labels",
+                                           "production_corpus", "escalations"])
+    assert result.success
+    meta = _metadata(result, "escalations")
+    assert (meta["open_escalations"], meta["sla_breaches"]) == (1, 1)
+    check = [e.asset_check_evaluation_data for e in result.all_events
+             if e.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION
+             and e.asset_check_evaluation_data.check_name == "escalations_within_sla"][0]
+    assert not check.passed and check.severity == dg.AssetCheckSeverity.WARN
+
+
+def test_corpus_as_of_reproduces_what_a_model_saw(home, defs, instance):
+    write_jsonl(home.landing_dir("items"), "items.jsonl", make_items()[0])
+    assert _materialize(defs, instance).success  # corpus v1, model m0001
+    write_jsonl(home.landing_dir("corrections"), "c1.jsonl", [
+        correction("e-1", "item-030", "one"), correction("e-2", "item-031", "zero"),
+    ])
+    assert defs.resolve_job_def(INGEST_JOB).execute_in_process(instance=instance).success  # v2
+    assert defs.resolve_job_def(RETRAIN_JOB).execute_in_process(instance=instance).success  # m0002
+    with store.connect(home.database, read_only=True) as con:
+        models = store.frame(con, "SELECT model_version, corpus_version, train_data_hash FROM models ORDER BY 1")
+        for version, corpus_version, data_hash in models.rows():
+            seen = corpus.corpus_as_of(con, corpus_version)
+            assert train.training_data_hash(seen) == data_hash, version
+        assert corpus.corpus_as_of(con, 1).filter(item_id="item-030")["label"][0] == "zero"
+        assert corpus.corpus_as_of(con, 2).filter(item_id="item-030")["label"][0] == "one"
+    assert models["corpus_version"].to_list() == [1, 2]
+
+
+def test_reliability_is_estimated_on_the_training_cadence(home, defs, instance):
+    write_jsonl(home.landing_dir("items"), "items.jsonl", make_items()[0])
+    votes = []
+    for k in range(15, 45):  # a reviewer confirms 30 items; ann agrees on all, bob on none
+        label = ["zero", "one", "two"][k % 3]
+        wrong = ["one", "two", "zero"][k % 3]
+        item = f"item-{k:03d}"
+        votes += [
+            correction(f"r-{k}", item, label, user="rev", role="reviewer"),
+            correction(f"a-{k}", item, label, user="ann", role="annotator"),
+            correction(f"b-{k}", item, wrong, user="bob", role="annotator"),
+        ]
+    write_jsonl(home.landing_dir("corrections"), "c1.jsonl", votes)
+    assert _materialize(defs, instance).success
+    result = _materialize(defs, instance, ["contributor_reliability"])
+    assert _metadata(result, "contributor_reliability")["contributors"] == 3
+    accuracy = dict(_rows(home, "SELECT r.user_pseudonym, r.accuracy FROM contributor_reliability r").rows())
+    ann = _rows(home, "SELECT DISTINCT user_pseudonym FROM validated_labels WHERE event_id = 'a-15'")[0, 0]
+    bob = _rows(home, "SELECT DISTINCT user_pseudonym FROM validated_labels WHERE event_id = 'b-15'")[0, 0]
+    assert accuracy[ann] > 0.85 and accuracy[bob] < 0.2
