@@ -143,11 +143,17 @@ def test_reliability_is_estimated_on_the_training_cadence(home, defs, instance):
             correction(f"a-{k}", item, label, user="ann", role="annotator"),
             correction(f"b-{k}", item, wrong, user="bob", role="annotator"),
         ]
+    votes.append(correction("a-solo", "item-050", "zero", user="ann", role="annotator"))
     write_jsonl(home.landing_dir("corrections"), "c1.jsonl", votes)
     assert _materialize(defs, instance).success
+    solo = "SELECT label FROM production_corpus WHERE item_id = 'item-050'"
+    assert _rows(home, solo)["label"][0] == "two"  # a new annotator cannot flip a label alone
     result = _materialize(defs, instance, ["contributor_reliability"])
     assert _metadata(result, "contributor_reliability")["contributors"] == 3
     accuracy = dict(_rows(home, "SELECT r.user_pseudonym, r.accuracy FROM contributor_reliability r").rows())
     ann = _rows(home, "SELECT DISTINCT user_pseudonym FROM validated_labels WHERE event_id = 'a-15'")[0, 0]
     bob = _rows(home, "SELECT DISTINCT user_pseudonym FROM validated_labels WHERE event_id = 'b-15'")[0, 0]
     assert accuracy[ann] > 0.85 and accuracy[bob] < 0.2
+    # With a proven record, ann's pending correction is decided again and promoted.
+    assert defs.resolve_job_def(INGEST_JOB).execute_in_process(instance=instance).success
+    assert _rows(home, solo)["label"][0] == "zero"

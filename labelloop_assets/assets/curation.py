@@ -25,6 +25,7 @@ STAGED_SEQ = "validated_labels.raw_seq"
 APPLIED_ITEMS = "production_corpus.items_seq"
 APPLIED_DECISIONS = "production_corpus.decision_id"
 APPLIED_REVIEWS = "production_corpus.review_seq"
+RELIABILITY_SEEN = "validated_labels.reliability_stamp"
 
 
 @dg.asset(
@@ -54,13 +55,29 @@ def validated_labels(
             "SELECT * FROM raw_corrections WHERE seq > ? ORDER BY seq",
             [store.get_state(con, STAGED_SEQ)],
         )
-        staged, decisions = _stage_and_resolve(con, new, policy, ontology)
+        # New reliability estimates can settle items left pending: decide those again too.
+        reliability_stamp = store.scalar(
+            con, "SELECT CAST(epoch_us(max(estimated_at)) AS BIGINT) FROM contributor_reliability"
+        ) or 0
+        revisit = (
+            store.frame(
+                con,
+                "SELECT item_id FROM label_decisions "
+                "QUALIFY row_number() OVER (PARTITION BY item_id ORDER BY decision_id DESC) = 1 "
+                "AND status = 'pending'",
+            )
+            if reliability_stamp > store.get_state(con, RELIABILITY_SEEN)
+            else pl.DataFrame(schema={"item_id": pl.String})
+        )
+        staged, decisions = _stage_and_resolve(con, new, policy, ontology, revisit)
         validation = schemas.validate(schemas.validated_labels_schema(ontology.labels), staged)
-        if validation.passed and staged.height:
+        if validation.passed and (staged.height or decisions.height):
             with store.transaction(con):
                 store.append(con, "validated_labels", staged.with_columns(run_id=pl.lit(run_id(context))))
                 store.append(con, "label_decisions", decisions.with_columns(run_id=pl.lit(run_id(context))))
-                store.set_state(con, STAGED_SEQ, int(new["seq"].max()))
+                if new.height:
+                    store.set_state(con, STAGED_SEQ, int(new["seq"].max()))
+                store.set_state(con, RELIABILITY_SEEN, int(reliability_stamp))
         total = store.scalar(con, "SELECT count(*) FROM validated_labels")
     statuses = decisions.group_by("status").len().sort("status") if decisions.height else pl.DataFrame()
     return dg.MaterializeResult(
@@ -81,9 +98,13 @@ def validated_labels(
     )
 
 
-def _stage_and_resolve(con, new: pl.DataFrame, policy: resolve.ResolutionPolicy, ontology):
-    if new.height == 0:
+def _stage_and_resolve(
+    con, new: pl.DataFrame, policy: resolve.ResolutionPolicy, ontology, revisit: pl.DataFrame
+):
+    if new.height == 0 and revisit.height == 0:
         return new, pl.DataFrame()
+    if new.height == 0:
+        new = store.frame(con, "SELECT * FROM raw_corrections LIMIT 0")
     predictions = store.lookup(
         con,
         "predictions",
@@ -91,17 +112,18 @@ def _stage_and_resolve(con, new: pl.DataFrame, policy: resolve.ResolutionPolicy,
         new.filter(pl.col("prediction_id").is_not_null()),
         "t.item_id, t.predicted_label, t.confidence, t.model_version",
     )
-    current = store.lookup(con, "production_corpus", "item_id", new, "t.label, t.reviewer_confirmed")
+    touched = pl.concat([new.select("item_id"), revisit.select("item_id")]).unique()
+    current = store.lookup(con, "production_corpus", "item_id", touched, "t.label, t.reviewer_confirmed")
     staged = resolve.stage(new, predictions, current, policy)
     earlier = store.lookup(
-        con, "validated_labels", "item_id", staged, "t.* EXCLUDE (item_id, run_id)"
+        con, "validated_labels", "item_id", touched, "t.* EXCLUDE (item_id, run_id)"
     )
     # A reviewer's decision settles the votes that came before it: only later ones count.
     reviewed = store.frame(
         con,
         "SELECT item_id, max(ingested_at) AS reviewed_at FROM review_decisions "
         "WHERE decision IN ('accept', 'reject') AND list_contains($items, item_id) GROUP BY item_id",
-        {"items": staged["item_id"].unique().to_list()},
+        {"items": touched["item_id"].to_list()},
     )
     earlier = earlier.join(reviewed, on="item_id", how="left").filter(
         pl.col("reviewed_at").is_null() | (pl.col("staged_at") > pl.col("reviewed_at"))

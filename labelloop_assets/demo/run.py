@@ -41,7 +41,15 @@ def prepare_home(root: Path) -> Home:
         shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
     (root / DEMO_MARKER).write_text("created by `labelloop demo`; `make demo` may wipe this folder\n")
-    return Home(root.resolve()).ensure()
+    home = Home(root.resolve()).ensure()
+    # Simulated days pass in seconds: escalation SLAs run on the events' clock; reviewers
+    # promise a decision within a day.
+    home.governance_file.write_text(
+        home.governance_file.read_text()
+        .replace("clock: wall", "clock: events")
+        .replace("sla_hours: 48", "sla_hours: 24")
+    )
+    return home
 
 
 def _holds_loop_data(home: Home) -> bool:
@@ -124,11 +132,13 @@ def run_demo(
             raise RuntimeError(f"day {day}: run {failed[0].run_id} failed; see `make dev` for its logs")
         corrections = _metadata(ingest_runs, "raw_corrections")
         corpus_meta = _metadata(ingest_runs, "production_corpus")
+        reviews_meta = _metadata(ingest_runs, "review_decisions")
         with store.connect(home.database, read_only=True) as con:
             corpus = dict(store.frame(con, "SELECT item_id, label FROM production_corpus").iter_rows())
             model_row = store.frame(
                 con, "SELECT model_version, gold_accuracy FROM models ORDER BY trained_at DESC LIMIT 1"
             ).to_dicts()
+            escalations = store.frame(con, "SELECT * FROM escalations ORDER BY opened_at, item_id")
         row = {
             "day": day,
             "corrections_received": sum(m["records_in"] for m in corrections),
@@ -138,6 +148,10 @@ def run_demo(
             "corpus_label_accuracy": round(simulator.corpus_accuracy(world, corpus), 4),
             "model_version": model_row[0]["model_version"] if model_row else None,
             "model_gold_accuracy": round(model_row[0]["gold_accuracy"], 4) if model_row else None,
+            "reviews_applied": sum(m["accepted"] for m in reviews_meta),
+            "reviews_refused": sum(m["quarantined"] for m in reviews_meta),
+            "open_escalations": escalations.height,
+            "sla_breaches": int(escalations["sla_breached"].sum()) if escalations.height else 0,
             "retrained": len(retrain_runs) > 0,
             "ingest_runs": [r.run_id for r in ingest_runs],
             "retrain_runs": [r.run_id for r in retrain_runs],
@@ -145,19 +159,23 @@ def run_demo(
         assert row["corrections_received"] == sent["corrections_sent"], "every line sent is counted"
         rows.append(row)
         echo(_format(row))
+        if day > 0:
+            simulator.review_escalations(world, home, day, escalations)
     report = home.reports / "demo.json"
     report.write_text(json.dumps(rows, indent=2))
     return rows
 
 
 COLUMNS = (
-    ("day", 3), ("corrections_received", 9), ("corrections_quarantined", 11),
-    ("labels_promoted", 8), ("corpus_label_accuracy", 15), ("model_gold_accuracy", 14),
-    ("model_version", 7),
+    ("day", 3), ("corrections_received", 8), ("corrections_quarantined", 11),
+    ("labels_promoted", 8), ("reviews_applied", 7), ("open_escalations", 10),
+    ("sla_breaches", 12), ("corpus_label_accuracy", 15), ("model_gold_accuracy", 13),
+    ("model_version", 5),
 )
 TITLES = {
     "day": "day", "corrections_received": "received", "corrections_quarantined": "quarantined",
-    "labels_promoted": "promoted", "corpus_label_accuracy": "corpus accuracy",
+    "labels_promoted": "promoted", "reviews_applied": "reviews", "open_escalations": "escalated",
+    "sla_breaches": "SLA breaches", "corpus_label_accuracy": "corpus accuracy",
     "model_gold_accuracy": "model on gold", "model_version": "model",
 }
 

@@ -54,6 +54,7 @@ class DemoConfig:
     reviewer_accuracy: float = 0.99
     malformed_rate: float = 0.01
     replay_rate: float = 0.01
+    reviews_per_day: int = 4
 
 
 @dataclass
@@ -269,3 +270,28 @@ def corpus_accuracy(world: DemoWorld, corpus: dict[str, str]) -> float:
     if not corpus:
         return float("nan")
     return sum(truth[item] == label for item, label in corpus.items()) / len(corpus)
+
+
+def review_escalations(world: DemoWorld, home: Home, day: int, escalations) -> int:
+    """Reviewers work through the oldest open escalations; one intern tries once and is refused."""
+    from labelloop_assets.core.review import write_decision
+
+    index = {item_id: i for i, item_id in enumerate(world.item_ids)}
+    reviewers = [c for c in world.contributors if c.role == "reviewer"]
+    decided_at = START + timedelta(days=day, hours=18)
+    done = 0
+    for row in escalations.head(world.config.reviews_per_day).iter_rows(named=True):
+        reviewer = reviewers[done % len(reviewers)]
+        true_class = int(world.truth[index[row["item_id"]]])
+        label = _answer(world, reviewer, true_class, False)
+        write_decision(
+            home, row["escalation_id"], "accept", reviewer.user_id,
+            f"checked the scan: it is a {LABELS[label]}", LABELS[label], decided_at,
+        )
+        done += 1
+    if day == 2 and escalations.height:
+        write_decision(
+            home, escalations["escalation_id"][0], "accept", "intern-7",
+            "I think it is a seven", "seven", decided_at,
+        )
+    return done
