@@ -149,42 +149,31 @@ def _positive(text: str) -> int:
 
 
 def cmd_lineage(args: argparse.Namespace) -> int:
+    from labelloop_assets.core.lineage import item_trail
+
     with _read(_home()) as con:
-        history = store.frame(
-            con,
-            "SELECT corpus_version, label, previous_label, change_kind, approved_by, support, "
-            "share, event_ids, rationale, changed_at FROM label_history WHERE item_id = $item "
-            "ORDER BY corpus_version, changed_at",
-            {"item": args.item_id},
-        )
-        events = store.frame(
-            con,
-            "SELECT event_id, corrected_label, user_pseudonym, user_role, source, model_version, "
-            "predicted_label, vote_weight, rationale, created_at FROM validated_labels "
-            "WHERE item_id = $item ORDER BY created_at",
-            {"item": args.item_id},
-        )
-        models = store.frame(
-            con,
-            "SELECT model_version, corpus_version FROM models WHERE corpus_version >= "
-            "(SELECT min(corpus_version) FROM label_history WHERE item_id = $item) ORDER BY 1",
-            {"item": args.item_id},
-        )
-    if history.height == 0 and events.height == 0:
+        trail = item_trail(con, args.item_id)
+    if trail["versions"].height == 0 and trail["corrections"].height == 0:
         print(f"labelloop: no label history for item {args.item_id!r}{_why_no_history(args.item_id)}",
               file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps({"item_id": args.item_id, "history": history.to_dicts(),
-                          "corrections": events.to_dicts(), "models": models.to_dicts()},
+        print(json.dumps({"item_id": args.item_id, **{k: v.to_dicts() for k, v in trail.items()}},
                          indent=2, default=str))
         return 0
-    print(f"item {args.item_id}: label history")
-    _print(history, False)
-    print("corrections")
-    _print(events, False)
-    print("models trained on a corpus version containing this item")
-    _print(models, False)
+    titles = {
+        "item": "item, initial label and its source",
+        "predictions": "predictions served",
+        "corrections": "corrections (pseudonymized)",
+        "set_aside": "corrections set aside (quarantine)",
+        "decisions": "resolution decisions",
+        "reviews": "reviewer decisions",
+        "versions": "labels by corpus version, with the models trained on them",
+    }
+    for name, frame in trail.items():
+        print(f"{titles[name]}: {frame.height}")
+        if frame.height:
+            _print(frame, False)
     return 0
 
 

@@ -35,11 +35,17 @@ def test_status_quarantine_and_lineage(home, defs, instance, monkeypatch, capsys
 
     assert cli.main(["lineage", "sample-04", "--json"]) == 0
     lineage = json.loads(capsys.readouterr().out)
-    assert [h["label"] for h in lineage["history"]] == ["two", "one"]
-    assert sorted(lineage["history"][1]["event_ids"]) == ["evt-1", "evt-2"]
+    versions = lineage["versions"]
+    assert [(v["label"], v["valid_from_version"], v["valid_to_version"]) for v in versions] == [
+        ("two", 1, 1), ("one", 1, None)
+    ]
+    assert sorted(versions[1]["event_ids"]) == ["evt-1", "evt-2"]
+    assert versions[1]["models_trained"] == ["m0001"]
+    assert lineage["item"][0]["initial_label"] == "two" and lineage["item"][0]["label_source"] == "vendor"
+    assert [p["model_version"] for p in lineage["predictions"]] == ["m0001"]
     assert {c["user_role"] for c in lineage["corrections"]} == {"end_user"}
+    assert [d["status"] for d in lineage["decisions"]] == ["promote"]
     assert "dana@example.org" not in json.dumps(lineage)
-    assert [m["model_version"] for m in lineage["models"]] == ["m0001"]
 
 
 def test_lineage_of_unknown_item_and_missing_database(home, defs, instance, monkeypatch, capsys):

@@ -157,3 +157,15 @@ def test_reliability_is_estimated_on_the_training_cadence(home, defs, instance):
     # With a proven record, ann's pending correction is decided again and promoted.
     assert defs.resolve_job_def(INGEST_JOB).execute_in_process(instance=instance).success
     assert _rows(home, solo)["label"][0] == "zero"
+
+
+def test_near_duplicates_with_conflicting_labels_are_flagged(home, defs, instance):
+    records, _ = make_items()
+    twin = dict(records[40], item_id="twin-of-40", initial_label="zero")  # item-040 is "one"
+    write_jsonl(home.landing_dir("items"), "items.jsonl", [*records, twin])
+    result = _materialize(defs, instance, ["items", "production_corpus"])
+    check = [e.asset_check_evaluation_data for e in result.all_events
+             if e.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION
+             and e.asset_check_evaluation_data.check_name == "near_duplicates_agree"][0]
+    assert not check.passed and check.metadata["conflicting_groups"].value == 1
+    assert "twin-of-40" in check.metadata["groups"].value

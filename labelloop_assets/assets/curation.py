@@ -26,6 +26,19 @@ APPLIED_ITEMS = "production_corpus.items_seq"
 APPLIED_DECISIONS = "production_corpus.decision_id"
 APPLIED_REVIEWS = "production_corpus.review_seq"
 RELIABILITY_SEEN = "validated_labels.reliability_stamp"
+NEAR_DUPLICATES = "near_duplicates_agree"
+# Items whose features agree to this many decimals are the same item for this check.
+NEAR_DUPLICATE_DECIMALS = 2
+NEAR_DUPLICATES_SQL = f"""
+    WITH keyed AS (
+        SELECT c.item_id, c.label,
+               hash(list_transform(i.features, lambda x: round(x, {NEAR_DUPLICATE_DECIMALS}))) AS shape
+        FROM production_corpus c JOIN items i USING (item_id)
+    )
+    SELECT shape, list(item_id ORDER BY item_id) AS items, list(DISTINCT label) AS labels
+    FROM keyed GROUP BY shape HAVING count(DISTINCT label) > 1
+    ORDER BY items[1]
+"""
 
 
 @dg.asset(
@@ -156,7 +169,12 @@ def _count(decisions: pl.DataFrame, status: str) -> int:
             asset="production_corpus",
             blocking=True,
             description="Pandera schema of the new corpus rows: one current label per item, in the ontology.",
-        )
+        ),
+        dg.AssetCheckSpec(
+            NEAR_DUPLICATES,
+            asset="production_corpus",
+            description="Warns when items with identical or near-identical features carry different labels.",
+        ),
     ],
 )
 def production_corpus(
@@ -251,6 +269,7 @@ def production_corpus(
             "human_confirmed FROM production_corpus GROUP BY label ORDER BY label",
         )
         latest_version = store.scalar(con, "SELECT max(corpus_version) FROM corpus_versions")
+        clashes = store.frame(con, NEAR_DUPLICATES_SQL)
         changes_total = store.scalar(
             con, "SELECT label_changes_total FROM corpus_versions ORDER BY corpus_version DESC LIMIT 1"
         )
@@ -265,7 +284,19 @@ def production_corpus(
             "label_distribution": dg.MetadataValue.md(markdown_table(distribution)),
         },
         check_results=[
-            schema_check_result(PRODUCTION_CORPUS_SCHEMA, "production_corpus", validation, blocking=True)
+            schema_check_result(PRODUCTION_CORPUS_SCHEMA, "production_corpus", validation, blocking=True),
+            dg.AssetCheckResult(
+                check_name=NEAR_DUPLICATES,
+                passed=clashes.height == 0,
+                severity=dg.AssetCheckSeverity.WARN,
+                metadata={
+                    "conflicting_groups": clashes.height,
+                    "groups": dg.MetadataValue.md(
+                        markdown_table(clashes.select("items", "labels").head(20))
+                    ),
+                    "review_with": "labelloop lineage ITEM_ID",
+                },
+            ),
         ],
     )
 

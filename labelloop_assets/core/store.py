@@ -162,6 +162,24 @@ CREATE OR REPLACE MACRO corpus_as_of(v) AS TABLE
     FROM label_history WHERE corpus_version <= v
     QUALIFY row_number() OVER (PARTITION BY item_id ORDER BY corpus_version DESC, change_order DESC) = 1;
 
+-- Every label an item had, the corpus versions it was valid in ([from, to), to NULL = current)
+-- and the models trained on a version that contained it.
+CREATE OR REPLACE VIEW label_versions AS
+    WITH ordered AS (
+        SELECT h.*, h.corpus_version AS valid_from_version,
+               lead(h.corpus_version) OVER (
+                   PARTITION BY h.item_id ORDER BY h.corpus_version, h.change_order
+               ) AS next_version
+        FROM label_history h
+    )
+    SELECT o.* EXCLUDE (next_version),
+           CASE WHEN o.next_version = o.corpus_version THEN o.corpus_version
+                ELSE o.next_version END AS valid_to_version,
+           (SELECT list(m.model_version ORDER BY m.model_version) FROM models m
+             WHERE m.corpus_version >= o.corpus_version
+               AND (o.next_version IS NULL OR m.corpus_version < o.next_version)) AS models_trained
+    FROM ordered o;
+
 -- Analysts' lineage: every current label back to the corrections, people (pseudonymized),
 -- model versions and corpus versions behind it, and the models trained on that corpus.
 CREATE OR REPLACE VIEW label_lineage AS

@@ -1,0 +1,34 @@
+"""The whole trail of one item's label, from the views analysts query."""
+
+from __future__ import annotations
+
+import duckdb
+import polars as pl
+
+from labelloop_assets.core import store
+
+TRAIL_QUERIES = {
+    "item": "SELECT item_id, initial_label, label_source, gold_label IS NOT NULL AS is_gold, "
+            "ingested_at FROM items WHERE item_id = $item",
+    "predictions": "SELECT prediction_id, model_version, predicted_label, confidence, served_at "
+                   "FROM predictions WHERE item_id = $item ORDER BY served_at",
+    "corrections": "SELECT event_id, corrected_label, user_pseudonym, user_role, source, "
+                   "true AS consent, model_version, predicted_label, vote_weight, rationale, "
+                   "created_at FROM validated_labels WHERE item_id = $item ORDER BY created_at",
+    "set_aside": "SELECT record_id AS event_id, reason, detail, source_file, line_no "
+                 "FROM quarantine WHERE kind = 'corrections' AND item_id = $item ORDER BY reason",
+    "decisions": "SELECT decision_id, status, escalation_reason, current_label, proposed_label, "
+                 "round(support, 3) AS support, round(share, 3) AS share, n_contributors, decided_at "
+                 "FROM label_decisions WHERE item_id = $item ORDER BY decision_id",
+    "reviews": "SELECT decision_id, escalation_id, decision, label, reviewer_pseudonym, "
+               "reviewer_role, rationale, decided_at FROM review_decisions "
+               "WHERE item_id = $item ORDER BY seq",
+    "versions": "SELECT label, change_kind, approved_by, valid_from_version, valid_to_version, "
+                "event_ids, rationale, models_trained FROM label_versions "
+                "WHERE item_id = $item ORDER BY valid_from_version, change_order",
+}
+
+
+def item_trail(con: duckdb.DuckDBPyConnection, item_id: str) -> dict[str, pl.DataFrame]:
+    """Every section of the trail; empty frames where the item has none."""
+    return {name: store.frame(con, sql, {"item": item_id}) for name, sql in TRAIL_QUERIES.items()}
