@@ -41,6 +41,35 @@ def test_demo_loop_raises_corpus_and_model_accuracy(tmp_path, instance):
     n, accepted, q = files.row(0)
     assert n == accepted + q == sum(r["corrections_received"] for r in rows)
     assert (accepted, q) == (raw, quarantined)
+    assert sum(r["reviews_applied"] for r in rows) > 0 and rows[-1]["open_escalations"] >= 0
+    _assert_lineage_is_complete(home)
+
+
+def _assert_lineage_is_complete(home):
+    """For sampled corrected items, the trail accounts for every label the item has had."""
+    from labelloop_assets.core.lineage import item_trail
+
+    with store.connect(home.database, read_only=True) as con:
+        sample = store.frame(
+            con, "SELECT DISTINCT item_id FROM label_history WHERE change_kind IN "
+                 "('correction', 'review') ORDER BY item_id LIMIT 20",
+        )["item_id"].to_list()
+        models = set(store.frame(con, "SELECT model_version FROM models")["model_version"].to_list())
+        assert sample
+        for item_id in sample:
+            trail = item_trail(con, item_id)
+            versions = trail["versions"]
+            current = store.frame(con, "SELECT label FROM production_corpus WHERE item_id = ?", [item_id])
+            assert versions["label"][-1] == current["label"][0], item_id
+            assert versions["valid_to_version"][-1] is None
+            assert trail["item"]["initial_label"][0] == versions["label"][0]
+            events = set(trail["corrections"]["event_id"].to_list())
+            for ids in versions["event_ids"].drop_nulls().to_list():
+                assert set(ids) <= events, item_id
+            for trained in versions["models_trained"].drop_nulls().to_list():
+                assert set(trained) <= models
+            reviewed = versions.filter(versions["change_kind"] == "review")
+            assert reviewed.height <= trail["reviews"].height
 
 
 def test_demo_never_wipes_a_home_it_did_not_create(tmp_path):
