@@ -9,7 +9,7 @@ export LABELLOOP_HOME ?= $(CURDIR)/data/home
 export DAGSTER_HOME := $(CURDIR)
 export LABELLOOP_DAGSTER_STORAGE ?= $(LABELLOOP_HOME)/dagster
 
-.PHONY: venv demo test dev bench clean
+.PHONY: venv demo test dev bench clean browser e2e
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,8 +22,16 @@ venv: $(BIN)/.installed
 demo: venv
 	$(BIN)/labelloop demo
 
-test: venv
+# Debian's Chromium for the UI end-to-end test; without root the browser part is skipped locally
+# (under CI it fails with a clear message instead).
+browser:
+	@bash scripts/install-browser.sh || echo "make: Chromium not installed; the browser test will be skipped outside CI"
+
+test: venv browser
 	$(BIN)/python -m pytest
+
+e2e: venv browser
+	$(BIN)/python -m pytest -m e2e
 
 bench: venv
 	$(BIN)/python -m benchmarks.run

@@ -14,6 +14,9 @@ ingest_job = dg.define_asset_job(
 
 retrain_job = dg.define_asset_job(
     RETRAIN_JOB,
-    selection=dg.AssetSelection.assets("retrained_model", "label_quality_metrics"),
-    description="Train a model on the current corpus version, evaluate it on gold items, refresh metrics.",
+    selection=dg.AssetSelection.assets(
+        "contributor_reliability", "retrained_model", "label_quality_metrics"
+    ),
+    description="Re-estimate contributor reliability, train a model on the current corpus version, "
+    "evaluate it on gold items, refresh metrics.",
 )

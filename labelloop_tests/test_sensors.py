@@ -86,3 +86,8 @@ def test_retrain_decision_respects_the_minimum_interval():
     assert run_key is None and "only 600s passed" in reason
     run_key, reason = retrain_decision(corpus, model, policy, now=1000.0 + 3600)
     assert run_key == "retrain-corpus-v5" and "100 label changes" in reason
+
+
+def test_the_retrain_job_refreshes_reliability_with_the_model(defs):
+    assets = {n.name for n in defs.resolve_job_def(RETRAIN_JOB).graph.node_defs}
+    assert assets == {"contributor_reliability", "retrained_model", "label_quality_metrics"}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -50,9 +51,10 @@ def dagster_env(home: Path, tmpdir: Path | None = None) -> dict[str, str]:
         LABELLOOP_DAGSTER_STORAGE=str(home / "dagster"),
         PYTHONUNBUFFERED="1",
     )
-    if tmpdir is not None:
-        # dagster dev keeps its workspace file and gRPC sockets in TMPDIR; a killed server
-        # leaves them behind, so keep them in the test's own temporary folder.
+    # dagster dev keeps its workspace file and gRPC sockets in TMPDIR; a killed server leaves
+    # them behind, so keep them in the test's own temporary folder (when its path is short
+    # enough for a Unix socket name: 108 bytes in all).
+    if tmpdir is not None and len(str(tmpdir)) <= 60:
         tmpdir.mkdir(parents=True, exist_ok=True)
         env["TMPDIR"] = str(tmpdir)
     return env
@@ -85,6 +87,7 @@ class DagsterDev:
             text = self.log_path.read_text(encoding="utf-8", errors="replace")
         except OSError:
             return "(no log)"
+        text = re.sub(r"\x1b\[[0-9;]*m", "", text)  # dagster colours its log lines
         return "\n".join(text.splitlines()[-lines:])
 
     def start(self, timeout: float = 90.0) -> DagsterDev:

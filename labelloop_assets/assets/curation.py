@@ -92,7 +92,9 @@ def validated_labels(
                     store.set_state(con, STAGED_SEQ, int(new["seq"].max()))
                 store.set_state(con, RELIABILITY_SEEN, int(reliability_stamp))
         total = store.scalar(con, "SELECT count(*) FROM validated_labels")
-    statuses = decisions.group_by("status").len().sort("status") if decisions.height else pl.DataFrame()
+    statuses = (
+        decisions.group_by("status").len("items").sort("status") if decisions.height else pl.DataFrame()
+    )
     return dg.MaterializeResult(
         metadata={
             "dagster/row_count": total,
@@ -352,7 +354,7 @@ def escalations(context: dg.AssetExecutionContext, labelloop: LabelloopHome, dat
             store.append(con, "escalations", rows)
     breached = rows.filter(pl.col("sla_breached")) if rows.height else rows
     oldest = float(rows["age_hours"].max()) if rows.height else 0.0
-    by_reason = rows.group_by("reason").len().sort("reason") if rows.height else pl.DataFrame()
+    by_reason = rows.group_by("reason").len("escalations").sort("reason") if rows.height else pl.DataFrame()
     return dg.MaterializeResult(
         metadata={
             "dagster/row_count": rows.height,

@@ -56,7 +56,7 @@ def label_quality_metrics(
                 ),
             )
     numbers = {
-        name: (dg.MetadataValue.float(float(summary[name])) if isinstance(summary[name], float)
+        name: (dg.MetadataValue.float(round(float(summary[name]), 4)) if isinstance(summary[name], float)
                else dg.MetadataValue.int(int(summary[name])))
         for name in FIGURES
         if summary[name] is not None

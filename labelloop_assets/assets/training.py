@@ -28,7 +28,7 @@ from labelloop_assets.resources import LabelloopHome, open_store
 def retrained_model(
     context: dg.AssetExecutionContext, labelloop: LabelloopHome, database: DuckDBResource
 ) -> dg.MaterializeResult:
-    """A scikit-learn model trained on the current corpus, stored under models/<version>/ with its metrics."""
+    """A scikit-learn model trained on the current corpus, stored under `models/<version>/` with its metrics."""
     home = labelloop.home()
     with open_store(database) as con:
         corpus_version = store.scalar(con, "SELECT max(corpus_version) FROM corpus_versions")
@@ -100,8 +100,8 @@ def _model_metadata(record: dict) -> dict:
         "corpus_version": int(record["corpus_version"]),
         "label_changes_total": int(record["label_changes_total"]),
         "n_train_rows": int(record["n_train_rows"]),
-        "gold_accuracy": float(np.nan_to_num(record["gold_accuracy"] or 0.0)),
-        "gold_macro_f1": float(np.nan_to_num(record["gold_macro_f1"] or 0.0)),
+        "gold_accuracy": round(float(np.nan_to_num(record["gold_accuracy"] or 0.0)), 4),
+        "gold_macro_f1": round(float(np.nan_to_num(record["gold_macro_f1"] or 0.0)), 4),
         "n_gold": int(record["n_gold"]),
         "path": dg.MetadataValue.path(record["path"]),
     }
