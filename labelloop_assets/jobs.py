@@ -8,14 +8,14 @@ RETRAIN_JOB = "retrain_job"
 ingest_job = dg.define_asset_job(
     INGEST_JOB,
     selection=dg.AssetSelection.groups("ingest", "curation")
-    | dg.AssetSelection.assets("label_quality_metrics"),
+    | dg.AssetSelection.assets("label_quality_metrics", "published_views"),
     description="Ingest new landing files, stage and resolve corrections, publish a corpus version, refresh metrics.",
 )
 
 retrain_job = dg.define_asset_job(
     RETRAIN_JOB,
     selection=dg.AssetSelection.assets(
-        "contributor_reliability", "retrained_model", "label_quality_metrics"
+        "contributor_reliability", "retrained_model", "label_quality_metrics", "published_views"
     ),
     description="Re-estimate contributor reliability, train a model on the current corpus version, "
     "evaluate it on gold items, refresh metrics.",

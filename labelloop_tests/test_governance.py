@@ -72,7 +72,10 @@ def test_conflict_escalates_and_a_reviewer_decision_is_promoted_under_sensors(
     kind, approver, rationale = last.row(0)
     assert kind == "review" and approver.startswith("reviewer:u_") and "loop is open" in rationale
     assert _rows(home, "SELECT count(*) AS n FROM escalations")["n"][0] == 0
-    audit = _rows(home, "SELECT outcome, reason FROM audit_log ORDER BY outcome, reason")
+    audit = _rows(home, "SELECT outcome, reason FROM audit_log WHERE action LIKE 'review.%' "
+                        "ORDER BY outcome, reason")
+    publications = _rows(home, "SELECT target FROM audit_log WHERE action = 'corpus.publish' ORDER BY 1")
+    assert publications["target"].to_list() == ["v1", "v2"]
     assert audit.rows() == [
         ("accepted", None), ("refused", "role_not_allowed"), ("refused", "unknown_label"),
         ("refused", "unknown_reviewer"),
@@ -169,3 +172,29 @@ def test_near_duplicates_with_conflicting_labels_are_flagged(home, defs, instanc
              and e.asset_check_evaluation_data.check_name == "near_duplicates_agree"][0]
     assert not check.passed and check.metadata["conflicting_groups"].value == 1
     assert "twin-of-40" in check.metadata["groups"].value
+
+
+def test_published_views_are_readable_while_a_writer_holds_the_database(home, defs, instance):
+    import duckdb
+
+    write_jsonl(home.landing_dir("items"), "items.jsonl", make_items()[0])
+    write_jsonl(home.landing_dir("corrections"), "c1.jsonl", [correction("e-1", "item-030", "one")])
+    assert defs.resolve_job_def(INGEST_JOB).execute_in_process(instance=instance).success
+    views = home.published / "views.sql"
+    assert views.exists()
+    # A run holds the database file open for writing...
+    writer = duckdb.connect(str(home.database))
+    try:
+        writer.execute("BEGIN TRANSACTION")
+        writer.execute("DELETE FROM production_corpus")  # uncommitted: readers must not see this
+        # ...and an analyst still reads the published snapshot, unblocked and consistent.
+        reader = duckdb.connect()
+        reader.execute(views.read_text())
+        assert reader.execute("SELECT count(*) FROM production_corpus").fetchall() == [(45,)]
+        assert reader.execute(
+            "SELECT label FROM label_versions WHERE item_id = 'item-030' AND valid_to_version IS NULL"
+        ).fetchall() == [("one",)]
+        reader.close()
+        writer.execute("ROLLBACK")
+    finally:
+        writer.close()

@@ -188,8 +188,8 @@ def test_definitions_load_with_descriptions_groups_and_pools(home):
         "items": "ingest", "predictions": "ingest", "raw_corrections": "ingest",
         "review_decisions": "ingest", "validated_labels": "curation",
         "production_corpus": "curation", "escalations": "curation",
-        "label_quality_metrics": "monitoring", "retrained_model": "training",
-        "contributor_reliability": "training",
+        "label_quality_metrics": "monitoring", "published_views": "monitoring",
+        "retrained_model": "training", "contributor_reliability": "training",
     }
     for key in graph.get_all_asset_keys():
         node = graph.get(key)

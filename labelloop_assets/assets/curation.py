@@ -1,5 +1,7 @@
 """Curation: stage corrections, resolve them per item, promote changes into a versioned corpus."""
 
+import json
+
 import dagster as dg
 import polars as pl
 from dagster_duckdb import DuckDBResource
@@ -258,6 +260,12 @@ def production_corpus(
                             changes_before + n_changes,
                             run_id(context),
                         ],
+                    )
+                    kinds = dict(changes.group_by("change_kind").len().iter_rows())
+                    con.execute(
+                        "INSERT INTO audit_log (actor, action, target, outcome, detail, run_id) "
+                        "VALUES ('labelloop', 'corpus.publish', ?, 'published', ?, ?)",
+                        [f"v{version}", json.dumps(kinds, sort_keys=True), run_id(context)],
                     )
                 if new_items.height:
                     store.set_state(con, APPLIED_ITEMS, int(new_items["seq"].max()))

@@ -11,7 +11,7 @@ from labelloop_assets.assets.common import (
     run_id,
 )
 from labelloop_assets.checks.schema_checks import markdown_table
-from labelloop_assets.core import metrics, store
+from labelloop_assets.core import metrics, publish, store
 from labelloop_assets.resources import LabelloopHome, open_store
 
 FIGURES = (
@@ -67,5 +67,28 @@ def label_quality_metrics(
             "corpus_version": summary["corpus_version"] or 0,
             "model_version": summary["model_version"] or "none yet",
             "by_label": dg.MetadataValue.md(markdown_table(per_label.with_columns(pl.selectors.float().round(3)))),
+        }
+    )
+
+
+@dg.asset(
+    group_name="monitoring",
+    kinds={"duckdb", "parquet"},
+    pool=DUCKDB_POOL,
+    owners=OWNERS,
+    deps=["label_quality_metrics"],
+)
+def published_views(labelloop: LabelloopHome, database: DuckDBResource) -> dg.MaterializeResult:
+    """Parquet snapshots of the analyst views in published/, readable while the loop writes."""
+    folder = labelloop.home().published
+    with open_store(database) as con:
+        counts = publish.publish(con, folder)
+    return dg.MaterializeResult(
+        metadata={
+            "folder": dg.MetadataValue.path(str(folder)),
+            "open_with": f".read {folder / 'views.sql'}",
+            "rows": dg.MetadataValue.md(
+                markdown_table(pl.DataFrame({"view": list(counts), "rows": list(counts.values())}))
+            ),
         }
     )

@@ -44,6 +44,10 @@ class Home:
         return self.root / "models"
 
     @property
+    def published(self) -> Path:
+        return self.root / "published"
+
+    @property
     def reports(self) -> Path:
         return self.root / "reports"
 

@@ -1,0 +1,57 @@
+"""Read replicas for analysts: Parquet snapshots of the views they query, swapped in atomically.
+
+DuckDB lets one process hold the database file while a run writes. Analysts instead open
+`published/views.sql` in any DuckDB (or read the Parquet files directly): a reader never takes
+the writer's lock, and a writer replaces each file with a rename, so a reader sees a whole
+snapshot, old or new, never a half-written one.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import duckdb
+
+PUBLISHED = (
+    "production_corpus",
+    "label_versions",
+    "label_lineage",
+    "label_decisions",
+    "escalations",
+    "review_decisions",
+    "audit_log",
+    "corpus_versions",
+    "models",
+    "contributor_reliability",
+    "label_quality_metrics",
+    "label_quality_by_label",
+    "quarantine",
+    "ingested_files",
+)
+
+
+def publish(con: duckdb.DuckDBPyConnection, folder: Path) -> dict[str, int]:
+    """Export each analyst table or view to folder/<name>.parquet; returns row counts."""
+    folder.mkdir(parents=True, exist_ok=True)
+    counts = {}
+    for name in PUBLISHED:
+        target = folder / f"{name}.parquet"
+        tmp = folder / f".{name}.parquet.tmp"
+        con.execute(f"COPY (SELECT * FROM {name}) TO '{_sql_path(tmp)}' (FORMAT parquet)")
+        os.replace(tmp, target)
+        counts[name] = con.execute(f"SELECT count(*) FROM read_parquet('{_sql_path(target)}')").fetchall()[0][0]
+    views = "".join(
+        f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM read_parquet('{_sql_path(folder / (name + '.parquet'))}');\n"
+        for name in PUBLISHED
+    )
+    tmp = folder / ".views.sql.tmp"
+    tmp.write_text(
+        "-- labelloop analyst views over the published snapshots. In DuckDB: .read views.sql\n" + views
+    )
+    os.replace(tmp, folder / "views.sql")
+    return counts
+
+
+def _sql_path(path: Path) -> str:
+    return str(path.resolve()).replace("'", "''")
