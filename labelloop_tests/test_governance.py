@@ -181,7 +181,10 @@ def test_published_views_are_readable_while_a_writer_holds_the_database(home, de
     write_jsonl(home.landing_dir("corrections"), "c1.jsonl", [correction("e-1", "item-030", "one")])
     assert defs.resolve_job_def(INGEST_JOB).execute_in_process(instance=instance).success
     views = home.published / "views.sql"
-    assert views.exists()
+    assert "production_corpus" in views.read_text() and "label_versions" not in views.read_text()
+    # Whole-history views follow the training cadence.
+    assert defs.resolve_job_def(RETRAIN_JOB).execute_in_process(instance=instance).success
+    assert "label_versions" in views.read_text()
     # A run holds the database file open for writing...
     writer = duckdb.connect(str(home.database))
     try:

@@ -12,6 +12,7 @@ from labelloop_assets.assets.common import (
 )
 from labelloop_assets.checks.schema_checks import markdown_table
 from labelloop_assets.core import metrics, publish, store
+from labelloop_assets.jobs import INGEST_JOB
 from labelloop_assets.resources import LabelloopHome, open_store
 
 FIGURES = (
@@ -78,11 +79,15 @@ def label_quality_metrics(
     owners=OWNERS,
     deps=["label_quality_metrics"],
 )
-def published_views(labelloop: LabelloopHome, database: DuckDBResource) -> dg.MaterializeResult:
+def published_views(
+    context: dg.AssetExecutionContext, labelloop: LabelloopHome, database: DuckDBResource
+) -> dg.MaterializeResult:
     """Parquet snapshots of the analyst views in published/, readable while the loop writes."""
     folder = labelloop.home().published
+    # The ingest job refreshes what follows the batch; whole-history views follow training.
+    names = publish.EVERY_RUN if _job_name(context) == INGEST_JOB else publish.PUBLISHED
     with open_store(database) as con:
-        counts = publish.publish(con, folder)
+        counts = publish.publish(con, folder, names)
     return dg.MaterializeResult(
         metadata={
             "folder": dg.MetadataValue.path(str(folder)),
@@ -92,3 +97,10 @@ def published_views(labelloop: LabelloopHome, database: DuckDBResource) -> dg.Ma
             ),
         }
     )
+
+
+def _job_name(context: dg.AssetExecutionContext) -> str | None:
+    try:
+        return context.job_name
+    except dg.DagsterError:
+        return None

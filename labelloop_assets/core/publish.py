@@ -13,11 +13,9 @@ from pathlib import Path
 
 import duckdb
 
-PUBLISHED = (
+# Refreshed by every run: their size follows the corpus or stays small.
+EVERY_RUN = (
     "production_corpus",
-    "label_versions",
-    "label_lineage",
-    "label_decisions",
     "escalations",
     "review_decisions",
     "audit_log",
@@ -26,16 +24,19 @@ PUBLISHED = (
     "contributor_reliability",
     "label_quality_metrics",
     "label_quality_by_label",
-    "quarantine",
-    "ingested_files",
 )
+# Whole-history views: refreshed with each training, so an ingest run's cost follows its batch.
+WITH_TRAINING = ("label_versions", "label_lineage", "label_decisions", "quarantine", "ingested_files")
+PUBLISHED = EVERY_RUN + WITH_TRAINING
 
 
-def publish(con: duckdb.DuckDBPyConnection, folder: Path) -> dict[str, int]:
-    """Export each analyst table or view to folder/<name>.parquet; returns row counts."""
+def publish(
+    con: duckdb.DuckDBPyConnection, folder: Path, names: tuple[str, ...] = PUBLISHED
+) -> dict[str, int]:
+    """Export each named table or view to folder/<name>.parquet; returns row counts."""
     folder.mkdir(parents=True, exist_ok=True)
     counts = {}
-    for name in PUBLISHED:
+    for name in names:
         target = folder / f"{name}.parquet"
         tmp = folder / f".{name}.parquet.tmp"
         con.execute(f"COPY (SELECT * FROM {name}) TO '{_sql_path(tmp)}' (FORMAT parquet)")
@@ -44,6 +45,7 @@ def publish(con: duckdb.DuckDBPyConnection, folder: Path) -> dict[str, int]:
     views = "".join(
         f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM read_parquet('{_sql_path(folder / (name + '.parquet'))}');\n"
         for name in PUBLISHED
+        if (folder / f"{name}.parquet").exists()
     )
     tmp = folder / ".views.sql.tmp"
     tmp.write_text(
