@@ -6,12 +6,13 @@ materialization metadata from Dagster's event log, so they never race a running 
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
 import dagster as dg
 
-from labelloop_assets.core.contracts import is_landing_file
+from labelloop_assets.core.contracts import is_landing_name
 from labelloop_assets.core.settings import Home, RetrainPolicy
 from labelloop_assets.jobs import ingest_job, retrain_job
 from labelloop_assets.resources import LabelloopHome, RetrainCadence
@@ -24,8 +25,15 @@ def landed_files(home: Home) -> list[str]:
     names = []
     for kind in INGESTED_KINDS:
         folder = home.landing_dir(kind)
-        if folder.is_dir():
-            names.extend(f"{kind}/{p.name}" for p in folder.iterdir() if is_landing_file(p))
+        if not folder.is_dir():
+            continue
+        # scandir reads the file type from the directory entry: no stat per file.
+        with os.scandir(folder) as entries:
+            names.extend(
+                f"{kind}/{entry.name}"
+                for entry in entries
+                if entry.is_file() and is_landing_name(entry.name)
+            )
     return sorted(names)
 
 

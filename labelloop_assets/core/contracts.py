@@ -169,12 +169,13 @@ class UnreadableFile(Exception):
         self.detail = detail
 
 
-def is_landing_file(path: Path) -> bool:
+def is_landing_name(name: str) -> bool:
     """Temp names of atomic writers (dot-prefixed, `.tmp`, `.part`) are not landed yet."""
-    name = path.name
-    return path.is_file() and not name.startswith((".", "_")) and not name.endswith(
-        (".tmp", ".part", ".partial")
-    )
+    return not name.startswith((".", "_")) and not name.endswith((".tmp", ".part", ".partial"))
+
+
+def is_landing_file(path: Path) -> bool:
+    return path.is_file() and is_landing_name(path.name)
 
 
 def read_lines(path: Path, con: duckdb.DuckDBPyConnection) -> tuple[pl.DataFrame, int]:
