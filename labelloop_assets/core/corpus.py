@@ -17,6 +17,33 @@ ONTOLOGY_APPROVER = "ontology:renames"
 CHANGE_ORDER = {INITIAL: 0, RENAME: 1, CORRECTION: 2, CONFIRMATION: 2, REVIEW: 3}
 
 
+# Every label_history row a version adds has these columns; a kind of change fills some of them.
+HISTORY_COLUMNS = {
+    "item_id": pl.String,
+    "label": pl.String,
+    "previous_label": pl.String,
+    "change_kind": pl.String,
+    "label_source": pl.String,
+    "decision_id": pl.Int64,
+    "event_ids": pl.List(pl.String),
+    "rationale": pl.String,
+    "support": pl.Float64,
+    "share": pl.Float64,
+    "n_contributors": pl.Int32,
+    "approved_by": pl.String,
+    "by_authority": pl.Boolean,
+    "review_decision_id": pl.String,
+}
+
+
+def _history_rows(frame: pl.DataFrame, **columns: pl.Expr) -> pl.DataFrame:
+    """History rows from `frame`: the given columns, typed nulls for the others."""
+    return frame.select(
+        (columns[name] if name in columns else pl.lit(None)).cast(dtype).alias(name)
+        for name, dtype in HISTORY_COLUMNS.items()
+    )
+
+
 def plan_changes(
     new_items: pl.DataFrame,
     decisions: pl.DataFrame,
@@ -35,50 +62,41 @@ def plan_changes(
     reviewer_pseudonym, rationale); `accept` sets the label, `reject` keeps it — both make it
     reviewer-confirmed.
     """
-    initial = new_items.filter(pl.col("initial_label").is_not_null()).select(
-        "item_id",
-        pl.col("initial_label").alias("label"),
-        pl.lit(None, pl.String).alias("previous_label"),
-        pl.lit(INITIAL).alias("change_kind"),
-        pl.col("label_source").fill_null("unknown").alias("label_source"),
-        pl.lit(None, pl.Int64).alias("decision_id"),
-        pl.lit(None, pl.List(pl.String)).alias("event_ids"),
-        pl.lit(None, pl.String).alias("rationale"),
-        pl.lit(None, pl.Float64).alias("support"),
-        pl.lit(None, pl.Float64).alias("share"),
-        pl.lit(None, pl.Int32).alias("n_contributors"),
-        pl.format("import:{}", pl.col("label_source").fill_null("unknown")).alias("approved_by"),
-        pl.lit(False).alias("by_authority"),
+    source = pl.col("label_source").fill_null("unknown")
+    initial = _history_rows(
+        new_items.filter(pl.col("initial_label").is_not_null()),
+        item_id=pl.col("item_id"),
+        label=pl.col("initial_label"),
+        change_kind=pl.lit(INITIAL),
+        label_source=source,
+        approved_by=pl.format("import:{}", source),
+        by_authority=pl.lit(False),
     )
-    renames = (renamed if renamed is not None else pl.DataFrame(
-        schema={"item_id": pl.String, "label": pl.String, "previous_label": pl.String}
-    )).select(
-        "item_id",
-        "label",
-        "previous_label",
-        pl.lit(RENAME).alias("change_kind"),
-        pl.lit(None, pl.String).alias("label_source"),
-        pl.lit(None, pl.Int64).alias("decision_id"),
-        pl.lit(None, pl.List(pl.String)).alias("event_ids"),
-        pl.lit(None, pl.String).alias("rationale"),
-        pl.lit(None, pl.Float64).alias("support"),
-        pl.lit(None, pl.Float64).alias("share"),
-        pl.lit(None, pl.Int32).alias("n_contributors"),
-        pl.lit(ONTOLOGY_APPROVER).alias("approved_by"),
-        pl.lit(None, pl.Boolean).alias("by_authority"),
+    if renamed is None:
+        renamed = pl.DataFrame(schema={"item_id": pl.String, "label": pl.String, "previous_label": pl.String})
+    renames = _history_rows(
+        renamed,
+        item_id=pl.col("item_id"),
+        label=pl.col("label"),
+        previous_label=pl.col("previous_label"),
+        change_kind=pl.lit(RENAME),
+        approved_by=pl.lit(ONTOLOGY_APPROVER),
+    )
+    # The label each item has before this version's votes: renamed, stored, or just arriving.
+    before = (
+        pl.concat([current.select("item_id"), initial.select("item_id"), renames.select("item_id")])
+        .unique()
+        .join(current.select("item_id", pl.col("label").alias("stored")), on="item_id", how="left")
+        .join(initial.select("item_id", pl.col("label").alias("arriving")), on="item_id", how="left")
+        .join(renames.select("item_id", pl.col("label").alias("renamed_to")), on="item_id", how="left")
+        .select("item_id", now=pl.coalesce("renamed_to", "stored", "arriving"))
     )
     latest = (
         decisions.sort("decision_id")
         .group_by("item_id")
         .last()
-        .join(
-            current.select("item_id", pl.col("label").alias("now"), "human_confirmed"),
-            on="item_id",
-            how="left",
-        )
-        .join(initial.select("item_id", pl.col("label").alias("arriving")), on="item_id", how="left")
-        .join(renames.select("item_id", pl.col("label").alias("renamed_to")), on="item_id", how="left")
-        .with_columns(now=pl.coalesce("renamed_to", "now", "arriving"))
+        .join(current.select("item_id", "human_confirmed"), on="item_id", how="left")
+        .join(before, on="item_id", how="left")
     )
     changed = (pl.col("status") == PROMOTE) & (pl.col("proposed_label") != pl.col("now")).fill_null(True)
     confirmed = (
@@ -86,71 +104,58 @@ def plan_changes(
         & (pl.col("proposed_label") == pl.col("now")).fill_null(False)
         & ~pl.col("human_confirmed").fill_null(False)
     )
-    from_votes = latest.filter(changed | confirmed).select(
-        "item_id",
-        pl.col("proposed_label").alias("label"),
-        pl.col("now").alias("previous_label"),
-        pl.when(changed).then(pl.lit(CORRECTION)).otherwise(pl.lit(CONFIRMATION)).alias("change_kind"),
-        pl.lit(CORRECTION).alias("label_source"),
-        "decision_id",
-        "event_ids",
-        "rationale",
-        "support",
-        "share",
-        "n_contributors",
-        pl.lit(RULE_APPROVER).alias("approved_by"),
-        pl.col("by_authority").fill_null(False) if "by_authority" in decisions.columns
-        else pl.lit(False).alias("by_authority"),
+    from_votes = _history_rows(
+        latest.filter(changed | confirmed),
+        item_id=pl.col("item_id"),
+        label=pl.col("proposed_label"),
+        previous_label=pl.col("now"),
+        change_kind=pl.when(changed).then(pl.lit(CORRECTION)).otherwise(pl.lit(CONFIRMATION)),
+        label_source=pl.lit(CORRECTION),
+        decision_id=pl.col("decision_id"),
+        event_ids=pl.col("event_ids"),
+        rationale=pl.col("rationale"),
+        support=pl.col("support"),
+        share=pl.col("share"),
+        n_contributors=pl.col("n_contributors"),
+        approved_by=pl.lit(RULE_APPROVER),
+        by_authority=(
+            pl.col("by_authority").fill_null(False) if "by_authority" in decisions.columns
+            else pl.lit(False)
+        ),
     )
     voted = from_votes.filter(pl.col("change_kind") == CORRECTION).select(
         "item_id", pl.col("label").alias("voted_to")
     )
-    review_rows = _review_rows(reviews, voted, current, initial, renames)
+    review_rows = _review_rows(reviews, voted, before)
     # An item that arrives and is corrected in the same batch gets both rows, in that order.
-    changes = pl.concat(
-        [f.with_columns(review_decision_id=pl.lit(None, pl.String)) for f in (initial, renames, from_votes)]
-        + [review_rows],
-        how="vertical",
-    )
+    changes = pl.concat([initial, renames, from_votes, review_rows], how="vertical")
     return changes.with_columns(
         corpus_version=pl.lit(version, pl.Int32),
         change_order=pl.col("change_kind").replace_strict(CHANGE_ORDER, return_dtype=pl.Int32),
     )
 
 
-def _review_rows(reviews, voted, current, initial, renames) -> pl.DataFrame:
-    schema_source = {
-        "decision_id": pl.String, "item_id": pl.String, "decision": pl.String, "label": pl.String,
-        "reviewer_pseudonym": pl.String, "rationale": pl.String,
-    }
+def _review_rows(reviews: pl.DataFrame | None, voted: pl.DataFrame, before: pl.DataFrame) -> pl.DataFrame:
     if reviews is None or reviews.height == 0:
-        reviews = pl.DataFrame(schema=schema_source)
-    now = (
-        reviews.select("item_id").unique()
+        return pl.DataFrame(schema=HISTORY_COLUMNS)
+    ordered = (
+        reviews.sort("decision_id")
         .join(voted, on="item_id", how="left")
-        .join(renames.select("item_id", pl.col("label").alias("renamed_to")), on="item_id", how="left")
-        .join(current.select("item_id", pl.col("label").alias("stored")), on="item_id", how="left")
-        .join(initial.select("item_id", pl.col("label").alias("arriving")), on="item_id", how="left")
-        .select("item_id", now=pl.coalesce("voted_to", "renamed_to", "stored", "arriving"))
+        .join(before, on="item_id", how="left")
+        .with_columns(now=pl.coalesce("voted_to", "now"))
     )
-    ordered = reviews.sort("decision_id").join(now, on="item_id", how="left")
-    return ordered.filter(
-        (pl.col("decision") == "accept") | pl.col("now").is_not_null()
-    ).select(
-        "item_id",
-        pl.when(pl.col("decision") == "accept").then("label").otherwise("now").alias("label"),
-        pl.col("now").alias("previous_label"),
-        pl.lit(REVIEW).alias("change_kind"),
-        pl.lit(CORRECTION).alias("label_source"),
-        pl.lit(None, pl.Int64).alias("decision_id"),
-        pl.lit(None, pl.List(pl.String)).alias("event_ids"),
-        "rationale",
-        pl.lit(None, pl.Float64).alias("support"),
-        pl.lit(None, pl.Float64).alias("share"),
-        pl.lit(None, pl.Int32).alias("n_contributors"),
-        pl.format("reviewer:{}", "reviewer_pseudonym").alias("approved_by"),
-        pl.lit(True).alias("by_authority"),
-        pl.col("decision_id").alias("review_decision_id"),
+    accept = pl.col("decision") == "accept"
+    return _history_rows(
+        ordered.filter(accept | pl.col("now").is_not_null()),
+        item_id=pl.col("item_id"),
+        label=pl.when(accept).then("label").otherwise("now"),
+        previous_label=pl.col("now"),
+        change_kind=pl.lit(REVIEW),
+        label_source=pl.lit(CORRECTION),
+        rationale=pl.col("rationale"),
+        approved_by=pl.format("reviewer:{}", "reviewer_pseudonym"),
+        by_authority=pl.lit(True),
+        review_decision_id=pl.col("decision_id"),
     )
 
 
