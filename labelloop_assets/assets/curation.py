@@ -136,11 +136,11 @@ def _stage_and_resolve(
         con, "validated_labels", "item_id", touched, "t.* EXCLUDE (item_id, run_id)"
     )
     # A reviewer's decision settles the votes that came before it: only later ones count.
-    reviewed = store.frame(
-        con,
-        "SELECT item_id, max(ingested_at) AS reviewed_at FROM review_decisions "
-        "WHERE decision IN ('accept', 'reject') AND list_contains($items, item_id) GROUP BY item_id",
-        {"items": touched["item_id"].to_list()},
+    reviewed = (
+        store.lookup(con, "review_decisions", "item_id", touched, "t.decision, t.ingested_at")
+        .filter(pl.col("decision").is_in(list(review.CLOSING)))
+        .group_by("item_id")
+        .agg(reviewed_at=pl.col("ingested_at").max())
     )
     earlier = earlier.join(reviewed, on="item_id", how="left").filter(
         pl.col("reviewed_at").is_null() | (pl.col("staged_at") > pl.col("reviewed_at"))
@@ -227,12 +227,8 @@ def production_corpus(
             con, "production_corpus", "item_id", touched,
             "t.label, t.human_confirmed, t.reviewer_confirmed, t.label_source, t.since_version",
         )
-        previous = store.frame(
-            con, "SELECT corpus_version, label_changes_total FROM corpus_versions "
-            "ORDER BY corpus_version DESC LIMIT 1",
-        )
-        version = (previous["corpus_version"][0] if previous.height else 0) + 1
-        changes_before = previous["label_changes_total"][0] if previous.height else 0
+        previous_version, changes_before = store.corpus_head(con)
+        version = previous_version + 1
         changes = corpus.plan_changes(new_items, decisions, current, version, renamed, reviews)
         rows = corpus.corpus_rows(changes, current, version)
         validation = schemas.validate(
@@ -278,18 +274,17 @@ def production_corpus(
             con, "SELECT label, count(*) AS items, count(*) FILTER (WHERE human_confirmed) AS "
             "human_confirmed FROM production_corpus GROUP BY label ORDER BY label",
         )
-        latest_version = store.scalar(con, "SELECT max(corpus_version) FROM corpus_versions")
         clashes = store.frame(con, NEAR_DUPLICATES_SQL)
-        changes_total = store.scalar(
-            con, "SELECT label_changes_total FROM corpus_versions ORDER BY corpus_version DESC LIMIT 1"
-        )
+    latest_version, changes_total = (
+        (version, changes_before + n_changes) if published else (previous_version, changes_before)
+    )
     return dg.MaterializeResult(
         metadata={
             "dagster/row_count": int(distribution["items"].sum()) if distribution.height else 0,
-            "corpus_version": latest_version or 0,
+            "corpus_version": latest_version,
             "new_version_published": published,
             "label_changes_this_run": n_changes if published else 0,
-            "label_changes_total": changes_total or 0,
+            "label_changes_total": changes_total,
             "history_rows_this_run": changes.height if published else 0,
             "label_distribution": dg.MetadataValue.md(markdown_table(distribution)),
         },
@@ -357,9 +352,7 @@ def escalations(context: dg.AssetExecutionContext, labelloop: LabelloopHome, dat
         policy = labelloop.policy()
     with open_store(database) as con:
         rows = review.open_escalations(con, policy)
-        with store.transaction(con):
-            con.execute("DELETE FROM escalations")
-            store.append(con, "escalations", rows)
+        store.replace(con, "escalations", rows)
     breached = rows.filter(pl.col("sla_breached")) if rows.height else rows
     oldest = float(rows["age_hours"].max()) if rows.height else 0.0
     by_reason = rows.group_by("reason").len("escalations").sort("reason") if rows.height else pl.DataFrame()

@@ -31,10 +31,7 @@ def retrained_model(
     """A scikit-learn model trained on the current corpus, stored under `models/<version>/` with its metrics."""
     home = labelloop.home()
     with open_store(database) as con:
-        corpus_version = store.scalar(con, "SELECT max(corpus_version) FROM corpus_versions")
-        changes_total = store.scalar(
-            con, "SELECT label_changes_total FROM corpus_versions ORDER BY corpus_version DESC LIMIT 1"
-        )
+        corpus_version, changes_total = store.corpus_head(con)
         # One training per corpus version: the same corpus and configuration give the same model.
         existing = store.frame(
             con,
@@ -68,7 +65,7 @@ def retrained_model(
     version = f"m{n_models + 1:04d}"
     record = {
         "model_version": version,
-        "corpus_version": int(corpus_version),
+        "corpus_version": corpus_version,
         "n_train_rows": training.height,
         "n_classes": int(len(model.classes)),
         "algorithm": train.ALGORITHM,
@@ -77,7 +74,7 @@ def retrained_model(
         "gold_accuracy": scores["accuracy"],
         "gold_macro_f1": scores["macro_f1"],
         "n_gold": gold.height,
-        "label_changes_total": int(changes_total or 0),
+        "label_changes_total": changes_total,
         "run_id": run_id(context),
     }
     folder = train.save(model, home.models / version, record)
@@ -130,18 +127,16 @@ def contributor_reliability(
         anchors = store.frame(
             con, "SELECT item_id, label FROM production_corpus WHERE reviewer_confirmed"
         )
-        corpus_version = store.scalar(con, "SELECT max(corpus_version) FROM corpus_versions")
+        corpus_version, _ = store.corpus_head(con)
         estimates = reliability.estimate_reliability(
             votes, anchors, ontology.labels,
             reliability.ReliabilityPrior(policy.reliability_prior_mean, policy.reliability_prior_strength),
         )
         rows = estimates.drop("iterations").with_columns(
             estimated_at=pl.lit(datetime.now(timezone.utc)),
-            corpus_version=pl.lit(corpus_version, pl.Int32),
+            corpus_version=pl.lit(corpus_version or None, pl.Int32),
         )
-        with store.transaction(con):
-            con.execute("DELETE FROM contributor_reliability")
-            store.append(con, "contributor_reliability", rows)
+        store.replace(con, "contributor_reliability", rows)
     trusted = estimates.filter(
         (pl.col("accuracy") >= policy.solo_min_accuracy) & (pl.col("n_votes") >= policy.solo_min_votes)
     ).height

@@ -16,6 +16,7 @@ from labelloop_assets.core import store
 from labelloop_assets.core.anonymize import pseudonym
 from labelloop_assets.core.ingest import (
     IngestReport,
+    _concat,
     _finish,
     _label_detail,
     _label_rule,
@@ -128,9 +129,7 @@ def ingest_reviews(
     spec = c.REVIEW_SPEC
     files = pending_files(home, con, spec.kind)
     batch, blank = _read_batch(home, files, spec, con, key)
-    records = pl.concat([f for f in batch.accepted if f.height]) if any(
-        f.height for f in batch.accepted
-    ) else pl.DataFrame()
+    records = _concat(batch.accepted)
     quarantined = list(batch.quarantined)
     audit = _audit_rows_for_quarantine(pl.concat(quarantined) if quarantined else None, run_id)
     if records.height:

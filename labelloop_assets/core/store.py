@@ -262,6 +262,22 @@ def append(con: duckdb.DuckDBPyConnection, table: str, rows: pl.DataFrame) -> in
     return rows.height
 
 
+def corpus_head(con: duckdb.DuckDBPyConnection) -> tuple[int, int]:
+    """(latest corpus version, label changes up to it); (0, 0) before the first version."""
+    rows = con.execute(
+        "SELECT corpus_version, label_changes_total FROM corpus_versions "
+        "ORDER BY corpus_version DESC LIMIT 1"
+    ).fetchall()
+    return (int(rows[0][0]), int(rows[0][1])) if rows else (0, 0)
+
+
+def replace(con: duckdb.DuckDBPyConnection, table: str, rows: pl.DataFrame) -> None:
+    """Swap a small derived table's contents for `rows`, in one transaction."""
+    with transaction(con):
+        con.execute(f"DELETE FROM {table}")
+        append(con, table, rows)
+
+
 def get_state(con: duckdb.DuckDBPyConnection, name: str, default: int = 0) -> int:
     value = scalar(con, "SELECT value FROM pipeline_state WHERE name = ?", [name])
     return default if value is None else int(value)
