@@ -17,6 +17,7 @@ import numpy as np
 import polars as pl
 import yaml
 
+from labelloop_assets.core.contracts import write_atomically
 from labelloop_assets.core.settings import Home
 
 ROLES = ("end_user", "annotator", "reviewer", "domain_expert")
@@ -191,8 +192,5 @@ def write_corrections(
             .otherwise(pl.col("line"))
         )
         name = f"{prefix}-{first_event:09d}-{part:05d}.jsonl"
-        tmp = folder / f".{name}.tmp"
-        tmp.write_text(lines.to_series().str.join("\n").item() + "\n", encoding="utf-8")
-        os.replace(tmp, folder / name)
-        paths.append(folder / name)
+        paths.append(write_atomically(folder / name, lines.to_series().str.join("\n").item() + "\n"))
     return paths

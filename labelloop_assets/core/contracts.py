@@ -7,6 +7,7 @@ machine-readable reason. All checks are vectorized DuckDB expressions over the w
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,6 +177,15 @@ def is_landing_name(name: str) -> bool:
 
 def is_landing_file(path: Path) -> bool:
     return path.is_file() and is_landing_name(path.name)
+
+
+def write_atomically(path: Path, text: str) -> Path:
+    """Write to a dot-prefixed temp name beside `path`, then rename: readers see all or nothing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
 
 
 def read_lines(path: Path, con: duckdb.DuckDBPyConnection) -> tuple[pl.DataFrame, int]:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import duckdb
 
+from labelloop_assets.core.contracts import write_atomically
+
 # Refreshed by every run: their size follows the corpus or stays small.
 EVERY_RUN = (
     "production_corpus",
@@ -47,11 +49,10 @@ def publish(
         for name in PUBLISHED
         if (folder / f"{name}.parquet").exists()
     )
-    tmp = folder / ".views.sql.tmp"
-    tmp.write_text(
-        "-- labelloop analyst views over the published snapshots. In DuckDB: .read views.sql\n" + views
+    write_atomically(
+        folder / "views.sql",
+        "-- labelloop analyst views over the published snapshots. In DuckDB: .read views.sql\n" + views,
     )
-    os.replace(tmp, folder / "views.sql")
     return counts
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -239,10 +238,5 @@ def write_decision(
     }
     if label is not None:
         record["label"] = label
-    folder = home.landing_dir("reviews")
-    folder.mkdir(parents=True, exist_ok=True)
-    name = f"{record['decision_id']}.jsonl"
-    tmp = folder / f".{name}.tmp"
-    tmp.write_text(json.dumps(record) + "\n", encoding="utf-8")
-    os.replace(tmp, folder / name)
-    return folder / name
+    path = home.landing_dir("reviews") / f"{record['decision_id']}.jsonl"
+    return c.write_atomically(path, json.dumps(record) + "\n")

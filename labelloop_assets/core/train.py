@@ -18,6 +18,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score
 from sklearn.preprocessing import StandardScaler
 
+from labelloop_assets.core.contracts import write_atomically
+
 ALGORITHM = "standard_scaler+logistic_regression"
 DEFAULT_PARAMS = {"C": 0.1, "max_iter": 2000}
 CURRENT_POINTER = "CURRENT"
@@ -116,9 +118,7 @@ def load(folder: Path) -> tuple[LinearModel, dict]:
 
 def set_current(models_dir: Path, version: str) -> None:
     """Point serving code at a model version, atomically."""
-    tmp = models_dir / f".{CURRENT_POINTER}.tmp"
-    tmp.write_text(version + "\n")
-    os.replace(tmp, models_dir / CURRENT_POINTER)
+    write_atomically(models_dir / CURRENT_POINTER, version + "\n")
 
 
 def current_version(models_dir: Path) -> str | None:

@@ -8,7 +8,6 @@ predictions, and the corrections users send back.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.datasets import load_digits
 
+from labelloop_assets.core.contracts import write_atomically
 from labelloop_assets.core.settings import Home
 from labelloop_assets.core.train import LinearModel
 
@@ -120,12 +120,7 @@ def _wrong_label(true_class: int, rng: np.random.Generator, confusable_share: fl
 
 def write_jsonl(folder: Path, name: str, lines: list[str]) -> Path:
     """Atomic landing: write a dot-prefixed temp file, then rename it into place."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{name}.tmp"
-    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    target = folder / name
-    os.replace(tmp, target)
-    return target
+    return write_atomically(folder / name, "".join(line + "\n" for line in lines))
 
 
 def land_items(world: DemoWorld, home: Home) -> Path:
