@@ -192,23 +192,49 @@ def _escalation(con, escalation_id: str) -> dict | None:
     return found.to_dicts()[0] if found.height else None
 
 
+QUEUES = {
+    "escalations": (
+        "open escalations, oldest first",
+        "SELECT escalation_id, item_id, reason, current_label, proposed_label, "
+        "round(share, 2) AS share, n_contributors, round(age_hours, 1) AS age_hours, "
+        "sla_deadline, sla_breached, deferrals FROM escalations ORDER BY opened_at, item_id LIMIT $limit",
+    ),
+    "bursts": (
+        "correction bursts awaiting a reviewer (held first); release or discard them",
+        "SELECT burst_id, status, severity, day, scope, n_events, round(expected, 1) AS expected, "
+        "round(score, 1) AS score, reason FROM correction_bursts WHERE status IN ('held', 'flagged') "
+        "ORDER BY status = 'held' DESC, day DESC, score DESC LIMIT $limit",
+    ),
+    "issues": (
+        "label-issue candidates: current labels most likely wrong, best first",
+        "SELECT rank, item_id, label, suggested_label, round(score, 3) AS score, "
+        "array_to_string(reasons, '; ') AS reasons FROM label_issue_candidates ORDER BY rank LIMIT $limit",
+    ),
+}
+
+
 def cmd_review_list(args: argparse.Namespace) -> int:
+    title, sql = QUEUES[args.queue]
     with _read(_home()) as con:
-        rows = store.frame(
-            con,
-            "SELECT escalation_id, item_id, reason, current_label, proposed_label, "
-            "round(share, 2) AS share, n_contributors, round(age_hours, 1) AS age_hours, "
-            "sla_deadline, sla_breached, deferrals FROM escalations ORDER BY opened_at, item_id",
-        )
+        rows = store.frame(con, sql, {"limit": args.limit})
     if args.json:
         _print(rows, True)
     else:
-        print(f"{rows.height} open escalations, oldest first")
+        print(f"{rows.height} {title}" + (f" (--limit {args.limit} reached)" if rows.height == args.limit else ""))
         _print(rows, False)
     return 0
 
 
+def _burst(con, burst_id: str) -> dict | None:
+    found = store.frame(con, "SELECT * FROM correction_bursts WHERE burst_id = ?", [burst_id])
+    return found.to_dicts()[0] if found.height else None
+
+
 def cmd_review_show(args: argparse.Namespace) -> int:
+    from labelloop_assets.core.bursts import BURST_PREFIX
+
+    if args.escalation_id.startswith(BURST_PREFIX):
+        return _show_burst(args)
     with _read(_home()) as con:
         escalation = _escalation(con, args.escalation_id)
         if escalation is None:
@@ -231,6 +257,31 @@ def cmd_review_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _show_burst(args: argparse.Namespace) -> int:
+    with _read(_home()) as con:
+        burst = _burst(con, args.escalation_id)
+        if burst is None:
+            print(f"labelloop: no correction burst {args.escalation_id!r}", file=sys.stderr)
+            return 1
+        key = "user_pseudonym" if burst["scope"] == "contributor" else "source || '/' || corrected_label"
+        events = store.frame(
+            con,
+            f"SELECT event_id, item_id, original_label, corrected_label, user_pseudonym, user_role, "
+            f"source, rationale, created_at FROM raw_corrections "
+            f"WHERE CAST(timezone('UTC', created_at) AS DATE) = $day AND {key} = $key "
+            f"ORDER BY created_at LIMIT 20",
+            {"day": burst["day"], "key": burst["key"]},
+        )
+    if args.json:
+        print(json.dumps({"burst": burst, "events": events.to_dicts()}, indent=2, default=str))
+        return 0
+    for name, value in burst.items():
+        print(f"{name:>21}: {value}")
+    print(f"first {events.height} of its {burst['n_events']} corrections")
+    _print(events, False)
+    return 0
+
+
 def cmd_review_decide(args: argparse.Namespace) -> int:
     """Check the decision as far as can be known here, then land it; ingest checks it again."""
     from labelloop_assets.core import review
@@ -238,13 +289,17 @@ def cmd_review_decide(args: argparse.Namespace) -> int:
     from labelloop_assets.core.resolve import ResolutionPolicy
 
     home = _home().ensure()
-    decision = {"decide": "accept", "reject": "reject", "defer": "defer"}[args.review_command]
+    decision = {"decide": "accept", "reject": "reject", "defer": "defer", "release": "release",
+                "discard": "discard"}[args.review_command]
     label = getattr(args, "label", None)
     problems = []
     reviewers = review.load_reviewers(home.reviewers_file)
     role = reviewers.get(args.reviewer)
     if role is None:
         problems.append(f"{args.reviewer!r} is not a reviewer in {home.reviewers_file}")
+    if decision in ("release", "discard"):
+        problems.extend(_burst_problems(home, args.escalation_id, role))
+        return _land(home, args, decision, None, problems)
     if label is not None:
         ontology = Ontology.load(home.ontology_file)
         if ontology.resolve_term(label) not in ontology.labels:
@@ -263,6 +318,34 @@ def cmd_review_decide(args: argparse.Namespace) -> int:
                 f"role {role} may not decide a {escalation['reason']} escalation "
                 f"(allowed: {', '.join(allowed)})"
             )
+    return _land(home, args, decision, label, problems)
+
+
+def _burst_problems(home: Home, burst_id: str, role: str | None) -> list[str]:
+    from labelloop_assets.core.bursts import BurstPolicy
+    from labelloop_assets.core.settings import load_yaml_mapping
+
+    policy = BurstPolicy.from_mapping(load_yaml_mapping(home.governance_file, "governance").get("bursts"))
+    problems = []
+    if role is not None and role not in policy.may_acknowledge:
+        problems.append(
+            f"role {role} may not acknowledge a correction burst (allowed: {', '.join(policy.may_acknowledge)})"
+        )
+    try:
+        with store.connect(home.database, read_only=True) as con:
+            burst = _burst(con, burst_id)
+    except (duckdb.IOException, duckdb.ConnectionException, duckdb.CatalogException):
+        return problems  # a run holds the file: the ingest run will check instead
+    if burst is None:
+        problems.append(f"{burst_id!r} is not a detected correction burst (labelloop review list --queue bursts)")
+    elif burst["status"] in ("released", "discarded"):
+        problems.append(f"{burst_id} was already {burst['status']} by {burst['acknowledged_by']}")
+    return problems
+
+
+def _land(home: Home, args: argparse.Namespace, decision: str, label: str | None, problems: list[str]) -> int:
+    from labelloop_assets.core import review
+
     # Refused attempts are landed too, so that the ingest run writes them to the audit log.
     path = review.write_decision(home, args.escalation_id, decision, args.reviewer, args.rationale, label)
     if problems:
@@ -290,17 +373,21 @@ def build_parser() -> argparse.ArgumentParser:
     quarantine.add_argument("--limit", type=_positive, default=50)
     quarantine.add_argument("--json", action="store_true")
     quarantine.set_defaults(func=cmd_quarantine)
-    reviewing = commands.add_parser("review", help="escalations for reviewers: list, show, decide")
+    reviewing = commands.add_parser("review", help="review queues: escalations, correction bursts, label issues")
     review_commands = reviewing.add_subparsers(dest="review_command", required=True)
-    listing = review_commands.add_parser("list", help="open escalations, oldest first")
+    listing = review_commands.add_parser("list", help="a review queue: escalations, bursts or issues")
+    listing.add_argument("--queue", choices=list(QUEUES), default="escalations")
+    listing.add_argument("--limit", type=_positive, default=50)
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(func=cmd_review_list)
-    showing = review_commands.add_parser("show", help="one escalation with its votes")
+    showing = review_commands.add_parser("show", help="one escalation with its votes, or one burst with its corrections")
     showing.add_argument("escalation_id")
     showing.add_argument("--json", action="store_true")
     showing.set_defaults(func=cmd_review_show)
     for name, text in (("decide", "set the label"), ("reject", "keep the current label"),
-                       ("defer", "leave it open, with a note")):
+                       ("defer", "leave it open, with a note"),
+                       ("release", "a held burst is genuine: its corrections count"),
+                       ("discard", "a burst is not genuine: its corrections never count")):
         action = review_commands.add_parser(name, help=text)
         action.add_argument("escalation_id")
         if name == "decide":

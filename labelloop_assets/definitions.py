@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from labelloop_assets.assets import curation, ingest, monitoring, training
+from labelloop_assets.assets import curation, ingest, monitoring, quality, training
 from labelloop_assets.core.settings import Home, RetrainPolicy
 from labelloop_assets.jobs import ingest_job, retrain_job
 from labelloop_assets.resources import build_resources
@@ -12,7 +12,7 @@ from labelloop_assets.sensors import landing_sensor, retrain_sensor
 def build_definitions(home: Home | None = None, retrain: RetrainPolicy | None = None) -> dg.Definitions:
     """The loop bound to one LABELLOOP_HOME (from the environment unless given)."""
     return dg.Definitions(
-        assets=dg.load_assets_from_modules([ingest, curation, monitoring, training]),
+        assets=dg.load_assets_from_modules([ingest, curation, quality, monitoring, training]),
         jobs=[ingest_job, retrain_job],
         sensors=[landing_sensor, retrain_sensor],
         resources=build_resources(home or Home.from_env(), retrain or RetrainPolicy.from_env()),

@@ -9,9 +9,16 @@ import duckdb
 from dagster_duckdb import DuckDBResource
 
 from labelloop_assets.core import store
+from labelloop_assets.core.bursts import BurstPolicy
 from labelloop_assets.core.ontology import Ontology
 from labelloop_assets.core.resolve import ResolutionPolicy
-from labelloop_assets.core.settings import Home, RetrainPolicy, pseudonymization_key
+from labelloop_assets.core.settings import (
+    Home,
+    MonitoringSettings,
+    RetrainPolicy,
+    load_yaml_mapping,
+    pseudonymization_key,
+)
 
 
 class LabelloopHome(dg.ConfigurableResource):
@@ -27,6 +34,13 @@ class LabelloopHome(dg.ConfigurableResource):
 
     def policy(self) -> ResolutionPolicy:
         return ResolutionPolicy.load(self.home().governance_file)
+
+    def bursts(self) -> BurstPolicy:
+        path = self.home().governance_file
+        return BurstPolicy.from_mapping(load_yaml_mapping(path, "governance").get("bursts"), f"governance file {path}")
+
+    def monitoring(self) -> MonitoringSettings:
+        return MonitoringSettings.load(self.home().monitoring_file)
 
     def secret(self) -> bytes:
         return pseudonymization_key()

@@ -79,10 +79,17 @@ def retrain_decision(
     model: tuple[dict, float] | None,
     policy: RetrainPolicy,
     now: float,
+    bursts: tuple[dict, float] | None = None,
 ) -> tuple[str | None, str]:
     """(run_key or None, reason): the retraining cadence in one place."""
     if corpus is None or not corpus[0].get("corpus_version"):
         return None, "no corpus version published yet"
+    held = int(bursts[0].get("held_bursts", 0)) if bursts else 0
+    if held:
+        return None, (
+            f"retraining is held: {held} correction burst(s) await a reviewer "
+            "(labelloop review list --queue bursts)"
+        )
     version = int(corpus[0]["corpus_version"])
     total = int(corpus[0].get("label_changes_total", 0))
     run_key = f"retrain-corpus-v{version}"
@@ -110,14 +117,16 @@ def retrain_decision(
     job=retrain_job,
     minimum_interval_seconds=60,
     default_status=dg.DefaultSensorStatus.STOPPED,
-    description="Requests retraining when promoted label changes reach a threshold and a minimum interval has passed.",
+    description="Requests retraining when promoted label changes reach a threshold and a minimum interval has passed, "
+    "unless a correction burst is held.",
 )
 def retrain_sensor(
     context: dg.SensorEvaluationContext, retrain_cadence: RetrainCadence
 ) -> dg.RunRequest | dg.SkipReason:
     corpus = _latest_metadata(context.instance, "production_corpus")
     model = _latest_metadata(context.instance, "retrained_model")
-    run_key, reason = retrain_decision(corpus, model, retrain_cadence.policy(), time.time())
+    bursts = _latest_metadata(context.instance, "correction_bursts")
+    run_key, reason = retrain_decision(corpus, model, retrain_cadence.policy(), time.time(), bursts)
     if run_key is None:
         return dg.SkipReason(reason)
     return dg.RunRequest(run_key=run_key, tags={"labelloop/reason": reason[:200]})

@@ -19,7 +19,7 @@ from labelloop_assets.checks.schema_checks import (
     markdown_table,
     schema_check_result,
 )
-from labelloop_assets.core import corpus, resolve, review, schemas, store
+from labelloop_assets.core import bursts, corpus, resolve, review, schemas, store
 from labelloop_assets.resources import LabelloopHome, open_store
 
 GROUP = "curation"
@@ -28,6 +28,7 @@ APPLIED_ITEMS = "production_corpus.items_seq"
 APPLIED_DECISIONS = "production_corpus.decision_id"
 APPLIED_REVIEWS = "production_corpus.review_seq"
 RELIABILITY_SEEN = "validated_labels.reliability_stamp"
+BURST_ACKS_SEEN = "validated_labels.burst_acks_seq"
 NEAR_DUPLICATES = "near_duplicates_agree"
 # Items whose features agree to this many decimals are the same item for this check.
 NEAR_DUPLICATE_DECIMALS = 2
@@ -48,7 +49,7 @@ NEAR_DUPLICATES_SQL = f"""
     kinds={"duckdb", "polars"},
     pool=DUCKDB_POOL,
     owners=OWNERS,
-    deps=[raw_corrections, "predictions", "review_decisions"],
+    deps=[raw_corrections, "predictions", "review_decisions", "correction_bursts"],
     check_specs=[
         dg.AssetCheckSpec(
             VALIDATED_LABELS_SCHEMA,
@@ -84,7 +85,26 @@ def validated_labels(
             if reliability_stamp > store.get_state(con, RELIABILITY_SEEN)
             else pl.DataFrame(schema={"item_id": pl.String})
         )
-        staged, decisions = _stage_and_resolve(con, new, policy, ontology, revisit)
+        # A burst a reviewer released since the last run lets its held votes count: decide again.
+        acks_mark = store.get_state(con, BURST_ACKS_SEEN)
+        released = store.frame(
+            con,
+            "SELECT r.seq, r.escalation_id AS burst_id FROM review_decisions r "
+            "JOIN correction_bursts b ON b.burst_id = r.escalation_id "
+            "WHERE r.seq > ? AND r.decision = 'release' AND b.status = 'released'",
+            [acks_mark],
+        )
+        last_ack = store.scalar(
+            con, "SELECT max(seq) FROM review_decisions WHERE decision IN ('release', 'discard')"
+        ) or acks_mark
+        if released.height:
+            revisit = pl.concat([revisit, store.frame(
+                con, "SELECT DISTINCT item_id FROM validated_labels WHERE list_has_any(burst_ids, $ids)",
+                {"ids": released["burst_id"].to_list()},
+            )]).unique()
+        burst_table = store.frame(con, "SELECT burst_id, day, scope, key, status FROM correction_bursts")
+        new = _with_bursts(new, burst_table)
+        staged, decisions = _stage_and_resolve(con, new, policy, ontology, revisit, burst_table)
         validation = schemas.validate(schemas.validated_labels_schema(ontology.labels), staged)
         if validation.passed and (staged.height or decisions.height):
             with store.transaction(con):
@@ -93,7 +113,12 @@ def validated_labels(
                 if new.height:
                     store.set_state(con, STAGED_SEQ, int(new["seq"].max()))
                 store.set_state(con, RELIABILITY_SEEN, int(reliability_stamp))
+        if validation.passed:
+            store.set_state(con, BURST_ACKS_SEEN, int(last_ack))
         total = store.scalar(con, "SELECT count(*) FROM validated_labels")
+    held = (
+        staged.filter(_blocked(burst_table, bursts.HELD)).height if staged.height and "burst_ids" in staged.columns else 0
+    )
     statuses = (
         decisions.group_by("status").len("items").sort("status") if decisions.height else pl.DataFrame()
     )
@@ -107,6 +132,7 @@ def validated_labels(
             "confirmed": _count(decisions, resolve.CONFIRMED),
             "pending": _count(decisions, resolve.PENDING),
             "escalate": _count(decisions, resolve.ESCALATE),
+            "held_by_bursts": held,
             "decisions_by_status": dg.MetadataValue.md(markdown_table(statuses)),
         },
         check_results=[
@@ -115,8 +141,35 @@ def validated_labels(
     )
 
 
+def _with_bursts(new: pl.DataFrame, burst_table: pl.DataFrame) -> pl.DataFrame:
+    """Each new correction with the ids of the bursts (flagged, held or acknowledged) it belongs to."""
+    if new.height == 0:
+        return new.with_columns(burst_ids=pl.lit(None, pl.List(pl.String)))
+    day = pl.col("created_at").dt.convert_time_zone("UTC").dt.date()
+    keys = new.select(
+        "event_id",
+        day.alias("day"),
+        pl.col("user_pseudonym").alias(bursts.CONTRIBUTOR),
+        bursts.segment_key(pl.col("source"), pl.col("corrected_label")).alias(bursts.SEGMENT),
+    ).unpivot(index=["event_id", "day"], on=list(bursts.SCOPES), variable_name="scope", value_name="key")
+    members = (
+        keys.join(burst_table.select("day", "scope", "key", "burst_id"), on=["day", "scope", "key"])
+        .group_by("event_id")
+        .agg(pl.col("burst_id").sort().alias("burst_ids"))
+    )
+    return new.join(members, on="event_id", how="left")
+
+
+def _blocked(burst_table: pl.DataFrame, *statuses: str) -> pl.Expr:
+    """Votes in a burst with one of `statuses` (by default held or discarded) do not count."""
+    statuses = statuses or (bursts.HELD, bursts.DISCARDED)
+    ids = burst_table.filter(pl.col("status").is_in(list(statuses)))["burst_id"].to_list()
+    return pl.col("burst_ids").list.eval(pl.element().is_in(ids)).list.any().fill_null(False)
+
+
 def _stage_and_resolve(
-    con, new: pl.DataFrame, policy: resolve.ResolutionPolicy, ontology, revisit: pl.DataFrame
+    con, new: pl.DataFrame, policy: resolve.ResolutionPolicy, ontology, revisit: pl.DataFrame,
+    burst_table: pl.DataFrame,
 ):
     if new.height == 0 and revisit.height == 0:
         return new, pl.DataFrame()
@@ -153,7 +206,7 @@ def _stage_and_resolve(
     # Older votes are read in today's terms; a vote for a term since dropped counts no more.
     votes = pl.concat([earlier, staged], how="diagonal_relaxed").with_columns(
         corrected_label=ontology.harmonize("corrected_label")
-    ).drop_nulls("corrected_label")
+    ).drop_nulls("corrected_label").filter(~_blocked(burst_table))
     return staged, resolve.resolve(votes, current, policy, reliability)
 
 

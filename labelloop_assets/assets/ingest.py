@@ -114,14 +114,15 @@ def raw_corrections(
 def review_decisions(
     context: dg.AssetExecutionContext, labelloop: LabelloopHome, database: DuckDBResource
 ) -> dg.MaterializeResult:
-    """Reviewer decisions from landing/reviews, checked against reviewers.yaml and open escalations; refusals audited."""
+    """Reviewer decisions from landing/reviews (escalations decided, bursts acknowledged), checked against reviewers.yaml; refusals audited."""
     with config_errors_as_failures():
         ontology, policy = labelloop.ontology(), labelloop.policy()
         reviewers = review.load_reviewers(labelloop.home().reviewers_file)
         key = labelloop.secret()
+        burst_deciders = labelloop.bursts().may_acknowledge
     with open_store(database) as con, config_errors_as_failures():
         report, accepted = review.ingest_reviews(
-            con, labelloop.home(), ontology, key, reviewers, policy, run_id(context)
+            con, labelloop.home(), ontology, key, reviewers, policy, run_id(context), burst_deciders
         )
         total = store.scalar(con, "SELECT count(*) FROM review_decisions")
     return dg.MaterializeResult(

@@ -14,6 +14,7 @@ from labelloop_assets.assets.common import (
     config_errors_as_failures,
     run_id,
 )
+from labelloop_assets.checks.schema_checks import markdown_table
 from labelloop_assets.core import reliability, store, train
 from labelloop_assets.resources import LabelloopHome, open_store
 
@@ -46,6 +47,14 @@ def retrained_model(
                 f"{record['model_version']} is already trained on corpus v{corpus_version}; reused"
             )
             return dg.MaterializeResult(metadata={**_model_metadata(record), "reused": True})
+        held = store.frame(con, "SELECT burst_id, reason FROM correction_bursts WHERE status = 'held'")
+        if held.height:
+            raise dg.Failure(
+                description=f"training is held: {held.height} correction burst(s) await a reviewer "
+                f"({', '.join(held['burst_id'].to_list())}); release or discard them with "
+                "`labelloop review release|discard BURST_ID`",
+                metadata={"held_bursts": dg.MetadataValue.md(markdown_table(held))},
+            )
         training = store.frame(
             con,
             "SELECT c.item_id, c.label, i.features FROM production_corpus c "

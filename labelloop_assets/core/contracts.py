@@ -44,6 +44,7 @@ UNKNOWN_REVIEWER = "unknown_reviewer"
 ROLE_NOT_ALLOWED = "role_not_allowed"
 UNKNOWN_ESCALATION = "unknown_escalation"
 ESCALATION_CLOSED = "escalation_closed"
+DECISION_NOT_APPLICABLE = "decision_not_applicable"
 FEATURE_LENGTH_MISMATCH = "feature_length_mismatch"
 UNREADABLE_FILE = "unreadable_file"
 UNSUPPORTED_FORMAT = "unsupported_format"
@@ -131,7 +132,10 @@ ITEM_SPEC = RecordSpec(
     ),
 )
 
-REVIEW_DECISIONS = ("accept", "reject", "defer")
+# accept / reject / defer decide an escalation; release / discard acknowledge a correction burst.
+ESCALATION_DECISIONS = ("accept", "reject", "defer")
+BURST_DECISIONS = ("release", "discard")
+REVIEW_DECISIONS = ESCALATION_DECISIONS + BURST_DECISIONS
 
 REVIEW_SPEC = RecordSpec(
     kind="reviews",

@@ -156,6 +156,7 @@ def stage(
         pl.col("vote_weight").fill_null(0.0),
         "created_at",
         "rationale",
+        *(["burst_ids"] if "burst_ids" in corrections.columns else []),
     )
 
 

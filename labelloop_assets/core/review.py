@@ -13,6 +13,7 @@ import polars as pl
 from labelloop_assets.core import contracts as c
 from labelloop_assets.core import store
 from labelloop_assets.core.anonymize import pseudonym
+from labelloop_assets.core.bursts import BURST_PREFIX
 from labelloop_assets.core.ingest import (
     IngestReport,
     _concat,
@@ -29,7 +30,9 @@ from labelloop_assets.core.ontology import Ontology
 from labelloop_assets.core.resolve import ResolutionPolicy
 from labelloop_assets.core.settings import Home, LabelloopConfigError, load_yaml_mapping
 
-ACCEPT, REJECT, DEFER = c.REVIEW_DECISIONS
+ACCEPT, REJECT, DEFER = c.ESCALATION_DECISIONS
+# Burst acknowledgements travel as review decisions whose escalation_id is a burst id.
+BURST_REASON = "burst"
 CLOSING = (ACCEPT, REJECT)
 
 
@@ -121,6 +124,7 @@ def ingest_reviews(
     reviewers: dict[str, str],
     policy: ResolutionPolicy,
     run_id: str,
+    burst_deciders: tuple[str, ...] = ("reviewer", "domain_expert"),
 ) -> tuple[IngestReport, pl.DataFrame]:
     """New review decision files: every refusal is quarantined *and* audited; accepted ones are
     stored for `production_corpus` to apply."""
@@ -141,25 +145,38 @@ def ingest_reviews(
         closed = store.frame(
             con,
             "SELECT DISTINCT escalation_id, true AS closed FROM review_decisions "
-            "WHERE decision IN ('accept', 'reject')",
+            "WHERE decision IN ('accept', 'reject', 'release', 'discard')",
+        )
+        bursts_known = store.frame(
+            con, "SELECT burst_id AS escalation_id, true AS burst_known FROM correction_bursts"
         )
         deciders = pl.DataFrame(
             [(reason, role) for reason in ("tie", "disagreement", "contradicts_confirmed")
-             for role in policy.deciders(reason)],
+             for role in policy.deciders(reason)]
+            + [(BURST_REASON, role) for role in burst_deciders],
             schema={"reason": pl.String, "reviewer_role": pl.String}, orient="row",
         ).with_columns(allowed=pl.lit(True))
         label, label_bad = _label_rule(ontology, "label", required=False)
+        is_burst = pl.col("escalation_id").str.starts_with(BURST_PREFIX)
         records = (
             records.join(roles, on="reviewer_id", how="left")
             .join(escalations, on="escalation_id", how="left")
+            .join(bursts_known, on="escalation_id", how="left")
+            .with_columns(reason=pl.when(is_burst).then(pl.lit(BURST_REASON)).otherwise("reason"))
             .join(closed, on="escalation_id", how="left")
             .join(deciders, on=["reason", "reviewer_role"], how="left")
         )
         rules = [
             (pl.col("reviewer_role").is_null(), c.UNKNOWN_REVIEWER,
              "reviewer_id is not in reviewers.yaml"),
-            (pl.col("closed").fill_null(False), c.ESCALATION_CLOSED, "escalation already decided"),
-            (pl.col("item_id").is_null(), c.UNKNOWN_ESCALATION, "escalation_id is not open"),
+            (pl.col("closed").fill_null(False), c.ESCALATION_CLOSED, "escalation or burst already decided"),
+            (~is_burst & pl.col("item_id").is_null(), c.UNKNOWN_ESCALATION, "escalation_id is not open"),
+            (is_burst & pl.col("burst_known").is_null(), c.UNKNOWN_ESCALATION,
+             "escalation_id names no detected correction burst"),
+            (is_burst != pl.col("decision").is_in(list(c.BURST_DECISIONS)), c.DECISION_NOT_APPLICABLE,
+             pl.when(is_burst)
+             .then(pl.format("a correction burst takes {}, not {}", pl.lit(" or ".join(c.BURST_DECISIONS)), "decision"))
+             .otherwise(pl.format("an escalation takes {}, not {}", pl.lit(", ".join(c.ESCALATION_DECISIONS)), "decision"))),
             (pl.col("allowed").is_null(), c.ROLE_NOT_ALLOWED,
              pl.format("role {} may not decide a {} escalation", "reviewer_role", "reason")),
             ((pl.col("decision") == ACCEPT) & pl.col("label").is_null(), c.MISSING_FIELD,

@@ -11,6 +11,7 @@ import yaml
 
 LANDING_KINDS = ("items", "predictions", "corrections", "reviews")
 DEFAULTS_DIR = Path(__file__).resolve().parent.parent / "defaults"
+CONFIG_FILES = ("ontology.yaml", "governance.yaml", "reviewers.yaml", "monitoring.yaml")
 DEV_SECRET = "labelloop-development-secret-do-not-use-in-production"
 
 
@@ -63,13 +64,17 @@ class Home:
     def reviewers_file(self) -> Path:
         return self.root / "reviewers.yaml"
 
+    @property
+    def monitoring_file(self) -> Path:
+        return self.root / "monitoring.yaml"
+
     def ensure(self) -> "Home":
         """Create the folder layout and copy default configuration files that are missing."""
         for kind in LANDING_KINDS:
             self.landing_dir(kind).mkdir(parents=True, exist_ok=True)
         self.models.mkdir(parents=True, exist_ok=True)
         self.reports.mkdir(parents=True, exist_ok=True)
-        for name in ("ontology.yaml", "governance.yaml", "reviewers.yaml"):
+        for name in CONFIG_FILES:
             target = self.root / name
             if not target.exists():
                 shutil.copyfile(DEFAULTS_DIR / name, target)
@@ -115,6 +120,62 @@ class RetrainPolicy:
             min_label_changes=_env_number("LABELLOOP_RETRAIN_MIN_CHANGES", 50, int),
             min_interval_seconds=_env_number("LABELLOOP_RETRAIN_MIN_INTERVAL_SECONDS", 3600.0),
         )
+
+
+@dataclass(frozen=True)
+class MonitoringSettings:
+    """monitoring.yaml: drift windows and thresholds, agreement and the label-issue queue."""
+
+    drift_current_days: float = 1.0
+    drift_baseline_days: float = 7.0
+    drift_label_js_warn: float = 0.1
+    drift_label_psi_warn: float = 0.1
+    drift_feature_psi_warn: float = 0.25
+    drift_features_drifted_warn: int = 1
+    difficult_confidence: float = 0.6
+    agreement_pairs: int = 5
+    agreement_min_shared: int = 10
+    issues_folds: int = 5
+    issues_keep: int = 500
+    issue_weights: dict | None = None
+    guideline_pairs: int = 10
+    guideline_examples: int = 3
+
+    @classmethod
+    def load(cls, path: Path) -> "MonitoringSettings":
+        raw = load_yaml_mapping(path, "monitoring")
+        sections = {"drift": "drift_", "agreement": "agreement_", "label_issues": "issues_",
+                    "guidelines": "guideline_"}
+        unknown = set(raw) - set(sections) - {"difficult_confidence"}
+        if unknown:
+            raise LabelloopConfigError(
+                f"monitoring file {path}: unknown sections {sorted(unknown)}; "
+                f"known: {sorted(sections) + ['difficult_confidence']}"
+            )
+        values: dict = {}
+        if "difficult_confidence" in raw:
+            values["difficult_confidence"] = raw["difficult_confidence"]
+        for section, prefix in sections.items():
+            entries = raw.get(section) or {}
+            if not isinstance(entries, dict):
+                raise LabelloopConfigError(f"monitoring file {path}: `{section}` must be a mapping")
+            for key, value in entries.items():
+                name = "issue_weights" if (section, key) == ("label_issues", "weights") else prefix + key
+                if name not in cls.__dataclass_fields__:
+                    raise LabelloopConfigError(f"monitoring file {path}: unknown setting {section}.{key}")
+                values[name] = value
+        try:
+            settings = cls(**{
+                name: (value if name == "issue_weights" else type(getattr(cls, name))(value))
+                for name, value in values.items()
+            })
+        except (TypeError, ValueError) as exc:
+            raise LabelloopConfigError(f"monitoring file {path}: {exc}") from None
+        if settings.issues_folds < 2 or settings.drift_current_days <= 0 or settings.drift_baseline_days <= 0:
+            raise LabelloopConfigError(
+                f"monitoring file {path}: label_issues.folds must be at least 2 and drift windows positive"
+            )
+        return settings
 
 
 DEV_SECRET_WARNING = (

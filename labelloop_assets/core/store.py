@@ -14,7 +14,7 @@ from typing import Any
 import duckdb
 import polars as pl
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 DDL = """
 CREATE TABLE IF NOT EXISTS schema_info (key VARCHAR PRIMARY KEY, value VARCHAR);
@@ -66,7 +66,7 @@ CREATE TABLE IF NOT EXISTS validated_labels (
     prediction_id VARCHAR, prediction_found BOOLEAN NOT NULL, user_pseudonym VARCHAR NOT NULL,
     user_role VARCHAR NOT NULL, source VARCHAR NOT NULL, vote_weight DOUBLE NOT NULL,
     created_at TIMESTAMPTZ NOT NULL, rationale VARCHAR, staged_at TIMESTAMPTZ NOT NULL DEFAULT now(),
-    run_id VARCHAR
+    run_id VARCHAR, burst_ids VARCHAR[]
 );
 
 CREATE SEQUENCE IF NOT EXISTS label_decisions_seq;
@@ -83,7 +83,7 @@ CREATE TABLE IF NOT EXISTS label_decisions (
 CREATE SEQUENCE IF NOT EXISTS review_decisions_seq;
 CREATE TABLE IF NOT EXISTS review_decisions (
     seq BIGINT NOT NULL DEFAULT nextval('review_decisions_seq'), decision_id VARCHAR PRIMARY KEY,
-    escalation_id VARCHAR NOT NULL, item_id VARCHAR NOT NULL, decision VARCHAR NOT NULL,
+    escalation_id VARCHAR NOT NULL, item_id VARCHAR, decision VARCHAR NOT NULL,
     label VARCHAR, reviewer_pseudonym VARCHAR NOT NULL, reviewer_role VARCHAR NOT NULL,
     rationale VARCHAR NOT NULL, decided_at TIMESTAMPTZ NOT NULL, payload_hash VARCHAR NOT NULL,
     source_file VARCHAR, line_no BIGINT, ingested_at TIMESTAMPTZ NOT NULL DEFAULT now(),
@@ -96,6 +96,23 @@ CREATE TABLE IF NOT EXISTS escalations (
     n_contributors INTEGER, event_ids VARCHAR[], rationale VARCHAR, model_confidence DOUBLE,
     opened_at TIMESTAMPTZ NOT NULL, sla_deadline TIMESTAMPTZ NOT NULL, age_hours DOUBLE,
     sla_breached BOOLEAN NOT NULL, deferrals INTEGER NOT NULL, refreshed_at TIMESTAMPTZ NOT NULL
+);
+
+-- Corrections per day and scope (contributor pseudonym, or segment `source/label`): the
+-- baseline that correction bursts are scored against, grown by each batch's counts.
+CREATE TABLE IF NOT EXISTS correction_volume (
+    day DATE NOT NULL, scope VARCHAR NOT NULL, key VARCHAR NOT NULL, n BIGINT NOT NULL,
+    PRIMARY KEY (day, scope, key)
+);
+
+CREATE TABLE IF NOT EXISTS correction_bursts (
+    burst_id VARCHAR PRIMARY KEY, day DATE NOT NULL, scope VARCHAR NOT NULL, key VARCHAR NOT NULL,
+    n_events BIGINT NOT NULL, day_total BIGINT NOT NULL, baseline_days BIGINT NOT NULL,
+    baseline_median_share DOUBLE, baseline_mad_share DOUBLE, expected DOUBLE, score DOUBLE,
+    severity VARCHAR NOT NULL, status VARCHAR NOT NULL, reason VARCHAR NOT NULL, evidence VARCHAR,
+    detected_at TIMESTAMPTZ NOT NULL DEFAULT now(), updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    acknowledged_by VARCHAR, acknowledged_role VARCHAR, acknowledged_at TIMESTAMPTZ,
+    acknowledgement VARCHAR, run_id VARCHAR
 );
 
 CREATE TABLE IF NOT EXISTS audit_log (
@@ -156,6 +173,47 @@ CREATE TABLE IF NOT EXISTS label_quality_by_label (
     n_predicted_corrected BIGINT NOT NULL, correction_rate DOUBLE, run_id VARCHAR
 );
 
+CREATE TABLE IF NOT EXISTS label_quality_by_segment (
+    computed_at TIMESTAMPTZ NOT NULL DEFAULT now(), corpus_version INTEGER,
+    segment_kind VARCHAR NOT NULL, segment VARCHAR NOT NULL, n_items BIGINT NOT NULL,
+    n_human_confirmed BIGINT NOT NULL, coverage DOUBLE, n_corrections BIGINT NOT NULL,
+    n_changing BIGINT NOT NULL, change_rate DOUBLE, n_predictions BIGINT,
+    n_corrected_predictions BIGINT, correction_rate DOUBLE, run_id VARCHAR
+);
+
+CREATE TABLE IF NOT EXISTS label_agreement (
+    computed_at TIMESTAMPTZ NOT NULL DEFAULT now(), corpus_version INTEGER,
+    krippendorff_alpha DOUBLE, fleiss_kappa DOUBLE, n_items_multi BIGINT NOT NULL,
+    n_ratings BIGINT NOT NULL, n_raters BIGINT NOT NULL, n_difficult BIGINT NOT NULL,
+    difficult_prevalence DOUBLE, note VARCHAR, run_id VARCHAR
+);
+
+CREATE TABLE IF NOT EXISTS label_agreement_pairs (
+    computed_at TIMESTAMPTZ NOT NULL DEFAULT now(), corpus_version INTEGER, rater_a VARCHAR NOT NULL,
+    rater_b VARCHAR NOT NULL, n_shared BIGINT NOT NULL, kappa DOUBLE, note VARCHAR, run_id VARCHAR
+);
+
+CREATE TABLE IF NOT EXISTS label_drift (
+    computed_at TIMESTAMPTZ NOT NULL DEFAULT now(), corpus_version INTEGER, signal VARCHAR NOT NULL,
+    baseline_from TIMESTAMPTZ, current_from TIMESTAMPTZ, current_to TIMESTAMPTZ,
+    n_baseline BIGINT NOT NULL, n_current BIGINT NOT NULL, js_distance DOUBLE, psi DOUBLE,
+    max_psi DOUBLE, mean_psi DOUBLE, n_drifted BIGINT, detail VARCHAR, note VARCHAR, run_id VARCHAR
+);
+
+CREATE TABLE IF NOT EXISTS label_issue_candidates (
+    rank BIGINT NOT NULL, item_id VARCHAR PRIMARY KEY, label VARCHAR NOT NULL,
+    suggested_label VARCHAR, score DOUBLE NOT NULL, self_confidence DOUBLE, margin DOUBLE,
+    cl_issue BOOLEAN, votes_against DOUBLE, votes_for DOUBLE, reviewer_confirmed BOOLEAN,
+    reasons VARCHAR[], corpus_version INTEGER, computed_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    run_id VARCHAR
+);
+
+CREATE TABLE IF NOT EXISTS guideline_pairs (
+    corpus_version INTEGER NOT NULL, label_from VARCHAR NOT NULL, label_to VARCHAR NOT NULL,
+    n_corrections BIGINT NOT NULL, n_disputed BIGINT NOT NULL, n_items BIGINT NOT NULL,
+    computed_at TIMESTAMPTZ NOT NULL DEFAULT now(), run_id VARCHAR
+);
+
 -- What a model trained on corpus version v saw: SELECT * FROM corpus_as_of(v).
 CREATE OR REPLACE MACRO corpus_as_of(v) AS TABLE
     SELECT item_id, label, corpus_version AS labelled_in_version
@@ -210,10 +268,25 @@ def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
     found = con.execute("SELECT value FROM schema_info WHERE key = 'schema_version'").fetchall()
     if not found:
         con.execute("INSERT INTO schema_info VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
+    elif int(found[0][0]) < SCHEMA_VERSION:
+        _migrate(con, int(found[0][0]))
     elif int(found[0][0]) > SCHEMA_VERSION:
         raise RuntimeError(
             f"the DuckDB file has schema version {found[0][0]}, newer than this labelloop "
             f"({SCHEMA_VERSION}); upgrade labelloop before running it on this file"
+        )
+
+
+def _migrate(con: duckdb.DuckDBPyConnection, found: int) -> None:
+    """Bring an older file up to SCHEMA_VERSION in place, in one transaction."""
+    with transaction(con):
+        if found < 2:
+            # Version 2: correction bursts hold votes; burst acknowledgements are review
+            # decisions without an item.
+            con.execute("ALTER TABLE validated_labels ADD COLUMN IF NOT EXISTS burst_ids VARCHAR[]")
+            con.execute("ALTER TABLE review_decisions ALTER COLUMN item_id DROP NOT NULL")
+        con.execute(
+            "UPDATE schema_info SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION)]
         )
 
 

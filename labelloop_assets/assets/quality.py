@@ -1,0 +1,82 @@
+"""Quality signals that gate or steer the loop: correction bursts, label-issue candidates, guideline insights."""
+
+import dagster as dg
+import polars as pl
+from dagster_duckdb import DuckDBResource
+
+from labelloop_assets.assets.common import DUCKDB_POOL, OWNERS, config_errors_as_failures, run_id
+from labelloop_assets.checks.schema_checks import markdown_table
+from labelloop_assets.core import bursts, store
+from labelloop_assets.resources import LabelloopHome, open_store
+
+NO_HELD_BURSTS = "no_held_bursts"
+OPEN_BURSTS_SQL = """
+    SELECT burst_id, day, scope, key, n_events, day_total, round(expected, 1) AS expected,
+           round(score, 1) AS score, severity, status, reason, evidence
+    FROM correction_bursts WHERE status IN ('held', 'flagged') ORDER BY day DESC, score DESC
+"""
+
+
+@dg.asset(
+    group_name="curation",
+    kinds={"duckdb", "polars"},
+    pool=DUCKDB_POOL,
+    owners=OWNERS,
+    deps=["raw_corrections", "review_decisions"],
+    check_specs=[
+        dg.AssetCheckSpec(
+            NO_HELD_BURSTS,
+            asset="correction_bursts",
+            description="Warns while a severe correction burst holds its corrections (and retraining) "
+            "until a reviewer releases or discards it.",
+        )
+    ],
+)
+def correction_bursts(
+    context: dg.AssetExecutionContext, labelloop: LabelloopHome, database: DuckDBResource
+) -> dg.MaterializeResult:
+    """Correction volume per contributor and per segment scored against a robust baseline; severe bursts are held."""
+    with config_errors_as_failures():
+        policy = labelloop.bursts()
+    with open_store(database) as con:
+        outcome = bursts.detect(con, policy, run_id(context))
+        unresolved = store.frame(con, OPEN_BURSTS_SQL)
+        totals = dict(
+            store.frame(con, "SELECT status, count(*) AS n FROM correction_bursts GROUP BY status").iter_rows()
+        )
+    held = unresolved.filter(pl.col("status") == bursts.HELD)
+    if outcome["newly_held"]:
+        context.log.warning(
+            f"correction bursts held: {', '.join(outcome['newly_held'])}; "
+            "see `labelloop review list --queue bursts`"
+        )
+    table = markdown_table(unresolved.drop("evidence").head(20)) if unresolved.height else "_none_"
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": sum(totals.values()),
+            "events_scored": outcome["events"],
+            "days_scored": ", ".join(outcome["days_scored"]) or "none",
+            "keys_not_scored": dg.MetadataValue.int(outcome["not_scored"]),
+            "held_bursts": held.height,
+            "flagged_bursts": totals.get(bursts.FLAGGED, 0),
+            "released_bursts": totals.get(bursts.RELEASED, 0),
+            "discarded_bursts": totals.get(bursts.DISCARDED, 0),
+            "acknowledged_this_run": outcome["acknowledged"],
+            "open_bursts": dg.MetadataValue.md(table),
+            "review_with": "labelloop review list --queue bursts",
+        },
+        check_results=[
+            dg.AssetCheckResult(
+                check_name=NO_HELD_BURSTS,
+                passed=held.height == 0,
+                severity=dg.AssetCheckSeverity.WARN,
+                metadata={
+                    "held": held.height,
+                    "held_bursts": dg.MetadataValue.md(
+                        markdown_table(held.select("burst_id", "reason", "evidence")) if held.height else "_none_"
+                    ),
+                    "act_with": "labelloop review release|discard BURST_ID --rationale ... --as REVIEWER_ID",
+                },
+            )
+        ],
+    )

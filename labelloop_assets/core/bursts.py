@@ -1,0 +1,374 @@
+"""Correction bursts: daily correction volume per contributor and per segment, scored robustly.
+
+A burst is judged by its *share* of the day's corrections, not its raw count: on a busy day every
+contributor and segment grows together and nothing stands out, while one account mass-relabeling
+a class takes a share it never had. For each (day, scope, key):
+
+    expected = median(baseline shares) x corrections that day
+    scale    = max(1.4826 x MAD(baseline shares) x corrections that day, sqrt(max(expected, 1)))
+    score    = (corrections - expected) / scale
+
+The baseline is the previous `baseline_days` days that had any corrections (a key absent on such
+a day had share 0). 1.4826 x MAD estimates the standard deviation under normality and, unlike
+it, is not pulled by the outliers it is meant to find; the Poisson floor keeps a near-constant
+baseline from turning ordinary noise into huge scores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import date
+
+import duckdb
+import polars as pl
+
+from labelloop_assets.core import store
+from labelloop_assets.core.contracts import USER_ROLES
+from labelloop_assets.core.settings import LabelloopConfigError
+
+CONTRIBUTOR = "contributor"
+SEGMENT = "segment"
+SCOPES = (CONTRIBUTOR, SEGMENT)
+WARN, SEVERE = "warn", "severe"
+# A burst's life: flagged (a warning, nothing held) or held (severe), until a reviewer
+# releases it (its corrections count) or discards it (they never will).
+FLAGGED, HELD, RELEASED, DISCARDED = "flagged", "held", "released", "discarded"
+ACKNOWLEDGED = {"release": RELEASED, "discard": DISCARDED}
+MAD_TO_SIGMA = 1.4826
+BURST_PREFIX = "burst-"
+
+VOLUME_SCHEMA = {"day": pl.Date, "scope": pl.String, "key": pl.String, "n": pl.Int64}
+
+
+@dataclass(frozen=True)
+class BurstPolicy:
+    """When correction volume is a burst, when it is severe enough to hold, and who may acknowledge it."""
+
+    baseline_days: int = 14
+    min_baseline_days: int = 3
+    warn_score: float = 5.0
+    severe_score: float = 10.0
+    min_events: int = 20
+    severe_min_events: int = 30
+    may_acknowledge: tuple[str, ...] = ("reviewer", "domain_expert")
+
+    def __post_init__(self) -> None:
+        if self.baseline_days < 1 or self.min_baseline_days < 1:
+            raise LabelloopConfigError("governance: bursts.baseline_days and min_baseline_days must be at least 1")
+        if self.min_baseline_days > self.baseline_days:
+            raise LabelloopConfigError("governance: bursts.min_baseline_days cannot exceed baseline_days")
+        if not 0 < self.warn_score <= self.severe_score:
+            raise LabelloopConfigError("governance: bursts need 0 < warn_score <= severe_score")
+        if not 1 <= self.min_events <= self.severe_min_events:
+            raise LabelloopConfigError("governance: bursts need 1 <= min_events <= severe_min_events")
+        unknown = set(self.may_acknowledge) - set(USER_ROLES)
+        if unknown or not self.may_acknowledge:
+            raise LabelloopConfigError(
+                f"governance: bursts.may_acknowledge must list roles from {', '.join(USER_ROLES)}"
+            )
+
+    @classmethod
+    def from_mapping(cls, raw: dict | None, source: str = "governance") -> "BurstPolicy":
+        raw = raw or {}
+        if not isinstance(raw, dict):
+            raise LabelloopConfigError(f"{source}: `bursts` must be a mapping")
+        known = set(cls.__dataclass_fields__)
+        unknown = set(raw) - known
+        if unknown:
+            raise LabelloopConfigError(f"{source}: bursts has unknown keys {sorted(unknown)}; known: {sorted(known)}")
+        try:
+            values = {
+                key: (tuple(str(r) for r in value) if key == "may_acknowledge"
+                      else type(getattr(cls, key))(value))
+                for key, value in raw.items()
+            }
+        except (TypeError, ValueError) as exc:
+            raise LabelloopConfigError(f"{source}: bursts: {exc}") from None
+        return cls(**values)
+
+
+def daily_volume(events: pl.DataFrame) -> pl.DataFrame:
+    """Corrections per (day, scope, key) from events with created_at, user_pseudonym, source, corrected_label."""
+    if events.height == 0:
+        return pl.DataFrame(schema=VOLUME_SCHEMA)
+    day = pl.col("created_at").dt.convert_time_zone("UTC").dt.date().alias("day")
+    keyed = events.select(
+        day,
+        pl.col("user_pseudonym").alias(CONTRIBUTOR),
+        segment_key(pl.col("source"), pl.col("corrected_label")).alias(SEGMENT),
+    )
+    return (
+        keyed.unpivot(index="day", on=list(SCOPES), variable_name="scope", value_name="key")
+        .group_by("day", "scope", "key")
+        .agg(pl.len().cast(pl.Int64).alias("n"))
+        .sort("day", "scope", "key")
+    )
+
+
+def segment_key(source: pl.Expr, label: pl.Expr) -> pl.Expr:
+    """A segment is where corrections come from and what they ask for: `source/label`."""
+    return pl.concat_str(source, pl.lit("/"), label)
+
+
+def burst_id(day: date, scope: str, key: str) -> str:
+    """Stable per (day, scope, key): a re-score of the same day updates the same burst."""
+    digest = hashlib.sha256(f"{scope}\x1f{key}".encode()).hexdigest()[:10]
+    return f"{BURST_PREFIX}{day.isoformat()}-{scope}-{digest}"
+
+
+SCORE_SCHEMA = {
+    "day": pl.Date, "scope": pl.String, "key": pl.String, "n_events": pl.Int64,
+    "day_total": pl.Int64, "baseline_days": pl.Int64, "baseline_median_share": pl.Float64,
+    "baseline_mad_share": pl.Float64, "expected": pl.Float64, "score": pl.Float64,
+    "severity": pl.String, "note": pl.String,
+}
+
+
+def score_bursts(volume: pl.DataFrame, days: list[date], policy: BurstPolicy) -> pl.DataFrame:
+    """Every key active on one of `days`, scored against its baseline; severity null = ordinary."""
+    if volume.height == 0 or not days:
+        return pl.DataFrame(schema=SCORE_SCHEMA)
+    totals = (
+        volume.filter(pl.col("scope") == CONTRIBUTOR).group_by("day").agg(pl.col("n").sum().alias("total"))
+    )
+    active_days = totals.filter(pl.col("total") > 0).sort("day")
+    scored_days = pl.DataFrame({"day": sorted(set(days))}, schema={"day": pl.Date})
+    # The baseline of day d: the last `baseline_days` days before d that had any corrections.
+    baseline_days = (
+        scored_days.join(active_days.rename({"day": "baseline_day"}), how="cross")
+        .filter(pl.col("baseline_day") < pl.col("day"))
+        .sort("day", "baseline_day", descending=[False, True])
+        .group_by("day", maintain_order=True)
+        .head(policy.baseline_days)
+    )
+    today = volume.join(scored_days, on="day").join(totals, on="day")
+    shares = (
+        today.select("day", "scope", "key")
+        .join(baseline_days, on="day")
+        .join(
+            volume.rename({"day": "baseline_day", "n": "n_baseline"}),
+            on=["baseline_day", "scope", "key"],
+            how="left",
+        )
+        .with_columns(share=pl.col("n_baseline").fill_null(0) / pl.col("total"))
+    )
+    stats = (
+        shares.group_by("day", "scope", "key")
+        .agg(
+            pl.len().alias("baseline_days"),
+            pl.col("share").median().alias("baseline_median_share"),
+            (pl.col("share") - pl.col("share").median()).abs().median().alias("baseline_mad_share"),
+        )
+    )
+    enough = pl.col("baseline_days") >= policy.min_baseline_days
+    scored = (
+        today.rename({"n": "n_events", "total": "day_total"})
+        .join(stats, on=["day", "scope", "key"], how="left")
+        .with_columns(pl.col("baseline_days").fill_null(0).cast(pl.Int64))
+        .with_columns(
+            expected=pl.when(enough).then(pl.col("baseline_median_share") * pl.col("day_total")),
+        )
+        .with_columns(
+            scale=pl.max_horizontal(
+                MAD_TO_SIGMA * pl.col("baseline_mad_share") * pl.col("day_total"),
+                pl.max_horizontal(pl.col("expected"), pl.lit(1.0)).sqrt(),
+            )
+        )
+        .with_columns(score=(pl.col("n_events") - pl.col("expected")) / pl.col("scale"))
+        .with_columns(
+            severity=pl.when((pl.col("score") >= policy.severe_score) & (pl.col("n_events") >= policy.severe_min_events))
+            .then(pl.lit(SEVERE))
+            .when((pl.col("score") >= policy.warn_score) & (pl.col("n_events") >= policy.min_events))
+            .then(pl.lit(WARN)),
+            note=pl.when(~enough).then(
+                pl.format(
+                    "not scored: {} earlier day(s) with corrections, {} needed for a baseline",
+                    "baseline_days", pl.lit(policy.min_baseline_days),
+                )
+            ),
+        )
+    )
+    return scored.select(list(SCORE_SCHEMA)).cast(SCORE_SCHEMA).sort("day", "scope", "key")
+
+
+def describe(scored: pl.DataFrame) -> pl.Series:
+    """One sentence per scored burst: what happened, against what baseline, how unusual."""
+    what = pl.when(pl.col("scope") == CONTRIBUTOR).then(
+        pl.format("contributor {} sent", "key")
+    ).otherwise(pl.format("segment {} (source/label) received", "key"))
+    return scored.select(
+        pl.format(
+            "{} {} of the {} corrections on {}; expected {} from a {}-day baseline "
+            "(median share {}); robust z {}",
+            what, "n_events", "day_total", pl.col("day").cast(pl.String),
+            pl.col("expected").round(1), "baseline_days",
+            pl.col("baseline_median_share").round(3), pl.col("score").round(1),
+        ).alias("reason")
+    )["reason"]
+
+
+RAW_SEQ = "correction_bursts.raw_seq"
+ACKS_SQL = """
+    SELECT r.escalation_id AS burst_id, r.decision, r.reviewer_pseudonym, r.reviewer_role,
+           r.decided_at, r.rationale
+    FROM review_decisions r JOIN correction_bursts b ON b.burst_id = r.escalation_id
+    WHERE r.decision IN ('release', 'discard') AND b.acknowledged_at IS NULL
+    QUALIFY row_number() OVER (PARTITION BY r.escalation_id ORDER BY r.seq) = 1
+"""
+
+
+def detect(con: duckdb.DuckDBPyConnection, policy: BurstPolicy, run_id: str) -> dict:
+    """Count the new corrections, score the days they touch, record bursts and apply acknowledgements.
+
+    Cost grows with the batch: only the days it touches are scored, against their baseline days.
+    """
+    mark = store.get_state(con, RAW_SEQ)
+    new = store.frame(
+        con,
+        "SELECT seq, created_at, user_pseudonym, source, corrected_label FROM raw_corrections "
+        "WHERE seq > ? ORDER BY seq",
+        [mark],
+    )
+    volume = daily_volume(new)
+    days = volume["day"].unique().sort().to_list()
+    with store.transaction(con):
+        if volume.height:
+            con.register("new_volume", volume)
+            try:
+                con.execute(
+                    "INSERT INTO correction_volume SELECT day, scope, key, n FROM new_volume "
+                    "ON CONFLICT (day, scope, key) DO UPDATE SET n = correction_volume.n + excluded.n"
+                )
+            finally:
+                con.unregister("new_volume")
+        scored = score_bursts(_history(con, days, policy), days, policy) if days else pl.DataFrame(schema=SCORE_SCHEMA)
+        found = scored.filter(pl.col("severity").is_not_null())
+        newly_held = _record(con, found, run_id) if found.height else []
+        acknowledged = store.frame(con, ACKS_SQL)
+        if acknowledged.height:
+            con.register("acks", acknowledged)
+            try:
+                con.execute(
+                    """
+                    UPDATE correction_bursts b SET
+                        status = CASE a.decision WHEN 'release' THEN 'released' ELSE 'discarded' END,
+                        acknowledged_by = a.reviewer_pseudonym, acknowledged_role = a.reviewer_role,
+                        acknowledged_at = a.decided_at, acknowledgement = a.rationale, updated_at = now()
+                    FROM acks a WHERE a.burst_id = b.burst_id
+                    """
+                )
+            finally:
+                con.unregister("acks")
+        if new.height:
+            store.set_state(con, RAW_SEQ, int(new["seq"].max()))
+    return {
+        "events": new.height,
+        "days_scored": [d.isoformat() for d in days],
+        "keys_scored": scored.height,
+        "not_scored": scored.filter(pl.col("note").is_not_null()).height,
+        "found": found.height,
+        "newly_held": newly_held,
+        "acknowledged": acknowledged.height,
+    }
+
+
+def _history(con: duckdb.DuckDBPyConnection, days: list[date], policy: BurstPolicy) -> pl.DataFrame:
+    """The volume of the scored days and of the baseline days before them, nothing older."""
+    earliest = store.scalar(
+        con,
+        """
+        SELECT min(day) FROM (
+            SELECT DISTINCT day FROM correction_volume
+            WHERE scope = 'contributor' AND day < ? ORDER BY day DESC LIMIT ?
+        )
+        """,
+        [min(days), policy.baseline_days],
+    ) or min(days)
+    return store.frame(
+        con, "SELECT day, scope, key, n FROM correction_volume WHERE day BETWEEN ? AND ?",
+        [earliest, max(days)],
+    )
+
+
+def _record(con: duckdb.DuckDBPyConnection, found: pl.DataFrame, run_id: str) -> list[str]:
+    """Upsert the bursts found; a severe one is held unless a reviewer already acknowledged it."""
+    # A handful of bursts: their ids and evidence are built one by one.
+    ids = [burst_id(day, scope, key) for day, scope, key in found.select("day", "scope", "key").iter_rows()]
+    rows = found.with_columns(
+        burst_id=pl.Series(ids, dtype=pl.String),
+        reason=describe(found),
+        status=pl.when(pl.col("severity") == SEVERE).then(pl.lit(HELD)).otherwise(pl.lit(FLAGGED)),
+        run_id=pl.lit(run_id),
+    ).drop("note")
+    rows = rows.with_columns(evidence=pl.Series([_evidence(con, r) for r in rows.iter_rows(named=True)]))
+    before = store.frame(
+        con, "SELECT burst_id, status FROM correction_bursts WHERE list_contains($ids, burst_id)",
+        {"ids": rows["burst_id"].to_list()},
+    )
+    con.register("found_bursts", rows)
+    try:
+        con.execute(
+            """
+            INSERT INTO correction_bursts (burst_id, day, scope, key, n_events, day_total,
+                baseline_days, baseline_median_share, baseline_mad_share, expected, score, severity,
+                status, reason, evidence, run_id)
+            SELECT burst_id, day, scope, key, n_events, day_total, baseline_days,
+                   baseline_median_share, baseline_mad_share, expected, score, severity, status,
+                   reason, evidence, run_id
+            FROM found_bursts
+            ON CONFLICT (burst_id) DO UPDATE SET
+                n_events = excluded.n_events, day_total = excluded.day_total,
+                baseline_days = excluded.baseline_days,
+                baseline_median_share = excluded.baseline_median_share,
+                baseline_mad_share = excluded.baseline_mad_share, expected = excluded.expected,
+                score = excluded.score, severity = excluded.severity, reason = excluded.reason,
+                evidence = excluded.evidence, updated_at = now(), run_id = excluded.run_id,
+                -- acknowledged bursts keep their decision; a warning that turned severe is held
+                status = CASE WHEN correction_bursts.status IN ('released', 'discarded', 'held')
+                              THEN correction_bursts.status ELSE excluded.status END
+            """
+        )
+    finally:
+        con.unregister("found_bursts")
+    was = dict(before.iter_rows())
+    held = rows.filter(pl.col("status") == HELD).filter(
+        pl.col("burst_id").replace_strict(was, default=None, return_dtype=pl.String).is_in([HELD, RELEASED, DISCARDED]).not_()
+    )
+    if held.height:
+        store.append(
+            con,
+            "audit_log",
+            held.select(
+                actor=pl.lit("labelloop"), action=pl.lit("burst.hold"), target="burst_id",
+                outcome=pl.lit(HELD), reason="reason", run_id="run_id",
+            ),
+        )
+    return held["burst_id"].to_list()
+
+
+def _evidence(con: duckdb.DuckDBPyConnection, burst: dict) -> str:
+    """What the burst's corrections asked for (label changes), and who sent them."""
+    where = "user_pseudonym = $key" if burst["scope"] == CONTRIBUTOR else "source || '/' || corrected_label = $key"
+    rows = store.frame(
+        con,
+        f"""
+        SELECT coalesce(original_label, '?') || ' -> ' || corrected_label AS change,
+               user_pseudonym, source, event_id
+        FROM raw_corrections
+        WHERE CAST(timezone('UTC', created_at) AS DATE) = $day AND {where}
+        """,
+        {"day": burst["day"], "key": burst["key"]},
+    )
+    top = lambda column: dict(  # noqa: E731
+        rows.group_by(column).len().sort(["len", column], descending=[True, False]).head(5).iter_rows()
+    )
+    return json.dumps(
+        {
+            "changes": top("change"),
+            "contributors": top("user_pseudonym"),
+            "sources": top("source"),
+            "sample_event_ids": rows["event_id"].sort().head(5).to_list(),
+        }
+    )
