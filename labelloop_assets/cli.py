@@ -258,20 +258,14 @@ def cmd_review_show(args: argparse.Namespace) -> int:
 
 
 def _show_burst(args: argparse.Namespace) -> int:
+    from labelloop_assets.core.bursts import burst_events
+
     with _read(_home()) as con:
         burst = _burst(con, args.escalation_id)
         if burst is None:
             print(f"labelloop: no correction burst {args.escalation_id!r}", file=sys.stderr)
             return 1
-        key = "user_pseudonym" if burst["scope"] == "contributor" else "source || '/' || corrected_label"
-        events = store.frame(
-            con,
-            f"SELECT event_id, item_id, original_label, corrected_label, user_pseudonym, user_role, "
-            f"source, rationale, created_at FROM raw_corrections "
-            f"WHERE CAST(timezone('UTC', created_at) AS DATE) = $day AND {key} = $key "
-            f"ORDER BY created_at LIMIT 20",
-            {"day": burst["day"], "key": burst["key"]},
-        )
+        events = burst_events(con, burst).head(20)
     if args.json:
         print(json.dumps({"burst": burst, "events": events.to_dicts()}, indent=2, default=str))
         return 0

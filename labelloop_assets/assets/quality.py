@@ -1,12 +1,13 @@
 """Quality signals that gate or steer the loop: correction bursts, label-issue candidates, guideline insights."""
 
 import dagster as dg
+import numpy as np
 import polars as pl
 from dagster_duckdb import DuckDBResource
 
 from labelloop_assets.assets.common import DUCKDB_POOL, OWNERS, config_errors_as_failures, run_id
 from labelloop_assets.checks.schema_checks import markdown_table
-from labelloop_assets.core import bursts, store
+from labelloop_assets.core import bursts, label_issues, store, train
 from labelloop_assets.resources import LabelloopHome, open_store
 
 NO_HELD_BURSTS = "no_held_bursts"
@@ -79,4 +80,63 @@ def correction_bursts(
                 },
             )
         ],
+    )
+
+
+@dg.asset(
+    group_name="monitoring",
+    kinds={"scikit-learn", "duckdb"},
+    pool=DUCKDB_POOL,
+    owners=OWNERS,
+    deps=["production_corpus", "contributor_reliability"],
+)
+def label_issue_candidates(
+    context: dg.AssetExecutionContext, labelloop: LabelloopHome, database: DuckDBResource
+) -> dg.MaterializeResult:
+    """Review queue of corpus labels most likely wrong: K-fold confident learning fused with votes, disputes and reliability."""
+    with config_errors_as_failures():
+        settings = labelloop.monitoring()
+        policy = labelloop.policy()
+        weights = label_issues.IssueWeights.from_mapping(
+            {"reference_accuracy": policy.reliability_prior_mean, **(settings.issue_weights or {})}
+        )
+    with open_store(database) as con:
+        corpus = store.frame(con, label_issues.CORPUS_SQL)
+        active = label_issues.active_signals(con, policy.reliability_prior_mean, policy.reliability_prior_strength)
+        corpus_version, _ = store.corpus_head(con)
+    labels = corpus["label"].to_numpy()
+    probabilities, classes, note = (
+        label_issues.out_of_sample_probabilities(
+            train.features_matrix(corpus), labels, folds=settings.issues_folds
+        )
+        if corpus.height else (None, np.array([]), "the corpus is empty")
+    )
+    passive = (
+        label_issues.confident_learning(probabilities, labels, classes) if probabilities is not None else None
+    )
+    ranked = label_issues.rank_candidates(corpus.select("item_id", "label"), passive, active, weights)
+    kept = ranked.head(settings.issues_keep).with_columns(
+        corpus_version=pl.lit(corpus_version), run_id=pl.lit(run_id(context))
+    )
+    with open_store(database) as con:
+        store.replace(con, "label_issue_candidates", kept)
+    if note:
+        context.log.warning(f"label-issue candidates: {note}")
+    top = kept.head(20).select(
+        "rank", "item_id", "label", "suggested_label", pl.col("score").round(3),
+        pl.col("reasons").list.join("; ").alias("reasons"),
+    )
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": kept.height,
+            "corpus_version": corpus_version,
+            "items_scored": ranked.height,
+            "confident_learning_issues": int(ranked["cl_issue"].sum()) if ranked.height else 0,
+            "items_with_votes_against": int((ranked["votes_against"] > 0).sum()) if ranked.height else 0,
+            "expected_wrong_labels": dg.MetadataValue.float(round(float(ranked["score"].sum()), 1))
+            if ranked.height else 0.0,
+            "passive_signal": note or f"{settings.issues_folds}-fold out-of-sample probabilities",
+            "top_candidates": dg.MetadataValue.md(markdown_table(top)),
+            "review_with": "labelloop review list --queue issues",
+        }
     )

@@ -15,7 +15,7 @@ from labelloop_assets.assets.common import (
     run_id,
 )
 from labelloop_assets.checks.schema_checks import markdown_table
-from labelloop_assets.core import reliability, store, train
+from labelloop_assets.core import bursts, reliability, store, train
 from labelloop_assets.resources import LabelloopHome, open_store
 
 
@@ -129,7 +129,7 @@ def contributor_reliability(
     with open_store(database) as con:
         votes = store.frame(
             con,
-            "SELECT item_id, user_pseudonym, corrected_label FROM validated_labels "
+            f"SELECT item_id, user_pseudonym, corrected_label FROM ({bursts.COUNTED_VOTES_SQL}) "
             "QUALIFY row_number() OVER (PARTITION BY item_id, user_pseudonym "
             "ORDER BY created_at DESC, seq DESC) = 1",
         )

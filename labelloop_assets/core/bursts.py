@@ -210,6 +210,14 @@ def describe(scored: pl.DataFrame) -> pl.Series:
 
 
 RAW_SEQ = "correction_bursts.raw_seq"
+# validated_labels rows that count: none in a held burst (yet) or a discarded one (ever).
+COUNTED_VOTES_SQL = """
+    SELECT v.* FROM validated_labels v
+    WHERE NOT list_has_any(
+        coalesce(v.burst_ids, []),
+        coalesce((SELECT list(burst_id) FROM correction_bursts WHERE status IN ('held', 'discarded')), [])
+    )
+"""
 ACKS_SQL = """
     SELECT r.escalation_id AS burst_id, r.decision, r.reviewer_pseudonym, r.reviewer_role,
            r.decided_at, r.rationale
@@ -334,7 +342,8 @@ def _record(con: duckdb.DuckDBPyConnection, found: pl.DataFrame, run_id: str) ->
         con.unregister("found_bursts")
     was = dict(before.iter_rows())
     held = rows.filter(pl.col("status") == HELD).filter(
-        pl.col("burst_id").replace_strict(was, default=None, return_dtype=pl.String).is_in([HELD, RELEASED, DISCARDED]).not_()
+        ~pl.col("burst_id").replace_strict(was, default=None, return_dtype=pl.String)
+        .is_in([HELD, RELEASED, DISCARDED]).fill_null(False)
     )
     if held.height:
         store.append(
@@ -348,18 +357,26 @@ def _record(con: duckdb.DuckDBPyConnection, found: pl.DataFrame, run_id: str) ->
     return held["burst_id"].to_list()
 
 
-def _evidence(con: duckdb.DuckDBPyConnection, burst: dict) -> str:
-    """What the burst's corrections asked for (label changes), and who sent them."""
+def burst_events(con: duckdb.DuckDBPyConnection, burst: dict) -> pl.DataFrame:
+    """The corrections a burst counted: its day, and its contributor or segment."""
     where = "user_pseudonym = $key" if burst["scope"] == CONTRIBUTOR else "source || '/' || corrected_label = $key"
-    rows = store.frame(
+    return store.frame(
         con,
         f"""
-        SELECT coalesce(original_label, '?') || ' -> ' || corrected_label AS change,
-               user_pseudonym, source, event_id
+        SELECT event_id, item_id, original_label, corrected_label, user_pseudonym, user_role,
+               source, rationale, created_at
         FROM raw_corrections
         WHERE CAST(timezone('UTC', created_at) AS DATE) = $day AND {where}
+        ORDER BY created_at, event_id
         """,
         {"day": burst["day"], "key": burst["key"]},
+    )
+
+
+def _evidence(con: duckdb.DuckDBPyConnection, burst: dict) -> str:
+    """What the burst's corrections asked for (label changes), and who sent them."""
+    rows = burst_events(con, burst).with_columns(
+        change=pl.concat_str(pl.col("original_label").fill_null("?"), pl.lit(" -> "), "corrected_label")
     )
     top = lambda column: dict(  # noqa: E731
         rows.group_by(column).len().sort(["len", column], descending=[True, False]).head(5).iter_rows()
@@ -369,6 +386,6 @@ def _evidence(con: duckdb.DuckDBPyConnection, burst: dict) -> str:
             "changes": top("change"),
             "contributors": top("user_pseudonym"),
             "sources": top("source"),
-            "sample_event_ids": rows["event_id"].sort().head(5).to_list(),
+            "sample_event_ids": rows["event_id"].head(5).to_list(),
         }
     )

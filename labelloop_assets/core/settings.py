@@ -130,6 +130,7 @@ class MonitoringSettings:
     drift_baseline_days: float = 7.0
     drift_label_js_warn: float = 0.1
     drift_label_psi_warn: float = 0.1
+    drift_label_p_value: float = 0.01
     drift_feature_psi_warn: float = 0.25
     drift_features_drifted_warn: int = 1
     difficult_confidence: float = 0.6

@@ -197,7 +197,7 @@ CREATE TABLE IF NOT EXISTS label_drift (
     computed_at TIMESTAMPTZ NOT NULL DEFAULT now(), corpus_version INTEGER, signal VARCHAR NOT NULL,
     baseline_from TIMESTAMPTZ, current_from TIMESTAMPTZ, current_to TIMESTAMPTZ,
     n_baseline BIGINT NOT NULL, n_current BIGINT NOT NULL, js_distance DOUBLE, psi DOUBLE,
-    max_psi DOUBLE, mean_psi DOUBLE, n_drifted BIGINT, detail VARCHAR, note VARCHAR, run_id VARCHAR
+    p_value DOUBLE, max_psi DOUBLE, mean_psi DOUBLE, n_drifted BIGINT, detail VARCHAR, note VARCHAR, run_id VARCHAR
 );
 
 CREATE TABLE IF NOT EXISTS label_issue_candidates (

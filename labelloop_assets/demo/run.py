@@ -10,7 +10,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from labelloop_assets.core import store, train
+from labelloop_assets.core import bursts, store, train
 from labelloop_assets.core.settings import (
     DEV_SECRET_WARNING,
     Home,
@@ -139,6 +139,15 @@ def run_demo(
                 con, "SELECT model_version, gold_accuracy FROM models ORDER BY trained_at DESC LIMIT 1"
             ).to_dicts()
             escalations = store.frame(con, "SELECT * FROM escalations ORDER BY opened_at, item_id")
+            held = [
+                (burst["burst_id"], bursts.burst_events(con, burst))
+                for burst in store.frame(
+                    con, "SELECT * FROM correction_bursts WHERE status = 'held' ORDER BY burst_id"
+                ).iter_rows(named=True)
+            ]
+            burst_counts = dict(
+                store.frame(con, "SELECT status, count(*) FROM correction_bursts GROUP BY status").iter_rows()
+            )
         row = {
             "day": day,
             "corrections_received": sum(m["records_in"] for m in corrections),
@@ -152,6 +161,10 @@ def run_demo(
             "reviews_refused": sum(m["quarantined"] for m in reviews_meta),
             "open_escalations": escalations.height,
             "sla_breaches": int(escalations["sla_breached"].sum()) if escalations.height else 0,
+            "bursts_held": len(held),
+            "corrections_held": len({e for _, events in held for e in events["event_id"]}),
+            "bursts_discarded": burst_counts.get("discarded", 0),
+            "bursts_released": burst_counts.get("released", 0),
             "retrained": len(retrain_runs) > 0,
             "ingest_runs": [r.run_id for r in ingest_runs],
             "retrain_runs": [r.run_id for r in retrain_runs],
@@ -161,6 +174,8 @@ def run_demo(
         echo(_format(row))
         if day > 0:
             simulator.review_escalations(world, home, day, escalations)
+            for decision in simulator.review_bursts(world, home, day, held):
+                echo(f"      day {day}: {row['corrections_held']} corrections held by a burst; reviewer: {decision}")
     report = home.reports / "demo.json"
     report.write_text(json.dumps(rows, indent=2))
     return rows
@@ -169,13 +184,13 @@ def run_demo(
 COLUMNS = (
     ("day", 3), ("corrections_received", 8), ("corrections_quarantined", 11),
     ("labels_promoted", 8), ("reviews_applied", 7), ("open_escalations", 10),
-    ("sla_breaches", 12), ("corpus_label_accuracy", 15), ("model_gold_accuracy", 13),
+    ("sla_breaches", 12), ("bursts_held", 11), ("corpus_label_accuracy", 15), ("model_gold_accuracy", 13),
     ("model_version", 5),
 )
 TITLES = {
     "day": "day", "corrections_received": "received", "corrections_quarantined": "quarantined",
     "labels_promoted": "promoted", "reviews_applied": "reviews", "open_escalations": "escalated",
-    "sla_breaches": "SLA breaches", "corpus_label_accuracy": "corpus accuracy",
+    "sla_breaches": "SLA breaches", "bursts_held": "bursts held", "corpus_label_accuracy": "corpus accuracy",
     "model_gold_accuracy": "model on gold", "model_version": "model",
 }
 

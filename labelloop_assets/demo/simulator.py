@@ -13,6 +13,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 from sklearn.datasets import load_digits
 
 from labelloop_assets.core.contracts import write_atomically
@@ -55,6 +56,11 @@ class DemoConfig:
     malformed_rate: float = 0.01
     replay_rate: float = 0.01
     reviews_per_day: int = 4
+    # One day a trusted annotator's account mass-relabels one class wrongly.
+    burst_day: int = 4
+    burst_size: int = 80
+    burst_from: int = 3
+    burst_to: int = 8
 
 
 @dataclass
@@ -238,6 +244,8 @@ def simulate_day(
         reviewer = reviewers[int(rng.integers(0, len(reviewers)))]
         label = _answer(world, reviewer, int(world.truth[item_index]), False)
         events.append(_event(world, day, item_index, reviewer, label, "audit_sample", None))
+    if day == cfg.burst_day:
+        events.extend(_burst(world, day))
     lines = [json.dumps(e, separators=(",", ":")) for e in events]
     replays = [lines[i] for i in rng.choice(len(lines), size=int(len(lines) * cfg.replay_rate), replace=False)]
     broken = [
@@ -257,6 +265,20 @@ def simulate_day(
         "corrections_sent": len(all_lines),
         "no_consent_sent": sum(not e["consent"] for e in events),
     }
+
+
+BURST_ACCOUNT = "annotator-3"
+
+
+def _burst(world: DemoWorld, day: int) -> list[dict]:
+    """A compromised annotator account relabels every `burst_from` it finds as `burst_to`."""
+    cfg = world.config
+    account = next(c for c in world.contributors if c.user_id == BURST_ACCOUNT)
+    targets = np.flatnonzero((~world.gold) & (world.truth == cfg.burst_from))[: cfg.burst_size]
+    events = [_event(world, day, int(i), account, cfg.burst_to, "annotation", None) for i in targets]
+    for event in events:
+        event["rationale"] = f"bulk fix: these are all {LABELS[cfg.burst_to]}s"
+    return events
 
 
 def corpus_accuracy(world: DemoWorld, corpus: dict[str, str]) -> float:
@@ -290,3 +312,22 @@ def review_escalations(world: DemoWorld, home: Home, day: int, escalations) -> i
             "I think it is a seven", "seven", decided_at,
         )
     return done
+
+
+def review_bursts(world: DemoWorld, home: Home, day: int, held: list[tuple[str, pl.DataFrame]]) -> list[str]:
+    """A reviewer reads each held burst's corrections: mostly wrong -> discard, else release."""
+    from labelloop_assets.core.review import write_decision
+
+    truth = world.truth_labels
+    reviewer = next(c for c in world.contributors if c.role == "reviewer")
+    decided_at = START + timedelta(days=day, hours=19)
+    decisions = []
+    for burst_id, events in held:
+        wrong = sum(truth[item] != label for item, label in events.select("item_id", "corrected_label").iter_rows())
+        decision = "discard" if wrong > events.height / 2 else "release"
+        write_decision(
+            home, burst_id, decision, reviewer.user_id,
+            f"checked {events.height} corrections of the burst: {wrong} are wrong", None, decided_at,
+        )
+        decisions.append(f"{decision} {burst_id}")
+    return decisions

@@ -1,0 +1,46 @@
+"""Trend charts for the Dagster UI: small PNGs embedded in markdown metadata."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display: render to memory only
+
+import matplotlib.pyplot as plt  # noqa: E402
+import polars as pl  # noqa: E402
+
+
+def quality_trends_png(agreement: pl.DataFrame, drift: pl.DataFrame, js_warn: float, psi_warn: float) -> bytes:
+    """Agreement (alpha, kappa, difficult share) and drift (JS distance, feature PSI) over measurements."""
+    figure, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5.2), dpi=80, sharex=False)
+    for column, name in (("krippendorff_alpha", "Krippendorff's alpha"), ("fleiss_kappa", "Fleiss' kappa"),
+                         ("difficult_prevalence", "difficult items (share)")):
+        if column in agreement.columns:
+            top.plot(range(1, agreement.height + 1), agreement[column].to_list(), marker="o", ms=3, label=name)
+    top.axhline(0.667, color="grey", lw=0.8, ls="--", label="alpha 0.667 (tentative)")
+    top.set_ylim(-0.05, 1.05)
+    top.set_title("Agreement among contributors")
+    top.legend(fontsize=7, loc="lower left")
+    for signal, column, name in (("predicted_labels", "js_distance", "predicted labels, JS distance"),
+                                 ("corrected_labels", "js_distance", "corrected labels, JS distance"),
+                                 ("served_features", "max_psi", "served features, max PSI")):
+        series = drift.filter(pl.col("signal") == signal)[column] if drift.height else pl.Series([], dtype=pl.Float64)
+        bottom.plot(range(1, len(series) + 1), series.to_list(), marker="o", ms=3, label=name)
+    bottom.axhline(js_warn, color="tab:red", lw=0.8, ls="--", label=f"JS warn {js_warn}")
+    bottom.axhline(psi_warn, color="tab:purple", lw=0.8, ls=":", label=f"feature PSI warn {psi_warn}")
+    bottom.set_title("Drift: current window vs baseline")
+    bottom.set_xlabel("measurement (oldest to newest)")
+    bottom.legend(fontsize=7, loc="upper left")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def markdown_image(png: bytes, alt: str) -> str:
+    """A PNG inlined as a data URI, which the Dagster UI's markdown metadata renders."""
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
