@@ -15,9 +15,10 @@ ingest_job = dg.define_asset_job(
 retrain_job = dg.define_asset_job(
     RETRAIN_JOB,
     selection=dg.AssetSelection.assets(
-        "contributor_reliability", "retrained_model", "label_issue_candidates", "label_quality_metrics",
+        "contributor_reliability", "retrained_model", "label_issue_candidates", "guideline_report",
+        "label_quality_metrics",
         "published_views",
     ),
     description="Re-estimate contributor reliability, train a model on the current corpus version, "
-    "evaluate it on gold items, rank label-issue candidates, refresh metrics.",
+    "evaluate it on gold items, rank label-issue candidates, write the guideline report, refresh metrics.",
 )

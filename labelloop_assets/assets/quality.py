@@ -7,7 +7,8 @@ from dagster_duckdb import DuckDBResource
 
 from labelloop_assets.assets.common import DUCKDB_POOL, OWNERS, config_errors_as_failures, run_id
 from labelloop_assets.checks.schema_checks import markdown_table
-from labelloop_assets.core import bursts, label_issues, store, train
+from labelloop_assets.core import bursts, guidelines, label_issues, store, train
+from labelloop_assets.core.contracts import write_atomically
 from labelloop_assets.resources import LabelloopHome, open_store
 
 NO_HELD_BURSTS = "no_held_bursts"
@@ -138,5 +139,43 @@ def label_issue_candidates(
             "passive_signal": note or f"{settings.issues_folds}-fold out-of-sample probabilities",
             "top_candidates": dg.MetadataValue.md(markdown_table(top)),
             "review_with": "labelloop review list --queue issues",
+        }
+    )
+
+
+@dg.asset(
+    group_name="monitoring",
+    kinds={"duckdb", "markdown"},
+    pool=DUCKDB_POOL,
+    owners=OWNERS,
+    deps=["production_corpus"],
+)
+def guideline_report(
+    context: dg.AssetExecutionContext, labelloop: LabelloopHome, database: DuckDBResource
+) -> dg.MaterializeResult:
+    """Markdown report for guideline owners: most corrected and disputed label pairs, examples, rationales, change."""
+    with config_errors_as_failures():
+        settings = labelloop.monitoring()
+    home = labelloop.home()
+    with open_store(database) as con:
+        corpus_version, _ = store.corpus_head(con)
+        pairs, examples, previous_version = guidelines.report_data(
+            con, settings.guideline_pairs, settings.guideline_examples
+        )
+        if corpus_version != previous_version and pairs.height:
+            store.append(
+                con, "guideline_pairs",
+                pairs.select("label_from", "label_to", "n_corrections", "n_disputed", "n_items").with_columns(
+                    corpus_version=pl.lit(corpus_version), run_id=pl.lit(run_id(context))
+                ),
+            )
+    text = guidelines.render(pairs, examples, corpus_version, previous_version)
+    path = write_atomically(home.reports / "guidelines.md", text)
+    return dg.MaterializeResult(
+        metadata={
+            "path": dg.MetadataValue.path(str(path)),
+            "corpus_version": corpus_version,
+            "pairs": pairs.height,
+            "report": dg.MetadataValue.md(text),
         }
     )
