@@ -72,7 +72,9 @@ PASSIVE_COLUMNS = (
     "self_confidence",
     "suggested_label",
     "margin",
+    "normalized_margin",
     "confident_label",
+    "cl_off_diagonal",
     "cl_issue",
 )
 CANDIDATE_COLUMNS = (
@@ -103,6 +105,11 @@ class IssueWeights:
     passive: multiplies the model's out-of-sample log-odds against the label (1 = take them as is).
     confident_learning: added when the item is off-diagonal in the confident joint; the per-class
         thresholds correct the model's class-dependent over- or under-confidence.
+    normalized_margin: multiplies minus the threshold-normalized margin, p_given / t_given -
+        max_{j != given} p_j / t_j. Read against the per-class thresholds, a label the model
+        typically gives with low confidence is not suspect for that alone, while an item that
+        looks like a confidently-predicted other class is: this is what catches systematic
+        (class-pair) noise, which lowers the given class's own confidence everywhere.
     votes_against / votes_for: multiply the one-coin likelihood ratio of a unit of vote weight
         against / for the current label (1 = independent votes, as the reliability model assumes).
     disagreement: added for an open escalation or pending correction; small, because the votes
@@ -117,7 +124,8 @@ class IssueWeights:
     """
 
     passive: float = 1.0
-    confident_learning: float = 1.0
+    confident_learning: float = 2.0
+    normalized_margin: float = 1.0
     votes_against: float = 1.0
     votes_for: float = 1.0
     disagreement: float = 0.5
@@ -314,18 +322,28 @@ def confident_learning(probs: np.ndarray, labels: np.ndarray, classes: np.ndarra
     suggested = np.where(has_probs, np.nan_to_num(probs, nan=-1.0).argmax(axis=1), 0)
 
     thresholds = class_thresholds(probs, labels, classes)
+    normalized = probs / np.where(np.isfinite(thresholds) & (thresholds > 0), thresholds, np.inf)
+    normalized_others = normalized.copy()
+    normalized_others[rows, given] = -np.inf
+    normalized_margin = (
+        normalized[rows, given] - normalized_others.max(axis=1) if len(classes) > 1 else np.ones(n)
+    )
     confident = np.where(probs >= thresholds, probs, -np.inf)
     confident_index = confident.argmax(axis=1)
     has_confident = has_probs & np.isfinite(confident[rows, confident_index])
 
+    off_diagonal = has_confident & (confident_index != given)
+    pruned = prune_by_noise_rate(probs, given, confident_index, has_confident, has_probs)
     return pl.DataFrame(
         {
             "given_label": pl.Series(classes[given]),
             "self_confidence": np.where(has_probs, self_confidence, np.nan),
             "suggested_label": pl.Series(classes[suggested]),
             "margin": np.where(has_probs, margin, np.nan),
+            "normalized_margin": np.where(has_probs, normalized_margin, np.nan),
             "confident_label": pl.Series(classes[confident_index]),
-            "cl_issue": has_confident & (confident_index != given),
+            "cl_off_diagonal": off_diagonal,
+            "cl_issue": pruned,
             "_has_probs": has_probs,
             "_has_confident": has_confident,
         }
@@ -334,9 +352,44 @@ def confident_learning(probs: np.ndarray, labels: np.ndarray, classes: np.ndarra
         pl.col("self_confidence").fill_nan(None),
         pl.when("_has_probs").then("suggested_label").alias("suggested_label"),
         pl.col("margin").fill_nan(None),
+        pl.col("normalized_margin").fill_nan(None),
         pl.when("_has_confident").then("confident_label").alias("confident_label"),
+        "cl_off_diagonal",
         "cl_issue",
     )
+
+
+def prune_by_noise_rate(
+    probs: np.ndarray, given: np.ndarray, confident_index: np.ndarray, has_confident: np.ndarray,
+    has_probs: np.ndarray,
+) -> np.ndarray:
+    """Confident learning's prune-by-noise-rate: per (given i, true j) cell, the estimated number of
+    errors, taken from the items labeled i with the largest margin p_j - p_i.
+
+    The confident joint C[i, j] counts items labeled i whose confident class is j; each row is
+    calibrated to the number of items labeled i, and off-diagonal cell (i, j) then estimates how
+    many items labeled i truly belong to j (Northcutt et al. 2021, section 3). One loop step per
+    class pair, vectorized within.
+    """
+    n_classes = probs.shape[1]
+    flagged = np.zeros(len(given), dtype=bool)
+    if n_classes < 2:
+        return flagged
+    joint = np.zeros((n_classes, n_classes))
+    np.add.at(joint, (given[has_confident], confident_index[has_confident]), 1.0)
+    per_class = np.bincount(given[has_probs], minlength=n_classes).astype(np.float64)
+    row_sums = joint.sum(axis=1, keepdims=True)
+    calibrated = np.divide(joint, row_sums, out=np.zeros_like(joint), where=row_sums > 0) * per_class[:, None]
+    estimated = np.rint(calibrated).astype(int)
+    np.fill_diagonal(estimated, 0)
+    for i, j in zip(*np.nonzero(estimated)):
+        members = np.flatnonzero(has_probs & (given == i))
+        if members.size == 0:
+            continue
+        count = min(int(estimated[i, j]), members.size)
+        margin = probs[members, j] - probs[members, i]
+        flagged[members[np.argsort(-margin, kind="stable")[:count]]] = True
+    return flagged
 
 
 def empty_active() -> pl.DataFrame:
@@ -389,6 +442,7 @@ def rank_candidates(
             self_confidence=pl.lit(None, pl.Float64),
             suggested_label=pl.lit(None, items["label"].dtype),
             margin=pl.lit(None, pl.Float64),
+            normalized_margin=pl.lit(None, pl.Float64),
             confident_label=pl.lit(None, items["label"].dtype),
             cl_issue=pl.lit(False),
         )
@@ -419,7 +473,8 @@ def rank_candidates(
             [
                 items.select("item_id", "label"),
                 passive.select(
-                    "self_confidence", "suggested_label", "margin", "confident_label", "cl_issue"
+                    "self_confidence", "suggested_label", "margin", "normalized_margin",
+                    "confident_label", "cl_issue",
                 ),
             ],
             how="horizontal",
@@ -444,6 +499,7 @@ def rank_candidates(
         .then(pl.lit(prior))
         .otherwise(prior + weights.passive * (((1 - sc) / sc).log() - prior)),
         _cl=pl.col("cl_issue").cast(pl.Float64) * weights.confident_learning,
+        _normalized=(-pl.col("normalized_margin") * weights.normalized_margin).fill_null(0.0),
         _against=pl.col("votes_against") * (weights.votes_against * against_nats),
         _for=-pl.col("votes_for") * (weights.votes_for * for_nats),
         _disagreement=pl.col("escalated_or_pending").cast(pl.Float64) * weights.disagreement,
@@ -451,7 +507,7 @@ def rank_candidates(
         _confirmed=pl.col("reviewer_confirmed").cast(pl.Float64) * weights.reviewer_confirmed,
     ).with_columns(
         _log_odds=pl.sum_horizontal(
-            "_passive", "_cl", "_against", "_for", "_disagreement", "_source", "_confirmed"
+            "_passive", "_cl", "_normalized", "_against", "_for", "_disagreement", "_source", "_confirmed"
         ),
     )
 
