@@ -26,6 +26,13 @@ EVERY_RUN = (
     "contributor_reliability",
     "label_quality_metrics",
     "label_quality_by_label",
+    "label_quality_by_segment",
+    "label_agreement",
+    "label_agreement_pairs",
+    "label_drift",
+    "correction_bursts",
+    "label_issue_candidates",
+    "guideline_pairs",
 )
 # Whole-history views: refreshed with each training, so an ingest run's cost follows its batch.
 WITH_TRAINING = ("label_versions", "label_lineage", "label_decisions", "quarantine", "ingested_files")
