@@ -212,15 +212,16 @@ WHOLE_FILE_REASONS = [contracts.UNREADABLE_FILE, contracts.UNSUPPORTED_FORMAT, c
 
 
 # Reasons that only review decisions can have; test_governance.py covers each of them.
+# Tested in test_governance.py, and decision_not_applicable in test_bursts.py.
 REVIEW_REASONS = {
     contracts.UNKNOWN_REVIEWER, contracts.ROLE_NOT_ALLOWED, contracts.UNKNOWN_ESCALATION,
-    contracts.ESCALATION_CLOSED,
+    contracts.ESCALATION_CLOSED, contracts.DECISION_NOT_APPLICABLE,
 }
 
 
 def test_every_reason_code_has_a_test():
     defined = {v for k, v in vars(contracts).items() if isinstance(v, str) and k.lower() == v}
-    assert len(defined) == 24
+    assert len(defined) == 25
     assert defined == set(LINE_CASES) | set(WHOLE_FILE_REASONS) | REVIEW_REASONS
 
 
