@@ -49,6 +49,9 @@ PROMISED_CHECKS = {
     "raw_corrections": {"raw_corrections_schema", "raw_corrections_counts_reconcile"},
     "validated_labels": {"validated_labels_schema"},
     "production_corpus": {"production_corpus_schema"},
+    "label_quality_metrics": {
+        "label_drift_within_threshold", "feature_drift_within_threshold", "agreement_above_floor",
+    },
 }
 UI_TIMEOUT_MS = 30_000
 RUN_TIMEOUT_S = 150
@@ -303,6 +306,17 @@ def test_asset_graph_and_asset_pages_render(chromium, server, browser, tmp_path)
                     row = page.locator("tr", has=page.get_by_text(entry["label"], exact=True))
                     expect(row.first).to_contain_text(str(value))
             pages[asset] = _shot(page, shots / f"{asset}.png")
+            if asset == "label_quality_metrics":
+                # The trend chart is a PNG inside markdown metadata: it must render as an image.
+                row = page.locator("tr", has=page.get_by_text("trends", exact=True)).first
+                row.scroll_into_view_if_needed()
+                row.get_by_text("Show Markdown").click()
+                chart = page.get_by_role("dialog").locator("img")
+                expect(chart.first).to_be_visible()
+                assert chart.first.evaluate("img => img.naturalWidth") > 100
+                page.wait_for_timeout(800)  # the dialog fades in
+                pages["trends"] = _shot(page, shots / "label_quality_metrics-trends.png")
+                page.keyboard.press("Escape")
 
             # The Checks tab: every check with its description and its latest result.
             names = {check["name"] for check in fact["checks"]}
@@ -328,11 +342,12 @@ def test_asset_graph_and_asset_pages_render(chromium, server, browser, tmp_path)
             if fact["checks"]:
                 _shot(page, shots / f"{asset}-checks.png")
 
-    assert set(pages) == set(ASSET_PAGES)
+    assert set(pages) == set(ASSET_PAGES) | {"trends"}
     if os.environ.get("LABELLOOP_UPDATE_SCREENSHOTS") == "1":
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(graph_png, SCREENSHOTS / "asset-graph.png")
         shutil.copyfile(pages["production_corpus"], SCREENSHOTS / "production_corpus.png")
+        shutil.copyfile(pages["trends"], SCREENSHOTS / "label_quality_metrics-trends.png")
 
 
 # --- GraphQL -----------------------------------------------------------------------------------

@@ -184,6 +184,13 @@ def _stage_and_resolve(
     )
     touched = pl.concat([new.select("item_id"), revisit.select("item_id")]).unique()
     current = store.lookup(con, "production_corpus", "item_id", touched, "t.label, t.reviewer_confirmed")
+    # An item landed in the same batch is not in the corpus yet: its label is the initial one
+    # production_corpus is about to apply, so a correction is judged against that.
+    arriving = store.lookup(
+        con, "items", "item_id", touched.join(current.select("item_id"), on="item_id", how="anti"),
+        "t.initial_label AS label, false AS reviewer_confirmed",
+    ).filter(pl.col("label").is_not_null())
+    current = pl.concat([current, arriving], how="vertical_relaxed")
     staged = resolve.stage(new, predictions, current, policy)
     earlier = store.lookup(
         con, "validated_labels", "item_id", touched, "t.* EXCLUDE (item_id, run_id)"

@@ -5,7 +5,12 @@ import numpy as np
 import polars as pl
 from dagster_duckdb import DuckDBResource
 
-from labelloop_assets.assets.common import DUCKDB_POOL, OWNERS, config_errors_as_failures, run_id
+from labelloop_assets.assets.common import (
+    DUCKDB_POOL,
+    OWNERS,
+    config_errors_as_failures,
+    run_id,
+)
 from labelloop_assets.checks.schema_checks import markdown_table
 from labelloop_assets.core import bursts, guidelines, label_issues, store, train
 from labelloop_assets.core.contracts import write_atomically

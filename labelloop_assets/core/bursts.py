@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from datetime import date
 
@@ -78,14 +79,21 @@ class BurstPolicy:
         unknown = set(raw) - known
         if unknown:
             raise LabelloopConfigError(f"{source}: bursts has unknown keys {sorted(unknown)}; known: {sorted(known)}")
-        try:
-            values = {
-                key: (tuple(str(r) for r in value) if key == "may_acknowledge"
-                      else type(getattr(cls, key))(value))
-                for key, value in raw.items()
-            }
-        except (TypeError, ValueError) as exc:
-            raise LabelloopConfigError(f"{source}: bursts: {exc}") from None
+        values: dict = {}
+        for key, value in raw.items():
+            if key == "may_acknowledge":
+                if not isinstance(value, list):
+                    raise LabelloopConfigError(f"{source}: bursts.may_acknowledge must be a list of roles")
+                values[key] = tuple(str(role) for role in value)
+                continue
+            whole = isinstance(getattr(cls, key), int)
+            if (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                or (whole and value != int(value))
+            ):
+                kind = "a whole number" if whole else "a finite number"
+                raise LabelloopConfigError(f"{source}: bursts.{key} must be {kind}, not {value!r}")
+            values[key] = int(value) if whole else float(value)
         return cls(**values)
 
 

@@ -389,7 +389,8 @@ def prune_by_noise_rate(
         count = min(int(estimated[i, j]), members.size)
         margin = probs[members, j] - probs[members, i]
         flagged[members[np.argsort(-margin, kind="stable")[:count]]] = True
-    return flagged
+    # As in cleanlab: an item the model itself predicts as its given label is not an issue.
+    return flagged & (np.nan_to_num(probs, nan=-1.0).argmax(axis=1) != given)
 
 
 def empty_active() -> pl.DataFrame:
@@ -534,11 +535,19 @@ def rank_candidates(
                 _probability(pl.col("self_confidence")),
             )
         ),
-        pl.when(pl.col("cl_issue")).then(
+        pl.when(pl.col("cl_issue") & pl.col("confident_label").is_not_null()).then(
             pl.format(
                 "confident learning: off-diagonal (given {}, confidently {})",
                 label_q,
                 _quoted(pl.col("confident_label")),
+            )
+        ),
+        pl.when(pl.col("cl_issue") & pl.col("confident_label").is_null()).then(
+            pl.format(
+                "confident learning: among the items labelled {} most likely to be {} "
+                "(pruned by noise rate)",
+                label_q,
+                _quoted(pl.col("suggested_label")),
             )
         ),
         pl.when(pl.col("votes_against") > 0).then(

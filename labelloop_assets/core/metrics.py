@@ -138,16 +138,12 @@ FROM segments g LEFT JOIN coverage c USING (segment_kind, segment)
 ORDER BY g.segment_kind, g.segment
 """
 
-# Each contributor's latest vote per item, on items that two or more contributors voted on;
-# votes a held or discarded burst keeps out do not count.
+# Each contributor's latest vote per item; votes a held or discarded burst keeps out do not
+# count. Items with one vote are left in: agreement ignores them, and says so when none is left.
 RATINGS_SQL = f"""
-WITH latest AS (
-    SELECT item_id, user_pseudonym AS rater, corrected_label AS label
-    FROM ({bursts.COUNTED_VOTES_SQL})
-    QUALIFY row_number() OVER (PARTITION BY item_id, user_pseudonym ORDER BY seq DESC) = 1
-)
-SELECT l.* FROM latest l
-JOIN (SELECT item_id FROM latest GROUP BY item_id HAVING count(*) >= 2) m USING (item_id)
+SELECT item_id, user_pseudonym AS rater, corrected_label AS label
+FROM ({bursts.COUNTED_VOTES_SQL})
+QUALIFY row_number() OVER (PARTITION BY item_id, user_pseudonym ORDER BY seq DESC) = 1
 """
 
 # Difficult items: contributors disagree, or the latest prediction's confidence is low.
@@ -232,6 +228,7 @@ def agreement_signals(con: duckdb.DuckDBPyConnection, pairs: int, min_shared: in
     """Krippendorff's alpha, Fleiss' kappa, Cohen's kappa of the most co-active pairs, difficult items."""
     votes = ratings(con)
     summary = agreement.agreement_summary(votes)
+    shared = votes.filter(pl.len().over("item_id") >= 2)
     alpha, fleiss = summary["krippendorff_alpha"], summary["fleiss_kappa"]
     hard = difficult(con, confidence_below)
     return {
@@ -240,7 +237,7 @@ def agreement_signals(con: duckdb.DuckDBPyConnection, pairs: int, min_shared: in
             "fleiss_kappa": fleiss.value,
             "n_items_multi": summary["n_items_multi"],
             "n_ratings": alpha.n_ratings,
-            "n_raters": summary["n_raters"],
+            "n_raters": shared["rater"].n_unique(),
             "n_difficult": hard["n_difficult"],
             "difficult_prevalence": hard["prevalence"],
             "note": alpha.note or fleiss.note,
@@ -286,7 +283,15 @@ def drift_signals(
                          "n_current": current.height, "note": note})
         else:
             per_feature = drift.feature_drift(train.features_matrix(baseline), train.features_matrix(current))
-            summary = drift.summarize_feature_drift(per_feature, feature_psi_warn)
+            # PSI of two samples of one distribution is about (bins - 1)(1/n1 + 1/n2); on small
+            # windows that alone passes the threshold, so a feature must also clear 3x that.
+            noise = FEATURE_NOISE_FACTOR * (FEATURE_BINS - 1) * (1 / baseline.height + 1 / current.height)
+            summary = drift.summarize_feature_drift(per_feature, max(feature_psi_warn, noise))
+            if noise > feature_psi_warn:
+                summary["note"] = "; ".join(filter(None, [summary["note"], (
+                    f"small windows: a feature counts as drifted above PSI {noise:.2f} "
+                    f"(3x the sampling noise of {baseline.height} vs {current.height} items), not {feature_psi_warn}"
+                )]))
             rows.append({
                 "signal": "served_features", **window, "n_baseline": baseline.height,
                 "n_current": current.height, "js_distance": None, "psi": None, "p_value": None,
@@ -295,6 +300,10 @@ def drift_signals(
                 "detail": per_feature.sort("psi", descending=True, nulls_last=True).head(5).to_dicts(),
             })
     return rows
+
+
+FEATURE_BINS = 10
+FEATURE_NOISE_FACTOR = 3.0
 
 
 def _no_window(signal: str) -> dict:
