@@ -201,9 +201,10 @@ QUEUES = {
         "sla_deadline, sla_breached, deferrals FROM escalations ORDER BY opened_at, item_id LIMIT $limit",
     ),
     "bursts": (
-        "correction bursts awaiting a reviewer (held first); release or discard them",
+        "correction bursts awaiting a reviewer (held, then warnings of the last 14 days); release or discard them",
         "SELECT burst_id, status, severity, day, scope, n_events, round(expected, 1) AS expected, "
-        "round(score, 1) AS score, reason FROM correction_bursts WHERE status IN ('held', 'flagged') "
+        "round(score, 1) AS score, reason FROM correction_bursts "
+        "WHERE status = 'held' OR (status = 'flagged' AND day > (SELECT max(day) FROM correction_volume) - 14) "
         "ORDER BY status = 'held' DESC, day DESC, score DESC LIMIT $limit",
     ),
     "issues": (
@@ -217,7 +218,12 @@ QUEUES = {
 def cmd_review_list(args: argparse.Namespace) -> int:
     title, sql = QUEUES[args.queue]
     with _read(_home()) as con:
-        rows = store.frame(con, sql, {"limit": args.limit})
+        try:
+            rows = store.frame(con, sql, {"limit": args.limit})
+        except duckdb.CatalogException:
+            print(f"labelloop: the database has no {args.queue} queue yet: run the loop once with this "
+                  "version of labelloop (it upgrades the file)", file=sys.stderr)
+            return 1
     if args.json:
         _print(rows, True)
     else:

@@ -16,9 +16,9 @@ retrain_job = dg.define_asset_job(
     RETRAIN_JOB,
     selection=dg.AssetSelection.assets(
         "contributor_reliability", "retrained_model", "label_issue_candidates", "guideline_report",
-        "label_quality_metrics",
+        "label_quality_metrics", "label_quality_signals",
         "published_views",
     ),
     description="Re-estimate contributor reliability, train a model on the current corpus version, "
-    "evaluate it on gold items, rank label-issue candidates, write the guideline report, refresh metrics.",
+    "evaluate it on gold items, rank label-issue candidates, write the guideline report, refresh metrics, agreement and drift.",
 )

@@ -14,9 +14,11 @@ import polars as pl
 import pytest
 
 from labelloop_assets import cli
+from labelloop_assets.core import review
 from labelloop_assets.core.anonymize import pseudonym
 from labelloop_assets.core.bursts import (
     CONTRIBUTOR,
+    COUNTED_VOTES_SQL,
     SEGMENT,
     SEVERE,
     WARN,
@@ -337,17 +339,18 @@ def test_a_severe_burst_is_held_until_a_reviewer_discards_it(home, defs, instanc
     assert audit.rows() == sorted([(contributor_burst, "held"), (segment_burst, "held")])
     assert _metadata(result, "validated_labels")["held_by_bursts"] == 40
 
-    # The held corrections are staged, tagged with both bursts, and change nothing...
-    staged = _rows(home, "SELECT event_id, burst_ids FROM validated_labels WHERE event_id LIKE 'm-%'")
+    # The held corrections are staged, fall in both bursts (by day and key), and change nothing...
+    staged = _rows(home, "SELECT event_id FROM validated_labels WHERE event_id LIKE 'm-%'")
     assert staged.height == 40
-    assert all(sorted(ids) == sorted([contributor_burst, segment_burst]) for ids in staged["burst_ids"])
+    counted = _rows(home, f"SELECT event_id FROM ({COUNTED_VOTES_SQL}) WHERE event_id LIKE 'm-%'")
+    assert counted.height == 0
     labels = _labels(home, [*TARGETS, BYSTANDER])
     assert {labels[i] for i in TARGETS} == {"zero"}
     assert _rows(home, "SELECT count(*) AS n FROM label_decisions WHERE list_has_any(event_ids, $ids)",
                  {"ids": staged["event_id"].to_list()})["n"][0] == 0
     # ...while a reviewer's ordinary correction the same day, outside the burst, is promoted.
     assert labels[BYSTANDER] == "two"
-    assert _rows(home, "SELECT burst_ids FROM validated_labels WHERE event_id = 'rev-ok'")["burst_ids"][0] is None
+    assert _rows(home, f"SELECT count(*) AS n FROM ({COUNTED_VOTES_SQL}) WHERE event_id = 'rev-ok'")["n"][0] == 1
 
     # Retraining is held: by the sensor's cadence and by the asset itself.
     corpus = _latest_metadata(instance, "production_corpus")
@@ -498,11 +501,11 @@ def test_a_released_burst_counts_on_the_next_run(home, defs, instance, monkeypat
 
 
 @pytest.mark.slow
-def test_a_burst_that_trickles_in_holds_only_what_was_not_yet_counted(home, defs, instance):
+def test_a_burst_that_trickles_in_is_held_whole_and_its_early_changes_reverted(home, defs, instance):
     """A landing sensor ingests every 30 s, so one account's burst may arrive in several batches.
 
-    Documented: corrections staged before their day's volume crossed the threshold are not held
-    retroactively; the burst still counts (and shows) all of the day's corrections.
+    The corrections staged before the day's volume crossed the threshold already changed labels;
+    once the burst is held they no longer count, and the labels only they had set go back.
     """
     _land_history(home)
     # The first 15 corrections of the day are below min_events: no burst yet, and they count.
@@ -518,9 +521,71 @@ def test_a_burst_that_trickles_in_holds_only_what_was_not_yet_counted(home, defs
     assert _metadata(result, "correction_bursts")["days_scored"] == BURST_DAY
     evidence = json.loads(_rows(home, "SELECT evidence FROM correction_bursts WHERE scope = 'contributor'")[0, 0])
     assert evidence["changes"] == {"? -> one": 40}
-    assert evidence["sample_event_ids"] == [f"m-{k}" for k in range(5)]  # the early, counted ones
-    held = _rows(home, "SELECT event_id FROM validated_labels WHERE len(coalesce(burst_ids, [])) = 2 "
-                       "ORDER BY seq")["event_id"].to_list()
-    assert held == [f"m-{k}" for k in range(15, 40)]
+    assert evidence["sample_event_ids"] == [f"m-{k}" for k in range(5)]
+    counted = _rows(home, f"SELECT event_id FROM ({COUNTED_VOTES_SQL}) WHERE event_id LIKE 'm-%'")
+    assert counted.height == 0
+    assert _metadata(result, "validated_labels")["revert"] == 15
+    reverted = _rows(home, "SELECT item_id, label, previous_label, approved_by FROM label_history "
+                           "WHERE change_kind = 'revert' ORDER BY item_id")
+    assert reverted["item_id"].to_list() == sorted(TARGETS[:15])
+    assert set(reverted["label"]) == {"zero"} and set(reverted["previous_label"]) == {"one"}
+    assert set(reverted["approved_by"]) == {"governance:correction_bursts"}
     labels = _labels(home, TARGETS)
-    assert {labels[i] for i in TARGETS[:15]} == {"one"} and {labels[i] for i in TARGETS[15:]} == {"zero"}
+    assert {labels[i] for i in TARGETS} == {"zero"}
+
+
+def test_a_part_time_contributor_with_a_small_share_is_not_held():
+    """A weekly auditor has a baseline share of 0 on most days; 40 of a busy day's ~1,000
+    corrections (4%) is ordinary work, not an attack: no hold, not even a warning."""
+    crowd = {f"a{k}": 48 for k in range(20)}
+    routes = {f"a{k}": ("review_prompt", "one") for k in range(20)} | {"auditor": ("audit_sample", "two")}
+    days = [crowd] * 14 + [{**crowd, "auditor": 40}]
+    auditor = _score(days, routes).filter(pl.col("key") == "auditor").row(0, named=True)
+    assert auditor["expected"] == pytest.approx(0.0) and auditor["score"] >= POLICY.severe_score
+    assert auditor["severity"] is None  # 40 / 1,000 is under min_share (5%)
+
+
+def test_a_new_account_taking_a_fifth_of_the_day_is_held_but_a_smaller_share_only_warned():
+    base = {"ann": 30, "bob": 30, "cy": 30, "dee": 30}
+    routes = {"mallory": ("annotation", "one")}
+    assert _score([base] * 5 + [{**base, "mallory": 40}], routes).filter(
+        pl.col("key") == "mallory")["severity"].to_list() == [SEVERE]  # 40 of 160 = 25%
+    assert _score([base] * 5 + [{**base, "mallory": 20}], routes).filter(
+        pl.col("key") == "mallory")["severity"].to_list() == [WARN]  # 20 of 140 = 14%
+
+
+@pytest.mark.slow
+def test_two_acknowledgements_of_one_burst_in_one_batch_only_the_first_counts(home, defs, instance):
+    _held_scenario(home, defs, instance)
+    contributor_burst = _bursts(home)["burst_id"][0]
+    write_jsonl(home.landing_dir("reviews"), "acks.jsonl", [
+        {"decision_id": "ack-1", "escalation_id": contributor_burst, "decision": "discard",
+         "reviewer_id": "reviewer-0", "rationale": "mass relabel", "decided_at": "2026-03-05T18:00:00+00:00"},
+        {"decision_id": "ack-2", "escalation_id": contributor_burst, "decision": "release",
+         "reviewer_id": "expert-0", "rationale": "looks fine", "decided_at": "2026-03-05T18:05:00+00:00"},
+    ])
+    _ingest(defs, instance)
+    assert _bursts(home)["status"][0] == "discarded"
+    audit = _rows(home, "SELECT action, outcome, reason FROM audit_log WHERE action LIKE 'review.%' "
+                        "ORDER BY logged_at, outcome")
+    assert audit.rows() == [("review.discard", "accepted", None),
+                            ("review.decide", "refused", "escalation_closed")]
+
+
+@pytest.mark.slow
+def test_a_released_burst_that_keeps_growing_is_held_again(home, defs, instance):
+    _held_scenario(home, defs, instance)
+    for burst_id in _bursts(home)["burst_id"]:
+        review.write_decision(home, burst_id, "release", "reviewer-0", "checked: a vendor batch")
+    _ingest(defs, instance)
+    assert _bursts(home)["status"].to_list() == ["released", "released"]
+    # The same account sends 30 more that day: 70 > 1.5 x the 40 the reviewer saw.
+    more = [correction(f"m2-{k}", item, "two", user="mallory", role="annotator", source="annotation",
+                       created_at=_at(BURST_DAY, 100 + k)) for k, item in enumerate(OTHERS[-30:])]
+    write_jsonl(home.landing_dir("corrections"), "more.jsonl", more)
+    _ingest(defs, instance)
+    contributor = _bursts(home).row(0, named=True)
+    assert (contributor["status"], contributor["n_events"]) == ("held", 70)
+    holds = _rows(home, "SELECT count(*) AS n FROM audit_log WHERE action = 'burst.hold' AND target = $id",
+                  {"id": contributor["burst_id"]})
+    assert holds["n"][0] == 2

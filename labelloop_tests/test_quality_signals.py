@@ -65,7 +65,7 @@ def _ingest(defs, instance) -> dg.ExecuteInProcessResult:
 
 
 # ---------------------------------------------------------------------------------------------
-# label_quality_metrics: agreement, segments and the trend chart
+# label_quality_signals: agreement, segments and the trend chart
 # ---------------------------------------------------------------------------------------------
 
 PANEL = range(15, 27)  # twelve items three annotators all label
@@ -105,8 +105,9 @@ def test_agreement_segments_and_trend_chart_after_a_small_loop(home, defs, insta
     write_jsonl(home.landing_dir("predictions"), "p.jsonl", predictions)
     events = _panel_events()
     write_jsonl(home.landing_dir("corrections"), "c.jsonl", events)
-    result = _ingest(defs, instance)
-    meta = _metadata(result, "label_quality_metrics")
+    _ingest(defs, instance)
+    result = _materialize(defs, instance, ["label_quality_signals"])
+    meta = _metadata(result, "label_quality_signals")
 
     # Agreement equals core/agreement.py on the same votes (items two or more contributors rated).
     ratings = pl.DataFrame(
@@ -148,7 +149,8 @@ def test_agreement_segments_and_trend_chart_after_a_small_loop(home, defs, insta
     assert (m1["n_corrected_predictions"], m1["n_corrections"]) == (6, 36)  # 15-17 wrong, 18/21/24 disputed
     sources = dict(segments.filter(pl.col("segment_kind") == "source").select("segment", "n_corrections").iter_rows())
     assert sources == {"audit_sample": 1, "feedback_button": 1, "review_prompt": 36}
-    assert meta["correction_rate"] == pytest.approx(7 / 40)
+    summary = _rows(home, "SELECT correction_rate FROM label_quality_metrics ORDER BY computed_at DESC LIMIT 1")
+    assert summary["correction_rate"][0] == pytest.approx(7 / 40)
 
     # The trend chart is a real PNG inlined as a data URI.
     png = _png(meta["trends"])
@@ -180,9 +182,9 @@ def test_one_contributor_and_no_predictions_give_notes_not_zeros(home, defs, ins
     current = [correction(f"r-{i}", f"item-{i:03d}", "two", user="rita", created_at="2026-03-05T10:00:00Z")
                for i in (21, 22)]
     write_jsonl(home.landing_dir("corrections"), "c.jsonl", baseline + current)
-    result = _materialize(defs, instance, CURATE + ["label_quality_metrics"])
+    result = _materialize(defs, instance, CURATE + ["label_quality_signals"])
     assert result.success
-    meta = _metadata(result, "label_quality_metrics")
+    meta = _metadata(result, "label_quality_signals")
 
     assert "krippendorff_alpha" not in meta and "fleiss_kappa" not in meta  # not plotted as 0
     assert meta["agreement_note"] not in (None, "", "computed")
@@ -218,7 +220,7 @@ def test_undefined_agreement_note_names_the_real_reason(home, defs, instance):
     write_jsonl(home.landing_dir("corrections"), "c.jsonl", [
         correction(f"r-{i}", f"item-{i:03d}", _truth(i), user="rita") for i in range(15, 21)
     ])
-    meta = _metadata(_materialize(defs, instance, CURATE + ["label_quality_metrics"]), "label_quality_metrics")
+    meta = _metadata(_materialize(defs, instance, CURATE + ["label_quality_signals"]), "label_quality_signals")
     assert "no ratings" not in meta["agreement_note"]
     assert "no item has two or more contributors" in meta["agreement_note"]
 
@@ -255,7 +257,7 @@ def test_drift_checks_warn_on_a_clear_shift_only(home, defs, instance, case, lab
     write_jsonl(home.landing_dir("items"), "items.jsonl", make_items()[0])
     write_jsonl(home.landing_dir("predictions"), "p.jsonl", _traffic(case))
     assert _materialize(defs, instance, ["items", "predictions"]).success
-    result = _materialize(defs, instance, ["label_quality_metrics"])
+    result = _materialize(defs, instance, ["label_quality_signals"])
     assert result.success
 
     labels = _check(result, "label_drift_within_threshold")
@@ -282,7 +284,7 @@ def test_drift_checks_warn_on_a_clear_shift_only(home, defs, instance, case, lab
         assert served["n_drifted"] >= 1 and served["max_psi"] > 0.25
         assert features.metadata["features_drifted"].value == served["n_drifted"]
         assert "f2" in features.metadata["worst_features"].value  # class two lives on feature 2
-    meta = _metadata(result, "label_quality_metrics")
+    meta = _metadata(result, "label_quality_signals")
     assert meta["predicted_labels_js_distance"] == pytest.approx(predicted["js_distance"], abs=1e-4)
 
 
@@ -397,7 +399,7 @@ def test_guideline_report_ranks_pairs_scrubs_rationales_and_shows_change(home, d
     assert report.index("## zero -> one") < report.index("## one -> two")
     assert "ops.lead@example.com" not in report
     most_corrected = report.split("## zero -> one")[1].split("## ")[0]
-    assert '- `item-015` (reviewer): "closed loop on top, see [email]"' in most_corrected
+    assert '- `item-015` (reviewer): `closed loop on top, see [email]`' in most_corrected
     assert "This is the first report" in report
 
     write_jsonl(home.landing_dir("corrections"), "c2.jsonl", [
@@ -427,3 +429,33 @@ def test_corrections_landed_with_their_items_reach_the_guideline_report(home, de
     assert history.rows() == [("zero", "one"), ("one", "two"), ("zero", "one"), ("zero", "one")]
     report = (home.reports / "guidelines.md").read_text()
     assert "| zero | one | 3 |" in report
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("drift:\n  current_days: 0\n", "drift windows must be positive"),
+        ("label_issues:\n  keep: 0\n", "must be at least 1"),
+        ("label_issues:\n  folds: 2.5\n", "issues_folds must be a whole number"),
+        ("difficult_confidence: 1.5\n", "difficult_confidence must be in (0, 1]"),
+        ("agreement:\n  pairs: true\n", "agreement_pairs must be a whole number"),
+        ("drift:\n  label_p_value: 1\n", "label_p_value must be in (0, 1)"),
+        ("drift:\n  bins: 10\n", "unknown setting drift.bins"),
+        ("alerts: {}\n", "unknown sections ['alerts']"),
+    ],
+)
+def test_monitoring_settings_refuse_bad_values_with_the_key(tmp_path, text, message):
+    from labelloop_assets.core.settings import LabelloopConfigError, MonitoringSettings
+
+    path = tmp_path / "monitoring.yaml"
+    path.write_text(text)
+    with pytest.raises(LabelloopConfigError) as error:
+        MonitoringSettings.load(path)
+    assert message in str(error.value)
+
+
+def test_shipped_monitoring_settings_load():
+    from labelloop_assets.core.settings import DEFAULTS_DIR, MonitoringSettings
+
+    settings = MonitoringSettings.load(DEFAULTS_DIR / "monitoring.yaml")
+    assert (settings.issues_folds, settings.drift_feature_psi_warn, settings.segment_days) == (5, 0.25, 30)

@@ -28,7 +28,7 @@ APPLIED_ITEMS = "production_corpus.items_seq"
 APPLIED_DECISIONS = "production_corpus.decision_id"
 APPLIED_REVIEWS = "production_corpus.review_seq"
 RELIABILITY_SEEN = "validated_labels.reliability_stamp"
-BURST_ACKS_SEEN = "validated_labels.burst_acks_seq"
+BURSTS_SEEN = "validated_labels.bursts_stamp"
 NEAR_DUPLICATES = "near_duplicates_agree"
 # Items whose features agree to this many decimals are the same item for this check.
 NEAR_DUPLICATE_DECIMALS = 2
@@ -85,25 +85,18 @@ def validated_labels(
             if reliability_stamp > store.get_state(con, RELIABILITY_SEEN)
             else pl.DataFrame(schema={"item_id": pl.String})
         )
-        # A burst a reviewer released since the last run lets its held votes count: decide again.
-        acks_mark = store.get_state(con, BURST_ACKS_SEEN)
-        released = store.frame(
-            con,
-            "SELECT r.seq, r.escalation_id AS burst_id FROM review_decisions r "
-            "JOIN correction_bursts b ON b.burst_id = r.escalation_id "
-            "WHERE r.seq > ? AND r.decision = 'release' AND b.status = 'released'",
-            [acks_mark],
-        )
-        last_ack = store.scalar(
-            con, "SELECT max(seq) FROM review_decisions WHERE decision IN ('release', 'discard')"
-        ) or acks_mark
-        if released.height:
-            revisit = pl.concat([revisit, store.frame(
-                con, "SELECT DISTINCT item_id FROM validated_labels WHERE list_has_any(burst_ids, $ids)",
-                {"ids": released["burst_id"].to_list()},
-            )]).unique()
+        # A burst held, discarded or released since the last run changes which votes count:
+        # decide its items again (and take back labels that only its votes had set).
+        bursts_mark = store.get_state(con, BURSTS_SEEN)
+        bursts_stamp = store.scalar(
+            con, "SELECT CAST(epoch_us(max(status_changed_at)) AS BIGINT) FROM correction_bursts"
+        ) or 0
+        if bursts_stamp > bursts_mark:
+            revisit = pl.concat([
+                revisit,
+                store.frame(con, bursts.ITEMS_IN_CHANGED_BURSTS_SQL, {"since": bursts_mark}),
+            ]).unique()
         burst_table = store.frame(con, "SELECT burst_id, day, scope, key, status FROM correction_bursts")
-        new = _with_bursts(new, burst_table)
         staged, decisions = _stage_and_resolve(con, new, policy, ontology, revisit, burst_table)
         validation = schemas.validate(schemas.validated_labels_schema(ontology.labels), staged)
         if validation.passed and (staged.height or decisions.height):
@@ -114,11 +107,9 @@ def validated_labels(
                     store.set_state(con, STAGED_SEQ, int(new["seq"].max()))
                 store.set_state(con, RELIABILITY_SEEN, int(reliability_stamp))
         if validation.passed:
-            store.set_state(con, BURST_ACKS_SEEN, int(last_ack))
+            store.set_state(con, BURSTS_SEEN, int(bursts_stamp))
         total = store.scalar(con, "SELECT count(*) FROM validated_labels")
-    held = (
-        staged.filter(_blocked(burst_table, bursts.HELD)).height if staged.height and "burst_ids" in staged.columns else 0
-    )
+    held = bursts.blocked_events(staged, burst_table, (bursts.HELD,)).len() if staged.height else 0
     statuses = (
         decisions.group_by("status").len("items").sort("status") if decisions.height else pl.DataFrame()
     )
@@ -132,6 +123,7 @@ def validated_labels(
             "confirmed": _count(decisions, resolve.CONFIRMED),
             "pending": _count(decisions, resolve.PENDING),
             "escalate": _count(decisions, resolve.ESCALATE),
+            "revert": _count(decisions, resolve.REVERT),
             "held_by_bursts": held,
             "decisions_by_status": dg.MetadataValue.md(markdown_table(statuses)),
         },
@@ -139,32 +131,6 @@ def validated_labels(
             schema_check_result(VALIDATED_LABELS_SCHEMA, "validated_labels", validation, blocking=True)
         ],
     )
-
-
-def _with_bursts(new: pl.DataFrame, burst_table: pl.DataFrame) -> pl.DataFrame:
-    """Each new correction with the ids of the bursts (flagged, held or acknowledged) it belongs to."""
-    if new.height == 0:
-        return new.with_columns(burst_ids=pl.lit(None, pl.List(pl.String)))
-    day = pl.col("created_at").dt.convert_time_zone("UTC").dt.date()
-    keys = new.select(
-        "event_id",
-        day.alias("day"),
-        pl.col("user_pseudonym").alias(bursts.CONTRIBUTOR),
-        bursts.segment_key(pl.col("source"), pl.col("corrected_label")).alias(bursts.SEGMENT),
-    ).unpivot(index=["event_id", "day"], on=list(bursts.SCOPES), variable_name="scope", value_name="key")
-    members = (
-        keys.join(burst_table.select("day", "scope", "key", "burst_id"), on=["day", "scope", "key"])
-        .group_by("event_id")
-        .agg(pl.col("burst_id").sort().alias("burst_ids"))
-    )
-    return new.join(members, on="event_id", how="left")
-
-
-def _blocked(burst_table: pl.DataFrame, *statuses: str) -> pl.Expr:
-    """Votes in a burst with one of `statuses` (by default held or discarded) do not count."""
-    statuses = statuses or (bursts.HELD, bursts.DISCARDED)
-    ids = burst_table.filter(pl.col("status").is_in(list(statuses)))["burst_id"].to_list()
-    return pl.col("burst_ids").list.eval(pl.element().is_in(ids)).list.any().fill_null(False)
 
 
 def _stage_and_resolve(
@@ -213,8 +179,53 @@ def _stage_and_resolve(
     # Older votes are read in today's terms; a vote for a term since dropped counts no more.
     votes = pl.concat([earlier, staged], how="diagonal_relaxed").with_columns(
         corrected_label=ontology.harmonize("corrected_label")
-    ).drop_nulls("corrected_label").filter(~_blocked(burst_table))
-    return staged, resolve.resolve(votes, current, policy, reliability)
+    ).drop_nulls("corrected_label")
+    blocked = bursts.blocked_events(votes, burst_table)
+    votes = votes.filter(~pl.col("event_id").is_in(blocked.implode()))
+    # A label that only blocked votes set is judged from the label it replaced.
+    undo = _labels_set_by(con, touched, blocked)
+    judged = current.join(undo, on="item_id", how="left").with_columns(
+        label=pl.coalesce("restore", "label")
+    ).drop("restore")
+    decisions = resolve.resolve(votes, judged, policy, reliability)
+    return staged, _with_reverts(decisions, undo, current)
+
+
+def _labels_set_by(con, touched: pl.DataFrame, blocked: pl.Series) -> pl.DataFrame:
+    """(item_id, restore) for touched items whose current label came from a vote change whose
+    events are all blocked: restore is the label before that change."""
+    if blocked.len() == 0:
+        return pl.DataFrame(schema={"item_id": pl.String, "restore": pl.String})
+    latest = store.lookup(
+        con, "label_history", "item_id", touched,
+        "t.corpus_version, t.change_order, t.change_kind, t.previous_label, t.event_ids",
+    ).sort("corpus_version", "change_order").group_by("item_id").last()
+    return latest.filter(
+        (pl.col("change_kind") == corpus.CORRECTION)
+        & pl.col("previous_label").is_not_null()
+        & pl.col("event_ids").list.eval(pl.element().is_in(blocked.implode())).list.all()
+    ).select("item_id", pl.col("previous_label").alias("restore"))
+
+
+def _with_reverts(decisions: pl.DataFrame, undo: pl.DataFrame, current: pl.DataFrame) -> pl.DataFrame:
+    """Items to restore get a `revert` decision unless the votes that count change them anyway."""
+    if undo.height == 0:
+        return decisions
+    changing = decisions.filter(pl.col("status") == resolve.PROMOTE).select("item_id") if decisions.height \
+        else pl.DataFrame(schema={"item_id": pl.String})
+    reverts = undo.join(changing, on="item_id", how="anti").join(
+        current.select("item_id", pl.col("label").alias("current_label")), on="item_id"
+    ).select(
+        "item_id", "current_label",
+        pl.col("restore").alias("proposed_label"),
+        support=pl.lit(0.0), total_weight=pl.lit(0.0), share=pl.lit(0.0),
+        n_contributors=pl.lit(0, pl.Int32), n_supporters=pl.lit(0, pl.Int32), by_authority=pl.lit(False),
+        status=pl.lit(resolve.REVERT), escalation_reason=pl.lit(None, pl.String),
+        event_ids=pl.lit([], pl.List(pl.String)),
+        rationale=pl.lit("the votes that set this label are in a held or discarded correction burst"),
+    )
+    kept = decisions.join(reverts.select("item_id"), on="item_id", how="anti") if decisions.height else decisions
+    return pl.concat([kept, reverts], how="diagonal_relaxed")
 
 
 def _count(decisions: pl.DataFrame, status: str) -> int:

@@ -46,39 +46,78 @@ ALPHA_FLOOR = 0.667
     pool=DUCKDB_POOL,
     owners=OWNERS,
     deps=["production_corpus", "predictions", "retrained_model", "escalations", "correction_bursts"],
-    check_specs=[
-        dg.AssetCheckSpec(LABEL_DRIFT, asset="label_quality_metrics",
-                          description="Warns when the label mix of predictions or corrections in the current window "
-                          "drifts from the baseline window (Jensen-Shannon distance or PSI above monitoring.yaml's thresholds)."),
-        dg.AssetCheckSpec(FEATURE_DRIFT, asset="label_quality_metrics",
-                          description="Warns when features of the items served in the current window drift from the "
-                          "baseline window (per-feature PSI above drift.feature_psi_warn)."),
-        dg.AssetCheckSpec(AGREEMENT_FLOOR, asset="label_quality_metrics",
-                          description=f"Warns when contributors agree less than Krippendorff's alpha {ALPHA_FLOOR} "
-                          "on items two or more of them labelled."),
-    ],
 )
 def label_quality_metrics(
     context: dg.AssetExecutionContext, labelloop: LabelloopHome, database: DuckDBResource
 ) -> dg.MaterializeResult:
-    """Coverage, correction rates per label and segment, contributor agreement, drift and model accuracy on gold."""
+    """Coverage, correction rate, per-label counts and the current model's accuracy on gold items."""
+    with config_errors_as_failures():
+        labels = labelloop.ontology().labels
+    with open_store(database) as con:
+        summary = metrics.summary(con)
+        per_label = metrics.by_label(con, labels)
+        with store.transaction(con):
+            store.append(con, "label_quality_metrics", pl.DataFrame([{**summary, "run_id": run_id(context)}]))
+            store.append(
+                con,
+                "label_quality_by_label",
+                per_label.with_columns(
+                    corpus_version=pl.lit(summary["corpus_version"]), run_id=pl.lit(run_id(context))
+                ),
+            )
+    numbers = {
+        name: (dg.MetadataValue.float(round(float(summary[name]), 4)) if isinstance(summary[name], float)
+               else dg.MetadataValue.int(int(summary[name])))
+        for name in FIGURES
+        if summary[name] is not None
+    }
+    return dg.MaterializeResult(
+        metadata={
+            **numbers,
+            "corpus_version": summary["corpus_version"] or 0,
+            "model_version": summary["model_version"] or "none yet",
+            "by_label": dg.MetadataValue.md(markdown_table(per_label.with_columns(pl.selectors.float().round(3)))),
+        }
+    )
+
+
+@dg.asset(
+    group_name="monitoring",
+    kinds={"duckdb", "scipy"},
+    pool=DUCKDB_POOL,
+    owners=OWNERS,
+    deps=["production_corpus", "predictions", "retrained_model", "correction_bursts"],
+    check_specs=[
+        dg.AssetCheckSpec(LABEL_DRIFT, asset="label_quality_signals",
+                          description="Warns when the label mix of predictions or corrections in the current window "
+                          "drifts from the baseline window (Jensen-Shannon distance or PSI above monitoring.yaml's "
+                          "thresholds, and a significant chi-square test)."),
+        dg.AssetCheckSpec(FEATURE_DRIFT, asset="label_quality_signals",
+                          description="Warns when features of the items served in the current window drift from the "
+                          "baseline window (per-feature PSI above drift.feature_psi_warn and above sampling noise)."),
+        dg.AssetCheckSpec(AGREEMENT_FLOOR, asset="label_quality_signals",
+                          description=f"Warns when contributors agree less than Krippendorff's alpha {ALPHA_FLOOR} "
+                          "on items two or more of them labelled."),
+    ],
+)
+def label_quality_signals(
+    context: dg.AssetExecutionContext, labelloop: LabelloopHome, database: DuckDBResource
+) -> dg.MaterializeResult:
+    """Contributor agreement, difficult items, drift and per-segment correction rates, with a trend chart (training cadence)."""
     with config_errors_as_failures():
         labels = labelloop.ontology().labels
         settings = labelloop.monitoring()
     with open_store(database) as con:
-        summary = metrics.summary(con)
-        per_label = metrics.by_label(con, labels)
-        per_segment = metrics.by_segment(con)
+        corpus_version, _ = store.corpus_head(con)
+        per_segment = metrics.by_segment(con, settings.segment_days)
         agreement = metrics.agreement_signals(
             con, settings.agreement_pairs, settings.agreement_min_shared, settings.difficult_confidence
         )
         drift_rows = metrics.drift_signals(
             con, labels, settings.drift_current_days, settings.drift_baseline_days, settings.drift_feature_psi_warn
         )
-        stamp = {"corpus_version": summary["corpus_version"], "run_id": run_id(context)}
+        stamp = {"corpus_version": corpus_version, "run_id": run_id(context)}
         with store.transaction(con):
-            store.append(con, "label_quality_metrics", pl.DataFrame([{**summary, "run_id": run_id(context)}]))
-            store.append(con, "label_quality_by_label", per_label.with_columns(**_literals(stamp)))
             store.append(con, "label_quality_by_segment", per_segment.with_columns(**_literals(stamp)))
             store.append(con, "label_agreement", pl.DataFrame([{**agreement["row"], **stamp}]))
             store.append(con, "label_agreement_pairs", agreement["pairs"].with_columns(**_literals(stamp)))
@@ -87,19 +126,13 @@ def label_quality_metrics(
             ))
         agreement_history = store.frame(
             con, "SELECT krippendorff_alpha, fleiss_kappa, difficult_prevalence FROM label_agreement "
-            "ORDER BY computed_at DESC LIMIT 60",
+            "ORDER BY computed_at DESC LIMIT $n", {"n": TREND_POINTS},
         ).reverse()
         drift_history = store.frame(
             con, "SELECT signal, js_distance, max_psi FROM label_drift WHERE computed_at >= "
-            "(SELECT min(computed_at) FROM (SELECT computed_at FROM label_agreement ORDER BY computed_at DESC LIMIT 60)) "
-            "ORDER BY computed_at",
+            "(SELECT min(computed_at) FROM (SELECT computed_at FROM label_agreement ORDER BY computed_at DESC LIMIT $n)) "
+            "ORDER BY computed_at", {"n": TREND_POINTS},
         )
-    numbers = {
-        name: (dg.MetadataValue.float(round(float(summary[name]), 4)) if isinstance(summary[name], float)
-               else dg.MetadataValue.int(int(summary[name])))
-        for name in FIGURES
-        if summary[name] is not None
-    }
     signals = {**agreement["row"], **{f"{r['signal']}_{k}": r[k] for r in drift_rows for k in ("js_distance", "psi", "max_psi")}}
     plotted = {
         name: dg.MetadataValue.float(round(float(value), 4))
@@ -111,12 +144,9 @@ def label_quality_metrics(
     )
     return dg.MaterializeResult(
         metadata={
-            **numbers,
             **plotted,
-            "corpus_version": summary["corpus_version"] or 0,
-            "model_version": summary["model_version"] or "none yet",
+            "corpus_version": corpus_version,
             "agreement_note": agreement["row"]["note"] or "computed",
-            "by_label": dg.MetadataValue.md(markdown_table(per_label.with_columns(pl.selectors.float().round(3)))),
             "by_segment": dg.MetadataValue.md(markdown_table(per_segment.with_columns(pl.selectors.float().round(3)))),
             "cohen_kappa_pairs": dg.MetadataValue.md(markdown_table(agreement["pairs"].with_columns(pl.col("kappa").round(3)))),
             "drift": dg.MetadataValue.md(markdown_table(_drift_table(drift_rows))),
@@ -130,6 +160,8 @@ def label_quality_metrics(
     )
 
 
+# The trend chart shows this many measurements.
+TREND_POINTS = 60
 SIGNAL_FIGURES = (
     "krippendorff_alpha", "fleiss_kappa", "difficult_prevalence", "n_items_multi",
     "predicted_labels_js_distance", "predicted_labels_psi", "corrected_labels_js_distance",
@@ -221,7 +253,7 @@ def _agreement_check(agreement: dict) -> dg.AssetCheckResult:
     kinds={"duckdb", "parquet"},
     pool=DUCKDB_POOL,
     owners=OWNERS,
-    deps=["label_quality_metrics"],
+    deps=["label_quality_metrics", "label_quality_signals"],
 )
 def published_views(
     context: dg.AssetExecutionContext, labelloop: LabelloopHome, database: DuckDBResource

@@ -167,7 +167,9 @@ def guideline_report(
         pairs, examples, previous_version = guidelines.report_data(
             con, settings.guideline_pairs, settings.guideline_examples
         )
-        if corpus_version != previous_version and pairs.height:
+        with store.transaction(con):
+            # One report per corpus version: a rerun on the same version replaces it.
+            con.execute("DELETE FROM guideline_pairs WHERE corpus_version = ?", [corpus_version])
             store.append(
                 con, "guideline_pairs",
                 pairs.select("label_from", "label_to", "n_corrections", "n_disputed", "n_items").with_columns(

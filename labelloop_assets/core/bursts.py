@@ -53,6 +53,12 @@ class BurstPolicy:
     severe_score: float = 10.0
     min_events: int = 20
     severe_min_events: int = 30
+    # A key must also take this share of the day's corrections: a part-time or new contributor
+    # (or a new label) has a baseline share of 0, and a handful of corrections is no attack.
+    min_share: float = 0.05
+    severe_min_share: float = 0.2
+    # A released burst that grows past this multiple of what the reviewer saw is held again.
+    regrowth: float = 1.5
     may_acknowledge: tuple[str, ...] = ("reviewer", "domain_expert")
 
     def __post_init__(self) -> None:
@@ -64,6 +70,10 @@ class BurstPolicy:
             raise LabelloopConfigError("governance: bursts need 0 < warn_score <= severe_score")
         if not 1 <= self.min_events <= self.severe_min_events:
             raise LabelloopConfigError("governance: bursts need 1 <= min_events <= severe_min_events")
+        if not 0 <= self.min_share <= self.severe_min_share <= 1:
+            raise LabelloopConfigError("governance: bursts need 0 <= min_share <= severe_min_share <= 1")
+        if self.regrowth < 1:
+            raise LabelloopConfigError("governance: bursts.regrowth must be at least 1")
         unknown = set(self.may_acknowledge) - set(USER_ROLES)
         if unknown or not self.may_acknowledge:
             raise LabelloopConfigError(
@@ -184,11 +194,20 @@ def score_bursts(volume: pl.DataFrame, days: list[date], policy: BurstPolicy) ->
                 pl.max_horizontal(pl.col("expected"), pl.lit(1.0)).sqrt(),
             )
         )
-        .with_columns(score=(pl.col("n_events") - pl.col("expected")) / pl.col("scale"))
         .with_columns(
-            severity=pl.when((pl.col("score") >= policy.severe_score) & (pl.col("n_events") >= policy.severe_min_events))
+            score=(pl.col("n_events") - pl.col("expected")) / pl.col("scale"),
+            share=pl.col("n_events") / pl.col("day_total"),
+        )
+        .with_columns(
+            severity=pl.when(
+                (pl.col("score") >= policy.severe_score) & (pl.col("n_events") >= policy.severe_min_events)
+                & (pl.col("share") >= policy.severe_min_share)
+            )
             .then(pl.lit(SEVERE))
-            .when((pl.col("score") >= policy.warn_score) & (pl.col("n_events") >= policy.min_events))
+            .when(
+                (pl.col("score") >= policy.warn_score) & (pl.col("n_events") >= policy.min_events)
+                & (pl.col("share") >= policy.min_share)
+            )
             .then(pl.lit(WARN)),
             note=pl.when(~enough).then(
                 pl.format(
@@ -219,13 +238,50 @@ def describe(scored: pl.DataFrame) -> pl.Series:
 
 RAW_SEQ = "correction_bursts.raw_seq"
 # validated_labels rows that count: none in a held burst (yet) or a discarded one (ever).
-COUNTED_VOTES_SQL = """
-    SELECT v.* FROM validated_labels v
-    WHERE NOT list_has_any(
-        coalesce(v.burst_ids, []),
-        coalesce((SELECT list(burst_id) FROM correction_bursts WHERE status IN ('held', 'discarded')), [])
-    )
+# Membership is read at query time from (UTC day, contributor) and (UTC day, source/label), so a
+# burst found later also covers the corrections staged before it crossed the threshold.
+_IN_BLOCKED_BURST = """
+    SELECT 1 FROM correction_bursts b
+    WHERE b.status IN ('held', 'discarded') AND b.scope = '{scope}'
+      AND b.day = CAST(timezone('UTC', v.created_at) AS DATE) AND b.key = {key}
 """
+COUNTED_VOTES_SQL = f"""
+    SELECT v.* FROM validated_labels v
+    WHERE NOT EXISTS ({_IN_BLOCKED_BURST.format(scope=CONTRIBUTOR, key="v.user_pseudonym")})
+      AND NOT EXISTS ({_IN_BLOCKED_BURST.format(scope=SEGMENT, key="v.source || '/' || v.corrected_label")})
+"""
+# Items with a vote in a burst whose status changed after $since (epoch microseconds).
+ITEMS_IN_CHANGED_BURSTS_SQL = """
+    SELECT DISTINCT v.item_id FROM validated_labels v JOIN correction_bursts b
+      ON b.day = CAST(timezone('UTC', v.created_at) AS DATE)
+     AND b.key = CASE b.scope WHEN 'contributor' THEN v.user_pseudonym
+                              ELSE v.source || '/' || v.corrected_label END
+    WHERE epoch_us(b.status_changed_at) > $since
+"""
+
+
+def membership(votes: pl.DataFrame, burst_table: pl.DataFrame) -> pl.DataFrame:
+    """(event_id, burst_id, status) for every vote that falls in a burst (by day and key)."""
+    schema = {"event_id": pl.String, "burst_id": pl.String, "status": pl.String}
+    if votes.height == 0 or burst_table.height == 0:
+        return pl.DataFrame(schema=schema)
+    keys = votes.select(
+        "event_id",
+        pl.col("created_at").dt.convert_time_zone("UTC").dt.date().alias("day"),
+        pl.col("user_pseudonym").alias(CONTRIBUTOR),
+        segment_key(pl.col("source"), pl.col("corrected_label")).alias(SEGMENT),
+    ).unpivot(index=["event_id", "day"], on=list(SCOPES), variable_name="scope", value_name="key")
+    return keys.join(
+        burst_table.select("day", "scope", "key", "burst_id", "status"), on=["day", "scope", "key"]
+    ).select(list(schema)).cast(schema)
+
+
+def blocked_events(votes: pl.DataFrame, burst_table: pl.DataFrame, statuses=(HELD, DISCARDED)) -> pl.Series:
+    """The event ids among `votes` that a burst with one of `statuses` keeps out."""
+    found = membership(votes, burst_table)
+    return found.filter(pl.col("status").is_in(list(statuses)))["event_id"].unique()
+
+
 ACKS_SQL = """
     SELECT r.escalation_id AS burst_id, r.decision, r.reviewer_pseudonym, r.reviewer_role,
            r.decided_at, r.rationale
@@ -261,7 +317,7 @@ def detect(con: duckdb.DuckDBPyConnection, policy: BurstPolicy, run_id: str) -> 
                 con.unregister("new_volume")
         scored = score_bursts(_history(con, days, policy), days, policy) if days else pl.DataFrame(schema=SCORE_SCHEMA)
         found = scored.filter(pl.col("severity").is_not_null())
-        newly_held = _record(con, found, run_id) if found.height else []
+        newly_held = _record(con, found, run_id, policy.regrowth) if found.height else []
         acknowledged = store.frame(con, ACKS_SQL)
         if acknowledged.height:
             con.register("acks", acknowledged)
@@ -271,7 +327,8 @@ def detect(con: duckdb.DuckDBPyConnection, policy: BurstPolicy, run_id: str) -> 
                     UPDATE correction_bursts b SET
                         status = CASE a.decision WHEN 'release' THEN 'released' ELSE 'discarded' END,
                         acknowledged_by = a.reviewer_pseudonym, acknowledged_role = a.reviewer_role,
-                        acknowledged_at = a.decided_at, acknowledgement = a.rationale, updated_at = now()
+                        acknowledged_at = a.decided_at, acknowledgement = a.rationale, updated_at = now(),
+                        status_changed_at = now(), n_events_acknowledged = b.n_events
                     FROM acks a WHERE a.burst_id = b.burst_id
                     """
                 )
@@ -308,7 +365,7 @@ def _history(con: duckdb.DuckDBPyConnection, days: list[date], policy: BurstPoli
     )
 
 
-def _record(con: duckdb.DuckDBPyConnection, found: pl.DataFrame, run_id: str) -> list[str]:
+def _record(con: duckdb.DuckDBPyConnection, found: pl.DataFrame, run_id: str, regrowth: float) -> list[str]:
     """Upsert the bursts found; a severe one is held unless a reviewer already acknowledged it."""
     # A handful of bursts: their ids and evidence are built one by one.
     ids = [burst_id(day, scope, key) for day, scope, key in found.select("day", "scope", "key").iter_rows()]
@@ -341,17 +398,32 @@ def _record(con: duckdb.DuckDBPyConnection, found: pl.DataFrame, run_id: str) ->
                 baseline_mad_share = excluded.baseline_mad_share, expected = excluded.expected,
                 score = excluded.score, severity = excluded.severity, reason = excluded.reason,
                 evidence = excluded.evidence, updated_at = now(), run_id = excluded.run_id,
-                -- acknowledged bursts keep their decision; a warning that turned severe is held
-                status = CASE WHEN correction_bursts.status IN ('released', 'discarded', 'held')
-                              THEN correction_bursts.status ELSE excluded.status END
-            """
+                -- an acknowledged burst keeps its decision, unless a released one has grown well
+                -- past what the reviewer saw; a warning that turned severe is held
+                status = CASE
+                    WHEN correction_bursts.status = 'released' AND excluded.severity = 'severe'
+                     AND excluded.n_events > $regrowth * correction_bursts.n_events_acknowledged THEN 'held'
+                    WHEN correction_bursts.status IN ('released', 'discarded', 'held')
+                    THEN correction_bursts.status ELSE excluded.status END,
+                status_changed_at = CASE
+                    WHEN correction_bursts.status = 'released' AND excluded.severity = 'severe'
+                     AND excluded.n_events > $regrowth * correction_bursts.n_events_acknowledged THEN now()
+                    WHEN correction_bursts.status IN ('released', 'discarded', 'held')
+                      OR correction_bursts.status = excluded.status
+                    THEN correction_bursts.status_changed_at ELSE now() END
+            """,
+            {"regrowth": regrowth},
         )
     finally:
         con.unregister("found_bursts")
+    after = store.frame(
+        con, "SELECT burst_id, status FROM correction_bursts WHERE list_contains($ids, burst_id)",
+        {"ids": rows["burst_id"].to_list()},
+    )
     was = dict(before.iter_rows())
-    held = rows.filter(pl.col("status") == HELD).filter(
-        ~pl.col("burst_id").replace_strict(was, default=None, return_dtype=pl.String)
-        .is_in([HELD, RELEASED, DISCARDED]).fill_null(False)
+    held = rows.join(after.rename({"status": "now"}), on="burst_id").filter(
+        (pl.col("now") == HELD)
+        & ~pl.col("burst_id").replace_strict(was, default=None, return_dtype=pl.String).eq(HELD).fill_null(False)
     )
     if held.height:
         store.append(
@@ -374,7 +446,8 @@ def burst_events(con: duckdb.DuckDBPyConnection, burst: dict) -> pl.DataFrame:
         SELECT event_id, item_id, original_label, corrected_label, user_pseudonym, user_role,
                source, rationale, created_at
         FROM raw_corrections
-        WHERE CAST(timezone('UTC', created_at) AS DATE) = $day AND {where}
+        WHERE created_at >= CAST($day AS TIMESTAMP) AT TIME ZONE 'UTC'
+          AND created_at < (CAST($day AS TIMESTAMP) + INTERVAL 1 DAY) AT TIME ZONE 'UTC' AND {where}
         ORDER BY created_at, event_id
         """,
         {"day": burst["day"], "key": burst["key"]},

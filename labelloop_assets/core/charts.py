@@ -21,7 +21,7 @@ def quality_trends_png(agreement: pl.DataFrame, drift: pl.DataFrame, js_warn: fl
         if column in agreement.columns:
             top.plot(range(1, agreement.height + 1), agreement[column].to_list(), marker="o", ms=3, label=name)
     top.axhline(0.667, color="grey", lw=0.8, ls="--", label="alpha 0.667 (tentative)")
-    top.set_ylim(-0.05, 1.05)
+    top.set_ylim(-1.05, 1.05)  # alpha and kappa go below zero when agreement is worse than chance
     top.set_title("Agreement among contributors")
     top.legend(fontsize=7, loc="lower left")
     for signal, column, name in (("predicted_labels", "js_distance", "predicted labels, JS distance"),

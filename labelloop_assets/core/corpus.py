@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import polars as pl
 
-from labelloop_assets.core.resolve import CONFIRMED, PROMOTE
+from labelloop_assets.core.resolve import CONFIRMED, PROMOTE, REVERT
 
 INITIAL = "initial"
 RENAME = "rename"
 REVIEW = "review"
 CORRECTION = "correction"
 CONFIRMATION = "confirmation"
+REVERTED = "revert"
 RULE_APPROVER = "rule:weighted_vote"
+BURST_APPROVER = "governance:correction_bursts"
 ONTOLOGY_APPROVER = "ontology:renames"
 # Within one corpus version an item's changes apply in this order (label_history.change_order).
-CHANGE_ORDER = {INITIAL: 0, RENAME: 1, CORRECTION: 2, CONFIRMATION: 2, REVIEW: 3}
+CHANGE_ORDER = {INITIAL: 0, RENAME: 1, CORRECTION: 2, CONFIRMATION: 2, REVERTED: 2, REVIEW: 3}
 
 
 # Every label_history row a version adds has these columns; a kind of change fills some of them.
@@ -98,7 +100,8 @@ def plan_changes(
         .join(current.select("item_id", "human_confirmed"), on="item_id", how="left")
         .join(before, on="item_id", how="left")
     )
-    changed = (pl.col("status") == PROMOTE) & (pl.col("proposed_label") != pl.col("now")).fill_null(True)
+    changed = pl.col("status").is_in([PROMOTE, REVERT]) & (pl.col("proposed_label") != pl.col("now")).fill_null(True)
+    reverted = pl.col("status") == REVERT
     confirmed = (
         pl.col("status").is_in([PROMOTE, CONFIRMED])
         & (pl.col("proposed_label") == pl.col("now")).fill_null(False)
@@ -109,21 +112,22 @@ def plan_changes(
         item_id=pl.col("item_id"),
         label=pl.col("proposed_label"),
         previous_label=pl.col("now"),
-        change_kind=pl.when(changed).then(pl.lit(CORRECTION)).otherwise(pl.lit(CONFIRMATION)),
-        label_source=pl.lit(CORRECTION),
+        change_kind=pl.when(reverted).then(pl.lit(REVERTED))
+        .when(changed).then(pl.lit(CORRECTION)).otherwise(pl.lit(CONFIRMATION)),
+        label_source=pl.when(reverted).then(pl.lit(REVERTED)).otherwise(pl.lit(CORRECTION)),
         decision_id=pl.col("decision_id"),
         event_ids=pl.col("event_ids"),
         rationale=pl.col("rationale"),
         support=pl.col("support"),
         share=pl.col("share"),
         n_contributors=pl.col("n_contributors"),
-        approved_by=pl.lit(RULE_APPROVER),
+        approved_by=pl.when(reverted).then(pl.lit(BURST_APPROVER)).otherwise(pl.lit(RULE_APPROVER)),
         by_authority=(
             pl.col("by_authority").fill_null(False) if "by_authority" in decisions.columns
             else pl.lit(False)
         ),
     )
-    voted = from_votes.filter(pl.col("change_kind") == CORRECTION).select(
+    voted = from_votes.filter(pl.col("change_kind").is_in([CORRECTION, REVERTED])).select(
         "item_id", pl.col("label").alias("voted_to")
     )
     review_rows = _review_rows(reviews, voted, before)
@@ -178,7 +182,7 @@ def corpus_rows(changes: pl.DataFrame, current: pl.DataFrame, version: int) -> p
     return last.join(before, on="item_id", how="left").select(
         "item_id",
         "label",
-        pl.when(pl.col("change_kind") == INITIAL)
+        pl.when(pl.col("change_kind").is_in([INITIAL, REVERTED]))
         .then("label_source")
         .when(pl.col("change_kind").is_in([CONFIRMATION, RENAME]) | (
             (pl.col("change_kind") == REVIEW) & (pl.col("label") == pl.col("old_label"))
@@ -188,7 +192,7 @@ def corpus_rows(changes: pl.DataFrame, current: pl.DataFrame, version: int) -> p
         .alias("label_source"),
         pl.when(pl.col("change_kind") == RENAME)
         .then(pl.col("old_confirmed").fill_null(False))
-        .otherwise(pl.col("change_kind") != INITIAL)
+        .otherwise(~pl.col("change_kind").is_in([INITIAL, REVERTED]))
         .alias("human_confirmed"),
         # A reviewer's or domain expert's word protects a label; a rename or the crowd
         # confirming it keeps that protection; a crowd change replaces it.

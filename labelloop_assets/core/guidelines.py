@@ -43,7 +43,10 @@ QUALIFY row_number() OVER (PARTITION BY label_before, corrected_label ORDER BY c
 def report_data(con: duckdb.DuckDBPyConnection, top: int, examples: int) -> tuple[pl.DataFrame, pl.DataFrame, int | None]:
     """(top pairs with change since the last report, example corrections, previous report's version)."""
     pairs = store.frame(con, PAIRS_SQL, {"top": top})
-    previous_version = store.scalar(con, "SELECT max(corpus_version) FROM guideline_pairs")
+    current_version, _ = store.corpus_head(con)
+    previous_version = store.scalar(
+        con, "SELECT max(corpus_version) FROM guideline_pairs WHERE corpus_version < ?", [current_version]
+    )
     previous = store.frame(
         con,
         "SELECT label_from, label_to, n_corrections AS previous_corrections FROM guideline_pairs "
@@ -91,4 +94,5 @@ def render(pairs: pl.DataFrame, examples: pl.DataFrame, corpus_version: int, pre
 
 
 def _quote(text: str) -> str:
-    return '"' + " ".join(text.split())[:300].replace("|", "/") + '"'
+    """Contributors' words as an inline code span: no markdown (links, images) of theirs renders."""
+    return "`" + " ".join(text.split())[:300].replace("`", "'").replace("|", "/") + "`"

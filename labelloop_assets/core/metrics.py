@@ -8,7 +8,10 @@ from scipy.stats import chi2_contingency
 
 from labelloop_assets.core import agreement, bursts, drift, store, train
 
-SUMMARY_SQL = """
+# Corrections a held or discarded burst keeps out are left out of every rate below.
+COUNTED = f"({bursts.COUNTED_VOTES_SQL})"
+
+SUMMARY_SQL = f"""
 WITH corpus AS (
     SELECT count(*) AS n_items, count(*) FILTER (WHERE human_confirmed) AS n_human_confirmed
     FROM production_corpus
@@ -16,7 +19,7 @@ WITH corpus AS (
     SELECT count(*) AS n_predictions FROM predictions
 ), corrected AS (
     SELECT count(DISTINCT v.prediction_id) AS n_corrected_predictions
-    FROM validated_labels v
+    FROM {COUNTED} v
     WHERE v.prediction_found AND v.corrected_label <> v.predicted_label
 ), latest_decision AS (
     SELECT status FROM label_decisions
@@ -44,19 +47,19 @@ SELECT
 FROM corpus, served, corrected
 """
 
-BY_LABEL_SQL = """
+BY_LABEL_SQL = f"""
 WITH labels AS (SELECT unnest($labels::VARCHAR[]) AS label),
 corpus AS (
     SELECT label, count(*) AS n_items, count(*) FILTER (WHERE human_confirmed) AS n_human_confirmed
     FROM production_corpus GROUP BY label
 ), corrections_to AS (
     SELECT corrected_label AS label, count(*) AS n_corrections_to
-    FROM validated_labels GROUP BY corrected_label
+    FROM {COUNTED} v GROUP BY corrected_label
 ), predicted AS (
     SELECT predicted_label AS label, count(*) AS n_predicted FROM predictions GROUP BY 1
 ), predicted_corrected AS (
     SELECT predicted_label AS label, count(DISTINCT prediction_id) AS n_predicted_corrected
-    FROM validated_labels
+    FROM {COUNTED} v
     WHERE prediction_found AND corrected_label <> predicted_label GROUP BY 1
 )
 SELECT labels.label,
@@ -89,14 +92,14 @@ def by_label(con: duckdb.DuckDBPyConnection, labels: tuple[str, ...]) -> pl.Data
 # Per segment: where corrections come from (source), which model's predictions (model_version)
 # and when (day, by the correction's or the prediction's time). Coverage is over the segment's
 # items: those its corrections touched, or that the model version / day served.
-BY_SEGMENT_SQL = """
+BY_SEGMENT_SQL = f"""
 WITH votes AS (
     SELECT v.*, (v.label_before IS DISTINCT FROM v.corrected_label) AS changing,
            CAST(timezone('UTC', v.created_at) AS DATE) AS day
-    FROM validated_labels v
+    FROM {COUNTED} v
 ), served AS (
     SELECT p.prediction_id, p.item_id, p.model_version, CAST(timezone('UTC', p.served_at) AS DATE) AS day,
-           EXISTS (SELECT 1 FROM validated_labels v WHERE v.prediction_id = p.prediction_id
+           EXISTS (SELECT 1 FROM {COUNTED} v WHERE v.prediction_id = p.prediction_id
                    AND v.prediction_found AND v.corrected_label <> v.predicted_label) AS corrected
     FROM predictions p
 ), by_source AS (
@@ -119,6 +122,7 @@ WITH votes AS (
                       count(*) FILTER (WHERE corrected) AS n_corrected FROM served GROUP BY day) s USING (day)
     LEFT JOIN (SELECT day, list(DISTINCT item_id) AS item_ids, count(*) AS n,
                       count(*) FILTER (WHERE changing) AS n_changing FROM votes GROUP BY day) c USING (day)
+    WHERE d.day > (SELECT max(day) FROM (SELECT day FROM votes UNION ALL SELECT day FROM served)) - $days
 ), segments AS (
     SELECT * FROM by_source UNION ALL SELECT * FROM by_model UNION ALL SELECT * FROM by_day
 ), coverage AS (
@@ -166,9 +170,9 @@ SELECT (SELECT count(*) FROM seen) AS n_seen,
 """
 
 
-def by_segment(con: duckdb.DuckDBPyConnection) -> pl.DataFrame:
-    """Counts, coverage, change rate and prediction correction rate per source, model version and day."""
-    return store.frame(con, BY_SEGMENT_SQL)
+def by_segment(con: duckdb.DuckDBPyConnection, days: int = 30) -> pl.DataFrame:
+    """Counts, coverage, change rate and prediction correction rate per source, model version and (recent) day."""
+    return store.frame(con, BY_SEGMENT_SQL, {"days": days})
 
 
 def ratings(con: duckdb.DuckDBPyConnection) -> pl.DataFrame:
@@ -212,11 +216,13 @@ def window_values(con: duckdb.DuckDBPyConnection, sql: str, window: dict) -> tup
 # newest event, which ends the current window, is in it.
 _IN_WINDOW = "{t} >= $start AND ({t} < $end OR ($closed AND {t} = $end))"
 PREDICTED_LABELS_SQL = "SELECT predicted_label AS label FROM predictions WHERE " + _IN_WINDOW.format(t="served_at")
-# Corrections a reviewer discarded (a burst found not genuine) are no signal of the label mix.
+# Corrections a reviewer discarded (a burst found not genuine) are no signal of the label mix;
+# held ones are still undecided and count (a burst should show as drift while it waits).
 CORRECTED_LABELS_SQL = (
-    "SELECT corrected_label AS label FROM validated_labels WHERE " + _IN_WINDOW.format(t="created_at")
-    + " AND NOT list_has_any(coalesce(burst_ids, []), coalesce((SELECT list(burst_id) FROM correction_bursts"
-    " WHERE status = 'discarded'), []))"
+    "SELECT corrected_label AS label FROM validated_labels v WHERE " + _IN_WINDOW.format(t="created_at")
+    + " AND NOT EXISTS (SELECT 1 FROM correction_bursts b WHERE b.status = 'discarded'"
+    " AND b.day = CAST(timezone('UTC', v.created_at) AS DATE) AND b.key = CASE b.scope"
+    " WHEN 'contributor' THEN v.user_pseudonym ELSE v.source || '/' || v.corrected_label END)"
 )
 # Features of the items served in the window (an item served twice counts twice: it is traffic).
 SERVED_FEATURES_SQL = (

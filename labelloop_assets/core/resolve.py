@@ -15,6 +15,9 @@ PROMOTE = "promote"
 CONFIRMED = "confirmed"
 PENDING = "pending"
 ESCALATE = "escalate"
+# The votes behind the current label turned out to be in a held or discarded correction burst:
+# the label goes back to what it was before them.
+REVERT = "revert"
 DECISION_STATUSES = (PROMOTE, CONFIRMED, PENDING, ESCALATE)
 
 # Why an item needs a reviewer (label_decisions.escalation_reason, escalations.reason).
@@ -156,7 +159,6 @@ def stage(
         pl.col("vote_weight").fill_null(0.0),
         "created_at",
         "rationale",
-        *(["burst_ids"] if "burst_ids" in corrections.columns else []),
     )
 
 

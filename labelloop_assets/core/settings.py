@@ -134,6 +134,7 @@ class MonitoringSettings:
     drift_feature_psi_warn: float = 0.25
     drift_features_drifted_warn: int = 1
     difficult_confidence: float = 0.6
+    segment_days: int = 30
     agreement_pairs: int = 5
     agreement_min_shared: int = 10
     issues_folds: int = 5
@@ -147,15 +148,16 @@ class MonitoringSettings:
         raw = load_yaml_mapping(path, "monitoring")
         sections = {"drift": "drift_", "agreement": "agreement_", "label_issues": "issues_",
                     "guidelines": "guideline_"}
-        unknown = set(raw) - set(sections) - {"difficult_confidence"}
+        unknown = set(raw) - set(sections) - {"difficult_confidence", "segment_days"}
         if unknown:
             raise LabelloopConfigError(
                 f"monitoring file {path}: unknown sections {sorted(unknown)}; "
-                f"known: {sorted(sections) + ['difficult_confidence']}"
+                f"known: {sorted(sections) + ['difficult_confidence', 'segment_days']}"
             )
         values: dict = {}
-        if "difficult_confidence" in raw:
-            values["difficult_confidence"] = raw["difficult_confidence"]
+        for name in ("difficult_confidence", "segment_days"):
+            if name in raw:
+                values[name] = raw[name]
         for section, prefix in sections.items():
             entries = raw.get(section) or {}
             if not isinstance(entries, dict):
@@ -165,17 +167,35 @@ class MonitoringSettings:
                 if name not in cls.__dataclass_fields__:
                     raise LabelloopConfigError(f"monitoring file {path}: unknown setting {section}.{key}")
                 values[name] = value
-        try:
-            settings = cls(**{
-                name: (value if name == "issue_weights" else type(getattr(cls, name))(value))
-                for name, value in values.items()
-            })
-        except (TypeError, ValueError) as exc:
-            raise LabelloopConfigError(f"monitoring file {path}: {exc}") from None
-        if settings.issues_folds < 2 or settings.drift_current_days <= 0 or settings.drift_baseline_days <= 0:
-            raise LabelloopConfigError(
-                f"monitoring file {path}: label_issues.folds must be at least 2 and drift windows positive"
-            )
+        for name, value in values.items():
+            if name == "issue_weights":
+                if value is not None and not isinstance(value, dict):
+                    raise LabelloopConfigError(f"monitoring file {path}: label_issues.weights must be a mapping")
+                continue
+            whole = isinstance(getattr(cls, name), int)
+            if (isinstance(value, bool) or not isinstance(value, (int, float)) or value != value
+                    or value in (float("inf"), float("-inf")) or (whole and value != int(value))):
+                raise LabelloopConfigError(
+                    f"monitoring file {path}: {name} must be {'a whole' if whole else 'a finite'} number, not {value!r}"
+                )
+            values[name] = int(value) if whole else float(value)
+        settings = cls(**values)
+        problems = [
+            text for broken, text in (
+                (settings.issues_folds < 2, "label_issues.folds must be at least 2"),
+                (min(settings.issues_keep, settings.agreement_pairs, settings.agreement_min_shared,
+                     settings.guideline_pairs, settings.guideline_examples, settings.segment_days,
+                     settings.drift_features_drifted_warn) < 1,
+                 "counts (keep, pairs, min_shared, examples, segment_days, features_drifted_warn) must be at least 1"),
+                (settings.drift_current_days <= 0 or settings.drift_baseline_days <= 0, "drift windows must be positive"),
+                (not 0 < settings.difficult_confidence <= 1, "difficult_confidence must be in (0, 1]"),
+                (not 0 < settings.drift_label_p_value < 1, "drift.label_p_value must be in (0, 1)"),
+                (min(settings.drift_label_js_warn, settings.drift_label_psi_warn, settings.drift_feature_psi_warn) <= 0,
+                 "drift thresholds must be positive"),
+            ) if broken
+        ]
+        if problems:
+            raise LabelloopConfigError(f"monitoring file {path}: {'; '.join(problems)}")
         return settings
 
 

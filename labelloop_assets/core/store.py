@@ -66,7 +66,7 @@ CREATE TABLE IF NOT EXISTS validated_labels (
     prediction_id VARCHAR, prediction_found BOOLEAN NOT NULL, user_pseudonym VARCHAR NOT NULL,
     user_role VARCHAR NOT NULL, source VARCHAR NOT NULL, vote_weight DOUBLE NOT NULL,
     created_at TIMESTAMPTZ NOT NULL, rationale VARCHAR, staged_at TIMESTAMPTZ NOT NULL DEFAULT now(),
-    run_id VARCHAR, burst_ids VARCHAR[]
+    run_id VARCHAR
 );
 
 CREATE SEQUENCE IF NOT EXISTS label_decisions_seq;
@@ -111,8 +111,9 @@ CREATE TABLE IF NOT EXISTS correction_bursts (
     baseline_median_share DOUBLE, baseline_mad_share DOUBLE, expected DOUBLE, score DOUBLE,
     severity VARCHAR NOT NULL, status VARCHAR NOT NULL, reason VARCHAR NOT NULL, evidence VARCHAR,
     detected_at TIMESTAMPTZ NOT NULL DEFAULT now(), updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    status_changed_at TIMESTAMPTZ NOT NULL DEFAULT now(),
     acknowledged_by VARCHAR, acknowledged_role VARCHAR, acknowledged_at TIMESTAMPTZ,
-    acknowledgement VARCHAR, run_id VARCHAR
+    acknowledgement VARCHAR, n_events_acknowledged BIGINT, run_id VARCHAR
 );
 
 CREATE TABLE IF NOT EXISTS audit_log (
@@ -281,9 +282,7 @@ def _migrate(con: duckdb.DuckDBPyConnection, found: int) -> None:
     """Bring an older file up to SCHEMA_VERSION in place, in one transaction."""
     with transaction(con):
         if found < 2:
-            # Version 2: correction bursts hold votes; burst acknowledgements are review
-            # decisions without an item.
-            con.execute("ALTER TABLE validated_labels ADD COLUMN IF NOT EXISTS burst_ids VARCHAR[]")
+            # Version 2: burst acknowledgements are review decisions without an item.
             con.execute("ALTER TABLE review_decisions ALTER COLUMN item_id DROP NOT NULL")
         con.execute(
             "UPDATE schema_info SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION)]
