@@ -42,14 +42,14 @@ SENSORS = ("landing_sensor", "retrain_sensor")
 SCREENSHOTS = REPO_ROOT / "docs" / "screenshots"
 ASSET_PAGES = (
     "raw_corrections", "validated_labels", "production_corpus", "label_quality_metrics",
-    "retrained_model",
+    "label_quality_signals", "retrained_model",
 )
 # Checks the README promises; more may exist, and every check the API reports must render.
 PROMISED_CHECKS = {
     "raw_corrections": {"raw_corrections_schema", "raw_corrections_counts_reconcile"},
     "validated_labels": {"validated_labels_schema"},
     "production_corpus": {"production_corpus_schema"},
-    "label_quality_metrics": {
+    "label_quality_signals": {
         "label_drift_within_threshold", "feature_drift_within_threshold", "agreement_above_floor",
     },
 }
@@ -306,7 +306,7 @@ def test_asset_graph_and_asset_pages_render(chromium, server, browser, tmp_path)
                     row = page.locator("tr", has=page.get_by_text(entry["label"], exact=True))
                     expect(row.first).to_contain_text(str(value))
             pages[asset] = _shot(page, shots / f"{asset}.png")
-            if asset == "label_quality_metrics":
+            if asset == "label_quality_signals":
                 # The trend chart is a PNG inside markdown metadata: it must render as an image.
                 row = page.locator("tr", has=page.get_by_text("trends", exact=True)).first
                 row.scroll_into_view_if_needed()
@@ -315,7 +315,7 @@ def test_asset_graph_and_asset_pages_render(chromium, server, browser, tmp_path)
                 expect(chart.first).to_be_visible()
                 assert chart.first.evaluate("img => img.naturalWidth") > 100
                 page.wait_for_timeout(800)  # the dialog fades in
-                pages["trends"] = _shot(page, shots / "label_quality_metrics-trends.png")
+                pages["trends"] = _shot(page, shots / "label_quality_signals-trends.png")
                 page.keyboard.press("Escape")
 
             # The Checks tab: every check with its description and its latest result.
@@ -347,7 +347,7 @@ def test_asset_graph_and_asset_pages_render(chromium, server, browser, tmp_path)
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(graph_png, SCREENSHOTS / "asset-graph.png")
         shutil.copyfile(pages["production_corpus"], SCREENSHOTS / "production_corpus.png")
-        shutil.copyfile(pages["trends"], SCREENSHOTS / "label_quality_metrics-trends.png")
+        shutil.copyfile(pages["trends"], SCREENSHOTS / "label_quality_signals-trends.png")
 
 
 # --- GraphQL -----------------------------------------------------------------------------------

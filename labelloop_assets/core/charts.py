@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # no display: render to memory only
 
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import polars as pl  # noqa: E402
 
 
@@ -34,6 +35,13 @@ def quality_trends_png(agreement: pl.DataFrame, drift: pl.DataFrame, js_warn: fl
     bottom.set_title("Drift: current window vs baseline")
     bottom.set_xlabel("measurement (oldest to newest)")
     bottom.legend(fontsize=7, loc="upper left")
+    for axis, what, count in ((top, "agreement", agreement.height), (bottom, "drift", drift.height)):
+        if not any(line.get_xydata().size and (line.get_xydata()[:, 1] == line.get_xydata()[:, 1]).any()
+                   for line in axis.get_lines()[:3]):
+            axis.text(0.6, 0.5, f"no {what} measured yet (see the notes in the metadata)",
+                      transform=axis.transAxes, ha="center", va="center", color="grey")
+        axis.set_xlim(0.5, max(count if what == "agreement" else count // 3, 1) + 0.5)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
