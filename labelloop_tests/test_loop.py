@@ -191,7 +191,7 @@ def test_definitions_load_with_descriptions_groups_and_pools(home):
         "label_quality_metrics": "monitoring", "published_views": "monitoring",
         "retrained_model": "training", "contributor_reliability": "training",
         "correction_bursts": "curation", "label_issue_candidates": "monitoring",
-        "guideline_report": "monitoring",
+        "guideline_report": "monitoring", "label_quality_signals": "monitoring",
     }
     for key in graph.get_all_asset_keys():
         node = graph.get(key)

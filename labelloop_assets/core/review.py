@@ -166,19 +166,6 @@ def ingest_reviews(
             .join(closed, on="escalation_id", how="left")
             .join(deciders, on=["reason", "reviewer_role"], how="left")
         )
-        # Within one batch only the first closing decision (by decided_at) of each escalation or
-        # burst can close it; later ones are refused as already decided.
-        closing = (
-            pl.when(is_burst).then(pl.col("decision").is_in(list(c.BURST_DECISIONS)))
-            .otherwise(pl.col("decision").is_in(list(CLOSING)))
-            & pl.col("reviewer_role").is_not_null() & pl.col("allowed").is_not_null()
-        )
-        records = records.with_columns(
-            closed=pl.col("closed").fill_null(False) | (
-                closing & (pl.int_range(pl.len()).over(
-                    "escalation_id", closing, order_by=["decided_at", "decision_id"]) > 0)
-            )
-        )
         rules = [
             (pl.col("reviewer_role").is_null(), c.UNKNOWN_REVIEWER,
              "reviewer_id is not in reviewers.yaml"),
@@ -197,6 +184,15 @@ def ingest_reviews(
             (label_bad, c.UNKNOWN_LABEL, _label_detail("label")),
         ]
         records, rejected = split_by_rules(records, spec.kind, spec.key, rules)
+        # Within one batch only the first valid closing decision (by decided_at) of an escalation
+        # or burst closes it; later ones are refused as already decided.
+        closing = pl.col("decision").is_in([*CLOSING, *c.BURST_DECISIONS])
+        records, late = split_by_rules(
+            records, spec.kind, spec.key,
+            [(closing & (pl.int_range(pl.len()).over("escalation_id", closing, order_by=["decided_at", "decision_id"]) > 0),
+              c.ESCALATION_CLOSED, "escalation or burst already decided earlier in the same batch")],
+        )
+        rejected = pl.concat([rejected, late])
         records, replayed = _split_duplicates(records, con, "review_decisions", spec.kind, spec.key)
         quarantined.extend([rejected, replayed])
         audit = pl.concat(
