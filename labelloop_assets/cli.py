@@ -35,7 +35,7 @@ def _print(frame: pl.DataFrame, as_json: bool) -> None:
     if as_json:
         print(json.dumps(frame.to_dicts(), indent=2, default=str))
         return
-    with pl.Config(tbl_rows=200, tbl_cols=20, fmt_str_lengths=60, tbl_width_chars=160,
+    with pl.Config(tbl_rows=200, tbl_cols=20, fmt_str_lengths=400, tbl_width_chars=160,
                    tbl_hide_dataframe_shape=True):
         print(frame)
 
