@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass
 from datetime import date
 
@@ -27,7 +26,7 @@ import polars as pl
 
 from labelloop_assets.core import store
 from labelloop_assets.core.contracts import USER_ROLES
-from labelloop_assets.core.settings import LabelloopConfigError
+from labelloop_assets.core.settings import LabelloopConfigError, config_number
 
 CONTRIBUTOR = "contributor"
 SEGMENT = "segment"
@@ -96,14 +95,7 @@ class BurstPolicy:
                     raise LabelloopConfigError(f"{source}: bursts.may_acknowledge must be a list of roles")
                 values[key] = tuple(str(role) for role in value)
                 continue
-            whole = isinstance(getattr(cls, key), int)
-            if (
-                isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
-                or (whole and value != int(value))
-            ):
-                kind = "a whole number" if whole else "a finite number"
-                raise LabelloopConfigError(f"{source}: bursts.{key} must be {kind}, not {value!r}")
-            values[key] = int(value) if whole else float(value)
+            values[key] = config_number(value, getattr(cls, key), f"{source}: bursts.{key}")
         return cls(**values)
 
 

@@ -10,8 +10,8 @@ import matplotlib
 matplotlib.use("Agg")  # no display: render to memory only
 
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
 import polars as pl  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def quality_trends_png(agreement: pl.DataFrame, drift: pl.DataFrame, js_warn: float, psi_warn: float) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -94,6 +95,18 @@ def load_yaml_mapping(path: Path, what: str) -> dict:
     return raw
 
 
+def config_number(value, like: float | int, where: str) -> float | int:
+    """A YAML number for a setting whose default is `like`: whole for an int, finite always."""
+    whole = isinstance(like, int)
+    if (
+        isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+        or (whole and value != int(value))
+    ):
+        kind = "a whole number" if whole else "a finite number"
+        raise LabelloopConfigError(f"{where} must be {kind}, not {value!r}")
+    return int(value) if whole else float(value)
+
+
 def _env_number(name: str, default: float, cast=float):
     raw = os.environ.get(name)
     if raw is None or raw == "":
@@ -172,13 +185,7 @@ class MonitoringSettings:
                 if value is not None and not isinstance(value, dict):
                     raise LabelloopConfigError(f"monitoring file {path}: label_issues.weights must be a mapping")
                 continue
-            whole = isinstance(getattr(cls, name), int)
-            if (isinstance(value, bool) or not isinstance(value, (int, float)) or value != value
-                    or value in (float("inf"), float("-inf")) or (whole and value != int(value))):
-                raise LabelloopConfigError(
-                    f"monitoring file {path}: {name} must be {'a whole' if whole else 'a finite'} number, not {value!r}"
-                )
-            values[name] = int(value) if whole else float(value)
+            values[name] = config_number(value, getattr(cls, name), f"monitoring file {path}: {name}")
         settings = cls(**values)
         problems = [
             text for broken, text in (
