@@ -358,6 +358,78 @@ def _land(home: Home, args: argparse.Namespace, decision: str, label: str | None
     return 0
 
 
+def cmd_model_list(args: argparse.Namespace) -> int:
+    with _read(_home()) as con:
+        rows = store.frame(
+            con,
+            "SELECT m.model_version, m.status, m.corpus_version, m.trained_at, left(m.train_data_hash, 12) AS "
+            "train_data_hash, m.params, round(m.gold_accuracy, 4) AS gold_accuracy, round(m.gold_macro_f1, 4) AS "
+            "gold_macro_f1, round(m.confirm_below, 3) AS confirm_below, e.decision, "
+            "array_to_string(e.reasons, '; ') AS reasons FROM models m LEFT JOIN ("
+            "  SELECT * FROM model_evaluations QUALIFY row_number() OVER ("
+            "    PARTITION BY challenger ORDER BY evaluation_id DESC) = 1) e ON e.challenger = m.model_version "
+            "ORDER BY m.trained_at",
+        )
+    if args.json:
+        _print(rows, True)
+    else:
+        champion = rows.filter(pl.col("status") == "champion")["model_version"].to_list()
+        print(f"{rows.height} models; champion: {champion[0] if champion else 'none yet'}")
+        _print(rows, False)
+    return 0
+
+
+def cmd_model_rollback(args: argparse.Namespace) -> int:
+    """Make an earlier champion the champion again: registry, pointer and audit in one step."""
+    from labelloop_assets.core import review, train
+
+    home = _home()
+    role = review.load_reviewers(home.reviewers_file).get(args.reviewer)
+    if not home.database.exists():
+        print("labelloop: no models yet", file=sys.stderr)
+        return 1
+    try:
+        with store.connect(home.database) as con, store.transaction(con):
+            target = store.frame(con, "SELECT * FROM models WHERE model_version = ?", [args.version]).to_dicts()
+            current = store.scalar(con, "SELECT model_version FROM models WHERE status = 'champion'")
+            problem = (
+                f"{args.reviewer!r} is not a reviewer or domain expert in {home.reviewers_file}"
+                if role not in ("reviewer", "domain_expert")
+                else f"no model {args.version!r} (labelloop model list)" if not target
+                else f"{args.version} is already the champion" if target[0]["status"] == "champion"
+                else f"{args.version} is {target[0]['status']}: only a retired champion can be restored"
+                if target[0]["status"] != "retired" else None
+            )
+            if problem is None and not Path(target[0]["path"], "model.npz").exists():
+                problem = f"the files of {args.version} are missing under {target[0]['path']}"
+            outcome = "refused" if problem else "rolled_back"
+            con.execute(
+                "INSERT INTO audit_log (actor, actor_role, action, target, outcome, reason, detail) "
+                "VALUES (?, ?, 'model.rollback', ?, ?, ?, ?)",
+                [pseudonym_of(args.reviewer), role, args.version, outcome, problem or args.rationale,
+                 json.dumps({"from": current})],
+            )
+            if problem is None:
+                con.execute("UPDATE models SET status = 'retired' WHERE status = 'champion'")
+                con.execute("UPDATE models SET status = 'champion' WHERE model_version = ?", [args.version])
+    except duckdb.IOException as error:
+        print(f"labelloop: a run holds {home.database}; try again when it finishes ({error})", file=sys.stderr)
+        return 1
+    if problem:
+        print(f"labelloop: refused: {problem}", file=sys.stderr)
+        return 3
+    train.set_current(home.models, args.version)
+    print(f"{args.version} is the champion again (was {current}); models/CURRENT points to it")
+    return 0
+
+
+def pseudonym_of(user_id: str) -> str:
+    from labelloop_assets.core.anonymize import pseudonym
+    from labelloop_assets.core.settings import pseudonymization_key
+
+    return pseudonym(pseudonymization_key(), user_id)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="labelloop", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -396,6 +468,16 @@ def build_parser() -> argparse.ArgumentParser:
         action.add_argument("--rationale", required=True)
         action.add_argument("--as", dest="reviewer", required=True, metavar="REVIEWER_ID")
         action.set_defaults(func=cmd_review_decide)
+    models = commands.add_parser("model", help="the model registry: list, rollback")
+    model_commands = models.add_subparsers(dest="model_command", required=True)
+    listing = model_commands.add_parser("list", help="every model with its status, data hash, metrics, decision")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(func=cmd_model_list)
+    rollback = model_commands.add_parser("rollback", help="make a retired champion the champion again")
+    rollback.add_argument("version")
+    rollback.add_argument("--rationale", required=True)
+    rollback.add_argument("--as", dest="reviewer", required=True, metavar="REVIEWER_ID")
+    rollback.set_defaults(func=cmd_model_rollback)
     lineage = commands.add_parser("lineage", help="every change of one item's label, and why")
     lineage.add_argument("item_id")
     lineage.add_argument("--json", action="store_true")

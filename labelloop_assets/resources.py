@@ -10,6 +10,7 @@ from dagster_duckdb import DuckDBResource
 
 from labelloop_assets.core import store
 from labelloop_assets.core.bursts import BurstPolicy
+from labelloop_assets.core.evaluation import ValidationPlan
 from labelloop_assets.core.ontology import Ontology
 from labelloop_assets.core.resolve import ResolutionPolicy
 from labelloop_assets.core.settings import (
@@ -41,6 +42,9 @@ class LabelloopHome(dg.ConfigurableResource):
 
     def monitoring(self) -> MonitoringSettings:
         return MonitoringSettings.load(self.home().monitoring_file)
+
+    def validation_plan(self) -> ValidationPlan:
+        return ValidationPlan.load(self.home().validation_file)
 
     def secret(self) -> bytes:
         return pseudonymization_key()

@@ -11,7 +11,8 @@ from labelloop_assets.core import evaluation as ev
 from labelloop_assets.core import train
 from labelloop_assets.core.settings import LabelloopConfigError
 
-PLAN = ev.ValidationPlan(tolerance=0.01, per_class_floor=0.5, min_eval_items=10)
+PLAN = ev.ValidationPlan(tolerance=0.01, per_class_tolerance=0.01, calibration_tolerance=0.01,
+                         per_class_floor=0.5, min_eval_items=10)
 
 
 def _scores(accuracy=0.9, macro_f1=0.9, recalls=None, ece=0.05, n=100) -> dict:
@@ -93,7 +94,7 @@ def test_the_confirm_threshold_is_the_lowest_confidence_that_keeps_the_precision
     ("text", "message"),
     [
         ("metrics: [accuracy, f2]\n", "metrics must be among"),
-        ("tolerance: 2\n", "tolerance must be in [0, 1)"),
+        ("tolerance: 2\n", "tolerances must be in [0, 1)"),
         ("per_class_floors: {b: 1.5}\n", "floors in [0, 1]"),
         ("min_eval_items: 2.5\n", "min_eval_items must be a whole number"),
         ("holdout: 0.2\n", "unknown keys ['holdout']"),
@@ -115,3 +116,12 @@ def test_a_plan_file_loads_and_is_recorded_whole(tmp_path):
     plan = ev.ValidationPlan.load(path)
     assert plan.metrics == ("accuracy", "macro_f1") and plan.floor("eight") == 0.7
     assert plan.as_dict()["metrics"] == ["accuracy", "macro_f1"] and plan.reviewer_confirmed_slice
+
+
+def test_per_class_recall_and_calibration_have_their_own_tolerances():
+    plan = ev.ValidationPlan(min_eval_items=10)  # shipped defaults: 0.005, 0.05, 0.02
+    one_item_worse = _scores(accuracy=0.93, recalls={"a": 0.952, "b": 0.95}, ece=0.06)
+    champion = _scores(accuracy=0.92, recalls={"a": 1.0, "b": 0.9}, ece=0.05)
+    assert ev.decide(one_item_worse, champion, plan)[0] == ev.PROMOTE
+    two_items_worse = _scores(accuracy=0.93, recalls={"a": 0.90, "b": 0.95})
+    assert ev.decide(two_items_worse, champion, plan) == (ev.REJECT, ["recall of 'a' fell from 1.000 to 0.900"])

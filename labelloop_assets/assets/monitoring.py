@@ -45,7 +45,7 @@ ALPHA_FLOOR = 0.667
     kinds={"duckdb"},
     pool=DUCKDB_POOL,
     owners=OWNERS,
-    deps=["production_corpus", "predictions", "retrained_model", "escalations", "correction_bursts"],
+    deps=["production_corpus", "predictions", "model_evaluation", "escalations", "correction_bursts"],
 )
 def label_quality_metrics(
     context: dg.AssetExecutionContext, labelloop: LabelloopHome, database: DuckDBResource
@@ -86,7 +86,7 @@ def label_quality_metrics(
     kinds={"duckdb", "scipy"},
     pool=DUCKDB_POOL,
     owners=OWNERS,
-    deps=["production_corpus", "predictions", "retrained_model", "correction_bursts"],
+    deps=["production_corpus", "predictions", "model_evaluation", "correction_bursts"],
     check_specs=[
         dg.AssetCheckSpec(LABEL_DRIFT, asset="label_quality_signals",
                           description="Warns when the label mix of predictions or corrections in the current window "

@@ -2,6 +2,7 @@
 
 import json
 from datetime import datetime, timezone
+from pathlib import Path
 
 import dagster as dg
 import numpy as np
@@ -15,7 +16,7 @@ from labelloop_assets.assets.common import (
     run_id,
 )
 from labelloop_assets.checks.schema_checks import markdown_table
-from labelloop_assets.core import bursts, reliability, store, train
+from labelloop_assets.core import bursts, evaluation, reliability, store, train
 from labelloop_assets.resources import LabelloopHome, open_store
 
 
@@ -29,7 +30,7 @@ from labelloop_assets.resources import LabelloopHome, open_store
 def retrained_model(
     context: dg.AssetExecutionContext, labelloop: LabelloopHome, database: DuckDBResource
 ) -> dg.MaterializeResult:
-    """A scikit-learn model trained on the current corpus, stored under `models/<version>/` with its metrics."""
+    """A challenger model trained on the current corpus, stored under `models/<version>/` with its gold metrics."""
     home = labelloop.home()
     with open_store(database) as con:
         corpus_version, changes_total = store.corpus_head(con)
@@ -42,7 +43,6 @@ def retrained_model(
         )
         if existing.height:
             record = existing.to_dicts()[0]
-            train.set_current(home.models, record["model_version"])
             context.log.info(
                 f"{record['model_version']} is already trained on corpus v{corpus_version}; reused"
             )
@@ -96,8 +96,8 @@ def retrained_model(
                 pl.col("gold_accuracy", "gold_macro_f1").fill_nan(None)
             ),
         )
-    train.set_current(home.models, version)
-    return dg.MaterializeResult(metadata={**_model_metadata(record), "reused": False})
+    # A challenger: model_evaluation decides whether it replaces the champion.
+    return dg.MaterializeResult(metadata={**_model_metadata(record), "reused": False, "status": "challenger"})
 
 
 def _model_metadata(record: dict) -> dict:
@@ -161,3 +161,103 @@ def contributor_reliability(
             "em_iterations": int(estimates["iterations"][0]) if estimates.height else 0,
         }
     )
+
+
+@dg.asset(
+    group_name="training",
+    kinds={"scikit-learn", "duckdb"},
+    pool=DUCKDB_POOL,
+    owners=OWNERS,
+    deps=[retrained_model],
+)
+def model_evaluation(
+    context: dg.AssetExecutionContext, labelloop: LabelloopHome, database: DuckDBResource
+) -> dg.MaterializeResult:
+    """The challenger against the champion on the validation plan; promoted only if not worse, with reasons."""
+    with config_errors_as_failures():
+        plan = labelloop.validation_plan()
+    home = labelloop.home()
+    with open_store(database) as con:
+        challenger = store.frame(
+            con, "SELECT * FROM models WHERE status = 'challenger' ORDER BY trained_at DESC LIMIT 1"
+        ).to_dicts()
+        champion = store.frame(con, "SELECT * FROM models WHERE status = 'champion' LIMIT 1").to_dicts()
+        gold = store.frame(con, "SELECT item_id, gold_label AS label, features FROM items WHERE gold_label IS NOT NULL")
+        confirmed = store.frame(
+            con, "SELECT c.item_id, c.label, i.features FROM production_corpus c JOIN items i USING (item_id) "
+            "WHERE c.reviewer_confirmed",
+        ) if plan.reviewer_confirmed_slice else None
+    if not challenger:
+        holder = champion[0]["model_version"] if champion else "none"
+        return dg.MaterializeResult(metadata={"decision": "nothing to evaluate", "champion": holder})
+    challenger, champion = challenger[0], (champion[0] if champion else None)
+    try:
+        scores = {"challenger": _scores(challenger, gold, plan)}
+        if champion is not None:
+            scores["champion"] = _scores(champion, gold, plan)
+        slice_scores = _scores(challenger, confirmed, plan) if confirmed is not None else None
+    except (OSError, ValueError, KeyError) as error:
+        raise dg.Failure(
+            description=f"evaluation of {challenger['model_version']} failed ({error}); the champion is untouched"
+        ) from None
+    decision, reasons = evaluation.decide(scores["challenger"], scores.get("champion"), plan)
+    confirm_below = _confirm_threshold(challenger, gold, plan) if decision == evaluation.PROMOTE else None
+    version = challenger["model_version"]
+    with open_store(database) as con, store.transaction(con):
+        con.execute(
+            "INSERT INTO model_evaluations (challenger, champion, decision, reasons, plan, challenger_scores, "
+            "champion_scores, slice_scores, confirm_below, n_eval, run_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [version, champion and champion["model_version"], decision, reasons, json.dumps(plan.as_dict()),
+             json.dumps(scores["challenger"]), json.dumps(scores.get("champion")),
+             json.dumps(slice_scores) if slice_scores else None, confirm_below, scores["challenger"]["n"],
+             run_id(context)],
+        )
+        if decision == evaluation.PROMOTE:
+            con.execute("UPDATE models SET status = 'retired' WHERE status = 'champion'")
+            con.execute("UPDATE models SET status = 'champion', confirm_below = ? WHERE model_version = ?",
+                        [confirm_below, version])
+        else:
+            con.execute("UPDATE models SET status = 'rejected' WHERE model_version = ?", [version])
+        con.execute(
+            "INSERT INTO audit_log (actor, action, target, outcome, reason, detail, run_id) "
+            "VALUES ('labelloop', ?, ?, ?, ?, ?, ?)",
+            [f"model.{decision}", version, "promoted" if decision == evaluation.PROMOTE else "rejected",
+             "; ".join(reasons)[:500], json.dumps({"champion": champion and champion["model_version"]}),
+             run_id(context)],
+        )
+    if decision == evaluation.PROMOTE:
+        # The pointer moves after the registry commits: serving never loads an unregistered model.
+        train.set_current(home.models, version)
+    return dg.MaterializeResult(
+        metadata={
+            "decision": decision,
+            "challenger": version,
+            "champion": version if decision == evaluation.PROMOTE else (champion["model_version"] if champion else "none"),
+            "reasons": dg.MetadataValue.md("\n".join(f"- {r}" for r in reasons)),
+            "scores": dg.MetadataValue.md(markdown_table(_score_table(scores))),
+            "confirm_below": dg.MetadataValue.float(round(confirm_below, 4)) if confirm_below is not None else "unchanged",
+            "plan": dg.MetadataValue.json(plan.as_dict()),
+        }
+    )
+
+
+def _scores(model_row: dict, items: pl.DataFrame, plan) -> dict:
+    model, _ = train.load(Path(model_row["path"]))
+    probabilities = model.predict_proba(train.features_matrix(items)) if items.height else np.empty((0, 0))
+    return evaluation.score(probabilities, model.classes, items["label"].to_numpy(), plan.calibration_bins)
+
+
+def _confirm_threshold(model_row: dict, gold: pl.DataFrame, plan) -> float | None:
+    model, _ = train.load(Path(model_row["path"]))
+    probabilities = model.predict_proba(train.features_matrix(gold))
+    correct = model.classes[probabilities.argmax(axis=1)] == gold["label"].to_numpy()
+    return evaluation.confirm_threshold(probabilities.max(axis=1), correct, plan.confirm_precision)
+
+
+def _score_table(scores: dict) -> pl.DataFrame:
+    rows = []
+    for who, scored in scores.items():
+        rows.append({"model": who, "accuracy": scored["accuracy"], "macro_f1": scored["macro_f1"],
+                     "calibration_error": scored["calibration_error"],
+                     "lowest_class_recall": min(scored["per_class_recall"].values(), default=None)})
+    return pl.DataFrame(rows).with_columns(pl.selectors.float().round(4))

@@ -15,7 +15,11 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import accuracy_score, f1_score, recall_score
 
-from labelloop_assets.core.settings import LabelloopConfigError, config_number, load_yaml_mapping
+from labelloop_assets.core.settings import (
+    LabelloopConfigError,
+    config_number,
+    load_yaml_mapping,
+)
 
 METRICS = ("accuracy", "macro_f1", "per_class_recall", "calibration_error")
 # Higher is better for these; calibration error is better lower.
@@ -29,6 +33,10 @@ class ValidationPlan:
 
     metrics: tuple[str, ...] = METRICS
     tolerance: float = 0.005
+    # Per-class recall and calibration error are measured on few items each, so they get looser
+    # tolerances: with 36 gold items in a class, one item moves its recall by 0.028.
+    per_class_tolerance: float = 0.05
+    calibration_tolerance: float = 0.02
     per_class_floor: float = 0.5
     per_class_floors: dict[str, float] = field(default_factory=dict)
     reviewer_confirmed_slice: bool = False
@@ -43,8 +51,9 @@ class ValidationPlan:
                 f"validation: metrics must be among {', '.join(METRICS)}; got {sorted(unknown) or 'none'}"
             )
         floors = [self.per_class_floor, *self.per_class_floors.values()]
-        if not 0 <= self.tolerance < 1 or any(not 0 <= f <= 1 for f in floors):
-            raise LabelloopConfigError("validation: tolerance must be in [0, 1) and floors in [0, 1]")
+        tolerances = (self.tolerance, self.per_class_tolerance, self.calibration_tolerance)
+        if any(not 0 <= t < 1 for t in tolerances) or any(not 0 <= f <= 1 for f in floors):
+            raise LabelloopConfigError("validation: tolerances must be in [0, 1) and floors in [0, 1]")
         if self.min_eval_items < 1 or self.calibration_bins < 2:
             raise LabelloopConfigError("validation: min_eval_items >= 1 and calibration_bins >= 2")
         if not 0 < self.confirm_precision < 1:
@@ -128,7 +137,7 @@ def decide(challenger: dict, champion: dict | None, plan: ValidationPlan) -> tup
             worse = {
                 c: (champion["per_class_recall"][c], r)
                 for c, r in challenger["per_class_recall"].items()
-                if c in champion["per_class_recall"] and r < champion["per_class_recall"][c] - plan.tolerance
+                if c in champion["per_class_recall"] and r < champion["per_class_recall"][c] - plan.per_class_tolerance
             }
             reasons += [f"recall of '{c}' fell from {old:.3f} to {new:.3f}" for c, (old, new) in sorted(worse.items())]
             continue
@@ -137,8 +146,8 @@ def decide(challenger: dict, champion: dict | None, plan: ValidationPlan) -> tup
             continue
         if metric in HIGHER_IS_BETTER and new < old - plan.tolerance:
             reasons.append(f"{metric} fell from {old:.4f} to {new:.4f} (tolerance {plan.tolerance})")
-        elif metric not in HIGHER_IS_BETTER and new > old + plan.tolerance:
-            reasons.append(f"{metric} rose from {old:.4f} to {new:.4f} (tolerance {plan.tolerance})")
+        elif metric not in HIGHER_IS_BETTER and new > old + plan.calibration_tolerance:
+            reasons.append(f"{metric} rose from {old:.4f} to {new:.4f} (tolerance {plan.calibration_tolerance})")
     if reasons:
         return REJECT, reasons
     gains = [f"{m} {challenger[m]:.4f} vs {champion[m]:.4f}" for m in HIGHER_IS_BETTER if m in plan.metrics]

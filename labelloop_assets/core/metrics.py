@@ -25,7 +25,7 @@ WITH corpus AS (
     SELECT status FROM label_decisions
     QUALIFY row_number() OVER (PARTITION BY item_id ORDER BY decision_id DESC) = 1
 ), latest_model AS (
-    SELECT model_version, gold_accuracy FROM models ORDER BY trained_at DESC LIMIT 1
+    SELECT model_version, gold_accuracy FROM models WHERE status = 'champion' LIMIT 1
 )
 SELECT
     (SELECT max(corpus_version) FROM corpus_versions) AS corpus_version,

@@ -12,7 +12,7 @@ import yaml
 
 LANDING_KINDS = ("items", "predictions", "corrections", "reviews")
 DEFAULTS_DIR = Path(__file__).resolve().parent.parent / "defaults"
-CONFIG_FILES = ("ontology.yaml", "governance.yaml", "reviewers.yaml", "monitoring.yaml")
+CONFIG_FILES = ("ontology.yaml", "governance.yaml", "reviewers.yaml", "monitoring.yaml", "validation.yaml")
 DEV_SECRET = "labelloop-development-secret-do-not-use-in-production"
 
 
@@ -68,6 +68,10 @@ class Home:
     @property
     def monitoring_file(self) -> Path:
         return self.root / "monitoring.yaml"
+
+    @property
+    def validation_file(self) -> Path:
+        return self.root / "validation.yaml"
 
     def ensure(self) -> "Home":
         """Create the folder layout and copy default configuration files that are missing."""

@@ -155,7 +155,18 @@ CREATE TABLE IF NOT EXISTS models (
     trained_at TIMESTAMPTZ NOT NULL DEFAULT now(), n_train_rows BIGINT NOT NULL, n_classes INTEGER NOT NULL,
     algorithm VARCHAR NOT NULL, params VARCHAR NOT NULL, train_data_hash VARCHAR NOT NULL,
     gold_accuracy DOUBLE, gold_macro_f1 DOUBLE, n_gold BIGINT NOT NULL,
-    label_changes_total BIGINT NOT NULL, path VARCHAR NOT NULL, run_id VARCHAR
+    label_changes_total BIGINT NOT NULL, path VARCHAR NOT NULL, run_id VARCHAR,
+    -- challenger (trained, not evaluated yet), champion (serving), rejected, retired
+    status VARCHAR NOT NULL DEFAULT 'challenger', confirm_below DOUBLE
+);
+
+CREATE SEQUENCE IF NOT EXISTS model_evaluations_seq;
+CREATE TABLE IF NOT EXISTS model_evaluations (
+    evaluation_id BIGINT PRIMARY KEY DEFAULT nextval('model_evaluations_seq'),
+    evaluated_at TIMESTAMPTZ NOT NULL DEFAULT now(), challenger VARCHAR NOT NULL, champion VARCHAR,
+    decision VARCHAR NOT NULL, reasons VARCHAR[] NOT NULL, plan VARCHAR NOT NULL,
+    challenger_scores VARCHAR NOT NULL, champion_scores VARCHAR, slice_scores VARCHAR,
+    confirm_below DOUBLE, n_eval BIGINT NOT NULL, run_id VARCHAR
 );
 
 CREATE TABLE IF NOT EXISTS label_quality_metrics (
@@ -282,8 +293,16 @@ def _migrate(con: duckdb.DuckDBPyConnection, found: int) -> None:
     """Bring an older file up to SCHEMA_VERSION in place, in one transaction."""
     with transaction(con):
         if found < 2:
-            # Version 2: burst acknowledgements are review decisions without an item.
+            # Version 2: burst acknowledgements are review decisions without an item; models have
+            # a status, and the newest model of a version-1 file is its champion.
             con.execute("ALTER TABLE review_decisions ALTER COLUMN item_id DROP NOT NULL")
+            con.execute("ALTER TABLE models ADD COLUMN IF NOT EXISTS status VARCHAR DEFAULT 'retired'")
+            con.execute("ALTER TABLE models ADD COLUMN IF NOT EXISTS confirm_below DOUBLE")
+            con.execute("UPDATE models SET status = 'retired'")
+            con.execute(
+                "UPDATE models SET status = 'champion' WHERE model_version = "
+                "(SELECT model_version FROM models ORDER BY trained_at DESC LIMIT 1)"
+            )
         con.execute(
             "UPDATE schema_info SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION)]
         )

@@ -136,7 +136,7 @@ def run_demo(
         with store.connect(home.database, read_only=True) as con:
             corpus = dict(store.frame(con, "SELECT item_id, label FROM production_corpus").iter_rows())
             model_row = store.frame(
-                con, "SELECT model_version, gold_accuracy FROM models ORDER BY trained_at DESC LIMIT 1"
+                con, "SELECT model_version, gold_accuracy FROM models WHERE status = 'champion'"
             ).to_dicts()
             escalations = store.frame(con, "SELECT * FROM escalations ORDER BY opened_at, item_id")
             held = [

@@ -1,0 +1,135 @@
+"""Champion and challenger: every trained model must earn its promotion on the validation plan."""
+
+from __future__ import annotations
+
+import dagster as dg
+import pytest
+
+from labelloop_assets import cli
+from labelloop_assets.core import store, train
+from labelloop_assets.jobs import RETRAIN_JOB
+from labelloop_tests.conftest import correction, make_items, write_jsonl
+
+
+def _rows(home, sql, params=None):
+    with store.connect(home.database, read_only=True) as con:
+        return store.frame(con, sql, params)
+
+
+def _run(defs, instance, job: str) -> dg.ExecuteInProcessResult:
+    result = defs.resolve_job_def(job).execute_in_process(instance=instance, raise_on_error=False)
+    assert result.success, [e.message for e in result.all_events if e.is_failure]
+    return result
+
+
+def _evaluation(result) -> dict:
+    for event in result.get_asset_materialization_events():
+        materialization = event.step_materialization_data.materialization
+        if materialization.asset_key == dg.AssetKey("model_evaluation"):
+            return {k: v.value for k, v in materialization.metadata.items()}
+    raise AssertionError("model_evaluation did not materialize")
+
+
+def _new_corpus_version(home, defs, instance, tag: str) -> None:
+    """A reviewer confirms two labels: a new corpus version (same data) for the next challenger."""
+    write_jsonl(home.landing_dir("corrections"), f"{tag}.jsonl", [
+        correction(f"{tag}-1", "item-020", "two", user="rita"),
+        correction(f"{tag}-2", "item-021", "zero", user="rita"),
+    ])
+    _run(defs, instance, "ingest_job")
+
+
+def _harmful_batch(home, defs, instance) -> None:
+    """A reviewer account relabels every item of class 'one' as 'zero': a harmful batch that
+    slipped past review. A model trained on it cannot recognize 'one'."""
+    ones = [f"item-{i:03d}" for i in range(15, 60) if i % 3 == 1]
+    write_jsonl(home.landing_dir("corrections"), "harm.jsonl", [
+        correction(f"harm-{k}", item, "zero", user="rita") for k, item in enumerate(ones)
+    ])
+    _run(defs, instance, "ingest_job")
+
+
+@pytest.fixture
+def loop(home, defs, instance):
+    write_jsonl(home.landing_dir("items"), "items.jsonl", make_items()[0])
+    _run(defs, instance, "ingest_job")
+    first = _run(defs, instance, RETRAIN_JOB)
+    return first
+
+
+def test_the_first_model_is_promoted_and_the_pointer_follows(home, loop):
+    evaluation = _evaluation(loop)
+    assert (evaluation["decision"], evaluation["champion"]) == ("promote", "m0001")
+    assert train.current_version(home.models) == "m0001"
+    assert _rows(home, "SELECT status FROM models")["status"].to_list() == ["champion"]
+    row = _rows(home, "SELECT champion, decision, plan, confirm_below FROM model_evaluations").row(0, named=True)
+    assert row["champion"] is None and row["decision"] == "promote" and '"tolerance": 0.005' in row["plan"]
+    assert 0 < row["confirm_below"] < 1
+    audit = _rows(home, "SELECT action, target, outcome FROM audit_log WHERE action LIKE 'model.%'")
+    assert audit.rows() == [("model.promote", "m0001", "promoted")]
+
+
+def test_a_challenger_that_fails_the_plan_is_rejected_and_the_champion_stays(home, defs, instance, loop):
+    _harmful_batch(home, defs, instance)
+    result = _run(defs, instance, RETRAIN_JOB)
+    evaluation = _evaluation(result)
+    assert (evaluation["decision"], evaluation["challenger"], evaluation["champion"]) == ("reject", "m0002", "m0001")
+    assert train.current_version(home.models) == "m0001"
+    statuses = dict(_rows(home, "SELECT model_version, status FROM models").iter_rows())
+    assert statuses == {"m0001": "champion", "m0002": "rejected"}
+    reasons = _rows(home, "SELECT reasons FROM model_evaluations WHERE challenger = 'm0002'")["reasons"][0].to_list()
+    assert "recall of 'one' is 0.000, under its floor 0.50" in reasons
+    assert any(r.startswith("accuracy fell from 1.0000") for r in reasons)
+    assert _rows(home, "SELECT count(*) AS n FROM audit_log WHERE action = 'model.reject'")["n"][0] == 1
+    # The metrics report the champion, not the newest model.
+    metrics = _rows(home, "SELECT model_version FROM label_quality_metrics ORDER BY computed_at DESC LIMIT 1")
+    assert metrics["model_version"][0] == "m0001"
+
+
+def test_a_wrong_plan_fails_the_step_and_leaves_the_champion(home, defs, instance, loop):
+    home.validation_file.write_text("tolerance: lots\n")
+    _new_corpus_version(home, defs, instance, "v2")
+    result = defs.resolve_job_def(RETRAIN_JOB).execute_in_process(instance=instance, raise_on_error=False)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE)
+    assert "validation file" in failure.step_failure_data.error.message
+    assert train.current_version(home.models) == "m0001"
+    assert _rows(home, "SELECT status FROM models WHERE model_version = 'm0002'")["status"][0] == "challenger"
+
+
+def test_rollback_restores_a_retired_champion_and_is_audited(home, defs, instance, loop, monkeypatch, capsys):
+    monkeypatch.setenv("LABELLOOP_HOME", str(home.root))
+    _new_corpus_version(home, defs, instance, "v2")
+    assert _evaluation(_run(defs, instance, RETRAIN_JOB))["decision"] == "promote"
+    assert train.current_version(home.models) == "m0002"
+
+    assert cli.main(["model", "list", "--json"]) == 0
+    listed = {m["model_version"]: m for m in __import__("json").loads(capsys.readouterr().out)}
+    assert (listed["m0001"]["status"], listed["m0002"]["status"]) == ("retired", "champion")
+    assert listed["m0002"]["decision"] == "promote" and listed["m0001"]["train_data_hash"]
+
+    # Refused, with the reason, and audited: a non-reviewer, an unknown version, the champion itself.
+    assert cli.main(["model", "rollback", "m0001", "--rationale", "x", "--as", "intern-7"]) == 3
+    assert cli.main(["model", "rollback", "m0042", "--rationale", "x", "--as", "reviewer-0"]) == 3
+    assert cli.main(["model", "rollback", "m0002", "--rationale", "x", "--as", "reviewer-0"]) == 3
+    errors = capsys.readouterr().err
+    assert "not a reviewer" in errors and "no model 'm0042'" in errors and "already the champion" in errors
+    assert train.current_version(home.models) == "m0002"
+
+    assert cli.main(["model", "rollback", "m0001", "--rationale", "m0002 confuses ones", "--as", "reviewer-0"]) == 0
+    assert train.current_version(home.models) == "m0001"
+    statuses = dict(_rows(home, "SELECT model_version, status FROM models").iter_rows())
+    assert statuses == {"m0001": "champion", "m0002": "retired"}
+    audit = _rows(home, "SELECT target, outcome, reason FROM audit_log WHERE action = 'model.rollback' "
+                        "ORDER BY logged_at")
+    assert audit.rows()[-1] == ("m0001", "rolled_back", "m0002 confuses ones")
+    assert [r[1] for r in audit.rows()] == ["refused", "refused", "refused", "rolled_back"]
+
+
+def test_a_rejected_model_cannot_be_rolled_back_to(home, defs, instance, loop, monkeypatch, capsys):
+    monkeypatch.setenv("LABELLOOP_HOME", str(home.root))
+    _harmful_batch(home, defs, instance)
+    assert _evaluation(_run(defs, instance, RETRAIN_JOB))["decision"] == "reject"
+    assert cli.main(["model", "rollback", "m0002", "--rationale", "x", "--as", "reviewer-0"]) == 3
+    assert "m0002 is rejected: only a retired champion can be restored" in capsys.readouterr().err
+    assert train.current_version(home.models) == "m0001"
