@@ -12,7 +12,7 @@ from labelloop_assets.definitions import build_definitions
 from labelloop_tests.conftest import RETRAIN, correction, make_items, write_jsonl
 
 ALL = ["items", "predictions", "raw_corrections", "validated_labels", "production_corpus",
-       "retrained_model", "label_quality_metrics"]
+       "retrained_model", "model_evaluation", "label_quality_metrics"]
 
 
 def _assets(defs: dg.Definitions, names: list[str]):

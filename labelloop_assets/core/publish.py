@@ -23,6 +23,7 @@ EVERY_RUN = (
     "audit_log",
     "corpus_versions",
     "models",
+    "model_evaluations",
     "contributor_reliability",
     "label_quality_metrics",
     "label_quality_by_label",
