@@ -219,9 +219,10 @@ def _populate(con) -> None:
         INSERT INTO corpus_versions (corpus_version, n_new_items, n_label_changes, n_confirmations, n_items, label_changes_total)
         VALUES (1, 4, 0, 0, 4, 0), (2, 0, 1, 1, 4, 1);
         INSERT INTO models (model_version, corpus_version, trained_at, n_train_rows, n_classes, algorithm, params,
-                            train_data_hash, gold_accuracy, n_gold, label_changes_total, path)
-        VALUES ('m2', 2, '2024-02-01 00:00:00Z', 4, 3, 'x', '{}', 'h', 0.9, 2, 1, 'p'),
-               ('m1', 1, '2024-01-01 00:00:00Z', 4, 3, 'x', '{}', 'h', 0.8, 2, 0, 'p');
+                            train_data_hash, gold_accuracy, n_gold, label_changes_total, path, status)
+        VALUES ('m3', 2, '2024-03-01 00:00:00Z', 4, 3, 'x', '{}', 'h', 0.5, 2, 1, 'p', 'rejected'),
+               ('m2', 2, '2024-02-01 00:00:00Z', 4, 3, 'x', '{}', 'h', 0.9, 2, 1, 'p', 'champion'),
+               ('m1', 1, '2024-01-01 00:00:00Z', 4, 3, 'x', '{}', 'h', 0.8, 2, 0, 'p', 'retired');
     """)
 
 
