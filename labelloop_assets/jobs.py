@@ -15,7 +15,7 @@ ingest_job = dg.define_asset_job(
 retrain_job = dg.define_asset_job(
     RETRAIN_JOB,
     selection=dg.AssetSelection.assets(
-        "contributor_reliability", "retrained_model", "model_evaluation", "label_issue_candidates", "guideline_report",
+        "contributor_reliability", "retrained_model", "model_evaluation", "release_notes", "label_issue_candidates", "guideline_report",
         "label_quality_metrics", "label_quality_signals",
         "published_views",
     ),

@@ -133,3 +133,24 @@ def test_a_rejected_model_cannot_be_rolled_back_to(home, defs, instance, loop, m
     assert cli.main(["model", "rollback", "m0002", "--rationale", "x", "--as", "reviewer-0"]) == 3
     assert "m0002 is rejected: only a retired champion can be restored" in capsys.readouterr().err
     assert train.current_version(home.models) == "m0001"
+
+
+def test_release_notes_explain_a_rejection_and_blame_the_harmful_group(home, defs, instance, loop):
+    _harmful_batch(home, defs, instance)
+    _run(defs, instance, RETRAIN_JOB)
+    notes = _rows(home, "SELECT challenger, decision, n_label_changes, attribution, markdown, path "
+                        "FROM release_notes ORDER BY evaluation_id")
+    assert notes["challenger"].to_list() == ["m0001", "m0002"]
+    first, second = notes.row(0, named=True), notes.row(1, named=True)
+    assert first["decision"] == "promote" and "# m0001: promoted (first model)" in first["markdown"]
+    assert second["decision"] == "reject" and second["n_label_changes"] == 15
+    text = second["markdown"]
+    assert "# m0002: rejected against m0001" in text
+    assert "recall of 'one' is 0.000, under its floor 0.50" in text
+    assert "**By source:** annotation 15" in text and "**By label set:** zero 15" in text
+    assert "**Classes that got worse:** one" in text
+    # Removing the harmful group makes the model better: its benefit is negative.
+    attribution = {row["group"]: row for row in __import__("json").loads(second["attribution"])}
+    assert attribution["source annotation"]["benefit"] < 0
+    assert attribution["source annotation"]["accuracy_without"] == pytest.approx(1.0)
+    assert (home.reports / "release-notes" / "m0002.md").read_text() == text

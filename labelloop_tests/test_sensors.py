@@ -91,7 +91,7 @@ def test_retrain_decision_respects_the_minimum_interval():
 def test_the_retrain_job_refreshes_reliability_with_the_model(defs):
     assets = {n.name for n in defs.resolve_job_def(RETRAIN_JOB).graph.node_defs}
     assert assets == {
-        "contributor_reliability", "retrained_model", "model_evaluation", "label_issue_candidates",
+        "contributor_reliability", "retrained_model", "model_evaluation", "release_notes", "label_issue_candidates",
         "guideline_report",
         "label_quality_metrics", "label_quality_signals", "published_views",
     }

@@ -17,6 +17,8 @@ from labelloop_assets.assets.common import (
 )
 from labelloop_assets.checks.schema_checks import markdown_table
 from labelloop_assets.core import bursts, evaluation, reliability, store, train
+from labelloop_assets.core import release_notes as release
+from labelloop_assets.core.contracts import write_atomically
 from labelloop_assets.resources import LabelloopHome, open_store
 
 
@@ -261,3 +263,59 @@ def _score_table(scores: dict) -> pl.DataFrame:
                      "calibration_error": scored["calibration_error"],
                      "lowest_class_recall": min(scored["per_class_recall"].values(), default=None)})
     return pl.DataFrame(rows).with_columns(pl.selectors.float().round(4))
+
+
+@dg.asset(
+    group_name="training",
+    kinds={"scikit-learn", "markdown"},
+    pool=DUCKDB_POOL,
+    owners=OWNERS,
+    deps=[model_evaluation],
+)
+def release_notes(
+    context: dg.AssetExecutionContext, labelloop: LabelloopHome, database: DuckDBResource
+) -> dg.MaterializeResult:
+    """Markdown notes for each promotion or rejection: corrections incorporated, metric deltas, which corrections paid off."""
+    with config_errors_as_failures():
+        plan = labelloop.validation_plan()
+    home = labelloop.home()
+    with open_store(database) as con:
+        pending = store.frame(
+            con,
+            "SELECT e.* FROM model_evaluations e ANTI JOIN release_notes r USING (evaluation_id) "
+            "ORDER BY e.evaluation_id",
+        ).to_dicts()
+        gold = store.frame(con, "SELECT gold_label AS label, features FROM items WHERE gold_label IS NOT NULL")
+        written = []
+        for evaluation in pending:
+            versions = dict(store.frame(
+                con, "SELECT model_version, corpus_version FROM models WHERE list_contains($v, model_version)",
+                {"v": [evaluation["challenger"], evaluation["champion"]]},
+            ).iter_rows())
+            until = versions[evaluation["challenger"]]
+            since = versions.get(evaluation["champion"], 0)
+            changes = release.label_changes(con, since, until)
+            attributed = release.attribution(
+                con, changes, since, until, gold, plan.attribution_max_groups if evaluation["champion"] else 0
+            )
+            text = release.render(evaluation, changes, attributed)
+            path = write_atomically(home.reports / "release-notes" / f"{evaluation['challenger']}.md", text)
+            store.append(con, "release_notes", pl.DataFrame([{
+                "evaluation_id": evaluation["evaluation_id"], "challenger": evaluation["challenger"],
+                "champion": evaluation["champion"], "decision": evaluation["decision"],
+                "n_label_changes": changes.height, "attribution": json.dumps(attributed.to_dicts()),
+                "markdown": text, "path": str(path), "run_id": run_id(context),
+            }]))
+            written.append((evaluation, text, path))
+    if not written:
+        return dg.MaterializeResult(metadata={"notes_written": 0})
+    evaluation, text, path = written[-1]
+    return dg.MaterializeResult(
+        metadata={
+            "notes_written": len(written),
+            "challenger": evaluation["challenger"],
+            "decision": evaluation["decision"],
+            "path": dg.MetadataValue.path(str(path)),
+            "notes": dg.MetadataValue.md(text),
+        }
+    )

@@ -43,6 +43,8 @@ class ValidationPlan:
     min_eval_items: int = 30
     calibration_bins: int = 10
     confirm_precision: float = 0.95
+    # Release notes retrain without at most this many groups of corrections (one training each).
+    attribution_max_groups: int = 6
 
     def __post_init__(self) -> None:
         unknown = set(self.metrics) - set(METRICS)
@@ -56,6 +58,8 @@ class ValidationPlan:
             raise LabelloopConfigError("validation: tolerances must be in [0, 1) and floors in [0, 1]")
         if self.min_eval_items < 1 or self.calibration_bins < 2:
             raise LabelloopConfigError("validation: min_eval_items >= 1 and calibration_bins >= 2")
+        if self.attribution_max_groups < 0:
+            raise LabelloopConfigError("validation: attribution_max_groups must not be negative")
         if not 0 < self.confirm_precision < 1:
             raise LabelloopConfigError("validation: confirm_precision must be in (0, 1)")
 

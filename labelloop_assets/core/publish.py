@@ -24,6 +24,7 @@ EVERY_RUN = (
     "corpus_versions",
     "models",
     "model_evaluations",
+    "release_notes",
     "contributor_reliability",
     "label_quality_metrics",
     "label_quality_by_label",

@@ -160,6 +160,13 @@ CREATE TABLE IF NOT EXISTS models (
     status VARCHAR NOT NULL DEFAULT 'challenger', confirm_below DOUBLE
 );
 
+CREATE TABLE IF NOT EXISTS release_notes (
+    evaluation_id BIGINT PRIMARY KEY, challenger VARCHAR NOT NULL, champion VARCHAR,
+    decision VARCHAR NOT NULL, n_label_changes BIGINT NOT NULL, attribution VARCHAR,
+    markdown VARCHAR NOT NULL, path VARCHAR NOT NULL, written_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    run_id VARCHAR
+);
+
 CREATE SEQUENCE IF NOT EXISTS model_evaluations_seq;
 CREATE TABLE IF NOT EXISTS model_evaluations (
     evaluation_id BIGINT PRIMARY KEY DEFAULT nextval('model_evaluations_seq'),
