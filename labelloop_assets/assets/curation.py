@@ -78,9 +78,7 @@ def validated_labels(
         revisit = (
             store.frame(
                 con,
-                "SELECT item_id FROM label_decisions "
-                "QUALIFY row_number() OVER (PARTITION BY item_id ORDER BY decision_id DESC) = 1 "
-                "AND status = 'pending'",
+                "SELECT item_id FROM latest_label_decisions WHERE status = 'pending'",
             )
             if reliability_stamp > store.get_state(con, RELIABILITY_SEEN)
             else pl.DataFrame(schema={"item_id": pl.String})
@@ -445,9 +443,7 @@ def escalations(context: dg.AssetExecutionContext, labelloop: LabelloopHome, dat
                 metadata={
                     "breached": breached.height,
                     "breached_escalations": dg.MetadataValue.md(
-                        markdown_table(
-                            breached.select("escalation_id", "item_id", "reason", "age_hours").head(20)
-                        ) if breached.height else "_none_"
+                        markdown_table(breached.select("escalation_id", "item_id", "reason", "age_hours").head(20))
                     ),
                 },
             )

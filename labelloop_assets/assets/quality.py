@@ -57,7 +57,6 @@ def correction_bursts(
             f"correction bursts held: {', '.join(outcome['newly_held'])}; "
             "see `labelloop review list --queue bursts`"
         )
-    table = markdown_table(unresolved.drop("evidence").head(20)) if unresolved.height else "_none_"
     return dg.MaterializeResult(
         metadata={
             "dagster/row_count": sum(totals.values()),
@@ -69,7 +68,7 @@ def correction_bursts(
             "released_bursts": totals.get(bursts.RELEASED, 0),
             "discarded_bursts": totals.get(bursts.DISCARDED, 0),
             "acknowledged_this_run": outcome["acknowledged"],
-            "open_bursts": dg.MetadataValue.md(table),
+            "open_bursts": dg.MetadataValue.md(markdown_table(unresolved.drop("evidence").head(20))),
             "review_with": "labelloop review list --queue bursts",
         },
         check_results=[
@@ -79,9 +78,7 @@ def correction_bursts(
                 severity=dg.AssetCheckSeverity.WARN,
                 metadata={
                     "held": held.height,
-                    "held_bursts": dg.MetadataValue.md(
-                        markdown_table(held.select("burst_id", "reason", "evidence")) if held.height else "_none_"
-                    ),
+                    "held_bursts": dg.MetadataValue.md(markdown_table(held.select("burst_id", "reason", "evidence"))),
                     "act_with": "labelloop review release|discard BURST_ID --rationale ... --as REVIEWER_ID",
                 },
             )
@@ -165,7 +162,7 @@ def guideline_report(
     with open_store(database) as con:
         corpus_version, _ = store.corpus_head(con)
         pairs, examples, previous_version = guidelines.report_data(
-            con, settings.guideline_pairs, settings.guideline_examples
+            con, corpus_version, settings.guideline_pairs, settings.guideline_examples
         )
         with store.transaction(con):
             # One report per corpus version: a rerun on the same version replaces it.

@@ -21,6 +21,9 @@ from labelloop_assets.core import release_notes as release
 from labelloop_assets.core.contracts import write_atomically
 from labelloop_assets.resources import LabelloopHome, open_store
 
+# The frozen evaluation set: every model is scored on these, never trained on them.
+GOLD_SQL = "SELECT item_id, gold_label AS label, features FROM items WHERE gold_label IS NOT NULL"
+
 
 @dg.asset(
     group_name="training",
@@ -62,9 +65,7 @@ def retrained_model(
             "SELECT c.item_id, c.label, i.features FROM production_corpus c "
             "JOIN items i USING (item_id) ORDER BY c.item_id",
         )
-        gold = store.frame(
-            con, "SELECT item_id, gold_label, features FROM items WHERE gold_label IS NOT NULL"
-        )
+        gold = store.frame(con, GOLD_SQL)
         n_models = store.scalar(con, "SELECT count(*) FROM models")
     if training.height == 0 or training["label"].n_unique() < 2:
         raise dg.Failure(
@@ -72,7 +73,7 @@ def retrained_model(
             "initial labels or corrections first"
         )
     model = train.fit(train.features_matrix(training), training["label"].to_numpy())
-    scores = train.evaluate(model, train.features_matrix(gold), gold["gold_label"].to_numpy())
+    scores = train.evaluate(model, train.features_matrix(gold), gold["label"].to_numpy())
     version = f"m{n_models + 1:04d}"
     record = {
         "model_version": version,
@@ -184,7 +185,7 @@ def model_evaluation(
             con, "SELECT * FROM models WHERE status = 'challenger' ORDER BY trained_at DESC LIMIT 1"
         ).to_dicts()
         champion = store.frame(con, "SELECT * FROM models WHERE status = 'champion' LIMIT 1").to_dicts()
-        gold = store.frame(con, "SELECT item_id, gold_label AS label, features FROM items WHERE gold_label IS NOT NULL")
+        gold = store.frame(con, GOLD_SQL)
         confirmed = store.frame(
             con, "SELECT c.item_id, c.label, i.features FROM production_corpus c JOIN items i USING (item_id) "
             "WHERE c.reviewer_confirmed",
@@ -193,17 +194,29 @@ def model_evaluation(
         holder = champion[0]["model_version"] if champion else "none"
         return dg.MaterializeResult(metadata={"decision": "nothing to evaluate", "champion": holder})
     challenger, champion = challenger[0], (champion[0] if champion else None)
+    gold_labels = gold["label"].to_numpy()
     try:
-        scores = {"challenger": _scores(challenger, gold, plan)}
+        # Each model is loaded and predicts the gold items once: its scores and (on a promotion)
+        # the confirm threshold come from the same probabilities.
+        model = _load(challenger)
+        probabilities = _probabilities(model, gold)
+        scores = {"challenger": evaluation.score(probabilities, model.classes, gold_labels, plan.calibration_bins)}
         if champion is not None:
-            scores["champion"] = _scores(champion, gold, plan)
-        slice_scores = _scores(challenger, confirmed, plan) if confirmed is not None else None
+            held = _load(champion)
+            scores["champion"] = evaluation.score(
+                _probabilities(held, gold), held.classes, gold_labels, plan.calibration_bins
+            )
+        slice_scores = evaluation.score(
+            _probabilities(model, confirmed), model.classes, confirmed["label"].to_numpy(), plan.calibration_bins
+        ) if confirmed is not None else None
     except (OSError, ValueError, KeyError) as error:
         raise dg.Failure(
             description=f"evaluation of {challenger['model_version']} failed ({error}); the champion is untouched"
         ) from None
     decision, reasons = evaluation.decide(scores["challenger"], scores.get("champion"), plan)
-    confirm_below = _confirm_threshold(challenger, gold, plan) if decision == evaluation.PROMOTE else None
+    confirm_below = evaluation.confirm_threshold(
+        probabilities.max(axis=1), model.classes[probabilities.argmax(axis=1)] == gold_labels, plan.confirm_precision
+    ) if decision == evaluation.PROMOTE else None
     version = challenger["model_version"]
     with open_store(database) as con, store.transaction(con):
         con.execute(
@@ -243,17 +256,14 @@ def model_evaluation(
     )
 
 
-def _scores(model_row: dict, items: pl.DataFrame, plan) -> dict:
-    model, _ = train.load(Path(model_row["path"]))
-    probabilities = model.predict_proba(train.features_matrix(items)) if items.height else np.empty((0, 0))
-    return evaluation.score(probabilities, model.classes, items["label"].to_numpy(), plan.calibration_bins)
+def _load(model_row: dict) -> train.LinearModel:
+    return train.load(Path(model_row["path"]))[0]
 
 
-def _confirm_threshold(model_row: dict, gold: pl.DataFrame, plan) -> float | None:
-    model, _ = train.load(Path(model_row["path"]))
-    probabilities = model.predict_proba(train.features_matrix(gold))
-    correct = model.classes[probabilities.argmax(axis=1)] == gold["label"].to_numpy()
-    return evaluation.confirm_threshold(probabilities.max(axis=1), correct, plan.confirm_precision)
+def _probabilities(model: train.LinearModel, items: pl.DataFrame) -> np.ndarray:
+    if items.height == 0:
+        return np.empty((0, len(model.classes)))
+    return model.predict_proba(train.features_matrix(items))
 
 
 def _score_table(scores: dict) -> pl.DataFrame:
@@ -285,36 +295,36 @@ def release_notes(
             "SELECT e.* FROM model_evaluations e ANTI JOIN release_notes r USING (evaluation_id) "
             "ORDER BY e.evaluation_id",
         ).to_dicts()
-        gold = store.frame(con, "SELECT gold_label AS label, features FROM items WHERE gold_label IS NOT NULL")
+        gold = store.frame(con, GOLD_SQL)
         written = []
-        for evaluation in pending:
+        for judged in pending:
             versions = dict(store.frame(
                 con, "SELECT model_version, corpus_version FROM models WHERE list_contains($v, model_version)",
-                {"v": [evaluation["challenger"], evaluation["champion"]]},
+                {"v": [judged["challenger"], judged["champion"]]},
             ).iter_rows())
-            until = versions[evaluation["challenger"]]
-            since = versions.get(evaluation["champion"], 0)
+            until = versions[judged["challenger"]]
+            since = versions.get(judged["champion"], 0)
             changes = release.label_changes(con, since, until)
             attributed = release.attribution(
-                con, changes, since, until, gold, plan.attribution_max_groups if evaluation["champion"] else 0
+                con, changes, since, until, gold, plan.attribution_max_groups if judged["champion"] else 0
             )
-            text = release.render(evaluation, changes, attributed)
-            path = write_atomically(home.reports / "release-notes" / f"{evaluation['challenger']}.md", text)
+            text = release.render(judged, changes, attributed)
+            path = write_atomically(home.reports / "release-notes" / f"{judged['challenger']}.md", text)
             store.append(con, "release_notes", pl.DataFrame([{
-                "evaluation_id": evaluation["evaluation_id"], "challenger": evaluation["challenger"],
-                "champion": evaluation["champion"], "decision": evaluation["decision"],
+                "evaluation_id": judged["evaluation_id"], "challenger": judged["challenger"],
+                "champion": judged["champion"], "decision": judged["decision"],
                 "n_label_changes": changes.height, "attribution": json.dumps(attributed.to_dicts()),
                 "markdown": text, "path": str(path), "run_id": run_id(context),
             }]))
-            written.append((evaluation, text, path))
+            written.append((judged, text, path))
     if not written:
         return dg.MaterializeResult(metadata={"notes_written": 0})
-    evaluation, text, path = written[-1]
+    judged, text, path = written[-1]
     return dg.MaterializeResult(
         metadata={
             "notes_written": len(written),
-            "challenger": evaluation["challenger"],
-            "decision": evaluation["decision"],
+            "challenger": judged["challenger"],
+            "decision": judged["decision"],
             "path": dg.MetadataValue.path(str(path)),
             "notes": dg.MetadataValue.md(text),
         }

@@ -103,18 +103,22 @@ def daily_volume(events: pl.DataFrame) -> pl.DataFrame:
     """Corrections per (day, scope, key) from events with created_at, user_pseudonym, source, corrected_label."""
     if events.height == 0:
         return pl.DataFrame(schema=VOLUME_SCHEMA)
-    day = pl.col("created_at").dt.convert_time_zone("UTC").dt.date().alias("day")
-    keyed = events.select(
-        day,
-        pl.col("user_pseudonym").alias(CONTRIBUTOR),
-        segment_key(pl.col("source"), pl.col("corrected_label")).alias(SEGMENT),
-    )
     return (
-        keyed.unpivot(index="day", on=list(SCOPES), variable_name="scope", value_name="key")
+        _keyed(events)
         .group_by("day", "scope", "key")
         .agg(pl.len().cast(pl.Int64).alias("n"))
         .sort("day", "scope", "key")
     )
+
+
+def _keyed(events: pl.DataFrame, *carry: str) -> pl.DataFrame:
+    """One row per event and scope: the `carry` columns, the UTC day, the scope and its key."""
+    return events.select(
+        *carry,
+        pl.col("created_at").dt.convert_time_zone("UTC").dt.date().alias("day"),
+        pl.col("user_pseudonym").alias(CONTRIBUTOR),
+        segment_key(pl.col("source"), pl.col("corrected_label")).alias(SEGMENT),
+    ).unpivot(index=[*carry, "day"], on=list(SCOPES), variable_name="scope", value_name="key")
 
 
 def segment_key(source: pl.Expr, label: pl.Expr) -> pl.Expr:
@@ -229,24 +233,27 @@ def describe(scored: pl.DataFrame) -> pl.Series:
 
 
 RAW_SEQ = "correction_bursts.raw_seq"
+# A correction `v`'s day and keys in SQL, as `daily_volume` and `membership` derive them in Polars.
+VOTE_DAY = "CAST(timezone('UTC', v.created_at) AS DATE)"
+VOTE_KEY = {CONTRIBUTOR: "v.user_pseudonym", SEGMENT: "v.source || '/' || v.corrected_label"}
+# `v` falls in burst `b`.
+IN_BURST = (
+    f"b.day = {VOTE_DAY} AND b.key = CASE b.scope WHEN '{CONTRIBUTOR}' THEN {VOTE_KEY[CONTRIBUTOR]} "
+    f"ELSE {VOTE_KEY[SEGMENT]} END"
+)
 # validated_labels rows that count: none in a held burst (yet) or a discarded one (ever).
 # Membership is read at query time from (UTC day, contributor) and (UTC day, source/label), so a
-# burst found later also covers the corrections staged before it crossed the threshold.
-# (Anti joins: with no burst held, DuckDB skips the probe and this costs nothing.)
+# burst found later also covers the corrections staged before it crossed the threshold. Anti
+# joins on equal keys: with no burst held, DuckDB skips the probe and this costs nothing.
 _BLOCKED = "(SELECT day, key FROM correction_bursts WHERE status IN ('held', 'discarded') AND scope = '{scope}')"
 COUNTED_VOTES_SQL = f"""
     SELECT v.* FROM validated_labels v
-    ANTI JOIN {_BLOCKED.format(scope=CONTRIBUTOR)} bc
-      ON bc.key = v.user_pseudonym AND bc.day = CAST(timezone('UTC', v.created_at) AS DATE)
-    ANTI JOIN {_BLOCKED.format(scope=SEGMENT)} bs
-      ON bs.key = v.source || '/' || v.corrected_label AND bs.day = CAST(timezone('UTC', v.created_at) AS DATE)
+    ANTI JOIN {_BLOCKED.format(scope=CONTRIBUTOR)} bc ON bc.key = {VOTE_KEY[CONTRIBUTOR]} AND bc.day = {VOTE_DAY}
+    ANTI JOIN {_BLOCKED.format(scope=SEGMENT)} bs ON bs.key = {VOTE_KEY[SEGMENT]} AND bs.day = {VOTE_DAY}
 """
 # Items with a vote in a burst whose status changed after $since (epoch microseconds).
-ITEMS_IN_CHANGED_BURSTS_SQL = """
-    SELECT DISTINCT v.item_id FROM validated_labels v JOIN correction_bursts b
-      ON b.day = CAST(timezone('UTC', v.created_at) AS DATE)
-     AND b.key = CASE b.scope WHEN 'contributor' THEN v.user_pseudonym
-                              ELSE v.source || '/' || v.corrected_label END
+ITEMS_IN_CHANGED_BURSTS_SQL = f"""
+    SELECT DISTINCT v.item_id FROM validated_labels v JOIN correction_bursts b ON {IN_BURST}
     WHERE epoch_us(b.status_changed_at) > $since
 """
 
@@ -256,13 +263,7 @@ def membership(votes: pl.DataFrame, burst_table: pl.DataFrame) -> pl.DataFrame:
     schema = {"event_id": pl.String, "burst_id": pl.String, "status": pl.String}
     if votes.height == 0 or burst_table.height == 0:
         return pl.DataFrame(schema=schema)
-    keys = votes.select(
-        "event_id",
-        pl.col("created_at").dt.convert_time_zone("UTC").dt.date().alias("day"),
-        pl.col("user_pseudonym").alias(CONTRIBUTOR),
-        segment_key(pl.col("source"), pl.col("corrected_label")).alias(SEGMENT),
-    ).unpivot(index=["event_id", "day"], on=list(SCOPES), variable_name="scope", value_name="key")
-    return keys.join(
+    return _keyed(votes, "event_id").join(
         burst_table.select("day", "scope", "key", "burst_id", "status"), on=["day", "scope", "key"]
     ).select(list(schema)).cast(schema)
 

@@ -11,16 +11,13 @@ from labelloop_assets.core import bursts, store
 # decision is still pending or escalated, or its contributors disagree.
 PAIRS_SQL = f"""
 WITH counted AS ({bursts.COUNTED_VOTES_SQL}),
-latest_decision AS (
-    SELECT item_id, status FROM label_decisions
-    QUALIFY row_number() OVER (PARTITION BY item_id ORDER BY decision_id DESC) = 1
-), split AS (
+split AS (
     SELECT item_id FROM counted GROUP BY item_id HAVING count(DISTINCT corrected_label) > 1
 ), pairs AS (
     SELECT v.label_before AS label_from, v.corrected_label AS label_to, v.item_id,
            (d.status IN ('pending', 'escalate') OR s.item_id IS NOT NULL) AS disputed
     FROM counted v
-    LEFT JOIN latest_decision d USING (item_id)
+    LEFT JOIN latest_label_decisions d USING (item_id)
     LEFT JOIN split s USING (item_id)
     WHERE v.label_before IS NOT NULL AND v.label_before <> v.corrected_label
 )
@@ -40,10 +37,11 @@ QUALIFY row_number() OVER (PARTITION BY label_before, corrected_label ORDER BY c
 """
 
 
-def report_data(con: duckdb.DuckDBPyConnection, top: int, examples: int) -> tuple[pl.DataFrame, pl.DataFrame, int | None]:
+def report_data(
+    con: duckdb.DuckDBPyConnection, current_version: int, top: int, examples: int
+) -> tuple[pl.DataFrame, pl.DataFrame, int | None]:
     """(top pairs with change since the last report, example corrections, previous report's version)."""
     pairs = store.frame(con, PAIRS_SQL, {"top": top})
-    current_version, _ = store.corpus_head(con)
     previous_version = store.scalar(
         con, "SELECT max(corpus_version) FROM guideline_pairs WHERE corpus_version < ?", [current_version]
     )

@@ -626,8 +626,7 @@ WITH reviewed AS (
            count(DISTINCT w.user_pseudonym) AS n_contributors
     FROM weighted w JOIN production_corpus c USING (item_id) GROUP BY w.item_id
 ), open_decision AS (
-    SELECT item_id, status IN ('pending', 'escalate') AS open FROM label_decisions
-    QUALIFY row_number() OVER (PARTITION BY item_id ORDER BY decision_id DESC) = 1
+    SELECT item_id, status IN ('pending', 'escalate') AS open FROM latest_label_decisions
 ), initial_sources AS (
     SELECT i.label_source,
            (count(*) FILTER (WHERE i.initial_label = c.label) + $prior_mean * $prior_strength)

@@ -21,9 +21,6 @@ WITH corpus AS (
     SELECT count(DISTINCT v.prediction_id) AS n_corrected_predictions
     FROM {COUNTED} v
     WHERE v.prediction_found AND v.corrected_label <> v.predicted_label
-), latest_decision AS (
-    SELECT status FROM label_decisions
-    QUALIFY row_number() OVER (PARTITION BY item_id ORDER BY decision_id DESC) = 1
 ), latest_model AS (
     SELECT model_version, gold_accuracy FROM models WHERE status = 'champion' LIMIT 1
 )
@@ -39,8 +36,8 @@ SELECT
     corrected.n_corrected_predictions / nullif(served.n_predictions, 0) AS correction_rate,
     (SELECT count(*) FROM validated_labels) AS n_corrections,
     (SELECT count(*) FROM quarantine) AS n_quarantined,
-    (SELECT count(*) FROM latest_decision WHERE status = 'pending') AS n_pending_items,
-    (SELECT count(*) FROM latest_decision WHERE status = 'escalate') AS n_escalated_items,
+    (SELECT count(*) FROM latest_label_decisions WHERE status = 'pending') AS n_pending_items,
+    (SELECT count(*) FROM latest_label_decisions WHERE status = 'escalate') AS n_escalated_items,
     (SELECT gold_accuracy FROM latest_model) AS model_gold_accuracy,
     (SELECT count(*) FROM escalations) AS n_open_escalations,
     (SELECT count(*) FILTER (WHERE sla_breached) FROM escalations) AS n_sla_breaches
@@ -220,9 +217,7 @@ PREDICTED_LABELS_SQL = "SELECT predicted_label AS label FROM predictions WHERE "
 # held ones are still undecided and count (a burst should show as drift while it waits).
 CORRECTED_LABELS_SQL = (
     "SELECT corrected_label AS label FROM validated_labels v WHERE " + _IN_WINDOW.format(t="created_at")
-    + " AND NOT EXISTS (SELECT 1 FROM correction_bursts b WHERE b.status = 'discarded'"
-    " AND b.day = CAST(timezone('UTC', v.created_at) AS DATE) AND b.key = CASE b.scope"
-    " WHEN 'contributor' THEN v.user_pseudonym ELSE v.source || '/' || v.corrected_label END)"
+    + f" AND NOT EXISTS (SELECT 1 FROM correction_bursts b WHERE b.status = 'discarded' AND {bursts.IN_BURST})"
 )
 # Features of the items served in the window (an item served twice counts twice: it is traffic).
 SERVED_FEATURES_SQL = (

@@ -80,6 +80,11 @@ CREATE TABLE IF NOT EXISTS label_decisions (
     run_id VARCHAR
 );
 
+-- Each item's latest resolution (what pending, escalated and open mean everywhere).
+CREATE OR REPLACE VIEW latest_label_decisions AS
+    SELECT * FROM label_decisions
+    QUALIFY row_number() OVER (PARTITION BY item_id ORDER BY decision_id DESC) = 1;
+
 CREATE SEQUENCE IF NOT EXISTS review_decisions_seq;
 CREATE TABLE IF NOT EXISTS review_decisions (
     seq BIGINT NOT NULL DEFAULT nextval('review_decisions_seq'), decision_id VARCHAR PRIMARY KEY,
