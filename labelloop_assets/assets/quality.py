@@ -104,7 +104,7 @@ def label_issue_candidates(
             {"reference_accuracy": policy.reliability_prior_mean, **(settings.issue_weights or {})}
         )
     with open_store(database) as con:
-        corpus = store.frame(con, label_issues.CORPUS_SQL)
+        corpus = store.frame(con, train.TRAINING_SQL)
         active = label_issues.active_signals(con, policy.reliability_prior_mean, policy.reliability_prior_strength)
         corpus_version, _ = store.corpus_head(con)
     labels = corpus["label"].to_numpy()

@@ -60,11 +60,7 @@ def retrained_model(
                 "`labelloop review release|discard BURST_ID`",
                 metadata={"held_bursts": dg.MetadataValue.md(markdown_table(held))},
             )
-        training = store.frame(
-            con,
-            "SELECT c.item_id, c.label, i.features FROM production_corpus c "
-            "JOIN items i USING (item_id) ORDER BY c.item_id",
-        )
+        training = store.frame(con, train.TRAINING_SQL)
         gold = store.frame(con, GOLD_SQL)
         n_models = store.scalar(con, "SELECT count(*) FROM models")
     if training.height == 0 or training["label"].n_unique() < 2:

@@ -595,12 +595,6 @@ def rank_candidates(
     return ranked if limit is None else ranked.head(limit)
 
 
-# Every corpus item with its features, in a stable order.
-CORPUS_SQL = """
-SELECT c.item_id, c.label, i.features FROM production_corpus c JOIN items i USING (item_id)
-ORDER BY c.item_id
-"""
-
 # Active signals per corpus item, from the store. Votes are each contributor's latest counted
 # vote since the item's last closing review, weighted as resolve.py weighs them. The source of
 # an initial label (vendor, heuristic, ...) is scored by how often its labels agree with the

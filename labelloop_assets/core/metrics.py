@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import duckdb
 import polars as pl
 from scipy.stats import chi2_contingency
@@ -193,8 +195,6 @@ def drift_windows(con: duckdb.DuckDBPyConnection, current_days: float, baseline_
 
 
 def _window(end, current_days: float, baseline_days: float) -> dict | None:
-    from datetime import timedelta
-
     if end is None:
         return None
     current_from = end - timedelta(days=current_days)

@@ -23,6 +23,10 @@ from labelloop_assets.core.contracts import write_atomically
 ALGORITHM = "standard_scaler+logistic_regression"
 DEFAULT_PARAMS = {"C": 0.1, "max_iter": 2000}
 CURRENT_POINTER = "CURRENT"
+# The training data: every corpus item with its current label and features.
+TRAINING_SQL = (
+    "SELECT c.item_id, c.label, i.features FROM production_corpus c JOIN items i USING (item_id) ORDER BY c.item_id"
+)
 
 
 @dataclass
