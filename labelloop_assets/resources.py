@@ -8,7 +8,7 @@ import dagster as dg
 import duckdb
 from dagster_duckdb import DuckDBResource
 
-from labelloop_assets.core import store
+from labelloop_assets.core import store, train
 from labelloop_assets.core.bursts import BurstPolicy
 from labelloop_assets.core.evaluation import ValidationPlan
 from labelloop_assets.core.ontology import Ontology
@@ -45,6 +45,9 @@ class LabelloopHome(dg.ConfigurableResource):
 
     def validation_plan(self) -> ValidationPlan:
         return ValidationPlan.load(self.home().validation_file)
+
+    def training(self) -> train.TrainingConfig:
+        return train.TrainingConfig.load(self.home().training_file)
 
     def secret(self) -> bytes:
         return pseudonymization_key()

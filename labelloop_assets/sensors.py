@@ -8,10 +8,15 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import dagster as dg
 
+from labelloop_assets.checks.schema_checks import (
+    blocking_checks_hold,
+    failing_blocking_checks,
+)
 from labelloop_assets.core.contracts import is_landing_name
 from labelloop_assets.core.settings import Home, RetrainPolicy
 from labelloop_assets.jobs import ingest_job, retrain_job
@@ -80,8 +85,11 @@ def retrain_decision(
     policy: RetrainPolicy,
     now: float,
     bursts: tuple[dict, float] | None = None,
+    failing_checks: Sequence[str] = (),
 ) -> tuple[str | None, str]:
     """(run_key or None, reason): the retraining cadence in one place."""
+    if failing_checks:
+        return None, f"retraining is held: {blocking_checks_hold(list(failing_checks))}"
     if corpus is None or not corpus[0].get("corpus_version"):
         return None, "no corpus version published yet"
     held = int(bursts[0].get("held_bursts", 0)) if bursts else 0
@@ -118,7 +126,7 @@ def retrain_decision(
     minimum_interval_seconds=60,
     default_status=dg.DefaultSensorStatus.STOPPED,
     description="Requests retraining when promoted label changes reach a threshold and a minimum interval has passed, "
-    "unless a correction burst is held.",
+    "unless a blocking check failed or a correction burst is held.",
 )
 def retrain_sensor(
     context: dg.SensorEvaluationContext, retrain_cadence: RetrainCadence
@@ -126,7 +134,10 @@ def retrain_sensor(
     corpus = _latest_metadata(context.instance, "production_corpus")
     model = _latest_metadata(context.instance, "retrained_model")
     bursts = _latest_metadata(context.instance, "correction_bursts")
-    run_key, reason = retrain_decision(corpus, model, retrain_cadence.policy(), time.time(), bursts)
+    run_key, reason = retrain_decision(
+        corpus, model, retrain_cadence.policy(), time.time(), bursts,
+        failing_blocking_checks(context.instance),
+    )
     if run_key is None:
         return dg.SkipReason(reason)
     return dg.RunRequest(run_key=run_key, tags={"labelloop/reason": reason[:200]})

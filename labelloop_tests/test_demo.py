@@ -16,10 +16,10 @@ from labelloop_assets.demo.simulator import DemoConfig
 @pytest.mark.slow
 def test_demo_loop_raises_corpus_and_model_accuracy(tmp_path, instance):
     home = prepare_home(tmp_path / "demo-home")
-    config = DemoConfig(served_per_day=400, annotator_items_per_day=100)
+    config = DemoConfig(served_per_day=400, annotator_items_per_day=100, weak_training_day=2)
     rows = run_demo(
         home, instance, days=3, config=config,
-        retrain=RetrainPolicy(min_label_changes=25, min_interval_seconds=0), echo=lambda _: None,
+        retrain=RetrainPolicy(min_label_changes=20, min_interval_seconds=0), echo=lambda _: None,
     )
 
     assert [r["day"] for r in rows] == [0, 1, 2, 3]
@@ -42,6 +42,12 @@ def test_demo_loop_raises_corpus_and_model_accuracy(tmp_path, instance):
     assert n == accepted + q == sum(r["corrections_received"] for r in rows)
     assert (accepted, q) == (raw, quarantined)
     assert sum(r["reviews_applied"] for r in rows) > 0 and rows[-1]["open_escalations"] >= 0
+    # Day 2's weaker training configuration is rejected by the plan; the shipped one is back for day 3.
+    decisions = [(r["day"], e["decision"]) for r in rows for e in r["model_evaluations"]]
+    assert decisions == [(0, "promote"), (2, "reject"), (3, "promote")]
+    rejected = rows[2]["model_evaluations"][0]
+    assert (home.reports / "release-notes" / f"{rejected['challenger']}.md").exists()
+    assert "C: 0.1 " in home.training_file.read_text()
     _assert_lineage_is_complete(home)
 
 

@@ -8,7 +8,8 @@ import pytest
 from labelloop_assets import cli
 from labelloop_assets.core import store, train
 from labelloop_assets.jobs import RETRAIN_JOB
-from labelloop_tests.conftest import correction, make_items, write_jsonl
+from labelloop_assets.sensors import _latest_metadata, retrain_decision
+from labelloop_tests.conftest import RETRAIN, correction, make_items, write_jsonl
 
 
 def _rows(home, sql, params=None):
@@ -84,6 +85,62 @@ def test_a_challenger_that_fails_the_plan_is_rejected_and_the_champion_stays(hom
     # The metrics report the champion, not the newest model.
     metrics = _rows(home, "SELECT model_version FROM label_quality_metrics ORDER BY computed_at DESC LIMIT 1")
     assert metrics["model_version"][0] == "m0001"
+
+
+def _failure(result) -> str:
+    failure = next(e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE)
+    data = failure.step_failure_data
+    return data.user_failure_data.description if data.user_failure_data else data.error.message
+
+
+def test_a_weaker_configuration_is_rejected_once_and_the_shipped_one_then_promoted(home, defs, instance, loop):
+    shipped = home.training_file.read_text()
+    home.training_file.write_text("params:\n  C: 0.0005\n")
+    _new_corpus_version(home, defs, instance, "v2")
+    weak = _evaluation(_run(defs, instance, RETRAIN_JOB))
+    assert (weak["decision"], weak["challenger"]) == ("reject", "m0002")
+    reasons = _rows(home, "SELECT reasons FROM model_evaluations WHERE challenger = 'm0002'")["reasons"][0]
+    assert any(r.startswith("calibration_error rose from") for r in reasons)
+    notes = (home.reports / "release-notes" / "m0002.md").read_text()
+    assert "Trained with C=0.0005, max_iter=2000; the champion with C=0.1, max_iter=2000." in notes
+    assert _rows(home, "SELECT params FROM models WHERE model_version = 'm0002'")["params"][0] == (
+        '{"C": 0.0005, "max_iter": 2000}'
+    )
+    # One training per corpus version: the sensor does not retry a rejected version.
+    run_key, reason = retrain_decision(
+        _latest_metadata(instance, "production_corpus"), _latest_metadata(instance, "retrained_model"),
+        RETRAIN, now=1e12,
+    )
+    assert run_key is None and "already trained on corpus v2" in reason
+    # The same version under the shipped configuration is a new challenger, and it is promoted.
+    home.training_file.write_text(shipped)
+    restored = _evaluation(_run(defs, instance, RETRAIN_JOB))
+    assert (restored["decision"], restored["challenger"]) == ("promote", "m0003")
+    assert "Trained with C=0.1, max_iter=2000 (unchanged)." in (home.reports / "release-notes" / "m0003.md").read_text()
+    assert train.current_version(home.models) == "m0003"
+
+
+def test_a_failed_evaluation_fails_the_run_and_leaves_the_champion(home, defs, instance, loop):
+    (home.models / "m0001" / "model.npz").write_bytes(b"not a model")  # the champion's file is damaged
+    _new_corpus_version(home, defs, instance, "v2")
+    result = defs.resolve_job_def(RETRAIN_JOB).execute_in_process(instance=instance, raise_on_error=False)
+    assert not result.success
+    assert "evaluation of m0002 failed" in _failure(result) and "the champion is untouched" in _failure(result)
+    assert train.current_version(home.models) == "m0001"
+    statuses = dict(_rows(home, "SELECT model_version, status FROM models").iter_rows())
+    assert statuses == {"m0001": "champion", "m0002": "challenger"}
+
+
+def test_too_few_rows_to_train_fails_with_the_counts_and_writes_no_model(home, defs, instance):
+    records, _ = make_items(n=25, n_gold=15)  # 10 labelled items; the shipped minimum is 20
+    write_jsonl(home.landing_dir("items"), "items.jsonl", records)
+    _run(defs, instance, "ingest_job")
+    result = defs.resolve_job_def(RETRAIN_JOB).execute_in_process(instance=instance, raise_on_error=False)
+    assert not result.success
+    assert "corpus v1 has 10 labelled item(s)" in _failure(result)
+    assert "training needs at least 20 items (training.yaml min_train_rows)" in _failure(result)
+    assert _rows(home, "SELECT count(*) AS n FROM models")["n"][0] == 0
+    assert train.current_version(home.models) is None
 
 
 def test_a_wrong_plan_fails_the_step_and_leaves_the_champion(home, defs, instance, loop):

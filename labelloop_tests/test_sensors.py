@@ -6,8 +6,11 @@ import json
 
 import dagster as dg
 
+from labelloop_assets.checks.schema_checks import BLOCKING_CHECKS
 from labelloop_assets.core.settings import RetrainPolicy
+from labelloop_assets.definitions import build_definitions
 from labelloop_assets.jobs import INGEST_JOB, RETRAIN_JOB
+from labelloop_assets.resources import RetrainCadence
 from labelloop_assets.sensors import landing_sensor, retrain_decision, retrain_sensor
 from labelloop_tests.conftest import correction, make_items, write_jsonl
 
@@ -76,6 +79,65 @@ def test_retrain_sensor_follows_the_cadence(home, instance, resources, defs):
     defs.resolve_job_def(INGEST_JOB).execute_in_process(instance=instance)
     due = _tick(retrain_sensor, instance, resources)
     assert isinstance(due, dg.RunRequest) and due.run_key == "retrain-corpus-v3"
+
+
+def test_retrain_sensor_asks_once_per_corpus_version_and_waits_out_the_interval(home, instance, resources, defs):
+    write_jsonl(home.landing_dir("items"), "items.jsonl", make_items()[0])
+    defs.resolve_job_def(INGEST_JOB).execute_in_process(instance=instance)
+    # Ticks before the run starts ask again with the same run_key, which Dagster launches once.
+    first, again = (_tick(retrain_sensor, instance, resources) for _ in range(2))
+    assert first.run_key == again.run_key == "retrain-corpus-v1"
+    defs.resolve_job_def(RETRAIN_JOB).execute_in_process(
+        instance=instance, tags={"dagster/run_key": first.run_key}
+    )
+    for landed, item, label in (("c1", "item-030", "one"), ("c2", "item-031", "zero")):
+        write_jsonl(home.landing_dir("corrections"), f"{landed}.jsonl", [correction(f"{landed}-e", item, label)])
+        defs.resolve_job_def(INGEST_JOB).execute_in_process(instance=instance)
+    # Enough label changes, but the model trained moments ago and the cadence wants an hour.
+    patient = {**resources, "retrain_cadence": RetrainCadence(min_label_changes=2, min_interval_seconds=3600)}
+    waiting = _tick(retrain_sensor, instance, patient)
+    assert isinstance(waiting, dg.SkipReason)
+    assert "2 label changes are waiting, but only" in waiting.skip_message
+    assert "(minimum 3600s)" in waiting.skip_message
+    due = _tick(retrain_sensor, instance, resources)
+    assert due.run_key == "retrain-corpus-v3"
+
+
+def test_a_failing_blocking_check_holds_retraining_until_it_passes(home, instance, resources, defs):
+    write_jsonl(home.landing_dir("items"), "items.jsonl", make_items()[0])
+    ingest = defs.resolve_job_def(INGEST_JOB)
+    ingest.execute_in_process(instance=instance)
+    assert _tick(retrain_sensor, instance, resources).run_key == "retrain-corpus-v1"
+    # A correction is staged, then the ontology drops its label with no rename.
+    write_jsonl(home.landing_dir("corrections"), "c1.jsonl", [correction("e-1", "item-030", "two")])
+    ingest.execute_in_process(instance=instance, asset_selection=[dg.AssetKey("raw_corrections")])
+    original = home.ontology_file.read_text()
+    home.ontology_file.write_text("labels: [zero, one, three]\nrenames: {}\n")
+    assert not ingest.execute_in_process(instance=instance, raise_on_error=False).success
+
+    held = _tick(retrain_sensor, instance, resources)
+    assert isinstance(held, dg.SkipReason)
+    assert "retraining is held: blocking check validated_labels.validated_labels_schema" in held.skip_message
+    assert "re-run ingest_job" in held.skip_message
+    # A manual run is refused too, and no model is written.
+    manual = defs.resolve_job_def(RETRAIN_JOB).execute_in_process(instance=instance, raise_on_error=False)
+    failure = next(e for e in manual.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE)
+    assert failure.step_key == "retrained_model"
+    assert "training is held: blocking check validated_labels.validated_labels_schema" in (
+        failure.step_failure_data.user_failure_data.description
+    )
+    assert not home.models.exists() or not any(home.models.iterdir())
+
+    home.ontology_file.write_text(original)  # fixed; the next ingest re-runs the check
+    assert ingest.execute_in_process(instance=instance).success
+    resumed = _tick(retrain_sensor, instance, resources)
+    assert isinstance(resumed, dg.RunRequest) and resumed.run_key == "retrain-corpus-v2"
+
+
+def test_the_hold_covers_every_blocking_check_in_the_definitions(home):
+    graph = build_definitions(home, RetrainPolicy(2, 0)).resolve_asset_graph()
+    blocking = {key for key in graph.asset_check_keys if graph.get_check_spec(key).blocking}
+    assert blocking == set(BLOCKING_CHECKS)
 
 
 def test_retrain_decision_respects_the_minimum_interval():

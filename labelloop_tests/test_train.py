@@ -149,6 +149,28 @@ def test_load_refuses_pickled_arrays(tmp_path, fitted):
         train.load(folder)
 
 
+def test_training_config_defaults_overrides_and_refusals(tmp_path):
+    from labelloop_assets.core.settings import DEFAULTS_DIR, LabelloopConfigError
+
+    shipped = train.TrainingConfig.load(DEFAULTS_DIR / "training.yaml")
+    assert shipped.params == train.DEFAULT_PARAMS and shipped.min_train_rows == 20
+    path = tmp_path / "training.yaml"
+    path.write_text("params:\n  C: 1\n")
+    assert train.TrainingConfig.load(path).params == {"C": 1.0, "max_iter": 2000}
+    for text, message in (
+        ("params:\n  penalty: l1\n", "unknown params ['penalty']"),
+        ("params:\n  C: 0\n", "params.C must be above 0"),
+        ("params:\n  C: .nan\n", "params.C must be a finite number"),
+        ("params:\n  max_iter: 10.5\n", "params.max_iter must be a whole number"),
+        ("min_train_rows: 1\n", "min_train_rows at least 2"),
+        ("params: [C]\n", "params must be a mapping"),
+        ("solver: lbfgs\n", "unknown keys ['solver']"),
+    ):
+        path.write_text(text)
+        with pytest.raises(LabelloopConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            train.TrainingConfig.load(path)
+
+
 def test_current_pointer(tmp_path):
     assert train.current_version(tmp_path) is None
     train.set_current(tmp_path, "m-001")

@@ -15,7 +15,11 @@ from labelloop_assets.assets.common import (
     config_errors_as_failures,
     run_id,
 )
-from labelloop_assets.checks.schema_checks import markdown_table
+from labelloop_assets.checks.schema_checks import (
+    blocking_checks_hold,
+    failing_blocking_checks,
+    markdown_table,
+)
 from labelloop_assets.core import bursts, evaluation, reliability, store, train
 from labelloop_assets.core import release_notes as release
 from labelloop_assets.core.contracts import write_atomically
@@ -37,14 +41,17 @@ def retrained_model(
 ) -> dg.MaterializeResult:
     """A challenger model trained on the current corpus, stored under `models/<version>/` with its gold metrics."""
     home = labelloop.home()
+    with config_errors_as_failures():
+        config = labelloop.training()
+    params = config.params
     with open_store(database) as con:
         corpus_version, changes_total = store.corpus_head(con)
-        # One training per corpus version: the same corpus and configuration give the same model.
+        # One training per corpus version and configuration: the same inputs give the same model.
         existing = store.frame(
             con,
             "SELECT * FROM models WHERE corpus_version = ? AND algorithm = ? AND params = ? "
             "ORDER BY trained_at DESC LIMIT 1",
-            [corpus_version, train.ALGORITHM, json.dumps(train.DEFAULT_PARAMS)],
+            [corpus_version, train.ALGORITHM, json.dumps(params)],
         )
         if existing.height:
             record = existing.to_dicts()[0]
@@ -52,6 +59,11 @@ def retrained_model(
                 f"{record['model_version']} is already trained on corpus v{corpus_version}; reused"
             )
             return dg.MaterializeResult(metadata={**_model_metadata(record), "reused": True})
+        failing = failing_blocking_checks(context.instance)
+        if failing:
+            raise dg.Failure(
+                description=f"training is held: {blocking_checks_hold(failing)}"
+            )
         held = store.frame(con, "SELECT burst_id, reason FROM correction_bursts WHERE status = 'held'")
         if held.height:
             raise dg.Failure(
@@ -63,12 +75,19 @@ def retrained_model(
         training = store.frame(con, train.TRAINING_SQL)
         gold = store.frame(con, GOLD_SQL)
         n_models = store.scalar(con, "SELECT count(*) FROM models")
-    if training.height == 0 or training["label"].n_unique() < 2:
+    if training.height < config.min_train_rows or training["label"].n_unique() < 2:
         raise dg.Failure(
-            description="the production corpus has fewer than two labels yet: land items with "
-            "initial labels or corrections first"
+            description=f"corpus v{corpus_version} has {training.height} labelled item(s) and "
+            f"{training['label'].n_unique()} label(s); training needs at least {config.min_train_rows} "
+            "items (training.yaml min_train_rows) and two labels: land items with initial labels or "
+            "corrections first. The champion is untouched."
         )
-    model = train.fit(train.features_matrix(training), training["label"].to_numpy())
+    try:
+        model = train.fit(train.features_matrix(training), training["label"].to_numpy(), params)
+    except (ValueError, ArithmeticError) as error:
+        raise dg.Failure(
+            description=f"training on corpus v{corpus_version} failed ({error}); the champion is untouched"
+        ) from None
     scores = train.evaluate(model, train.features_matrix(gold), gold["label"].to_numpy())
     version = f"m{n_models + 1:04d}"
     record = {
@@ -77,7 +96,7 @@ def retrained_model(
         "n_train_rows": training.height,
         "n_classes": int(len(model.classes)),
         "algorithm": train.ALGORITHM,
-        "params": train.DEFAULT_PARAMS,
+        "params": params,
         "train_data_hash": train.training_data_hash(training),
         "gold_accuracy": scores["accuracy"],
         "gold_macro_f1": scores["macro_f1"],
@@ -294,17 +313,24 @@ def release_notes(
         gold = store.frame(con, GOLD_SQL)
         written = []
         for judged in pending:
-            versions = dict(store.frame(
-                con, "SELECT model_version, corpus_version FROM models WHERE list_contains($v, model_version)",
+            models = {row["model_version"]: row for row in store.frame(
+                con, "SELECT model_version, corpus_version, params FROM models "
+                "WHERE list_contains($v, model_version)",
                 {"v": [judged["challenger"], judged["champion"]]},
-            ).iter_rows())
-            until = versions[judged["challenger"]]
-            since = versions.get(judged["champion"], 0)
+            ).iter_rows(named=True)}
+            challenger = models[judged["challenger"]]
+            until = challenger["corpus_version"]
+            since = models[judged["champion"]]["corpus_version"] if judged["champion"] in models else 0
             changes = release.label_changes(con, since, until)
+            # Attribution refits the way the challenger was fitted, so its deltas are the challenger's.
             attributed = release.attribution(
-                con, changes, since, until, gold, plan.attribution_max_groups if judged["champion"] else 0
+                con, changes, since, until, gold, plan.attribution_max_groups if judged["champion"] else 0,
+                json.loads(challenger["params"]),
             )
-            text = release.render(judged, changes, attributed)
+            text = release.render(
+                judged, changes, attributed, json.loads(challenger["params"]),
+                json.loads(models[judged["champion"]]["params"]) if judged["champion"] in models else None,
+            )
             path = write_atomically(home.reports / "release-notes" / f"{judged['challenger']}.md", text)
             store.append(con, "release_notes", pl.DataFrame([{
                 "evaluation_id": judged["evaluation_id"], "challenger": judged["challenger"],

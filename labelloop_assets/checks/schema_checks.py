@@ -10,6 +10,12 @@ RAW_CORRECTIONS_RECONCILE = "raw_corrections_counts_reconcile"
 VALIDATED_LABELS_SCHEMA = "validated_labels_schema"
 PRODUCTION_CORPUS_SCHEMA = "production_corpus_schema"
 SAMPLE_ROWS = 10
+# The checks whose failure holds training: the corpus a model would learn from is in doubt.
+BLOCKING_CHECKS = (
+    dg.AssetCheckKey(dg.AssetKey("raw_corrections"), RAW_CORRECTIONS_RECONCILE),
+    dg.AssetCheckKey(dg.AssetKey("validated_labels"), VALIDATED_LABELS_SCHEMA),
+    dg.AssetCheckKey(dg.AssetKey("production_corpus"), PRODUCTION_CORPUS_SCHEMA),
+)
 
 
 def markdown_table(frame: pl.DataFrame) -> str:
@@ -48,4 +54,26 @@ def schema_check_result(
             "failing_rules": dg.MetadataValue.md(markdown_table(rules)),
             "sample_failures": dg.MetadataValue.md(markdown_table(sample)),
         },
+    )
+
+
+def failing_blocking_checks(instance: dg.DagsterInstance) -> list[str]:
+    """The blocking checks whose latest evaluation failed, as `asset.check (run <id>)`.
+
+    A check that never ran, or is running now, holds nothing: only an explicit failure does,
+    until a later evaluation of the same check passes.
+    """
+    failing = []
+    for key in BLOCKING_CHECKS:
+        record = instance.get_latest_asset_check_evaluation_record(key)
+        if record is not None and record.status.value == "FAILED":
+            failing.append(f"{key.asset_key.to_user_string()}.{key.name} (run {record.run_id[:8]})")
+    return failing
+
+
+def blocking_checks_hold(failing: list[str]) -> str:
+    """Why training waits while blocking checks fail, and what clears the hold."""
+    return (
+        f"blocking check {', '.join(failing)} failed on its latest evaluation; fix the cause "
+        "(the check's failing rules are in the UI), then re-run ingest_job so that it passes"
     )

@@ -84,7 +84,10 @@ def attribution(
     return pl.DataFrame(rows, schema=schema)
 
 
-def render(evaluation: dict, changes: pl.DataFrame, attributed: pl.DataFrame) -> str:
+def render(
+    evaluation: dict, changes: pl.DataFrame, attributed: pl.DataFrame,
+    params: dict | None = None, champion_params: dict | None = None,
+) -> str:
     """The release notes as markdown."""
     challenger = json.loads(evaluation["challenger_scores"])
     champion = json.loads(evaluation["champion_scores"]) if evaluation["champion_scores"] else None
@@ -95,6 +98,15 @@ def render(evaluation: dict, changes: pl.DataFrame, attributed: pl.DataFrame) ->
         "",
         *[f"- {reason}" for reason in evaluation["reasons"]],
         "",
+    ]
+    if params:
+        lines += [
+            f"Trained with {_params(params)}"
+            + ("" if champion_params is None else " (unchanged)" if champion_params == params
+               else f"; the champion with {_params(champion_params)}") + ".",
+            "",
+        ]
+    lines += [
         "## Corrections incorporated",
         "",
         f"{changes.height} label change(s) since the champion's corpus." if champion
@@ -135,6 +147,10 @@ def render(evaluation: dict, changes: pl.DataFrame, attributed: pl.DataFrame) ->
             for r in attributed.sort("benefit", descending=True, nulls_last=True).iter_rows(named=True)
         ]
     return "\n".join(lines) + "\n"
+
+
+def _params(params: dict) -> str:
+    return ", ".join(f"{key}={value}" for key, value in sorted(params.items()))
 
 
 def _num(value) -> str:

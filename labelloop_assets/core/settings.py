@@ -12,7 +12,9 @@ import yaml
 
 LANDING_KINDS = ("items", "predictions", "corrections", "reviews")
 DEFAULTS_DIR = Path(__file__).resolve().parent.parent / "defaults"
-CONFIG_FILES = ("ontology.yaml", "governance.yaml", "reviewers.yaml", "monitoring.yaml", "validation.yaml")
+CONFIG_FILES = (
+    "ontology.yaml", "governance.yaml", "reviewers.yaml", "monitoring.yaml", "validation.yaml", "training.yaml",
+)
 DEV_SECRET = "labelloop-development-secret-do-not-use-in-production"
 
 
@@ -72,6 +74,10 @@ class Home:
     @property
     def validation_file(self) -> Path:
         return self.root / "validation.yaml"
+
+    @property
+    def training_file(self) -> Path:
+        return self.root / "training.yaml"
 
     def ensure(self) -> "Home":
         """Create the folder layout and copy default configuration files that are missing."""

@@ -19,6 +19,11 @@ from sklearn.metrics import accuracy_score, f1_score
 from sklearn.preprocessing import StandardScaler
 
 from labelloop_assets.core.contracts import write_atomically
+from labelloop_assets.core.settings import (
+    LabelloopConfigError,
+    config_number,
+    load_yaml_mapping,
+)
 
 ALGORITHM = "standard_scaler+logistic_regression"
 DEFAULT_PARAMS = {"C": 0.1, "max_iter": 2000}
@@ -60,6 +65,39 @@ def features_matrix(frame: pl.DataFrame, column: str = "features") -> np.ndarray
         return np.empty((0, 0))
     width = int(frame[column].list.len().max())
     return frame[column].list.to_array(width).to_numpy().astype(np.float64, copy=False)
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """training.yaml: the estimator's parameters and the smallest corpus worth training on."""
+
+    params: dict
+    min_train_rows: int = 20
+
+    @classmethod
+    def load(cls, path: Path) -> "TrainingConfig":
+        raw = load_yaml_mapping(path, "training")
+        where = f"training file {path}"
+        known = {"params", "min_train_rows"}
+        if set(raw) - known:
+            raise LabelloopConfigError(f"{where}: unknown keys {sorted(set(raw) - known)}; known: {sorted(known)}")
+        given = raw.get("params") or {}
+        if not isinstance(given, dict):
+            raise LabelloopConfigError(f"{where}: params must be a mapping")
+        unknown = set(given) - set(DEFAULT_PARAMS)
+        if unknown:
+            raise LabelloopConfigError(f"{where}: unknown params {sorted(unknown)}; known: {sorted(DEFAULT_PARAMS)}")
+        params = {
+            **DEFAULT_PARAMS,
+            **{key: config_number(value, DEFAULT_PARAMS[key], f"{where}: params.{key}") for key, value in given.items()},
+        }
+        min_rows = config_number(raw.get("min_train_rows", cls.min_train_rows), cls.min_train_rows,
+                                 f"{where}: min_train_rows")
+        if params["C"] <= 0 or params["max_iter"] < 1 or min_rows < 2:
+            raise LabelloopConfigError(
+                f"{where}: params.C must be above 0, params.max_iter at least 1 and min_train_rows at least 2"
+            )
+        return cls(params=params, min_train_rows=min_rows)
 
 
 def fit(features: np.ndarray, labels: np.ndarray, params: dict | None = None) -> LinearModel:

@@ -89,7 +89,12 @@ class _Loop:
         )
 
     def run_sensor(self, sensor_name: str) -> list[dg.ExecuteInProcessResult]:
-        return [self.execute(sensor_name, request) for request in self.tick(sensor_name)]
+        # As the daemon does: a run_key that already has a run on the instance is not launched again.
+        return [
+            self.execute(sensor_name, request)
+            for request in self.tick(sensor_name)
+            if not self.instance.get_runs(dg.RunsFilter(tags={"dagster/run_key": request.run_key}), limit=1)
+        ]
 
 
 def _metadata(results: list[dg.ExecuteInProcessResult], asset: str) -> list[dict]:
@@ -116,6 +121,7 @@ def run_demo(
     world = simulator.build_world(config)
     loop = _Loop(build_definitions(home, retrain), build_resources(home, retrain), instance)
     rows: list[dict] = []
+    shipped: str | None = None  # training.yaml as shipped, while the engineer's change awaits a training
     echo(_header())
     for day in range(days + 1):
         if day == 0:
@@ -125,6 +131,11 @@ def run_demo(
             version = train.current_version(home.models)
             model, _ = train.load(home.models / version)
             sent = simulator.simulate_day(world, home, day, model, version)
+        if day == config.weak_training_day:
+            shipped = home.training_file.read_text()
+            home.training_file.write_text(f"params:\n  C: {config.weak_training_c}\n")
+            echo(f"      day {day}: an engineer sets training.yaml params.C to {config.weak_training_c} "
+                 "for a smoother next model")
         ingest_runs = loop.run_sensor("landing_sensor")
         retrain_runs = loop.run_sensor("retrain_sensor")
         failed = [r for r in ingest_runs + retrain_runs if not r.success]
@@ -148,6 +159,11 @@ def run_demo(
             burst_counts = dict(
                 store.frame(con, "SELECT status, count(*) FROM correction_bursts GROUP BY status").iter_rows()
             )
+        evaluations = [
+            {"challenger": m["challenger"], "decision": m["decision"],
+             "reasons": [line.removeprefix("- ") for line in m["reasons"].splitlines()]}
+            for m in _metadata(retrain_runs, "model_evaluation") if "reasons" in m
+        ]
         row = {
             "day": day,
             "corrections_received": sum(m["records_in"] for m in corrections),
@@ -166,12 +182,22 @@ def run_demo(
             "bursts_discarded": burst_counts.get("discarded", 0),
             "bursts_released": burst_counts.get("released", 0),
             "retrained": len(retrain_runs) > 0,
+            "model_evaluations": evaluations,
             "ingest_runs": [r.run_id for r in ingest_runs],
             "retrain_runs": [r.run_id for r in retrain_runs],
         }
         assert row["corrections_received"] == sent["corrections_sent"], "every line sent is counted"
         rows.append(row)
         echo(_format(row))
+        for judged in evaluations:
+            verdict = "promoted" if judged["decision"] == "promote" else "rejected"
+            echo(f"      day {day}: challenger {judged['challenger']} {verdict}: {judged['reasons'][0]}"
+                 + (f" (+{len(judged['reasons']) - 1} more)" if len(judged["reasons"]) > 1 else "")
+                 + f"; notes: reports/release-notes/{judged['challenger']}.md")
+        if shipped is not None and evaluations:
+            home.training_file.write_text(shipped)
+            shipped = None
+            echo(f"      day {day}: the engineer reads the release notes and restores training.yaml")
         if day > 0:
             simulator.review_escalations(world, home, day, escalations)
             for decision in simulator.review_bursts(world, home, day, held):

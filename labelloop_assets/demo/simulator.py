@@ -61,6 +61,10 @@ class DemoConfig:
     burst_size: int = 80
     burst_from: int = 3
     burst_to: int = 8
+    # One day an engineer tries much stronger regularization for the next model; its confidences
+    # come out far less calibrated, and the validation plan rejects it. Reverted the same evening.
+    weak_training_day: int = 3
+    weak_training_c: float = 0.01
 
 
 @dataclass
