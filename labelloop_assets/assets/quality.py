@@ -1,5 +1,7 @@
 """Quality signals that gate or steer the loop: correction bursts, label-issue candidates, guideline insights."""
 
+import json
+
 import dagster as dg
 import numpy as np
 import polars as pl
@@ -107,10 +109,13 @@ def label_issue_candidates(
         corpus = store.frame(con, train.TRAINING_SQL)
         active = label_issues.active_signals(con, policy.reliability_prior_mean, policy.reliability_prior_strength)
         corpus_version, _ = store.corpus_head(con)
+        # Judged with the serving champion's parameters: a rejected experiment does not steer the queue.
+        champion_params = store.frame(con, "SELECT params FROM models WHERE status = 'champion'")["params"]
     labels = corpus["label"].to_numpy()
     probabilities, classes, note = (
         label_issues.out_of_sample_probabilities(
-            train.features_matrix(corpus), labels, folds=settings.issues_folds
+            train.features_matrix(corpus), labels, folds=settings.issues_folds,
+            params=json.loads(champion_params[0]) if len(champion_params) else None,
         )
         if corpus.height else (None, np.array([]), "the corpus is empty")
     )

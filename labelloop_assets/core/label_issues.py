@@ -1,7 +1,7 @@
 """Which corpus labels are likely wrong: a model's out-of-sample doubt fused with human signals.
 
 Passive signal. K-fold out-of-sample probabilities from the production model family
-(StandardScaler + LogisticRegression, `train.DEFAULT_PARAMS`), so no item is judged by a model
+(StandardScaler + LogisticRegression with the champion's parameters), so no item is judged by a model
 that saw its own label. From them, per item: self-confidence (p of the given label), the
 normalized margin, and confident learning (Northcutt, Jiang & Chuang 2021, "Confident Learning:
 Estimating Uncertainty in Dataset Labels"): class j's threshold t_j is the mean p_j over the items
