@@ -132,7 +132,8 @@ def test_a_failed_evaluation_fails_the_run_and_leaves_the_champion(home, defs, i
 
 
 def test_too_few_rows_to_train_fails_with_the_counts_and_writes_no_model(home, defs, instance):
-    records, _ = make_items(n=25, n_gold=15)  # 10 labelled items; the shipped minimum is 20
+    home.training_file.write_text("min_train_rows: 20\n")
+    records, _ = make_items(n=25, n_gold=15)  # 10 labelled items
     write_jsonl(home.landing_dir("items"), "items.jsonl", records)
     _run(defs, instance, "ingest_job")
     result = defs.resolve_job_def(RETRAIN_JOB).execute_in_process(instance=instance, raise_on_error=False)

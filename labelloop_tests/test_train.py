@@ -153,7 +153,7 @@ def test_training_config_defaults_overrides_and_refusals(tmp_path):
     from labelloop_assets.core.settings import DEFAULTS_DIR, LabelloopConfigError
 
     shipped = train.TrainingConfig.load(DEFAULTS_DIR / "training.yaml")
-    assert shipped.params == train.DEFAULT_PARAMS and shipped.min_train_rows == 20
+    assert shipped.params == train.DEFAULT_PARAMS and shipped.min_train_rows == 5
     path = tmp_path / "training.yaml"
     path.write_text("params:\n  C: 1\n")
     assert train.TrainingConfig.load(path).params == {"C": 1.0, "max_iter": 2000}

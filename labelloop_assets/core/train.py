@@ -72,7 +72,7 @@ class TrainingConfig:
     """training.yaml: the estimator's parameters and the smallest corpus worth training on."""
 
     params: dict
-    min_train_rows: int = 20
+    min_train_rows: int = 5
 
     @classmethod
     def load(cls, path: Path) -> "TrainingConfig":
