@@ -186,11 +186,15 @@ def write_corrections(
     paths = []
     for part, chunk in enumerate(np.array_split(np.arange(n_events), n_files)):
         rows = events[int(chunk[0]): int(chunk[-1]) + 1] if len(chunk) else events.clear()
-        lines = rows.drop("_truncate").select(pl.struct(pl.all()).struct.json_encode().alias("line"))
-        lines = lines.with_columns(rows["_truncate"]).select(
-            pl.when(pl.col("_truncate")).then(pl.col("line").str.slice(0, pl.col("line").str.len_chars() // 2))
-            .otherwise(pl.col("line"))
-        )
         name = f"{prefix}-{first_event:09d}-{part:05d}.jsonl"
-        paths.append(write_atomically(folder / name, lines.to_series().str.join("\n").item() + "\n"))
+        paths.append(write_atomically(folder / name, event_lines(rows).str.join("\n").item() + "\n"))
     return paths
+
+
+def event_lines(events: pl.DataFrame) -> pl.Series:
+    """One JSON line per event; the rows marked `_truncate` are cut in half (malformed JSON)."""
+    lines = events.drop("_truncate").select(pl.struct(pl.all()).struct.json_encode().alias("line"))
+    return lines.with_columns(events["_truncate"]).select(
+        pl.when(pl.col("_truncate")).then(pl.col("line").str.slice(0, pl.col("line").str.len_chars() // 2))
+        .otherwise(pl.col("line"))
+    ).to_series()

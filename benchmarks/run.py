@@ -5,6 +5,7 @@ Results go to benchmarks/results/latest.json and, as a markdown table, into READ
 
     python -m benchmarks.run                 # the full suite (100k / 300k / 1M events)
     python -m benchmarks.run --scales 3000   # a smoke run (what `make test` does)
+    python -m benchmarks.run --soak-only --soak-seconds 60   # only the soak run
 """
 
 from __future__ import annotations
@@ -21,12 +22,16 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks import soak
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 QUIET = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
 EVENTS_PER_FILE = 10_000
 INCREMENT = 10_000
 SENSOR_FILES = 10_000
+SOAK_SECONDS = 120.0
+SOAK_ITEMS = 20_000
 
 
 def _peak_mb() -> float:
@@ -222,8 +227,15 @@ def child_label_issues() -> dict:
     return {**result, "seconds": round(time.perf_counter() - started, 2)}
 
 
+def child_soak(home_dir: str, seconds: float, n_items: int) -> dict:
+    """Landing files with mixed bad rows under the sensors for a bounded time, then reconciled."""
+    shutil.rmtree(home_dir, ignore_errors=True)  # reconciliation counts from an empty home
+    result = soak.soak(Path(home_dir), seconds, n_items=n_items)
+    return {**result, "peak_mb": _peak_mb()}
+
+
 CHILDREN = {
-    "label_issues": child_label_issues,
+    "label_issues": child_label_issues, "soak": child_soak,
     "setup": child_setup, "loop": child_loop, "direct": child_direct,
     "increment": child_increment, "sensor": child_sensor, "train": child_train,
     "raw_floor": child_raw_floor, "pandas": child_pandas,
@@ -400,14 +412,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-readme", action="store_true")
     parser.add_argument("--label-issues-only", action="store_true",
                         help="only the label-issue comparison with cleanlab")
+    parser.add_argument("--soak-only", action="store_true", help="only the soak run")
+    parser.add_argument("--soak-seconds", type=float, default=SOAK_SECONDS,
+                        help="how long landing files keep arriving in the soak run")
     args = parser.parse_args(argv)
     if args.child:
         name, *rest = args.child
-        casts = {"setup": (str, int, int), "increment": (str, int), "sensor": (str, int)}
+        casts = {"setup": (str, int, int), "increment": (str, int), "sensor": (str, int),
+                 "soak": (str, float, int)}
         values = [cast(v) for cast, v in zip(casts.get(name, (str,)), rest)]
         print(json.dumps(CHILDREN[name](*values)))
         return 0
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if not args.label_issues_only:
+        print(f"soak: landing files with bad rows under the sensors for {args.soak_seconds:.0f} s ...")
+        soaked = _child("soak", args.work / "soak", args.soak_seconds, SOAK_ITEMS)
+        (RESULTS / "soak.json").write_text(json.dumps(soaked, indent=2))
+        soak_table = soak.markdown(soaked)
+        print(soak_table)
+        if not args.no_readme:
+            write_readme(soak_table, "bench-soak")
+        if not soaked["reconciled"]:
+            print("soak: the counts did NOT reconcile (see the table)", file=sys.stderr)
+            return 1
+    if args.soak_only:
+        return 0
     if not args.label_issues_only:
         results = suite(sorted(args.scales), args.work, args.items)
         table = markdown(results)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from benchmarks import run
+from benchmarks import run, soak
 
 
 @pytest.mark.slow
@@ -28,3 +28,14 @@ def test_benchmark_harness_smoke(tmp_path):
     table = run.markdown(results)
     assert "| 2,000 |" in table and "raw floor" in table
     json.dumps(results)
+
+
+@pytest.mark.slow
+def test_soak_harness_smoke(tmp_path):
+    """A few seconds of the soak: files keep landing (with replays and bad rows) and all reconciles."""
+    result = soak.soak(tmp_path / "home", seconds=3, n_items=1_000, events_per_file=100, interval=0.2,
+                       retrain_every=50)
+    assert result["files"] >= 2 and result["lines"] == result["accepted"] + result["quarantined"]
+    assert result["checks"] and all(result["checks"].values()), result["checks"]
+    assert result["failed_runs"] == 0 and result["runs"]["ingest_job"]["count"] >= 1
+    assert "| reconciled | yes" in soak.markdown(result)
