@@ -4,7 +4,8 @@ A writer thread lands correction files for a bounded time: each with about 5% ba
 kinds (see `generate.BAD_SHARE`), written slowly under a temp name and then renamed, and every
 fifth one a replay of an earlier file's lines under a new name. The main thread does what the
 daemon does: it ticks `landing_sensor` (keeping its cursor) and `retrain_sensor`, launches each
-requested run_key once, and executes the runs through Dagster on a real instance. When the time
+requested run_key once, and executes the runs through Dagster on a real instance (the demo's
+`SensorLoop`). When the time
 is up it drains the landing zone and reconciles every count.
 """
 
@@ -18,7 +19,6 @@ from pathlib import Path
 
 from benchmarks.generate import Workload, correction_events, event_lines, write_items
 
-QUIET = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
 REPLAY_EVERY = 5
 
 
@@ -70,48 +70,6 @@ class _Writer:
         self.lines[name] = len(lines)
 
 
-class _Daemon:
-    """Sensor ticks and run launches as the Dagster daemon makes them, executed in process."""
-
-    def __init__(self, defs, resources, instance):
-        self.defs, self.resources, self.instance = defs, resources, instance
-        self.cursor: str | None = None
-        self.runs: list = []
-        self.skips: dict[str, int] = {}
-
-    def tick(self, sensor_name: str) -> list:
-        import dagster as dg
-
-        sensor = self.defs.resolve_sensor_def(sensor_name)
-        cursor = self.cursor if sensor_name == "landing_sensor" else None
-        with dg.build_sensor_context(
-            instance=self.instance, cursor=cursor, resources=self.resources, sensor_name=sensor_name
-        ) as context:
-            result = sensor(context)
-        if isinstance(result, dg.SkipReason):
-            self.skips[sensor_name] = self.skips.get(sensor_name, 0) + 1
-            return []
-        if isinstance(result, dg.SensorResult):
-            if result.cursor is not None:
-                self.cursor = result.cursor
-            requests = list(result.run_requests or [])
-        else:
-            requests = [result]
-        done = []
-        for request in requests:
-            if self.instance.get_runs(dg.RunsFilter(tags={"dagster/run_key": request.run_key}), limit=1):
-                continue
-            job = self.defs.resolve_job_def(sensor.job_name)
-            tags = {**request.tags, "dagster/sensor_name": sensor_name, "dagster/run_key": request.run_key}
-            started = time.perf_counter()
-            result = job.execute_in_process(
-                instance=self.instance, tags=tags, run_config=QUIET, raise_on_error=False
-            )
-            self.runs.append((sensor.job_name, result.success, time.perf_counter() - started))
-            done.append(result)
-        return done
-
-
 def soak(home_dir: Path, seconds: float, n_items: int = 5_000, events_per_file: int = 500,
          interval: float = 0.5, retrain_every: int = 2_000) -> dict:
     """Run the loop under a steady stream of landing files for `seconds`, then reconcile."""
@@ -120,6 +78,7 @@ def soak(home_dir: Path, seconds: float, n_items: int = 5_000, events_per_file: 
     from labelloop_assets.core import store, train
     from labelloop_assets.core.settings import Home, RetrainPolicy
     from labelloop_assets.definitions import build_definitions
+    from labelloop_assets.demo.run import SensorLoop
     from labelloop_assets.resources import build_resources
 
     home = Home(Path(home_dir)).ensure()
@@ -131,15 +90,15 @@ def soak(home_dir: Path, seconds: float, n_items: int = 5_000, events_per_file: 
     latencies: list[float] = []
     seen: set[str] = set()
     with dg.instance_for_test() as instance:
-        daemon = _Daemon(defs, resources, instance)
-        daemon.tick("landing_sensor")  # the items file: corpus v1
+        loop = SensorLoop(defs, resources, instance)
+        runs = loop.run_sensor("landing_sensor")  # the items file: corpus v1
         thread = threading.Thread(target=writer.run, daemon=True)
         started = time.time()
         thread.start()
 
         def cycle() -> bool:
-            ingested = daemon.tick("landing_sensor")
-            daemon.tick("retrain_sensor")
+            ingested = loop.run_sensor("landing_sensor")
+            runs.extend(ingested + loop.run_sensor("retrain_sensor"))
             with store.connect(home.database, read_only=True) as con:
                 names = {p.rsplit("/", 1)[-1] for p in store.frame(con, "SELECT path FROM ingested_files")["path"]}
             now = time.time()
@@ -159,6 +118,7 @@ def soak(home_dir: Path, seconds: float, n_items: int = 5_000, events_per_file: 
             pass
         if writer.error is not None:
             raise RuntimeError(f"the landing writer failed: {writer.error!r}")
+        instance_stats = {run.run_id: instance.get_run_stats(run.run_id) for run in runs}
         with store.connect(home.database, read_only=True) as con:
             files = store.frame(
                 con, "SELECT path, records_in, accepted, quarantined FROM ingested_files WHERE kind = 'corrections'"
@@ -190,11 +150,12 @@ def soak(home_dir: Path, seconds: float, n_items: int = 5_000, events_per_file: 
         # A first model under the plan's floors is rejected, so "no champion yet" is consistent too.
         "at most one champion, and CURRENT names it": len(champions) <= 1
         and train.current_version(home.models) == (champions[0] if len(champions) else None),
-        "every run succeeded": all(ok for _, ok, _ in daemon.runs),
+        "every run succeeded": all(run.success for run in runs),
     }
     by_job: dict[str, list[float]] = {}
-    for job, _, took in daemon.runs:
-        by_job.setdefault(job, []).append(took)
+    for run in runs:
+        stats = instance_stats[run.run_id]
+        by_job.setdefault(run.dagster_run.job_name, []).append(stats.end_time - stats.start_time)
     return {
         "seconds": round(elapsed, 1),
         "files": len(writer.landed),
@@ -205,7 +166,7 @@ def soak(home_dir: Path, seconds: float, n_items: int = 5_000, events_per_file: 
         "reasons": reasons,
         "runs": {job: {"count": len(times), "median_s": round(statistics.median(times), 2),
                        "max_s": round(max(times), 2)} for job, times in by_job.items()},
-        "failed_runs": sum(not ok for _, ok, _ in daemon.runs),
+        "failed_runs": sum(not run.success for run in runs),
         "corpus_versions": versions.height,
         "models": n_models,
         "ingest_latency_s": {

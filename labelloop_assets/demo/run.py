@@ -58,7 +58,9 @@ def _holds_loop_data(home: Home) -> bool:
 
 
 @dataclass
-class _Loop:
+class SensorLoop:
+    """Sensor ticks and run launches as the Dagster daemon makes them, executed in process."""
+
     defs: dg.Definitions
     resources: dict
     instance: dg.DagsterInstance
@@ -85,7 +87,7 @@ class _Loop:
         # The full event log goes to the instance (see `make dev`); the terminal shows the table.
         quiet = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
         return self.defs.resolve_job_def(job_name).execute_in_process(
-            instance=self.instance, tags=tags, run_config=quiet
+            instance=self.instance, tags=tags, run_config=quiet, raise_on_error=False
         )
 
     def run_sensor(self, sensor_name: str) -> list[dg.ExecuteInProcessResult]:
@@ -119,7 +121,7 @@ def run_demo(
     if using_development_secret():
         echo(f"note: {DEV_SECRET_WARNING}\n")
     world = simulator.build_world(config)
-    loop = _Loop(build_definitions(home, retrain), build_resources(home, retrain), instance)
+    loop = SensorLoop(build_definitions(home, retrain), build_resources(home, retrain), instance)
     rows: list[dict] = []
     shipped: str | None = None  # training.yaml as shipped, while the engineer's change awaits a training
     echo(_header())
