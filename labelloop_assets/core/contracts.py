@@ -18,7 +18,12 @@ from labelloop_assets.core.anonymize import hmac_pads, pseudonym_sql, scrub_sql
 
 MAX_LINE_BYTES = 64 * 1024
 MAX_FILE_BYTES = 512 * 1024 * 1024
+# Timestamps outside this window are device clocks gone wrong (unset clocks say 1970, typos say
+# 9999); a vote dated in the future would stay a contributor's latest vote forever.
+EARLIEST_TIMESTAMP = "2000-01-01T00:00:00Z"
+MAX_CLOCK_SKEW = "1 day"
 SUPPORTED_SUFFIXES = (".jsonl", ".parquet")
+UTF16_32_BOMS = (b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")
 
 USER_ROLES = ("end_user", "annotator", "reviewer", "domain_expert")
 CORRECTION_SOURCES = ("feedback_button", "review_prompt", "audit_sample", "annotation")
@@ -116,7 +121,10 @@ PREDICTION_SPEC = RecordSpec(
         FieldSpec("predicted_label", "string"),
         FieldSpec("confidence", "number", minimum=0.0, maximum=1.0),
         FieldSpec("served_at", "timestamp"),
-        FieldSpec("probabilities", "number_map", required=False, max_length=16 * 1024),
+        FieldSpec(
+            "probabilities", "number_map", required=False, max_length=16 * 1024,
+            minimum=0.0, maximum=1.0,
+        ),
     ),
 )
 
@@ -218,25 +226,40 @@ def read_lines(path: Path, con: duckdb.DuckDBPyConnection) -> tuple[pl.DataFrame
         data = path.read_bytes()
     except OSError as exc:
         raise UnreadableFile(UNREADABLE_FILE, f"{path.name}: {exc.strerror}") from None
+    if data.startswith(UTF16_32_BOMS):
+        # Every line would fail, most of them as malformed JSON: name the real problem once.
+        raise UnreadableFile(
+            INVALID_ENCODING, f"{path.name}: UTF-16 or UTF-32 text (byte-order mark); expected UTF-8"
+        )
     if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark is not part of line 1
         data = data[3:]
     try:
-        text, had_bad_bytes = data.decode("utf-8"), False
+        lines, bad = data.decode("utf-8").split("\n"), None
     except UnicodeDecodeError:
-        text, had_bad_bytes = data.decode("utf-8", errors="replace"), True
-    frame = pl.DataFrame({"line": text.split("\n")}).with_row_index("line_no", offset=1)
+        # Line by line, so that only the lines holding the bad bytes are flagged (a newline byte
+        # never occurs inside a multi-byte UTF-8 character).
+        lines, bad = [], []
+        for raw in data.split(b"\n"):
+            try:
+                lines.append(raw.decode("utf-8"))
+                bad.append(False)
+            except UnicodeDecodeError:
+                lines.append(raw.decode("utf-8", errors="replace"))
+                bad.append(True)
+    if lines[-1] == "":  # what follows the last newline (or an empty file) is no line at all
+        lines = lines[:-1]
+    frame = pl.DataFrame({"line": lines}, schema={"line": pl.String}).with_row_index(
+        "line_no", offset=1
+    )
+    # Files concatenated with `cat` keep their byte-order marks at the start of a line; a carriage
+    # return before the newline is part of the line break.
     frame = frame.with_columns(
         pl.col("line_no").cast(pl.Int64),
-        pl.col("line").str.strip_suffix("\r"),
+        pl.col("line").str.strip_prefix("\ufeff").str.strip_suffix("\r"),
+        bad_encoding=pl.Series(bad[: len(lines)], dtype=pl.Boolean) if bad else pl.lit(False),
     )
     blank = frame["line"].str.strip_chars().str.len_bytes() == 0
-    bad_encoding = (
-        pl.col("line").str.contains("\ufffd", literal=True) if had_bad_bytes else pl.lit(False)
-    )
-    records = frame.filter(~blank).with_columns(bad_encoding=bad_encoding)
-    # What follows the last newline (or an empty file) is no line at all.
-    blank_count = int(blank.sum()) - int(text == "" or text.endswith("\n"))
-    return records, blank_count
+    return frame.filter(~blank).select("line_no", "line", "bad_encoding"), int(blank.sum())
 
 
 def _ref(field: FieldSpec) -> str:
@@ -308,6 +331,16 @@ def _field_rules(field: FieldSpec) -> list[tuple[str, str, str]]:
                 f"{field.name}: must map labels to numbers",
             )
         )
+        if field.minimum is not None and field.maximum is not None:
+            rules.append(
+                (
+                    f"{present} AND NOT coalesce(list_bool_and(list_transform("
+                    f"json_extract_string({value}, '$.*'), lambda v: TRY_CAST(v AS DOUBLE) "
+                    f"BETWEEN {field.minimum} AND {field.maximum})), true)",
+                    OUT_OF_RANGE,
+                    f"{field.name}: values outside [{field.minimum}, {field.maximum}]",
+                )
+            )
     if field.max_length is not None:
         measure = (
             f"json_array_length({value})"
@@ -349,6 +382,20 @@ def _field_rules(field: FieldSpec) -> list[tuple[str, str, str]]:
                 f"OR {parsed} IS NULL)",
                 BAD_TIMESTAMP,
                 f"{field.name}: not ISO-8601 with a time zone",
+            )
+        )
+        rules.append(
+            (
+                f"{present} AND {parsed} < TIMESTAMPTZ '{EARLIEST_TIMESTAMP}'",
+                OUT_OF_RANGE,
+                f"{field.name}: before {EARLIEST_TIMESTAMP[:10]}",
+            )
+        )
+        rules.append(
+            (
+                f"{present} AND {parsed} > now() + INTERVAL '{MAX_CLOCK_SKEW}'",
+                OUT_OF_RANGE,
+                f"{field.name}: more than {MAX_CLOCK_SKEW} in the future",
             )
         )
     return rules
@@ -401,6 +448,8 @@ def check_records(
         ("oversize", OVERSIZE_LINE, f"> {MAX_LINE_BYTES} bytes"),
         ("NOT valid", MALFORMED_JSON, "not valid JSON"),
         ("root <> 'OBJECT'", NOT_AN_OBJECT, "a JSON value that is not an object"),
+        # Parsers disagree on which of two equal keys wins: the line is ambiguous (RFC 7493).
+        ("duplicate_keys", MALFORMED_JSON, "a key appears more than once"),
     ]
     for field in spec.fields:
         rules.extend(_field_rules(field))
@@ -448,10 +497,12 @@ def check_records(
             ), parsed AS (
                 SELECT *,
                        CASE WHEN root = 'OBJECT' THEN json_type(line, [{paths}]) END AS types,
-                       CASE WHEN root = 'OBJECT' THEN json_extract_string(line, [{paths}]) END AS texts
+                       CASE WHEN root = 'OBJECT' THEN json_extract_string(line, [{paths}]) END AS texts,
+                       CASE WHEN root = 'OBJECT' THEN json_keys(line) END AS keys
                 FROM rooted
             ), fields AS (
-                SELECT line, source_file, line_no, bad_encoding, oversize, valid, root, {values}
+                SELECT line, source_file, line_no, bad_encoding, oversize, valid, root,
+                       coalesce(len(keys) <> list_unique(keys), false) AS duplicate_keys, {values}
                 FROM parsed
             ), described AS (
                 SELECT *, {described} FROM fields
@@ -499,7 +550,9 @@ def _quote(text: str) -> str:
 def whole_file_quarantine(kind: str, source_file: str, error: UnreadableFile, path: Path) -> pl.DataFrame:
     """One quarantine row for a file that could not be read at all."""
     try:
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        # In chunks: a file refused for its size must not be read into memory to be hashed.
+        with path.open("rb") as handle:
+            digest = hashlib.file_digest(handle, "sha256").hexdigest()
     except OSError:
         digest = None
     return pl.DataFrame(

@@ -26,6 +26,11 @@ TIE = "tie"
 CONTRADICTS_CONFIRMED = "contradicts_confirmed"
 ESCALATION_REASONS = (DISAGREEMENT, TIE, CONTRADICTS_CONFIRMED)
 AUTHORITY_ROLES = ("reviewer", "domain_expert")
+# Weights and supports are rounded to this many decimals. Unrounded, the same votes could sum to
+# values a last bit apart (Polars divides a short column and a long one differently, and a float
+# sum depends on its order), so unrelated votes in the batch, or their order, could decide a tie
+# or a threshold.
+WEIGHT_DECIMALS = 9
 
 
 @dataclass(frozen=True)
@@ -193,7 +198,8 @@ def resolve(
         .with_columns(
             effective_weight=pl.when(authority)
             .then(pl.col("vote_weight"))
-            .otherwise(pl.col("vote_weight") * pl.col("accuracy") / policy.reliability_prior_mean),
+            .otherwise(pl.col("vote_weight") * pl.col("accuracy") / policy.reliability_prior_mean)
+            .round(WEIGHT_DECIMALS),
             authority=authority,
             trusted_alone=~authority
             & (pl.col("accuracy") >= policy.solo_min_accuracy)
@@ -203,7 +209,7 @@ def resolve(
     per_label = (
         latest.group_by("item_id", "corrected_label")
         .agg(
-            support=pl.col("effective_weight").sum(),
+            support=pl.col("effective_weight").sum().round(WEIGHT_DECIMALS),
             n_supporters=pl.len().cast(pl.Int32),
             has_authority=pl.col("authority").any(),
             trusted_alone=pl.col("trusted_alone").any(),
@@ -211,7 +217,7 @@ def resolve(
             rationale=pl.col("rationale").sort_by("event_id").drop_nulls().str.slice(0, 200).str.join(" | "),
         )
         .with_columns(
-            total_weight=pl.col("support").sum().over("item_id"),
+            total_weight=pl.col("support").sum().over("item_id").round(WEIGHT_DECIMALS),
             _rank=pl.col("support").rank("ordinal", descending=True).over(
                 "item_id", order_by="corrected_label"
             ),
