@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -31,10 +32,28 @@ def _read(home: Home):
         raise SystemExit(f"labelloop: cannot open {home.database} for reading: {error}") from None
 
 
+# Landed text is data: control characters in it (an escape sequence in a rationale) must not
+# drive the terminal of whoever reads a table. Tabs and line breaks stay.
+_CONTROL = r"[\x00-\x08\x0b-\x1f\x7f-\x9f]"
+
+
+def _safe(value) -> str:
+    return re.sub(_CONTROL, "\ufffd", str(value))
+
+
+def _shown(text: str, limit: int = 80) -> str:
+    """A value someone typed, quoted for a message: escaped, and cut when it is very long."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
+
+
 def _print(frame: pl.DataFrame, as_json: bool) -> None:
     if as_json:
         print(json.dumps(frame.to_dicts(), indent=2, default=str))
         return
+    frame = frame.with_columns(
+        pl.col(pl.String).str.replace_all(_CONTROL, "\ufffd"),
+        pl.col(pl.List(pl.String)).list.eval(pl.element().str.replace_all(_CONTROL, "\ufffd")),
+    )
     with pl.Config(tbl_rows=200, tbl_cols=20, fmt_str_lengths=400, tbl_width_chars=160,
                    tbl_hide_dataframe_shape=True):
         print(frame)
@@ -155,7 +174,7 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     with _read(_home()) as con:
         trail = item_trail(con, args.item_id)
     if trail["versions"].height == 0 and trail["corrections"].height == 0:
-        print(f"labelloop: no label history for item {args.item_id!r}{_why_no_history(args.item_id)}",
+        print(f"labelloop: no label history for item {_shown(args.item_id)}{_why_no_history(args.item_id)}",
               file=sys.stderr)
         return 1
     if args.json:
@@ -245,7 +264,7 @@ def cmd_review_show(args: argparse.Namespace) -> int:
     with _read(_home()) as con:
         escalation = _escalation(con, args.escalation_id)
         if escalation is None:
-            print(f"labelloop: no open escalation {args.escalation_id!r}", file=sys.stderr)
+            print(f"labelloop: no open escalation {_shown(args.escalation_id)}", file=sys.stderr)
             return 1
         votes = store.frame(
             con,
@@ -258,7 +277,7 @@ def cmd_review_show(args: argparse.Namespace) -> int:
         print(json.dumps({"escalation": escalation, "votes": votes.to_dicts()}, indent=2, default=str))
         return 0
     for key, value in escalation.items():
-        print(f"{key:>17}: {value}")
+        print(f"{key:>17}: {_safe(value)}")
     print("votes")
     _print(votes, False)
     return 0
@@ -270,17 +289,37 @@ def _show_burst(args: argparse.Namespace) -> int:
     with _read(_home()) as con:
         burst = _burst(con, args.escalation_id)
         if burst is None:
-            print(f"labelloop: no correction burst {args.escalation_id!r}", file=sys.stderr)
+            print(f"labelloop: no correction burst {_shown(args.escalation_id)}", file=sys.stderr)
             return 1
         events = burst_events(con, burst).head(20)
     if args.json:
         print(json.dumps({"burst": burst, "events": events.to_dicts()}, indent=2, default=str))
         return 0
     for name, value in burst.items():
-        print(f"{name:>21}: {value}")
+        print(f"{name:>21}: {_safe(value)}")
     print(f"first {events.height} of its {burst['n_events']} corrections")
     _print(events, False)
     return 0
+
+
+# The landing contract trims these from every string field before it checks anything.
+_TRIM = " \t\r\n"
+
+
+def _field_problems(values: dict[str, str | None]) -> list[str]:
+    """The review contract's own limits, so that what is refused here is refused at ingest too."""
+    from labelloop_assets.core.contracts import REVIEW_SPEC
+
+    problems = []
+    for field in REVIEW_SPEC.fields:
+        value = values.get(field.name)
+        if value is None:
+            continue
+        if value == "":
+            problems.append(f"{field.name} is empty")
+        elif field.max_length is not None and len(value) > field.max_length:
+            problems.append(f"{field.name} is longer than {field.max_length} characters ({len(value)})")
+    return problems
 
 
 def cmd_review_decide(args: argparse.Namespace) -> int:
@@ -292,26 +331,31 @@ def cmd_review_decide(args: argparse.Namespace) -> int:
     home = _home().ensure()
     decision = {"decide": "accept", "reject": "reject", "defer": "defer", "release": "release",
                 "discard": "discard"}[args.review_command]
-    label = getattr(args, "label", None)
-    problems = []
+    # Checked as ingest will read them: " reviewer-0" is reviewer-0 there, so it must be here.
+    escalation_id, reviewer = args.escalation_id.strip(_TRIM), args.reviewer.strip(_TRIM)
+    rationale = args.rationale.strip(_TRIM)
+    label = None if getattr(args, "label", None) is None else args.label.strip(_TRIM)
+    problems = _field_problems(
+        {"escalation_id": escalation_id, "reviewer_id": reviewer, "rationale": rationale, "label": label}
+    )
     reviewers = review.load_reviewers(home.reviewers_file)
-    role = reviewers.get(args.reviewer)
+    role = reviewers.get(reviewer)
     if role is None:
-        problems.append(f"{args.reviewer!r} is not a reviewer in {home.reviewers_file}")
+        problems.append(f"{_shown(reviewer)} is not a reviewer in {home.reviewers_file}")
     if decision in ("release", "discard"):
-        problems.extend(_burst_problems(home, args.escalation_id, role))
-        return _land(home, args, decision, None, problems)
+        problems.extend(_burst_problems(home, escalation_id, role))
+        return _land(home, escalation_id, decision, reviewer, rationale, None, problems)
     if label is not None:
         ontology = Ontology.load(home.ontology_file)
-        if ontology.resolve_term(label) not in ontology.labels:
-            problems.append(f"label {label!r} is not in the ontology ({', '.join(ontology.labels)})")
+        if ontology.resolve_term(label.strip()) not in ontology.labels:
+            problems.append(f"label {_shown(label)} is not in the ontology ({', '.join(ontology.labels)})")
     try:
         with store.connect(home.database, read_only=True) as con:
-            escalation = _escalation(con, args.escalation_id)
+            escalation = _escalation(con, escalation_id)
     except (duckdb.IOException, duckdb.ConnectionException):
         escalation = "unknown"  # a run holds the file: the ingest run will check instead
     if escalation is None:
-        problems.append(f"{args.escalation_id!r} is not an open escalation")
+        problems.append(f"{_shown(escalation_id)} is not an open escalation")
     elif isinstance(escalation, dict) and role is not None:
         allowed = ResolutionPolicy.load(home.governance_file).deciders(escalation["reason"])
         if role not in allowed:
@@ -319,7 +363,7 @@ def cmd_review_decide(args: argparse.Namespace) -> int:
                 f"role {role} may not decide a {escalation['reason']} escalation "
                 f"(allowed: {', '.join(allowed)})"
             )
-    return _land(home, args, decision, label, problems)
+    return _land(home, escalation_id, decision, reviewer, rationale, label, problems)
 
 
 def _burst_problems(home: Home, burst_id: str, role: str | None) -> list[str]:
@@ -338,23 +382,31 @@ def _burst_problems(home: Home, burst_id: str, role: str | None) -> list[str]:
     except (duckdb.IOException, duckdb.ConnectionException, duckdb.CatalogException):
         return problems  # a run holds the file: the ingest run will check instead
     if burst is None:
-        problems.append(f"{burst_id!r} is not a detected correction burst (labelloop review list --queue bursts)")
+        problems.append(
+            f"{_shown(burst_id)} is not a detected correction burst (labelloop review list --queue bursts)"
+        )
     elif burst["status"] in ("released", "discarded"):
         problems.append(f"{burst_id} was already {burst['status']} by {burst['acknowledged_by']}")
     return problems
 
 
-def _land(home: Home, args: argparse.Namespace, decision: str, label: str | None, problems: list[str]) -> int:
+def _land(
+    home: Home, escalation_id: str, decision: str, reviewer: str, rationale: str, label: str | None,
+    problems: list[str],
+) -> int:
     from labelloop_assets.core import review
 
-    # Refused attempts are landed too, so that the ingest run writes them to the audit log.
-    path = review.write_decision(home, args.escalation_id, decision, args.reviewer, args.rationale, label)
+    # Refused attempts are landed too, so that the ingest run writes them to the audit log; they
+    # are marked, so that ingest refuses them even if what was wrong here is right by then.
+    path = review.write_decision(
+        home, escalation_id, decision, reviewer, rationale, label, refused=bool(problems)
+    )
     if problems:
         for problem in problems:
             print(f"labelloop: refused: {problem}", file=sys.stderr)
         print(f"labelloop: the attempt is recorded for the audit log ({path.name})", file=sys.stderr)
         return 3
-    print(f"recorded {decision} of {args.escalation_id} as {path.name}; the next ingest run applies it")
+    print(f"recorded {decision} of {escalation_id} as {path.name}; the next ingest run applies it")
     return 0
 
 
@@ -379,47 +431,63 @@ def cmd_model_list(args: argparse.Namespace) -> int:
     return 0
 
 
+ROLLBACK_ROLES = ("reviewer", "domain_expert")
+
+
 def cmd_model_rollback(args: argparse.Namespace) -> int:
     """Make an earlier champion the champion again: registry, pointer and audit in one step."""
     from labelloop_assets.core import review, train
+    from labelloop_assets.core.anonymize import scrub_sql
 
     home = _home()
-    role = review.load_reviewers(home.reviewers_file).get(args.reviewer)
+    reviewer, rationale = args.reviewer.strip(_TRIM), args.rationale.strip(_TRIM)
+    version = args.version
+    role = review.load_reviewers(home.reviewers_file).get(reviewer)
     if not home.database.exists():
         print("labelloop: no models yet", file=sys.stderr)
         return 1
     try:
         with store.connect(home.database) as con, store.transaction(con):
-            target = store.frame(con, "SELECT * FROM models WHERE model_version = ?", [args.version]).to_dicts()
+            target = store.frame(con, "SELECT * FROM models WHERE model_version = ?", [version]).to_dicts()
             current = store.scalar(con, "SELECT model_version FROM models WHERE status = 'champion'")
+            # The audit log keeps the refusal without the raw identity (actor is its pseudonym)
+            # and without paths of this machine; the terminal gets both.
             problem = (
-                f"{args.reviewer!r} is not a reviewer or domain expert in {home.reviewers_file}"
-                if role not in ("reviewer", "domain_expert")
-                else f"no model {args.version!r} (labelloop model list)" if not target
-                else f"{args.version} is already the champion" if target[0]["status"] == "champion"
-                else f"{args.version} is {target[0]['status']}: only a retired champion can be restored"
+                "not a reviewer or domain expert in reviewers.yaml" if role is None
+                else f"role {role} may not roll back a model (allowed: {', '.join(ROLLBACK_ROLES)})"
+                if role not in ROLLBACK_ROLES
+                else "a rationale is required (--rationale)" if not rationale
+                else f"no model {_shown(version)} (labelloop model list)" if not target
+                else f"{version} is already the champion" if target[0]["status"] == "champion"
+                else f"{version} is {target[0]['status']}: only a retired champion can be restored"
                 if target[0]["status"] != "retired" else None
             )
             if problem is None and not Path(target[0]["path"], "model.npz").exists():
-                problem = f"the files of {args.version} are missing under {target[0]['path']}"
-            outcome = "refused" if problem else "rolled_back"
+                problem = f"the files of {version} are missing"
+            # The rationale is free text: scrubbed like a review's, the author's own id included.
             con.execute(
                 "INSERT INTO audit_log (actor, actor_role, action, target, outcome, reason, detail) "
-                "VALUES (?, ?, 'model.rollback', ?, ?, ?, ?)",
-                [pseudonym_of(args.reviewer), role, args.version, outcome, problem or args.rationale,
-                 json.dumps({"from": current})],
+                "VALUES ($actor, $role, 'model.rollback', $target, $outcome, "
+                f"coalesce($problem, {scrub_sql('$rationale', '$author')}), $detail)",
+                {"actor": pseudonym_of(reviewer), "role": role, "target": version[:256],
+                 "outcome": "refused" if problem else "rolled_back", "problem": problem,
+                 "rationale": rationale[:2000], "author": reviewer, "detail": json.dumps({"from": current})},
             )
             if problem is None:
                 con.execute("UPDATE models SET status = 'retired' WHERE status = 'champion'")
-                con.execute("UPDATE models SET status = 'champion' WHERE model_version = ?", [args.version])
+                con.execute("UPDATE models SET status = 'champion' WHERE model_version = ?", [version])
     except duckdb.IOException as error:
         print(f"labelloop: a run holds {home.database}; try again when it finishes ({error})", file=sys.stderr)
         return 1
     if problem:
+        if role is None:
+            problem = f"{_shown(reviewer)} is {problem.replace('reviewers.yaml', str(home.reviewers_file))}"
+        elif problem.startswith("the files of"):
+            problem += f" under {target[0]['path']}"
         print(f"labelloop: refused: {problem}", file=sys.stderr)
         return 3
-    train.set_current(home.models, args.version)
-    print(f"{args.version} is the champion again (was {current}); models/CURRENT points to it")
+    train.set_current(home.models, version)
+    print(f"{version} is the champion again (was {current}); models/CURRENT points to it")
     return 0
 
 

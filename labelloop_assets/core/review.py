@@ -34,6 +34,8 @@ ACCEPT, REJECT, DEFER = c.ESCALATION_DECISIONS
 # Burst acknowledgements travel as review decisions whose escalation_id is a burst id.
 BURST_REASON = "burst"
 CLOSING = (ACCEPT, REJECT)
+# `labelloop review` lands the attempts it refused too (for the audit log) under this prefix.
+REFUSED_PREFIX = "rev-refused-"
 
 
 def load_reviewers(path: Path) -> dict[str, str]:
@@ -182,6 +184,10 @@ def ingest_reviews(
             ((pl.col("decision") == ACCEPT) & pl.col("label").is_null(), c.MISSING_FIELD,
              "label: required to accept"),
             (label_bad, c.UNKNOWN_LABEL, _label_detail("label")),
+            # What the command line refused never takes effect, even if what was wrong then (an
+            # escalation not open yet, say) is right by the time this run reads it.
+            (pl.col("decision_id").str.starts_with(REFUSED_PREFIX), c.INVALID_VALUE,
+             "decision_id: refused by `labelloop review` when it was submitted; kept for the audit log only"),
         ]
         records, rejected = split_by_rules(records, spec.kind, spec.key, rules)
         # Within one batch only the first valid closing decision (by decided_at) of an escalation
@@ -252,10 +258,13 @@ def write_decision(
     rationale: str,
     label: str | None = None,
     decided_at: datetime | None = None,
+    refused: bool = False,
 ) -> Path:
-    """Land one review decision as a file (atomically); the next ingest run validates it."""
+    """Land one review decision as a file (atomically); the next ingest run validates it.
+
+    A `refused` attempt is landed only to be audited: ingest quarantines it whatever it says."""
     record = {
-        "decision_id": f"rev-{uuid.uuid4()}",
+        "decision_id": f"{REFUSED_PREFIX if refused else 'rev-'}{uuid.uuid4()}",
         "escalation_id": escalation_id,
         "decision": decision,
         "reviewer_id": reviewer_id,
