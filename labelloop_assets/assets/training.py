@@ -27,6 +27,9 @@ from labelloop_assets.resources import LabelloopHome, open_store
 
 # The frozen evaluation set: every model is scored on these, never trained on them.
 GOLD_SQL = "SELECT item_id, gold_label AS label, features FROM items WHERE gold_label IS NOT NULL"
+SAME_MODEL_SQL = (
+    "SELECT * FROM models WHERE corpus_version = ? AND algorithm = ? AND params = ? ORDER BY trained_at DESC LIMIT 1"
+)
 
 
 @dg.asset(
@@ -47,12 +50,7 @@ def retrained_model(
     with open_store(database) as con:
         corpus_version, changes_total = store.corpus_head(con)
         # One training per corpus version and configuration: the same inputs give the same model.
-        existing = store.frame(
-            con,
-            "SELECT * FROM models WHERE corpus_version = ? AND algorithm = ? AND params = ? "
-            "ORDER BY trained_at DESC LIMIT 1",
-            [corpus_version, train.ALGORITHM, json.dumps(params)],
-        )
+        existing = store.frame(con, SAME_MODEL_SQL, [corpus_version, train.ALGORITHM, json.dumps(params)])
         if existing.height:
             record = existing.to_dicts()[0]
             context.log.info(
@@ -74,7 +72,6 @@ def retrained_model(
             )
         training = store.frame(con, train.TRAINING_SQL)
         gold = store.frame(con, GOLD_SQL)
-        n_models = store.scalar(con, "SELECT count(*) FROM models")
     if training.height < config.min_train_rows or training["label"].n_unique() < 2:
         raise dg.Failure(
             description=f"corpus v{corpus_version} has {training.height} labelled item(s) and "
@@ -89,9 +86,7 @@ def retrained_model(
             description=f"training on corpus v{corpus_version} failed ({error}); the champion is untouched"
         ) from None
     scores = train.evaluate(model, train.features_matrix(gold), gold["label"].to_numpy())
-    version = f"m{n_models + 1:04d}"
     record = {
-        "model_version": version,
         "corpus_version": corpus_version,
         "n_train_rows": training.height,
         "n_classes": int(len(model.classes)),
@@ -104,9 +99,19 @@ def retrained_model(
         "label_changes_total": changes_total,
         "run_id": run_id(context),
     }
-    folder = train.save(model, home.models / version, record)
-    record = {**record, "params": json.dumps(record["params"]), "path": str(folder)}
-    with open_store(database) as con:
+    # The file is not held while fitting, so another run may have trained meanwhile: the version is
+    # numbered, and a model of the same corpus and configuration looked for again, only now, in
+    # the transaction that registers it.
+    with open_store(database) as con, store.transaction(con):
+        rival = store.frame(con, SAME_MODEL_SQL, [corpus_version, train.ALGORITHM, json.dumps(params)])
+        if rival.height:
+            record = rival.to_dicts()[0]
+            context.log.info(f"{record['model_version']} was trained on corpus v{corpus_version} meanwhile; reused")
+            return dg.MaterializeResult(metadata={**_model_metadata(record), "reused": True})
+        version = f"m{store.scalar(con, 'SELECT count(*) FROM models') + 1:04d}"
+        record = {"model_version": version, **record}
+        folder = train.save(model, home.models / version, record)
+        record = {**record, "params": json.dumps(record["params"]), "path": str(folder)}
         store.append(
             con,
             "models",
@@ -205,6 +210,10 @@ def model_evaluation(
             con, "SELECT c.item_id, c.label, i.features FROM production_corpus c JOIN items i USING (item_id) "
             "WHERE c.reviewer_confirmed",
         ) if plan.reviewer_confirmed_slice else None
+    if champion and train.current_version(home.models) != champion[0]["model_version"]:
+        # A promotion cut off between the registry commit and the pointer move: finish it.
+        train.set_current(home.models, champion[0]["model_version"])
+        context.log.warning(f"models/CURRENT moved to the registered champion {champion[0]['model_version']}")
     if not challenger:
         holder = champion[0]["model_version"] if champion else "none"
         return dg.MaterializeResult(metadata={"decision": "nothing to evaluate", "champion": holder})
@@ -234,6 +243,16 @@ def model_evaluation(
     ) if decision == evaluation.PROMOTE else None
     version = challenger["model_version"]
     with open_store(database) as con, store.transaction(con):
+        # The file was not held while scoring: another run may have judged this challenger, or
+        # promoted another, meanwhile. The decision is recorded only against what is still true.
+        still = store.frame(
+            con, "SELECT (SELECT status FROM models WHERE model_version = ?) AS status, "
+            "(SELECT model_version FROM models WHERE status = 'champion') AS champion",
+            [version],
+        ).row(0, named=True)
+        if still["status"] != "challenger" or still["champion"] != (champion and champion["model_version"]):
+            context.log.info(f"{version} was judged by another run meanwhile; nothing recorded")
+            return dg.MaterializeResult(metadata={"decision": "judged by another run", "challenger": version})
         con.execute(
             "INSERT INTO model_evaluations (challenger, champion, decision, reasons, plan, challenger_scores, "
             "champion_scores, slice_scores, confirm_below, n_eval, run_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
