@@ -15,6 +15,7 @@ from labelloop_assets.core.ontology import Ontology
 from labelloop_assets.core.resolve import ResolutionPolicy
 from labelloop_assets.core.settings import (
     Home,
+    LabelloopConfigError,
     MonitoringSettings,
     RetrainPolicy,
     load_yaml_mapping,
@@ -55,15 +56,22 @@ class LabelloopHome(dg.ConfigurableResource):
 
 @contextmanager
 def open_store(database: DuckDBResource) -> Iterator[duckdb.DuckDBPyConnection]:
-    """A DuckDB connection with labelloop's schema in place (retries while another holds the file)."""
-    with database.get_connection() as con:
-        # The resource closes the connection only on success; a failed step must not leave the
-        # file held open by this process.
-        try:
-            store.ensure_schema(con)
-            yield con
-        finally:
-            con.close()
+    """A DuckDB connection with labelloop's schema in place, closed when the block ends.
+
+    While another process holds the file the step waits (LABELLOOP_DB_WAIT_SECONDS, logged);
+    past that it fails with a message naming the holder. The resource's own connect is not used:
+    its retries take up to 100 s, cannot be configured, and end in DuckDB's raw error.
+    """
+    logger = dg.get_dagster_logger()
+    try:
+        con = store.connect(
+            Path(database.database), config=database.connection_config, on_wait=logger.warning
+        )
+    except (store.DatabaseBusy, LabelloopConfigError) as error:
+        raise dg.Failure(description=f"labelloop cannot open its database: {error}") from None
+    # Closed on failure too: a failed step must not leave the file held by this process.
+    with con:
+        yield con
 
 
 class RetrainCadence(dg.ConfigurableResource):

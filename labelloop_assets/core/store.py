@@ -6,13 +6,18 @@ tables that hold one row per item (`production_corpus`) are merged in place by k
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import re
+import sys
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import duckdb
 import polars as pl
+
+from labelloop_assets.core.settings import _env_number
 
 SCHEMA_VERSION = 2
 
@@ -320,15 +325,84 @@ def _migrate(con: duckdb.DuckDBPyConnection, found: int) -> None:
         )
 
 
-@contextmanager
-def connect(database: Path, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-    con = duckdb.connect(str(database), read_only=read_only)
-    try:
-        if not read_only:
+# DuckDB lets one process at a time hold the file for writing, and a process holding it open
+# read-only keeps writers out too. Another holder is waited for, with growing pauses, this long.
+WAIT_ENV = "LABELLOOP_DB_WAIT_SECONDS"
+DEFAULT_WAIT_SECONDS = 60.0
+_MAX_PAUSE_SECONDS = 0.5
+_LOCKED = "Could not set lock on file"
+# Absent when the holder let go between DuckDB's attempt and its question who held the file.
+_LOCK_HOLDER = re.compile(r"Conflicting lock is held in (?P<program>.*?) \(PID (?P<pid>\d+)\)")
+
+
+class DatabaseBusy(duckdb.IOException):
+    """Another process held the DuckDB file for longer than labelloop waits for it."""
+
+
+def wait_seconds() -> float:
+    return float(_env_number(WAIT_ENV, DEFAULT_WAIT_SECONDS))
+
+
+def open_database(
+    database: Path,
+    read_only: bool = False,
+    config: dict | None = None,
+    on_wait: Callable[[str], None] | None = None,
+) -> duckdb.DuckDBPyConnection:
+    """Connect to the file, waiting while another process holds it (LABELLOOP_DB_WAIT_SECONDS).
+
+    `on_wait` (default: standard error) hears once that the file is busy; when the wait runs out,
+    DatabaseBusy says who holds the file. Other errors (a damaged file, a missing folder) are
+    raised at once.
+    """
+    limit = wait_seconds()
+    deadline = time.monotonic() + limit
+    pause, told, who = 0.05, False, "another process"
+    while True:
+        try:
+            return duckdb.connect(str(database), read_only=read_only, config=config or {})
+        except duckdb.IOException as error:
+            if _LOCKED not in str(error):
+                raise
+            holder = _LOCK_HOLDER.search(str(error))
+            if holder:
+                who = f"another process (PID {holder['pid']}, {holder['program']})"
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DatabaseBusy(
+                    f"{database} is held by {who}; retried for {limit:g} s. Try again when it "
+                    f"has finished (or wait longer: {WAIT_ENV}, now {limit:g})"
+                ) from None
+            if not told:
+                (on_wait or _tell)(f"{database} is held by {who}; waiting up to {limit:g} s for it")
+                told = True
+            time.sleep(min(pause, remaining))
+            pause = min(pause * 2, _MAX_PAUSE_SECONDS)
+
+
+def _tell(message: str) -> None:
+    print(f"labelloop: {message}", file=sys.stderr, flush=True)
+
+
+def connect(
+    database: Path,
+    read_only: bool = False,
+    config: dict | None = None,
+    on_wait: Callable[[str], None] | None = None,
+) -> duckdb.DuckDBPyConnection:
+    """An open connection with labelloop's schema in place; `with connect(...) as con:` closes it.
+
+    The file is opened here, not on entering the block, so a caller's `try` around this call
+    sees a busy or unreadable file.
+    """
+    con = open_database(database, read_only, config, on_wait)
+    if not read_only:
+        try:
             ensure_schema(con)
-        yield con
-    finally:
-        con.close()
+        except BaseException:
+            con.close()
+            raise
+    return con
 
 
 @contextmanager

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,10 +135,15 @@ def training_data_hash(training: pl.DataFrame) -> str:
 
 
 def save(model: LinearModel, folder: Path, metadata: dict) -> Path:
-    """Write the arrays and metadata into a temp folder, then rename it into place."""
+    """Write the arrays and metadata into a temp folder, then rename it into place.
+
+    Callers save a version before registering it and number versions past every registered one,
+    so a folder already there is what a run killed between the two left behind: it is replaced.
+    """
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = folder.with_name(f".{folder.name}.tmp")
-    staging.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
     np.savez(
         staging / "model.npz",
         classes=model.classes.astype("U"),
@@ -147,7 +153,15 @@ def save(model: LinearModel, folder: Path, metadata: dict) -> Path:
         intercept=model.intercept,
     )
     (staging / "metadata.json").write_text(json.dumps(metadata, indent=2, sort_keys=True, default=str))
-    os.replace(staging, folder)
+    if folder.exists():
+        # A directory cannot be renamed over a non-empty one: move the leftover aside first.
+        stale = folder.with_name(f".{folder.name}.stale")
+        shutil.rmtree(stale, ignore_errors=True)
+        os.replace(folder, stale)
+        os.replace(staging, folder)
+        shutil.rmtree(stale)
+    else:
+        os.replace(staging, folder)
     return folder
 
 
