@@ -288,7 +288,7 @@ ALLOWED = {
     ("core/publish.py", "publish", "name"),
     ("core/publish.py", "publish", "_sql_path(tmp)"),
     ("core/publish.py", "publish", "_sql_path(target)"),
-    ("core/publish.py", "publish", "_sql_path(folder / (name + '.parquet'))"),
+    ("core/publish.py", "publish", "_sql_path(path)"),
     # Table, key and column names written in the calling code; rows come in as a registered frame.
     ("core/store.py", "append", "table"), ("core/store.py", "append", "columns"),
     ("core/store.py", "replace", "table"),
