@@ -332,23 +332,22 @@ def release_notes(
         gold = store.frame(con, GOLD_SQL)
         written = []
         for judged in pending:
-            models = {row["model_version"]: row for row in store.frame(
+            models = {row["model_version"]: {**row, "params": json.loads(row["params"])} for row in store.frame(
                 con, "SELECT model_version, corpus_version, params FROM models "
                 "WHERE list_contains($v, model_version)",
                 {"v": [judged["challenger"], judged["champion"]]},
             ).iter_rows(named=True)}
-            challenger = models[judged["challenger"]]
+            challenger, champion = models[judged["challenger"]], models.get(judged["champion"])
             until = challenger["corpus_version"]
-            since = models[judged["champion"]]["corpus_version"] if judged["champion"] in models else 0
+            since = champion["corpus_version"] if champion else 0
             changes = release.label_changes(con, since, until)
             # Attribution refits the way the challenger was fitted, so its deltas are the challenger's.
             attributed = release.attribution(
                 con, changes, since, until, gold, plan.attribution_max_groups if judged["champion"] else 0,
-                json.loads(challenger["params"]),
+                challenger["params"],
             )
             text = release.render(
-                judged, changes, attributed, json.loads(challenger["params"]),
-                json.loads(models[judged["champion"]]["params"]) if judged["champion"] in models else None,
+                judged, changes, attributed, challenger["params"], champion["params"] if champion else None
             )
             path = write_atomically(home.reports / "release-notes" / f"{judged['challenger']}.md", text)
             store.append(con, "release_notes", pl.DataFrame([{

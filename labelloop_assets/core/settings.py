@@ -117,7 +117,7 @@ def config_number(value, like: float | int, where: str) -> float | int:
     return int(value) if whole else float(value)
 
 
-def _env_number(name: str, default: float, cast=float):
+def env_number(name: str, default: float, cast=float):
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return default
@@ -140,8 +140,8 @@ class RetrainPolicy:
     @classmethod
     def from_env(cls) -> "RetrainPolicy":
         return cls(
-            min_label_changes=_env_number("LABELLOOP_RETRAIN_MIN_CHANGES", 50, int),
-            min_interval_seconds=_env_number("LABELLOOP_RETRAIN_MIN_INTERVAL_SECONDS", 3600.0),
+            min_label_changes=env_number("LABELLOOP_RETRAIN_MIN_CHANGES", 50, int),
+            min_interval_seconds=env_number("LABELLOOP_RETRAIN_MIN_INTERVAL_SECONDS", 3600.0),
         )
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import duckdb
 import polars as pl
 
-from labelloop_assets.core.settings import _env_number
+from labelloop_assets.core.settings import env_number
 
 SCHEMA_VERSION = 2
 
@@ -340,7 +340,7 @@ class DatabaseBusy(duckdb.IOException):
 
 
 def wait_seconds() -> float:
-    return float(_env_number(WAIT_ENV, DEFAULT_WAIT_SECONDS))
+    return float(env_number(WAIT_ENV, DEFAULT_WAIT_SECONDS))
 
 
 def open_database(
