@@ -2,7 +2,8 @@
 held by another process.
 
 Runs that Dagster's daemon launches share an instance, and `dagster.yaml` admits one step of the
-pool `duckdb` at a time across all of them. Runs executed in process on instances of their own
+pool `duckdb` at a time across all of them (except two claims in the same millisecond, which
+Dagster's SQLite storage can both grant; the file lock then serializes them). Runs executed in process on instances of their own
 (tests, `dagster asset materialize` without DAGSTER_HOME) share only the file: DuckDB lets one
 process hold it, and labelloop waits for it, for LABELLOOP_DB_WAIT_SECONDS at most.
 """
@@ -90,6 +91,15 @@ RUNNER = textwrap.dedent(
         while phase and not Path(gate, f"go-{phase}").exists():
             time.sleep(0.01)
         meet(Path(gate, f"start-{phase}"), 120)
+        if os.environ.get("RUN_INDEX") == "1" and os.environ.get("START_WHEN_POOL_TAKEN"):
+            # The daemon launches queued runs one after another: this one is submitted while the
+            # other holds the pool's slot. (Dagster's slot claim on SQLite storage is a check, then
+            # an insert: two first claims in the same millisecond can both be granted. The file
+            # lock still serializes them; the manual pair below tests that.)
+            deadline = time.monotonic() + 60
+            while (not instance.event_log_storage.get_concurrency_info("duckdb").claimed_slots
+                   and time.monotonic() < deadline):
+                time.sleep(0.005)
         result = defs.resolve_job_def(job).execute_in_process(
             instance=instance, tags=json.loads(tags), run_config=QUIET, raise_on_error=False
         )
@@ -194,12 +204,15 @@ class Pair:
     """Two runs of each of `jobs` in two processes of their own, released together job by job."""
 
     def __init__(self, home: Home, jobs: tuple[str, ...], root: Path, shared_instance: Path | None = None,
-                 tags: tuple[dict, dict] = ({}, {}), env: dict | None = None):
+                 tags: tuple[dict, dict] = ({}, {}), env: dict | None = None,
+                 start_second_when_pool_taken: bool = False):
         root.mkdir(parents=True)
         script, self.gate = root / "runner.py", root / "gate"
         script.write_text(RUNNER)
         self.gate.mkdir()
         environment = {**os.environ, **(env or {}), "LABELLOOP_HOME": str(home.root)}
+        if start_second_when_pool_taken:
+            environment["START_WHEN_POOL_TAKEN"] = "1"
         if shared_instance is None:
             environment["DAGSTER_HOME"] = str(root)
         else:
@@ -211,9 +224,10 @@ class Pair:
             subprocess.Popen(
                 [sys.executable, str(script), str(home.root), ",".join(jobs), kind, json.dumps(run_tags),
                  str(self.gate)],
-                env=environment, stdout=subprocess.PIPE, stderr=log.open("w"), text=True,
+                env={**environment, "RUN_INDEX": str(index)}, stdout=subprocess.PIPE, stderr=log.open("w"),
+                text=True,
             )
-            for run_tags, log in zip(tags, self.logs)
+            for index, (run_tags, log) in enumerate(zip(tags, self.logs))
         ]
         self.phases: list[list[dict]] = []
 
@@ -240,8 +254,9 @@ class Pair:
 @pytest.fixture(scope="module", autouse=True)
 def pool_pair(tmp_path_factory):
     """A sensor-requested ingest run and a manual one on an instance configured by the shipped
-    dagster.yaml. Started before this module's other tests: the pool hands its slot over by
-    polling about once a second, so the pair takes ~20 s of mostly waiting."""
+    dagster.yaml, the manual one submitted while the sensor's run holds the slot. Started before
+    this module's other tests: the pool hands its slot over by polling about once a second, so
+    the pair takes ~20 s of mostly waiting."""
     root = tmp_path_factory.mktemp("pool")
     home = _new_home(root / "home")
     _land_traffic(home)
@@ -258,7 +273,8 @@ def pool_pair(tmp_path_factory):
             [request] = landing_sensor(context).run_requests
     sensor_tags = {**request.tags, "dagster/sensor_name": "landing_sensor", "dagster/run_key": request.run_key}
     alone = _copy(home, root / "alone")
-    with Pair(home, (INGEST_JOB,), root / "runs", shared_instance=instance_dir, tags=(sensor_tags, {})) as pair:
+    with Pair(home, (INGEST_JOB,), root / "runs", shared_instance=instance_dir, tags=(sensor_tags, {}),
+              start_second_when_pool_taken=True) as pair:
         yield home, pair, _alone(alone, INGEST_JOB)
 
 
