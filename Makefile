@@ -27,8 +27,12 @@ demo: venv
 browser:
 	@bash scripts/install-browser.sh || echo "make: Chromium not installed; the browser test will be skipped outside CI"
 
+# Test files run in TEST_WORKERS processes (one file stays in one process, so module-scoped
+# fixtures are built once); TEST_WORKERS=0 runs everything in this process.
+TEST_WORKERS ?= 2
+
 test: venv browser
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 e2e: venv browser
 	$(BIN)/python -m pytest -m e2e

@@ -32,6 +32,8 @@ INCREMENT = 10_000
 SENSOR_FILES = 10_000
 SOAK_SECONDS = 120.0
 SOAK_ITEMS = 20_000
+COMPONENT_ROWS = 100_000
+COMPONENT_VOTES = 100_000
 
 
 def _peak_mb() -> float:
@@ -181,6 +183,50 @@ def child_train(home_dir: str) -> dict:
             "gold_accuracy": meta["gold_accuracy"], "peak_mb": _peak_mb()}
 
 
+def child_components(rows: int, votes: int) -> dict:
+    """The two pure computations whose cost grows with history, on synthetic data: feature drift
+    (rows x 16 features per window) and contributor reliability (votes by 200 contributors)."""
+    import numpy as np
+    import polars as pl
+
+    from labelloop_assets.core.drift import feature_drift
+    from labelloop_assets.core.reliability import estimate_reliability
+
+    rng = np.random.default_rng(16)
+    baseline, current = rng.normal(size=(rows, 16)), rng.normal(0.1, 1.0, size=(rows, 16))
+    # Best of two: the first call also pays for fresh memory pages.
+    drift_seconds = min(_seconds(lambda: feature_drift(baseline, current)) for _ in range(2))
+
+    labels = tuple(f"class_{k}" for k in range(10))
+    n_users, per_item = 200, 4
+    n_items = max(1, votes // per_item)
+    truth = rng.integers(0, 10, size=n_items)
+    voters = np.argsort(rng.random((n_items, n_users)), axis=1)[:, :per_item].ravel()
+    item = np.repeat(np.arange(n_items), per_item)
+    accuracy = np.linspace(0.5, 0.95, n_users)
+    right = rng.random(item.size) < accuracy[voters]
+    voted = np.where(right, truth[item], (truth[item] + rng.integers(1, 10, size=item.size)) % 10)
+    vote_rows = pl.DataFrame({
+        "item_id": [f"item-{i:06d}" for i in item],
+        "user_pseudonym": [f"u_{u:04x}" for u in voters],
+        "corrected_label": [labels[v] for v in voted],
+    })
+    anchored = np.flatnonzero(rng.random(n_items) < 0.1)
+    anchors = pl.DataFrame({"item_id": [f"item-{i:06d}" for i in anchored],
+                            "label": [labels[truth[i]] for i in anchored]})
+    estimates: list = []
+    reliability_seconds = _seconds(lambda: estimates.append(estimate_reliability(vote_rows, anchors, labels)))
+    return {"drift_rows": rows, "drift_seconds": drift_seconds, "votes": vote_rows.height,
+            "contributors": estimates[0].height, "reliability_seconds": reliability_seconds,
+            "peak_mb": _peak_mb()}
+
+
+def _seconds(work) -> float:
+    started = time.perf_counter()
+    work()
+    return time.perf_counter() - started
+
+
 def child_raw_floor(home_dir: str) -> dict:
     """The fastest plain read of the same files + one group-by + one DuckDB insert."""
     import duckdb
@@ -238,7 +284,7 @@ CHILDREN = {
     "label_issues": child_label_issues, "soak": child_soak,
     "setup": child_setup, "loop": child_loop, "direct": child_direct,
     "increment": child_increment, "sensor": child_sensor, "train": child_train,
-    "raw_floor": child_raw_floor, "pandas": child_pandas,
+    "raw_floor": child_raw_floor, "pandas": child_pandas, "components": child_components,
 }
 
 
@@ -259,6 +305,7 @@ def _child(name: str, *args) -> dict:
 def suite(
     scales: list[int], work: Path, n_items: int, log=print,
     increment: int = INCREMENT, sensor_files: int = SENSOR_FILES,
+    component_rows: int = COMPONENT_ROWS, component_votes: int = COMPONENT_VOTES,
 ) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     results: dict = {"machine": _machine(), "n_items": n_items, "scales": {}}
@@ -298,6 +345,8 @@ def suite(
     results["sensor"] = _child("sensor", sensor_dir, sensor_files)
     log("retrained_model ...")
     results["train"] = _child("train", work / f"home-{min(scales)}")
+    log("feature drift and contributor reliability ...")
+    results["components"] = _child("components", component_rows, component_votes)
     results["targets"] = _targets(results, scales)
     return results
 
@@ -315,6 +364,10 @@ def _targets(results: dict, scales: list[int]) -> dict:
         "sensor_tick_under_100ms": {"ms": results["sensor"]["median_ms"],
                                      "met": results["sensor"]["median_ms"] < 100},
         "peak_memory_under_3gb": {"mb": top["loop"]["peak_mb"], "met": top["loop"]["peak_mb"] < 3072},
+        "drift_under_1_5s": {"seconds": results["components"]["drift_seconds"],
+                             "met": results["components"]["drift_seconds"] < 1.5},
+        "reliability_under_10s": {"seconds": results["components"]["reliability_seconds"],
+                                  "met": results["components"]["reliability_seconds"] < 10},
         "linear_scaling": {
             "seconds_per_million": [
                 round(s / e * 1e6, 2) for s, e in zip(loop_seconds, scales)
@@ -347,7 +400,7 @@ def markdown(results: dict) -> str:
             f"{e['pandas']['seconds']:.2f} s | {e['pandas_vs_loop']:.1f}x |"
         )
     top = list(results["scales"].values())[-1]
-    t = results["targets"]
+    t, c = results["targets"], results["components"]
     lines += [
         "",
         "| target | measured | met |",
@@ -364,6 +417,8 @@ def markdown(results: dict) -> str:
     lines += [
         f"| landing_sensor tick with {results['sensor']['files_seen']:,} files seen + 10 new < 100 ms | {t['sensor_tick_under_100ms']['ms']:.1f} ms | {_yes(t['sensor_tick_under_100ms'])} |",
         f"| peak memory < 3 GB at the largest scale | {t['peak_memory_under_3gb']['mb']:,.0f} MB | {_yes(t['peak_memory_under_3gb'])} |",
+        f"| feature drift, {c['drift_rows']:,} rows x 16 features per window, < 1.5 s | {c['drift_seconds']:.2f} s | {_yes(t['drift_under_1_5s'])} |",
+        f"| reliability of {c['contributors']} contributors from {c['votes']:,} votes < 10 s | {c['reliability_seconds']:.2f} s | {_yes(t['reliability_under_10s'])} |",
         f"| cost grows linearly (seconds per million events, by scale) | {', '.join(map(str, t['linear_scaling']['seconds_per_million']))} | |",
         "",
         f"`retrained_model` on a {results['train']['n_train_rows']:,}-item corpus: "
@@ -419,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         name, *rest = args.child
         casts = {"setup": (str, int, int), "increment": (str, int), "sensor": (str, int),
-                 "soak": (str, float, int)}
+                 "soak": (str, float, int), "components": (int, int)}
         values = [cast(v) for cast, v in zip(casts.get(name, (str,)), rest)]
         print(json.dumps(CHILDREN[name](*values)))
         return 0

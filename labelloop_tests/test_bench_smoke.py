@@ -13,7 +13,7 @@ from benchmarks import run, soak
 def test_benchmark_harness_smoke(tmp_path):
     results = run.suite(
         [2_000], tmp_path / "work", n_items=1_000, log=lambda _: None,
-        increment=500, sensor_files=200,
+        increment=500, sensor_files=200, component_rows=5_000, component_votes=4_000,
     )
 
     entry = results["scales"]["2000"]
@@ -25,8 +25,10 @@ def test_benchmark_harness_smoke(tmp_path):
     assert entry["increment"]["records_in"] == 500
     assert results["sensor"]["new_files"] == 10
     assert results["train"]["n_train_rows"] > 900
+    assert (results["components"]["votes"], results["components"]["contributors"]) == (4_000, 200)
     table = run.markdown(results)
     assert "| 2,000 |" in table and "raw floor" in table
+    assert "| feature drift, 5,000 rows" in table and "| reliability of 200 contributors from 4,000 votes" in table
     json.dumps(results)
 
 

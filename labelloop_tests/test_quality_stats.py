@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import time
 
 import numpy as np
 import polars as pl
@@ -453,16 +452,3 @@ def test_an_empty_side_gives_null_and_a_note():
 def test_width_mismatch_is_rejected():
     with pytest.raises(ValueError, match="3 feature column.*current has 2"):
         feature_drift(np.zeros((10, 3)), np.zeros((10, 2)))
-
-
-def test_feature_drift_is_fast_on_100k_rows_by_16_features():
-    rng = np.random.default_rng(16)
-    baseline = rng.normal(size=(100_000, 16))
-    current = rng.normal(size=(100_000, 16))
-    timings = []
-    for _ in range(2):  # best of two: the first call also pays for fresh memory pages
-        started = time.perf_counter()
-        per_feature = feature_drift(baseline, current)
-        timings.append(time.perf_counter() - started)
-    assert per_feature.height == 16
-    assert min(timings) < 1.5  # ~0.25 s on an idle 2-core machine; the margin is for a busy one

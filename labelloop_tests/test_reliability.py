@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -426,18 +425,3 @@ def test_invalid_arguments_are_rejected(kwargs):
 def test_invalid_priors_are_rejected(mean, strength):
     with pytest.raises(ValueError):
         ReliabilityPrior(mean=mean, strength=strength)
-
-
-# --------------------------------------------------------------------------- runtime
-
-
-def test_hundred_thousand_votes_run_in_seconds():
-    world = simulate(
-        seed=99, accuracies=np.linspace(0.5, 0.95, 200), n_items=25_000, votes_per_item=(4, 4)
-    )
-    assert world.votes.height == 100_000
-    started = time.perf_counter()
-    estimates = estimate_reliability(world.votes, world.anchors, world.labels)
-    elapsed = time.perf_counter() - started
-    assert estimates.height == 200
-    assert elapsed < 10.0
