@@ -462,7 +462,7 @@ def cmd_model_rollback(args: argparse.Namespace) -> int:
                 else f"{version} is {target[0]['status']}: only a retired champion can be restored"
                 if target[0]["status"] != "retired" else None
             )
-            if problem is None and not Path(target[0]["path"], "model.npz").exists():
+            if problem is None and not (home.model_folder(target[0]["path"]) / "model.npz").exists():
                 problem = f"the files of {version} are missing"
             # The rationale is free text: scrubbed like a review's, the author's own id included.
             con.execute(

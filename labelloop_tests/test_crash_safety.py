@@ -202,11 +202,7 @@ def _run(home: Home, job: str) -> dg.ExecuteInProcessResult:
 
 def _copy_home(source: Home, target: Path) -> Home:
     shutil.copytree(source.root, target)
-    home = Home(target.resolve())
-    # Model rows record absolute folders: a copied home must point at its own.
-    with store.connect(home.database) as con:
-        con.execute("UPDATE models SET path = replace(path, ?, ?)", [str(source.root), str(home.root)])
-    return home
+    return Home(target.resolve())  # model rows record folders relative to the home
 
 
 def _snapshot(home: Home) -> dict[str, list[tuple]]:
@@ -320,7 +316,7 @@ def assert_consistent(home: Home, settled: bool) -> None:
         evaluations = store.frame(con, "SELECT challenger, decision FROM model_evaluations")
     for row in models.iter_rows(named=True):
         folder = home.models / row["model_version"]
-        assert Path(row["path"]) == folder
+        assert row["path"] == f"models/{row['model_version']}" and home.model_folder(row["path"]) == folder
         _, metadata = train.load(folder)
         assert metadata["model_version"] == row["model_version"]
     statuses = dict(models.select("model_version", "status").iter_rows())

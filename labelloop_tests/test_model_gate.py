@@ -7,6 +7,8 @@ import pytest
 
 from labelloop_assets import cli
 from labelloop_assets.core import store, train
+from labelloop_assets.core.settings import Home
+from labelloop_assets.definitions import build_definitions
 from labelloop_assets.jobs import RETRAIN_JOB
 from labelloop_assets.sensors import _latest_metadata, retrain_decision
 from labelloop_tests.conftest import RETRAIN, correction, make_items, write_jsonl
@@ -182,6 +184,20 @@ def test_rollback_restores_a_retired_champion_and_is_audited(home, defs, instanc
                         "ORDER BY logged_at")
     assert audit.rows()[-1] == ("m0001", "rolled_back", "m0002 confuses ones")
     assert [r[1] for r in audit.rows()] == ["refused", "refused", "refused", "rolled_back"]
+
+
+def test_a_home_moved_elsewhere_still_finds_its_models(home, instance, loop, tmp_path, monkeypatch, capsys):
+    """The registry records model folders relative to the home: a moved or restored home works."""
+    moved = Home(home.root.rename(tmp_path / "restored-home"))
+    assert _rows(moved, "SELECT path FROM models")["path"].to_list() == ["models/m0001"]
+    moved_defs = build_definitions(moved, RETRAIN)
+    _new_corpus_version(moved, moved_defs, instance, "v2")
+    # The evaluation loads the champion, and a rollback checks a model's files, at the new place.
+    assert _evaluation(_run(moved_defs, instance, RETRAIN_JOB))["decision"] == "promote"
+    monkeypatch.setenv("LABELLOOP_HOME", str(moved.root))
+    assert cli.main(["model", "rollback", "m0001", "--rationale", "moved", "--as", "reviewer-0"]) == 0, (
+        capsys.readouterr().err)
+    assert train.current_version(moved.models) == "m0001"
 
 
 def test_a_rejected_model_cannot_be_rolled_back_to(home, defs, instance, loop, monkeypatch, capsys):

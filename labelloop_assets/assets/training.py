@@ -2,7 +2,6 @@
 
 import json
 from datetime import datetime, timezone
-from pathlib import Path
 
 import dagster as dg
 import numpy as np
@@ -23,6 +22,7 @@ from labelloop_assets.checks.schema_checks import (
 from labelloop_assets.core import bursts, evaluation, reliability, store, train
 from labelloop_assets.core import release_notes as release
 from labelloop_assets.core.contracts import write_atomically
+from labelloop_assets.core.settings import Home
 from labelloop_assets.resources import LabelloopHome, open_store
 
 # The frozen evaluation set: every model is scored on these, never trained on them.
@@ -56,7 +56,7 @@ def retrained_model(
             context.log.info(
                 f"{record['model_version']} is already trained on corpus v{corpus_version}; reused"
             )
-            return dg.MaterializeResult(metadata={**_model_metadata(record), "reused": True})
+            return dg.MaterializeResult(metadata={**_model_metadata(home, record), "reused": True})
         failing = failing_blocking_checks(context.instance)
         if failing:
             raise dg.Failure(
@@ -107,11 +107,11 @@ def retrained_model(
         if rival.height:
             record = rival.to_dicts()[0]
             context.log.info(f"{record['model_version']} was trained on corpus v{corpus_version} meanwhile; reused")
-            return dg.MaterializeResult(metadata={**_model_metadata(record), "reused": True})
+            return dg.MaterializeResult(metadata={**_model_metadata(home, record), "reused": True})
         version = f"m{store.scalar(con, 'SELECT count(*) FROM models') + 1:04d}"
         record = {"model_version": version, **record}
         folder = train.save(model, home.models / version, record)
-        record = {**record, "params": json.dumps(record["params"]), "path": str(folder)}
+        record = {**record, "params": json.dumps(record["params"]), "path": folder.relative_to(home.root).as_posix()}
         store.append(
             con,
             "models",
@@ -120,10 +120,10 @@ def retrained_model(
             ),
         )
     # A challenger: model_evaluation decides whether it replaces the champion.
-    return dg.MaterializeResult(metadata={**_model_metadata(record), "reused": False, "status": "challenger"})
+    return dg.MaterializeResult(metadata={**_model_metadata(home, record), "reused": False, "status": "challenger"})
 
 
-def _model_metadata(record: dict) -> dict:
+def _model_metadata(home: Home, record: dict) -> dict:
     return {
         "model_version": record["model_version"],
         "corpus_version": int(record["corpus_version"]),
@@ -132,7 +132,7 @@ def _model_metadata(record: dict) -> dict:
         "gold_accuracy": round(float(np.nan_to_num(record["gold_accuracy"] or 0.0)), 4),
         "gold_macro_f1": round(float(np.nan_to_num(record["gold_macro_f1"] or 0.0)), 4),
         "n_gold": int(record["n_gold"]),
-        "path": dg.MetadataValue.path(record["path"]),
+        "path": dg.MetadataValue.path(str(home.model_folder(record["path"]))),
     }
 
 
@@ -222,11 +222,11 @@ def model_evaluation(
     try:
         # Each model is loaded and predicts the gold items once: its scores and (on a promotion)
         # the confirm threshold come from the same probabilities.
-        model = _load(challenger)
+        model = _load(home, challenger)
         probabilities = _probabilities(model, gold)
         scores = {"challenger": evaluation.score(probabilities, model.classes, gold_labels, plan.calibration_bins)}
         if champion is not None:
-            held = _load(champion)
+            held = _load(home, champion)
             scores["champion"] = evaluation.score(
                 _probabilities(held, gold), held.classes, gold_labels, plan.calibration_bins
             )
@@ -290,8 +290,8 @@ def model_evaluation(
     )
 
 
-def _load(model_row: dict) -> train.LinearModel:
-    return train.load(Path(model_row["path"]))[0]
+def _load(home: Home, model_row: dict) -> train.LinearModel:
+    return train.load(home.model_folder(model_row["path"]))[0]
 
 
 def _probabilities(model: train.LinearModel, items: pl.DataFrame) -> np.ndarray:
@@ -354,7 +354,7 @@ def release_notes(
                 "evaluation_id": judged["evaluation_id"], "challenger": judged["challenger"],
                 "champion": judged["champion"], "decision": judged["decision"],
                 "n_label_changes": changes.height, "attribution": json.dumps(attributed.to_dicts()),
-                "markdown": text, "path": str(path), "run_id": run_id(context),
+                "markdown": text, "path": path.relative_to(home.root).as_posix(), "run_id": run_id(context),
             }]))
             written.append((judged, text, path))
     if not written:

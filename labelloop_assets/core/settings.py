@@ -47,6 +47,11 @@ class Home:
     def models(self) -> Path:
         return self.root / "models"
 
+    def model_folder(self, stored: str) -> Path:
+        """A model's folder from its `models.path`: relative to this home, so a home that is
+        moved or restored elsewhere still finds its models (absolute paths are kept as they are)."""
+        return self.root / stored
+
     @property
     def published(self) -> Path:
         return self.root / "published"
