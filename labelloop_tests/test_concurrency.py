@@ -3,9 +3,10 @@ held by another process.
 
 Runs that Dagster's daemon launches share an instance, and `dagster.yaml` admits one step of the
 pool `duckdb` at a time across all of them (except two claims in the same millisecond, which
-Dagster's SQLite storage can both grant; the file lock then serializes them). Runs executed in process on instances of their own
-(tests, `dagster asset materialize` without DAGSTER_HOME) share only the file: DuckDB lets one
-process hold it, and labelloop waits for it, for LABELLOOP_DB_WAIT_SECONDS at most.
+Dagster's SQLite storage can both grant; the file lock then serializes them). Runs executed in
+process on instances of their own (tests, `dagster asset materialize` without DAGSTER_HOME)
+share only the file: DuckDB lets one process hold it, and labelloop waits for it, for
+LABELLOOP_DB_WAIT_SECONDS at most.
 """
 
 from __future__ import annotations
