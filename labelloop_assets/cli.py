@@ -483,7 +483,7 @@ def cmd_model_rollback(args: argparse.Namespace) -> int:
         if role is None:
             problem = f"{_shown(reviewer)} is {problem.replace('reviewers.yaml', str(home.reviewers_file))}"
         elif problem.startswith("the files of"):
-            problem += f" under {target[0]['path']}"
+            problem += f" under {home.model_folder(target[0]['path'])}"
         print(f"labelloop: refused: {problem}", file=sys.stderr)
         return 3
     train.set_current(home.models, version)

@@ -37,7 +37,7 @@ def landed_files(home: Home) -> list[str]:
             names.extend(
                 f"{kind}/{entry.name}"
                 for entry in entries
-                if entry.is_file() and is_landing_name(entry.name)
+                if (entry.is_file() or entry.is_symlink()) and is_landing_name(entry.name)
             )
     return sorted(names)
 

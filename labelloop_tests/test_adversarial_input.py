@@ -180,6 +180,16 @@ def _truncated_parquet(path: Path) -> None:
     path.write_bytes(data[: len(data) // 2])
 
 
+def _link_to_a_file_outside(path: Path) -> None:
+    secret = path.parent.parent.parent / "outside-secret.jsonl"
+    secret.write_bytes(jsonl([correction("secret-1")]) + b"password=hunter2\n")
+    path.symlink_to(secret)
+
+
+def _dangling_link(path: Path) -> None:
+    path.symlink_to(path.parent / "gone.jsonl")
+
+
 def _folder_named_like_a_file(path: Path) -> None:
     path.mkdir()
     (path / "inner.jsonl").write_bytes(jsonl([correction("inner")]))
@@ -472,6 +482,19 @@ CASES: dict[str, Case] = {
     ),
     "suffix_in_upper_case": Case(files={"UPPER.JSONL": list(NEIGHBOURS["corrections"])}, quarantined={},
                                  accepted=("ok-1", "ok-2")),
+    # Whoever can write to the landing zone must not make labelloop read other files through it.
+    "symlink_to_a_file_outside_the_landing_zone": Case(
+        files={"link.jsonl": _link_to_a_file_outside, "small.jsonl": list(NEIGHBOURS["corrections"])},
+        quarantined={("link.jsonl", None): contracts.UNREADABLE_FILE}, accepted=("ok-1", "ok-2"),
+        detail="symbolic link",
+        # Not even a digest of the target is kept.
+        check=lambda con: stored(con, "SELECT line_sha256 FROM quarantine WHERE source_file LIKE '%link.jsonl'")
+        == [(None,)],
+    ),
+    "dangling_symlink": Case(
+        files={"dangling.jsonl": _dangling_link}, quarantined={("dangling.jsonl", None): contracts.UNREADABLE_FILE},
+        accepted=(), detail="symbolic link",
+    ),
     "file_over_512_mib": Case(
         files={"huge.jsonl": _oversized_file, "small.jsonl": list(NEIGHBOURS["corrections"])},
         quarantined={("huge.jsonl", None): contracts.FILE_TOO_LARGE}, accepted=("ok-1", "ok-2"),

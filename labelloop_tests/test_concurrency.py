@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -74,6 +75,35 @@ RUNNER = textwrap.dedent(
 
         store.connect = connect_when_the_other_run_is_here_too
 
+    def pool():
+        return instance.event_log_storage.get_concurrency_info("duckdb")
+
+
+    def wait_for(condition, what: str) -> None:
+        deadline = time.monotonic() + 60
+        while not condition():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"gave up after 60 s waiting for {what}")
+            time.sleep(0.005)
+
+
+    # The daemon launches queued runs one after another: the second run is submitted while the
+    # first holds the pool's slot, and the first keeps its first step open until the second has
+    # queued for the slot. (Dagster's slot claim on SQLite storage is a check, then an insert:
+    # two claims in the same millisecond could both be granted. The file lock still serializes
+    # them; the manual pair tests that.) From then on each run queues while the other runs.
+    staggered = os.environ.get("START_WHEN_POOL_TAKEN")
+    if staggered and os.environ.get("RUN_INDEX") == "0":
+        connect, queued = store.connect, []
+
+        def connect_once_the_other_run_is_queued(*args, **kwargs):
+            if not queued and pool().claimed_slots:
+                wait_for(lambda: pool().pending_step_count > 0, "the other run to queue for the slot")
+                queued.append(True)
+            return connect(*args, **kwargs)
+
+        store.connect = connect_once_the_other_run_is_queued
+
     fit_gate = os.environ.get("FIT_GATE")
     if fit_gate:
         fit = train.fit
@@ -92,15 +122,8 @@ RUNNER = textwrap.dedent(
         while phase and not Path(gate, f"go-{phase}").exists():
             time.sleep(0.01)
         meet(Path(gate, f"start-{phase}"), 120)
-        if os.environ.get("RUN_INDEX") == "1" and os.environ.get("START_WHEN_POOL_TAKEN"):
-            # The daemon launches queued runs one after another: this one is submitted while the
-            # other holds the pool's slot. (Dagster's slot claim on SQLite storage is a check, then
-            # an insert: two first claims in the same millisecond can both be granted. The file
-            # lock still serializes them; the manual pair below tests that.)
-            deadline = time.monotonic() + 60
-            while (not instance.event_log_storage.get_concurrency_info("duckdb").claimed_slots
-                   and time.monotonic() < deadline):
-                time.sleep(0.005)
+        if staggered and os.environ.get("RUN_INDEX") == "1":
+            wait_for(lambda: pool().claimed_slots, "the other run to hold the slot")
         result = defs.resolve_job_def(job).execute_in_process(
             instance=instance, tags=json.loads(tags), run_config=QUIET, raise_on_error=False
         )
@@ -456,13 +479,32 @@ def test_the_cli_waits_for_a_held_file_and_then_reads_it(held, monkeypatch, caps
     assert {"table_name": "items", "rows": 60} in json.loads(out)["tables"]
 
 
+def _release_once_logged(instance: dg.DagsterInstance, holder: subprocess.Popen, text: str) -> threading.Thread:
+    """Let the holder go once a run on `instance` has logged `text` (at most after 50 s)."""
+    def watch() -> None:
+        deadline = time.monotonic() + 50
+        while time.monotonic() < deadline and not any(
+            text in record.user_message
+            for run in instance.get_runs() for record in instance.all_logs(run.run_id)
+        ):
+            time.sleep(0.05)
+        holder.kill()
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    return watcher
+
+
 def test_a_run_waits_for_a_held_file_and_says_so(held):
     home, hold = held
     write_jsonl(home.landing_dir("corrections"), "late.jsonl", [correction("late-1", "item-030", "one")])
     instance = dg.DagsterInstance.ephemeral()
-    holder = hold(3)
+    # Held until the run says it waits, however long the run takes to get there.
+    holder = hold(120)
+    watcher = _release_once_logged(instance, holder, f"is held by another process (PID {holder.pid}")
 
     result = _run(home, INGEST_JOB, instance=instance)
+    watcher.join()
 
     assert result.success
     messages = [record.user_message for record in instance.all_logs(result.run_id)]

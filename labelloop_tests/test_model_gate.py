@@ -187,9 +187,13 @@ def test_rollback_restores_a_retired_champion_and_is_audited(home, defs, instanc
 
 
 def test_a_home_moved_elsewhere_still_finds_its_models(home, instance, loop, tmp_path, monkeypatch, capsys):
-    """The registry records model folders relative to the home: a moved or restored home works."""
+    """The registry records model folders relative to the home: a moved or restored home works,
+    and so do rows written before, which hold the absolute folder of the home's old place."""
+    assert _rows(home, "SELECT path FROM models")["path"].to_list() == ["models/m0001"]
+    assert _rows(home, "SELECT path FROM release_notes")["path"].to_list() == ["reports/release-notes/m0001.md"]
+    with store.connect(home.database) as con:
+        con.execute("UPDATE models SET path = ?", [str(home.models / "m0001")])
     moved = Home(home.root.rename(tmp_path / "restored-home"))
-    assert _rows(moved, "SELECT path FROM models")["path"].to_list() == ["models/m0001"]
     moved_defs = build_definitions(moved, RETRAIN)
     _new_corpus_version(moved, moved_defs, instance, "v2")
     # The evaluation loads the champion, and a rollback checks a model's files, at the new place.

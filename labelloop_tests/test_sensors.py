@@ -41,6 +41,10 @@ def test_landing_sensor_requests_each_new_file_once(home, instance, resources):
     assert len(second.run_requests) == 1
     assert second.run_requests[0].run_key != first.run_requests[0].run_key
     assert json.loads(second.cursor)["seen"] == ["corrections/c1.jsonl", "items/items.jsonl"]
+    # A symbolic link, even a dangling one, is landed too: the ingest run quarantines it.
+    (home.landing_dir("corrections") / "link.jsonl").symlink_to(home.root / "elsewhere.jsonl")
+    third = _tick(landing_sensor, instance, resources, cursor=second.cursor)
+    assert len(third.run_requests) == 1 and "corrections/link.jsonl" in json.loads(third.cursor)["seen"]
 
 
 def test_sensor_run_ingests_exactly_once_even_when_the_run_is_retried(home, instance, resources, defs):

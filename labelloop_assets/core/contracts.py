@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import duckdb
 import polars as pl
@@ -188,16 +190,69 @@ def is_landing_name(name: str) -> bool:
 
 
 def is_landing_file(path: Path) -> bool:
-    return path.is_file() and is_landing_name(path.name)
+    # A symbolic link is listed (even a dangling one) so that it is quarantined, not skipped.
+    return (path.is_file() or path.is_symlink()) and is_landing_name(path.name)
 
 
-def write_atomically(path: Path, text: str) -> Path:
-    """Write to a dot-prefixed temp name beside `path`, then rename: readers see all or nothing."""
+def open_landing_file(path: Path) -> BinaryIO:
+    """Open a landing file for reading, refusing (OSError) a symbolic link put in its place."""
+    return os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)), "rb")
+
+
+def write_atomically(path: Path, text: str, durable: bool = False) -> Path:
+    """Write to a dot-prefixed temp name beside `path`, then rename: readers see all or nothing.
+
+    `durable` also flushes the file and the rename to disk, so that the write survives a power
+    loss (for state the database refers to; derived reports can be rebuilt and skip the cost).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
+    if durable:
+        sync_to_disk(tmp)
     os.replace(tmp, path)
+    if durable:
+        sync_to_disk(path.parent)
     return path
+
+
+def sync_to_disk(path: Path) -> None:
+    """fsync a file, or a folder (which makes the renames and creations inside it durable).
+
+    A folder is synced where the platform allows it: some systems and network filesystems
+    refuse to open or fsync one, and a refusal there must not fail the write.
+    """
+    folder = path.is_dir()
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:
+        if folder:
+            return
+        raise
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        if not folder:
+            raise
+    finally:
+        os.close(descriptor)
+
+
+def _read_parquet(path: Path, opened: os.stat_result, con: duckdb.DuckDBPyConnection) -> pl.DataFrame:
+    """Every row as a JSON line. DuckDB opens the file by name, so the name must still lead to
+    the file opened and checked by the caller once DuckDB has read it."""
+    try:
+        frame = con.sql(
+            "SELECT (row_number() OVER ())::BIGINT AS line_no, to_json(t)::VARCHAR AS line "
+            "FROM read_parquet($path) AS t",
+            params={"path": str(path)},
+        ).pl()
+    except duckdb.Error as exc:
+        raise UnreadableFile(UNREADABLE_FILE, f"{path.name}: {exc}") from None
+    now = os.lstat(path)
+    if (now.st_dev, now.st_ino) != (opened.st_dev, opened.st_ino) or not stat.S_ISREG(now.st_mode):
+        raise UnreadableFile(UNREADABLE_FILE, f"{path.name}: replaced while it was being read")
+    return frame.with_columns(bad_encoding=pl.lit(False))
 
 
 def read_lines(path: Path, con: duckdb.DuckDBPyConnection) -> tuple[pl.DataFrame, int]:
@@ -207,25 +262,27 @@ def read_lines(path: Path, con: duckdb.DuckDBPyConnection) -> tuple[pl.DataFrame
             UNSUPPORTED_FORMAT, f"{path.name}: expected one of {', '.join(SUPPORTED_SUFFIXES)}"
         )
     try:
-        size = path.stat().st_size
+        if stat.S_ISLNK(os.lstat(path).st_mode):
+            # A link would let whoever can write to the landing zone have labelloop read any
+            # file it can read (into the corpus, the quarantine, the published snapshots).
+            raise UnreadableFile(
+                UNREADABLE_FILE, f"{path.name}: a symbolic link; landing files must be regular files"
+            )
+        # Opened once, without following a link swapped in since: its size and contents are
+        # those of the file checked here.
+        with open_landing_file(path) as handle:
+            opened = os.fstat(handle.fileno())
+            if not stat.S_ISREG(opened.st_mode):
+                raise UnreadableFile(UNREADABLE_FILE, f"{path.name}: not a regular file")
+            if opened.st_size > MAX_FILE_BYTES:
+                raise UnreadableFile(FILE_TOO_LARGE, f"{path.name}: {opened.st_size} bytes > {MAX_FILE_BYTES}")
+            if path.suffix.lower() == ".parquet":
+                return _read_parquet(path, opened, con), 0
+            data = handle.read()
     except OSError as exc:
         raise UnreadableFile(UNREADABLE_FILE, f"{path.name}: {exc.strerror}") from None
-    if size > MAX_FILE_BYTES:
-        raise UnreadableFile(FILE_TOO_LARGE, f"{path.name}: {size} bytes > {MAX_FILE_BYTES}")
-    if path.suffix.lower() == ".parquet":
-        try:
-            frame = con.sql(
-                "SELECT (row_number() OVER ())::BIGINT AS line_no, to_json(t)::VARCHAR AS line "
-                "FROM read_parquet($path) AS t",
-                params={"path": str(path)},
-            ).pl()
-        except duckdb.Error as exc:
-            raise UnreadableFile(UNREADABLE_FILE, f"{path.name}: {exc}") from None
-        return frame.with_columns(bad_encoding=pl.lit(False)), 0
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise UnreadableFile(UNREADABLE_FILE, f"{path.name}: {exc.strerror}") from None
+    if len(data) > MAX_FILE_BYTES:  # it grew after it was opened
+        raise UnreadableFile(FILE_TOO_LARGE, f"{path.name}: more than {MAX_FILE_BYTES} bytes")
     if data.startswith(UTF16_32_BOMS):
         # Every line would fail, most of them as malformed JSON: name the real problem once.
         raise UnreadableFile(
@@ -551,7 +608,7 @@ def whole_file_quarantine(kind: str, source_file: str, error: UnreadableFile, pa
     """One quarantine row for a file that could not be read at all."""
     try:
         # In chunks: a file refused for its size must not be read into memory to be hashed.
-        with path.open("rb") as handle:
+        with open_landing_file(path) as handle:
             digest = hashlib.file_digest(handle, "sha256").hexdigest()
     except OSError:
         digest = None

@@ -7,6 +7,7 @@ run can neither lose a file nor ingest it twice.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,7 +87,7 @@ def _read_batch(
 
 def _size(path: Path) -> int | None:
     try:
-        return path.stat().st_size
+        return os.lstat(path).st_size  # a refused link's own size, not its target's
     except OSError:
         return None
 

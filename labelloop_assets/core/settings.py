@@ -49,8 +49,13 @@ class Home:
 
     def model_folder(self, stored: str) -> Path:
         """A model's folder from its `models.path`: relative to this home, so a home that is
-        moved or restored elsewhere still finds its models (absolute paths are kept as they are)."""
-        return self.root / stored
+        moved or restored elsewhere still finds its models."""
+        path = Path(stored)
+        if not path.is_absolute():
+            return self.root / path
+        # Rows written before paths were stored relative: where the home was, or, if it moved,
+        # the folder of the same version in this home.
+        return path if path.exists() else self.models / path.name
 
     @property
     def published(self) -> Path:

@@ -19,7 +19,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score
 from sklearn.preprocessing import StandardScaler
 
-from labelloop_assets.core.contracts import write_atomically
+from labelloop_assets.core.contracts import sync_to_disk, write_atomically
 from labelloop_assets.core.settings import (
     LabelloopConfigError,
     config_number,
@@ -153,6 +153,9 @@ def save(model: LinearModel, folder: Path, metadata: dict) -> Path:
         intercept=model.intercept,
     )
     (staging / "metadata.json").write_text(json.dumps(metadata, indent=2, sort_keys=True, default=str))
+    # The registry will refer to this folder: it must be on disk before the database says so.
+    for written in (staging / "model.npz", staging / "metadata.json", staging):
+        sync_to_disk(written)
     if folder.exists():
         # A directory cannot be renamed over a non-empty one: move the leftover aside first.
         stale = folder.with_name(f".{folder.name}.stale")
@@ -162,6 +165,7 @@ def save(model: LinearModel, folder: Path, metadata: dict) -> Path:
         shutil.rmtree(stale)
     else:
         os.replace(staging, folder)
+    sync_to_disk(folder.parent)
     return folder
 
 
@@ -174,7 +178,7 @@ def load(folder: Path) -> tuple[LinearModel, dict]:
 
 def set_current(models_dir: Path, version: str) -> None:
     """Point serving code at a model version, atomically."""
-    write_atomically(models_dir / CURRENT_POINTER, version + "\n")
+    write_atomically(models_dir / CURRENT_POINTER, version + "\n", durable=True)
 
 
 def current_version(models_dir: Path) -> str | None:
