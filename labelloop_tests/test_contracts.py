@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
+import threading
 from pathlib import Path
 
 import duckdb
@@ -130,6 +132,25 @@ def test_read_lines_refuses_files_over_the_size_limit(tmp_path, con, monkeypatch
     assert "80 bytes > 79" in info.value.detail
     monkeypatch.setattr(contracts, "MAX_FILE_BYTES", 80)
     assert contracts.read_lines(path, con)[0].height == 10
+
+
+def test_read_lines_refuses_a_named_pipe_at_once(tmp_path, con):
+    """A pipe swapped in for a landing file must not hang the run waiting for a writer."""
+    pipe = tmp_path / "p.jsonl"
+    os.mkfifo(pipe)
+    outcome: list = []
+
+    def read() -> None:
+        try:
+            contracts.read_lines(pipe, con)
+        except contracts.UnreadableFile as error:
+            outcome.append(error)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(10)
+    assert not reader.is_alive(), "read_lines waited on the pipe"
+    assert outcome and outcome[0].reason == contracts.UNREADABLE_FILE and "not a regular file" in outcome[0].detail
 
 
 def test_whole_file_quarantine_row(tmp_path):

@@ -195,8 +195,13 @@ def is_landing_file(path: Path) -> bool:
 
 
 def open_landing_file(path: Path) -> BinaryIO:
-    """Open a landing file for reading, refusing (OSError) a symbolic link put in its place."""
-    return os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)), "rb")
+    """Open a landing file for reading, refusing (OSError) a symbolic link put in its place.
+
+    Non-blocking, so that a named pipe swapped in is opened at once (and then refused as not a
+    regular file) instead of hanging the run; reads of a regular file are not affected.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    return os.fdopen(os.open(path, flags), "rb")
 
 
 def write_atomically(path: Path, text: str, durable: bool = False) -> Path:
