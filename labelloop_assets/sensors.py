@@ -17,7 +17,7 @@ from labelloop_assets.checks.schema_checks import (
     blocking_checks_hold,
     failing_blocking_checks,
 )
-from labelloop_assets.core.contracts import is_landing_name
+from labelloop_assets.core.contracts import is_landing_file
 from labelloop_assets.core.settings import Home, RetrainPolicy
 from labelloop_assets.jobs import ingest_job, retrain_job
 from labelloop_assets.resources import LabelloopHome, RetrainCadence
@@ -34,11 +34,7 @@ def landed_files(home: Home) -> list[str]:
             continue
         # scandir reads the file type from the directory entry: no stat per file.
         with os.scandir(folder) as entries:
-            names.extend(
-                f"{kind}/{entry.name}"
-                for entry in entries
-                if (entry.is_file() or entry.is_symlink()) and is_landing_name(entry.name)
-            )
+            names.extend(f"{kind}/{entry.name}" for entry in entries if is_landing_file(entry))
     return sorted(names)
 
 

@@ -189,7 +189,8 @@ def is_landing_name(name: str) -> bool:
     return not name.startswith((".", "_")) and not name.endswith((".tmp", ".part", ".partial"))
 
 
-def is_landing_file(path: Path) -> bool:
+def is_landing_file(path: Path | os.DirEntry) -> bool:
+    """A path or a directory entry (the sensor's scandir reads the type without a stat)."""
     # A symbolic link is listed (even a dangling one) so that it is quarantined, not skipped.
     return (path.is_file() or path.is_symlink()) and is_landing_name(path.name)
 

@@ -62,15 +62,17 @@ def publish(
     generations = _generations_folder(folder)
     generations.mkdir(exist_ok=True)
     generation = f"{time.time_ns():020d}"
-    counts = {}
+    counts, current = {}, {}
     for name in names:
         target = folder / f"{name}.parquet"
         tmp = folder / f".{name}.parquet.tmp"
         con.execute(f"COPY (SELECT * FROM {name}) TO '{_sql_path(tmp)}' (FORMAT parquet)")
-        _link(tmp, generations / f"{name}.{generation}.parquet")
+        current[name] = generations / f"{name}.{generation}.parquet"
+        _link(tmp, current[name])
         os.replace(tmp, target)
         counts[name] = con.execute(f"SELECT count(*) FROM read_parquet('{_sql_path(target)}')").fetchall()[0][0]
-    current = {name: _current_generation(folder, name) for name in PUBLISHED}
+    # Names not published by this run keep the newest generation an earlier run left.
+    current = {name: current.get(name) or _current_generation(folder, name) for name in PUBLISHED}
     views = "".join(
         f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM read_parquet('{_sql_path(path)}');\n"
         for name, path in current.items()
