@@ -13,6 +13,7 @@ import duckdb
 import polars as pl
 
 from labelloop_assets.core import store
+from labelloop_assets.core.lake import LakeError
 from labelloop_assets.core.settings import Home, LabelloopConfigError
 
 
@@ -21,14 +22,14 @@ def _home() -> Home:
 
 
 def _read(home: Home):
-    if not home.database.exists():
+    if not home.has_store():
         raise SystemExit(
             f"labelloop: no database at {home.database} yet; run `make demo` or materialize the "
             "assets first (LABELLOOP_HOME selects the folder)"
         )
     try:
         return store.connect(home.database, read_only=True)
-    except duckdb.IOException as error:
+    except (duckdb.IOException, LakeError) as error:
         raise SystemExit(f"labelloop: cannot open {home.database} for reading: {error}") from None
 
 
@@ -88,7 +89,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"{last['corpus_label_accuracy']:.3f}; model accuracy on gold "
         f"{first['model_gold_accuracy']:.3f} -> {last['model_gold_accuracy']:.3f}"
     )
-    print(f"state:   {home.root}  (DuckDB file: {home.database})")
+    print(f"state:   {home.root}  (store: {home.database})")
     print(f"report:  {home.reports / 'demo.json'}")
     print("open it: make dev   (then http://127.0.0.1:3000: Assets, Runs, Automation)")
     cli = Path(sys.argv[0])
@@ -443,7 +444,7 @@ def cmd_model_rollback(args: argparse.Namespace) -> int:
     reviewer, rationale = args.reviewer.strip(_TRIM), args.rationale.strip(_TRIM)
     version = args.version
     role = review.load_reviewers(home.reviewers_file).get(reviewer)
-    if not home.database.exists():
+    if not home.has_store():
         print("labelloop: no models yet", file=sys.stderr)
         return 1
     try:
@@ -476,7 +477,7 @@ def cmd_model_rollback(args: argparse.Namespace) -> int:
             if problem is None:
                 con.execute("UPDATE models SET status = 'retired' WHERE status = 'champion'")
                 con.execute("UPDATE models SET status = 'champion' WHERE model_version = ?", [version])
-    except duckdb.IOException as error:
+    except (duckdb.IOException, LakeError) as error:
         print(f"labelloop: a run holds {home.database}; try again when it finishes ({error})", file=sys.stderr)
         return 1
     if problem:

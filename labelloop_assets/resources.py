@@ -11,6 +11,7 @@ from dagster_duckdb import DuckDBResource
 from labelloop_assets.core import store, train
 from labelloop_assets.core.bursts import BurstPolicy
 from labelloop_assets.core.evaluation import ValidationPlan
+from labelloop_assets.core.lake import Lake, LakeError
 from labelloop_assets.core.ontology import Ontology
 from labelloop_assets.core.resolve import ResolutionPolicy
 from labelloop_assets.core.settings import (
@@ -56,20 +57,23 @@ class LabelloopHome(dg.ConfigurableResource):
 
 @contextmanager
 def open_store(database: DuckDBResource) -> Iterator[duckdb.DuckDBPyConnection]:
-    """A DuckDB connection with labelloop's schema in place, closed when the block ends.
+    """A connection to the store with labelloop's schema in place, closed when the block ends.
 
-    While another process holds the file the step waits (LABELLOOP_DB_WAIT_SECONDS, logged);
-    past that it fails with a message naming the holder. The resource's own connect is not used:
-    its retries take up to 100 s, cannot be configured, and end in DuckDB's raw error.
+    The store is the resource's DuckDB file, or the lake when LABELLOOP_CATALOG is set (the
+    deployment's environment decides, not a run's config). While another writer holds the store
+    the step waits (LABELLOOP_DB_WAIT_SECONDS, logged); past that it fails with a message naming
+    the holder. The resource's own connect is not used: its retries take up to 100 s, cannot be
+    configured, and end in DuckDB's raw error.
     """
     logger = dg.get_dagster_logger()
+    file = Path(database.database)
     try:
         con = store.connect(
-            Path(database.database), config=database.connection_config, on_wait=logger.warning
+            Lake.from_env(file.parent) or file, config=database.connection_config, on_wait=logger.warning
         )
-    except (store.DatabaseBusy, LabelloopConfigError) as error:
+    except (store.DatabaseBusy, store.NewerDatabaseFile, LakeError, LabelloopConfigError) as error:
         raise dg.Failure(description=f"labelloop cannot open its database: {error}") from None
-    # Closed on failure too: a failed step must not leave the file held by this process.
+    # Closed on failure too: a failed step must not leave the store held by this process.
     with con:
         yield con
 
@@ -87,7 +91,7 @@ class RetrainCadence(dg.ConfigurableResource):
 def build_resources(home: Home, retrain: RetrainPolicy) -> dict:
     return {
         "labelloop": LabelloopHome(root=str(home.root)),
-        "database": DuckDBResource(database=str(home.database)),
+        "database": DuckDBResource(database=str(home.database_file)),
         "retrain_cadence": RetrainCadence(
             min_label_changes=retrain.min_label_changes,
             min_interval_seconds=retrain.min_interval_seconds,

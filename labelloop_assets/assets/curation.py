@@ -381,17 +381,16 @@ def _merge_corpus(con, rows: pl.DataFrame) -> None:
     try:
         con.execute(
             """
-            INSERT INTO production_corpus (item_id, label, label_source, human_confirmed,
+            MERGE INTO production_corpus t USING corpus_rows s ON t.item_id = s.item_id
+            WHEN MATCHED THEN UPDATE SET
+                label = s.label, label_source = s.label_source,
+                human_confirmed = s.human_confirmed, reviewer_confirmed = s.reviewer_confirmed,
+                since_version = s.since_version, updated_version = s.updated_version,
+                updated_at = now()
+            WHEN NOT MATCHED THEN INSERT (item_id, label, label_source, human_confirmed,
                 reviewer_confirmed, since_version, updated_version)
-            SELECT item_id, label, label_source, human_confirmed, reviewer_confirmed,
-                   since_version, updated_version
-            FROM corpus_rows
-            ON CONFLICT (item_id) DO UPDATE SET
-                label = excluded.label, label_source = excluded.label_source,
-                human_confirmed = excluded.human_confirmed,
-                reviewer_confirmed = excluded.reviewer_confirmed,
-                since_version = excluded.since_version,
-                updated_version = excluded.updated_version, updated_at = now()
+            VALUES (s.item_id, s.label, s.label_source, s.human_confirmed, s.reviewer_confirmed,
+                    s.since_version, s.updated_version)
             """
         )
     finally:

@@ -254,9 +254,10 @@ def model_evaluation(
             context.log.info(f"{version} was judged by another run meanwhile; nothing recorded")
             return dg.MaterializeResult(metadata={"decision": "judged by another run", "challenger": version})
         con.execute(
-            "INSERT INTO model_evaluations (challenger, champion, decision, reasons, plan, challenger_scores, "
-            "champion_scores, slice_scores, confirm_below, n_eval, run_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [version, champion and champion["model_version"], decision, reasons, json.dumps(plan.as_dict()),
+            "INSERT INTO model_evaluations (evaluation_id, challenger, champion, decision, reasons, plan, "
+            "challenger_scores, champion_scores, slice_scores, confirm_below, n_eval, run_id) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [store.next_number(con, "model_evaluations"), version, champion and champion["model_version"], decision, reasons, json.dumps(plan.as_dict()),
              json.dumps(scores["challenger"]), json.dumps(scores.get("champion")),
              json.dumps(slice_scores) if slice_scores else None, confirm_below, scores["challenger"]["n"],
              run_id(context)],

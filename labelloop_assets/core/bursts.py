@@ -302,8 +302,10 @@ def detect(con: duckdb.DuckDBPyConnection, policy: BurstPolicy, run_id: str) -> 
             con.register("new_volume", volume)
             try:
                 con.execute(
-                    "INSERT INTO correction_volume SELECT day, scope, key, n FROM new_volume "
-                    "ON CONFLICT (day, scope, key) DO UPDATE SET n = correction_volume.n + excluded.n"
+                    "MERGE INTO correction_volume t USING new_volume s "
+                    "ON t.day = s.day AND t.scope = s.scope AND t.key = s.key "
+                    "WHEN MATCHED THEN UPDATE SET n = t.n + s.n "
+                    "WHEN NOT MATCHED THEN INSERT (day, scope, key, n) VALUES (s.day, s.scope, s.key, s.n)"
                 )
             finally:
                 con.unregister("new_volume")
@@ -376,33 +378,31 @@ def _record(con: duckdb.DuckDBPyConnection, found: pl.DataFrame, run_id: str, re
     try:
         con.execute(
             """
-            INSERT INTO correction_bursts (burst_id, day, scope, key, n_events, day_total,
-                baseline_days, baseline_median_share, baseline_mad_share, expected, score, severity,
-                status, reason, evidence, run_id)
-            SELECT burst_id, day, scope, key, n_events, day_total, baseline_days,
-                   baseline_median_share, baseline_mad_share, expected, score, severity, status,
-                   reason, evidence, run_id
-            FROM found_bursts
-            ON CONFLICT (burst_id) DO UPDATE SET
-                n_events = excluded.n_events, day_total = excluded.day_total,
-                baseline_days = excluded.baseline_days,
-                baseline_median_share = excluded.baseline_median_share,
-                baseline_mad_share = excluded.baseline_mad_share, expected = excluded.expected,
-                score = excluded.score, severity = excluded.severity, reason = excluded.reason,
-                evidence = excluded.evidence, updated_at = now(), run_id = excluded.run_id,
+            MERGE INTO correction_bursts b USING found_bursts f ON b.burst_id = f.burst_id
+            WHEN MATCHED THEN UPDATE SET
+                n_events = f.n_events, day_total = f.day_total, baseline_days = f.baseline_days,
+                baseline_median_share = f.baseline_median_share,
+                baseline_mad_share = f.baseline_mad_share, expected = f.expected,
+                score = f.score, severity = f.severity, reason = f.reason,
+                evidence = f.evidence, updated_at = now(), run_id = f.run_id,
                 -- an acknowledged burst keeps its decision, unless a released one has grown well
                 -- past what the reviewer saw; a warning that turned severe is held
                 status = CASE
-                    WHEN correction_bursts.status = 'released' AND excluded.severity = 'severe'
-                     AND excluded.n_events > $regrowth * correction_bursts.n_events_acknowledged THEN 'held'
-                    WHEN correction_bursts.status IN ('released', 'discarded', 'held')
-                    THEN correction_bursts.status ELSE excluded.status END,
+                    WHEN b.status = 'released' AND f.severity = 'severe'
+                     AND f.n_events > $regrowth * b.n_events_acknowledged THEN 'held'
+                    WHEN b.status IN ('released', 'discarded', 'held')
+                    THEN b.status ELSE f.status END,
                 status_changed_at = CASE
-                    WHEN correction_bursts.status = 'released' AND excluded.severity = 'severe'
-                     AND excluded.n_events > $regrowth * correction_bursts.n_events_acknowledged THEN now()
-                    WHEN correction_bursts.status IN ('released', 'discarded', 'held')
-                      OR correction_bursts.status = excluded.status
-                    THEN correction_bursts.status_changed_at ELSE now() END
+                    WHEN b.status = 'released' AND f.severity = 'severe'
+                     AND f.n_events > $regrowth * b.n_events_acknowledged THEN now()
+                    WHEN b.status IN ('released', 'discarded', 'held') OR b.status = f.status
+                    THEN b.status_changed_at ELSE now() END
+            WHEN NOT MATCHED THEN INSERT (burst_id, day, scope, key, n_events, day_total,
+                baseline_days, baseline_median_share, baseline_mad_share, expected, score, severity,
+                status, reason, evidence, run_id)
+            VALUES (f.burst_id, f.day, f.scope, f.key, f.n_events, f.day_total, f.baseline_days,
+                    f.baseline_median_share, f.baseline_mad_share, f.expected, f.score, f.severity,
+                    f.status, f.reason, f.evidence, f.run_id)
             """,
             {"regrowth": regrowth},
         )

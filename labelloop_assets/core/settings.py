@@ -10,6 +10,8 @@ from pathlib import Path
 
 import yaml
 
+from labelloop_assets.core.lake import Lake
+
 LANDING_KINDS = ("items", "predictions", "corrections", "reviews")
 DEFAULTS_DIR = Path(__file__).resolve().parent.parent / "defaults"
 CONFIG_FILES = (
@@ -33,8 +35,17 @@ class Home:
         return cls(Path(os.environ.get("LABELLOOP_HOME", "data/home")).resolve())
 
     @property
-    def database(self) -> Path:
+    def database(self) -> "Path | Lake":
+        """Where the store is: the lake when LABELLOOP_CATALOG is set, else the embedded DuckDB file."""
+        return Lake.from_env(self.root) or self.database_file
+
+    @property
+    def database_file(self) -> Path:
         return self.root / "labelloop.duckdb"
+
+    def has_store(self) -> bool:
+        """False only for an embedded home whose file was never written (the lake's catalog says for itself)."""
+        return isinstance(self.database, Lake) or self.database_file.exists()
 
     @property
     def landing(self) -> Path:

@@ -1,4 +1,9 @@
-"""The DuckDB schema labelloop writes, and small helpers to read and write it.
+"""The schema labelloop writes, the two stores that hold it, and small helpers to read and write it.
+
+One SQL schema serves both backends: the embedded DuckDB file (the default) and the lake
+(DuckLake on PostgreSQL, `core/lake.py`). It uses nothing DuckLake lacks: no PRIMARY KEY or
+UNIQUE, no sequences, no ON CONFLICT. Keys stay unique because every write checks them (anti-joins
+against stored keys, MERGE by key) under one writer at a time, and `duplicate_keys` verifies it.
 
 Large, growing tables (raw corrections, label history, quarantine) are append-only; derived
 tables that hold one row per item (`production_corpus`) are merged in place by key.
@@ -17,16 +22,18 @@ from typing import Any
 import duckdb
 import polars as pl
 
+from labelloop_assets.core import lake
+from labelloop_assets.core.lake import Lake
 from labelloop_assets.core.settings import env_number
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 DDL = """
-CREATE TABLE IF NOT EXISTS schema_info (key VARCHAR PRIMARY KEY, value VARCHAR);
-CREATE TABLE IF NOT EXISTS pipeline_state (name VARCHAR PRIMARY KEY, value BIGINT NOT NULL);
+CREATE TABLE IF NOT EXISTS schema_info (key VARCHAR NOT NULL, value VARCHAR);
+CREATE TABLE IF NOT EXISTS pipeline_state (name VARCHAR NOT NULL, value BIGINT NOT NULL);
 
 CREATE TABLE IF NOT EXISTS ingested_files (
-    path VARCHAR PRIMARY KEY, kind VARCHAR NOT NULL, size_bytes BIGINT,
+    path VARCHAR NOT NULL, kind VARCHAR NOT NULL, size_bytes BIGINT,
     records_in BIGINT NOT NULL, accepted BIGINT NOT NULL, quarantined BIGINT NOT NULL,
     blank_lines BIGINT NOT NULL, ingested_at TIMESTAMPTZ NOT NULL DEFAULT now(), run_id VARCHAR
 );
@@ -39,24 +46,22 @@ CREATE TABLE IF NOT EXISTS quarantine (
 CREATE OR REPLACE VIEW quarantined_corrections AS
     SELECT * EXCLUDE (kind) FROM quarantine WHERE kind = 'corrections';
 
-CREATE SEQUENCE IF NOT EXISTS items_seq;
 CREATE TABLE IF NOT EXISTS items (
-    seq BIGINT NOT NULL DEFAULT nextval('items_seq'), item_id VARCHAR PRIMARY KEY, features DOUBLE[] NOT NULL,
+    seq BIGINT NOT NULL, item_id VARCHAR NOT NULL, features DOUBLE[] NOT NULL,
     initial_label VARCHAR, label_source VARCHAR, gold_label VARCHAR,
     payload_hash VARCHAR NOT NULL, source_file VARCHAR, line_no BIGINT,
     ingested_at TIMESTAMPTZ NOT NULL DEFAULT now(), run_id VARCHAR
 );
 
 CREATE TABLE IF NOT EXISTS predictions (
-    prediction_id VARCHAR PRIMARY KEY, item_id VARCHAR NOT NULL, model_version VARCHAR NOT NULL,
+    prediction_id VARCHAR NOT NULL, item_id VARCHAR NOT NULL, model_version VARCHAR NOT NULL,
     predicted_label VARCHAR NOT NULL, confidence DOUBLE NOT NULL, probabilities VARCHAR,
     served_at TIMESTAMPTZ NOT NULL, payload_hash VARCHAR NOT NULL, source_file VARCHAR,
     line_no BIGINT, ingested_at TIMESTAMPTZ NOT NULL DEFAULT now(), run_id VARCHAR
 );
 
-CREATE SEQUENCE IF NOT EXISTS raw_corrections_seq;
 CREATE TABLE IF NOT EXISTS raw_corrections (
-    seq BIGINT NOT NULL DEFAULT nextval('raw_corrections_seq'), event_id VARCHAR PRIMARY KEY,
+    seq BIGINT NOT NULL, event_id VARCHAR NOT NULL,
     item_id VARCHAR NOT NULL, corrected_label VARCHAR NOT NULL, original_label VARCHAR, user_pseudonym VARCHAR NOT NULL,
     user_role VARCHAR NOT NULL, source VARCHAR NOT NULL, consent BOOLEAN NOT NULL,
     created_at TIMESTAMPTZ NOT NULL, model_version VARCHAR, prediction_id VARCHAR,
@@ -65,7 +70,7 @@ CREATE TABLE IF NOT EXISTS raw_corrections (
 );
 
 CREATE TABLE IF NOT EXISTS validated_labels (
-    seq BIGINT NOT NULL, event_id VARCHAR PRIMARY KEY, item_id VARCHAR NOT NULL,
+    seq BIGINT NOT NULL, event_id VARCHAR NOT NULL, item_id VARCHAR NOT NULL,
     corrected_label VARCHAR NOT NULL, original_label VARCHAR, label_before VARCHAR,
     predicted_label VARCHAR, prediction_confidence DOUBLE, model_version VARCHAR,
     prediction_id VARCHAR, prediction_found BOOLEAN NOT NULL, user_pseudonym VARCHAR NOT NULL,
@@ -74,9 +79,8 @@ CREATE TABLE IF NOT EXISTS validated_labels (
     run_id VARCHAR
 );
 
-CREATE SEQUENCE IF NOT EXISTS label_decisions_seq;
 CREATE TABLE IF NOT EXISTS label_decisions (
-    decision_id BIGINT PRIMARY KEY DEFAULT nextval('label_decisions_seq'), item_id VARCHAR NOT NULL, current_label VARCHAR,
+    decision_id BIGINT NOT NULL, item_id VARCHAR NOT NULL, current_label VARCHAR,
     proposed_label VARCHAR NOT NULL, support DOUBLE NOT NULL, total_weight DOUBLE NOT NULL,
     share DOUBLE NOT NULL, n_contributors INTEGER NOT NULL, n_supporters INTEGER,
     by_authority BOOLEAN, status VARCHAR NOT NULL, escalation_reason VARCHAR,
@@ -90,9 +94,8 @@ CREATE OR REPLACE VIEW latest_label_decisions AS
     SELECT * FROM label_decisions
     QUALIFY row_number() OVER (PARTITION BY item_id ORDER BY decision_id DESC) = 1;
 
-CREATE SEQUENCE IF NOT EXISTS review_decisions_seq;
 CREATE TABLE IF NOT EXISTS review_decisions (
-    seq BIGINT NOT NULL DEFAULT nextval('review_decisions_seq'), decision_id VARCHAR PRIMARY KEY,
+    seq BIGINT NOT NULL, decision_id VARCHAR NOT NULL,
     escalation_id VARCHAR NOT NULL, item_id VARCHAR, decision VARCHAR NOT NULL,
     label VARCHAR, reviewer_pseudonym VARCHAR NOT NULL, reviewer_role VARCHAR NOT NULL,
     rationale VARCHAR NOT NULL, decided_at TIMESTAMPTZ NOT NULL, payload_hash VARCHAR NOT NULL,
@@ -101,7 +104,7 @@ CREATE TABLE IF NOT EXISTS review_decisions (
 );
 
 CREATE TABLE IF NOT EXISTS escalations (
-    escalation_id VARCHAR PRIMARY KEY, item_id VARCHAR NOT NULL, reason VARCHAR NOT NULL,
+    escalation_id VARCHAR NOT NULL, item_id VARCHAR NOT NULL, reason VARCHAR NOT NULL,
     current_label VARCHAR, proposed_label VARCHAR, support DOUBLE, share DOUBLE,
     n_contributors INTEGER, event_ids VARCHAR[], rationale VARCHAR, model_confidence DOUBLE,
     opened_at TIMESTAMPTZ NOT NULL, sla_deadline TIMESTAMPTZ NOT NULL, age_hours DOUBLE,
@@ -111,12 +114,11 @@ CREATE TABLE IF NOT EXISTS escalations (
 -- Corrections per day and scope (contributor pseudonym, or segment `source/label`): the
 -- baseline that correction bursts are scored against, grown by each batch's counts.
 CREATE TABLE IF NOT EXISTS correction_volume (
-    day DATE NOT NULL, scope VARCHAR NOT NULL, key VARCHAR NOT NULL, n BIGINT NOT NULL,
-    PRIMARY KEY (day, scope, key)
+    day DATE NOT NULL, scope VARCHAR NOT NULL, key VARCHAR NOT NULL, n BIGINT NOT NULL
 );
 
 CREATE TABLE IF NOT EXISTS correction_bursts (
-    burst_id VARCHAR PRIMARY KEY, day DATE NOT NULL, scope VARCHAR NOT NULL, key VARCHAR NOT NULL,
+    burst_id VARCHAR NOT NULL, day DATE NOT NULL, scope VARCHAR NOT NULL, key VARCHAR NOT NULL,
     n_events BIGINT NOT NULL, day_total BIGINT NOT NULL, baseline_days BIGINT NOT NULL,
     baseline_median_share DOUBLE, baseline_mad_share DOUBLE, expected DOUBLE, score DOUBLE,
     severity VARCHAR NOT NULL, status VARCHAR NOT NULL, reason VARCHAR NOT NULL, evidence VARCHAR,
@@ -133,15 +135,17 @@ CREATE TABLE IF NOT EXISTS audit_log (
 );
 
 CREATE TABLE IF NOT EXISTS contributor_reliability (
-    user_pseudonym VARCHAR PRIMARY KEY, n_votes BIGINT NOT NULL, n_anchored BIGINT NOT NULL,
+    user_pseudonym VARCHAR NOT NULL, n_votes BIGINT NOT NULL, n_anchored BIGINT NOT NULL,
     n_anchor_agreements BIGINT NOT NULL, accuracy DOUBLE NOT NULL, estimated_at TIMESTAMPTZ NOT NULL,
     corpus_version INTEGER
 );
 
 CREATE TABLE IF NOT EXISTS corpus_versions (
-    corpus_version INTEGER PRIMARY KEY, created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    corpus_version INTEGER NOT NULL, created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
     n_new_items BIGINT NOT NULL, n_label_changes BIGINT NOT NULL, n_confirmations BIGINT NOT NULL,
-    n_items BIGINT NOT NULL, label_changes_total BIGINT NOT NULL, run_id VARCHAR
+    n_items BIGINT NOT NULL, label_changes_total BIGINT NOT NULL, run_id VARCHAR,
+    -- On the lake: the DuckLake snapshot that committed this version (time travel reads it).
+    lake_snapshot BIGINT
 );
 
 CREATE TABLE IF NOT EXISTS label_history (
@@ -154,14 +158,14 @@ CREATE TABLE IF NOT EXISTS label_history (
 );
 
 CREATE TABLE IF NOT EXISTS production_corpus (
-    item_id VARCHAR PRIMARY KEY, label VARCHAR NOT NULL, label_source VARCHAR NOT NULL,
+    item_id VARCHAR NOT NULL, label VARCHAR NOT NULL, label_source VARCHAR NOT NULL,
     human_confirmed BOOLEAN NOT NULL, reviewer_confirmed BOOLEAN NOT NULL DEFAULT false,
     since_version INTEGER NOT NULL,
     updated_version INTEGER NOT NULL, updated_at TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 
 CREATE TABLE IF NOT EXISTS models (
-    model_version VARCHAR PRIMARY KEY, corpus_version INTEGER NOT NULL,
+    model_version VARCHAR NOT NULL, corpus_version INTEGER NOT NULL,
     trained_at TIMESTAMPTZ NOT NULL DEFAULT now(), n_train_rows BIGINT NOT NULL, n_classes INTEGER NOT NULL,
     algorithm VARCHAR NOT NULL, params VARCHAR NOT NULL, train_data_hash VARCHAR NOT NULL,
     gold_accuracy DOUBLE, gold_macro_f1 DOUBLE, n_gold BIGINT NOT NULL,
@@ -171,15 +175,14 @@ CREATE TABLE IF NOT EXISTS models (
 );
 
 CREATE TABLE IF NOT EXISTS release_notes (
-    evaluation_id BIGINT PRIMARY KEY, challenger VARCHAR NOT NULL, champion VARCHAR,
+    evaluation_id BIGINT NOT NULL, challenger VARCHAR NOT NULL, champion VARCHAR,
     decision VARCHAR NOT NULL, n_label_changes BIGINT NOT NULL, attribution VARCHAR,
     markdown VARCHAR NOT NULL, path VARCHAR NOT NULL, written_at TIMESTAMPTZ NOT NULL DEFAULT now(),
     run_id VARCHAR
 );
 
-CREATE SEQUENCE IF NOT EXISTS model_evaluations_seq;
 CREATE TABLE IF NOT EXISTS model_evaluations (
-    evaluation_id BIGINT PRIMARY KEY DEFAULT nextval('model_evaluations_seq'),
+    evaluation_id BIGINT NOT NULL,
     evaluated_at TIMESTAMPTZ NOT NULL DEFAULT now(), challenger VARCHAR NOT NULL, champion VARCHAR,
     decision VARCHAR NOT NULL, reasons VARCHAR[] NOT NULL, plan VARCHAR NOT NULL,
     challenger_scores VARCHAR NOT NULL, champion_scores VARCHAR, slice_scores VARCHAR,
@@ -230,7 +233,7 @@ CREATE TABLE IF NOT EXISTS label_drift (
 );
 
 CREATE TABLE IF NOT EXISTS label_issue_candidates (
-    rank BIGINT NOT NULL, item_id VARCHAR PRIMARY KEY, label VARCHAR NOT NULL,
+    rank BIGINT NOT NULL, item_id VARCHAR NOT NULL, label VARCHAR NOT NULL,
     suggested_label VARCHAR, score DOUBLE NOT NULL, self_confidence DOUBLE, margin DOUBLE,
     cl_issue BOOLEAN, votes_against DOUBLE, votes_for DOUBLE, reviewer_confirmed BOOLEAN,
     reasons VARCHAR[], corpus_version INTEGER, computed_at TIMESTAMPTZ NOT NULL DEFAULT now(),
@@ -291,38 +294,58 @@ CREATE OR REPLACE VIEW label_lineage AS
 """
 
 
-def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
-    """Create every table and view that is missing; a newer file is refused, not downgraded."""
-    con.execute(DDL)
-    found = con.execute("SELECT value FROM schema_info WHERE key = 'schema_version'").fetchall()
-    if not found:
-        con.execute("INSERT INTO schema_info VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
-    elif int(found[0][0]) < SCHEMA_VERSION:
-        _migrate(con, int(found[0][0]))
-    elif int(found[0][0]) > SCHEMA_VERSION:
+def schema_version(con: Any) -> int | None:
+    """The stored schema version; None for a store without labelloop's schema."""
+    try:
+        found = con.execute("SELECT value FROM schema_info WHERE key = 'schema_version'").fetchall()
+    except duckdb.CatalogException:
+        return None
+    return int(found[0][0]) if found else None
+
+
+def ensure_schema(con: Any) -> None:
+    """Create every table and view that is missing; a newer store is refused, not downgraded.
+
+    A store already at SCHEMA_VERSION is left as it is: on the lake every DDL statement is a
+    catalog commit, and concurrent ones conflict.
+    """
+    found = schema_version(con)
+    if found == SCHEMA_VERSION:
+        return
+    if found is not None and found > SCHEMA_VERSION:
         raise RuntimeError(
-            f"the DuckDB file has schema version {found[0][0]}, newer than this labelloop "
-            f"({SCHEMA_VERSION}); upgrade labelloop before running it on this file"
+            f"the store has schema version {found}, newer than this labelloop "
+            f"({SCHEMA_VERSION}); upgrade labelloop before running it on this store"
         )
-
-
-def _migrate(con: duckdb.DuckDBPyConnection, found: int) -> None:
-    """Bring an older file up to SCHEMA_VERSION in place, in one transaction."""
     with transaction(con):
-        if found < 2:
-            # Version 2: burst acknowledgements are review decisions without an item; models have
-            # a status, and the newest model of a version-1 file is its champion.
-            con.execute("ALTER TABLE review_decisions ALTER COLUMN item_id DROP NOT NULL")
-            con.execute("ALTER TABLE models ADD COLUMN IF NOT EXISTS status VARCHAR DEFAULT 'retired'")
-            con.execute("ALTER TABLE models ADD COLUMN IF NOT EXISTS confirm_below DOUBLE")
-            con.execute("UPDATE models SET status = 'retired'")
+        if found is not None:
+            _migrate(con, found)
+        con.execute(DDL)
+        if found is None:
+            con.execute("INSERT INTO schema_info VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
+        else:
             con.execute(
-                "UPDATE models SET status = 'champion' WHERE model_version = "
-                "(SELECT model_version FROM models ORDER BY trained_at DESC LIMIT 1)"
+                "UPDATE schema_info SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION)]
             )
+
+
+def _migrate(con: Any, found: int) -> None:
+    """Bring an older store up to SCHEMA_VERSION in place (inside ensure_schema's transaction)."""
+    if found < 2:
+        # Version 2: burst acknowledgements are review decisions without an item; models have
+        # a status, and the newest model of a version-1 file is its champion.
+        con.execute("ALTER TABLE review_decisions ALTER COLUMN item_id DROP NOT NULL")
+        con.execute("ALTER TABLE models ADD COLUMN IF NOT EXISTS status VARCHAR DEFAULT 'retired'")
+        con.execute("ALTER TABLE models ADD COLUMN IF NOT EXISTS confirm_below DOUBLE")
+        con.execute("UPDATE models SET status = 'retired'")
         con.execute(
-            "UPDATE schema_info SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION)]
+            "UPDATE models SET status = 'champion' WHERE model_version = "
+            "(SELECT model_version FROM models ORDER BY trained_at DESC LIMIT 1)"
         )
+    if found < 3:
+        # Version 3: corpus versions name the lake snapshot that committed them. Older files keep
+        # their PRIMARY KEYs and sequences; nothing relies on them any more.
+        con.execute("ALTER TABLE corpus_versions ADD COLUMN IF NOT EXISTS lake_snapshot BIGINT")
 
 
 # DuckDB lets one process at a time hold the file for writing, and a process holding it open
@@ -335,8 +358,15 @@ _LOCKED = "Could not set lock on file"
 _LOCK_HOLDER = re.compile(r"Conflicting lock is held in (?P<program>.*?) \(PID (?P<pid>\d+)\)")
 
 
+_NEWER_FILE = "created with an newer version of DuckDB"
+
+
 class DatabaseBusy(duckdb.IOException):
     """Another process held the DuckDB file for longer than labelloop waits for it."""
+
+
+class NewerDatabaseFile(duckdb.IOException):
+    """The DuckDB file was written by a later DuckDB release than the one installed."""
 
 
 def wait_seconds() -> float:
@@ -362,6 +392,13 @@ def open_database(
         try:
             return duckdb.connect(str(database), read_only=read_only, config=config or {})
         except duckdb.IOException as error:
+            if _NEWER_FILE in str(error):
+                raise NewerDatabaseFile(
+                    f"{database} was written by a newer DuckDB than this labelloop's "
+                    f"({duckdb.__version__}): DuckDB cannot read files of later releases. Export it "
+                    "with the DuckDB that wrote it (EXPORT DATABASE, then IMPORT DATABASE here), or "
+                    "start a fresh home (the demo's: `make clean demo`)"
+                ) from None
             if _LOCKED not in str(error):
                 raise
             holder = _LOCK_HOLDER.search(str(error))
@@ -385,17 +422,21 @@ def _tell(message: str) -> None:
 
 
 def connect(
-    database: Path,
+    database: "Path | Lake",
     read_only: bool = False,
     config: dict | None = None,
     on_wait: Callable[[str], None] | None = None,
-) -> duckdb.DuckDBPyConnection:
+) -> Any:
     """An open connection with labelloop's schema in place; `with connect(...) as con:` closes it.
 
-    The file is opened here, not on entering the block, so a caller's `try` around this call
-    sees a busy or unreadable file.
+    `database` is the embedded DuckDB file or a `Lake` (see `Home.database`). The store is opened
+    here, not on entering the block, so a caller's `try` around this call sees a busy or
+    unreadable store. A writer on the lake holds the catalog's writer lock until it closes.
     """
-    con = open_database(database, read_only, config, on_wait)
+    if isinstance(database, Lake):
+        con = lake.connect(database, read_only, wait_seconds(), on_wait or _tell)
+    else:
+        con = open_database(database, read_only, config, on_wait)
     if not read_only:
         try:
             ensure_schema(con)
@@ -426,17 +467,53 @@ def scalar(con: duckdb.DuckDBPyConnection, sql: str, params: Any = None) -> Any:
     return rows[0][0] if rows else None
 
 
-def append(con: duckdb.DuckDBPyConnection, table: str, rows: pl.DataFrame) -> int:
-    """Insert a frame into a table by column name (columns the frame lacks get defaults)."""
+# Tables whose rows are numbered in insertion order (what sequences did before): the number
+# continues from the table's largest, which is safe because one writer holds the store at a time.
+SERIALS = {
+    "items": "seq",
+    "raw_corrections": "seq",
+    "review_decisions": "seq",
+    "label_decisions": "decision_id",
+    "model_evaluations": "evaluation_id",
+}
+
+
+def append(con: Any, table: str, rows: pl.DataFrame) -> int:
+    """Insert a frame into a table by column name (columns the frame lacks get defaults).
+
+    A numbered table's rows get the next numbers, in the frame's order.
+    """
     if rows.height == 0:
         return 0
     columns = ", ".join(rows.columns)
+    values = columns
+    serial = SERIALS.get(table)
+    if serial and serial not in rows.columns:
+        rows = rows.with_row_index("_append_order")
+        values = (
+            f"(SELECT coalesce(max({serial}), 0) FROM {table}) "
+            f"+ row_number() OVER (ORDER BY _append_order), {columns}"
+        )
+        columns = f"{serial}, {columns}"
     con.register("rows_to_append", rows)
     try:
-        con.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM rows_to_append")
+        con.execute(f"INSERT INTO {table} ({columns}) SELECT {values} FROM rows_to_append")
     finally:
         con.unregister("rows_to_append")
     return rows.height
+
+
+def next_number(con: Any, table: str) -> int:
+    """The number the next row of a numbered table gets."""
+    return int(scalar(con, f"SELECT coalesce(max({SERIALS[table]}), 0) + 1 FROM {table}"))
+
+
+def duplicate_keys(con: Any, table: str, key: str, limit: int = 5) -> list:
+    """Keys that occur more than once in `table` (uniqueness is kept by the writes; this verifies it)."""
+    rows = con.execute(
+        f"SELECT {key} FROM {table} GROUP BY {key} HAVING count(*) > 1 ORDER BY {key} LIMIT ?", [limit]
+    ).fetchall()
+    return [r[0] for r in rows]
 
 
 def corpus_head(con: duckdb.DuckDBPyConnection) -> tuple[int, int]:
@@ -462,7 +539,9 @@ def get_state(con: duckdb.DuckDBPyConnection, name: str, default: int = 0) -> in
 
 def set_state(con: duckdb.DuckDBPyConnection, name: str, value: int) -> None:
     con.execute(
-        "INSERT INTO pipeline_state VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+        "MERGE INTO pipeline_state t USING (SELECT ?::VARCHAR AS name, ?::BIGINT AS value) s "
+        "ON t.name = s.name WHEN MATCHED THEN UPDATE SET value = s.value "
+        "WHEN NOT MATCHED THEN INSERT (name, value) VALUES (s.name, s.value)",
         [name, value],
     )
 

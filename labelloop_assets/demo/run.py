@@ -54,7 +54,7 @@ def prepare_home(root: Path) -> Home:
 
 def _holds_loop_data(home: Home) -> bool:
     landed = home.landing.exists() and any(p.is_file() for p in home.landing.rglob("*"))
-    return home.database.exists() or landed or (home.models.exists() and any(home.models.iterdir()))
+    return home.database_file.exists() or landed or (home.models.exists() and any(home.models.iterdir()))
 
 
 @dataclass

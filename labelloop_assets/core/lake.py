@@ -1,0 +1,259 @@
+"""The lake backend: DuckLake with its catalog in PostgreSQL and its data files on shared storage.
+
+`LABELLOOP_CATALOG` (a libpq string, e.g. `dbname=labelloop host=db user=labelloop`) selects it;
+`LABELLOOP_DATA_PATH` names where data files go (a shared folder or `s3://bucket/prefix/`;
+default `$LABELLOOP_HOME/lake`). Every run attaches the same catalog, so a run may start on any
+host: nothing it needs is on its local disk.
+
+Writers are serialized by a PostgreSQL advisory lock held for the connection's lifetime (Dagster's
+pools are not atomic on PostgreSQL either); the server frees it when the holder's connection
+ends, a killed process included. Readers take no lock: DuckLake gives each query a snapshot.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+CATALOG_ENV = "LABELLOOP_CATALOG"
+DATA_PATH_ENV = "LABELLOOP_DATA_PATH"
+READER_CATALOG_ENV = "LABELLOOP_READER_CATALOG"
+ALIAS = "lake"
+
+# The extensions ship as registry wheels holding DuckDB's signed binaries, so no run downloads
+# anything; a deployment with network may instead INSTALL them from DuckDB's repository.
+EXTENSIONS = {
+    "postgres_scanner": "duckdb_extension_postgres_scanner",
+    "ducklake": "duckdb_extension_ducklake",
+    "httpfs": "duckdb_extension_httpfs",
+}
+# One advisory lock (two 32-bit keys) for every writer of one catalog.
+_WRITER_LOCK = (0x4C4C, 1)
+
+
+class LakeError(RuntimeError):
+    """The lake cannot be reached or used; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class Lake:
+    """Where the lake is: the catalog's libpq string and the data files' path."""
+
+    catalog: str
+    data_path: str
+    reader_catalog: str | None = None
+
+    @classmethod
+    def from_env(cls, home_root: Path) -> "Lake | None":
+        catalog = os.environ.get(CATALOG_ENV, "").strip()
+        if not catalog:
+            return None
+        data_path = os.environ.get(DATA_PATH_ENV, "").strip() or str(home_root / "lake")
+        reader = os.environ.get(READER_CATALOG_ENV, "").strip() or None
+        return cls(catalog, data_path, reader)
+
+    @property
+    def on_s3(self) -> bool:
+        return self.data_path.startswith("s3://")
+
+    def __str__(self) -> str:
+        return self.describe()
+
+    def describe(self) -> str:
+        """The catalog without secrets, for messages."""
+        shown = " ".join(p for p in self.catalog.split() if not p.lower().startswith("password="))
+        return f"DuckLake catalog '{shown}' (data in {self.data_path})"
+
+
+def extension_file(name: str) -> Path | None:
+    """The extension binary inside its installed registry package, if that package is here."""
+    try:
+        module = importlib.import_module(EXTENSIONS[name])
+    except ImportError:
+        return None
+    found = sorted(Path(module.__file__).parent.glob(f"extensions/v{duckdb.__version__}/{name}.duckdb_extension"))
+    return found[0] if found else None
+
+
+def load_extension(con: duckdb.DuckDBPyConnection, name: str) -> None:
+    path = extension_file(name)
+    try:
+        if path is not None:
+            con.execute(f"LOAD '{_quote(str(path))}'")
+        else:
+            con.execute(f"INSTALL {name}")
+            con.execute(f"LOAD {name}")
+    except duckdb.Error as error:
+        raise LakeError(
+            f"DuckDB's {name} extension could not be loaded ({error}); install the package "
+            f"{EXTENSIONS[name].replace('_', '-')}=={duckdb.__version__} or give DuckDB network "
+            "access to its extension repository"
+        ) from None
+
+
+def _quote(text: str) -> str:
+    return text.replace("'", "''")
+
+
+def _s3_secret(con: duckdb.DuckDBPyConnection) -> None:
+    """S3 credentials from the standard AWS environment variables (an endpoint for S3-compatible stores)."""
+    options = {"TYPE": "s3"}
+    for env, option in (("AWS_ACCESS_KEY_ID", "KEY_ID"), ("AWS_SECRET_ACCESS_KEY", "SECRET"),
+                        ("AWS_SESSION_TOKEN", "SESSION_TOKEN"), ("AWS_REGION", "REGION")):
+        if os.environ.get(env):
+            options[option] = os.environ[env]
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        options["ENDPOINT"] = endpoint.split("://", 1)[-1].rstrip("/")
+        options["USE_SSL"] = "false" if endpoint.startswith("http://") else "true"
+        options["URL_STYLE"] = "path"
+    body = ", ".join(
+        f"{key} {value}" if key in ("TYPE", "USE_SSL") else f"{key} '{_quote(value)}'"
+        for key, value in options.items()
+    )
+    con.execute(f"CREATE OR REPLACE SECRET labelloop_s3 ({body})")
+
+
+def attach(lake: Lake, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB with the lake attached as `lake` and in use."""
+    con = duckdb.connect()
+    try:
+        for name in ("postgres_scanner", "ducklake") + (("httpfs",) if lake.on_s3 else ()):
+            load_extension(con, name)
+        if lake.on_s3:
+            _s3_secret(con)
+        catalog = lake.reader_catalog if read_only and lake.reader_catalog else lake.catalog
+        options = [f"DATA_PATH '{_quote(lake.data_path)}'"] + (["READ_ONLY"] if read_only else [])
+        try:
+            con.execute(f"ATTACH 'ducklake:postgres:{_quote(catalog)}' AS {ALIAS} ({', '.join(options)})")
+        except duckdb.Error as error:
+            raise LakeError(f"cannot attach the {lake.describe()}: {error}") from None
+        con.execute(f"USE {ALIAS}")
+        return con
+    except BaseException:
+        con.close()
+        raise
+
+
+class WriterLock:
+    """The catalog's writer lock: a session-level advisory lock on its own PostgreSQL connection."""
+
+    def __init__(self, catalog: str) -> None:
+        self.catalog = catalog
+        self._pg: Any = None
+
+    def acquire(self, wait_seconds: float, on_wait: Callable[[str], None]) -> None:
+        import psycopg2
+
+        try:
+            self._pg = psycopg2.connect(
+                self.catalog, application_name=f"labelloop writer (PID {os.getpid()} on {socket.gethostname()})"
+            )
+        except psycopg2.Error as error:
+            raise LakeError(f"cannot connect to the lake's catalog for its writer lock: {error}".strip()) from None
+        self._pg.autocommit = True
+        deadline, pause, told = time.monotonic() + wait_seconds, 0.05, False
+        with self._pg.cursor() as cursor:
+            while True:
+                cursor.execute("SELECT pg_try_advisory_lock(%s, %s)", _WRITER_LOCK)
+                if cursor.fetchone()[0]:
+                    return
+                who = self.holder()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self.release()
+                    raise LakeBusy(
+                        f"the lake's writer lock is held by {who}; retried for {wait_seconds:g} s. Try "
+                        "again when it has finished (or wait longer: LABELLOOP_DB_WAIT_SECONDS)"
+                    )
+                if not told:
+                    on_wait(f"the lake's writer lock is held by {who}; waiting up to {wait_seconds:g} s for it")
+                    told = True
+                time.sleep(min(pause, remaining))
+                pause = min(pause * 2, 0.5)
+
+    def holder(self) -> str:
+        with self._pg.cursor() as cursor:
+            cursor.execute(
+                "SELECT a.application_name, a.client_addr FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
+                "WHERE l.locktype = 'advisory' AND l.granted AND l.classid = %s AND l.objid = %s "
+                "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+                _WRITER_LOCK,
+            )
+            row = cursor.fetchone()
+        if not row:
+            return "another writer"
+        return f"{row[0] or 'another writer'}" + (f" from {row[1]}" if row[1] else "")
+
+    def release(self) -> None:
+        if self._pg is not None:
+            # Closing the session frees its advisory locks.
+            self._pg.close()
+            self._pg = None
+
+
+class LakeBusy(LakeError):
+    """Another writer held the lake for longer than labelloop waits."""
+
+
+class LakeConnection:
+    """A DuckDB connection to the lake that holds the writer lock until it is closed.
+
+    Behaves as the DuckDB connection it wraps (`execute`, `sql`, `register`, ...).
+    """
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, lock: WriterLock | None, lake: Lake) -> None:
+        self._con = con
+        self._lock = lock
+        self.lake = lake
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._con, name)
+
+    def close(self) -> None:
+        try:
+            self._con.close()
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+
+    def __enter__(self) -> "LakeConnection":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def connect(
+    lake: Lake, read_only: bool, wait_seconds: float, on_wait: Callable[[str], None]
+) -> LakeConnection:
+    """Attach the lake; a writer first takes the catalog's writer lock (waiting up to `wait_seconds`)."""
+    lock = None
+    if not read_only:
+        lock = WriterLock(lake.catalog)
+        lock.acquire(wait_seconds, on_wait)
+    try:
+        return LakeConnection(attach(lake, read_only), lock, lake)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def is_lake(con: Any) -> bool:
+    return isinstance(con, LakeConnection)
+
+
+def current_snapshot(con: Any) -> int | None:
+    """The lake snapshot the connection sees now (None on the embedded store)."""
+    if not is_lake(con):
+        return None
+    return int(con.execute(f"SELECT id FROM {ALIAS}.current_snapshot()").fetchone()[0])
