@@ -9,7 +9,7 @@ export LABELLOOP_HOME ?= $(CURDIR)/data/home
 export DAGSTER_HOME := $(CURDIR)
 export LABELLOOP_DAGSTER_STORAGE ?= $(LABELLOOP_HOME)/dagster
 
-.PHONY: venv demo test dev bench clean browser e2e
+.PHONY: venv demo test dev bench clean browser e2e postgres
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,11 +27,17 @@ demo: venv
 browser:
 	@bash scripts/install-browser.sh || echo "make: Chromium not installed; the browser test will be skipped outside CI"
 
+# Debian's PostgreSQL server binaries: the tests start a private throwaway server from them
+# (labelloop_tests/pg.py; LABELLOOP_TEST_PG names a server to use instead). Without root the
+# PostgreSQL tests are skipped locally (under CI they fail with a clear message instead).
+postgres:
+	@bash scripts/install-postgres.sh || echo "make: PostgreSQL not installed; the PostgreSQL tests will be skipped outside CI"
+
 # Test files run in TEST_WORKERS processes (one file stays in one process, so module-scoped
 # fixtures are built once); TEST_WORKERS=0 runs everything in this process.
 TEST_WORKERS ?= 2
 
-test: venv browser
+test: venv browser postgres
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 e2e: venv browser

@@ -19,7 +19,7 @@ from labelloop_assets.checks.schema_checks import (
     markdown_table,
     schema_check_result,
 )
-from labelloop_assets.core import bursts, corpus, resolve, review, schemas, store
+from labelloop_assets.core import bursts, corpus, lake, resolve, review, schemas, store
 from labelloop_assets.resources import LabelloopHome, open_store
 
 GROUP = "curation"
@@ -311,6 +311,7 @@ def production_corpus(
         if validation.passed:
             with store.transaction(con):
                 if changes.height:
+                    lake.name_commit(con, lake.CORPUS_COMMIT.format(version=version))
                     store.append(con, "label_history", changes.with_columns(run_id=pl.lit(run_id(context))))
                     _merge_corpus(con, rows)
                     con.execute(
@@ -339,6 +340,8 @@ def production_corpus(
                 if reviews.height:
                     store.set_state(con, APPLIED_REVIEWS, int(reviews["seq"].max()))
         published = validation.passed and changes.height > 0
+        if published:
+            lake.stamp_corpus_snapshots(con)
         distribution = store.frame(
             con, "SELECT label, count(*) AS items, count(*) FILTER (WHERE human_confirmed) AS "
             "human_confirmed FROM production_corpus GROUP BY label ORDER BY label",

@@ -257,3 +257,34 @@ def current_snapshot(con: Any) -> int | None:
     if not is_lake(con):
         return None
     return int(con.execute(f"SELECT id FROM {ALIAS}.current_snapshot()").fetchone()[0])
+
+
+CORPUS_COMMIT = "corpus v{version}"
+
+
+def name_commit(con: Any, message: str) -> None:
+    """Name the lake commit of the open transaction (it shows in `lake.snapshots()`); no-op when embedded."""
+    if is_lake(con):
+        con.execute(f"CALL {ALIAS}.set_commit_message('labelloop', '{_quote(message)}')")
+
+
+def stamp_corpus_snapshots(con: Any) -> int:
+    """Record in `corpus_versions.lake_snapshot` the snapshot that committed each version.
+
+    The commit itself is named `corpus vN` atomically with the version; this copies the name's
+    snapshot into the table afterwards (again after a crash in between). Returns rows stamped.
+    """
+    if not is_lake(con):
+        return 0
+    missing = con.execute("SELECT count(*) FROM corpus_versions WHERE lake_snapshot IS NULL").fetchone()[0]
+    if not missing:
+        return 0
+    con.execute(
+        f"""
+        UPDATE corpus_versions c SET lake_snapshot = s.snapshot_id
+        FROM (SELECT snapshot_id, commit_message FROM {ALIAS}.snapshots()
+              WHERE author = 'labelloop' AND commit_message LIKE 'corpus v%') s
+        WHERE c.lake_snapshot IS NULL AND s.commit_message = 'corpus v' || c.corpus_version
+        """
+    )
+    return int(missing)
