@@ -13,7 +13,7 @@ import duckdb
 import polars as pl
 
 from labelloop_assets.core import store
-from labelloop_assets.core.lake import LakeError
+from labelloop_assets.core.lake import Lake, LakeError
 from labelloop_assets.core.settings import Home, LabelloopConfigError
 
 
@@ -492,6 +492,47 @@ def cmd_model_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sql(args: argparse.Namespace) -> int:
+    """A read-only query on the store: the embedded file opened read-only, or the lake attached
+    read-only with the reader role (LABELLOOP_READER_CATALOG) when one is configured."""
+    home = _home()
+    with _read(home) as con:
+        try:
+            result = con.sql(args.query)
+            rows = result.pl() if result is not None else pl.DataFrame()
+        except duckdb.Error as error:
+            text = str(error)
+            text = text if len(text) <= 800 else f"{text[:800]}... ({len(text)} characters)"
+            print(f"labelloop: the query failed: {_safe(text)}", file=sys.stderr)
+            return 1
+    if args.limit is not None:
+        rows = rows.head(args.limit)
+    _print(rows, args.json)
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Copy this home's embedded DuckDB file into the lake that LABELLOOP_CATALOG names."""
+    home = _home()
+    target = home.database
+    if not isinstance(target, Lake):
+        print("labelloop: set LABELLOOP_CATALOG (a libpq string) to the lake to copy into", file=sys.stderr)
+        return 1
+    source = Path(args.source) if args.source else home.database_file
+    if not source.is_file():
+        print(f"labelloop: no DuckDB file at {_shown(str(source))}", file=sys.stderr)
+        return 1
+    try:
+        copied = store.copy_into_lake(source, target)
+    except (LakeError, duckdb.Error) as error:
+        print(f"labelloop: nothing copied: {_safe(error)}", file=sys.stderr)
+        return 1
+    for table, rows in copied.items():
+        print(f"{table:28} {rows:>10,}")
+    print(f"copied {source} into the {target}; the file is unchanged")
+    return 0
+
+
 def pseudonym_of(user_id: str) -> str:
     from labelloop_assets.core.anonymize import pseudonym
     from labelloop_assets.core.settings import pseudonymization_key
@@ -547,6 +588,15 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.add_argument("--rationale", required=True)
     rollback.add_argument("--as", dest="reviewer", required=True, metavar="REVIEWER_ID")
     rollback.set_defaults(func=cmd_model_rollback)
+    sql = commands.add_parser("sql", help="a read-only SQL query on the store (either backend)")
+    sql.add_argument("query", help="one SQL statement, e.g. \"SELECT label, count(*) FROM production_corpus GROUP BY 1\"")
+    sql.add_argument("--json", action="store_true", help="rows as a JSON list of objects")
+    sql.add_argument("--limit", type=_positive, help="print at most this many rows")
+    sql.set_defaults(func=cmd_sql)
+    migrate = commands.add_parser("migrate", help="copy the embedded DuckDB file into the lake (LABELLOOP_CATALOG)")
+    migrate.add_argument("--from", dest="source", metavar="FILE",
+                         help="the DuckDB file to copy (default: the home's labelloop.duckdb)")
+    migrate.set_defaults(func=cmd_migrate)
     lineage = commands.add_parser("lineage", help="every change of one item's label, and why")
     lineage.add_argument("item_id")
     lineage.add_argument("--json", action="store_true")

@@ -2,9 +2,9 @@
 
 import dagster as dg
 
-from labelloop_assets.assets import curation, ingest, monitoring, quality, training
+from labelloop_assets.assets import curation, ingest, maintenance, monitoring, quality, training
 from labelloop_assets.core.settings import Home, RetrainPolicy
-from labelloop_assets.jobs import ingest_job, retrain_job
+from labelloop_assets.jobs import ingest_job, maintenance_job, maintenance_schedule, retrain_job
 from labelloop_assets.resources import build_resources
 from labelloop_assets.sensors import landing_sensor, retrain_sensor
 
@@ -12,8 +12,9 @@ from labelloop_assets.sensors import landing_sensor, retrain_sensor
 def build_definitions(home: Home | None = None, retrain: RetrainPolicy | None = None) -> dg.Definitions:
     """The loop bound to one LABELLOOP_HOME (from the environment unless given)."""
     return dg.Definitions(
-        assets=dg.load_assets_from_modules([ingest, curation, quality, monitoring, training]),
-        jobs=[ingest_job, retrain_job],
+        assets=dg.load_assets_from_modules([ingest, curation, quality, monitoring, training, maintenance]),
+        jobs=[ingest_job, retrain_job, maintenance_job],
+        schedules=[maintenance_schedule],
         sensors=[landing_sensor, retrain_sensor],
         resources=build_resources(home or Home.from_env(), retrain or RetrainPolicy.from_env()),
         executor=dg.in_process_executor,

@@ -22,3 +22,16 @@ retrain_job = dg.define_asset_job(
     description="Re-estimate contributor reliability, train a challenger on the current corpus version, "
     "evaluate it against the champion on the validation plan, rank label-issue candidates, write the guideline report, refresh metrics, agreement and drift.",
 )
+
+MAINTENANCE_JOB = "maintenance_job"
+
+maintenance_job = dg.define_asset_job(
+    MAINTENANCE_JOB,
+    selection=dg.AssetSelection.assets("store_maintenance"),
+    description="Compact the lake's small files, expire snapshots no corpus version needs, verify every key is unique.",
+)
+
+# Nightly, when the loop is quiet; the run takes the store's writer lock like any other writer.
+maintenance_schedule = dg.ScheduleDefinition(
+    job=maintenance_job, cron_schedule="17 3 * * *", default_status=dg.DefaultScheduleStatus.RUNNING
+)

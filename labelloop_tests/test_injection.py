@@ -88,7 +88,8 @@ def loaded(home, defs, instance, monkeypatch, tmp_path):
 # --------------------------------------------------------------------------- the command line
 
 BENIGN = {"item_id": "item-030", "escalation_id": "esc-item-030-1", "label": "two",
-          "rationale": "looked at the scan", "reviewer": "reviewer-0", "version": "m0001"}
+          "rationale": "looked at the scan", "reviewer": "reviewer-0", "version": "m0001",
+          "query": "SELECT count(*) FROM items"}
 
 
 def _leaf_commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
@@ -294,6 +295,21 @@ ALLOWED = {
     ("core/store.py", "replace", "table"),
     ("core/store.py", "lookup", "table"), ("core/store.py", "lookup", "key"),
     ("core/store.py", "lookup", "columns"),
+    # The serial column of a table named in store.SERIALS, and the expression built from it.
+    ("core/store.py", "append", "serial"), ("core/store.py", "append", "values"),
+    ("core/store.py", "next_number", "SERIALS[table]"), ("core/store.py", "next_number", "table"),
+    # Table and key names from store.KEYS, a constant.
+    ("core/store.py", "duplicate_keys", "key"), ("core/store.py", "duplicate_keys", "table"),
+    # Table names from store.copy_into_lake's own list or from the lake's catalog of labelloop's
+    # schema, and column names from duckdb_columns() (quoted); ATTACH cannot bind a path, so its
+    # quotes are doubled.
+    ("core/store.py", "copy_into_lake", "t"), ("core/store.py", "copy_into_lake", "table"),
+    ("core/store.py", "copy_into_lake", "names"),
+    ("core/store.py", "copy_into_lake", "str(source).replace(chr(39), chr(39) * 2)"),
+    # ATTACH and CREATE SECRET cannot bind values: the deployment's own catalog string, data
+    # path and AWS variables, with their quotes doubled (lake._quote).
+    ("core/lake.py", "_attach", "_quote(catalog)"), ("core/lake.py", "_attach", "suffix"),
+    ("core/lake.py", "_s3_secret", "body"),
 }
 
 

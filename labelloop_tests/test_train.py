@@ -221,8 +221,8 @@ def _populate(con) -> None:
         INSERT INTO production_corpus (item_id, label, label_source, human_confirmed, since_version, updated_version)
         VALUES ('a', 'one', 'correction', true, 2, 2), ('b', 'two', 'vendor', false, 1, 1),
                ('c', 'two', 'correction', true, 1, 2), ('d', 'three', 'vendor', false, 1, 1);
-        INSERT INTO items (item_id, features, gold_label, payload_hash)
-        VALUES ('g1', [1.0], 'one', 'h'), ('g2', [2.0], 'two', 'h'), ('a', [3.0], NULL, 'h');
+        INSERT INTO items (seq, item_id, features, gold_label, payload_hash)
+        VALUES (1, 'g1', [1.0], 'one', 'h'), (2, 'g2', [2.0], 'two', 'h'), (3, 'a', [3.0], NULL, 'h');
         INSERT INTO predictions (prediction_id, item_id, model_version, predicted_label, confidence, served_at, payload_hash)
         VALUES ('p1', 'a', 'm1', 'two', 0.6, '2024-01-01 00:00:00Z', 'h'), ('p2', 'b', 'm1', 'two', 0.9, '2024-01-01 00:00:00Z', 'h'),
                ('p3', 'c', 'm1', 'one', 0.7, '2024-01-01 00:00:00Z', 'h');
@@ -233,9 +233,9 @@ def _populate(con) -> None:
                (3, 'v3', 'c', 'two', 'one', 'p3', true, 'u_2', 'end_user', 'feedback_button', 1, '2024-01-02 00:00:00Z'),
                (4, 'v4', 'a', 'one', 'two', 'p1', true, 'u_2', 'end_user', 'feedback_button', 1, '2024-01-02 00:00:00Z'),
                (5, 'v5', 'd', 'one', NULL, 'p9', false, 'u_3', 'end_user', 'feedback_button', 1, '2024-01-02 00:00:00Z');
-        INSERT INTO label_decisions (item_id, proposed_label, support, total_weight, share, n_contributors, status, event_ids)
-        VALUES ('a', 'one', 1, 1, 1, 1, 'pending', ['v4']), ('a', 'one', 3, 3, 1, 2, 'promote', ['v1', 'v4']),
-               ('e', 'two', 4, 8, 0.5, 3, 'escalate', []), ('f', 'two', 1, 1, 1, 1, 'pending', []);
+        INSERT INTO label_decisions (decision_id, item_id, proposed_label, support, total_weight, share, n_contributors, status, event_ids)
+        VALUES (1, 'a', 'one', 1, 1, 1, 1, 'pending', ['v4']), (2, 'a', 'one', 3, 3, 1, 2, 'promote', ['v1', 'v4']),
+               (3, 'e', 'two', 4, 8, 0.5, 3, 'escalate', []), (4, 'f', 'two', 1, 1, 1, 1, 'pending', []);
         INSERT INTO quarantine (kind, source_file, reason) VALUES ('corrections', 'f', 'no_consent'),
                ('items', 'g', 'malformed_json');
         INSERT INTO corpus_versions (corpus_version, n_new_items, n_label_changes, n_confirmations, n_items, label_changes_total)

@@ -45,24 +45,25 @@ class LakeError(RuntimeError):
 
 @dataclass(frozen=True)
 class Lake:
-    """Where the lake is: the catalog's libpq string and the data files' path."""
+    """Where the lake is: the catalog's libpq string and where its data files go.
+
+    `data_path` is the deployment's LABELLOOP_DATA_PATH, or None: then the catalog's own (it
+    records its data path when it is created, at `new_data_path`, the home's `lake/` folder).
+    """
 
     catalog: str
-    data_path: str
+    data_path: str | None = None
     reader_catalog: str | None = None
+    new_data_path: str | None = None
 
     @classmethod
     def from_env(cls, home_root: Path) -> "Lake | None":
         catalog = os.environ.get(CATALOG_ENV, "").strip()
         if not catalog:
             return None
-        data_path = os.environ.get(DATA_PATH_ENV, "").strip() or str(home_root / "lake")
+        data_path = os.environ.get(DATA_PATH_ENV, "").strip() or None
         reader = os.environ.get(READER_CATALOG_ENV, "").strip() or None
-        return cls(catalog, data_path, reader)
-
-    @property
-    def on_s3(self) -> bool:
-        return self.data_path.startswith("s3://")
+        return cls(catalog, data_path, reader, str(home_root / "lake"))
 
     def __str__(self) -> str:
         return self.describe()
@@ -70,7 +71,8 @@ class Lake:
     def describe(self) -> str:
         """The catalog without secrets, for messages."""
         shown = " ".join(p for p in self.catalog.split() if not p.lower().startswith("password="))
-        return f"DuckLake catalog '{shown}' (data in {self.data_path})"
+        where = f" (data in {self.data_path})" if self.data_path else ""
+        return f"DuckLake catalog '{shown}'{where}"
 
 
 def extension_file(name: str) -> Path | None:
@@ -126,21 +128,35 @@ def attach(lake: Lake, read_only: bool = False) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with the lake attached as `lake` and in use."""
     con = duckdb.connect()
     try:
-        for name in ("postgres_scanner", "ducklake") + (("httpfs",) if lake.on_s3 else ()):
+        for name in ("postgres_scanner", "ducklake", "httpfs"):
             load_extension(con, name)
-        if lake.on_s3:
+        if os.environ.get("AWS_ACCESS_KEY_ID") or os.environ.get("AWS_ENDPOINT_URL"):
             _s3_secret(con)
         catalog = lake.reader_catalog if read_only and lake.reader_catalog else lake.catalog
-        options = [f"DATA_PATH '{_quote(lake.data_path)}'"] + (["READ_ONLY"] if read_only else [])
+        flags = ["READ_ONLY"] if read_only else []
         try:
-            con.execute(f"ATTACH 'ducklake:postgres:{_quote(catalog)}' AS {ALIAS} ({', '.join(options)})")
+            _attach(con, catalog, lake.data_path, flags)
         except duckdb.Error as error:
-            raise LakeError(f"cannot attach the {lake.describe()}: {error}") from None
+            if lake.data_path is not None or lake.new_data_path is None or _NEW_CATALOG not in str(error):
+                raise LakeError(f"cannot attach the {lake.describe()}: {error}") from None
+            try:  # a new catalog: its data goes where the home says
+                _attach(con, catalog, lake.new_data_path, flags)
+            except duckdb.Error as error:
+                raise LakeError(f"cannot create the {lake.describe()}: {error}") from None
         con.execute(f"USE {ALIAS}")
         return con
     except BaseException:
         con.close()
         raise
+
+
+_NEW_CATALOG = "data_path is not set"
+
+
+def _attach(con: duckdb.DuckDBPyConnection, catalog: str, data_path: str | None, flags: list[str]) -> None:
+    options = ([f"DATA_PATH '{_quote(data_path)}'"] if data_path else []) + flags
+    suffix = f" ({', '.join(options)})" if options else ""
+    con.execute(f"ATTACH 'ducklake:postgres:{_quote(catalog)}' AS {ALIAS}{suffix}")
 
 
 class WriterLock:
@@ -288,3 +304,38 @@ def stamp_corpus_snapshots(con: Any) -> int:
         """
     )
     return int(missing)
+
+
+def maintain(con: Any, retain_days: float) -> dict:
+    """Compact the lake's small files and expire snapshots nobody needs; returns what was done.
+
+    Kept whatever their age: the current snapshot and every snapshot that committed a corpus
+    version (models and lineage time-travel to them). Others older than `retain_days` are
+    expired, and the files only they used are deleted.
+    """
+    stamp_corpus_snapshots(con)
+    con.execute(f"CALL ducklake_flush_inlined_data('{ALIAS}')")
+    merged = con.execute(f"CALL ducklake_merge_adjacent_files('{ALIAS}')").fetchall()
+    expired = [
+        int(r[0]) for r in con.execute(
+            f"""
+            SELECT snapshot_id FROM {ALIAS}.snapshots()
+            WHERE snapshot_time < now() - to_microseconds(CAST(? * 86400e6 AS BIGINT))
+              AND snapshot_id < (SELECT id FROM {ALIAS}.current_snapshot())
+              AND snapshot_id NOT IN (SELECT lake_snapshot FROM corpus_versions WHERE lake_snapshot IS NOT NULL)
+              AND NOT coalesce(author = 'labelloop' AND commit_message LIKE 'corpus v%', false)
+            ORDER BY snapshot_id
+            """,
+            [retain_days],
+        ).fetchall()
+    ]
+    if expired:
+        con.execute(f"CALL ducklake_expire_snapshots('{ALIAS}', versions => ?)", [expired])
+    deleted = con.execute(f"CALL ducklake_cleanup_old_files('{ALIAS}', cleanup_all => true)").fetchall()
+    kept = con.execute(f"SELECT count(*) FROM {ALIAS}.snapshots()").fetchone()[0]
+    return {
+        "files_merged": len(merged),
+        "snapshots_expired": len(expired),
+        "snapshots_kept": int(kept),
+        "files_deleted": len(deleted),
+    }

@@ -508,12 +508,37 @@ def next_number(con: Any, table: str) -> int:
     return int(scalar(con, f"SELECT coalesce(max({SERIALS[table]}), 0) + 1 FROM {table}"))
 
 
-def duplicate_keys(con: Any, table: str, key: str, limit: int = 5) -> list:
-    """Keys that occur more than once in `table` (uniqueness is kept by the writes; this verifies it)."""
-    rows = con.execute(
-        f"SELECT {key} FROM {table} GROUP BY {key} HAVING count(*) > 1 ORDER BY {key} LIMIT ?", [limit]
-    ).fetchall()
-    return [r[0] for r in rows]
+# Each table's key: unique by the writes (anti-joins, MERGE), verified by `duplicate_keys`.
+KEYS = {
+    "items": "item_id",
+    "predictions": "prediction_id",
+    "raw_corrections": "event_id",
+    "validated_labels": "event_id",
+    "review_decisions": "decision_id",
+    "label_decisions": "decision_id",
+    "production_corpus": "item_id",
+    "corpus_versions": "corpus_version",
+    "models": "model_version",
+    "model_evaluations": "evaluation_id",
+    "ingested_files": "path",
+    "escalations": "escalation_id",
+    "correction_bursts": "burst_id",
+    "correction_volume": "day, scope, key",
+    "pipeline_state": "name",
+    "schema_info": "key",
+}
+
+
+def duplicate_keys(con: Any, limit: int = 5) -> dict[str, list]:
+    """Keys that occur more than once, by table (empty when every key is unique)."""
+    found = {}
+    for table, key in KEYS.items():
+        rows = con.execute(
+            f"SELECT {key} FROM {table} GROUP BY ALL HAVING count(*) > 1 ORDER BY ALL LIMIT ?", [limit]
+        ).fetchall()
+        if rows:
+            found[table] = [r[0] if len(r) == 1 else list(r) for r in rows]
+    return found
 
 
 def corpus_head(con: duckdb.DuckDBPyConnection) -> tuple[int, int]:
@@ -555,3 +580,62 @@ def lookup(con: duckdb.DuckDBPyConnection, table: str, key: str, keys: pl.DataFr
         )
     finally:
         con.unregister("lookup_keys")
+
+
+def copy_into_lake(source: Path, target: Lake, on_wait: Callable[[str], None] | None = None) -> dict[str, int]:
+    """Copy an embedded home's DuckDB file into an empty lake, every table by column name.
+
+    By name rather than `COPY FROM DATABASE`: a file from an older labelloop has fewer columns
+    (they get their defaults), and the file's PRIMARY KEYs and sequences must not follow it into
+    DuckLake, which has neither. One lake commit: a failed copy leaves the lake empty.
+    """
+    con = connect(target, on_wait=on_wait)
+    try:
+        filled = [t for t in ("items", "raw_corrections", "corpus_versions", "models", "audit_log")
+                  if scalar(con, f"SELECT count(*) FROM {t}")]
+        if filled:
+            raise lake.LakeError(
+                f"the {target} already holds labelloop data ({', '.join(filled)}); "
+                "copy only into an empty catalog"
+            )
+        try:
+            con.execute(f"ATTACH '{str(source).replace(chr(39), chr(39) * 2)}' AS embedded (READ_ONLY)")
+        except duckdb.Error as error:
+            raise lake.LakeError(f"cannot open {source} for reading: {error}") from None
+        version = scalar(con, "SELECT value FROM embedded.main.schema_info WHERE key = 'schema_version'")
+        if version is None or not 2 <= int(version) <= SCHEMA_VERSION:
+            raise lake.LakeError(
+                f"{source} has schema version {version}; this labelloop copies versions 2 to "
+                f"{SCHEMA_VERSION} (run any labelloop job on it first to upgrade it)"
+            )
+        columns = frame(
+            con,
+            "SELECT c.table_name, c.column_name, c.database_name FROM duckdb_columns() c "
+            "JOIN duckdb_tables() t USING (database_name, schema_name, table_name) "
+            "WHERE c.database_name IN ('embedded', $lake) AND c.schema_name = 'main' "
+            "ORDER BY c.table_name, c.column_index",
+            {"lake": lake.ALIAS},
+        )
+        copied = {}
+        with transaction(con):
+            lake.name_commit(con, f"copied from the embedded file {source.name}")
+            for table in sorted(set(columns.filter(pl.col("database_name") == lake.ALIAS)["table_name"])):
+                if table == "schema_info":
+                    continue
+                here = columns.filter((pl.col("table_name") == table) & (pl.col("database_name") == lake.ALIAS))
+                there = set(columns.filter((pl.col("table_name") == table)
+                                           & (pl.col("database_name") == "embedded"))["column_name"])
+                shared = [c for c in here["column_name"] if c in there]
+                if not shared:
+                    continue
+                names = ", ".join(f'"{c}"' for c in shared)
+                con.execute(f"INSERT INTO {lake.ALIAS}.main.{table} ({names}) SELECT {names} FROM embedded.main.{table}")
+                copied[table] = int(scalar(con, f"SELECT count(*) FROM {lake.ALIAS}.main.{table}"))
+            con.execute(
+                "INSERT INTO schema_info SELECT key, value FROM embedded.main.schema_info "
+                "WHERE key NOT IN (SELECT key FROM schema_info)"
+            )
+        lake.stamp_corpus_snapshots(con)
+        return copied
+    finally:
+        con.close()

@@ -1,0 +1,301 @@
+"""The lake backend (DuckLake on a real PostgreSQL): the same loop, time travel, upkeep, analysts'
+read-only access, a copy from an embedded home, and the writer lock."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import dagster as dg
+import duckdb
+import polars as pl
+import pytest
+
+from labelloop_assets import cli
+from labelloop_assets.core import lake, store
+from labelloop_assets.core.lake import Lake
+from labelloop_assets.core.settings import Home
+from labelloop_assets.definitions import build_definitions
+from labelloop_tests import pg
+from labelloop_tests.conftest import RETRAIN, correction, make_items, write_jsonl
+
+LOOP = ["items", "predictions", "raw_corrections", "review_decisions", "validated_labels",
+        "production_corpus", "retrained_model", "model_evaluation", "label_quality_metrics"]
+
+# What a user sees of a run's outcome, without times and run ids.
+COMPARED = {
+    "production_corpus": "SELECT item_id, label, label_source, human_confirmed, reviewer_confirmed, "
+                         "since_version, updated_version FROM production_corpus ORDER BY item_id",
+    "label_history": "SELECT item_id, corpus_version, change_order, label, previous_label, change_kind, "
+                     "event_ids, approved_by FROM label_history ORDER BY item_id, corpus_version, change_order",
+    "raw_corrections": "SELECT seq, event_id, item_id, corrected_label, user_pseudonym, rationale "
+                       "FROM raw_corrections ORDER BY seq",
+    "quarantine": "SELECT kind, source_file, line_no, reason FROM quarantine ORDER BY ALL",
+    "ingested_files": "SELECT path, kind, records_in, accepted, quarantined, blank_lines FROM ingested_files ORDER BY path",
+    "label_decisions": "SELECT decision_id, item_id, proposed_label, status FROM label_decisions ORDER BY decision_id",
+    "corpus_versions": "SELECT corpus_version, n_new_items, n_label_changes, n_items, label_changes_total "
+                       "FROM corpus_versions ORDER BY corpus_version",
+    "models": "SELECT model_version, corpus_version, n_train_rows, status, round(gold_accuracy, 6) AS acc "
+              "FROM models ORDER BY model_version",
+    "model_evaluations": "SELECT evaluation_id, challenger, champion, decision FROM model_evaluations ORDER BY 1",
+}
+
+
+@pytest.fixture
+def catalog(monkeypatch) -> str:
+    """A fresh, empty catalog database; LABELLOOP_CATALOG points at it, so the lake is the store."""
+    pg.require_server()
+    dsn = pg.fresh_database("lake")
+    monkeypatch.setenv(lake.CATALOG_ENV, dsn)
+    return dsn
+
+
+def _materialize(defs: dg.Definitions, instance, names=LOOP) -> dg.ExecuteInProcessResult:
+    job = defs.resolve_implicit_global_asset_job_def()
+    keys = list(dg.AssetSelection.assets(*names).resolve(defs.resolve_asset_graph()))
+    return job.execute_in_process(instance=instance, asset_selection=keys)
+
+
+def _world(home: Home, day: int) -> None:
+    """Day 0: items; day 1: predictions and corrections with a replay, a bad line and no consent."""
+    if day == 0:
+        records, _ = make_items()
+        write_jsonl(home.landing_dir("items"), "items.jsonl", records)
+        return
+    write_jsonl(home.landing_dir("predictions"), f"p{day}.jsonl", [{
+        "prediction_id": f"p-{day}", "item_id": "item-030", "model_version": "m0001",
+        "predicted_label": "zero", "confidence": 0.55, "served_at": "2026-03-02T09:00:00Z",
+    }])
+    write_jsonl(home.landing_dir("corrections"), f"c{day}.jsonl", [
+        correction(f"e-{day}-1", "item-030", "one", prediction_id=f"p-{day}", rationale="mail ann@corp.example"),
+        correction(f"e-{day}-2", f"item-0{30 + 3 * day}", "two", user="ann"),
+        correction(f"e-{day}-3", f"item-0{31 + 3 * day}", "two", user="bob", role="end_user"),
+        correction(f"e-{day}-4", "item-036", "two", user="carol", role="annotator", consent=False),
+        correction(f"e-{day}-2", f"item-0{30 + 3 * day}", "two", user="ann"),  # a replay
+        "{not json",
+    ])
+
+
+def _run_days(home: Home, instance, days: int = 3) -> None:
+    defs = build_definitions(home, RETRAIN)
+    for day in range(days):
+        _world(home, day)
+        assert _materialize(defs, instance).success
+
+
+def _tables(home: Home) -> dict[str, list]:
+    with store.connect(home.database, read_only=True) as con:
+        return {name: con.execute(sql).fetchall() for name, sql in COMPARED.items()}
+
+
+def test_the_loop_on_the_lake_gives_what_it_gives_on_the_embedded_store(tmp_path, monkeypatch):
+    pg.require_server()
+    embedded = Home(tmp_path / "embedded").ensure()
+    with dg.instance_for_test() as instance:
+        _run_days(embedded, instance)
+    expected = _tables(embedded)
+    monkeypatch.setenv(lake.CATALOG_ENV, pg.fresh_database("lake_same"))
+    on_lake = Home(tmp_path / "lake-home").ensure()
+    assert isinstance(on_lake.database, Lake)
+    with dg.instance_for_test() as instance:
+        _run_days(on_lake, instance)
+
+    found = _tables(on_lake)
+    for name in COMPARED:
+        assert found[name] == expected[name], name
+    assert len(expected["corpus_versions"]) == 3 and expected["models"]
+    # Nothing of the store is on the home's disk but the lake's data folder.
+    assert not on_lake.database_file.exists()
+    assert any((on_lake.root / "lake").rglob("*.parquet"))
+
+
+def test_corpus_versions_are_lake_snapshots_analysts_can_time_travel_to(home, catalog, instance):
+    _run_days(home, instance)
+    with store.connect(home.database, read_only=True) as con:
+        versions = con.execute(
+            "SELECT corpus_version, lake_snapshot, n_items FROM corpus_versions ORDER BY 1"
+        ).fetchall()
+        assert [v for v, _, _ in versions] == [1, 2, 3]
+        assert all(snapshot is not None for _, snapshot, _ in versions)
+        for version, snapshot, n_items in versions:
+            as_of = con.execute(
+                f"SELECT item_id, label FROM production_corpus AT (VERSION => {snapshot}) ORDER BY 1"
+            ).fetchall()
+            macro = con.execute(
+                "SELECT item_id, label FROM corpus_as_of(?) ORDER BY 1", [version]
+            ).fetchall()
+            assert as_of == macro and len(as_of) == n_items
+        # The commit of each version is named after it in the lake's own log.
+        named = con.execute(
+            "SELECT commit_message FROM lake.snapshots() WHERE author = 'labelloop' ORDER BY snapshot_id"
+        ).fetchall()
+        assert [m for (m,) in named if m.startswith("corpus")] == ["corpus v1", "corpus v2", "corpus v3"]
+        # Each model's training data: the snapshot of the corpus version it was trained on.
+        trained = con.execute(
+            "SELECT m.model_version, v.lake_snapshot FROM models m JOIN corpus_versions v USING (corpus_version)"
+        ).fetchall()
+        assert trained and all(snapshot is not None for _, snapshot in trained)
+
+
+def test_upkeep_expires_only_snapshots_no_corpus_version_needs(home, catalog, instance, monkeypatch):
+    _run_days(home, instance)
+    with store.connect(home.database, read_only=True) as con:
+        before = con.execute("SELECT count(*) FROM lake.snapshots()").fetchone()[0]
+        kept = con.execute("SELECT corpus_version, lake_snapshot, n_items FROM corpus_versions").fetchall()
+    monkeypatch.setenv("LABELLOOP_LAKE_RETAIN_DAYS", "0")
+    defs = build_definitions(home, RETRAIN)
+    result = _materialize(defs, instance, ["store_maintenance"])
+    assert result.success
+    done = {k: v.value for k, v in result.get_asset_materialization_events()[0]
+            .step_materialization_data.materialization.metadata.items()}
+    assert done["backend"] == "lake" and done["snapshots_expired"] > 0
+    checks = result.get_asset_check_evaluations()
+    assert [c.passed for c in checks] == [True]
+    with store.connect(home.database, read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM lake.snapshots()").fetchone()[0] < before
+        for _, snapshot, n_items in kept:
+            assert con.execute(f"SELECT count(*) FROM production_corpus AT (VERSION => {snapshot})").fetchone()[0] == n_items
+    # A key written twice behind labelloop's back is caught by the check.
+    with store.connect(home.database) as con:
+        con.execute("INSERT INTO models SELECT * FROM models WHERE model_version = 'm0001'")
+    again = _materialize(defs, instance, ["store_maintenance"])
+    [check] = again.get_asset_check_evaluations()
+    assert not check.passed and "m0001" in str(check.metadata["duplicates"].value)
+
+
+def test_analysts_read_with_a_role_the_server_refuses_writes_to(home, catalog, instance, monkeypatch, capsys):
+    _run_days(home, instance, days=2)
+    admin = pg.server()
+    reader = pg.unique_name("analyst")
+    pg.create_role(admin, reader)
+    database = pg.params(catalog)["dbname"]
+    with pg.connect(catalog) as con, con.cursor() as cur:
+        cur.execute(f'GRANT CONNECT ON DATABASE "{database}" TO "{reader}"')
+        cur.execute(f'GRANT USAGE ON SCHEMA public TO "{reader}"')
+        cur.execute(f'GRANT SELECT ON ALL TABLES IN SCHEMA public TO "{reader}"')
+    reader_catalog = pg.with_params(catalog, user=reader)
+    monkeypatch.setenv(lake.READER_CATALOG_ENV, reader_catalog)
+
+    assert cli.main(["sql", "SELECT count(*) AS n FROM production_corpus", "--json"]) == 0
+    assert '"n": 45' in capsys.readouterr().out
+    # Through labelloop, a write is refused (the lake is attached read-only) ...
+    assert cli.main(["sql", "DELETE FROM production_corpus"]) == 1
+    assert "read-only" in capsys.readouterr().err
+    # ... and the server itself refuses the reader's writes, whoever attaches with that role.
+    con = lake.attach(Lake(reader_catalog, str(home.root / "lake")))
+    with pytest.raises(duckdb.Error, match="permission denied"):
+        con.execute("INSERT INTO audit_log (actor, action, outcome) VALUES ('x', 'y', 'z')")
+    con.close()
+    with store.connect(home.database, read_only=True) as con:
+        assert store.scalar(con, "SELECT count(*) FROM audit_log WHERE actor = 'x'") == 0
+
+
+def test_an_embedded_home_is_copied_into_the_lake(tmp_path, monkeypatch, capsys):
+    pg.require_server()
+    home = Home(tmp_path / "home").ensure()
+    with dg.instance_for_test() as instance:
+        _run_days(home, instance)
+    expected = _tables(home)
+    monkeypatch.setenv(lake.CATALOG_ENV, pg.fresh_database("migrate"))
+    monkeypatch.setenv("LABELLOOP_HOME", str(home.root))
+
+    assert cli.main(["migrate"]) == 0
+    assert "copied" in capsys.readouterr().out
+    assert _tables(home) == expected
+    # Copying twice would double every row: refused.
+    assert cli.main(["migrate"]) == 1
+    assert "already holds labelloop data" in capsys.readouterr().err
+    # The loop goes on from the copy: a new day lands and becomes corpus version 4.
+    with dg.instance_for_test() as instance:
+        _world(home, 3)
+        assert _materialize(build_definitions(home, RETRAIN), instance).success
+    with store.connect(home.database, read_only=True) as con:
+        assert store.scalar(con, "SELECT max(corpus_version) FROM corpus_versions") == 4
+
+
+def test_a_second_writer_waits_for_the_lock_and_a_killed_holder_frees_it(home, catalog, monkeypatch):
+    target = home.database
+    store.connect(target).close()  # the schema in place
+    monkeypatch.setenv("LABELLOOP_DB_WAIT_SECONDS", "1")
+    heard: list[str] = []
+    with store.connect(target):
+        with pytest.raises(lake.LakeBusy, match=r"labelloop writer \(PID \d+"):
+            store.connect(target, on_wait=heard.append)
+        # Readers are never held up by a writer.
+        with store.connect(target, read_only=True) as reader:
+            assert store.scalar(reader, "SELECT count(*) FROM items") == 0
+    assert heard and "waiting up to 1 s" in heard[0]
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys, time
+            from labelloop_assets.core import store
+            from labelloop_assets.core.lake import Lake
+            con = store.connect(Lake({target.catalog!r}, {target.data_path!r}))
+            print("holding", flush=True)
+            time.sleep(600)
+        """)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        with pytest.raises(lake.LakeBusy):
+            store.connect(target)
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait(10)
+        monkeypatch.setenv("LABELLOOP_DB_WAIT_SECONDS", "10")
+        started = time.monotonic()
+        store.connect(target).close()
+        assert time.monotonic() - started < 5
+    finally:
+        holder.kill()
+
+
+def test_a_step_that_waits_for_the_lake_says_who_holds_it(home, catalog, instance, monkeypatch):
+    _world(home, 0)
+    target = home.database
+    store.connect(target).close()
+    monkeypatch.setenv("LABELLOOP_DB_WAIT_SECONDS", "30")
+    holding = store.connect(target)
+    released = threading.Timer(2.0, holding.close)
+    released.start()
+    try:
+        result = _materialize(build_definitions(home, RETRAIN), instance, ["items"])
+    finally:
+        released.cancel()
+        holding.close()
+    assert result.success
+    logs = [e.message for e in instance.all_logs(result.run_id) if e.message]
+    assert any("the lake's writer lock is held by labelloop writer" in m for m in logs)
+
+
+def test_a_missing_catalog_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    pg.require_server()
+    missing = pg.with_params(pg.server(), dbname=pg.unique_name("absent"))
+    monkeypatch.setenv(lake.CATALOG_ENV, missing)
+    monkeypatch.setenv("LABELLOOP_HOME", str(tmp_path / "home"))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["status"])
+    message = str(exit_info.value)
+    assert "cannot open" in message and "DuckLake catalog" in message and "Traceback" not in message
+    assert "password" not in message.lower()
+
+
+def test_the_frame_helpers_work_on_a_lake_connection(home, catalog):
+    with store.connect(home.database) as con:
+        assert isinstance(con, lake.LakeConnection)
+        store.append(con, "items", pl.DataFrame({
+            "item_id": ["a", "b"], "features": [[1.0], [2.0]], "payload_hash": ["x", "y"],
+        }))
+        store.append(con, "items", pl.DataFrame({"item_id": ["c"], "features": [[3.0]], "payload_hash": ["z"]}))
+        assert store.frame(con, "SELECT item_id, seq FROM items ORDER BY seq").rows() == [("a", 1), ("b", 2), ("c", 3)]
+        store.set_state(con, "mark", 3)
+        store.set_state(con, "mark", 4)
+        assert store.get_state(con, "mark") == 4
+        assert store.duplicate_keys(con) == {}
