@@ -3,6 +3,7 @@ read-only access, a copy from an embedded home, and the writer lock."""
 
 from __future__ import annotations
 
+import gzip
 import os
 import signal
 import subprocess
@@ -299,3 +300,16 @@ def test_the_frame_helpers_work_on_a_lake_connection(home, catalog):
         store.set_state(con, "mark", 4)
         assert store.get_state(con, "mark") == 4
         assert store.duplicate_keys(con) == {}
+
+
+def test_a_file_from_a_newer_duckdb_is_refused_with_what_to_do(tmp_path, monkeypatch):
+    home = Home(tmp_path / "home").ensure()
+    # Made by DuckDB 2.0.1 (what labelloop pinned before 1.5.5): CREATE TABLE t (a INTEGER).
+    written = Path(__file__).parent / "fixtures" / "written-by-duckdb-2.0.1.duckdb.gz"
+    home.database_file.write_bytes(gzip.decompress(written.read_bytes()))
+    with pytest.raises(store.NewerDatabaseFile, match=r"newer DuckDB.*EXPORT DATABASE.*make clean demo"):
+        store.connect(home.database_file)
+    monkeypatch.setenv("LABELLOOP_HOME", str(home.root))
+    with pytest.raises(SystemExit) as refused:
+        cli.main(["status"])
+    assert "newer DuckDB" in str(refused.value) and "Traceback" not in str(refused.value)

@@ -193,6 +193,7 @@ def test_definitions_load_with_descriptions_groups_and_pools(home):
         "correction_bursts": "curation", "label_issue_candidates": "monitoring",
         "guideline_report": "monitoring", "label_quality_signals": "monitoring",
         "model_evaluation": "training", "release_notes": "training",
+        "store_maintenance": "maintenance",
     }
     for key in graph.get_all_asset_keys():
         node = graph.get(key)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -124,15 +125,48 @@ def _s3_secret(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(f"CREATE OR REPLACE SECRET labelloop_s3 ({body})")
 
 
+# One DuckDB instance per process and catalog, with the extensions loaded and the lake attached:
+# every connection is a cursor on it. Attaching costs a few hundred milliseconds (catalog reads
+# over the network), and DuckLake starts each transaction from the catalog's newest snapshot, so
+# a long-lived attachment still sees every other process's commits.
+_attached: dict[tuple, duckdb.DuckDBPyConnection] = {}
+_attached_lock = threading.Lock()
+
+
 def attach(lake: Lake, read_only: bool = False) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB with the lake attached as `lake` and in use."""
+    """A DuckDB connection with the lake attached as `lake` and in use."""
+    catalog = lake.reader_catalog if read_only and lake.reader_catalog else lake.catalog
+    key = (os.getpid(), catalog, lake.data_path, lake.new_data_path, read_only,
+           tuple(os.environ.get(v, "") for v in _S3_ENV))
+    with _attached_lock:
+        base = _attached.get(key)
+        if base is not None:
+            try:
+                return _in_lake(base.cursor())
+            except duckdb.Error:  # the attachment went bad (a server restart): attach again
+                _attached.pop(key, None)
+        base = _attach_new(lake, catalog, read_only)
+        _attached[key] = base
+        return _in_lake(base.cursor())
+
+
+def _in_lake(con: duckdb.DuckDBPyConnection) -> duckdb.DuckDBPyConnection:
+    con.execute(f"USE {ALIAS}")
+    con.execute(f"SELECT 1 FROM {ALIAS}.current_snapshot()").fetchall()  # the catalog answers
+    return con
+
+
+_S3_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION",
+           "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+
+
+def _attach_new(lake: Lake, catalog: str, read_only: bool) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect()
     try:
         for name in ("postgres_scanner", "ducklake", "httpfs"):
             load_extension(con, name)
         if os.environ.get("AWS_ACCESS_KEY_ID") or os.environ.get("AWS_ENDPOINT_URL"):
             _s3_secret(con)
-        catalog = lake.reader_catalog if read_only and lake.reader_catalog else lake.catalog
         flags = ["READ_ONLY"] if read_only else []
         try:
             _attach(con, catalog, lake.data_path, flags)
@@ -143,7 +177,8 @@ def attach(lake: Lake, read_only: bool = False) -> duckdb.DuckDBPyConnection:
                 _attach(con, catalog, lake.new_data_path, flags)
             except duckdb.Error as error:
                 raise LakeError(f"cannot create the {lake.describe()}: {error}") from None
-        con.execute(f"USE {ALIAS}")
+        # Commits are optimistic: one that loses a race (upkeep against a writer) is retried.
+        con.execute("SET ducklake_max_retry_count = 100")
         return con
     except BaseException:
         con.close()

@@ -638,4 +638,6 @@ def copy_into_lake(source: Path, target: Lake, on_wait: Callable[[str], None] | 
         lake.stamp_corpus_snapshots(con)
         return copied
     finally:
+        # The attachment belongs to the process's lake instance, not to this connection.
+        con.execute("DETACH DATABASE IF EXISTS embedded")
         con.close()
