@@ -308,8 +308,10 @@ def suite(
     scales: list[int], work: Path, n_items: int, log=print,
     increment: int = INCREMENT, sensor_files: int = SENSOR_FILES,
     component_rows: int = COMPONENT_ROWS, component_votes: int = COMPONENT_VOTES,
-    workers: tuple[int, int, int] = (WORKER_FILES, WORKER_EVENTS_PER_FILE, WORKER_ITEMS),
+    workers: tuple[int, int, int] | None = (WORKER_FILES, WORKER_EVENTS_PER_FILE, WORKER_ITEMS),
 ) -> dict:
+    """Every measurement; `workers=None` leaves out the workers' comparison (the smoke test does:
+    `test_lake_workers.py` runs the same harness)."""
     work.mkdir(parents=True, exist_ok=True)
     results: dict = {"machine": _machine(), "n_items": n_items, "scales": {}}
     for events in scales:
@@ -345,8 +347,9 @@ def suite(
     top = max(scales)
     log(f"[{top:>9,} events] the same loop on the lake (DuckLake on PostgreSQL) ...")
     results["lake"] = _lake(work, top, n_items, results["scales"][str(top)]["loop"])
-    log("one worker, then two, on one lake ...")
-    results["workers"] = _workers(work, *workers)
+    if workers is not None:
+        log("one worker, then two, on one lake ...")
+        results["workers"] = _workers(work, *workers)
     log("sensor tick ...")
     sensor_dir = work / "sensor"
     shutil.rmtree(sensor_dir, ignore_errors=True)
@@ -450,7 +453,7 @@ def markdown(results: dict) -> str:
             f"{e['pandas']['seconds']:.2f} s | {e['pandas_vs_loop']:.1f}x |"
         )
     top = list(results["scales"].values())[-1]
-    t, c, w = results["targets"], results["components"], results["workers"]
+    t, c = results["targets"], results["components"]
     lines += [
         "",
         "| target | measured | met |",
@@ -479,13 +482,17 @@ def markdown(results: dict) -> str:
         f"Dagster's orchestration (the loop minus the same asset functions called directly) cost "
         + ", ".join(f"{e['dagster_overhead_seconds']:.2f} s at {int(k):,}" for k, e in results["scales"].items())
         + ".",
-        "",
-        f"Workers on one lake ({w['1']['lines']:,} events in {w['1']['files']} files, landed at once; each worker "
-        "a process with its own folders and Dagster home, an analyst reading throughout; every run reconciled): "
-        f"one worker {w['1']['ingest_seconds']:.1f} s, two workers {w['2']['ingest_seconds']:.1f} s "
-        f"({w['two_vs_one']:.2f}x). Writers take turns on the lake's lock, so a second worker does not "
-        "make one batch faster; it keeps runs going when a host is busy or lost.",
     ]
+    if "workers" in results:
+        w = results["workers"]
+        lines += [
+            "",
+            f"Workers on one lake ({w['1']['lines']:,} events in {w['1']['files']} files, landed at once; each "
+            "worker a process with its own folders and Dagster home, an analyst reading throughout; every run "
+            f"reconciled): one worker {w['1']['ingest_seconds']:.1f} s, two workers {w['2']['ingest_seconds']:.1f} s "
+            f"({w['two_vs_one']:.2f}x). Writers take turns on the lake's lock, so a second worker does not "
+            "make one batch faster; it keeps runs going when a host is busy or lost.",
+        ]
     return "\n".join(lines)
 
 

@@ -200,8 +200,8 @@ def prove(base: Path, catalog: str, n_files: int = 6, events_per_file: int = 400
             time.sleep(0.05)
         time.sleep(0.2)  # well inside its write
         os.kill(victim.pid, signal.SIGKILL)
-        killed = {"after_s": round(time.time() - started, 2)}
         runs += _finish(victim, timeout)
+        killed = {"after_s": round(time.time() - started, 2), "returncode": victim.returncode}
         # The killed worker's work is run again, as a retried run would be, on the same worker.
         workers[0] = _start(["worker", "ingest_job", "1"], envs[0], base / "worker-0", base / "worker-0-again.log")
     else:

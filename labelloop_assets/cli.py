@@ -495,20 +495,35 @@ def cmd_model_rollback(args: argparse.Namespace) -> int:
 def cmd_sql(args: argparse.Namespace) -> int:
     """A read-only query on the store: the embedded file opened read-only, or the lake attached
     read-only with the reader role (LABELLOOP_READER_CATALOG) when one is configured."""
+    try:
+        statements = duckdb.extract_statements(args.query)
+    except duckdb.Error as error:
+        print(f"labelloop: the query failed: {_safe(_cut(str(error)))}", file=sys.stderr)
+        return 1
+    # One statement that only reads: ATTACH, COPY ... TO, SET and the like are refused here,
+    # before the store's own read-only guard.
+    if len(statements) != 1 or statements[0].type not in _READING:
+        print("labelloop: refused: give exactly one SELECT (or EXPLAIN) statement", file=sys.stderr)
+        return 3
     home = _home()
     with _read(home) as con:
         try:
             result = con.sql(args.query)
             rows = result.pl() if result is not None else pl.DataFrame()
         except duckdb.Error as error:
-            text = str(error)
-            text = text if len(text) <= 800 else f"{text[:800]}... ({len(text)} characters)"
-            print(f"labelloop: the query failed: {_safe(text)}", file=sys.stderr)
+            print(f"labelloop: the query failed: {_safe(_cut(str(error)))}", file=sys.stderr)
             return 1
     if args.limit is not None:
         rows = rows.head(args.limit)
     _print(rows, args.json)
     return 0
+
+
+_READING = (duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN)
+
+
+def _cut(text: str, limit: int = 800) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:

@@ -16,7 +16,7 @@ def test_benchmark_harness_smoke(tmp_path):
     results = run.suite(
         [2_000], tmp_path / "work", n_items=1_000, log=lambda _: None,
         increment=500, sensor_files=200, component_rows=5_000, component_votes=4_000,
-        workers=(1, 100, 300),
+        workers=None,
     )
 
     entry = results["scales"]["2000"]
@@ -32,10 +32,9 @@ def test_benchmark_harness_smoke(tmp_path):
     table = run.markdown(results)
     assert "| 2,000 |" in table and "raw floor" in table
     assert "| feature drift, 5,000 rows" in table and "| reliability of 200 contributors from 4,000 votes" in table
-    # The lake and the workers are measured on a real PostgreSQL, and reconcile.
+    # The lake is measured on a real PostgreSQL (the workers' comparison: test_lake_workers.py).
     assert results["lake"]["loop"]["records_in"] == 2_000 and results["lake"]["lake_vs_embedded"] > 0
-    assert results["workers"]["1"]["lines"] == results["workers"]["2"]["lines"] == 200
-    assert "within 1.5x the embedded file" in table and "two workers" in table
+    assert "within 1.5x the embedded file" in table
     json.dumps(results)
 
 

@@ -57,10 +57,10 @@ def catalog(monkeypatch) -> str:
     return dsn
 
 
-def _materialize(defs: dg.Definitions, instance, names=LOOP) -> dg.ExecuteInProcessResult:
+def _materialize(defs: dg.Definitions, instance, names=LOOP, **kwargs) -> dg.ExecuteInProcessResult:
     job = defs.resolve_implicit_global_asset_job_def()
     keys = list(dg.AssetSelection.assets(*names).resolve(defs.resolve_asset_graph()))
-    return job.execute_in_process(instance=instance, asset_selection=keys)
+    return job.execute_in_process(instance=instance, asset_selection=keys, **kwargs)
 
 
 def _world(home: Home, day: int) -> None:
@@ -95,22 +95,30 @@ def _tables(home: Home) -> dict[str, list]:
         return {name: con.execute(sql).fetchall() for name, sql in COMPARED.items()}
 
 
+def embedded_reference(root: Path) -> tuple[Home, dict[str, list]]:
+    """The same days on an embedded home (call before setting LABELLOOP_CATALOG): what the lake must give."""
+    home = Home(root).ensure()
+    with dg.instance_for_test() as instance:
+        _run_days(home, instance)
+    return home, _tables(home)
+
+
+def assert_same_tables(found: dict[str, list], expected: dict[str, list]) -> None:
+    for name in COMPARED:
+        assert found[name] == expected[name], name
+    assert len(expected["corpus_versions"]) == 3 and expected["models"]
+
+
 def test_the_loop_on_the_lake_gives_what_it_gives_on_the_embedded_store(tmp_path, monkeypatch):
     pg.require_server()
-    embedded = Home(tmp_path / "embedded").ensure()
-    with dg.instance_for_test() as instance:
-        _run_days(embedded, instance)
-    expected = _tables(embedded)
+    _, expected = embedded_reference(tmp_path / "embedded")
     monkeypatch.setenv(lake.CATALOG_ENV, pg.fresh_database("lake_same"))
     on_lake = Home(tmp_path / "lake-home").ensure()
     assert isinstance(on_lake.database, Lake)
     with dg.instance_for_test() as instance:
         _run_days(on_lake, instance)
 
-    found = _tables(on_lake)
-    for name in COMPARED:
-        assert found[name] == expected[name], name
-    assert len(expected["corpus_versions"]) == 3 and expected["models"]
+    assert_same_tables(_tables(on_lake), expected)
     # Nothing of the store is on the home's disk but the lake's data folder.
     assert not on_lake.database_file.exists()
     assert any((on_lake.root / "lake").rglob("*.parquet"))
@@ -185,9 +193,9 @@ def test_analysts_read_with_a_role_the_server_refuses_writes_to(home, catalog, i
 
     assert cli.main(["sql", "SELECT count(*) AS n FROM production_corpus", "--json"]) == 0
     assert '"n": 45' in capsys.readouterr().out
-    # Through labelloop, a write is refused (the lake is attached read-only) ...
-    assert cli.main(["sql", "DELETE FROM production_corpus"]) == 1
-    assert "read-only" in capsys.readouterr().err
+    # Through labelloop, a write is refused (one SELECT only, on a lake attached read-only) ...
+    assert cli.main(["sql", "DELETE FROM production_corpus"]) == 3
+    assert "exactly one SELECT" in capsys.readouterr().err
     # ... and the server itself refuses the reader's writes, whoever attaches with that role.
     con = lake.attach(Lake(reader_catalog, str(home.root / "lake")))
     with pytest.raises(duckdb.Error, match="permission denied"):
@@ -199,10 +207,7 @@ def test_analysts_read_with_a_role_the_server_refuses_writes_to(home, catalog, i
 
 def test_an_embedded_home_is_copied_into_the_lake(tmp_path, monkeypatch, capsys):
     pg.require_server()
-    home = Home(tmp_path / "home").ensure()
-    with dg.instance_for_test() as instance:
-        _run_days(home, instance)
-    expected = _tables(home)
+    home, expected = embedded_reference(tmp_path / "home")
     monkeypatch.setenv(lake.CATALOG_ENV, pg.fresh_database("migrate"))
     monkeypatch.setenv("LABELLOOP_HOME", str(home.root))
 
@@ -276,16 +281,66 @@ def test_a_step_that_waits_for_the_lake_says_who_holds_it(home, catalog, instanc
     assert any("the lake's writer lock is held by labelloop writer" in m for m in logs)
 
 
-def test_a_missing_catalog_is_a_clear_error(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("form", ["key=value", "uri"])
+def test_a_missing_catalog_is_a_clear_error_that_never_shows_the_password(tmp_path, monkeypatch, form):
     pg.require_server()
-    missing = pg.with_params(pg.server(), dbname=pg.unique_name("absent"))
+    where = pg.params(pg.server())
+    name, secret = pg.unique_name("absent"), "s3cret-Pw0rd"
+    missing = (pg.with_params(pg.server(), dbname=name, password=secret) if form == "key=value" else
+               f"postgresql://{where['user']}:{secret}@{where['host']}:{where.get('port', 5432)}/{name}")
     monkeypatch.setenv(lake.CATALOG_ENV, missing)
     monkeypatch.setenv("LABELLOOP_HOME", str(tmp_path / "home"))
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["status"])
     message = str(exit_info.value)
-    assert "cannot open" in message and "DuckLake catalog" in message and "Traceback" not in message
-    assert "password" not in message.lower()
+    assert "cannot open" in message and "DuckLake catalog" in message and name in message
+    assert secret not in message and "Traceback" not in message
+    # A run's step fails with the same care (its message lands in Dagster's event log).
+    home = Home(tmp_path / "home").ensure()
+    _world(home, 0)
+    with dg.instance_for_test() as instance:
+        result = _materialize(build_definitions(home, RETRAIN), instance, ["items"], raise_on_error=False)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE)
+    description = failure.step_failure_data.user_failure_data.description
+    assert "labelloop cannot open its database" in description and secret not in description
+
+
+def test_a_writer_that_lost_its_lock_commits_nothing(home, catalog):
+    with store.connect(home.database) as con:
+        store.append(con, "items", pl.DataFrame({"item_id": ["a"], "features": [[1.0]], "payload_hash": ["x"]}))
+        with pg.connect(catalog) as admin, admin.cursor() as cur:  # the lock's session ends
+            cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE application_name LIKE 'labelloop writer (PID %%'")
+        with pytest.raises(lake.LakeError, match="lost the lake's writer lock"):
+            with store.transaction(con):
+                store.append(con, "items", pl.DataFrame({"item_id": ["b"], "features": [[2.0]], "payload_hash": ["y"]}))
+    with store.connect(home.database, read_only=True) as reader:
+        assert store.frame(reader, "SELECT item_id FROM items").rows() == [("a",)]
+
+
+def test_sql_runs_one_select_and_refuses_everything_else(home, catalog, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("LABELLOOP_HOME", str(home.root))
+    store.connect(home.database).close()
+    assert cli.main(["sql", "SELECT count(*) AS n FROM items", "--json"]) == 0
+    assert '"n": 0' in capsys.readouterr().out
+    leak = tmp_path / "leak.csv"
+    for query in (f"COPY (SELECT 1) TO '{leak}'", "SELECT 1; SELECT 2", f"ATTACH '{tmp_path / 'x.duckdb'}' AS x",
+                  "SET threads = 1", "DELETE FROM items"):
+        assert cli.main(["sql", query]) == 3, query
+        assert "exactly one SELECT" in capsys.readouterr().err
+    assert not leak.exists() and not (tmp_path / "x.duckdb").exists()
+    assert cli.main(["sql", "SELECT * FROM no_such_table"]) == 1
+    assert "the query failed" in capsys.readouterr().err
+
+
+def test_the_demo_refuses_to_run_on_a_lake(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(lake.CATALOG_ENV, "dbname=anything")
+    monkeypatch.setenv("LABELLOOP_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
+    assert cli.main(["demo", "--days", "1"]) != 0
+    assert "unset LABELLOOP_CATALOG" in capsys.readouterr().err
+    assert not (tmp_path / "home").exists()
 
 
 def test_the_frame_helpers_work_on_a_lake_connection(home, catalog):

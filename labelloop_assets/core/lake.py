@@ -71,9 +71,40 @@ class Lake:
 
     def describe(self) -> str:
         """The catalog without secrets, for messages."""
-        shown = " ".join(p for p in self.catalog.split() if not p.lower().startswith("password="))
         where = f" (data in {self.data_path})" if self.data_path else ""
-        return f"DuckLake catalog '{shown}'{where}"
+        return f"DuckLake catalog '{without_password(self.catalog)}'{where}"
+
+
+def without_password(catalog: str) -> str:
+    """A libpq string (key=value or URI) with its password left out."""
+    from psycopg2.extensions import make_dsn, parse_dsn
+
+    try:
+        parts = parse_dsn(catalog)
+    except Exception:  # not parseable: show nothing of it rather than a secret
+        return "(unparseable connection string)"
+    parts.pop("password", None)
+    return make_dsn(**parts)
+
+
+def redact(text: str, *catalogs: str | None) -> str:
+    """An error's text with each catalog string in it replaced by its password-less form."""
+    for catalog in catalogs:
+        if catalog:
+            text = text.replace(catalog, without_password(catalog))
+            password = _password(catalog)
+            if password:
+                text = text.replace(password, "***")
+    return text
+
+
+def _password(catalog: str) -> str | None:
+    from psycopg2.extensions import parse_dsn
+
+    try:
+        return parse_dsn(catalog).get("password")
+    except Exception:
+        return None
 
 
 def extension_file(name: str) -> Path | None:
@@ -144,7 +175,7 @@ def attach(lake: Lake, read_only: bool = False) -> duckdb.DuckDBPyConnection:
             try:
                 return _in_lake(base.cursor())
             except duckdb.Error:  # the attachment went bad (a server restart): attach again
-                _attached.pop(key, None)
+                _attached.pop(key, None).close()
         base = _attach_new(lake, catalog, read_only)
         _attached[key] = base
         return _in_lake(base.cursor())
@@ -165,18 +196,18 @@ def _attach_new(lake: Lake, catalog: str, read_only: bool) -> duckdb.DuckDBPyCon
     try:
         for name in ("postgres_scanner", "ducklake", "httpfs"):
             load_extension(con, name)
-        if os.environ.get("AWS_ACCESS_KEY_ID") or os.environ.get("AWS_ENDPOINT_URL"):
+        if any(os.environ.get(name) for name in _S3_ENV):
             _s3_secret(con)
         flags = ["READ_ONLY"] if read_only else []
         try:
             _attach(con, catalog, lake.data_path, flags)
         except duckdb.Error as error:
             if lake.data_path is not None or lake.new_data_path is None or _NEW_CATALOG not in str(error):
-                raise LakeError(f"cannot attach the {lake.describe()}: {error}") from None
+                raise LakeError(f"cannot attach the {lake.describe()}: {redact(str(error), catalog)}") from None
             try:  # a new catalog: its data goes where the home says
                 _attach(con, catalog, lake.new_data_path, flags)
             except duckdb.Error as error:
-                raise LakeError(f"cannot create the {lake.describe()}: {error}") from None
+                raise LakeError(f"cannot create the {lake.describe()}: {redact(str(error), catalog)}") from None
         # Commits are optimistic: one that loses a race (upkeep against a writer) is retried.
         con.execute("SET ducklake_max_retry_count = 100")
         return con
@@ -205,11 +236,15 @@ class WriterLock:
         import psycopg2
 
         try:
+            # Keepalives: a lock session cut off by the network is noticed, and the server frees it.
             self._pg = psycopg2.connect(
-                self.catalog, application_name=f"labelloop writer (PID {os.getpid()} on {socket.gethostname()})"
+                self.catalog, application_name=f"labelloop writer (PID {os.getpid()} on {socket.gethostname()})",
+                keepalives=1, keepalives_idle=30, keepalives_interval=10, keepalives_count=3,
             )
         except psycopg2.Error as error:
-            raise LakeError(f"cannot connect to the lake's catalog for its writer lock: {error}".strip()) from None
+            raise LakeError(
+                f"cannot connect to the lake's catalog for its writer lock: {redact(str(error), self.catalog)}".strip()
+            ) from None
         self._pg.autocommit = True
         deadline, pause, told = time.monotonic() + wait_seconds, 0.05, False
         with self._pg.cursor() as cursor:
@@ -244,6 +279,20 @@ class WriterLock:
             return "another writer"
         return f"{row[0] or 'another writer'}" + (f" from {row[1]}" if row[1] else "")
 
+    def still_held(self) -> bool:
+        """Whether this session still holds the lock (a terminated session or a failover loses it)."""
+        import psycopg2
+
+        try:
+            with self._pg.cursor() as cursor:
+                cursor.execute(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                    "AND pid = pg_backend_pid() AND classid = %s AND objid = %s", _WRITER_LOCK,
+                )
+                return cursor.fetchone()[0] > 0
+        except (psycopg2.Error, AttributeError):
+            return False
+
     def release(self) -> None:
         if self._pg is not None:
             # Closing the session frees its advisory locks.
@@ -268,6 +317,14 @@ class LakeConnection:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._con, name)
+
+    def check_writer(self) -> None:
+        """Before a commit: fail if the writer lock was lost (another writer may hold it now)."""
+        if self._lock is not None and not self._lock.still_held():
+            raise LakeError(
+                "this run lost the lake's writer lock (its PostgreSQL session ended); nothing of the "
+                "open transaction is committed. Run it again"
+            )
 
     def close(self) -> None:
         try:
@@ -311,6 +368,7 @@ def current_snapshot(con: Any) -> int | None:
 
 
 CORPUS_COMMIT = "corpus v{version}"
+CLEANUP_GRACE_MINUTES = 10
 
 
 def name_commit(con: Any, message: str) -> None:
@@ -323,22 +381,23 @@ def stamp_corpus_snapshots(con: Any) -> int:
     """Record in `corpus_versions.lake_snapshot` the snapshot that committed each version.
 
     The commit itself is named `corpus vN` atomically with the version; this copies the name's
-    snapshot into the table afterwards (again after a crash in between). Returns rows stamped.
+    snapshot into the table afterwards (again after a crash in between). Returns rows stamped;
+    versions copied from an embedded file have no such commit and stay unstamped.
     """
     if not is_lake(con):
         return 0
     missing = con.execute("SELECT count(*) FROM corpus_versions WHERE lake_snapshot IS NULL").fetchone()[0]
     if not missing:
         return 0
-    con.execute(
+    stamped = con.execute(
         f"""
         UPDATE corpus_versions c SET lake_snapshot = s.snapshot_id
         FROM (SELECT snapshot_id, commit_message FROM {ALIAS}.snapshots()
               WHERE author = 'labelloop' AND commit_message LIKE 'corpus v%') s
         WHERE c.lake_snapshot IS NULL AND s.commit_message = 'corpus v' || c.corpus_version
         """
-    )
-    return int(missing)
+    ).fetchone()
+    return int(stamped[0]) if stamped else 0
 
 
 def maintain(con: Any, retain_days: float) -> dict:
@@ -366,7 +425,11 @@ def maintain(con: Any, retain_days: float) -> dict:
     ]
     if expired:
         con.execute(f"CALL ducklake_expire_snapshots('{ALIAS}', versions => ?)", [expired])
-    deleted = con.execute(f"CALL ducklake_cleanup_old_files('{ALIAS}', cleanup_all => true)").fetchall()
+    # Files of expired snapshots are deleted only after a grace period: a query that started on an
+    # older snapshot may still be reading them.
+    deleted = con.execute(
+        f"CALL ducklake_cleanup_old_files('{ALIAS}', older_than => now() - INTERVAL {CLEANUP_GRACE_MINUTES} MINUTE)"
+    ).fetchall()
     kept = con.execute(f"SELECT count(*) FROM {ALIAS}.snapshots()").fetchone()[0]
     return {
         "files_merged": len(merged),

@@ -452,6 +452,8 @@ def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConne
     con.execute("BEGIN TRANSACTION")
     try:
         yield con
+        if isinstance(con, lake.LakeConnection):
+            con.check_writer()
     except BaseException:
         con.execute("ROLLBACK")
         raise
@@ -508,36 +510,40 @@ def next_number(con: Any, table: str) -> int:
     return int(scalar(con, f"SELECT coalesce(max({SERIALS[table]}), 0) + 1 FROM {table}"))
 
 
-# Each table's key: unique by the writes (anti-joins, MERGE), verified by `duplicate_keys`.
-KEYS = {
-    "items": "item_id",
-    "predictions": "prediction_id",
-    "raw_corrections": "event_id",
-    "validated_labels": "event_id",
-    "review_decisions": "decision_id",
-    "label_decisions": "decision_id",
-    "production_corpus": "item_id",
-    "corpus_versions": "corpus_version",
-    "models": "model_version",
-    "model_evaluations": "evaluation_id",
-    "ingested_files": "path",
-    "escalations": "escalation_id",
-    "correction_bursts": "burst_id",
-    "correction_volume": "day, scope, key",
-    "pipeline_state": "name",
-    "schema_info": "key",
-}
+# Each table's keys: unique by the writes (anti-joins, MERGE, numbered appends under the writer
+# lock), verified by `duplicate_keys`. The `seq` numbers are the watermarks later steps read from.
+KEYS = (
+    ("items", "item_id"), ("items", "seq"),
+    ("predictions", "prediction_id"),
+    ("raw_corrections", "event_id"), ("raw_corrections", "seq"),
+    ("validated_labels", "event_id"),
+    ("review_decisions", "decision_id"), ("review_decisions", "seq"),
+    ("label_decisions", "decision_id"),
+    ("production_corpus", "item_id"),
+    ("corpus_versions", "corpus_version"),
+    ("models", "model_version"),
+    ("model_evaluations", "evaluation_id"),
+    ("release_notes", "evaluation_id"),
+    ("contributor_reliability", "user_pseudonym"),
+    ("label_issue_candidates", "item_id"),
+    ("ingested_files", "path"),
+    ("escalations", "escalation_id"),
+    ("correction_bursts", "burst_id"),
+    ("correction_volume", "day, scope, key"),
+    ("pipeline_state", "name"),
+    ("schema_info", "key"),
+)
 
 
 def duplicate_keys(con: Any, limit: int = 5) -> dict[str, list]:
     """Keys that occur more than once, by table (empty when every key is unique)."""
     found = {}
-    for table, key in KEYS.items():
+    for table, key in KEYS:
         rows = con.execute(
             f"SELECT {key} FROM {table} GROUP BY ALL HAVING count(*) > 1 ORDER BY ALL LIMIT ?", [limit]
         ).fetchall()
         if rows:
-            found[table] = [r[0] if len(r) == 1 else list(r) for r in rows]
+            found[f"{table}.{key}"] = [r[0] if len(r) == 1 else list(r) for r in rows]
     return found
 
 
@@ -601,7 +607,8 @@ def copy_into_lake(source: Path, target: Lake, on_wait: Callable[[str], None] | 
         try:
             con.execute(f"ATTACH '{str(source).replace(chr(39), chr(39) * 2)}' AS embedded (READ_ONLY)")
         except duckdb.Error as error:
-            raise lake.LakeError(f"cannot open {source} for reading: {error}") from None
+            newer = " (written by a newer DuckDB: export it with that DuckDB first)" if _NEWER_FILE in str(error) else ""
+            raise lake.LakeError(f"cannot open {source} for reading{newer}: {error}") from None
         version = scalar(con, "SELECT value FROM embedded.main.schema_info WHERE key = 'schema_version'")
         if version is None or not 2 <= int(version) <= SCHEMA_VERSION:
             raise lake.LakeError(
@@ -638,6 +645,7 @@ def copy_into_lake(source: Path, target: Lake, on_wait: Callable[[str], None] | 
         lake.stamp_corpus_snapshots(con)
         return copied
     finally:
-        # The attachment belongs to the process's lake instance, not to this connection.
-        con.execute("DETACH DATABASE IF EXISTS embedded")
-        con.close()
+        try:  # the attachment belongs to the process's lake instance, not to this connection
+            con.execute("DETACH DATABASE IF EXISTS embedded")
+        finally:
+            con.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from pathlib import Path
 import dagster as dg
 
 from labelloop_assets.core import bursts, store, train
+from labelloop_assets.core.lake import CATALOG_ENV
 from labelloop_assets.core.settings import (
     DEV_SECRET_WARNING,
     Home,
@@ -32,6 +34,12 @@ class DemoRefused(RuntimeError):
 
 def prepare_home(root: Path) -> Home:
     """Start from an empty home; only a home the demo itself made is ever wiped."""
+    if os.environ.get(CATALOG_ENV, "").strip():
+        # The demo wipes its home and starts over: never with a lake, whose catalog is shared.
+        raise DemoRefused(
+            f"the demo runs on the embedded store only; unset {CATALOG_ENV} to run it "
+            "(it would reuse the lake's catalog and delete its data files in the home)"
+        )
     if root.exists():
         if not (root / DEMO_MARKER).exists() and _holds_loop_data(Home(root)):
             raise DemoRefused(
