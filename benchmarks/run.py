@@ -490,8 +490,8 @@ def markdown(results: dict) -> str:
             f"Workers on one lake ({w['1']['lines']:,} events in {w['1']['files']} files, landed at once; each "
             "worker a process with its own folders and Dagster home, an analyst reading throughout; every run "
             f"reconciled): one worker {w['1']['ingest_seconds']:.1f} s, two workers {w['2']['ingest_seconds']:.1f} s "
-            f"({w['two_vs_one']:.2f}x). Writers take turns on the lake's lock, so a second worker does not "
-            "make one batch faster; it keeps runs going when a host is busy or lost.",
+            f"({w['two_vs_one']:.2f}x). Writers of one table group take turns on its lock: two workers overlap "
+            "one batch's curation with another's ingest, but not two ingests.",
         ]
     return "\n".join(lines)
 

@@ -8,7 +8,7 @@ import dagster as dg
 import duckdb
 from dagster_duckdb import DuckDBResource
 
-from labelloop_assets.core import store, train
+from labelloop_assets.core import lake, store, train
 from labelloop_assets.core.bursts import BurstPolicy
 from labelloop_assets.core.evaluation import ValidationPlan
 from labelloop_assets.core.lake import Lake, LakeError
@@ -69,13 +69,29 @@ def open_store(database: DuckDBResource) -> Iterator[duckdb.DuckDBPyConnection]:
     file = Path(database.database)
     try:
         con = store.connect(
-            Lake.from_env(file.parent) or file, config=database.connection_config, on_wait=logger.warning
+            Lake.from_env(file.parent) or file, config=database.connection_config, on_wait=logger.warning,
+            groups=_table_groups(),
         )
     except (store.DatabaseBusy, store.NewerDatabaseFile, LakeError, LabelloopConfigError) as error:
         raise dg.Failure(description=f"labelloop cannot open its database: {error}") from None
     # Closed on failure too: a failed step must not leave the store held by this process.
     with con:
         yield con
+
+
+# The lake's table group each asset group writes (core/lake.py); anything else takes them all.
+TABLE_GROUP_OF = {"ingest": "intake", "curation": "curation", "training": "training", "monitoring": "monitoring"}
+
+
+def _table_groups() -> tuple[str, ...]:
+    """The table group of the asset being materialized, so that writers of other groups (another
+    worker's ingest while this one curates) go on at the same time."""
+    try:
+        context = dg.AssetExecutionContext.get()
+        group = context.assets_def.group_names_by_key[context.asset_key]
+    except Exception:  # a direct invocation, or no single asset: every group
+        return lake.ALL_GROUPS
+    return (TABLE_GROUP_OF[group],) if group in TABLE_GROUP_OF else lake.ALL_GROUPS
 
 
 class RetrainCadence(dg.ConfigurableResource):

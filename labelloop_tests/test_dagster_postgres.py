@@ -56,7 +56,7 @@ def test_the_deployment_instance_is_postgres_backed(instance, database):
     assert instance.run_monitoring_enabled
     concurrency = instance.get_concurrency_config()
     assert concurrency.run_queue_config.max_concurrent_runs == 4
-    assert concurrency.pool_config.default_pool_limit == 1
+    assert concurrency.pool_config.default_pool_limit == 4
     # Global concurrency slots, claimed and freed through PostgreSQL.
     storage = instance.event_log_storage
     assert storage.supports_global_concurrency_limits
@@ -95,8 +95,8 @@ def test_ingest_job_runs_on_the_postgres_instance(instance, database, home: Home
     # The run row is in PostgreSQL's runs table, finished.
     assert pg.query(database, "SELECT run_id, status FROM runs") == [(result.run_id, "SUCCESS")]
     assert instance.get_run_by_id(result.run_id).is_success
-    # Every step of the run is in the pool "duckdb": with default_limit 1 the pool was created with
-    # one slot, and the run gave its slot back when it finished.
+    # Every step of the run is in the pool "duckdb": with default_limit 4 the pool was created with
+    # four slots, and the run gave its slots back when it finished.
     assert "duckdb" in instance.event_log_storage.get_concurrency_keys()
     info = instance.event_log_storage.get_concurrency_info("duckdb")
-    assert info.slot_count == 1 and info.active_slot_count == 0 and info.pending_step_count == 0
+    assert info.slot_count == 4 and info.active_slot_count == 0 and info.pending_step_count == 0

@@ -278,7 +278,7 @@ def test_a_step_that_waits_for_the_lake_says_who_holds_it(home, catalog, instanc
         holding.close()
     assert result.success
     logs = [e.message for e in instance.all_logs(result.run_id) if e.message]
-    assert any("the lake's writer lock is held by labelloop writer" in m for m in logs)
+    assert any("the lake's writer lock (intake tables) is held by labelloop writer" in m for m in logs)
 
 
 @pytest.mark.parametrize("form", ["key=value", "uri"])
@@ -368,3 +368,30 @@ def test_a_file_from_a_newer_duckdb_is_refused_with_what_to_do(tmp_path, monkeyp
     with pytest.raises(SystemExit) as refused:
         cli.main(["status"])
     assert "newer DuckDB" in str(refused.value) and "Traceback" not in str(refused.value)
+
+
+def test_writers_of_different_table_groups_commit_side_by_side(home, catalog, monkeypatch):
+    store.connect(home.database).close()
+    monkeypatch.setenv("LABELLOOP_DB_WAIT_SECONDS", "0.5")
+    with store.connect(home.database, groups=("intake",)) as ingesting, \
+         store.connect(home.database, groups=("curation",)) as curating:  # no wait: another group
+        # Both transactions open at once and commit one after the other (DuckLake's optimistic
+        # commits: an append and a merge into other tables do not conflict).
+        with store.transaction(ingesting):
+            store.append(ingesting, "items", pl.DataFrame({"item_id": ["a"], "features": [[1.0]], "payload_hash": ["x"]}))
+            with store.transaction(curating):
+                store.set_state(curating, "mark", 7)
+                store.append(curating, "corpus_versions", pl.DataFrame({
+                    "corpus_version": [1], "n_new_items": [1], "n_label_changes": [0], "n_confirmations": [0],
+                    "n_items": [1], "label_changes_total": [0]}))
+        # The same group, or all of them, waits for the holder and then fails naming the group.
+        with pytest.raises(lake.LakeBusy, match=r"\(intake tables\) is held by labelloop writer"):
+            store.connect(home.database, groups=("intake",))
+        with pytest.raises(lake.LakeBusy, match="curation tables"):
+            store.connect(home.database, groups=("training", "curation"))
+    with store.connect(home.database, read_only=True) as reader:
+        assert store.scalar(reader, "SELECT count(*) FROM items") == 1
+        assert store.get_state(reader, "mark") == 7
+        assert store.scalar(reader, "SELECT count(*) FROM corpus_versions") == 1
+    with pytest.raises(ValueError, match="unknown table groups"):
+        lake.WriterLock("dbname=x", ("everything",))

@@ -36,8 +36,19 @@ EXTENSIONS = {
     "ducklake": "duckdb_extension_ducklake",
     "httpfs": "duckdb_extension_httpfs",
 }
-# One advisory lock (two 32-bit keys) for every writer of one catalog.
-_WRITER_LOCK = (0x4C4C, 1)
+# Writers take the advisory lock (two 32-bit keys) of each table group they write. Each table
+# belongs to one group, except the append-only audit_log and quarantine and the pipeline_state
+# marks, which DuckLake's optimistic commits handle (concurrent appends succeed; a conflicting
+# update is retried or fails the step, and its rerun succeeds). Schema changes and upkeep take all.
+LOCK_CLASS = 0x4C4C
+TABLE_GROUPS = {
+    "intake": 1,      # items, predictions, raw_corrections, review_decisions, ingested_files
+    "curation": 2,    # validated_labels, label_decisions, production_corpus, label_history, corpus_versions,
+                      # escalations, correction_volume, correction_bursts
+    "training": 3,    # models, model_evaluations, release_notes, contributor_reliability
+    "monitoring": 4,  # label_quality_*, label_agreement*, label_drift, label_issue_candidates, guideline_pairs
+}
+ALL_GROUPS = tuple(TABLE_GROUPS)
 
 
 class LakeError(RuntimeError):
@@ -226,10 +237,16 @@ def _attach(con: duckdb.DuckDBPyConnection, catalog: str, data_path: str | None,
 
 
 class WriterLock:
-    """The catalog's writer lock: a session-level advisory lock on its own PostgreSQL connection."""
+    """The catalog's writer locks for some table groups: session-level advisory locks on a
+    PostgreSQL connection of their own, taken in one fixed order (so two writers never wait on
+    each other in a circle)."""
 
-    def __init__(self, catalog: str) -> None:
+    def __init__(self, catalog: str, groups: tuple[str, ...] = ALL_GROUPS) -> None:
+        unknown = set(groups) - set(TABLE_GROUPS)
+        if unknown or not groups:
+            raise ValueError(f"unknown table groups {sorted(unknown)}; known: {list(TABLE_GROUPS)}")
         self.catalog = catalog
+        self.groups = tuple(g for g in TABLE_GROUPS if g in groups)
         self._pg: Any = None
 
     def acquire(self, wait_seconds: float, on_wait: Callable[[str], None]) -> None:
@@ -246,33 +263,37 @@ class WriterLock:
                 f"cannot connect to the lake's catalog for its writer lock: {redact(str(error), self.catalog)}".strip()
             ) from None
         self._pg.autocommit = True
-        deadline, pause, told = time.monotonic() + wait_seconds, 0.05, False
+        deadline, told = time.monotonic() + wait_seconds, False
         with self._pg.cursor() as cursor:
-            while True:
-                cursor.execute("SELECT pg_try_advisory_lock(%s, %s)", _WRITER_LOCK)
-                if cursor.fetchone()[0]:
-                    return
-                who = self.holder()
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    self.release()
-                    raise LakeBusy(
-                        f"the lake's writer lock is held by {who}; retried for {wait_seconds:g} s. Try "
-                        "again when it has finished (or wait longer: LABELLOOP_DB_WAIT_SECONDS)"
-                    )
-                if not told:
-                    on_wait(f"the lake's writer lock is held by {who}; waiting up to {wait_seconds:g} s for it")
-                    told = True
-                time.sleep(min(pause, remaining))
-                pause = min(pause * 2, 0.5)
+            for group in self.groups:
+                pause = 0.05
+                while True:
+                    cursor.execute("SELECT pg_try_advisory_lock(%s, %s)", (LOCK_CLASS, TABLE_GROUPS[group]))
+                    if cursor.fetchone()[0]:
+                        break
+                    who = self.holder(group)
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        self.release()
+                        raise LakeBusy(
+                            f"the lake's writer lock ({group} tables) is held by {who}; retried for "
+                            f"{wait_seconds:g} s. Try again when it has finished (or wait longer: "
+                            "LABELLOOP_DB_WAIT_SECONDS)"
+                        )
+                    if not told:
+                        on_wait(f"the lake's writer lock ({group} tables) is held by {who}; waiting up to "
+                                f"{wait_seconds:g} s for it")
+                        told = True
+                    time.sleep(min(pause, remaining))
+                    pause = min(pause * 2, 0.5)
 
-    def holder(self) -> str:
+    def holder(self, group: str) -> str:
         with self._pg.cursor() as cursor:
             cursor.execute(
                 "SELECT a.application_name, a.client_addr FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
                 "WHERE l.locktype = 'advisory' AND l.granted AND l.classid = %s AND l.objid = %s "
                 "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
-                _WRITER_LOCK,
+                (LOCK_CLASS, TABLE_GROUPS[group]),
             )
             row = cursor.fetchone()
         if not row:
@@ -280,16 +301,17 @@ class WriterLock:
         return f"{row[0] or 'another writer'}" + (f" from {row[1]}" if row[1] else "")
 
     def still_held(self) -> bool:
-        """Whether this session still holds the lock (a terminated session or a failover loses it)."""
+        """Whether this session still holds its locks (a terminated session or a failover loses them)."""
         import psycopg2
 
         try:
             with self._pg.cursor() as cursor:
                 cursor.execute(
                     "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
-                    "AND pid = pg_backend_pid() AND classid = %s AND objid = %s", _WRITER_LOCK,
+                    "AND pid = pg_backend_pid() AND classid = %s AND objid = ANY(%s)",
+                    (LOCK_CLASS, [TABLE_GROUPS[g] for g in self.groups]),
                 )
-                return cursor.fetchone()[0] > 0
+                return cursor.fetchone()[0] == len(self.groups)
         except (psycopg2.Error, AttributeError):
             return False
 
@@ -305,7 +327,7 @@ class LakeBusy(LakeError):
 
 
 class LakeConnection:
-    """A DuckDB connection to the lake that holds the writer lock until it is closed.
+    """A DuckDB connection to the lake that holds its writer locks until it is closed.
 
     Behaves as the DuckDB connection it wraps (`execute`, `sql`, `register`, ...).
     """
@@ -341,12 +363,14 @@ class LakeConnection:
 
 
 def connect(
-    lake: Lake, read_only: bool, wait_seconds: float, on_wait: Callable[[str], None]
+    lake: Lake, read_only: bool, wait_seconds: float, on_wait: Callable[[str], None],
+    groups: tuple[str, ...] = ALL_GROUPS,
 ) -> LakeConnection:
-    """Attach the lake; a writer first takes the catalog's writer lock (waiting up to `wait_seconds`)."""
+    """Attach the lake; a writer first takes the writer locks of the table groups it writes
+    (waiting up to `wait_seconds`)."""
     lock = None
     if not read_only:
-        lock = WriterLock(lake.catalog)
+        lock = WriterLock(lake.catalog, groups)
         lock.acquire(wait_seconds, on_wait)
     try:
         return LakeConnection(attach(lake, read_only), lock, lake)

@@ -426,15 +426,20 @@ def connect(
     read_only: bool = False,
     config: dict | None = None,
     on_wait: Callable[[str], None] | None = None,
+    groups: tuple[str, ...] = lake.ALL_GROUPS,
 ) -> Any:
     """An open connection with labelloop's schema in place; `with connect(...) as con:` closes it.
 
     `database` is the embedded DuckDB file or a `Lake` (see `Home.database`). The store is opened
     here, not on entering the block, so a caller's `try` around this call sees a busy or
-    unreadable store. A writer on the lake holds the catalog's writer lock until it closes.
+    unreadable store. A writer on the lake holds the writer locks of `groups` (the table groups
+    it writes; default all) until it closes; the embedded file has one writer at a time anyway.
     """
     if isinstance(database, Lake):
-        con = lake.connect(database, read_only, wait_seconds(), on_wait or _tell)
+        con = lake.connect(database, read_only, wait_seconds(), on_wait or _tell, groups)
+        if not read_only and groups != lake.ALL_GROUPS and schema_version(con) != SCHEMA_VERSION:
+            con.close()  # creating or upgrading the schema touches every table: all groups
+            con = lake.connect(database, read_only, wait_seconds(), on_wait or _tell)
     else:
         con = open_database(database, read_only, config, on_wait)
     if not read_only:
