@@ -1,13 +1,14 @@
 """The lake backend: DuckLake with its catalog in PostgreSQL and its data files on shared storage.
 
 `LABELLOOP_CATALOG` (a libpq string, e.g. `dbname=labelloop host=db user=labelloop`) selects it;
-`LABELLOOP_DATA_PATH` names where data files go (a shared folder or `s3://bucket/prefix/`;
-default `$LABELLOOP_HOME/lake`). Every run attaches the same catalog, so a run may start on any
-host: nothing it needs is on its local disk.
+`LABELLOOP_DATA_PATH` names where data files go (a shared folder or `s3://bucket/prefix/`; by
+default the catalog's own, and for a new catalog `$LABELLOOP_HOME/lake`). Every run attaches the
+same catalog, so a run may start on any host: nothing it needs is on its local disk.
 
-Writers are serialized by a PostgreSQL advisory lock held for the connection's lifetime (Dagster's
-pools are not atomic on PostgreSQL either); the server frees it when the holder's connection
-ends, a killed process included. Readers take no lock: DuckLake gives each query a snapshot.
+Writers of one table group are serialized by that group's PostgreSQL advisory lock, held for the
+connection's lifetime (Dagster's pools are not atomic on PostgreSQL either); the server frees it
+when the holder's session ends, a killed process included, and a writer checks before each commit
+that it still holds it. Readers take no lock: DuckLake gives each query a snapshot.
 """
 
 from __future__ import annotations
