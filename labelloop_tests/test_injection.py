@@ -297,7 +297,8 @@ ALLOWED = {
     ("core/store.py", "lookup", "columns"),
     # The serial column of a table named in store.SERIALS, and the expression built from it.
     ("core/store.py", "append", "serial"), ("core/store.py", "append", "values"),
-    ("core/store.py", "next_number", "SERIALS[table]"), ("core/store.py", "next_number", "table"),
+    ("core/store.py", "append", "_largest(table)"), ("core/store.py", "next_number", "_largest(table)"),
+    ("core/store.py", "_largest", "SERIALS[table]"), ("core/store.py", "_largest", "table"),
     # Table and key names from store.KEYS, a constant.
     ("core/store.py", "duplicate_keys", "key"), ("core/store.py", "duplicate_keys", "table"),
     # Table names from store.copy_into_lake's own list or from the lake's catalog of labelloop's

@@ -89,11 +89,10 @@ class Lake:
 
 def without_password(catalog: str) -> str:
     """A libpq string (key=value or URI) with its password left out."""
-    from psycopg2.extensions import make_dsn, parse_dsn
+    from psycopg2.extensions import make_dsn
 
-    try:
-        parts = parse_dsn(catalog)
-    except Exception:  # not parseable: show nothing of it rather than a secret
+    parts = _parts(catalog)
+    if parts is None:  # not parseable: show nothing of it rather than a secret
         return "(unparseable connection string)"
     parts.pop("password", None)
     return make_dsn(**parts)
@@ -101,20 +100,19 @@ def without_password(catalog: str) -> str:
 
 def redact(text: str, *catalogs: str | None) -> str:
     """An error's text with each catalog string in it replaced by its password-less form."""
-    for catalog in catalogs:
-        if catalog:
-            text = text.replace(catalog, without_password(catalog))
-            password = _password(catalog)
-            if password:
-                text = text.replace(password, "***")
+    for catalog in filter(None, catalogs):
+        text = text.replace(catalog, without_password(catalog))
+        password = (_parts(catalog) or {}).get("password")
+        if password:
+            text = text.replace(password, "***")
     return text
 
 
-def _password(catalog: str) -> str | None:
+def _parts(catalog: str) -> dict | None:
     from psycopg2.extensions import parse_dsn
 
     try:
-        return parse_dsn(catalog).get("password")
+        return parse_dsn(catalog)
     except Exception:
         return None
 

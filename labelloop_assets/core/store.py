@@ -475,7 +475,8 @@ def scalar(con: duckdb.DuckDBPyConnection, sql: str, params: Any = None) -> Any:
 
 
 # Tables whose rows are numbered in insertion order (what sequences did before): the number
-# continues from the table's largest, which is safe because one writer holds the store at a time.
+# continues from the table's largest, which is safe because each table has one writer at a time
+# (the embedded file's lock; on the lake, the lock of the table's group).
 SERIALS = {
     "items": "seq",
     "raw_corrections": "seq",
@@ -497,10 +498,7 @@ def append(con: Any, table: str, rows: pl.DataFrame) -> int:
     serial = SERIALS.get(table)
     if serial and serial not in rows.columns:
         rows = rows.with_row_index("_append_order")
-        values = (
-            f"(SELECT coalesce(max({serial}), 0) FROM {table}) "
-            f"+ row_number() OVER (ORDER BY _append_order), {columns}"
-        )
+        values = f"{_largest(table)} + row_number() OVER (ORDER BY _append_order), {columns}"
         columns = f"{serial}, {columns}"
     con.register("rows_to_append", rows)
     try:
@@ -512,7 +510,12 @@ def append(con: Any, table: str, rows: pl.DataFrame) -> int:
 
 def next_number(con: Any, table: str) -> int:
     """The number the next row of a numbered table gets."""
-    return int(scalar(con, f"SELECT coalesce(max({SERIALS[table]}), 0) + 1 FROM {table}"))
+    return int(scalar(con, f"SELECT {_largest(table)} + 1"))
+
+
+def _largest(table: str) -> str:
+    """SQL for a numbered table's largest number so far (0 when empty)."""
+    return f"(SELECT coalesce(max({SERIALS[table]}), 0) FROM {table})"
 
 
 # Each table's keys: unique by the writes (anti-joins, MERGE, numbered appends under the writer
