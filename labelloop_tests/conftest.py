@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import dagster as dg
@@ -64,7 +65,12 @@ def correction(event_id: str, item_id: str, label: str, user: str = "alice",
 
 
 @pytest.fixture
-def home(tmp_path: Path) -> Home:
+def home(tmp_path: Path, monkeypatch) -> Home:
+    if os.environ.get("LABELLOOP_TEST_BACKEND") == "lake":
+        # `make test-lake`: the same tests with the lake as the store, a fresh catalog each.
+        from labelloop_tests import pg
+
+        monkeypatch.setenv("LABELLOOP_CATALOG", pg.fresh_database("t"))
     home = Home(tmp_path / "home").ensure()
     # The test worlds have 15 gold items; the shipped plan wants 30 before it promotes a model.
     home.validation_file.write_text(
