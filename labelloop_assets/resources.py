@@ -24,13 +24,42 @@ from labelloop_assets.core.settings import (
 )
 
 
+# The homes and database files this process's Definitions were built for: the deployment's
+# LABELLOOP_HOME (`definitions.defs`), or a test's. Resource fields are run config in Dagster
+# (the launchpad, GraphQL and `-c` can set them), so a run naming any other folder or file is
+# refused: a run must not be able to bring its own policies, store or models.
+_BOUND_HOMES: set[Path] = set()
+_BOUND_DATABASES: set[str] = set()
+
+
+class RunConfigRefused(dg.Failure):
+    """A run's config tried to move the home or the store away from the deployment's."""
+
+
+def _bound_root(root: str) -> Path:
+    resolved = Path(root).resolve()
+    if resolved not in _BOUND_HOMES:
+        raise RunConfigRefused(
+            description=(
+                f"refused: this run's config points labelloop at {resolved}, but the deployment's "
+                f"LABELLOOP_HOME is {', '.join(sorted(str(p) for p in _BOUND_HOMES)) or 'not loaded'}. "
+                "The home (and with it the policies, the store and the models) is fixed by the "
+                "deployment's environment; a run's config cannot move it."
+            )
+        )
+    return resolved
+
+
 class LabelloopHome(dg.ConfigurableResource):
-    """The `LABELLOOP_HOME` folder: landing zone, models, reports and configuration."""
+    """The `LABELLOOP_HOME` folder: landing zone, models, reports and configuration.
+
+    `root` is set by the deployment (`build_resources`); a run whose config changes it fails.
+    """
 
     root: str
 
     def home(self) -> Home:
-        return Home(Path(self.root).resolve()).ensure()
+        return Home(_bound_root(self.root)).ensure()
 
     def ontology(self) -> Ontology:
         return Ontology.load(self.home().ontology_file)
@@ -66,6 +95,14 @@ def open_store(database: DuckDBResource) -> Iterator[duckdb.DuckDBPyConnection]:
     configured, and end in DuckDB's raw error.
     """
     logger = dg.get_dagster_logger()
+    if database.database not in _BOUND_DATABASES or database.connection_config:
+        raise RunConfigRefused(
+            description=(
+                f"refused: this run's config sets the database resource to {database.database!r}"
+                f"{' with connection_config ' + repr(database.connection_config) if database.connection_config else ''}; "
+                "the store is fixed by the deployment (LABELLOOP_HOME, LABELLOOP_CATALOG), not by a run"
+            )
+        )
     file = Path(database.database)
     try:
         con = store.connect(
@@ -105,6 +142,9 @@ class RetrainCadence(dg.ConfigurableResource):
 
 
 def build_resources(home: Home, retrain: RetrainPolicy) -> dict:
+    """The resources of the deployment bound to `home`; runs may not point them elsewhere."""
+    _BOUND_HOMES.add(home.root.resolve())
+    _BOUND_DATABASES.add(str(home.database_file))
     return {
         "labelloop": LabelloopHome(root=str(home.root)),
         "database": DuckDBResource(database=str(home.database_file)),

@@ -16,6 +16,14 @@ from labelloop_assets.resources import build_resources
 
 LABELS = ("zero", "one", "two")
 
+# The tests' own homes may use the public development key (a run elsewhere without
+# LABELLOOP_SECRET fails closed; test_trust checks that with this variable removed).
+os.environ.setdefault("LABELLOOP_ALLOW_DEVELOPMENT_SECRET", "1")
+# Most suites test resolution with the roles their lines claim: their homes trust files landed
+# directly in landing/<kind>/ to assert any role. The trust suite replaces this directory with a
+# strict one (nobody granted anything) to show that claims are then capped.
+TRUSTING_DIRECTORY = "contributors: []\nproducers:\n  - {folder: '.', may_claim: domain_expert}\n"
+
 
 def write_jsonl(folder: Path, name: str, records: list) -> Path:
     """Land a file the way producers must: temp name first, then an atomic rename."""
@@ -72,6 +80,7 @@ def home(tmp_path: Path, monkeypatch) -> Home:
 
         monkeypatch.setenv("LABELLOOP_CATALOG", pg.fresh_database("t"))
     home = Home(tmp_path / "home").ensure()
+    home.contributors_file.write_text(TRUSTING_DIRECTORY)
     # The test worlds have 15 gold items; the shipped plan wants 30 before it promotes a model.
     home.validation_file.write_text(
         home.validation_file.read_text().replace("min_eval_items: 30", "min_eval_items: 10")

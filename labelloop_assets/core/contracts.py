@@ -56,6 +56,14 @@ FEATURE_LENGTH_MISMATCH = "feature_length_mismatch"
 UNREADABLE_FILE = "unreadable_file"
 UNSUPPORTED_FORMAT = "unsupported_format"
 FILE_TOO_LARGE = "file_too_large"
+# Trust (issue: authority granted by the deployment, signed reviewer actions).
+ROLE_NOT_GRANTED = "role_not_granted"  # an audit reason: the claim counts at the granted role
+UNSIGNED = "unsigned"
+BAD_SIGNATURE = "bad_signature"
+UNKNOWN_KEY = "unknown_key"
+REVOKED_KEY = "revoked_key"
+UNKNOWN_MODEL_VERSION = "unknown_model_version"
+GOLD_NOT_DECLARED = "gold_not_declared"
 
 JSON_NUMBER_TYPES = ("UBIGINT", "BIGINT", "DOUBLE", "HUGEINT")
 # ISO-8601 date and time with a zone; a bare date or a zone-less time is refused.
@@ -158,6 +166,10 @@ REVIEW_SPEC = RecordSpec(
         FieldSpec("reviewer_id", "string", private=True),
         FieldSpec("rationale", "string", max_length=2000, free_text=True),
         FieldSpec("decided_at", "timestamp"),
+        # Required in effect: a decision without them is refused as `unsigned` (a clearer
+        # reason than a missing field).
+        FieldSpec("key_id", "string", required=False, max_length=64),
+        FieldSpec("signature", "string", required=False, max_length=128),
     ),
 )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import shutil
@@ -15,7 +16,7 @@ from labelloop_assets.core.lake import Lake
 LANDING_KINDS = ("items", "predictions", "corrections", "reviews")
 DEFAULTS_DIR = Path(__file__).resolve().parent.parent / "defaults"
 CONFIG_FILES = (
-    "ontology.yaml", "governance.yaml", "reviewers.yaml", "monitoring.yaml", "validation.yaml", "training.yaml",
+    "ontology.yaml", "governance.yaml", "contributors.yaml", "monitoring.yaml", "validation.yaml", "training.yaml",
 )
 DEV_SECRET = "labelloop-development-secret-do-not-use-in-production"
 
@@ -85,8 +86,18 @@ class Home:
         return self.root / "governance.yaml"
 
     @property
+    def contributors_file(self) -> Path:
+        return self.root / "contributors.yaml"
+
+    @property
     def reviewers_file(self) -> Path:
+        """Read for homes made before contributors.yaml; its grants are merged into the directory."""
         return self.root / "reviewers.yaml"
+
+    @property
+    def gold_file(self) -> Path:
+        """The deployment's evaluation set (gold items); only this file declares gold labels."""
+        return self.root / "gold.jsonl"
 
     @property
     def monitoring_file(self) -> Path:
@@ -113,12 +124,25 @@ class Home:
         return self
 
 
+# The SHA-256 of each policy file as this process last read it: the steps that decide record
+# them with their decisions (`store.record_policies`), so each decision names the policy it used.
+POLICY_READS: dict[str, str] = {}
+
+
+def file_sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def load_yaml_mapping(path: Path, what: str) -> dict:
     """A YAML configuration file that must hold a mapping; every problem is a config error."""
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = path.read_bytes()
+        POLICY_READS[path.name] = file_sha256(data)
+        raw = yaml.safe_load(data.decode("utf-8")) or {}
     except FileNotFoundError:
         raise LabelloopConfigError(f"{what} file not found: {path}") from None
+    except UnicodeDecodeError:
+        raise LabelloopConfigError(f"{what} file {path} is not UTF-8 text") from None
     except yaml.YAMLError as exc:
         raise LabelloopConfigError(f"{what} file {path} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
@@ -244,10 +268,30 @@ DEV_SECRET_WARNING = (
 )
 
 
+# Set only by `labelloop demo` (and `make demo`/`make ui` on the demo's home): the public
+# development key is allowed. Anywhere else a missing LABELLOOP_SECRET stops the run at once.
+ALLOW_DEV_SECRET_ENV = "LABELLOOP_ALLOW_DEVELOPMENT_SECRET"
+MISSING_SECRET = (
+    "LABELLOOP_SECRET is not set. labelloop pseudonymizes user ids with it and refuses to run on "
+    "real data without it: set LABELLOOP_SECRET (a long random value kept outside LABELLOOP_HOME, "
+    "e.g. `export LABELLOOP_SECRET=$(python -c 'import secrets; print(secrets.token_urlsafe(32))')`). "
+    f"Only the demo runs on the public development key ({ALLOW_DEV_SECRET_ENV}=1)."
+)
+
+
 def using_development_secret() -> bool:
     return not os.environ.get("LABELLOOP_SECRET")
 
 
+def development_secret_allowed() -> bool:
+    return os.environ.get(ALLOW_DEV_SECRET_ENV) == "1"
+
+
 def pseudonymization_key() -> bytes:
-    """The keyed-hash secret from LABELLOOP_SECRET, or the public development default."""
-    return (os.environ.get("LABELLOOP_SECRET") or DEV_SECRET).encode("utf-8")
+    """The keyed-hash secret from LABELLOOP_SECRET; fails closed without it, except for the demo."""
+    secret = os.environ.get("LABELLOOP_SECRET")
+    if secret:
+        return secret.encode("utf-8")
+    if development_secret_allowed():
+        return DEV_SECRET.encode("utf-8")
+    raise LabelloopConfigError(MISSING_SECRET)

@@ -24,9 +24,9 @@ import polars as pl
 
 from labelloop_assets.core import lake
 from labelloop_assets.core.lake import Lake
-from labelloop_assets.core.settings import env_number
+from labelloop_assets.core.settings import POLICY_READS, env_number
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 DDL = """
 CREATE TABLE IF NOT EXISTS schema_info (key VARCHAR NOT NULL, value VARCHAR);
@@ -66,7 +66,10 @@ CREATE TABLE IF NOT EXISTS raw_corrections (
     user_role VARCHAR NOT NULL, source VARCHAR NOT NULL, consent BOOLEAN NOT NULL,
     created_at TIMESTAMPTZ NOT NULL, model_version VARCHAR, prediction_id VARCHAR,
     rationale VARCHAR, user_confidence DOUBLE, context VARCHAR, payload_hash VARCHAR NOT NULL,
-    source_file VARCHAR, line_no BIGINT, ingested_at TIMESTAMPTZ NOT NULL DEFAULT now(), run_id VARCHAR
+    source_file VARCHAR, line_no BIGINT, ingested_at TIMESTAMPTZ NOT NULL DEFAULT now(), run_id VARCHAR,
+    -- v4: the landing folder the line came from, the role the line claimed (user_role is what
+    -- the directory lets it count as), and when it arrived on the store's clock.
+    producer VARCHAR, claimed_role VARCHAR, arrived_at TIMESTAMPTZ
 );
 
 CREATE TABLE IF NOT EXISTS validated_labels (
@@ -76,7 +79,9 @@ CREATE TABLE IF NOT EXISTS validated_labels (
     prediction_id VARCHAR, prediction_found BOOLEAN NOT NULL, user_pseudonym VARCHAR NOT NULL,
     user_role VARCHAR NOT NULL, source VARCHAR NOT NULL, vote_weight DOUBLE NOT NULL,
     created_at TIMESTAMPTZ NOT NULL, rationale VARCHAR, staged_at TIMESTAMPTZ NOT NULL DEFAULT now(),
-    run_id VARCHAR
+    run_id VARCHAR,
+    -- v4: arrival on the store's clock, and the day a vote counts on for burst scoring.
+    arrived_at TIMESTAMPTZ, burst_day DATE
 );
 
 CREATE TABLE IF NOT EXISTS label_decisions (
@@ -100,7 +105,9 @@ CREATE TABLE IF NOT EXISTS review_decisions (
     label VARCHAR, reviewer_pseudonym VARCHAR NOT NULL, reviewer_role VARCHAR NOT NULL,
     rationale VARCHAR NOT NULL, decided_at TIMESTAMPTZ NOT NULL, payload_hash VARCHAR NOT NULL,
     source_file VARCHAR, line_no BIGINT, ingested_at TIMESTAMPTZ NOT NULL DEFAULT now(),
-    run_id VARCHAR
+    run_id VARCHAR,
+    -- v4: the Ed25519 key that signed the decision and the signature ingest verified.
+    key_id VARCHAR, signature VARCHAR
 );
 
 CREATE TABLE IF NOT EXISTS escalations (
@@ -186,7 +193,28 @@ CREATE TABLE IF NOT EXISTS model_evaluations (
     evaluated_at TIMESTAMPTZ NOT NULL DEFAULT now(), challenger VARCHAR NOT NULL, champion VARCHAR,
     decision VARCHAR NOT NULL, reasons VARCHAR[] NOT NULL, plan VARCHAR NOT NULL,
     challenger_scores VARCHAR NOT NULL, champion_scores VARCHAR, slice_scores VARCHAR,
-    confirm_below DOUBLE, n_eval BIGINT NOT NULL, run_id VARCHAR
+    confirm_below DOUBLE, n_eval BIGINT NOT NULL, run_id VARCHAR,
+    -- v4: the evaluation-set version both models were scored on.
+    evaluation_set INTEGER
+);
+
+-- v4: the deployment's gold file, versioned: a new version whenever its content changes.
+CREATE TABLE IF NOT EXISTS evaluation_sets (
+    evaluation_set INTEGER NOT NULL, sha256 VARCHAR NOT NULL, n_items BIGINT NOT NULL,
+    n_added BIGINT NOT NULL, declared_at TIMESTAMPTZ NOT NULL DEFAULT now(), run_id VARCHAR
+);
+
+-- v4: corpus items whose features copy a gold item's (exactly or nearly): kept out of training.
+CREATE TABLE IF NOT EXISTS gold_copies (
+    item_id VARCHAR NOT NULL, gold_item_id VARCHAR NOT NULL, kind VARCHAR NOT NULL,
+    distance DOUBLE NOT NULL, detected_at TIMESTAMPTZ NOT NULL DEFAULT now(), run_id VARCHAR
+);
+
+-- v4: the SHA-256 of each policy file a deciding step read (resolution, evaluation, promotion,
+-- review ingest), by run: every decision names the exact policy that drove it.
+CREATE TABLE IF NOT EXISTS policy_uses (
+    run_id VARCHAR NOT NULL, step VARCHAR NOT NULL, file VARCHAR NOT NULL, sha256 VARCHAR NOT NULL,
+    used_at TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 
 CREATE TABLE IF NOT EXISTS label_quality_metrics (
@@ -346,6 +374,16 @@ def _migrate(con: Any, found: int) -> None:
         # Version 3: corpus versions name the lake snapshot that committed them. Older files keep
         # their PRIMARY KEYs and sequences; nothing relies on them any more.
         con.execute("ALTER TABLE corpus_versions ADD COLUMN IF NOT EXISTS lake_snapshot BIGINT")
+    if found < 4:
+        # Version 4 (trust): producer, claimed role and arrival of each correction; signatures
+        # of review decisions; the evaluation set a model comparison used.
+        for table, column, kind in (
+            ("raw_corrections", "producer", "VARCHAR"), ("raw_corrections", "claimed_role", "VARCHAR"),
+            ("raw_corrections", "arrived_at", "TIMESTAMPTZ"), ("validated_labels", "arrived_at", "TIMESTAMPTZ"),
+            ("validated_labels", "burst_day", "DATE"), ("review_decisions", "key_id", "VARCHAR"),
+            ("review_decisions", "signature", "VARCHAR"), ("model_evaluations", "evaluation_set", "INTEGER"),
+        ):
+            con.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {kind}")
 
 
 # DuckDB lets one process at a time hold the file for writing, and a process holding it open
@@ -533,6 +571,7 @@ KEYS = (
     ("model_evaluations", "evaluation_id"),
     ("release_notes", "evaluation_id"),
     ("contributor_reliability", "user_pseudonym"),
+    ("evaluation_sets", "evaluation_set"),
     ("label_issue_candidates", "item_id"),
     ("ingested_files", "path"),
     ("escalations", "escalation_id"),
@@ -553,6 +592,17 @@ def duplicate_keys(con: Any, limit: int = 5) -> dict[str, list]:
         if rows:
             found[f"{table}.{key}"] = [r[0] if len(r) == 1 else list(r) for r in rows]
     return found
+
+
+def record_policies(con: Any, run_id: str, step: str, files: tuple[str, ...]) -> dict[str, str]:
+    """Record the SHA-256 of the policy files `step` read (as this process read them) with its run."""
+    used = {name: POLICY_READS[name] for name in files if name in POLICY_READS}
+    if used:
+        append(con, "policy_uses", pl.DataFrame(
+            {"run_id": [run_id] * len(used), "step": [step] * len(used),
+             "file": list(used), "sha256": list(used.values())},
+        ))
+    return used
 
 
 def corpus_head(con: duckdb.DuckDBPyConnection) -> tuple[int, int]:
