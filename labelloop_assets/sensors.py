@@ -6,7 +6,6 @@ materialization metadata from Dagster's event log, so they never race a running 
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,7 +16,7 @@ from labelloop_assets.checks.schema_checks import (
     blocking_checks_hold,
     failing_blocking_checks,
 )
-from labelloop_assets.core.contracts import is_landing_file
+from labelloop_assets.core.contracts import landing_files
 from labelloop_assets.core.settings import Home, RetrainPolicy
 from labelloop_assets.jobs import ingest_job, retrain_job
 from labelloop_assets.resources import LabelloopHome, RetrainCadence
@@ -26,16 +25,11 @@ INGESTED_KINDS = ("items", "predictions", "corrections", "reviews")
 
 
 def landed_files(home: Home) -> list[str]:
-    """Every complete landing file, as `kind/name`."""
-    names = []
-    for kind in INGESTED_KINDS:
-        folder = home.landing_dir(kind)
-        if not folder.is_dir():
-            continue
-        # scandir reads the file type from the directory entry: no stat per file.
-        with os.scandir(folder) as entries:
-            names.extend(f"{kind}/{entry.name}" for entry in entries if is_landing_file(entry))
-    return sorted(names)
+    """Every complete landing file, as `kind/name` or `kind/producer/name`."""
+    return sorted(
+        path.relative_to(home.landing).as_posix()
+        for kind in INGESTED_KINDS for path in landing_files(home.landing_dir(kind))
+    )
 
 
 @dg.sensor(

@@ -22,6 +22,7 @@ os.environ.setdefault("LABELLOOP_ALLOW_DEVELOPMENT_SECRET", "1")
 # Most suites test resolution with the roles their lines claim: their homes trust files landed
 # directly in landing/<kind>/ to assert any role. The trust suite replaces this directory with a
 # strict one (nobody granted anything) to show that claims are then capped.
+EXTERNAL_TEST_MODELS = ("m-001", "m0001", "m", "m-client")
 TRUSTING_DIRECTORY = "contributors: []\nproducers:\n  - {folder: '.', may_claim: domain_expert}\n"
 
 
@@ -38,7 +39,8 @@ def write_jsonl(folder: Path, name: str, records: list) -> Path:
 
 
 def make_items(n: int = 60, n_gold: int = 15, seed: int = 0) -> tuple[list[dict], dict[str, str]]:
-    """Three well-separated classes in 4 dimensions; returns landing records and the truth."""
+    """Three well-separated classes in 4 dimensions; returns item records and the truth. The first
+    `n_gold` carry a `gold_label`: land them with `land_items`, which declares those in gold.jsonl."""
     rng = np.random.default_rng(seed)
     records, truth = [], {}
     for i in range(n):
@@ -54,6 +56,22 @@ def make_items(n: int = 60, n_gold: int = 15, seed: int = 0) -> tuple[list[dict]
             record["label_source"] = "vendor"
         records.append(record)
     return records, truth
+
+
+def land_items(home: Home, records: list, name: str = "items.jsonl") -> Path:
+    """Land item records the way a deployment gets them: records with a `gold_label` are
+    declared in the home's gold.jsonl (appended; ids already declared are skipped), the rest
+    land in landing/items/<name>. Returns the landed file."""
+    declared = set()
+    if home.gold_file.exists():
+        declared = {json.loads(line)["item_id"] for line in home.gold_file.read_text().splitlines() if line.strip()}
+    gold = [r for r in records if isinstance(r, dict) and "gold_label" in r and r["item_id"] not in declared]
+    if gold:
+        with home.gold_file.open("a", encoding="utf-8") as file:
+            file.writelines(json.dumps(r) + "\n" for r in gold)
+    return write_jsonl(
+        home.landing_dir("items"), name, [r for r in records if not (isinstance(r, dict) and "gold_label" in r)]
+    )
 
 
 def correction(event_id: str, item_id: str, label: str, user: str = "alice",
@@ -81,6 +99,9 @@ def home(tmp_path: Path, monkeypatch) -> Home:
         monkeypatch.setenv("LABELLOOP_CATALOG", pg.fresh_database("t"))
     home = Home(tmp_path / "home").ensure()
     home.contributors_file.write_text(TRUSTING_DIRECTORY)
+    # The versions the suites' prediction logs name before labelloop trains anything.
+    with home.training_file.open("a") as config:
+        config.write(f"external_model_versions: {list(EXTERNAL_TEST_MODELS)}\n")
     # The test worlds have 15 gold items; the shipped plan wants 30 before it promotes a model.
     home.validation_file.write_text(
         home.validation_file.read_text().replace("min_eval_items: 30", "min_eval_items: 10")
@@ -105,3 +126,37 @@ def defs(home: Home) -> dg.Definitions:
 @pytest.fixture
 def resources(home: Home) -> dict:
     return build_resources(home, RETRAIN)
+
+
+# Reviewer actions are signed. Every test keeps its private keys under its own tmp_path, never in
+# the home (refused) nor in the user's ~/.config.
+@pytest.fixture(autouse=True)
+def _keys_outside_the_home(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("LABELLOOP_KEYS_DIR", str(tmp_path / "keys"))
+    monkeypatch.delenv("LABELLOOP_SIGNING_KEY", raising=False)
+
+
+# The reviewers the suites use (reviewers.yaml listed them before contributors.yaml existed).
+TEST_REVIEWERS = {"reviewer-0": "reviewer", "reviewer-1": "reviewer", "expert-0": "domain_expert"}
+
+
+def give_keys(home: Home, *contributor_ids: str) -> None:
+    """A key pair for each contributor: the private key in LABELLOOP_KEYS_DIR, the public key
+    registered in the home's contributors.yaml. Each is listed already (contributors.yaml or
+    reviewers.yaml) or is one of TEST_REVIEWERS, listed here with its role."""
+    from labelloop_assets.cli import _register_key
+    from labelloop_assets.core import review, signing
+
+    for ident in contributor_ids:
+        role = review.directory(home).role_of(ident) or TEST_REVIEWERS[ident]
+        key = signing.generate()
+        signing.write_private_key(signing.default_key_file(ident), key)
+        _register_key(home, ident, role, signing.public_key_text(key))
+
+
+def signed(record: dict) -> dict:
+    """A review decision signed, as `labelloop review` signs it, with its reviewer's key from give_keys."""
+    from labelloop_assets.core import signing
+
+    key = signing.load_private_key(signing.default_key_file(record["reviewer_id"].strip()))
+    return signing.sign_review(key, record)

@@ -113,7 +113,11 @@ def counts(con) -> dict[str, int]:
 
 @pytest.fixture
 def lhome(tmp_path: Path) -> Home:
-    return Home(tmp_path / "home").ensure()
+    home = Home(tmp_path / "home").ensure()
+    # The model that served these predictions was trained outside labelloop: declared.
+    with home.training_file.open("a") as config:
+        config.write("external_model_versions: [m-001]\n")
+    return home
 
 
 @pytest.fixture
@@ -203,6 +207,9 @@ LINE_CASES = {
         "corrections", correction("dup-1", corrected_label="six"), "different content", "dup-1",
         first=correction("dup-1"),
     ),
+    contracts.UNKNOWN_MODEL_VERSION: LineCase(
+        "predictions", prediction("bad-1", model_version="m9999-not-a-model"), "not a model labelloop trained", "bad-1"
+    ),
     contracts.FEATURE_LENGTH_MISMATCH: LineCase(
         "items", item("bad-1", features=[1.0, 2.0, 3.0, 4.0, 5.0]), "5 values, this deployment uses 4", "bad-1"
     ),
@@ -219,10 +226,18 @@ REVIEW_REASONS = {
 }
 
 
+# Trust reasons: signatures in test_signing.py, undeclared gold in test_gold.py, and
+# role_not_granted (an audit reason: the line is accepted at its granted role) in test_trust.py.
+TRUST_REASONS = {
+    contracts.UNSIGNED, contracts.BAD_SIGNATURE, contracts.UNKNOWN_KEY, contracts.REVOKED_KEY,
+    contracts.GOLD_NOT_DECLARED, contracts.ROLE_NOT_GRANTED,
+}
+
+
 def test_every_reason_code_has_a_test():
     defined = {v for k, v in vars(contracts).items() if isinstance(v, str) and k.lower() == v}
-    assert len(defined) == 25
-    assert defined == set(LINE_CASES) | set(WHOLE_FILE_REASONS) | REVIEW_REASONS
+    assert len(defined) == 32
+    assert defined == set(LINE_CASES) | set(WHOLE_FILE_REASONS) | REVIEW_REASONS | TRUST_REASONS
 
 
 @pytest.mark.parametrize("reason", list(LINE_CASES))

@@ -207,6 +207,32 @@ def is_landing_file(path: Path | os.DirEntry) -> bool:
     return (path.is_file() or path.is_symlink()) and is_landing_name(path.name)
 
 
+def landing_files(folder: Path) -> list[Path]:
+    """Complete landing files of one kind: directly in `folder`, or one level down in a producer's
+    subfolder (`landing/<kind>/<producer>/<name>`). Hidden or temp folders are someone's work in
+    progress; anything else deeper is listed as it stands (a folder), to be quarantined, not skipped.
+    """
+    found: list[Path] = []
+    try:
+        # scandir reads the type from the directory entry: no stat per file.
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    if is_landing_name(entry.name):
+                        with os.scandir(entry.path) as inner:
+                            found.extend(
+                                Path(sub.path) for sub in inner
+                                if is_landing_name(sub.name) and (
+                                    is_landing_file(sub) or sub.is_dir(follow_symlinks=False)
+                                )
+                            )
+                elif is_landing_file(entry):
+                    found.append(Path(entry.path))
+    except FileNotFoundError:
+        return []
+    return sorted(found)
+
+
 def open_landing_file(path: Path) -> BinaryIO:
     """Open a landing file for reading, refusing (OSError) a symbolic link put in its place.
 
@@ -275,6 +301,12 @@ def _read_parquet(path: Path, opened: os.stat_result, con: duckdb.DuckDBPyConnec
 
 def read_lines(path: Path, con: duckdb.DuckDBPyConnection) -> tuple[pl.DataFrame, int]:
     """Return (line_no, line) for every non-blank record of a file, and the blank-line count."""
+    if path.is_dir() and not path.is_symlink():
+        raise UnreadableFile(
+            UNREADABLE_FILE,
+            f"{path.name}: a folder inside a producer's folder; landing files go in "
+            "landing/<kind>/ or landing/<kind>/<producer>/, nothing deeper is read",
+        )
     if path.suffix.lower() not in SUPPORTED_SUFFIXES:
         raise UnreadableFile(
             UNSUPPORTED_FORMAT, f"{path.name}: expected one of {', '.join(SUPPORTED_SUFFIXES)}"

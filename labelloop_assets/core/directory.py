@@ -143,6 +143,12 @@ def producer_of(relative_path: str) -> str:
     return parts[1] if len(parts) > 2 else ROOT_PRODUCER
 
 
+def producer_expr(relative_path: pl.Expr) -> pl.Expr:
+    """`producer_of` for a column of paths, vectorized."""
+    parts = relative_path.str.split("/")
+    return pl.when(parts.list.len() > 2).then(parts.list.get(1, null_on_oob=True)).otherwise(pl.lit(ROOT_PRODUCER))
+
+
 def effective_role(claimed: pl.Expr, granted: pl.Expr, producer_may_claim: pl.Expr) -> pl.Expr:
     """The role a vote counts at: its claim, capped by the higher of the directory's grant and
     what its producer may assert. An unlisted user from an untrusted producer is an end user."""

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import duckdb
 import polars as pl
 
 from labelloop_assets.core import contracts as c
-from labelloop_assets.core import store
+from labelloop_assets.core import gold, store
 from labelloop_assets.core.anonymize import pseudonym
+from labelloop_assets.core.directory import ROOT_PRODUCER, Directory, effective_role, producer_expr
 from labelloop_assets.core.ontology import Ontology
-from labelloop_assets.core.settings import Home, LabelloopConfigError
+from labelloop_assets.core.settings import Home, LabelloopConfigError, load_yaml_mapping
 
 
 @dataclass
@@ -46,11 +48,8 @@ class _Batch:
 
 
 def pending_files(home: Home, con: duckdb.DuckDBPyConnection, kind: str) -> list[Path]:
-    """Landing files of a kind that are not in the ledger yet, oldest name first."""
-    folder = home.landing_dir(kind)
-    if not folder.exists():
-        return []
-    candidates = sorted(p for p in folder.iterdir() if c.is_landing_file(p))
+    """Landing files of a kind (its folder and producers' subfolders) not in the ledger yet, by path."""
+    candidates = c.landing_files(home.landing_dir(kind))
     if not candidates:
         return []
     names = pl.DataFrame({"path": [relative_name(home, p) for p in candidates]})
@@ -63,9 +62,11 @@ def relative_name(home: Home, path: Path) -> str:
 
 
 def _read_batch(
-    home: Home, files: list[Path], spec: c.RecordSpec, con: duckdb.DuckDBPyConnection, key: bytes
+    home: Home, files: list[Path], spec: c.RecordSpec, con: duckdb.DuckDBPyConnection, key: bytes,
+    raw_lines: list[pl.DataFrame] | None = None,
 ) -> tuple[_Batch, int]:
-    """Read every file, then check all their lines in one vectorized pass."""
+    """Read every file, then check all their lines in one vectorized pass (the lines as read go
+    to `raw_lines` when given: review ingest verifies signatures over exactly those)."""
     batch, blank_total, readable = _Batch(), 0, []
     for path in files:
         name = relative_name(home, path)
@@ -79,6 +80,8 @@ def _read_batch(
         batch.files.append({"path": name, "size_bytes": _size(path), "blank_lines": blank})
         blank_total += blank
     if readable:
+        if raw_lines is not None:
+            raw_lines.extend(readable)
         accepted, quarantined = c.check_records(pl.concat(readable), spec, None, con, key)
         batch.accepted.append(accepted)
         batch.quarantined.append(quarantined)
@@ -237,7 +240,12 @@ def _concat(frames: list[pl.DataFrame]) -> pl.DataFrame:
 def ingest_items(
     con: duckdb.DuckDBPyConnection, home: Home, ontology: Ontology, run_id: str
 ) -> IngestReport:
-    """New item files into `items`; the first batch fixes the deployment's feature length."""
+    """New item files into `items`; the first batch fixes the deployment's feature length.
+
+    Gold items are declared by the deployment in gold.jsonl (read first, `gold.declare`): a
+    landing line that carries a gold label, or reuses a gold item's id, is quarantined.
+    """
+    gold.declare(con, home, ontology, run_id)
     spec = c.ITEM_SPEC
     files = pending_files(home, con, spec.kind)
     batch, blank = _read_batch(home, files, spec, con, b"")
@@ -248,10 +256,15 @@ def ingest_items(
             records["features"].list.len().mode().sort().first()
         )
         initial, initial_bad = _label_rule(ontology, "initial_label", required=False)
-        gold, gold_bad = _label_rule(ontology, "gold_label", required=False)
+        declared = gold.declared_gold_ids(con, records.select("item_id"))
+        records = records.join(declared, on="item_id", how="left")
         rules = [
+            # Whoever can land a file must not be able to move the yardstick models are judged by.
+            (pl.col("gold_label").is_not_null(), c.GOLD_NOT_DECLARED,
+             "gold_label: gold items are declared in gold.jsonl by the deployment, not by landing files"),
+            (pl.col("is_gold").fill_null(False), c.GOLD_ITEM,
+             "item_id is a gold item declared in gold.jsonl; gold items are frozen for evaluation"),
             (initial_bad, c.UNKNOWN_LABEL, _label_detail("initial_label")),
-            (gold_bad, c.UNKNOWN_LABEL, _label_detail("gold_label")),
             (
                 pl.col("features").list.len() != expected,
                 c.FEATURE_LENGTH_MISMATCH,
@@ -262,13 +275,37 @@ def ingest_items(
         records, rejected = split_by_rules(records, spec.kind, spec.key, rules)
         records, replayed = _split_duplicates(records, con, "items", spec.kind, spec.key)
         quarantined.extend([rejected, replayed])
-        records = records.with_columns(initial_label=initial, gold_label=gold).select(
-            "item_id", "features", "initial_label", "label_source", "gold_label",
+        records = records.with_columns(initial_label=initial).select(
+            "item_id", "features", "initial_label", "label_source",
             "payload_hash", "source_file", "line_no",
         )
         if records.height and not store.get_state(con, "feature_length", 0):
             store.set_state(con, "feature_length", expected)
     return _finish(con, spec.kind, "items", batch, records, quarantined, blank, run_id)
+
+
+def declared_model_versions(home: Home) -> set[str]:
+    """Model versions served outside labelloop (a baseline, a team's own trainer) that the
+    deployment declares in training.yaml `external_model_versions`."""
+    raw = load_yaml_mapping(home.training_file, "training").get("external_model_versions") or []
+    if not isinstance(raw, list) or not all(isinstance(v, str) and v.strip() for v in raw):
+        raise LabelloopConfigError(
+            f"training file {home.training_file}: external_model_versions must be a list of version names"
+        )
+    return {v.strip() for v in raw}
+
+
+def _model_version_rule(con: duckdb.DuckDBPyConnection, home: Home) -> tuple[pl.Expr, str, str]:
+    """A model_version must name a model labelloop registered or one the deployment declared:
+    a producer cannot put a made-up model into lineage."""
+    known = declared_model_versions(home) | set(
+        store.frame(con, "SELECT model_version FROM models")["model_version"].to_list()
+    )
+    return (
+        pl.col("model_version").is_not_null() & ~pl.col("model_version").is_in(sorted(known)),
+        c.UNKNOWN_MODEL_VERSION,
+        "model_version: not a model labelloop trained nor one declared in training.yaml external_model_versions",
+    )
 
 
 def ingest_predictions(
@@ -287,6 +324,7 @@ def ingest_predictions(
         rules = [
             (predicted_bad, c.UNKNOWN_LABEL, _label_detail("predicted_label")),
             (pl.col("known_item").is_null(), c.UNKNOWN_ITEM, "item_id is not a known item"),
+            _model_version_rule(con, home),
         ]
         records, rejected = split_by_rules(records, spec.kind, spec.key, rules)
         records, replayed = _split_duplicates(records, con, "predictions", spec.kind, spec.key)
@@ -319,39 +357,114 @@ def check_pseudonymization_key(con: duckdb.DuckDBPyConnection, key: bytes) -> No
         )
 
 
+# Policy files that decide what a correction counts as at ingest.
+CORRECTION_POLICIES = ("contributors.yaml", "reviewers.yaml", "ontology.yaml", "training.yaml")
+
+
 def ingest_corrections(
     con: duckdb.DuckDBPyConnection, home: Home, ontology: Ontology, key: bytes, run_id: str
 ) -> IngestReport:
-    """New correction files into `raw_corrections`: pseudonymized, scrubbed, deduplicated."""
+    """New correction files into `raw_corrections`: pseudonymized, scrubbed, deduplicated.
+
+    A line's role is a claim: it counts up to what the contributor directory grants its user
+    (or its producer may assert), and every downgrade is audited. Event ids are scoped by
+    producer folder, so one producer cannot take another's ids.
+    """
     check_pseudonymization_key(con, key)
+    directory = Directory.load(home.contributors_file, home.reviewers_file)
     spec = c.CORRECTION_SPEC
     files = pending_files(home, con, spec.kind)
     batch, blank = _read_batch(home, files, spec, con, key)
     records = _concat(batch.accepted)
     quarantined = list(batch.quarantined)
+    audit = None
     if records.height:
         corrected, corrected_bad = _label_rule(ontology, "corrected_label", required=True)
         original, original_bad = _label_rule(ontology, "original_label", required=False)
         known = store.lookup(
             con, "items", "item_id", records, "t.gold_label IS NOT NULL AS is_gold"
         )
-        records = records.join(known, on="item_id", how="left")
+        records = records.join(known, on="item_id", how="left").with_columns(
+            producer=producer_expr(pl.col("source_file"))
+        )
         rules = [
+            (pl.col("event_id").str.contains("/", literal=True), c.INVALID_VALUE,
+             "event_id: '/' is reserved (stored ids are scoped as producer/event_id)"),
             (corrected_bad, c.UNKNOWN_LABEL, _label_detail("corrected_label")),
             (original_bad, c.UNKNOWN_LABEL, _label_detail("original_label")),
             (pl.col("is_gold").is_null(), c.UNKNOWN_ITEM, "item_id is not a known item"),
             (pl.col("is_gold"), c.GOLD_ITEM, "gold items are frozen for evaluation"),
             (~pl.col("consent"), c.NO_CONSENT, "consent is false: never used for training"),
+            _model_version_rule(con, home),
         ]
         records, rejected = split_by_rules(records, spec.kind, spec.key, rules)
+        records = records.with_columns(event_id=_scoped_event_id())
         records, replayed = _split_duplicates(records, con, "raw_corrections", spec.kind, spec.key)
         quarantined.extend([rejected, replayed])
+        records = _counted_roles(records, directory, key)
+        audit = _role_downgrades(records, run_id)
         records = records.with_columns(
-            corrected_label=corrected, original_label=original
+            corrected_label=corrected, original_label=original,
+            arrived_at=pl.lit(datetime.now(timezone.utc), pl.Datetime("us", "UTC")),
         ).select(
             "event_id", "item_id", "corrected_label", "original_label",
             pl.col("user_id").alias("user_pseudonym"), "user_role", "source", "consent",
             "created_at", "model_version", "prediction_id", "rationale", "user_confidence",
-            "context", "payload_hash", "source_file", "line_no",
+            "context", "payload_hash", "source_file", "line_no", "producer", "claimed_role", "arrived_at",
         )
-    return _finish(con, spec.kind, "raw_corrections", batch, records, quarantined, blank, run_id)
+    extra = [("policy_uses", store.policy_rows(run_id, "raw_corrections", CORRECTION_POLICIES))]
+    if audit is not None and audit.height:
+        extra.append(("audit_log", audit))
+    return _finish(con, spec.kind, "raw_corrections", batch, records, quarantined, blank, run_id, extra=extra)
+
+
+def _scoped_event_id() -> pl.Expr:
+    """A producer's own ids: `producer/event_id` for files in a producer's folder; files landed
+    directly in landing/corrections/ keep their ids (they may not contain '/')."""
+    return (
+        pl.when(pl.col("producer") == ROOT_PRODUCER)
+        .then(pl.col("event_id"))
+        .otherwise(pl.format("{}/{}", "producer", "event_id"))
+    )
+
+
+def _counted_roles(records: pl.DataFrame, directory: Directory, key: bytes) -> pl.DataFrame:
+    """claimed_role as landed; user_role capped by the directory's grant and the producer's trust."""
+    grants = directory.grants(key).rename({"user_pseudonym": "user_id"})
+    joined = (
+        records.join(grants, on="user_id", how="left")
+        .join(directory.producer_claims(), on="producer", how="left")
+        .with_columns(
+            # A grant limited to some producers does not count in lines from another.
+            granted_role=pl.when(
+                pl.col("granted_via").is_null() | pl.col("granted_via").list.contains(pl.col("producer"))
+            ).then("granted_role")
+        )
+    )
+    return joined.with_columns(
+        claimed_role=pl.col("user_role"),
+        user_role=effective_role(pl.col("user_role"), pl.col("granted_role"), pl.col("may_claim")),
+    ).drop("granted_role", "granted_via", "may_claim")
+
+
+def _role_downgrades(records: pl.DataFrame, run_id: str) -> pl.DataFrame:
+    """One audit row per file, user and claim that counted at less than it claimed."""
+    return (
+        records.filter(pl.col("user_role") != pl.col("claimed_role"))
+        .group_by("source_file", "user_id", "claimed_role", "user_role")
+        .agg(n=pl.len(), first_event=pl.col("event_id").min())
+        .sort("source_file", "user_id", "claimed_role")
+        .select(
+            pl.col("user_id").alias("actor"),
+            pl.col("user_role").alias("actor_role"),
+            pl.lit("correction.role_claim").alias("action"),
+            pl.col("source_file").alias("target"),
+            pl.lit("downgraded").alias("outcome"),
+            pl.lit(c.ROLE_NOT_GRANTED).alias("reason"),
+            pl.format(
+                "{} correction(s) (first {}) claimed {}; counted as {}: the directory grants no more",
+                "n", "first_event", "claimed_role", "user_role",
+            ).alias("detail"),
+            pl.lit(run_id).alias("run_id"),
+        )
+    )

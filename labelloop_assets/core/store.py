@@ -594,15 +594,21 @@ def duplicate_keys(con: Any, limit: int = 5) -> dict[str, list]:
     return found
 
 
+def policy_rows(run_id: str, step: str, files: tuple[str, ...]) -> pl.DataFrame:
+    """policy_uses rows: the SHA-256 of each of `files` as this process last read it."""
+    used = {name: POLICY_READS[name] for name in files if name in POLICY_READS}
+    return pl.DataFrame(
+        {"run_id": [run_id] * len(used), "step": [step] * len(used), "file": list(used), "sha256": list(used.values())},
+        schema={"run_id": pl.String, "step": pl.String, "file": pl.String, "sha256": pl.String},
+    )
+
+
 def record_policies(con: Any, run_id: str, step: str, files: tuple[str, ...]) -> dict[str, str]:
     """Record the SHA-256 of the policy files `step` read (as this process read them) with its run."""
-    used = {name: POLICY_READS[name] for name in files if name in POLICY_READS}
-    if used:
-        append(con, "policy_uses", pl.DataFrame(
-            {"run_id": [run_id] * len(used), "step": [step] * len(used),
-             "file": list(used), "sha256": list(used.values())},
-        ))
-    return used
+    rows = policy_rows(run_id, step, files)
+    if rows.height:
+        append(con, "policy_uses", rows)
+    return dict(zip(rows["file"], rows["sha256"]))
 
 
 def corpus_head(con: duckdb.DuckDBPyConnection) -> tuple[int, int]:

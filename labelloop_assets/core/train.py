@@ -79,7 +79,7 @@ class TrainingConfig:
     def load(cls, path: Path) -> "TrainingConfig":
         raw = load_yaml_mapping(path, "training")
         where = f"training file {path}"
-        known = {"params", "min_train_rows"}
+        known = {"params", "min_train_rows", "external_model_versions"}  # the last: read by ingest
         if set(raw) - known:
             raise LabelloopConfigError(f"{where}: unknown keys {sorted(set(raw) - known)}; known: {sorted(known)}")
         given = raw.get("params") or {}
