@@ -46,7 +46,11 @@ e2e: venv browser
 bench: venv
 	$(BIN)/python -m benchmarks.run
 
+# The demo's home runs on the public development key, like the demo; any other home needs
+# LABELLOOP_SECRET (runs fail closed without it).
 dev: venv
+	@if [ -z "$$LABELLOOP_SECRET" ] && [ -f "$(LABELLOOP_HOME)/.labelloop-demo" ]; then \
+		echo "dev: the demo's home, on the public development key"; export LABELLOOP_ALLOW_DEVELOPMENT_SECRET=1; fi; \
 	$(BIN)/dagster dev -w workspace.yaml
 
 # Removes the demo's state only: a LABELLOOP_HOME the demo did not create is left alone.

@@ -276,3 +276,27 @@ def test_without_a_secret_runs_and_commands_fail_closed(strict_home, defs, insta
     monkeypatch.setenv("LABELLOOP_SECRET", "a-long-random-test-secret-value-0123456789")
     _run(defs, instance, INGEST_JOB)
 
+
+
+def test_a_version_3_store_is_upgraded_in_place(tmp_path):
+    """A store written before the trust columns existed gets them, and keeps its rows."""
+    path = tmp_path / "old.duckdb"
+    with store.connect(path) as con:
+        con.execute("INSERT INTO items (seq, item_id, features, payload_hash) VALUES (1, 'i1', [1.0], 'h')")
+        for table, column in (
+            ("raw_corrections", "producer"), ("raw_corrections", "claimed_role"), ("raw_corrections", "arrived_at"),
+            ("validated_labels", "arrived_at"), ("validated_labels", "burst_day"), ("review_decisions", "key_id"),
+            ("review_decisions", "signature"), ("model_evaluations", "evaluation_set"),
+        ):
+            con.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+        for table in ("evaluation_sets", "gold_copies", "policy_uses"):
+            con.execute(f"DROP TABLE {table}")
+        con.execute("UPDATE schema_info SET value = '3' WHERE key = 'schema_version'")
+    with store.connect(path) as con:
+        assert store.schema_version(con) == store.SCHEMA_VERSION == 4
+        columns = {(t, c) for t, c in con.execute(
+            "SELECT table_name, column_name FROM duckdb_columns() WHERE table_name IN "
+            "('raw_corrections', 'review_decisions', 'policy_uses')").fetchall()}
+        assert {("raw_corrections", "claimed_role"), ("review_decisions", "signature"),
+                ("policy_uses", "sha256")} <= columns
+        assert con.execute("SELECT item_id FROM items").fetchall() == [("i1",)]
