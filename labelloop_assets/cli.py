@@ -7,6 +7,9 @@ import json
 import os
 import re
 import sys
+import uuid
+import dataclasses
+from datetime import datetime, timezone
 from pathlib import Path
 
 import duckdb
@@ -66,7 +69,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from labelloop_assets.demo.run import DemoRefused, prepare_home, run_demo
     from labelloop_assets.demo.simulator import DemoConfig
 
+    from labelloop_assets.core.settings import ALLOW_DEV_SECRET_ENV
+
     root = Path(os.environ.get("LABELLOOP_HOME", "data/home")).resolve()
+    if not os.environ.get("LABELLOOP_SECRET"):
+        # The demo's simulated people may use the public development key (it says so when it
+        # starts); anywhere else a missing LABELLOOP_SECRET stops the run.
+        os.environ[ALLOW_DEV_SECRET_ENV] = "1"
     if not os.environ.get("DAGSTER_HOME"):
         print(
             "labelloop: DAGSTER_HOME is not set. Run `make demo`, or point DAGSTER_HOME at the "
@@ -339,13 +348,18 @@ def cmd_review_decide(args: argparse.Namespace) -> int:
     problems = _field_problems(
         {"escalation_id": escalation_id, "reviewer_id": reviewer, "rationale": rationale, "label": label}
     )
-    reviewers = review.load_reviewers(home.reviewers_file)
-    role = reviewers.get(reviewer)
+    directory = review.directory(home)
+    role = directory.authorities().get(reviewer)
+    signer = None
     if role is None:
-        problems.append(f"{_shown(reviewer)} is not a reviewer in {home.reviewers_file}")
+        problems.append(f"{_shown(reviewer)} is not a reviewer in {home.contributors_file.name}")
+    else:
+        signer = _signer(home, reviewer, args.key, directory)
+        problems.extend(signer.terminal)
+    key = signer.key if signer else None
     if decision in ("release", "discard"):
         problems.extend(_burst_problems(home, escalation_id, role))
-        return _land(home, escalation_id, decision, reviewer, rationale, None, problems)
+        return _land(home, escalation_id, decision, reviewer, rationale, None, problems, key)
     if label is not None:
         ontology = Ontology.load(home.ontology_file)
         if ontology.resolve_term(label.strip()) not in ontology.labels:
@@ -364,7 +378,70 @@ def cmd_review_decide(args: argparse.Namespace) -> int:
                 f"role {role} may not decide a {escalation['reason']} escalation "
                 f"(allowed: {', '.join(allowed)})"
             )
-    return _land(home, escalation_id, decision, reviewer, rationale, label, problems)
+    return _land(home, escalation_id, decision, reviewer, rationale, label, problems, key)
+
+
+@dataclasses.dataclass
+class _Signer:
+    """The private key `--as ID` signs with, and why it may not be used (for the terminal, and
+    without paths or the raw id for the audit log)."""
+
+    key: "Ed25519PrivateKey | None" = None
+    key_id: str | None = None
+    terminal: list[str] = dataclasses.field(default_factory=list)
+    audit: list[str] = dataclasses.field(default_factory=list)
+
+    def refuse(self, terminal: str, audit: str) -> "_Signer":
+        self.terminal.append(terminal)
+        self.audit.append(audit)
+        return self
+
+
+def _signer(home: Home, reviewer: str, explicit: str | None, directory) -> _Signer:
+    """ID's private key: --key FILE, else LABELLOOP_SIGNING_KEY, else $LABELLOOP_KEYS_DIR/ID.key.
+
+    A key that is found but not (or no longer) registered to ID still signs a refused attempt:
+    the audit log then names the key that tried."""
+    from labelloop_assets.core import signing
+
+    found = _Signer()
+    if explicit:
+        path, source = Path(explicit).expanduser(), "--key"
+    elif os.environ.get(signing.SIGNING_KEY_ENV):
+        path, source = Path(os.environ[signing.SIGNING_KEY_ENV]).expanduser(), signing.SIGNING_KEY_ENV
+    else:
+        path, source = signing.default_key_file(reviewer), f"the default, ${signing.KEYS_DIR_ENV}/ID.key"
+    if not path.exists():
+        return found.refuse(
+            f"no signing key for {_shown(reviewer)}: {path} (from {source}) does not exist; give --key FILE, "
+            f"set {signing.SIGNING_KEY_ENV}, or make one with `labelloop keys new {reviewer} --register`",
+            "no signing key was found for the reviewer",
+        )
+    if signing.inside(path, home.root):
+        return found.refuse(
+            f"the signing key {path} lies inside LABELLOOP_HOME ({home.root}), where whatever reads the home "
+            "can read it; it is not used: make a new key outside the home (`labelloop keys new`) and revoke this one",
+            "the signing key lies inside LABELLOOP_HOME",
+        )
+    try:
+        found.key = signing.load_private_key(path)
+    except signing.SigningError as error:
+        return found.refuse(f"{error}", "the signing key could not be used")
+    found.key_id = signing.key_id_of(found.key)
+    listed = directory.key(found.key_id)
+    if listed is None:
+        found.refuse(
+            f"key {found.key_id} ({path}) is not one of {_shown(reviewer)}'s keys in {home.contributors_file.name} "
+            f"(`labelloop keys new {reviewer} --register` registers a new one)",
+            f"key {found.key_id} is not registered in contributors.yaml",
+        )
+    elif listed[0].id != reviewer:
+        found.refuse(f"key {found.key_id} ({path}) is registered to another contributor, not to {_shown(reviewer)}",
+                     f"key {found.key_id} belongs to another contributor")
+    elif listed[1].revoked(datetime.now(timezone.utc)):
+        found.refuse(f"key {found.key_id} ({path}) was revoked at {listed[1].revoked_at.isoformat()}",
+                     f"key {found.key_id} is revoked")
+    return found
 
 
 def _burst_problems(home: Home, burst_id: str, role: str | None) -> list[str]:
@@ -393,14 +470,14 @@ def _burst_problems(home: Home, burst_id: str, role: str | None) -> list[str]:
 
 def _land(
     home: Home, escalation_id: str, decision: str, reviewer: str, rationale: str, label: str | None,
-    problems: list[str],
+    problems: list[str], key=None,
 ) -> int:
     from labelloop_assets.core import review
 
     # Refused attempts are landed too, so that the ingest run writes them to the audit log; they
     # are marked, so that ingest refuses them even if what was wrong here is right by then.
     path = review.write_decision(
-        home, escalation_id, decision, reviewer, rationale, label, refused=bool(problems)
+        home, escalation_id, decision, reviewer, rationale, label, refused=bool(problems), signer=key
     )
     if problems:
         for problem in problems:
@@ -437,16 +514,29 @@ ROLLBACK_ROLES = ("reviewer", "domain_expert")
 
 def cmd_model_rollback(args: argparse.Namespace) -> int:
     """Make an earlier champion the champion again: registry, pointer and audit in one step."""
-    from labelloop_assets.core import review, train
+    from labelloop_assets.core import review, signing, train
     from labelloop_assets.core.anonymize import scrub_sql
 
     home = _home()
     reviewer, rationale = args.reviewer.strip(_TRIM), args.rationale.strip(_TRIM)
     version = args.version
-    role = review.load_reviewers(home.reviewers_file).get(reviewer)
+    directory = review.directory(home)
+    role = directory.authorities().get(reviewer)
     if not home.has_store():
         print("labelloop: no models yet", file=sys.stderr)
         return 1
+    # The rollback is signed like a review decision, and the signature checked against the
+    # directory before anything changes; both go into the audit row.
+    signer = _signer(home, reviewer, args.key, directory) if role in ROLLBACK_ROLES else _Signer()
+    action = {"rollback_id": f"rb-{uuid.uuid4()}", "version": version, "reviewer_id": reviewer,
+              "rationale": rationale, "decided_at": datetime.now(timezone.utc).isoformat(),
+              "key_id": signer.key_id}
+    signature = None
+    if signer.key is not None and not signer.audit:
+        signature = signing.sign(signer.key, signing.canonical(signing.ROLLBACK_DOMAIN, action, signing.ROLLBACK_FIELDS))
+        if not _verified_rollback(directory, action, signature):
+            signer.refuse("the rollback's signature does not verify against contributors.yaml",
+                          "the rollback's signature does not verify")
     try:
         with store.connect(home.database) as con, store.transaction(con):
             target = store.frame(con, "SELECT * FROM models WHERE model_version = ?", [version]).to_dicts()
@@ -454,10 +544,11 @@ def cmd_model_rollback(args: argparse.Namespace) -> int:
             # The audit log keeps the refusal without the raw identity (actor is its pseudonym)
             # and without paths of this machine; the terminal gets both.
             problem = (
-                "not a reviewer or domain expert in reviewers.yaml" if role is None
+                "not a reviewer or domain expert in contributors.yaml" if role is None
                 else f"role {role} may not roll back a model (allowed: {', '.join(ROLLBACK_ROLES)})"
                 if role not in ROLLBACK_ROLES
                 else "a rationale is required (--rationale)" if not rationale
+                else signer.audit[0] if signer.audit
                 else f"no model {_shown(version)} (labelloop model list)" if not target
                 else f"{version} is already the champion" if target[0]["status"] == "champion"
                 else f"{version} is {target[0]['status']}: only a retired champion can be restored"
@@ -472,7 +563,10 @@ def cmd_model_rollback(args: argparse.Namespace) -> int:
                 f"coalesce($problem, {scrub_sql('$rationale', '$author')}), $detail)",
                 {"actor": pseudonym_of(reviewer), "role": role, "target": version[:256],
                  "outcome": "refused" if problem else "rolled_back", "problem": problem,
-                 "rationale": rationale[:2000], "author": reviewer, "detail": json.dumps({"from": current})},
+                 "rationale": rationale[:2000], "author": reviewer,
+                 "detail": json.dumps({"from": current, "rollback_id": action["rollback_id"],
+                                       "decided_at": action["decided_at"], "key_id": signer.key_id,
+                                       "signature": signature})},
             )
             if problem is None:
                 con.execute("UPDATE models SET status = 'retired' WHERE status = 'champion'")
@@ -482,7 +576,9 @@ def cmd_model_rollback(args: argparse.Namespace) -> int:
         return 1
     if problem:
         if role is None:
-            problem = f"{_shown(reviewer)} is {problem.replace('reviewers.yaml', str(home.reviewers_file))}"
+            problem = f"{_shown(reviewer)} is {problem.replace('contributors.yaml', str(home.contributors_file))}"
+        elif signer.audit and problem == signer.audit[0]:
+            problem = signer.terminal[0]
         elif problem.startswith("the files of"):
             problem += f" under {home.model_folder(target[0]['path'])}"
         print(f"labelloop: refused: {problem}", file=sys.stderr)
@@ -490,6 +586,20 @@ def cmd_model_rollback(args: argparse.Namespace) -> int:
     train.set_current(home.models, version)
     print(f"{version} is the champion again (was {current}); models/CURRENT points to it")
     return 0
+
+
+def _verified_rollback(directory, action: dict, signature: str) -> bool:
+    """The rollback's signature, checked as ingest checks a decision's: by a key of the reviewer
+    that the directory lists and has not revoked."""
+    from labelloop_assets.core import signing
+
+    listed = directory.key(action["key_id"])
+    return (
+        listed is not None and listed[0].id == action["reviewer_id"]
+        and not listed[1].revoked(datetime.now(timezone.utc))
+        and signing.verify(listed[1].raw, signing.canonical(signing.ROLLBACK_DOMAIN, action, signing.ROLLBACK_FIELDS),
+                           signature)
+    )
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
@@ -548,11 +658,127 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+_CONTRIBUTOR_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
+
+
+def cmd_keys_new(args: argparse.Namespace) -> int:
+    """A new Ed25519 key pair for a contributor: the private key to a 0600 file outside the home,
+    the public key printed (and, with --register, added to contributors.yaml)."""
+    from labelloop_assets.core import review, signing
+
+    home = _home()
+    ident = args.contributor_id.strip(_TRIM)
+    if not ident or ident != args.contributor_id:
+        print("labelloop: refused: give the contributor id without surrounding blanks", file=sys.stderr)
+        return 3
+    if args.out:
+        path = Path(args.out).expanduser()
+    elif _CONTRIBUTOR_FILE_NAME.match(ident):
+        path = signing.default_key_file(ident)
+    else:
+        print(f"labelloop: refused: {_shown(ident)} does not make a file name; give --out FILE", file=sys.stderr)
+        return 3
+    if signing.inside(path, home.root):
+        print(f"labelloop: refused: {path} lies inside LABELLOOP_HOME ({home.root}); a private key must be kept "
+              f"outside the home (default: {signing.KEYS_DIR_ENV}, now {signing.keys_dir()})", file=sys.stderr)
+        return 3
+    role = review.directory(home).role_of(ident)
+    if args.register and role is None:
+        # Registering grants nothing: the deployment lists the person (and role) first.
+        print(f"labelloop: refused: {_shown(ident)} is not listed in {home.contributors_file} (nor in "
+              f"{home.reviewers_file.name}); add `- {{id: {ident}, role: reviewer}}` (or their role) under "
+              "contributors first", file=sys.stderr)
+        return 3
+    key = signing.generate()
+    try:
+        signing.write_private_key(path, key)
+    except (signing.SigningError, OSError) as error:
+        print(f"labelloop: refused: {error}", file=sys.stderr)
+        return 3
+    key_id, public = signing.key_id_of(key), signing.public_key_text(key)
+    print(f"private key: {path} (mode 0600; keep it outside LABELLOOP_HOME, never share it)")
+    print(f"key_id:      {key_id}")
+    print(f"public_key:  {public}")
+    if args.register:
+        _register_key(home, ident, role, public)
+        print(f"registered in {home.contributors_file}; `--as {ident}` now signs with it")
+    else:
+        print(f"add to {home.contributors_file} (or run again with --register):")
+        print(f"  - id: {ident}\n    role: {role or 'reviewer'}\n    keys:\n      - public_key: {public}")
+    return 0
+
+
+def _register_key(home: Home, ident: str, role: str, public: str) -> None:
+    """Add a public key to the contributor's entry in contributors.yaml (an entry is added for one
+    listed only in reviewers.yaml). The file is rewritten: its leading comment block is kept,
+    comments further down are not. The result is checked before it replaces the file."""
+    import yaml
+
+    from labelloop_assets.core.directory import Directory
+    from labelloop_assets.core.settings import DEFAULTS_DIR, LabelloopConfigError, load_yaml_mapping
+
+    target = home.contributors_file
+    source = target if target.exists() else DEFAULTS_DIR / "contributors.yaml"
+    text = source.read_text(encoding="utf-8")
+    header = []
+    for line in text.splitlines(keepends=True):
+        if line.strip() and not line.lstrip().startswith("#"):
+            break
+        header.append(line)
+    data = load_yaml_mapping(source, "contributors")
+    people = data.setdefault("contributors", []) or []
+    data["contributors"] = people
+    entry = next((p for p in people if isinstance(p, dict) and p.get("id") == ident), None)
+    if entry is None:
+        entry = {"id": ident, "role": role}
+        people.append(entry)
+    entry["keys"] = [*(entry.get("keys") or []), {"public_key": public}]
+    rewritten = "".join(header) + yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=False)
+    temporary = target.with_name(f".{target.name}.tmp")
+    temporary.write_text(rewritten, encoding="utf-8")
+    try:
+        if target.exists():
+            os.chmod(temporary, target.stat().st_mode & 0o777)
+        Directory.load(temporary, home.reviewers_file)  # still a valid directory, or nothing changes
+    except LabelloopConfigError:
+        temporary.unlink()
+        raise
+    os.replace(temporary, target)
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    """Contributors with their roles and keys (ids only: public keys are in contributors.yaml)."""
+    from labelloop_assets.core import review
+
+    now = datetime.now(timezone.utc)
+    rows = []
+    for person in review.directory(_home()).contributors.values():
+        for key in person.keys:
+            rows.append({"contributor_id": person.id, "role": person.role, "key_id": key.key_id,
+                         "status": "revoked" if key.revoked(now) else "active",
+                         "revoked_at": key.revoked_at.isoformat() if key.revoked_at else None})
+        if not person.keys:
+            rows.append({"contributor_id": person.id, "role": person.role, "key_id": None,
+                         "status": "no key", "revoked_at": None})
+    frame = pl.DataFrame(rows, schema={"contributor_id": pl.String, "role": pl.String, "key_id": pl.String,
+                                       "status": pl.String, "revoked_at": pl.String}).sort("contributor_id", "key_id")
+    if args.json:
+        _print(frame, True)
+    else:
+        print(f"{frame['contributor_id'].n_unique()} contributors, {frame['key_id'].drop_nulls().len()} keys")
+        _print(frame, False)
+    return 0
+
+
 def pseudonym_of(user_id: str) -> str:
     from labelloop_assets.core.anonymize import pseudonym
     from labelloop_assets.core.settings import pseudonymization_key
 
     return pseudonym(pseudonymization_key(), user_id)
+
+
+KEY_HELP = ("the private key to sign with (default: $LABELLOOP_SIGNING_KEY, else "
+            "$LABELLOOP_KEYS_DIR/REVIEWER_ID.key); never inside LABELLOOP_HOME")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -592,6 +818,7 @@ def build_parser() -> argparse.ArgumentParser:
             action.add_argument("--label", required=True)
         action.add_argument("--rationale", required=True)
         action.add_argument("--as", dest="reviewer", required=True, metavar="REVIEWER_ID")
+        action.add_argument("--key", metavar="FILE", help=KEY_HELP)
         action.set_defaults(func=cmd_review_decide)
     models = commands.add_parser("model", help="the model registry: list, rollback")
     model_commands = models.add_subparsers(dest="model_command", required=True)
@@ -602,7 +829,20 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.add_argument("version")
     rollback.add_argument("--rationale", required=True)
     rollback.add_argument("--as", dest="reviewer", required=True, metavar="REVIEWER_ID")
+    rollback.add_argument("--key", metavar="FILE", help=KEY_HELP)
     rollback.set_defaults(func=cmd_model_rollback)
+    keys = commands.add_parser("keys", help="signing keys of reviewers: new, list")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    new_key = key_commands.add_parser("new", help="make a contributor's Ed25519 key pair (private key outside the home)")
+    new_key.add_argument("contributor_id")
+    new_key.add_argument("--out", metavar="FILE", help="where to write the private key "
+                         "(default: $LABELLOOP_KEYS_DIR/ID.key, LABELLOOP_KEYS_DIR defaults to ~/.config/labelloop/keys)")
+    new_key.add_argument("--register", action="store_true",
+                         help="add the public key to the contributor's entry in the home's contributors.yaml")
+    new_key.set_defaults(func=cmd_keys_new)
+    key_list = key_commands.add_parser("list", help="contributors, roles, key ids, revoked or not")
+    key_list.add_argument("--json", action="store_true")
+    key_list.set_defaults(func=cmd_keys_list)
     sql = commands.add_parser("sql", help="a read-only SQL query on the store (either backend)")
     sql.add_argument("query", help="one SQL statement, e.g. \"SELECT label, count(*) FROM production_corpus GROUP BY 1\"")
     sql.add_argument("--json", action="store_true", help="rows as a JSON list of objects")

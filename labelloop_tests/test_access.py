@@ -1,4 +1,5 @@
-"""Access: every reviewer action is checked against reviewers.yaml and audited, whatever its outcome.
+"""Access: every reviewer action is checked against the contributor directory (contributors.yaml,
+reviewers.yaml), signed by the reviewer's key, and audited, whatever its outcome.
 
 Already proven elsewhere: `review decide` by an unknown identity, a wrong role and a reviewer
 (test_governance); `review discard` by an unknown identity and a reviewer, `review release` by a
@@ -13,7 +14,7 @@ from labelloop_assets import cli
 from labelloop_assets.core import store
 from labelloop_assets.core.anonymize import pseudonym
 from labelloop_assets.core.settings import pseudonymization_key
-from labelloop_tests.conftest import correction, make_items, write_jsonl
+from labelloop_tests.conftest import correction, give_keys, land_items, make_items, signed, write_jsonl
 from labelloop_tests.test_bursts import _bursts, _held_scenario, _ingest
 
 REVIEWERS = (
@@ -43,7 +44,8 @@ def _ties(home, items=("item-030", "item-031")) -> None:
 def _two_open_ties(home, defs, instance, monkeypatch) -> None:
     monkeypatch.setenv("LABELLOOP_HOME", str(home.root))
     home.reviewers_file.write_text(REVIEWERS)
-    write_jsonl(home.landing_dir("items"), "items.jsonl", make_items()[0])
+    give_keys(home, "reviewer-0", "expert-0", "ann-1")
+    land_items(home, make_items()[0])
     _ties(home)
     _ingest(defs, instance)
     assert _rows(home, "SELECT escalation_id, reason FROM escalations ORDER BY 1").rows() == [
@@ -64,12 +66,16 @@ def test_reject_and_defer_are_checked_and_audited_from_the_cli_and_from_files(
         assert cli.main(["review", action, escalation, "--rationale", "x", "--as", who]) == 3
         err = capsys.readouterr().err
         assert message in err and "recorded for the audit log" in err
-    # Producers may land decisions without the CLI: the same rules apply at ingest.
+    # Producers may land signed decisions without the CLI: the same rules apply at ingest. A
+    # decision written by hand for a listed reviewer, unsigned, decides nothing (it would have
+    # closed esc-item-030-1 first: it is the earliest).
     write_jsonl(home.landing_dir("reviews"), "by-hand.jsonl", [
-        {"decision_id": "hand-1", "escalation_id": "esc-item-030-1", "decision": "reject",
-         "reviewer_id": "ann-1", "rationale": "mine", "decided_at": "2026-03-02T12:00:00+00:00"},
+        signed({"decision_id": "hand-1", "escalation_id": "esc-item-030-1", "decision": "reject",
+                "reviewer_id": "ann-1", "rationale": "mine", "decided_at": "2026-03-02T12:00:00+00:00"}),
         {"decision_id": "hand-2", "escalation_id": "esc-item-031-1", "decision": "defer",
          "reviewer_id": "nobody", "rationale": "mine", "decided_at": "2026-03-02T12:00:00+00:00"},
+        {"decision_id": "hand-3", "escalation_id": "esc-item-030-1", "decision": "accept", "label": "two",
+         "reviewer_id": "reviewer-0", "rationale": "forged", "decided_at": "2026-03-02T11:00:00+00:00"},
     ])
     assert cli.main(["review", "reject", "esc-item-030-1", "--rationale", "the vendor label holds",
                      "--as", "expert-0"]) == 0
@@ -81,14 +87,15 @@ def test_reject_and_defer_are_checked_and_audited_from_the_cli_and_from_files(
     audit = _rows(home, "SELECT action, outcome, reason, actor, actor_role, target FROM audit_log "
                         "WHERE action LIKE 'review.%' ORDER BY outcome, reason, action")
     refused = audit.filter(outcome="refused")
-    assert refused.select("reason").to_series().to_list() == ["role_not_allowed"] * 3 + ["unknown_reviewer"] * 3
+    assert refused.select("reason").to_series().to_list() == \
+        ["role_not_allowed"] * 3 + ["unknown_reviewer"] * 3 + ["unsigned"]
     assert set(refused["actor"]) == {"unverified"} and refused["target"].str.starts_with("reviews/").all()
     assert audit.filter(outcome="accepted").select("action", "actor", "actor_role", "target").rows() == [
         ("review.defer", _as("reviewer-0"), "reviewer", "esc-item-031-1"),
         ("review.reject", _as("expert-0"), "domain_expert", "esc-item-030-1"),
     ]
     assert sorted(_rows(home, "SELECT reason FROM quarantine WHERE kind = 'reviews'")["reason"]) == \
-        ["role_not_allowed"] * 3 + ["unknown_reviewer"] * 3
+        ["role_not_allowed"] * 3 + ["unknown_reviewer"] * 3 + ["unsigned"]
     decisions = _rows(home, "SELECT decision FROM review_decisions ORDER BY 1")["decision"].to_list()
     assert decisions == ["defer", "reject"]
     # reject keeps the label, now reviewer-confirmed, and closes the escalation; defer leaves it open.
@@ -105,7 +112,8 @@ def test_a_burst_acknowledged_by_a_role_governance_does_not_allow_is_refused_and
     home, defs, instance, monkeypatch, capsys
 ):
     monkeypatch.setenv("LABELLOOP_HOME", str(home.root))
-    home.reviewers_file.write_text(home.reviewers_file.read_text() + "  - {id: ann-1, role: annotator}\n")
+    home.reviewers_file.write_text("reviewers:\n  - {id: ann-1, role: annotator}\n")
+    give_keys(home, "ann-1")  # her attempts are signed: refused for her role, not for a missing signature
     _, bursts = _held_scenario(home, defs, instance, one_batch=True)
     contributor_burst, segment_burst = bursts["burst_id"].to_list()
 
@@ -161,7 +169,7 @@ def test_what_the_cli_refused_never_takes_effect_and_what_it_accepts_ingest_acce
     labels = dict(_rows(home, "SELECT item_id, label FROM production_corpus "
                               "WHERE item_id IN ('item-030', 'item-031')").rows())
     assert labels == {"item-030": "zero", "item-031": "two"}
-    refused = _rows(home, "SELECT outcome, reason, detail FROM audit_log WHERE action = 'review.decide'")
-    assert refused.rows() == [("refused", "invalid_value", "decision_id: refused by `labelloop review` when it "
-                                                           "was submitted; kept for the audit log only")]
+    # Nothing signed it either (the CLI signs only for a listed reviewer): unsigned is the first refusal.
+    refused = _rows(home, "SELECT outcome, reason FROM audit_log WHERE action = 'review.decide'")
+    assert refused.rows() == [("refused", "unsigned")]
     assert _rows(home, "SELECT escalation_id FROM escalations")["escalation_id"].to_list() == ["esc-item-030-1"]

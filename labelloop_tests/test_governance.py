@@ -10,7 +10,7 @@ from labelloop_assets import cli
 from labelloop_assets.core import corpus, store, train
 from labelloop_assets.jobs import INGEST_JOB, RETRAIN_JOB
 from labelloop_assets.sensors import landing_sensor
-from labelloop_tests.conftest import correction, make_items, write_jsonl
+from labelloop_tests.conftest import correction, give_keys, land_items, make_items, write_jsonl
 from labelloop_tests.test_loop import _materialize, _metadata, _rows
 
 
@@ -38,7 +38,9 @@ def test_conflict_escalates_and_a_reviewer_decision_is_promoted_under_sensors(
     home.reviewers_file.write_text(
         "reviewers:\n  - {id: reviewer-0, role: reviewer}\n  - {id: ann-1, role: annotator}\n"
     )
-    write_jsonl(home.landing_dir("items"), "items.jsonl", make_items()[0])
+    # Both sign what they submit: ann-1's refused attempt is then audited as hers, for its role.
+    give_keys(home, "reviewer-0", "ann-1")
+    land_items(home, make_items()[0])
     _tie_on_item_030(home)
     cursor, _ = _tick_and_run(defs, instance, resources, None)
 
@@ -103,7 +105,7 @@ def test_sla_breach_is_flagged_and_warned(home, defs, instance):
     home.governance_file.write_text(
         home.governance_file.read_text().replace("sla_hours: 48", "sla_hours: 0.000001")
     )
-    write_jsonl(home.landing_dir("items"), "items.jsonl", make_items()[0])
+    land_items(home, make_items()[0])
     _tie_on_item_030(home)
     result = _materialize(defs, instance, ["items", "review_decisions", "raw_corrections", "validated_labels",
                                            "production_corpus", "escalations"])
@@ -117,7 +119,7 @@ def test_sla_breach_is_flagged_and_warned(home, defs, instance):
 
 
 def test_corpus_as_of_reproduces_what_a_model_saw(home, defs, instance):
-    write_jsonl(home.landing_dir("items"), "items.jsonl", make_items()[0])
+    land_items(home, make_items()[0])
     assert _materialize(defs, instance).success  # corpus v1, model m0001
     write_jsonl(home.landing_dir("corrections"), "c1.jsonl", [
         correction("e-1", "item-030", "one"), correction("e-2", "item-031", "zero"),
@@ -135,7 +137,7 @@ def test_corpus_as_of_reproduces_what_a_model_saw(home, defs, instance):
 
 
 def test_reliability_is_estimated_on_the_training_cadence(home, defs, instance):
-    write_jsonl(home.landing_dir("items"), "items.jsonl", make_items()[0])
+    land_items(home, make_items()[0])
     votes = []
     for k in range(15, 45):  # a reviewer confirms 30 items; ann agrees on all, bob on none
         label = ["zero", "one", "two"][k % 3]
@@ -165,7 +167,7 @@ def test_reliability_is_estimated_on_the_training_cadence(home, defs, instance):
 def test_near_duplicates_with_conflicting_labels_are_flagged(home, defs, instance):
     records, _ = make_items()
     twin = dict(records[40], item_id="twin-of-40", initial_label="zero")  # item-040 is "one"
-    write_jsonl(home.landing_dir("items"), "items.jsonl", [*records, twin])
+    land_items(home, [*records, twin])
     result = _materialize(defs, instance, ["items", "production_corpus"])
     check = [e.asset_check_evaluation_data for e in result.all_events
              if e.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION
@@ -177,7 +179,7 @@ def test_near_duplicates_with_conflicting_labels_are_flagged(home, defs, instanc
 def test_published_views_are_readable_while_a_writer_holds_the_database(home, defs, instance):
     import duckdb
 
-    write_jsonl(home.landing_dir("items"), "items.jsonl", make_items()[0])
+    land_items(home, make_items()[0])
     write_jsonl(home.landing_dir("corrections"), "c1.jsonl", [correction("e-1", "item-030", "one")])
     assert defs.resolve_job_def(INGEST_JOB).execute_in_process(instance=instance).success
     views = home.published / "views.sql"

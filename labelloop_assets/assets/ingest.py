@@ -114,15 +114,16 @@ def raw_corrections(
 def review_decisions(
     context: dg.AssetExecutionContext, labelloop: LabelloopHome, database: DuckDBResource
 ) -> dg.MaterializeResult:
-    """Reviewer decisions from landing/reviews (escalations decided, bursts acknowledged), checked against reviewers.yaml; refusals audited."""
+    """Signed reviewer decisions from landing/reviews (escalations decided, bursts acknowledged), verified against contributors.yaml; refusals audited."""
     with config_errors_as_failures():
         ontology, policy = labelloop.ontology(), labelloop.policy()
-        reviewers = review.load_reviewers(labelloop.home().reviewers_file)
+        home = labelloop.home()
+        directory = review.directory(home)
         key = labelloop.secret()
         burst_deciders = labelloop.bursts().may_acknowledge
     with open_store(database) as con, config_errors_as_failures():
         report, accepted = review.ingest_reviews(
-            con, labelloop.home(), ontology, key, reviewers, policy, run_id(context), burst_deciders
+            con, home, ontology, key, directory, policy, run_id(context), burst_deciders
         )
         total = store.scalar(con, "SELECT count(*) FROM review_decisions")
     return dg.MaterializeResult(

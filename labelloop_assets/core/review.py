@@ -1,19 +1,21 @@
-"""Reviewers, escalations, review decisions and the audit log."""
+"""Reviewer decisions (signed, verified against the contributor directory), escalations and the audit log."""
 
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
 import duckdb
 import polars as pl
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from labelloop_assets.core import contracts as c
 from labelloop_assets.core import store
-from labelloop_assets.core.anonymize import pseudonym
 from labelloop_assets.core.bursts import BURST_PREFIX
+from labelloop_assets.core.directory import Directory
 from labelloop_assets.core.ingest import (
     IngestReport,
     _concat,
@@ -28,7 +30,8 @@ from labelloop_assets.core.ingest import (
 )
 from labelloop_assets.core.ontology import Ontology
 from labelloop_assets.core.resolve import ResolutionPolicy
-from labelloop_assets.core.settings import Home, LabelloopConfigError, load_yaml_mapping
+from labelloop_assets.core.settings import Home
+from labelloop_assets.core.signing import REVIEW_DOMAIN, REVIEW_FIELDS, canonical, sign_review, verify
 
 ACCEPT, REJECT, DEFER = c.ESCALATION_DECISIONS
 # Burst acknowledgements travel as review decisions whose escalation_id is a burst id.
@@ -36,25 +39,19 @@ BURST_REASON = "burst"
 CLOSING = (ACCEPT, REJECT)
 # `labelloop review` lands the attempts it refused too (for the audit log) under this prefix.
 REFUSED_PREFIX = "rev-refused-"
+# The policy files a review ingest decides by (recorded with its run, see store.policy_rows).
+REVIEW_POLICIES = ("governance.yaml", "contributors.yaml", "reviewers.yaml")
+# What the landing contract trims from string fields: ids are looked up as ingest reads them.
+_TRIM = " \t\r\n"
+# A key id as `labelloop keys new` makes them; anything else in key_id is not echoed back.
+_KEY_ID = re.compile(r"^ed25519:[0-9a-f]{24}$")
+# Refusals of the signature check, in the order they are tried.
+SIGNATURE_REASONS = (c.UNKNOWN_REVIEWER, c.UNSIGNED, c.UNKNOWN_KEY, c.BAD_SIGNATURE, c.REVOKED_KEY)
 
 
-def load_reviewers(path: Path) -> dict[str, str]:
-    """reviewers.yaml: reviewer id -> role."""
-    raw = load_yaml_mapping(path, "reviewers")
-    entries = raw.get("reviewers") or []
-    if not isinstance(entries, list):
-        raise LabelloopConfigError(f"reviewers file {path}: `reviewers` must be a list")
-    reviewers: dict[str, str] = {}
-    for entry in entries:
-        if not isinstance(entry, dict) or not entry.get("id") or not entry.get("role"):
-            raise LabelloopConfigError(f"reviewers file {path}: each entry needs `id` and `role`")
-        if entry["role"] not in c.USER_ROLES:
-            raise LabelloopConfigError(
-                f"reviewers file {path}: role {entry['role']!r} of {entry['id']!r} is not one of "
-                f"{', '.join(c.USER_ROLES)}"
-            )
-        reviewers[str(entry["id"])] = str(entry["role"])
-    return reviewers
+def directory(home: Home) -> Directory:
+    """Who may act as a reviewer, and with which keys: contributors.yaml (and reviewers.yaml)."""
+    return Directory.load(home.contributors_file, home.reviewers_file)
 
 
 ESCALATIONS_SQL = """
@@ -123,26 +120,25 @@ def ingest_reviews(
     home: Home,
     ontology: Ontology,
     key: bytes,
-    reviewers: dict[str, str],
+    directory: Directory,
     policy: ResolutionPolicy,
     run_id: str,
     burst_deciders: tuple[str, ...] = ("reviewer", "domain_expert"),
 ) -> tuple[IngestReport, pl.DataFrame]:
-    """New review decision files: every refusal is quarantined *and* audited; accepted ones are
-    stored for `production_corpus` to apply."""
+    """New review decision files: each line's signature is verified against the contributor
+    directory before anything else is believed; every refusal is quarantined *and* audited;
+    accepted ones are stored for `production_corpus` to apply."""
     check_pseudonymization_key(con, key)
     spec = c.REVIEW_SPEC
     files = pending_files(home, con, spec.kind)
-    batch, blank = _read_batch(home, files, spec, con, key)
+    lines: list[pl.DataFrame] = []
+    batch, blank = _read_batch(home, files, spec, con, key, raw_lines=lines)
     records = _concat(batch.accepted)
     quarantined = list(batch.quarantined)
     audit = _audit_rows_for_quarantine(pl.concat(quarantined) if quarantined else None, run_id)
     if records.height:
-        roles = pl.DataFrame(
-            {"reviewer_id": [pseudonym(key, r) for r in reviewers],
-             "reviewer_role": list(reviewers.values())},
-            schema={"reviewer_id": pl.String, "reviewer_role": pl.String},
-        )
+        # The role a decision carries is the directory's role of the key's owner, nothing the line says.
+        verdicts = signature_verdicts(lines, directory, datetime.now(timezone.utc))
         escalations = store.frame(con, "SELECT escalation_id, item_id, reason FROM escalations")
         closed = store.frame(
             con,
@@ -161,7 +157,13 @@ def ingest_reviews(
         label, label_bad = _label_rule(ontology, "label", required=False)
         is_burst = pl.col("escalation_id").str.starts_with(BURST_PREFIX)
         records = (
-            records.join(roles, on="reviewer_id", how="left")
+            records.join(verdicts, on=["source_file", "line_no"], how="left")
+            # A line the check did not reach is not believed (it cannot happen: every line is read).
+            .with_columns(
+                _sig_reason=pl.when(pl.col("_verified").is_null()).then(pl.lit(c.BAD_SIGNATURE)).otherwise("_sig_reason"),
+                _sig_detail=pl.when(pl.col("_verified").is_null()).then(pl.lit("signature not verified"))
+                .otherwise("_sig_detail"),
+            )
             .join(escalations, on="escalation_id", how="left")
             .join(bursts_known, on="escalation_id", how="left")
             .with_columns(reason=pl.when(is_burst).then(pl.lit(BURST_REASON)).otherwise("reason"))
@@ -169,8 +171,9 @@ def ingest_reviews(
             .join(deciders, on=["reason", "reviewer_role"], how="left")
         )
         rules = [
-            (pl.col("reviewer_role").is_null(), c.UNKNOWN_REVIEWER,
-             "reviewer_id is not in reviewers.yaml"),
+            # First: who signed. Nothing about the escalation is looked at for a line whose
+            # signature does not verify as its reviewer's.
+            *[(pl.col("_sig_reason") == reason, reason, pl.col("_sig_detail")) for reason in SIGNATURE_REASONS],
             (pl.col("closed").fill_null(False), c.ESCALATION_CLOSED, "escalation or burst already decided"),
             (~is_burst & pl.col("item_id").is_null(), c.UNKNOWN_ESCALATION, "escalation_id is not open"),
             (is_burst & pl.col("burst_known").is_null(), c.UNKNOWN_ESCALATION,
@@ -207,7 +210,7 @@ def ingest_reviews(
         records = records.with_columns(label=label).select(
             "decision_id", "escalation_id", "item_id", "decision", "label",
             pl.col("reviewer_id").alias("reviewer_pseudonym"), "reviewer_role", "rationale",
-            "decided_at", "payload_hash", "source_file", "line_no",
+            "decided_at", "payload_hash", "source_file", "line_no", "key_id", "signature",
         )
         audit = pl.concat(
             [
@@ -224,11 +227,66 @@ def ingest_reviews(
                 ),
             ]
         )
+    # The policies this batch was judged by, named with its run (reviewers.yaml only where it is read).
+    used = tuple(name for name in REVIEW_POLICIES if (home.root / name).exists())
     report = _finish(
         con, spec.kind, "review_decisions", batch, records, quarantined, blank, run_id,
-        extra=[("audit_log", audit)],
+        extra=[("audit_log", audit), ("policy_uses", store.policy_rows(run_id, "review_decisions", used))],
     )
     return report, records
+
+
+def signature_verdicts(lines: list[pl.DataFrame], directory: Directory, now: datetime) -> pl.DataFrame:
+    """(source_file, line_no) -> the signature check's refusal (reason, detail) or the signer's role.
+
+    Review files are small: each line is parsed here in Python and its canonical form rebuilt from
+    the values as landed (before trimming, scrubbing, pseudonymization), then verified."""
+    rows, authorities = [], directory.authorities()
+    for frame in lines:
+        for source_file, line_no, line in frame.select("source_file", "line_no", "line").iter_rows():
+            reason, detail, role = _verdict(line, directory, authorities, now)
+            rows.append((source_file, line_no, reason, detail, role))
+    return pl.DataFrame(
+        rows, orient="row",
+        schema={"source_file": pl.String, "line_no": pl.Int64, "_sig_reason": pl.String,
+                "_sig_detail": pl.String, "reviewer_role": pl.String},
+    ).with_columns(_verified=pl.lit(True))
+
+
+def _verdict(
+    line: str, directory: Directory, authorities: dict[str, str], now: datetime
+) -> tuple[str | None, str | None, str | None]:
+    try:
+        raw = json.loads(line)
+    except ValueError:
+        raw = None
+    if not isinstance(raw, dict):
+        # The structural checks quarantine such a line first; this verdict is never reached.
+        return c.BAD_SIGNATURE, "the line could not be read to verify its signature", None
+    reviewer = raw.get("reviewer_id")
+    reviewer = reviewer.strip(_TRIM) if isinstance(reviewer, str) else None
+    role = authorities.get(reviewer) if reviewer else None
+    if role is None:
+        return c.UNKNOWN_REVIEWER, "reviewer_id is not a reviewer in contributors.yaml", None
+    key_id, signature = raw.get("key_id"), raw.get("signature")
+    if not key_id or not signature:
+        return (c.UNSIGNED, "no key_id and signature: reviewer actions must be signed with the reviewer's key "
+                "(`labelloop review ... --as ID` signs; `labelloop keys new ID --register` makes a key)", None)
+    found = directory.key(key_id) if isinstance(key_id, str) else None
+    shown = key_id if isinstance(key_id, str) and _KEY_ID.match(key_id) else "(not a key id)"
+    if found is None:
+        return c.UNKNOWN_KEY, f"key_id {shown} is not a key in contributors.yaml", None
+    owner, public = found
+    if owner.id != reviewer:
+        return c.BAD_SIGNATURE, f"key {shown} belongs to another contributor than reviewer_id", None
+    if not isinstance(signature, str) or not verify(
+        public.raw, canonical(REVIEW_DOMAIN, raw, REVIEW_FIELDS), signature
+    ):
+        return (c.BAD_SIGNATURE, f"signature does not verify with key {shown}: the decision was changed "
+                "after it was signed, or signed with another key", None)
+    if public.revoked(now):
+        return c.REVOKED_KEY, f"key {shown} was revoked at {public.revoked_at.isoformat()}", None
+    return None, None, owner.role
 
 
 def _audit_rows_for_quarantine(rows: pl.DataFrame | None, run_id: str) -> pl.DataFrame:
@@ -259,10 +317,13 @@ def write_decision(
     label: str | None = None,
     decided_at: datetime | None = None,
     refused: bool = False,
+    signer: Ed25519PrivateKey | None = None,
 ) -> Path:
-    """Land one review decision as a file (atomically); the next ingest run validates it.
+    """Land one review decision as a file (atomically), signed with `signer`; the next ingest run
+    verifies and validates it.
 
-    A `refused` attempt is landed only to be audited: ingest quarantines it whatever it says."""
+    A `refused` attempt is landed only to be audited: ingest quarantines it whatever it says (it
+    is signed when a usable key was found, so the audit log can tell who really tried)."""
     record = {
         "decision_id": f"{REFUSED_PREFIX if refused else 'rev-'}{uuid.uuid4()}",
         "escalation_id": escalation_id,
@@ -273,5 +334,7 @@ def write_decision(
     }
     if label is not None:
         record["label"] = label
+    if signer is not None:
+        record = sign_review(signer, record)
     path = home.landing_dir("reviews") / f"{record['decision_id']}.jsonl"
     return c.write_atomically(path, json.dumps(record) + "\n")

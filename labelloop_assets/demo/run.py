@@ -24,6 +24,8 @@ from labelloop_assets.demo import simulator
 from labelloop_assets.resources import build_resources
 
 DEMO_MARKER = ".labelloop-demo"
+# The simulated reviewers' private keys: beside the home, never in it (see demo_keys_dir).
+DEMO_KEYS = "demo-keys"
 # A simulated day passes in seconds, so the demo waits for label changes, not for the clock.
 DEMO_RETRAIN = RetrainPolicy(min_label_changes=40, min_interval_seconds=0)
 
@@ -47,6 +49,11 @@ def prepare_home(root: Path) -> Home:
                 "empty folder or remove it yourself"
             )
         shutil.rmtree(root)
+    keys = demo_keys_dir(root)
+    if keys.exists():
+        if not (keys / DEMO_MARKER).exists() and any(keys.iterdir()):
+            raise DemoRefused(f"{keys} holds files that the demo did not create; remove it yourself")
+        shutil.rmtree(keys)
     root.mkdir(parents=True, exist_ok=True)
     (root / DEMO_MARKER).write_text("created by `labelloop demo`; `make demo` may wipe this folder\n")
     home = Home(root.resolve()).ensure()
@@ -58,6 +65,48 @@ def prepare_home(root: Path) -> Home:
         .replace("sla_hours: 48", "sla_hours: 24")
     )
     return home
+
+
+def demo_keys_dir(root: Path) -> Path:
+    """Where the demo keeps its reviewers' private keys: a folder beside the home (data/demo-keys
+    for data/home), because a key inside the home is refused."""
+    return root.resolve().parent / DEMO_KEYS
+
+
+def grant_and_key(home: Home, world: simulator.DemoWorld) -> dict:
+    """The demo deployment's directory: annotators and reviewers granted their roles (claims alone
+    count for nothing), each reviewer with a fresh key pair: the private key written outside the
+    home as `labelloop keys new` writes it, read back from there, and its public key registered.
+    Returns reviewer id -> private key, for the simulated reviewers to sign with."""
+    import yaml
+
+    from labelloop_assets.core import signing
+    from labelloop_assets.core.settings import DEFAULTS_DIR
+
+    folder = demo_keys_dir(home.root)
+    folder.mkdir(mode=0o700, exist_ok=True)
+    (folder / DEMO_MARKER).write_text("created by `labelloop demo`; `make demo` may wipe this folder\n")
+    signers, people = {}, []
+    for person in world.contributors:
+        if person.role == "end_user":
+            continue
+        entry = {"id": person.user_id, "role": person.role}
+        if person.role in ("reviewer", "domain_expert"):
+            path = folder / f"{person.user_id}.key"
+            path.unlink(missing_ok=True)  # a key of an earlier run on this home: replaced
+            signing.write_private_key(path, signing.generate())
+            signers[person.user_id] = signing.load_private_key(path)
+            entry["keys"] = [{"public_key": signing.public_key_text(signers[person.user_id])}]
+        people.append(entry)
+    header = "".join(
+        line for line in (DEFAULTS_DIR / "contributors.yaml").read_text().splitlines(keepends=True)
+        if line.startswith("#")
+    )
+    home.contributors_file.write_text(
+        header + f"# The demo's people; the reviewers' private keys are in {folder.name}/ beside this home.\n"
+        + yaml.safe_dump({"contributors": people, "producers": []}, sort_keys=False)
+    )
+    return signers
 
 
 def _holds_loop_data(home: Home) -> bool:
@@ -129,6 +178,7 @@ def run_demo(
     if using_development_secret():
         echo(f"note: {DEV_SECRET_WARNING}\n")
     world = simulator.build_world(config)
+    signers = grant_and_key(home, world)
     loop = SensorLoop(build_definitions(home, retrain), build_resources(home, retrain), instance)
     rows: list[dict] = []
     shipped: str | None = None  # training.yaml as shipped, while the engineer's change awaits a training
@@ -209,8 +259,8 @@ def run_demo(
             shipped = None
             echo(f"      day {day}: the engineer reads the release notes and restores training.yaml")
         if day > 0:
-            simulator.review_escalations(world, home, day, escalations)
-            for decision in simulator.review_bursts(world, home, day, held):
+            simulator.review_escalations(world, home, day, escalations, signers)
+            for decision in simulator.review_bursts(world, home, day, held, signers):
                 echo(f"      day {day}: {row['corrections_held']} corrections held by a burst; reviewer: {decision}")
     report = home.reports / "demo.json"
     report.write_text(json.dumps(rows, indent=2))

@@ -293,8 +293,9 @@ def corpus_accuracy(world: DemoWorld, corpus: dict[str, str]) -> float:
     return sum(truth[item] == label for item, label in corpus.items()) / len(corpus)
 
 
-def review_escalations(world: DemoWorld, home: Home, day: int, escalations) -> int:
-    """Reviewers work through the oldest open escalations; one intern tries once and is refused."""
+def review_escalations(world: DemoWorld, home: Home, day: int, escalations, signers: dict | None = None) -> int:
+    """Reviewers work through the oldest open escalations, signing each decision with their key
+    (`signers`: reviewer id -> private key); one intern, with no role and no key, tries once and is refused."""
     from labelloop_assets.core.review import write_decision
 
     index = {item_id: i for i, item_id in enumerate(world.item_ids)}
@@ -308,6 +309,7 @@ def review_escalations(world: DemoWorld, home: Home, day: int, escalations) -> i
         write_decision(
             home, row["escalation_id"], "accept", reviewer.user_id,
             f"checked the scan: it is a {LABELS[label]}", LABELS[label], decided_at,
+            signer=(signers or {}).get(reviewer.user_id),
         )
         done += 1
     if day == 2 and escalations.height:
@@ -318,8 +320,10 @@ def review_escalations(world: DemoWorld, home: Home, day: int, escalations) -> i
     return done
 
 
-def review_bursts(world: DemoWorld, home: Home, day: int, held: list[tuple[str, pl.DataFrame]]) -> list[str]:
-    """A reviewer reads each held burst's corrections: mostly wrong -> discard, else release."""
+def review_bursts(
+    world: DemoWorld, home: Home, day: int, held: list[tuple[str, pl.DataFrame]], signers: dict | None = None
+) -> list[str]:
+    """A reviewer reads each held burst's corrections: mostly wrong -> discard, else release (signed)."""
     from labelloop_assets.core.review import write_decision
 
     truth = world.truth_labels
@@ -332,6 +336,7 @@ def review_bursts(world: DemoWorld, home: Home, day: int, held: list[tuple[str, 
         write_decision(
             home, burst_id, decision, reviewer.user_id,
             f"checked {events.height} corrections of the burst: {wrong} are wrong", None, decided_at,
+            signer=(signers or {}).get(reviewer.user_id),
         )
         decisions.append(f"{decision} {burst_id}")
     return decisions
