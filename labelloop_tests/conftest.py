@@ -160,3 +160,10 @@ def signed(record: dict) -> dict:
 
     key = signing.load_private_key(signing.default_key_file(record["reviewer_id"].strip()))
     return signing.sign_review(key, record)
+
+
+def key_of(contributor_id: str):
+    """The private key give_keys made for a contributor (for review.write_decision's signer)."""
+    from labelloop_assets.core import signing
+
+    return signing.load_private_key(signing.default_key_file(contributor_id))

@@ -28,7 +28,9 @@ from labelloop_assets.core.bursts import (
 )
 from labelloop_assets.core.settings import LabelloopConfigError, pseudonymization_key
 from labelloop_assets.sensors import _latest_metadata, retrain_decision
-from labelloop_tests.conftest import RETRAIN, correction, make_items, write_jsonl
+from labelloop_tests.conftest import (
+    RETRAIN, correction, give_keys, key_of, land_items, make_items, signed, write_jsonl,
+)
 from labelloop_tests.test_loop import _materialize, _metadata, _rows
 
 POLICY = BurstPolicy()
@@ -256,7 +258,8 @@ def _trust_lone_annotators(home) -> None:
 
 def _land_history(home) -> None:
     _trust_lone_annotators(home)
-    write_jsonl(home.landing_dir("items"), "items.jsonl", ITEMS)
+    give_keys(home, "reviewer-0", "reviewer-1", "expert-0")  # they sign their acknowledgements
+    land_items(home, ITEMS)
     events = [e for i, day in enumerate(BASELINE_DAYS) for e in _ordinary_day(i, day)]
     events += [correction(f"tie-{k}", TIED, label, user=f"tier{k}", role="end_user", source="review_prompt",
                           created_at=_at(BASELINE_DAYS[1], 50 + k))
@@ -559,10 +562,10 @@ def test_two_acknowledgements_of_one_burst_in_one_batch_only_the_first_counts(ho
     _held_scenario(home, defs, instance)
     contributor_burst = _bursts(home)["burst_id"][0]
     write_jsonl(home.landing_dir("reviews"), "acks.jsonl", [
-        {"decision_id": "ack-1", "escalation_id": contributor_burst, "decision": "discard",
-         "reviewer_id": "reviewer-0", "rationale": "mass relabel", "decided_at": "2026-03-05T18:00:00+00:00"},
-        {"decision_id": "ack-2", "escalation_id": contributor_burst, "decision": "release",
-         "reviewer_id": "expert-0", "rationale": "looks fine", "decided_at": "2026-03-05T18:05:00+00:00"},
+        signed({"decision_id": "ack-1", "escalation_id": contributor_burst, "decision": "discard",
+                "reviewer_id": "reviewer-0", "rationale": "mass relabel", "decided_at": "2026-03-05T18:00:00+00:00"}),
+        signed({"decision_id": "ack-2", "escalation_id": contributor_burst, "decision": "release",
+                "reviewer_id": "expert-0", "rationale": "looks fine", "decided_at": "2026-03-05T18:05:00+00:00"}),
     ])
     _ingest(defs, instance)
     assert _bursts(home)["status"][0] == "discarded"
@@ -576,7 +579,8 @@ def test_two_acknowledgements_of_one_burst_in_one_batch_only_the_first_counts(ho
 def test_a_released_burst_that_keeps_growing_is_held_again(home, defs, instance):
     _held_scenario(home, defs, instance)
     for burst_id in _bursts(home)["burst_id"]:
-        review.write_decision(home, burst_id, "release", "reviewer-0", "checked: a vendor batch")
+        review.write_decision(home, burst_id, "release", "reviewer-0", "checked: a vendor batch",
+                              signer=key_of("reviewer-0"))
     _ingest(defs, instance)
     assert _bursts(home)["status"].to_list() == ["released", "released"]
     # The same account sends 30 more that day: 70 > 1.5 x the 40 the reviewer saw.

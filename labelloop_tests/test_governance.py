@@ -26,6 +26,8 @@ def _tick_and_run(defs, instance, resources, cursor):
 
 
 def _tie_on_item_030(home, name="c1.jsonl", start=0):
+    # Fresh end-user ids count fully here (newcomers' weight is test_trust's subject): 2 v 2 is a tie.
+    home.governance_file.write_text(home.governance_file.read_text().replace("min_history: 2", "min_history: 0"))
     votes = [correction(f"e-{start + k}", "item-030", label, user=f"user{start + k}", role="end_user")
              for k, label in enumerate(["one", "one", "two", "two"])]
     write_jsonl(home.landing_dir("corrections"), name, votes)

@@ -11,7 +11,7 @@ from labelloop_assets.core.settings import Home
 from labelloop_assets.definitions import build_definitions
 from labelloop_assets.jobs import RETRAIN_JOB
 from labelloop_assets.sensors import _latest_metadata, retrain_decision
-from labelloop_tests.conftest import RETRAIN, correction, make_items, write_jsonl
+from labelloop_tests.conftest import RETRAIN, correction, give_keys, land_items, make_items, write_jsonl
 
 
 def _rows(home, sql, params=None):
@@ -161,6 +161,7 @@ def test_rollback_restores_a_retired_champion_and_is_audited(home, defs, instanc
     monkeypatch.setenv("LABELLOOP_HOME", str(home.root))
     _new_corpus_version(home, defs, instance, "v2")
     assert _evaluation(_run(defs, instance, RETRAIN_JOB))["decision"] == "promote"
+    give_keys(home, "reviewer-0")
     assert train.current_version(home.models) == "m0002"
 
     assert cli.main(["model", "list", "--json"]) == 0
@@ -186,6 +187,9 @@ def test_rollback_restores_a_retired_champion_and_is_audited(home, defs, instanc
     assert [r[1] for r in audit.rows()] == ["refused", "refused", "refused", "rolled_back"]
 
 
+    # The rollback was signed with reviewer-0's key; the audit row names the key and keeps the signature.
+    detail = __import__("json").loads(_rows(home, "SELECT detail FROM audit_log WHERE outcome = 'rolled_back'")["detail"][0])
+    assert detail["from"] == "m0002" and detail["key_id"].startswith("ed25519:") and len(detail["signature"]) == 88
 def test_a_home_moved_elsewhere_still_finds_its_models(home, instance, loop, tmp_path, monkeypatch, capsys):
     """The registry records model folders relative to the home: a moved or restored home works,
     and so do rows written before, which hold the absolute folder of the home's old place."""
@@ -195,6 +199,7 @@ def test_a_home_moved_elsewhere_still_finds_its_models(home, instance, loop, tmp
         con.execute("UPDATE models SET path = ?", [str(home.models / "m0001")])
     moved = Home(home.root.rename(tmp_path / "restored-home"))
     moved_defs = build_definitions(moved, RETRAIN)
+    give_keys(home, "reviewer-0")  # registered in the home, so it moves with it; the key stays outside
     _new_corpus_version(moved, moved_defs, instance, "v2")
     # The evaluation loads the champion, and a rollback checks a model's files, at the new place.
     assert _evaluation(_run(moved_defs, instance, RETRAIN_JOB))["decision"] == "promote"
@@ -211,6 +216,7 @@ def test_a_rejected_model_cannot_be_rolled_back_to(home, defs, instance, loop, m
     assert cli.main(["model", "rollback", "m0002", "--rationale", "x", "--as", "reviewer-0"]) == 3
     assert "m0002 is rejected: only a retired champion can be restored" in capsys.readouterr().err
     assert train.current_version(home.models) == "m0001"
+    give_keys(home, "reviewer-0")
 
 
 def test_release_notes_explain_a_rejection_and_blame_the_harmful_group(home, defs, instance, loop):

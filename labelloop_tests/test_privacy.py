@@ -32,9 +32,9 @@ from labelloop_assets.core import corpus, store, train
 from labelloop_assets.core.anonymize import hmac_pads, pseudonym
 from labelloop_assets.core.settings import Home, RetrainPolicy
 from labelloop_assets.definitions import build_definitions
-from labelloop_assets.demo.run import prepare_home, run_demo
+from labelloop_assets.demo.run import demo_keys_dir, prepare_home, run_demo
 from labelloop_assets.demo.simulator import DemoConfig
-from labelloop_tests.conftest import correction, make_items, write_jsonl
+from labelloop_tests.conftest import correction, land_items, make_items, write_jsonl
 from labelloop_tests.test_loop import _materialize
 
 SECRET = "privacy-test-key-5c1d7e9a"
@@ -219,6 +219,8 @@ def demo(tmp_path_factory) -> Iterator[Demo]:
         with captured_logs() as (printed, records):
             home = prepare_home(root / "home")
             env.setenv("LABELLOOP_HOME", str(home.root))
+            # The operator signs with the demo reviewers' keys, kept beside the home.
+            env.setenv("LABELLOOP_KEYS_DIR", str(demo_keys_dir(home.root)))
             # More end users than usual withhold consent, so that there is something to keep out.
             config = DemoConfig(served_per_day=400, annotator_items_per_day=100, weak_training_day=99,
                                 no_consent_rate=0.3)
@@ -309,8 +311,8 @@ def test_nothing_labelloop_writes_holds_an_identity_a_contact_or_the_key(demo):
     assert len({n for n in needles.kinds if "@" in n}) >= 10 and len(needles.of_kind("phone number")) >= 10
     leaks = {
         **find_leaks(needles, database_texts(demo.home.database)),
-        # Landing files are the input; reviewers.yaml names reviewers by design.
-        **find_leaks(needles, file_texts(demo.home.root, skip=("landing", "reviewers.yaml"))),
+        # Landing files are the input; the directory names contributors by design.
+        **find_leaks(needles, file_texts(demo.home.root, skip=("landing", "reviewers.yaml", "contributors.yaml"))),
         **find_leaks(needles, dagster_texts(demo.instance)),
     }
     assert leaks == {}
@@ -324,7 +326,7 @@ def test_nothing_labelloop_writes_holds_an_identity_a_contact_or_the_key(demo):
         (pseudonym(SECRET.encode(), "reviewer-0"), "rolled_back",
          "m0002 misreads sevens, ops agree ([phone], [email]) -- [user]"),
         (pseudonym(SECRET.encode(), "annotator-2"), "refused",
-         "not a reviewer or domain expert in reviewers.yaml"),
+         "role annotator may not roll back a model (allowed: reviewer, domain_expert)"),
     ]
 
 
@@ -379,7 +381,7 @@ def test_events_without_consent_never_reach_a_corpus_or_a_model(demo):
 
 def test_a_correction_without_consent_changes_no_label_and_trains_no_model(home, defs, instance, monkeypatch):
     monkeypatch.setenv("LABELLOOP_SECRET", SECRET)
-    write_jsonl(home.landing_dir("items"), "items.jsonl", make_items()[0])
+    land_items(home, make_items()[0])
     # A reviewer may flip a label alone: only consent tells these two apart.
     write_jsonl(home.landing_dir("corrections"), "c1.jsonl", [
         correction("with-consent", "item-030", "one", user="rita"),
