@@ -159,9 +159,9 @@ def test_a_wrong_plan_fails_the_step_and_leaves_the_champion(home, defs, instanc
 
 def test_rollback_restores_a_retired_champion_and_is_audited(home, defs, instance, loop, monkeypatch, capsys):
     monkeypatch.setenv("LABELLOOP_HOME", str(home.root))
+    give_keys(home, "reviewer-0")
     _new_corpus_version(home, defs, instance, "v2")
     assert _evaluation(_run(defs, instance, RETRAIN_JOB))["decision"] == "promote"
-    give_keys(home, "reviewer-0")
     assert train.current_version(home.models) == "m0002"
 
     assert cli.main(["model", "list", "--json"]) == 0
@@ -194,12 +194,12 @@ def test_a_home_moved_elsewhere_still_finds_its_models(home, instance, loop, tmp
     """The registry records model folders relative to the home: a moved or restored home works,
     and so do rows written before, which hold the absolute folder of the home's old place."""
     assert _rows(home, "SELECT path FROM models")["path"].to_list() == ["models/m0001"]
+    give_keys(home, "reviewer-0")  # registered in the home, so it moves with it; the key stays outside
     assert _rows(home, "SELECT path FROM release_notes")["path"].to_list() == ["reports/release-notes/m0001.md"]
     with store.connect(home.database) as con:
         con.execute("UPDATE models SET path = ?", [str(home.models / "m0001")])
     moved = Home(home.root.rename(tmp_path / "restored-home"))
     moved_defs = build_definitions(moved, RETRAIN)
-    give_keys(home, "reviewer-0")  # registered in the home, so it moves with it; the key stays outside
     _new_corpus_version(moved, moved_defs, instance, "v2")
     # The evaluation loads the champion, and a rollback checks a model's files, at the new place.
     assert _evaluation(_run(moved_defs, instance, RETRAIN_JOB))["decision"] == "promote"
@@ -211,12 +211,12 @@ def test_a_home_moved_elsewhere_still_finds_its_models(home, instance, loop, tmp
 
 def test_a_rejected_model_cannot_be_rolled_back_to(home, defs, instance, loop, monkeypatch, capsys):
     monkeypatch.setenv("LABELLOOP_HOME", str(home.root))
+    give_keys(home, "reviewer-0")
     _harmful_batch(home, defs, instance)
     assert _evaluation(_run(defs, instance, RETRAIN_JOB))["decision"] == "reject"
     assert cli.main(["model", "rollback", "m0002", "--rationale", "x", "--as", "reviewer-0"]) == 3
     assert "m0002 is rejected: only a retired champion can be restored" in capsys.readouterr().err
     assert train.current_version(home.models) == "m0001"
-    give_keys(home, "reviewer-0")
 
 
 def test_release_notes_explain_a_rejection_and_blame_the_harmful_group(home, defs, instance, loop):
