@@ -411,35 +411,40 @@ def _signer(home: Home, reviewer: str, explicit: str | None, directory) -> _Sign
         path, source = Path(os.environ[signing.SIGNING_KEY_ENV]).expanduser(), signing.SIGNING_KEY_ENV
     else:
         path, source = signing.default_key_file(reviewer), f"the default, ${signing.KEYS_DIR_ENV}/ID.key"
-    if not path.exists():
+    shown = _shown(str(path))
+    try:
+        exists, in_home = path.exists(), signing.inside(path, home.root)
+    except (OSError, ValueError) as error:  # a name too long, a NUL byte...
+        return found.refuse(f"cannot use the key file {shown}: {_reason(error)}", "the signing key could not be used")
+    if not exists:
         return found.refuse(
-            f"no signing key for {_shown(reviewer)}: {path} (from {source}) does not exist; give --key FILE, "
-            f"set {signing.SIGNING_KEY_ENV}, or make one with `labelloop keys new {reviewer} --register`",
+            f"no signing key for {_shown(reviewer)}: {shown} (from {source}) does not exist; give --key FILE, "
+            f"set {signing.SIGNING_KEY_ENV}, or make one with `labelloop keys new {_shown(reviewer)} --register`",
             "no signing key was found for the reviewer",
         )
-    if signing.inside(path, home.root):
+    if in_home:
         return found.refuse(
-            f"the signing key {path} lies inside LABELLOOP_HOME ({home.root}), where whatever reads the home "
+            f"the signing key {shown} lies inside LABELLOOP_HOME ({home.root}), where whatever reads the home "
             "can read it; it is not used: make a new key outside the home (`labelloop keys new`) and revoke this one",
             "the signing key lies inside LABELLOOP_HOME",
         )
     try:
         found.key = signing.load_private_key(path)
     except signing.SigningError as error:
-        return found.refuse(f"{error}", "the signing key could not be used")
+        return found.refuse(_safe(error), "the signing key could not be used")
     found.key_id = signing.key_id_of(found.key)
     listed = directory.key(found.key_id)
     if listed is None:
         found.refuse(
-            f"key {found.key_id} ({path}) is not one of {_shown(reviewer)}'s keys in {home.contributors_file.name} "
-            f"(`labelloop keys new {reviewer} --register` registers a new one)",
+            f"key {found.key_id} ({shown}) is not one of {_shown(reviewer)}'s keys in {home.contributors_file.name} "
+            f"(`labelloop keys new {_shown(reviewer)} --register` registers a new one)",
             f"key {found.key_id} is not registered in contributors.yaml",
         )
     elif listed[0].id != reviewer:
-        found.refuse(f"key {found.key_id} ({path}) is registered to another contributor, not to {_shown(reviewer)}",
+        found.refuse(f"key {found.key_id} ({shown}) is registered to another contributor, not to {_shown(reviewer)}",
                      f"key {found.key_id} belongs to another contributor")
     elif listed[1].revoked(datetime.now(timezone.utc)):
-        found.refuse(f"key {found.key_id} ({path}) was revoked at {listed[1].revoked_at.isoformat()}",
+        found.refuse(f"key {found.key_id} ({shown}) was revoked at {listed[1].revoked_at.isoformat()}",
                      f"key {found.key_id} is revoked")
     return found
 
@@ -632,6 +637,11 @@ def cmd_sql(args: argparse.Namespace) -> int:
 _READING = (duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN)
 
 
+def _reason(error: Exception) -> str:
+    """An OS error's reason without the path it names (echoed, escaped, by the caller)."""
+    return _safe(error.strerror if isinstance(error, OSError) and error.strerror else _cut(str(error), 200))
+
+
 def _cut(text: str, limit: int = 800) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
@@ -668,8 +678,9 @@ def cmd_keys_new(args: argparse.Namespace) -> int:
 
     home = _home()
     ident = args.contributor_id.strip(_TRIM)
-    if not ident or ident != args.contributor_id:
-        print("labelloop: refused: give the contributor id without surrounding blanks", file=sys.stderr)
+    if not ident or ident != args.contributor_id or re.search(_CONTROL, ident):
+        print("labelloop: refused: give the contributor id as it is listed (no surrounding blanks, no control "
+              "characters)", file=sys.stderr)
         return 3
     if args.out:
         path = Path(args.out).expanduser()
@@ -678,9 +689,19 @@ def cmd_keys_new(args: argparse.Namespace) -> int:
     else:
         print(f"labelloop: refused: {_shown(ident)} does not make a file name; give --out FILE", file=sys.stderr)
         return 3
-    if signing.inside(path, home.root):
-        print(f"labelloop: refused: {path} lies inside LABELLOOP_HOME ({home.root}); a private key must be kept "
-              f"outside the home (default: {signing.KEYS_DIR_ENV}, now {signing.keys_dir()})", file=sys.stderr)
+    try:
+        in_home = signing.inside(path, home.root)
+        # --out names the file, in a folder that exists; only the default keys folder is created.
+        folder_missing = bool(args.out) and not path.parent.is_dir()
+    except (OSError, ValueError) as error:
+        print(f"labelloop: refused: cannot write a key to {_shown(str(path))}: {_reason(error)}", file=sys.stderr)
+        return 3
+    if in_home:
+        print(f"labelloop: refused: {_shown(str(path))} lies inside LABELLOOP_HOME ({home.root}); a private key must "
+              f"be kept outside the home (default: {signing.KEYS_DIR_ENV}, now {signing.keys_dir()})", file=sys.stderr)
+        return 3
+    if folder_missing:
+        print(f"labelloop: refused: the folder of {_shown(str(path))} does not exist", file=sys.stderr)
         return 3
     role = review.directory(home).role_of(ident)
     if args.register and role is None:
@@ -692,11 +713,12 @@ def cmd_keys_new(args: argparse.Namespace) -> int:
     key = signing.generate()
     try:
         signing.write_private_key(path, key)
-    except (signing.SigningError, OSError) as error:
-        print(f"labelloop: refused: {error}", file=sys.stderr)
+    except (signing.SigningError, OSError, ValueError) as error:
+        message = str(error) if isinstance(error, signing.SigningError) else _reason(error)
+        print(f"labelloop: refused: cannot write {_shown(str(path))}: {_safe(_cut(message, 300))}", file=sys.stderr)
         return 3
     key_id, public = signing.key_id_of(key), signing.public_key_text(key)
-    print(f"private key: {path} (mode 0600; keep it outside LABELLOOP_HOME, never share it)")
+    print(f"private key: {_safe(path)} (mode 0600; keep it outside LABELLOOP_HOME, never share it)")
     print(f"key_id:      {key_id}")
     print(f"public_key:  {public}")
     if args.register:

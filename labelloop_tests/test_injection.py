@@ -16,10 +16,10 @@ import dagster as dg
 import pytest
 
 from labelloop_assets import cli
-from labelloop_assets.core import contracts, publish, store
+from labelloop_assets.core import contracts, publish, signing, store
 from labelloop_assets.core.anonymize import pseudonym
 from labelloop_assets.core.settings import pseudonymization_key
-from labelloop_tests.conftest import correction, land_items, make_items, write_jsonl
+from labelloop_tests.conftest import correction, give_keys, key_of, land_items, make_items, write_jsonl
 
 CANARY = "labelloop-canary"
 SHELL = f"$(rm -rf /) `touch {CANARY}`; touch {CANARY} && $(touch {CANARY})"
@@ -76,6 +76,9 @@ def loaded(home, defs, instance, monkeypatch, tmp_path):
     where an executed `touch` would leave the canary."""
     monkeypatch.setenv("LABELLOOP_HOME", str(home.root))
     monkeypatch.chdir(tmp_path)
+    give_keys(home, "reviewer-0")  # the benign reviewer signs; its key is under tmp_path/keys
+    # Fresh end-user ids count fully here (newcomers' weight is test_trust's subject): 2 v 2 is a tie.
+    home.governance_file.write_text(home.governance_file.read_text().replace("min_history: 2", "min_history: 0"))
     land_items(home, make_items()[0])
     write_jsonl(home.landing_dir("corrections"), "ties.jsonl", [
         correction(f"tie-{k}", "item-030", label, user=f"tier{k}", role="end_user")
@@ -89,7 +92,7 @@ def loaded(home, defs, instance, monkeypatch, tmp_path):
 
 BENIGN = {"item_id": "item-030", "escalation_id": "esc-item-030-1", "label": "two",
           "rationale": "looked at the scan", "reviewer": "reviewer-0", "version": "m0001",
-          "query": "SELECT count(*) FROM items"}
+          "query": "SELECT count(*) FROM items", "contributor_id": "reviewer-0"}
 
 
 def _leaf_commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
@@ -153,7 +156,14 @@ def test_every_cli_argument_refuses_hostile_text_or_keeps_it_as_data(loaded, def
     after = _counts(home)
     assert after == {**before, "audit_log": before["audit_log"] + runs["rollbacks"]}
     new_files = _files(tmp_path) - files_before
-    assert new_files and all(f.startswith("home/landing/reviews/") for f in new_files)
+    # `keys new --out FILE` writes the private key it is told to (a hostile name is just a name, in
+    # a folder that exists; nothing is created around it), mode 0600.
+    keys = {f for f in new_files if not f.startswith("home/landing/reviews/")}
+    assert keys <= set(HOSTILE), keys
+    assert all(oct((tmp_path / f).stat().st_mode & 0o777) == "0o600" for f in keys)
+    assert all((tmp_path / f).read_text().startswith("-----BEGIN PRIVATE KEY-----") for f in keys)
+    new_files -= keys
+    assert new_files
     rollbacks = _rows(home, "SELECT actor, target, outcome FROM audit_log WHERE action = 'model.rollback'")
     assert set(rollbacks["outcome"]) == {"refused"}
     assert {v[:256] for v in HOSTILE} <= set(rollbacks["target"])
@@ -202,7 +212,12 @@ def _hostile_records() -> dict[str, list[tuple[str, str, dict]]]:
                 continue
             for n, value in enumerate(HOSTILE_FIELDS):
                 record = dict(TEMPLATES[kind], **{spec.key: f"{TEMPLATES[kind][spec.key]}-{field.name}-{n}"})
+                signature_field = kind == "reviews" and field.name in ("key_id", "signature")
+                if signature_field:  # a signed decision whose key_id or signature is then replaced
+                    record = signing.sign_review(key_of("reviewer-0"), record)
                 record[field.name] = value
+                if kind == "reviews" and not signature_field:  # signed as landed, hostile value included
+                    record = signing.sign_review(key_of("reviewer-0"), record)
                 rows.append((field.name, value, record))
         landed[kind] = rows
     return landed
