@@ -312,11 +312,11 @@ def review_escalations(world: DemoWorld, home: Home, day: int, escalations, sign
             signer=(signers or {}).get(reviewer.user_id),
         )
         done += 1
-    if day == 2 and escalations.height:
-        write_decision(
-            home, escalations["escalation_id"][0], "accept", "intern-7",
-            "I think it is a seven", "seven", decided_at,
-        )
+    if day == 2:
+        # The intern picks the oldest open escalation, or (none open yet) one made up for an item.
+        target = escalations["escalation_id"][0] if escalations.height else \
+            f"esc-{world.item_ids[int(np.flatnonzero(~world.gold)[0])]}-1"
+        write_decision(home, target, "accept", "intern-7", "I think it is a seven", "seven", decided_at)
     return done
 
 
