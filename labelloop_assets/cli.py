@@ -722,50 +722,12 @@ def cmd_keys_new(args: argparse.Namespace) -> int:
     print(f"key_id:      {key_id}")
     print(f"public_key:  {public}")
     if args.register:
-        _register_key(home, ident, role, public)
+        signing.register_public_key(home, ident, role, public)
         print(f"registered in {home.contributors_file}; `--as {ident}` now signs with it")
     else:
         print(f"add to {home.contributors_file} (or run again with --register):")
         print(f"  - id: {ident}\n    role: {role or 'reviewer'}\n    keys:\n      - public_key: {public}")
     return 0
-
-
-def _register_key(home: Home, ident: str, role: str, public: str) -> None:
-    """Add a public key to the contributor's entry in contributors.yaml (an entry is added for one
-    listed only in reviewers.yaml). The file is rewritten: its leading comment block is kept,
-    comments further down are not. The result is checked before it replaces the file."""
-    import yaml
-
-    from labelloop_assets.core.directory import Directory
-    from labelloop_assets.core.settings import DEFAULTS_DIR, LabelloopConfigError, load_yaml_mapping
-
-    target = home.contributors_file
-    source = target if target.exists() else DEFAULTS_DIR / "contributors.yaml"
-    text = source.read_text(encoding="utf-8")
-    header = []
-    for line in text.splitlines(keepends=True):
-        if line.strip() and not line.lstrip().startswith("#"):
-            break
-        header.append(line)
-    data = load_yaml_mapping(source, "contributors")
-    people = data.setdefault("contributors", []) or []
-    data["contributors"] = people
-    entry = next((p for p in people if isinstance(p, dict) and p.get("id") == ident), None)
-    if entry is None:
-        entry = {"id": ident, "role": role}
-        people.append(entry)
-    entry["keys"] = [*(entry.get("keys") or []), {"public_key": public}]
-    rewritten = "".join(header) + yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=False)
-    temporary = target.with_name(f".{target.name}.tmp")
-    temporary.write_text(rewritten, encoding="utf-8")
-    try:
-        if target.exists():
-            os.chmod(temporary, target.stat().st_mode & 0o777)
-        Directory.load(temporary, home.reviewers_file)  # still a valid directory, or nothing changes
-    except LabelloopConfigError:
-        temporary.unlink()
-        raise
-    os.replace(temporary, target)
 
 
 def cmd_keys_list(args: argparse.Namespace) -> int:

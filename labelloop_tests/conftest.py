@@ -144,14 +144,13 @@ def give_keys(home: Home, *contributor_ids: str) -> None:
     """A key pair for each contributor: the private key in LABELLOOP_KEYS_DIR, the public key
     registered in the home's contributors.yaml. Each is listed already (contributors.yaml or
     reviewers.yaml) or is one of TEST_REVIEWERS, listed here with its role."""
-    from labelloop_assets.cli import _register_key
     from labelloop_assets.core import review, signing
 
     for ident in contributor_ids:
         role = review.directory(home).role_of(ident) or TEST_REVIEWERS[ident]
         key = signing.generate()
         signing.write_private_key(signing.default_key_file(ident), key)
-        _register_key(home, ident, role, signing.public_key_text(key))
+        signing.register_public_key(home, ident, role, signing.public_key_text(key))
 
 
 def signed(record: dict) -> dict:

@@ -245,7 +245,7 @@ def test_the_cli_refuses_to_act_without_the_reviewers_own_key_outside_the_home(
     os.rename(signing.default_key_file("expert-0"), tmp_path / "elsewhere.key")
     assert cli.main([*decide, "--as", "expert-0"]) == 3
     err = capsys.readouterr().err
-    assert "no signing key for 'expert-0'" in err and "labelloop keys new expert-0 --register" in err
+    assert "no signing key for 'expert-0'" in err and "labelloop keys new 'expert-0' --register" in err
     assert "recorded for the audit log" in err
     # A key file kept inside the home is refused, even a registered one.
     inside = home.root / "expert-0.key"

@@ -139,3 +139,43 @@ def sign_review(key: Ed25519PrivateKey, record: Mapping[str, object]) -> dict:
     signed = {**record, "key_id": key_id_of(key)}
     signed["signature"] = sign(key, canonical(REVIEW_DOMAIN, signed, REVIEW_FIELDS))
     return signed
+
+
+def register_public_key(home, contributor_id: str, role: str, public_key: str) -> None:
+    """Add a public key to the contributor's entry in the home's contributors.yaml (an entry with
+    `role` is added for one listed only in reviewers.yaml). The file is rewritten: its leading
+    comment block is kept, comments further down are not. The result must load as a directory
+    before it replaces the file."""
+    import yaml
+
+    from labelloop_assets.core.directory import Directory
+    from labelloop_assets.core.settings import DEFAULTS_DIR, LabelloopConfigError, load_yaml_mapping
+
+    target = home.contributors_file
+    source = target if target.exists() else DEFAULTS_DIR / "contributors.yaml"
+    header = []
+    for line in source.read_text(encoding="utf-8").splitlines(keepends=True):
+        if line.strip() and not line.lstrip().startswith("#"):
+            break
+        header.append(line)
+    data = load_yaml_mapping(source, "contributors")
+    people = data.get("contributors") or []
+    data["contributors"] = people
+    entry = next((p for p in people if isinstance(p, dict) and p.get("id") == contributor_id), None)
+    if entry is None:
+        entry = {"id": contributor_id, "role": role}
+        people.append(entry)
+    entry["keys"] = [*(entry.get("keys") or []), {"public_key": public_key}]
+    temporary = target.with_name(f".{target.name}.tmp")
+    temporary.write_text(
+        "".join(header) + yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=False),
+        encoding="utf-8",
+    )
+    try:
+        if target.exists():
+            os.chmod(temporary, stat.S_IMODE(target.stat().st_mode))
+        Directory.load(temporary, home.reviewers_file)  # still a valid directory, or nothing changes
+    except LabelloopConfigError:
+        temporary.unlink()
+        raise
+    os.replace(temporary, target)
