@@ -20,13 +20,13 @@ import polars as pl
 import pytest
 
 from labelloop_assets.checks.schema_checks import RAW_CORRECTIONS_RECONCILE
-from labelloop_assets.core import anonymize, contracts, ingest, review, store
+from labelloop_assets.core import anonymize, contracts, ingest, review, signing, store
 from labelloop_assets.core.ontology import Ontology
 from labelloop_assets.core.resolve import ResolutionPolicy
 from labelloop_assets.core.settings import Home
 from labelloop_assets.jobs import INGEST_JOB
 from labelloop_tests.conftest import correction as vote
-from labelloop_tests.conftest import make_items, write_jsonl
+from labelloop_tests.conftest import give_keys, make_items, signed, write_jsonl
 
 KEY = b"adversarial-test-key"
 FEATURES = [0.5, 1.0, 1.5, 2.0]
@@ -61,13 +61,19 @@ def item(item_id: str, **overrides) -> dict:
     return record
 
 
-def decision(decision_id: str, **overrides) -> dict:
+# Signing keys: the template home registers reviewer-0's and expert-0's; the stranger's is
+# registered nowhere.
+SIGNERS = {name: signing.generate() for name in ("reviewer-0", "expert-0", "stranger")}
+
+
+def decision(decision_id: str, signed_by: str | None = "reviewer-0", **overrides) -> dict:
+    """A review decision, signed (after the overrides) with `signed_by`'s key; None leaves it unsigned."""
     record = {
         "decision_id": decision_id, "escalation_id": "esc-i1-1", "decision": "reject",
         "reviewer_id": "reviewer-0", "rationale": "looks right", "decided_at": "2024-05-02T09:00:00Z",
     }
     record.update(overrides)
-    return record
+    return signing.sign_review(SIGNERS[signed_by], record) if signed_by else record
 
 
 def raw(record: dict, field_name: str, json_text: str) -> str:
@@ -376,6 +382,35 @@ CASES: dict[str, Case] = {
         quarantined={("r.jsonl", 1): contracts.UNKNOWN_REVIEWER, ("r.jsonl", 2): contracts.UNKNOWN_REVIEWER},
         accepted=(), kind="reviews",
     ),
+    # ---- reviewer actions that are not what their reviewer signed
+    "review_unsigned_for_a_listed_reviewer": Case(
+        files={"r.jsonl": [decision("r-1", signed_by=None),
+                           {**decision("r-2", signed_by=None), "key_id": "", "signature": ""}]},
+        quarantined={("r.jsonl", 1): contracts.UNSIGNED, ("r.jsonl", 2): contracts.INVALID_VALUE},
+        accepted=(), kind="reviews",
+    ),
+    "review_changed_after_signing": Case(
+        files={"r.jsonl": [{**decision("r-1"), "rationale": "changed"}, {**decision("r-2"), "decision": "defer"},
+                           {**decision("r-3"), "decided_at": "2024-05-02T09:00:01Z"}]},
+        quarantined={("r.jsonl", n): contracts.BAD_SIGNATURE for n in (1, 2, 3)},
+        accepted=(), kind="reviews", detail="does not verify",
+    ),
+    "review_signature_replayed_under_a_new_decision_id": Case(
+        files={"r.jsonl": [{**decision("r-1"), "decision_id": "r-2"}]},
+        quarantined={("r.jsonl", 1): contracts.BAD_SIGNATURE}, accepted=(), kind="reviews",
+    ),
+    "review_signed_by_another_reviewer_or_a_stranger": Case(
+        files={"r.jsonl": [decision("r-1", signed_by="expert-0"), decision("r-2", signed_by="stranger")]},
+        quarantined={("r.jsonl", 1): contracts.BAD_SIGNATURE, ("r.jsonl", 2): contracts.UNKNOWN_KEY},
+        accepted=(), kind="reviews",
+    ),
+    "review_with_hostile_key_id_and_signature": Case(
+        files={"r.jsonl": [{**decision("r-1"), "key_id": SQL}, {**decision("r-2"), "signature": PATH},
+                           {**decision("r-3"), "signature": 7}]},
+        quarantined={("r.jsonl", 1): contracts.UNKNOWN_KEY, ("r.jsonl", 2): contracts.BAD_SIGNATURE,
+                     ("r.jsonl", 3): contracts.INVALID_TYPE},
+        accepted=(), kind="reviews",
+    ),
     "review_of_a_path_like_escalation": Case(
         files={"r.jsonl": [decision("r-1", escalation_id=PATH), decision("r-2", decision="DROP")]},
         quarantined={("r.jsonl", 1): contracts.UNKNOWN_ESCALATION, ("r.jsonl", 2): contracts.INVALID_VALUE},
@@ -576,6 +611,10 @@ def template(tmp_path_factory) -> Path:
                   + [{"item_id": "g1", "features": FEATURES, "gold_label": "four"}])
         )
         assert run_ingest(con, home, "items").accepted == 5
+    home.contributors_file.write_text("contributors:\n" + "".join(
+        f"  - {{id: {name}, role: {role}, keys: [{{public_key: '{signing.public_key_text(SIGNERS[name])}'}}]}}\n"
+        for name, role in (("reviewer-0", "reviewer"), ("expert-0", "domain_expert"))
+    ))
     return home.root
 
 
@@ -594,8 +633,7 @@ def run_ingest(con, home: Home, kind: str) -> ingest.IngestReport:
         return ingest.ingest_predictions(con, home, ontology, "run-adv")
     if kind == "reviews":
         policy = ResolutionPolicy.load(home.governance_file)
-        reviewers = review.load_reviewers(home.reviewers_file)
-        return review.ingest_reviews(con, home, ontology, KEY, reviewers, policy, "run-adv")[0]
+        return review.ingest_reviews(con, home, ontology, KEY, review.directory(home), policy, "run-adv")[0]
     return ingest.ingest_corrections(con, home, ontology, KEY, "run-adv")
 
 
@@ -757,13 +795,14 @@ def test_hostile_landing_zone_through_real_ingest_runs(home, defs, instance):
         ]
         assert stored(con, "SELECT escalation_id, reason FROM escalations") == [("esc-item-030-1", "tie")]
 
+    give_keys(home, "reviewer-0")
     decisions = [
-        {"decision_id": "d-ok", "escalation_id": "esc-item-030-1", "decision": "accept", "label": "two",
-         "reviewer_id": "reviewer-0", "rationale": SQL, "decided_at": "2026-03-03T09:00:00Z"},
+        signed({"decision_id": "d-ok", "escalation_id": "esc-item-030-1", "decision": "accept", "label": "two",
+                "reviewer_id": "reviewer-0", "rationale": SQL, "decided_at": "2026-03-03T09:00:00Z"}),
         {"decision_id": "d-sql", "escalation_id": "esc-item-030-1", "decision": "accept", "label": "one",
          "reviewer_id": SQL, "rationale": "x", "decided_at": "2026-03-03T09:00:00Z"},
-        {"decision_id": "d-path", "escalation_id": PATH, "decision": "reject",
-         "reviewer_id": "reviewer-0", "rationale": PATH, "decided_at": "2026-03-03T09:00:00Z"},
+        signed({"decision_id": "d-path", "escalation_id": PATH, "decision": "reject",
+                "reviewer_id": "reviewer-0", "rationale": PATH, "decided_at": "2026-03-03T09:00:00Z"}),
     ]
     write_jsonl(home.landing_dir("reviews"), "decisions.jsonl", decisions)
 
