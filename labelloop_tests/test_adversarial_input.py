@@ -26,7 +26,7 @@ from labelloop_assets.core.resolve import ResolutionPolicy
 from labelloop_assets.core.settings import Home
 from labelloop_assets.jobs import INGEST_JOB
 from labelloop_tests.conftest import correction as vote
-from labelloop_tests.conftest import give_keys, make_items, signed, write_jsonl
+from labelloop_tests.conftest import give_keys, land_items, make_items, signed, write_jsonl
 
 KEY = b"adversarial-test-key"
 FEATURES = [0.5, 1.0, 1.5, 2.0]
@@ -452,7 +452,8 @@ CASES: dict[str, Case] = {
     "sql_and_paths_in_item_fields": Case(
         files={"batch.jsonl": [item(SQL, label_source=PATH), item(PATH, label_source=SQL),
                                item("bad", initial_label=SQL), item("bad-2", gold_label=PATH)]},
-        quarantined={("batch.jsonl", 3): contracts.UNKNOWN_LABEL, ("batch.jsonl", 4): contracts.UNKNOWN_LABEL},
+        # A landing line never declares gold, whatever its gold_label holds.
+        quarantined={("batch.jsonl", 3): contracts.UNKNOWN_LABEL, ("batch.jsonl", 4): contracts.GOLD_NOT_DECLARED},
         accepted=(SQL, PATH), kind="items",
         check=lambda con: stored(con, "SELECT item_id, label_source FROM items WHERE item_id IN (?, ?) "
                                       "ORDER BY 1", [SQL, PATH]) == [(SQL, PATH), (PATH, SQL)],
@@ -594,6 +595,7 @@ def test_there_are_at_least_30_kinds():
         contracts.UNKNOWN_ITEM, contracts.GOLD_ITEM, contracts.NO_CONSENT, contracts.DUPLICATE_EVENT,
         contracts.CONFLICTING_DUPLICATE, contracts.UNKNOWN_REVIEWER, contracts.UNKNOWN_ESCALATION,
         contracts.UNREADABLE_FILE, contracts.UNSUPPORTED_FORMAT, contracts.FILE_TOO_LARGE,
+        contracts.GOLD_NOT_DECLARED,
     }
 
 
@@ -602,15 +604,13 @@ def test_there_are_at_least_30_kinds():
 
 @pytest.fixture(scope="module")
 def template(tmp_path_factory) -> Path:
-    """A home whose DuckDB file holds items i1..i4 (4 features) and gold item g1; each test
-    works on its own copy."""
+    """A home whose DuckDB file holds items i1..i4 (4 features) and gold item g1 (declared in
+    gold.jsonl); each test works on its own copy."""
     home = Home(tmp_path_factory.mktemp("template") / "home").ensure()
     with store.connect(home.database) as con:
-        (home.landing_dir("items") / "base.jsonl").write_bytes(
-            jsonl([item(f"i{n}") for n in range(1, 5)]
-                  + [{"item_id": "g1", "features": FEATURES, "gold_label": "four"}])
-        )
-        assert run_ingest(con, home, "items").accepted == 5
+        (home.landing_dir("items") / "base.jsonl").write_bytes(jsonl([item(f"i{n}") for n in range(1, 5)]))
+        home.gold_file.write_bytes(jsonl([{"item_id": "g1", "features": FEATURES, "gold_label": "four"}]))
+        assert run_ingest(con, home, "items").accepted == 4
     home.contributors_file.write_text("contributors:\n" + "".join(
         f"  - {{id: {name}, role: {role}, keys: [{{public_key: '{signing.public_key_text(SIGNERS[name])}'}}]}}\n"
         for name, role in (("reviewer-0", "reviewer"), ("expert-0", "domain_expert"))
@@ -763,7 +763,7 @@ def test_hostile_landing_zone_through_real_ingest_runs(home, defs, instance):
     them open an escalation, a reviewer decides it beside hostile review lines, and every table
     survives."""
     records, _ = make_items()
-    write_jsonl(home.landing_dir("items"), "items.jsonl", records)
+    land_items(home, records)
     tie = [vote(f"tie-{k}", "item-030", label, user=f"user{k}", role="end_user")
            for k, label in enumerate(["one", "one", "two", "two"])]
     hostile = [

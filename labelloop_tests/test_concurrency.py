@@ -32,7 +32,7 @@ from labelloop_assets.definitions import build_definitions
 from labelloop_assets.jobs import INGEST_JOB, RETRAIN_JOB
 from labelloop_assets.resources import LabelloopHome
 from labelloop_assets.sensors import landing_sensor
-from labelloop_tests.conftest import RETRAIN, correction, make_items, write_jsonl
+from labelloop_tests.conftest import RETRAIN, correction, land_items, make_items, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
@@ -175,7 +175,7 @@ def _new_home(root: Path, items: list[dict] | None = None) -> Home:
     home.validation_file.write_text(
         home.validation_file.read_text().replace("min_eval_items: 30", "min_eval_items: 10")
     )
-    write_jsonl(home.landing_dir("items"), "items.jsonl", items or make_items()[0])
+    land_items(home, items or make_items()[0])
     return home
 
 
@@ -386,7 +386,7 @@ def test_analysts_reading_the_published_views_see_whole_snapshots_and_never_hold
     old = _new_home(tmp_path / "old", records[:1500])
     assert _run(old, INGEST_JOB).success
     new = _copy(old, tmp_path / "new")
-    write_jsonl(new.landing_dir("items"), "more.jsonl", records[1500:])
+    land_items(new, records[1500:], "more.jsonl")
     _land_traffic(new)
     assert _run(new, INGEST_JOB).success
     views = ("production_corpus", "corpus_versions", "label_decisions")

@@ -23,7 +23,7 @@ import pytest
 from labelloop_assets.core import store, train
 from labelloop_assets.core.settings import Home
 from labelloop_assets.definitions import build_definitions
-from labelloop_tests.conftest import RETRAIN, correction, make_items, write_jsonl
+from labelloop_tests.conftest import RETRAIN, correction, land_items, make_items, write_jsonl
 
 CHILD = textwrap.dedent(
     """
@@ -245,12 +245,12 @@ def crashed(tmp_path_factory) -> tuple[dict[str, Crashed], dict[str, dict[str, l
 
     # A first ingest of items and traffic...
     ingest = _new_home(root / "worlds" / INGEST)
-    write_jsonl(ingest.landing_dir("items"), "items.jsonl", make_items()[0])
+    land_items(ingest, make_items()[0])
     _land_traffic(ingest)
     spawn(INGEST, ingest)
     # ...and a second training.
     retrain = _new_home(root / "worlds" / RETRAIN_JOB)
-    write_jsonl(retrain.landing_dir("items"), "items.jsonl", make_items()[0])
+    land_items(retrain, make_items()[0])
     _run(retrain, INGEST)
     _run(retrain, RETRAIN_JOB)
     # A reviewer confirms two labels: the same data in a new version, so the challenger is promoted.

@@ -18,7 +18,7 @@ from labelloop_assets.core.settings import Home
 from labelloop_assets.definitions import build_definitions
 from labelloop_assets.jobs import INGEST_JOB
 from labelloop_tests import pg
-from labelloop_tests.conftest import RETRAIN, correction, make_items, write_jsonl
+from labelloop_tests.conftest import RETRAIN, correction, land_items, make_items, write_jsonl
 
 DEPLOY_YAML = Path(__file__).resolve().parents[1] / "examples" / "deploy" / "dagster.yaml"
 
@@ -73,7 +73,7 @@ def test_the_deployment_instance_is_postgres_backed(instance, database):
 
 
 def test_ingest_job_runs_on_the_postgres_instance(instance, database, home: Home):
-    write_jsonl(home.landing_dir("items"), "items.jsonl", make_items()[0])
+    land_items(home, make_items()[0])
     write_jsonl(home.landing_dir("corrections"), "c1.jsonl", [
         correction("e-1", "item-030", "one"),
         correction("e-2", "item-031", "two", user="bob"),

@@ -128,12 +128,12 @@ def db(lhome: Home):
 
 @pytest.fixture
 def seeded(lhome: Home, db):
-    """Items i1..i4 (4 features, label three) and gold item g1 are already ingested."""
-    land(lhome, "items", "base.jsonl", [item(f"i{n}") for n in range(1, 5)] + [
-        {"item_id": "g1", "features": FEATURES, "gold_label": "four"}
-    ])
+    """Items i1..i4 (4 features, label three) are ingested and gold item g1 declared in gold.jsonl."""
+    land(lhome, "items", "base.jsonl", [item(f"i{n}") for n in range(1, 5)])
+    lhome.gold_file.write_text(json.dumps({"item_id": "g1", "features": FEATURES, "gold_label": "four"}) + "\n")
     report = run_ingest(db, lhome, "items")
-    assert report.accepted == 5 and report.quarantined == 0
+    assert report.accepted == 4 and report.quarantined == 0
+    assert db.execute("SELECT item_id FROM items WHERE gold_label = 'four'").fetchall() == [("g1",)]
     return lhome, db
 
 
@@ -209,6 +209,9 @@ LINE_CASES = {
     ),
     contracts.UNKNOWN_MODEL_VERSION: LineCase(
         "predictions", prediction("bad-1", model_version="m9999-not-a-model"), "not a model labelloop trained", "bad-1"
+    ),
+    contracts.GOLD_NOT_DECLARED: LineCase(
+        "items", item("bad-1", gold_label="three"), "declared in gold.jsonl by the deployment", "bad-1"
     ),
     contracts.FEATURE_LENGTH_MISMATCH: LineCase(
         "items", item("bad-1", features=[1.0, 2.0, 3.0, 4.0, 5.0]), "5 values, this deployment uses 4", "bad-1"
@@ -488,11 +491,14 @@ def test_items_keep_labels_source_and_gold(lhome, db):
     land(lhome, "items", "a.jsonl", [
         item("a1", initial_label="naught", label_source="vendor"),
         {"item_id": "a2", "features": [1, 2, 3, 4]},
-        {"item_id": "g", "features": [1, 2, 3, 4], "gold_label": "3"},
-        item("a3", gold_label="eleven"),
+        item("a3", initial_label="eleven"),
+        # Gold is declared by the deployment, never by a landing line, whatever its label.
+        item("a4", gold_label="three"),
     ])
+    # Gold labels are harmonized like every label: "3" is the legacy term for "three".
+    lhome.gold_file.write_text(json.dumps({"item_id": "g", "features": [1, 2, 3, 4], "gold_label": "3"}) + "\n")
     report = run_ingest(db, lhome, "items")
-    assert report.reasons == {"unknown_label": 1}
+    assert report.reasons == {"unknown_label": 1, "gold_not_declared": 1}
     rows = db.execute(
         "SELECT item_id, features, initial_label, label_source, gold_label FROM items ORDER BY 1"
     ).fetchall()

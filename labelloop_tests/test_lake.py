@@ -24,7 +24,7 @@ from labelloop_assets.core.lake import Lake
 from labelloop_assets.core.settings import Home
 from labelloop_assets.definitions import build_definitions
 from labelloop_tests import pg
-from labelloop_tests.conftest import RETRAIN, correction, make_items, write_jsonl
+from labelloop_tests.conftest import RETRAIN, correction, land_items, make_items, write_jsonl
 
 LOOP = ["items", "predictions", "raw_corrections", "review_decisions", "validated_labels",
         "production_corpus", "retrained_model", "model_evaluation", "label_quality_metrics"]
@@ -67,7 +67,7 @@ def _world(home: Home, day: int) -> None:
     """Day 0: items; day 1: predictions and corrections with a replay, a bad line and no consent."""
     if day == 0:
         records, _ = make_items()
-        write_jsonl(home.landing_dir("items"), "items.jsonl", records)
+        land_items(home, records)
         return
     write_jsonl(home.landing_dir("predictions"), f"p{day}.jsonl", [{
         "prediction_id": f"p-{day}", "item_id": "item-030", "model_version": "m0001",

@@ -9,7 +9,7 @@ import pytest
 
 from labelloop_assets.core import store, train
 from labelloop_assets.definitions import build_definitions
-from labelloop_tests.conftest import RETRAIN, correction, make_items, write_jsonl
+from labelloop_tests.conftest import RETRAIN, correction, land_items, make_items, write_jsonl
 
 ALL = ["items", "predictions", "raw_corrections", "validated_labels", "production_corpus",
        "retrained_model", "model_evaluation", "label_quality_metrics"]
@@ -46,12 +46,14 @@ def _rows(home, sql, params=None):
 
 def test_first_run_builds_corpus_model_and_metrics(home, defs, instance):
     records, truth = make_items()
-    write_jsonl(home.landing_dir("items"), "items.jsonl", records)
+    land_items(home, records)
 
     result = _materialize(defs, instance)
 
     assert result.success
-    assert _metadata(result, "items")["accepted"] == 60
+    items = _metadata(result, "items")
+    # The 15 gold items are declared in gold.jsonl (evaluation set 1); 45 items landed.
+    assert (items["accepted"], items["evaluation_set"], items["n_gold"]) == (45, 1, 15)
     corpus = _metadata(result, "production_corpus")
     assert corpus["corpus_version"] == 1
     assert corpus["dagster/row_count"] == 45  # gold items never enter the corpus
@@ -74,7 +76,7 @@ def test_first_run_builds_corpus_model_and_metrics(home, defs, instance):
 
 def test_corrections_flow_to_a_new_corpus_version_with_lineage(home, defs, instance):
     records, _ = make_items()
-    write_jsonl(home.landing_dir("items"), "items.jsonl", records)
+    land_items(home, records)
     assert _materialize(defs, instance).success
     write_jsonl(home.landing_dir("predictions"), "p1.jsonl", [{
         "prediction_id": "p-1", "item_id": "item-030", "model_version": "m0001",
@@ -117,7 +119,7 @@ def test_corrections_flow_to_a_new_corpus_version_with_lineage(home, defs, insta
 
 def test_repeated_runs_and_repeated_files_add_nothing(home, defs, instance):
     records, _ = make_items()
-    write_jsonl(home.landing_dir("items"), "items.jsonl", records)
+    land_items(home, records)
     write_jsonl(home.landing_dir("corrections"), "c1.jsonl", [correction("e-1", "item-030", "one")])
     assert _materialize(defs, instance).success
     before = _rows(home, "SELECT (SELECT count(*) FROM raw_corrections) AS raw, "
@@ -140,7 +142,7 @@ def test_repeated_runs_and_repeated_files_add_nothing(home, defs, instance):
 
 def test_failing_blocking_check_stops_everything_downstream(home, defs, instance):
     records, _ = make_items()
-    write_jsonl(home.landing_dir("items"), "items.jsonl", records)
+    land_items(home, records)
     write_jsonl(home.landing_dir("corrections"), "c1.jsonl", [correction("e-1", "item-030", "two")])
     assert _materialize(defs, instance, ["items", "raw_corrections"]).success
     # The ontology drops "two" with no rename: the staged correction now breaks the schema.
@@ -173,7 +175,7 @@ def test_failing_blocking_check_stops_everything_downstream(home, defs, instance
 
 def test_bad_ontology_fails_with_a_clear_message(home, defs, instance):
     home.ontology_file.write_text("labels: [a, b]\nrenames: {c: d}\n")
-    write_jsonl(home.landing_dir("items"), "items.jsonl", make_items()[0])
+    land_items(home, make_items()[0])
     result = _materialize(defs, instance, ["items"], raise_on_error=False)
     assert not result.success
     failure = [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE][0]
@@ -212,6 +214,7 @@ def test_shipped_samples_run_through_the_whole_loop(home, defs, instance):
 
     samples = Path(__file__).resolve().parent.parent / "data" / "samples" / "landing"
     shutil.copytree(samples, home.landing, dirs_exist_ok=True)
+    shutil.copyfile(samples.parent / "gold.jsonl", home.gold_file)  # the deployment declares gold
 
     result = _materialize(defs, instance)
 
@@ -229,7 +232,7 @@ def test_ontology_rename_migrates_stored_labels_and_a_dropped_label_holds_traini
     home, defs, instance
 ):
     records, _ = make_items()
-    write_jsonl(home.landing_dir("items"), "items.jsonl", records)
+    land_items(home, records)
     assert _materialize(defs, instance).success
     n_two = _rows(home, "SELECT count(*) AS n FROM production_corpus WHERE label = 'two'")["n"][0]
     assert n_two == 15
@@ -255,7 +258,7 @@ def test_ontology_rename_migrates_stored_labels_and_a_dropped_label_holds_traini
 
 def test_a_changed_pseudonymization_key_is_refused(home, defs, instance, monkeypatch):
     records, _ = make_items()
-    write_jsonl(home.landing_dir("items"), "items.jsonl", records)
+    land_items(home, records)
     monkeypatch.setenv("LABELLOOP_SECRET", "first-key")
     write_jsonl(home.landing_dir("corrections"), "c1.jsonl",
                 [correction("e-1", "item-030", "one", user="zed", role="end_user")])

@@ -54,7 +54,7 @@ def _harmful_batch(home, defs, instance) -> None:
 
 @pytest.fixture
 def loop(home, defs, instance):
-    write_jsonl(home.landing_dir("items"), "items.jsonl", make_items()[0])
+    land_items(home, make_items()[0])
     _run(defs, instance, "ingest_job")
     first = _run(defs, instance, RETRAIN_JOB)
     return first
@@ -136,7 +136,7 @@ def test_a_failed_evaluation_fails_the_run_and_leaves_the_champion(home, defs, i
 def test_too_few_rows_to_train_fails_with_the_counts_and_writes_no_model(home, defs, instance):
     home.training_file.write_text("min_train_rows: 20\n")
     records, _ = make_items(n=25, n_gold=15)  # 10 labelled items
-    write_jsonl(home.landing_dir("items"), "items.jsonl", records)
+    land_items(home, records)
     _run(defs, instance, "ingest_job")
     result = defs.resolve_job_def(RETRAIN_JOB).execute_in_process(instance=instance, raise_on_error=False)
     assert not result.success
@@ -154,7 +154,9 @@ def test_a_wrong_plan_fails_the_step_and_leaves_the_champion(home, defs, instanc
     failure = next(e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE)
     assert "validation file" in failure.step_failure_data.error.message
     assert train.current_version(home.models) == "m0001"
-    assert _rows(home, "SELECT status FROM models WHERE model_version = 'm0002'")["status"][0] == "challenger"
+    # Training reads the plan too (its gold_copy_distance keeps copies of gold out): nothing trained.
+    assert failure.step_key == "retrained_model"
+    assert _rows(home, "SELECT model_version FROM models")["model_version"].to_list() == ["m0001"]
 
 
 def test_rollback_restores_a_retired_champion_and_is_audited(home, defs, instance, loop, monkeypatch, capsys):

@@ -66,9 +66,10 @@ class Landing:
         self._names = itertools.count()
         folder = self.home.landing_dir("items")
         items = [{"item_id": f"i{n}", "features": FEATURES, "initial_label": "three"} for n in range(1, 4)]
-        items.append({"item_id": "g1", "features": FEATURES, "gold_label": "four"})
         (folder / "items.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
-        assert ingest.ingest_items(self.con, self.home, self.ontology, "seed").accepted == 4
+        # Gold item g1 is declared by the deployment, in gold.jsonl.
+        self.home.gold_file.write_text(json.dumps({"item_id": "g1", "features": FEATURES, "gold_label": "four"}) + "\n")
+        assert ingest.ingest_items(self.con, self.home, self.ontology, "seed").accepted == 3
 
     def close(self) -> None:
         self._connection.__exit__(None, None, None)

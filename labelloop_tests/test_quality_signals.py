@@ -21,7 +21,7 @@ from labelloop_assets import cli
 from labelloop_assets.core import charts
 from labelloop_assets.core.agreement import fleiss_kappa, krippendorff_alpha_nominal
 from labelloop_assets.jobs import INGEST_JOB
-from labelloop_tests.conftest import LABELS, correction, make_items, write_jsonl
+from labelloop_tests.conftest import LABELS, correction, land_items, make_items, write_jsonl
 from labelloop_tests.test_loop import _materialize, _metadata, _rows
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -100,7 +100,7 @@ def _panel_predictions() -> list[dict]:
 
 @pytest.mark.slow
 def test_agreement_segments_and_trend_chart_after_a_small_loop(home, defs, instance):
-    write_jsonl(home.landing_dir("items"), "items.jsonl", make_items()[0])
+    land_items(home, make_items()[0])
     predictions = _panel_predictions()
     write_jsonl(home.landing_dir("predictions"), "p.jsonl", predictions)
     events = _panel_events()
@@ -175,7 +175,7 @@ def test_trend_chart_renders_without_history():
 
 @pytest.mark.slow
 def test_one_contributor_and_no_predictions_give_notes_not_zeros(home, defs, instance):
-    write_jsonl(home.landing_dir("items"), "items.jsonl", make_items()[0])
+    land_items(home, make_items()[0])
     # One reviewer, no predictions; 'two' only shows up in the current window.
     baseline = [correction(f"r-{i}", f"item-{i:03d}", _truth(i), user="rita", created_at="2026-03-01T10:00:00Z")
                 for i in (15, 16, 18, 19)]  # zero, one, zero, one
@@ -216,7 +216,7 @@ def test_one_contributor_and_no_predictions_give_notes_not_zeros(home, defs, ins
 
 @pytest.mark.slow
 def test_undefined_agreement_note_names_the_real_reason(home, defs, instance):
-    write_jsonl(home.landing_dir("items"), "items.jsonl", make_items()[0])
+    land_items(home, make_items()[0])
     write_jsonl(home.landing_dir("corrections"), "c.jsonl", [
         correction(f"r-{i}", f"item-{i:03d}", _truth(i), user="rita") for i in range(15, 21)
     ])
@@ -254,7 +254,7 @@ def _traffic(case: str) -> list[dict]:
     [("same", False, False), ("labels_shift", True, False), ("features_shift", False, True)],
 )
 def test_drift_checks_warn_on_a_clear_shift_only(home, defs, instance, case, label_drift, feature_drift):
-    write_jsonl(home.landing_dir("items"), "items.jsonl", make_items()[0])
+    land_items(home, make_items()[0])
     write_jsonl(home.landing_dir("predictions"), "p.jsonl", _traffic(case))
     assert _materialize(defs, instance, ["items", "predictions"]).success
     result = _materialize(defs, instance, ["label_quality_signals"])
@@ -303,7 +303,7 @@ def _planted_items(home) -> dict[str, str]:
         if record["item_id"] in PLANTED:
             assert PLANTED[record["item_id"]] != truth[record["item_id"]]
             record["initial_label"] = PLANTED[record["item_id"]]
-    write_jsonl(home.landing_dir("items"), "items.jsonl", records)
+    land_items(home, records)
     return truth
 
 
@@ -353,7 +353,7 @@ def test_every_confident_learning_issue_is_explained(home, defs, instance):
 @pytest.mark.slow
 def test_a_one_class_corpus_gives_a_prior_only_queue_with_a_note(home, defs, instance):
     records = [dict(r, initial_label="zero") for r in make_items()[0] if "initial_label" in r]
-    write_jsonl(home.landing_dir("items"), "items.jsonl", records)
+    land_items(home, records)
     result = _materialize(defs, instance, ISSUES)
     assert result.success
     meta = _metadata(result, "label_issue_candidates")
@@ -388,7 +388,7 @@ FIRST_FIXES = [
 
 @pytest.mark.slow
 def test_guideline_report_ranks_pairs_scrubs_rationales_and_shows_change(home, defs, instance):
-    write_jsonl(home.landing_dir("items"), "items.jsonl", make_items()[0])
+    land_items(home, make_items()[0])
     assert _materialize(defs, instance, ["items", "production_corpus"]).success
     write_jsonl(home.landing_dir("corrections"), "c1.jsonl", FIRST_FIXES)
     result = _materialize(defs, instance, CURATE[1:] + ["guideline_report"])
@@ -421,7 +421,7 @@ def test_guideline_report_ranks_pairs_scrubs_rationales_and_shows_change(home, d
 @pytest.mark.slow
 def test_corrections_landed_with_their_items_reach_the_guideline_report(home, defs, instance):
     # The README's quick start lands items and corrections together and materializes once.
-    write_jsonl(home.landing_dir("items"), "items.jsonl", make_items()[0])
+    land_items(home, make_items()[0])
     write_jsonl(home.landing_dir("corrections"), "c1.jsonl", FIRST_FIXES)
     assert _materialize(defs, instance, CURATE + ["guideline_report"]).success
     history = _rows(home, "SELECT previous_label, label FROM label_history WHERE change_kind = 'correction' "

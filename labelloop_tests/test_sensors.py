@@ -12,7 +12,7 @@ from labelloop_assets.definitions import build_definitions
 from labelloop_assets.jobs import INGEST_JOB, RETRAIN_JOB
 from labelloop_assets.resources import RetrainCadence
 from labelloop_assets.sensors import landing_sensor, retrain_decision, retrain_sensor
-from labelloop_tests.conftest import correction, make_items, write_jsonl
+from labelloop_tests.conftest import correction, land_items, make_items, write_jsonl
 
 
 def _tick(sensor, instance, resources, cursor=None):
@@ -23,7 +23,7 @@ def _tick(sensor, instance, resources, cursor=None):
 def test_landing_sensor_requests_each_new_file_once(home, instance, resources):
     assert isinstance(_tick(landing_sensor, instance, resources), dg.SkipReason)
 
-    write_jsonl(home.landing_dir("items"), "items.jsonl", make_items()[0])
+    land_items(home, make_items()[0])
     (home.landing_dir("corrections") / ".half-written.jsonl.tmp").write_text('{"event_id":')
     first = _tick(landing_sensor, instance, resources)
     assert isinstance(first, dg.SensorResult) and len(first.run_requests) == 1
@@ -48,7 +48,7 @@ def test_landing_sensor_requests_each_new_file_once(home, instance, resources):
 
 
 def test_sensor_run_ingests_exactly_once_even_when_the_run_is_retried(home, instance, resources, defs):
-    write_jsonl(home.landing_dir("items"), "items.jsonl", make_items()[0])
+    land_items(home, make_items()[0])
     request = _tick(landing_sensor, instance, resources).run_requests[0]
     job = defs.resolve_job_def(INGEST_JOB)
     first = job.execute_in_process(instance=instance, tags={"dagster/run_key": request.run_key})
@@ -59,13 +59,15 @@ def test_sensor_run_ingests_exactly_once_even_when_the_run_is_retried(home, inst
         for e in r.get_asset_materialization_events()
         if e.asset_key == dg.AssetKey("items")
     ]
-    assert [c["accepted"] for c in counts] == [60, 0]
+    # 45 landed items, and the 15 gold items gold.jsonl declared (evaluation set 1) once.
+    assert [c["accepted"] for c in counts] == [45, 0]
+    assert [c["n_gold_added"] for c in counts] == [15, 0]
     assert [c["dagster/row_count"] for c in counts] == [60, 60]
 
 
 def test_retrain_sensor_follows_the_cadence(home, instance, resources, defs):
     assert "no corpus version" in _tick(retrain_sensor, instance, resources).skip_message
-    write_jsonl(home.landing_dir("items"), "items.jsonl", make_items()[0])
+    land_items(home, make_items()[0])
     defs.resolve_job_def(INGEST_JOB).execute_in_process(instance=instance)
 
     first = _tick(retrain_sensor, instance, resources)
@@ -86,7 +88,7 @@ def test_retrain_sensor_follows_the_cadence(home, instance, resources, defs):
 
 
 def test_retrain_sensor_asks_once_per_corpus_version_and_waits_out_the_interval(home, instance, resources, defs):
-    write_jsonl(home.landing_dir("items"), "items.jsonl", make_items()[0])
+    land_items(home, make_items()[0])
     defs.resolve_job_def(INGEST_JOB).execute_in_process(instance=instance)
     # Ticks before the run starts ask again with the same run_key, which Dagster launches once.
     first, again = (_tick(retrain_sensor, instance, resources) for _ in range(2))
@@ -108,7 +110,7 @@ def test_retrain_sensor_asks_once_per_corpus_version_and_waits_out_the_interval(
 
 
 def test_a_failing_blocking_check_holds_retraining_until_it_passes(home, instance, resources, defs):
-    write_jsonl(home.landing_dir("items"), "items.jsonl", make_items()[0])
+    land_items(home, make_items()[0])
     ingest = defs.resolve_job_def(INGEST_JOB)
     ingest.execute_in_process(instance=instance)
     assert _tick(retrain_sensor, instance, resources).run_key == "retrain-corpus-v1"

@@ -16,7 +16,7 @@ from labelloop_assets.checks.schema_checks import (
     markdown_table,
     schema_check_result,
 )
-from labelloop_assets.core import ingest, review, schemas, store
+from labelloop_assets.core import gold, ingest, review, schemas, store
 from labelloop_assets.core.settings import DEV_SECRET_WARNING, using_development_secret
 from labelloop_assets.resources import LabelloopHome, open_store
 
@@ -27,8 +27,28 @@ GROUP = "ingest"
 def items(
     context: dg.AssetExecutionContext, labelloop: LabelloopHome, database: DuckDBResource
 ) -> dg.MaterializeResult:
-    """Items (features, initial and gold labels) from landing/items, each file ingested once."""
-    return _ingest(context, labelloop, database, ingest.ingest_items, "items")
+    """Items from landing/items, each file ingested once, and the gold items the deployment declares in gold.jsonl."""
+    with config_errors_as_failures():
+        ontology = labelloop.ontology()
+    with open_store(database) as con, config_errors_as_failures():
+        # gold.jsonl first: a landing line reusing a newly declared gold id is then refused.
+        declared = gold.declare(con, labelloop.home(), ontology, run_id(context))
+        report = ingest.ingest_items(con, labelloop.home(), ontology, run_id(context))
+        total = store.scalar(con, "SELECT count(*) FROM items")
+    if declared.new_version:
+        context.log.info(
+            f"gold.jsonl declared evaluation set {declared.evaluation_set}: "
+            f"{declared.n_added} gold item(s) added, {declared.n_items} in the set"
+        )
+    return dg.MaterializeResult(
+        metadata={
+            **ingest_metadata(report, total),
+            "evaluation_set": declared.evaluation_set if declared.evaluation_set is not None
+            else "none (no gold.jsonl declared)",
+            "n_gold": declared.n_items,
+            "n_gold_added": declared.n_added,
+        }
+    )
 
 
 @dg.asset(

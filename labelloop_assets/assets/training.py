@@ -19,17 +19,22 @@ from labelloop_assets.checks.schema_checks import (
     failing_blocking_checks,
     markdown_table,
 )
-from labelloop_assets.core import bursts, evaluation, reliability, store, train
+from labelloop_assets.core import bursts, evaluation, gold, reliability, store, train
 from labelloop_assets.core import release_notes as release
 from labelloop_assets.core.contracts import write_atomically
 from labelloop_assets.core.settings import Home
 from labelloop_assets.resources import LabelloopHome, open_store
 
 # The frozen evaluation set: every model is scored on these, never trained on them.
-GOLD_SQL = "SELECT item_id, gold_label AS label, features FROM items WHERE gold_label IS NOT NULL"
+GOLD_SQL = gold.GOLD_SQL
+# The same corpus, configuration and training rows (gold copies left out) give the same model.
 SAME_MODEL_SQL = (
-    "SELECT * FROM models WHERE corpus_version = ? AND algorithm = ? AND params = ? ORDER BY trained_at DESC LIMIT 1"
+    "SELECT * FROM models WHERE corpus_version = ? AND algorithm = ? AND params = ? AND train_data_hash = ? "
+    "ORDER BY trained_at DESC LIMIT 1"
 )
+# The policy files whose hashes are recorded with a training and with an evaluation.
+TRAINING_POLICIES = ("training.yaml", "validation.yaml")
+EVALUATION_POLICIES = ("validation.yaml", "training.yaml")
 
 
 @dg.asset(
@@ -42,21 +47,44 @@ SAME_MODEL_SQL = (
 def retrained_model(
     context: dg.AssetExecutionContext, labelloop: LabelloopHome, database: DuckDBResource
 ) -> dg.MaterializeResult:
-    """A challenger model trained on the current corpus, stored under `models/<version>/` with its gold metrics."""
+    """A challenger model trained on the current corpus (gold copies left out), stored under `models/<version>/` with its gold metrics."""
     home = labelloop.home()
     with config_errors_as_failures():
         config = labelloop.training()
+        plan = labelloop.validation_plan()
     params = config.params
     with open_store(database) as con:
         corpus_version, changes_total = store.corpus_head(con)
-        # One training per corpus version and configuration: the same inputs give the same model.
-        existing = store.frame(con, SAME_MODEL_SQL, [corpus_version, train.ALGORITHM, json.dumps(params)])
+        corpus = store.frame(con, train.TRAINING_SQL)
+        gold_items = store.frame(con, GOLD_SQL)
+        evaluation_set = gold.current_evaluation_set(con)
+        # Gold features never reach training: a corpus item that copies a gold item (under
+        # another id, exactly or nearly) would let a model be scored on what it learned.
+        copies = gold.find_gold_copies(corpus.select("item_id", "features"), gold_items, plan.gold_copy_distance)
+        if copies.copies.height:
+            with store.transaction(con):
+                newly = gold.record_copies(con, copies, run_id(context))
+            context.log.warning(
+                f"{copies.item_ids.len()} corpus item(s) copy a gold item ({_copy_counts(copies)}; "
+                f"{newly} newly recorded in gold_copies): left out of training"
+            )
+        training = corpus.join(copies.copies.select("item_id").unique(), on="item_id", how="anti")
+        data_hash = train.training_data_hash(training)
+        extra = {
+            "evaluation_set": evaluation_set,
+            "gold_copies_excluded": copies.item_ids.len(),
+            "gold_copies": copies.counts(),
+        }
+        # One training per corpus version, configuration and training rows: the same inputs give
+        # the same model.
+        existing = store.frame(con, SAME_MODEL_SQL, [corpus_version, train.ALGORITHM, json.dumps(params), data_hash])
         if existing.height:
             record = existing.to_dicts()[0]
             context.log.info(
                 f"{record['model_version']} is already trained on corpus v{corpus_version}; reused"
             )
-            return dg.MaterializeResult(metadata={**_model_metadata(home, record), "reused": True})
+            return dg.MaterializeResult(metadata={**_model_metadata(home, record, _as_trained(home, record, extra)),
+                                                  "reused": True})
         failing = failing_blocking_checks(context.instance)
         if failing:
             raise dg.Failure(
@@ -70,14 +98,13 @@ def retrained_model(
                 "`labelloop review release|discard BURST_ID`",
                 metadata={"held_bursts": dg.MetadataValue.md(markdown_table(held))},
             )
-        training = store.frame(con, train.TRAINING_SQL)
-        gold = store.frame(con, GOLD_SQL)
     if training.height < config.min_train_rows or training["label"].n_unique() < 2:
         raise dg.Failure(
             description=f"corpus v{corpus_version} has {training.height} labelled item(s) and "
-            f"{training['label'].n_unique()} label(s); training needs at least {config.min_train_rows} "
-            "items (training.yaml min_train_rows) and two labels: land items with initial labels or "
-            "corrections first. The champion is untouched."
+            f"{training['label'].n_unique()} label(s) to train on ({extra['gold_copies_excluded']} gold "
+            f"copies left out); training needs at least {config.min_train_rows} items (training.yaml "
+            "min_train_rows) and two labels: land items with initial labels or corrections first. The "
+            "champion is untouched."
         )
     try:
         model = train.fit(train.features_matrix(training), training["label"].to_numpy(), params)
@@ -85,17 +112,17 @@ def retrained_model(
         raise dg.Failure(
             description=f"training on corpus v{corpus_version} failed ({error}); the champion is untouched"
         ) from None
-    scores = train.evaluate(model, train.features_matrix(gold), gold["label"].to_numpy())
+    scores = train.evaluate(model, train.features_matrix(gold_items), gold_items["label"].to_numpy())
     record = {
         "corpus_version": corpus_version,
         "n_train_rows": training.height,
         "n_classes": int(len(model.classes)),
         "algorithm": train.ALGORITHM,
         "params": params,
-        "train_data_hash": train.training_data_hash(training),
+        "train_data_hash": data_hash,
         "gold_accuracy": scores["accuracy"],
         "gold_macro_f1": scores["macro_f1"],
-        "n_gold": gold.height,
+        "n_gold": gold_items.height,
         "label_changes_total": changes_total,
         "run_id": run_id(context),
     }
@@ -103,14 +130,16 @@ def retrained_model(
     # numbered, and a model of the same corpus and configuration looked for again, only now, in
     # the transaction that registers it.
     with open_store(database) as con, store.transaction(con):
-        rival = store.frame(con, SAME_MODEL_SQL, [corpus_version, train.ALGORITHM, json.dumps(params)])
+        rival = store.frame(con, SAME_MODEL_SQL, [corpus_version, train.ALGORITHM, json.dumps(params), data_hash])
         if rival.height:
             record = rival.to_dicts()[0]
             context.log.info(f"{record['model_version']} was trained on corpus v{corpus_version} meanwhile; reused")
-            return dg.MaterializeResult(metadata={**_model_metadata(home, record), "reused": True})
+            return dg.MaterializeResult(metadata={**_model_metadata(home, record, _as_trained(home, record, extra)),
+                                                  "reused": True})
         version = f"m{store.scalar(con, 'SELECT count(*) FROM models') + 1:04d}"
         record = {"model_version": version, **record}
-        folder = train.save(model, home.models / version, record)
+        # metadata.json also names the evaluation set of its gold metrics and the copies left out.
+        folder = train.save(model, home.models / version, {**record, **extra})
         record = {**record, "params": json.dumps(record["params"]), "path": folder.relative_to(home.root).as_posix()}
         store.append(
             con,
@@ -119,11 +148,27 @@ def retrained_model(
                 pl.col("gold_accuracy", "gold_macro_f1").fill_nan(None)
             ),
         )
+        store.record_policies(con, run_id(context), "retrained_model", TRAINING_POLICIES)
     # A challenger: model_evaluation decides whether it replaces the champion.
-    return dg.MaterializeResult(metadata={**_model_metadata(home, record), "reused": False, "status": "challenger"})
+    return dg.MaterializeResult(
+        metadata={**_model_metadata(home, record, extra), "reused": False, "status": "challenger"}
+    )
 
 
-def _model_metadata(home: Home, record: dict) -> dict:
+def _as_trained(home: Home, record: dict, extra: dict) -> dict:
+    """A reused model's gold metrics were measured on the evaluation set of its own training."""
+    try:
+        saved = json.loads((home.model_folder(record["path"]) / "metadata.json").read_text())
+    except (OSError, ValueError):
+        saved = {}
+    return {**extra, "evaluation_set": saved.get("evaluation_set")}
+
+
+def _copy_counts(copies: gold.GoldCopies) -> str:
+    return ", ".join(f"{n} {kind}" for kind, n in copies.counts().items())
+
+
+def _model_metadata(home: Home, record: dict, extra: dict) -> dict:
     return {
         "model_version": record["model_version"],
         "corpus_version": int(record["corpus_version"]),
@@ -132,6 +177,9 @@ def _model_metadata(home: Home, record: dict) -> dict:
         "gold_accuracy": round(float(np.nan_to_num(record["gold_accuracy"] or 0.0)), 4),
         "gold_macro_f1": round(float(np.nan_to_num(record["gold_macro_f1"] or 0.0)), 4),
         "n_gold": int(record["n_gold"]),
+        "evaluation_set": extra["evaluation_set"] if extra["evaluation_set"] is not None else "none declared",
+        "gold_copies_excluded": int(extra["gold_copies_excluded"]),
+        "gold_copies": dg.MetadataValue.json(extra["gold_copies"]),
         "path": dg.MetadataValue.path(str(home.model_folder(record["path"]))),
     }
 
@@ -152,7 +200,7 @@ def contributor_reliability(
     with open_store(database) as con:
         votes = store.frame(
             con,
-            f"SELECT item_id, user_pseudonym, corrected_label FROM ({bursts.COUNTED_VOTES_SQL}) "
+            f"SELECT item_id, user_pseudonym, corrected_label, label_before FROM ({bursts.COUNTED_VOTES_SQL}) "
             "QUALIFY row_number() OVER (PARTITION BY item_id, user_pseudonym "
             "ORDER BY created_at DESC, seq DESC) = 1",
         )
@@ -196,16 +244,25 @@ def contributor_reliability(
 def model_evaluation(
     context: dg.AssetExecutionContext, labelloop: LabelloopHome, database: DuckDBResource
 ) -> dg.MaterializeResult:
-    """The challenger against the champion on the validation plan; promoted only if not worse, with reasons."""
+    """The challenger against the champion, both scored on the current evaluation set; promoted only if not worse, with reasons."""
     with config_errors_as_failures():
         plan = labelloop.validation_plan()
+        labelloop.training()  # read now, so that the hash recorded with the decision is today's file
     home = labelloop.home()
     with open_store(database) as con:
         challenger = store.frame(
             con, "SELECT * FROM models WHERE status = 'challenger' ORDER BY trained_at DESC LIMIT 1"
         ).to_dicts()
         champion = store.frame(con, "SELECT * FROM models WHERE status = 'champion' LIMIT 1").to_dicts()
-        gold = store.frame(con, GOLD_SQL)
+        # Both models are scored on the current evaluation set, whatever set their stored scores
+        # were measured on: a comparison across two sets would compare the sets, not the models.
+        evaluation_set = gold.current_evaluation_set(con)
+        gold_items = store.frame(con, GOLD_SQL)
+        champion_set = store.scalar(
+            con, "SELECT evaluation_set FROM model_evaluations WHERE champion = $m OR "
+            "(challenger = $m AND decision = 'promote') ORDER BY evaluation_id DESC LIMIT 1",
+            {"m": champion[0]["model_version"]},
+        ) if champion else None
         confirmed = store.frame(
             con, "SELECT c.item_id, c.label, i.features FROM production_corpus c JOIN items i USING (item_id) "
             "WHERE c.reviewer_confirmed",
@@ -218,17 +275,17 @@ def model_evaluation(
         holder = champion[0]["model_version"] if champion else "none"
         return dg.MaterializeResult(metadata={"decision": "nothing to evaluate", "champion": holder})
     challenger, champion = challenger[0], (champion[0] if champion else None)
-    gold_labels = gold["label"].to_numpy()
+    gold_labels = gold_items["label"].to_numpy()
     try:
         # Each model is loaded and predicts the gold items once: its scores and (on a promotion)
         # the confirm threshold come from the same probabilities.
         model = _load(home, challenger)
-        probabilities = _probabilities(model, gold)
+        probabilities = _probabilities(model, gold_items)
         scores = {"challenger": evaluation.score(probabilities, model.classes, gold_labels, plan.calibration_bins)}
         if champion is not None:
             held = _load(home, champion)
             scores["champion"] = evaluation.score(
-                _probabilities(held, gold), held.classes, gold_labels, plan.calibration_bins
+                _probabilities(held, gold_items), held.classes, gold_labels, plan.calibration_bins
             )
         slice_scores = evaluation.score(
             _probabilities(model, confirmed), model.classes, confirmed["label"].to_numpy(), plan.calibration_bins
@@ -253,15 +310,22 @@ def model_evaluation(
         if still["status"] != "challenger" or still["champion"] != (champion and champion["model_version"]):
             context.log.info(f"{version} was judged by another run meanwhile; nothing recorded")
             return dg.MaterializeResult(metadata={"decision": "judged by another run", "challenger": version})
+        if gold.current_evaluation_set(con) != evaluation_set:
+            raise dg.Failure(
+                description=f"gold.jsonl declared a new evaluation set while {version} was being scored on "
+                f"set {evaluation_set}; nothing recorded: run model_evaluation again to score both models "
+                "on the new set"
+            )
         con.execute(
             "INSERT INTO model_evaluations (evaluation_id, challenger, champion, decision, reasons, plan, "
-            "challenger_scores, champion_scores, slice_scores, confirm_below, n_eval, run_id) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "challenger_scores, champion_scores, slice_scores, confirm_below, n_eval, run_id, evaluation_set) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [store.next_number(con, "model_evaluations"), version, champion and champion["model_version"], decision, reasons, json.dumps(plan.as_dict()),
              json.dumps(scores["challenger"]), json.dumps(scores.get("champion")),
              json.dumps(slice_scores) if slice_scores else None, confirm_below, scores["challenger"]["n"],
-             run_id(context)],
+             run_id(context), evaluation_set],
         )
+        store.record_policies(con, run_id(context), "model_evaluation", EVALUATION_POLICIES)
         if decision == evaluation.PROMOTE:
             con.execute("UPDATE models SET status = 'retired' WHERE status = 'champion'")
             con.execute("UPDATE models SET status = 'champion', confirm_below = ? WHERE model_version = ?",
@@ -272,7 +336,8 @@ def model_evaluation(
             "INSERT INTO audit_log (actor, action, target, outcome, reason, detail, run_id) "
             "VALUES ('labelloop', ?, ?, ?, ?, ?, ?)",
             [f"model.{decision}", version, "promoted" if decision == evaluation.PROMOTE else "rejected",
-             "; ".join(reasons)[:500], json.dumps({"champion": champion and champion["model_version"]}),
+             "; ".join(reasons)[:500],
+             json.dumps({"champion": champion and champion["model_version"], "evaluation_set": evaluation_set}),
              run_id(context)],
         )
     if decision == evaluation.PROMOTE:
@@ -287,8 +352,20 @@ def model_evaluation(
             "scores": dg.MetadataValue.md(markdown_table(_score_table(scores))),
             "confirm_below": dg.MetadataValue.float(round(confirm_below, 4)) if confirm_below is not None else "unchanged",
             "plan": dg.MetadataValue.json(plan.as_dict()),
+            "evaluation_set": evaluation_set if evaluation_set is not None else "none declared",
+            "n_eval": scores["challenger"]["n"],
+            "champion_rescored": _rescored(champion, champion_set, evaluation_set),
         }
     )
+
+
+def _rescored(champion: dict | None, last_set: int | None, evaluation_set: int | None) -> str:
+    """Say on which set the champion's previous score was measured, next to today's."""
+    if champion is None:
+        return "no champion"
+    before = "not recorded" if last_set is None else f"set {last_set}"
+    note = "" if last_set == evaluation_set else " (another set: its stored score is not comparable)"
+    return f"{champion['model_version']} rescored on set {evaluation_set}; last scored on {before}{note}"
 
 
 def _load(home: Home, model_row: dict) -> train.LinearModel:
@@ -330,7 +407,7 @@ def release_notes(
             "SELECT e.* FROM model_evaluations e ANTI JOIN release_notes r USING (evaluation_id) "
             "ORDER BY e.evaluation_id",
         ).to_dicts()
-        gold = store.frame(con, GOLD_SQL)
+        gold_items = store.frame(con, GOLD_SQL)
         written = []
         for judged in pending:
             models = {row["model_version"]: {**row, "params": json.loads(row["params"])} for row in store.frame(
@@ -344,7 +421,7 @@ def release_notes(
             changes = release.label_changes(con, since, until)
             # Attribution refits the way the challenger was fitted, so its deltas are the challenger's.
             attributed = release.attribution(
-                con, changes, since, until, gold, plan.attribution_max_groups if judged["champion"] else 0,
+                con, changes, since, until, gold_items, plan.attribution_max_groups if judged["champion"] else 0,
                 challenger["params"],
             )
             text = release.render(

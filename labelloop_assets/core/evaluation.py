@@ -45,6 +45,9 @@ class ValidationPlan:
     confirm_precision: float = 0.95
     # Release notes retrain without at most this many groups of corrections (one training each).
     attribution_max_groups: int = 6
+    # A corpus item this close to a gold item (a fraction of the gold set's own spacing, see
+    # gold.find_gold_copies) is a near copy and is not trained on. 0 finds exact copies only.
+    gold_copy_distance: float = 0.1
 
     def __post_init__(self) -> None:
         unknown = set(self.metrics) - set(METRICS)
@@ -62,6 +65,10 @@ class ValidationPlan:
             raise LabelloopConfigError("validation: attribution_max_groups must not be negative")
         if not 0 < self.confirm_precision < 1:
             raise LabelloopConfigError("validation: confirm_precision must be in (0, 1)")
+        if not 0 <= self.gold_copy_distance < 1:
+            raise LabelloopConfigError(
+                "validation: gold_copy_distance must be in [0, 1) (a fraction of the gold items' spacing)"
+            )
 
     def floor(self, label: str) -> float:
         return self.per_class_floors.get(label, self.per_class_floor)

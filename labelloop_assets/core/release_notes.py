@@ -54,7 +54,8 @@ def attribution(
               "accuracy_without": pl.Float64, "benefit": pl.Float64}
     if changes.height == 0 or gold.height == 0:
         return pl.DataFrame(schema=schema)
-    features = store.frame(con, "SELECT item_id, features FROM items")
+    # Items that copy a gold item were not trained on (gold.find_gold_copies): not here either.
+    features = store.frame(con, "SELECT item_id, features FROM items ANTI JOIN gold_copies USING (item_id)")
     now = store.frame(con, "SELECT item_id, label FROM corpus_as_of($v)", {"v": until_version})
     before = store.frame(con, "SELECT item_id, label AS label_before FROM corpus_as_of($v)", {"v": since_version})
     base = now.join(before, on="item_id", how="left").join(features, on="item_id").sort("item_id")
@@ -116,8 +117,11 @@ def render(
         if changes.height:
             counts = changes.group_by(column).len("changes").sort(["changes", column], descending=[True, False])
             lines += ["", f"**{title}:** " + ", ".join(f"{k} {n}" for k, n in counts.iter_rows())]
-    lines += ["", "## Metrics on the frozen gold items", "", "| metric | champion | challenger | delta |",
-              "|---|---:|---:|---:|"]
+    scored_on = evaluation.get("evaluation_set")
+    lines += ["", "## Metrics on the frozen gold items", "",
+              f"Both models scored on evaluation set {scored_on} ({challenger.get('n')} gold items)."
+              if scored_on is not None else f"Both models scored on the same {challenger.get('n')} gold items.",
+              "", "| metric | champion | challenger | delta |", "|---|---:|---:|---:|"]
     for metric in ("accuracy", "macro_f1", "calibration_error"):
         new, old = challenger.get(metric), champion.get(metric) if champion else None
         delta = _signed(new - old, 4) if new is not None and old is not None else ""

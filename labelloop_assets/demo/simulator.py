@@ -134,16 +134,19 @@ def write_jsonl(folder: Path, name: str, lines: list[str]) -> Path:
 
 
 def land_items(world: DemoWorld, home: Home) -> Path:
-    """Day 0: every item with its features; gold items carry their true label, the rest a noisy one."""
-    lines = []
+    """Day 0: the deployment declares its gold items (true labels) in gold.jsonl; every other item
+    lands with its features and a noisy label."""
+    lines, gold = [], []
     for index, item_id in enumerate(world.item_ids):
         record = {"item_id": str(item_id), "features": world.features[index].tolist()}
         if world.gold[index]:
             record["gold_label"] = LABELS[world.truth[index]]
-        else:
-            record["initial_label"] = LABELS[world.initial[index]]
-            record["label_source"] = "vendor" if index % 3 else "heuristic"
+            gold.append(json.dumps(record, separators=(",", ":")))
+            continue
+        record["initial_label"] = LABELS[world.initial[index]]
+        record["label_source"] = "vendor" if index % 3 else "heuristic"
         lines.append(json.dumps(record, separators=(",", ":")))
+    write_atomically(home.gold_file, "".join(line + "\n" for line in gold))
     return write_jsonl(home.landing_dir("items"), "items-day00.jsonl", lines)
 
 
