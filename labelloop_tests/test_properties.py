@@ -323,7 +323,8 @@ def worlds(draw, min_votes: int = 1):
 def decide(votes: list[tuple] | pl.DataFrame, current: pl.DataFrame, reliability: pl.DataFrame,
            policy: ResolutionPolicy = POLICY) -> pl.DataFrame:
     frame = votes if isinstance(votes, pl.DataFrame) else votes_frame(votes)
-    staged = stage(frame, NO_PREDICTIONS, current, policy)
+    # Established contributors (active on many earlier days): newcomers have their own properties.
+    staged = stage(frame, NO_PREDICTIONS, current, policy).with_columns(history=pl.lit(30, pl.Int64))
     return resolve(staged, current, policy, reliability)
 
 

@@ -401,7 +401,56 @@ def test_out_of_set_labels_nulls_and_repeated_votes_are_handled():
         r["user_pseudonym"]: (r["n_votes"], r["n_anchored"], r["n_anchor_agreements"])
         for r in estimates.iter_rows(named=True)
     }
-    assert counts == {"u_1": (2, 1, 1), "u_2": (1, 1, 1)}
+    # u_1's vote on b is alone there once u_2's is dropped, and b has no usable anchor: no evidence.
+    assert counts == {"u_1": (1, 1, 1), "u_2": (1, 1, 1)}
+
+
+# --------------------------------------------------------------------------- blind votes only
+
+
+def blind_rows(*rows: tuple[str, str, str, str | None]) -> pl.DataFrame:
+    """rows: (item_id, user_pseudonym, corrected_label, label_before)."""
+    return pl.DataFrame(
+        rows,
+        schema={"item_id": pl.String, "user_pseudonym": pl.String, "corrected_label": pl.String,
+                "label_before": pl.String},
+        orient="row",
+    )
+
+
+def test_copies_of_the_published_label_earn_nothing():
+    # 30 votes that repeat reviewer-confirmed labels: without label_before they look like a
+    # near-perfect record; with it they are no evidence and the account stays at the prior.
+    copies = blind_rows(*[(f"i{n}", "u_farm", "x" if n % 2 else "y", "x" if n % 2 else "y") for n in range(30)])
+    anchors = anchor_rows(*[(f"i{n}", "x" if n % 2 else "y") for n in range(30)])
+    farmed = estimate_reliability(copies.drop("label_before"), anchors, ("x", "y")).row(0, named=True)
+    assert farmed["accuracy"] > 0.9 and farmed["n_votes"] == 30
+    row = estimate_reliability(copies, anchors, ("x", "y")).row(0, named=True)
+    assert (row["n_votes"], row["n_anchored"], row["accuracy"]) == (0, 0, PRIOR.mean)
+
+
+def test_a_blind_vote_that_an_anchor_bears_out_earns_and_a_wrong_one_costs():
+    # The label before was "y"; the contributor said "x" before any reviewer did.
+    right = blind_rows(*[(f"i{n}", "u_ann", "x", "y") for n in range(20)])
+    anchors = anchor_rows(*[(f"i{n}", "x") for n in range(20)])
+    row = estimate_reliability(right, anchors, ("x", "y")).row(0, named=True)
+    assert (row["n_votes"], row["n_anchor_agreements"]) == (20, 20) and row["accuracy"] > 0.9
+    wrong = estimate_reliability(right, anchor_rows(*[(f"i{n}", "y") for n in range(20)]), ("x", "y"))
+    assert wrong["accuracy"].item() < 0.2
+
+
+def test_lone_votes_on_unanchored_items_do_not_rate_their_contributor_up():
+    # An account flips 40 items no one else touched, all to one label, next to a crowd whose
+    # items skew towards that label: EM would read the lone flips as self-agreement.
+    crowd = [(f"c{n}", f"u_{k}", "x", None) for n in range(60) for k in range(3)]
+    flips = [(f"f{n}", "u_farm", "x", "y") for n in range(40)]
+    with_lone = fit_reliability(blind_rows(*crowd, *flips), anchor_rows(), ("x", "y", "z"))
+    farm = with_lone.contributors.filter(pl.col("user_pseudonym") == "u_farm").row(0, named=True)
+    assert (farm["n_votes"], farm["accuracy"]) == (0, PRIOR.mean)
+    # A second contributor on those items makes them evidence again (here: agreeing).
+    second = [(f"f{n}", "u_other", "x", "y") for n in range(40)]
+    fit = fit_reliability(blind_rows(*crowd, *flips, *second), anchor_rows(), ("x", "y", "z"))
+    assert fit.contributors.filter(pl.col("user_pseudonym") == "u_farm")["n_votes"].item() == 40
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ from labelloop_assets.core import anonymize, corpus, ingest, store
 from labelloop_assets.core.ontology import Ontology
 from labelloop_assets.core.resolve import ResolutionPolicy, resolve, stage
 from labelloop_assets.core.settings import DEFAULTS_DIR, Home, LabelloopConfigError
+from labelloop_tests.conftest import TRUSTING_DIRECTORY
 
 POLICY = ResolutionPolicy.load(DEFAULTS_DIR / "governance.yaml")
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
@@ -55,15 +56,23 @@ def current(**labels: str) -> pl.DataFrame:
 
 
 NO_PREDICTIONS = pl.DataFrame(schema=PREDICTION_SCHEMA)
+# Most tests here weigh established contributors (active on many earlier days); the newcomer
+# tests below give the history explicitly.
+ESTABLISHED = 30
 
 
-def decide(votes: pl.DataFrame, now: pl.DataFrame, policy: ResolutionPolicy = POLICY) -> list[dict]:
-    staged = stage(votes, NO_PREDICTIONS, now, policy)
+def established(staged: pl.DataFrame, days: int = ESTABLISHED) -> pl.DataFrame:
+    return staged.with_columns(history=pl.lit(days, pl.Int64))
+
+
+def decide(votes: pl.DataFrame, now: pl.DataFrame, policy: ResolutionPolicy = POLICY,
+           history: int = ESTABLISHED) -> list[dict]:
+    staged = established(stage(votes, NO_PREDICTIONS, now, policy), history)
     return resolve(staged, now, policy).to_dicts()
 
 
-def one(votes, now, policy=POLICY) -> dict:
-    decisions = decide(votes, now, policy)
+def one(votes, now, policy=POLICY, history: int = ESTABLISHED) -> dict:
+    decisions = decide(votes, now, policy, history)
     assert len(decisions) == 1
     return decisions[0]
 
@@ -163,7 +172,7 @@ def test_two_end_users_agreeing_promote():
 
 
 def test_a_new_annotator_cannot_flip_a_label_alone_but_a_proven_one_can():
-    vote = stage(corrections(("a", "two", "ann", "annotator")), NO_PREDICTIONS, current(a="one"), POLICY)
+    vote = established(stage(corrections(("a", "two", "ann", "annotator")), NO_PREDICTIONS, current(a="one"), POLICY))
     d = one(corrections(("a", "two", "ann", "annotator")), current(a="one"))
     assert (d["status"], d["support"]) == ("pending", 2.0)
     proven = pl.DataFrame({"user_pseudonym": ["u_ann"], "accuracy": [0.95], "n_votes": [40]})
@@ -181,8 +190,8 @@ def test_a_reviewer_alone_may_flip_a_label():
 
 def test_only_a_reviewer_or_domain_expert_changes_a_reviewer_confirmed_label():
     protected = current(a="one").with_columns(reviewer_confirmed=pl.lit(True))
-    crowd = stage(corrections(*[("a", "two", f"eu{k}", "end_user") for k in range(5)]),
-                  NO_PREDICTIONS, protected, POLICY)
+    crowd = established(stage(corrections(*[("a", "two", f"eu{k}", "end_user") for k in range(5)]),
+                              NO_PREDICTIONS, protected, POLICY))
     d = resolve(crowd, protected, POLICY).to_dicts()[0]
     assert (d["status"], d["escalation_reason"]) == ("escalate", "contradicts_confirmed")
     expert = stage(corrections(("a", "two", "exp", "domain_expert")), NO_PREDICTIONS, protected, POLICY)
@@ -443,6 +452,8 @@ def test_same_batch_confirmation_keeps_the_import_label_source():
 def test_ingested_corrections_resolve_into_a_corpus_version(tmp_path: Path):
     """Core modules chained over a real DuckDB file: ingest -> stage -> resolve -> plan."""
     home = Home(tmp_path / "home").ensure()
+    # Files landed directly in landing/corrections/ may assert the roles below (carol, annotator).
+    home.contributors_file.write_text(TRUSTING_DIRECTORY)
     ontology = Ontology.load(home.ontology_file)
     key = b"k"
     (home.landing_dir("items") / "i.jsonl").write_text("".join(
@@ -470,7 +481,7 @@ def test_ingested_corrections_resolve_into_a_corpus_version(tmp_path: Path):
     now = corpus_v1.select("item_id", "label")
     staged = stage(raw, NO_PREDICTIONS, now, POLICY)
     assert staged.sort("seq")["user_pseudonym"].to_list()[:2] == [anonymize.pseudonym(key, "alice"), anonymize.pseudonym(key, "bob")]
-    result = resolve(staged, now, POLICY)
+    result = resolve(established(staged), now, POLICY)
     assert result.select("item_id", "proposed_label", "status").rows() == [
         ("i0", "two", "promote"), ("i1", "two", "pending"), ("i2", "one", "confirmed")
     ]

@@ -23,7 +23,7 @@ from labelloop_assets.core import bursts, corpus, lake, resolve, review, schemas
 from labelloop_assets.resources import LabelloopHome, open_store
 
 GROUP = "curation"
-STAGED_SEQ = "validated_labels.raw_seq"
+STAGED_SEQ = bursts.STAGED_SEQ
 APPLIED_ITEMS = "production_corpus.items_seq"
 APPLIED_DECISIONS = "production_corpus.decision_id"
 APPLIED_REVIEWS = "production_corpus.review_seq"
@@ -64,12 +64,19 @@ def validated_labels(
 ) -> dg.MaterializeResult:
     """Staging zone: new corrections joined to the prediction they correct, weighed and resolved per item."""
     with config_errors_as_failures():
-        ontology, policy = labelloop.ontology(), labelloop.policy()
+        ontology, policy, burst_policy = labelloop.ontology(), labelloop.policy(), labelloop.bursts()
     with open_store(database) as con:
-        new = store.frame(
+        # Each correction's arrival on the store's clock and the day it counts on for bursts,
+        # derived as correction_bursts derived them when it scored the batch.
+        new, clock_after = bursts.arrivals(
             con,
-            "SELECT * FROM raw_corrections WHERE seq > ? ORDER BY seq",
-            [store.get_state(con, STAGED_SEQ)],
+            store.frame(
+                con,
+                "SELECT * FROM raw_corrections WHERE seq > ? ORDER BY seq",
+                [store.get_state(con, STAGED_SEQ)],
+            ),
+            burst_policy,
+            bursts.STAGED_CLOCK,
         )
         # New reliability estimates can settle items left pending: decide those again too.
         reliability_stamp = store.scalar(
@@ -95,7 +102,7 @@ def validated_labels(
                 store.frame(con, bursts.ITEMS_IN_CHANGED_BURSTS_SQL, {"since": bursts_mark}),
             ]).unique()
         burst_table = store.frame(con, "SELECT burst_id, day, scope, key, status FROM correction_bursts")
-        staged, decisions = _stage_and_resolve(con, new, policy, ontology, revisit, burst_table)
+        staged, decisions, newcomers = _stage_and_resolve(con, new, policy, ontology, revisit, burst_table)
         validation = schemas.validate(schemas.validated_labels_schema(ontology.labels), staged)
         if validation.passed and (staged.height or decisions.height):
             with store.transaction(con):
@@ -103,11 +110,19 @@ def validated_labels(
                 store.append(con, "label_decisions", decisions.with_columns(run_id=pl.lit(run_id(context))))
                 if new.height:
                     store.set_state(con, STAGED_SEQ, int(new["seq"].max()))
+                    store.set_state(con, bursts.STAGED_CLOCK, clock_after)
                 store.set_state(con, RELIABILITY_SEEN, int(reliability_stamp))
+                # The policies these decisions followed (roles were capped by the directory at ingest).
+                store.record_policies(
+                    con, run_id(context), "validated_labels", ("governance.yaml", "contributors.yaml", "ontology.yaml")
+                )
         if validation.passed:
             store.set_state(con, BURSTS_SEEN, int(bursts_stamp))
         total = store.scalar(con, "SELECT count(*) FROM validated_labels")
     held = bursts.blocked_events(staged, burst_table, (bursts.HELD,)).len() if staged.height else 0
+    late = staged.filter(
+        pl.col("burst_day") != pl.col("created_at").dt.convert_time_zone("UTC").dt.date()
+    ).height if staged.height else 0
     statuses = (
         decisions.group_by("status").len("items").sort("status") if decisions.height else pl.DataFrame()
     )
@@ -123,6 +138,8 @@ def validated_labels(
             "escalate": _count(decisions, resolve.ESCALATE),
             "revert": _count(decisions, resolve.REVERT),
             "held_by_bursts": held,
+            "newcomer_votes": newcomers,
+            "late_corrections": late,
             "decisions_by_status": dg.MetadataValue.md(markdown_table(statuses)),
         },
         check_results=[
@@ -136,9 +153,7 @@ def _stage_and_resolve(
     burst_table: pl.DataFrame,
 ):
     if new.height == 0 and revisit.height == 0:
-        return new, pl.DataFrame()
-    if new.height == 0:
-        new = store.frame(con, "SELECT * FROM raw_corrections LIMIT 0")
+        return new, pl.DataFrame(), 0
     predictions = store.lookup(
         con,
         "predictions",
@@ -175,18 +190,25 @@ def _stage_and_resolve(
         "t.accuracy, t.n_votes",
     )
     # Older votes are read in today's terms; a vote for a term since dropped counts no more.
-    votes = pl.concat([earlier, staged], how="diagonal_relaxed").with_columns(
+    # One time zone name for every timestamp: the store's frames say "Etc/UTC", times computed
+    # in Polars may say "UTC", and concat does not unify the two.
+    utc = pl.col(pl.Datetime("us", "*")).dt.convert_time_zone("UTC")
+    votes = pl.concat([earlier.with_columns(utc), staged.with_columns(utc)], how="diagonal_relaxed").with_columns(
         corrected_label=ontology.harmonize("corrected_label")
     ).drop_nulls("corrected_label")
     blocked = bursts.blocked_events(votes, burst_table)
-    votes = votes.filter(~pl.col("event_id").is_in(blocked.implode()))
+    votes = resolve.with_history(con, votes.filter(~pl.col("event_id").is_in(blocked.implode())))
+    newcomers = votes.filter(
+        ~pl.col("user_role").is_in(list(policy.newcomer_exempt_roles))
+        & (pl.col("history") < policy.newcomer_min_history)
+    ).height
     # A label that only blocked votes set is judged from the label it replaced.
     undo = _labels_set_by(con, touched, blocked)
     judged = current.join(undo, on="item_id", how="left").with_columns(
         label=pl.coalesce("restore", "label")
     ).drop("restore")
     decisions = resolve.resolve(votes, judged, policy, reliability)
-    return staged, _with_reverts(decisions, undo, current)
+    return staged, _with_reverts(decisions, undo, current), newcomers
 
 
 def _labels_set_by(con, touched: pl.DataFrame, blocked: pl.Series) -> pl.DataFrame:

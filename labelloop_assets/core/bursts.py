@@ -12,6 +12,13 @@ The baseline is the previous `baseline_days` days that had any corrections (a ke
 a day had share 0). 1.4826 x MAD estimates the standard deviation under normality and, unlike
 it, is not pulled by the outliers it is meant to find; the Poisson floor keeps a near-constant
 baseline from turning ordinary noise into huge scores.
+
+The day a correction counts on is its *burst day*: the UTC day of its created_at, unless it
+arrived late (more than `late_after_hours` after created_at on the store's clock), and then the
+day it arrived. created_at is whatever the sender wrote; without this, a batch dated over many
+old days spreads thin over their baselines and nothing stands out. The store's clock is the wall
+clock at ingest (`escalation.clock: wall`), or, for replays and the demo (`clock: events`), the
+newest created_at among the corrections stored before the batch.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, datetime, timezone
 
 import duckdb
 import polars as pl
@@ -40,6 +47,14 @@ MAD_TO_SIGMA = 1.4826
 BURST_PREFIX = "burst-"
 
 VOLUME_SCHEMA = {"day": pl.Date, "scope": pl.String, "key": pl.String, "n": pl.Int64}
+CLOCKS = ("wall", "events")
+# The event clock (epoch microseconds) after the corrections each consumer has read: the newest
+# created_at among them. Detection and staging each keep their own, next to their seq watermark,
+# so both derive the same burst day for a correction whichever runs first.
+RAW_CLOCK = "correction_bursts.event_clock"
+STAGED_SEQ = "validated_labels.raw_seq"
+STAGED_CLOCK = "validated_labels.event_clock"
+NO_CLOCK = -1
 
 
 @dataclass(frozen=True)
@@ -59,6 +74,11 @@ class BurstPolicy:
     # A released burst that grows past this multiple of what the reviewer saw is held again.
     regrowth: float = 1.5
     may_acknowledge: tuple[str, ...] = ("reviewer", "domain_expert")
+    # A correction that arrives more than this long after its created_at counts on the day it
+    # arrived: backdating cannot move volume onto old days.
+    late_after_hours: float = 24.0
+    # The store's clock (governance escalation.clock, not a bursts key): `wall` or `events`.
+    clock: str = "wall"
 
     def __post_init__(self) -> None:
         if self.baseline_days < 1 or self.min_baseline_days < 1:
@@ -73,6 +93,10 @@ class BurstPolicy:
             raise LabelloopConfigError("governance: bursts need 0 <= min_share <= severe_min_share <= 1")
         if self.regrowth < 1:
             raise LabelloopConfigError("governance: bursts.regrowth must be at least 1")
+        if not self.late_after_hours > 0:
+            raise LabelloopConfigError("governance: bursts.late_after_hours must be positive")
+        if self.clock not in CLOCKS:
+            raise LabelloopConfigError("governance: escalation.clock must be `wall` or `events`")
         unknown = set(self.may_acknowledge) - set(USER_ROLES)
         if unknown or not self.may_acknowledge:
             raise LabelloopConfigError(
@@ -80,11 +104,12 @@ class BurstPolicy:
             )
 
     @classmethod
-    def from_mapping(cls, raw: dict | None, source: str = "governance") -> "BurstPolicy":
+    def from_mapping(cls, raw: dict | None, source: str = "governance", clock: str = "wall") -> "BurstPolicy":
+        """The `bursts` section; `clock` is the governance file's escalation.clock."""
         raw = raw or {}
         if not isinstance(raw, dict):
             raise LabelloopConfigError(f"{source}: `bursts` must be a mapping")
-        known = set(cls.__dataclass_fields__)
+        known = set(cls.__dataclass_fields__) - {"clock"}
         unknown = set(raw) - known
         if unknown:
             raise LabelloopConfigError(f"{source}: bursts has unknown keys {sorted(unknown)}; known: {sorted(known)}")
@@ -96,11 +121,88 @@ class BurstPolicy:
                 values[key] = tuple(str(role) for role in value)
                 continue
             values[key] = config_number(value, getattr(cls, key), f"{source}: bursts.{key}")
-        return cls(**values)
+        return cls(**values, clock=clock)
+
+    @classmethod
+    def from_governance(cls, raw: dict, source: str = "governance") -> "BurstPolicy":
+        """From a whole governance mapping: its `bursts` section and its escalation.clock."""
+        escalation = raw.get("escalation") or {}
+        clock = escalation.get("clock", "wall") if isinstance(escalation, dict) else "wall"
+        return cls.from_mapping(raw.get("bursts"), source, clock=str(clock))
+
+
+def arrivals(
+    con: duckdb.DuckDBPyConnection, rows: pl.DataFrame, policy: BurstPolicy, clock_state: str
+) -> tuple[pl.DataFrame, int]:
+    """`rows` (raw_corrections rows, seq order) with `arrived_at`, the store's clock when each
+    arrived, and `burst_day`; and the event clock after them, to keep in `clock_state`.
+
+    A batch is the rows of one ingest transaction (one arrival time). On the event clock, its
+    arrival is the newest created_at stored before it; the very first batch has no such time
+    and arrives at its own earliest created_at (nothing is late before anything is stored).
+    """
+    if rows.height == 0:
+        return rows.with_columns(
+            arrived_at=pl.lit(None, pl.Datetime("us", "UTC")), burst_day=pl.lit(None, pl.Date)
+        ), store.get_state(con, clock_state, NO_CLOCK)
+    created = pl.col("created_at").dt.convert_time_zone("UTC")
+    wall = pl.coalesce(
+        *(pl.col(c).dt.convert_time_zone("UTC") for c in ("arrived_at", "ingested_at") if c in rows.columns)
+    ) if {"arrived_at", "ingested_at"} & set(rows.columns) else pl.lit(None, pl.Datetime("us", "UTC"))
+    framed = rows.with_columns(_created=created, _wall=wall)
+    prior = _event_clock_before(con, rows, clock_state)
+    newest = int(framed["_created"].dt.epoch("us").max())
+    after = max(prior, newest)
+    if policy.clock == "wall":
+        clock = pl.coalesce("_wall", "_created")
+    else:
+        # Each batch's clock: the newest created_at of everything stored before it.
+        batches = (
+            framed.group_by(pl.col("_wall").fill_null(pl.col("_created")).alias("_batch"))
+            .agg(pl.col("seq").min().alias("_first"), pl.col("_created").max().alias("_newest"),
+                 pl.col("_created").min().alias("_earliest"))
+            .sort("_first")
+            .with_columns(_before=pl.col("_newest").dt.epoch("us").cum_max().shift(1))
+            .with_columns(
+                _clock=pl.max_horizontal(pl.col("_before"), pl.lit(prior if prior != NO_CLOCK else None, pl.Int64))
+            )
+            .with_columns(
+                _clock=pl.when(pl.col("_clock").is_not_null())
+                .then(pl.from_epoch("_clock", "us").dt.replace_time_zone("UTC"))
+                .otherwise("_earliest")
+            )
+        )
+        framed = framed.with_columns(_batch=pl.col("_wall").fill_null(pl.col("_created"))).join(
+            batches.select("_batch", "_clock"), on="_batch", how="left"
+        ).drop("_batch")
+        clock = pl.col("_clock")
+    late = (clock - pl.col("_created")) > pl.duration(microseconds=int(policy.late_after_hours * 3_600_000_000))
+    created_day, clock_day = pl.col("_created").dt.date(), clock.dt.date()
+    on_time_day = pl.min_horizontal(created_day, clock_day) if policy.clock == "wall" else created_day
+    zone = getattr(rows.schema["created_at"], "time_zone", None) or "UTC"
+    out = framed.with_columns(
+        arrived_at=clock.cast(pl.Datetime("us", "UTC")).dt.convert_time_zone(zone),
+        burst_day=pl.when(late).then(clock_day).otherwise(on_time_day),
+    ).drop("_created", "_wall", *(["_clock"] if "_clock" in framed.columns else []))
+    return out.sort("seq"), after
+
+
+def _event_clock_before(con: duckdb.DuckDBPyConnection, rows: pl.DataFrame, clock_state: str) -> int:
+    """The newest created_at (epoch us) of the corrections stored before `rows`, NO_CLOCK if none."""
+    kept = store.get_state(con, clock_state, NO_CLOCK)
+    if kept != NO_CLOCK:
+        return kept
+    # A store from before the event clock was kept (or the very first batch): read it once.
+    found = store.scalar(
+        con, "SELECT CAST(epoch_us(max(created_at)) AS BIGINT) FROM raw_corrections WHERE seq < ?",
+        [int(rows["seq"].min())],
+    )
+    return NO_CLOCK if found is None else int(found)
 
 
 def daily_volume(events: pl.DataFrame) -> pl.DataFrame:
-    """Corrections per (day, scope, key) from events with created_at, user_pseudonym, source, corrected_label."""
+    """Corrections per (day, scope, key) from events with created_at, user_pseudonym, source,
+    corrected_label (and burst_day, when known: see `arrivals`)."""
     if events.height == 0:
         return pl.DataFrame(schema=VOLUME_SCHEMA)
     return (
@@ -112,13 +214,20 @@ def daily_volume(events: pl.DataFrame) -> pl.DataFrame:
 
 
 def _keyed(events: pl.DataFrame, *carry: str) -> pl.DataFrame:
-    """One row per event and scope: the `carry` columns, the UTC day, the scope and its key."""
+    """One row per event and scope: the `carry` columns, the burst day, the scope and its key."""
     return events.select(
         *carry,
-        pl.col("created_at").dt.convert_time_zone("UTC").dt.date().alias("day"),
+        vote_day(events).alias("day"),
         pl.col("user_pseudonym").alias(CONTRIBUTOR),
         segment_key(pl.col("source"), pl.col("corrected_label")).alias(SEGMENT),
     ).unpivot(index=[*carry, "day"], on=list(SCOPES), variable_name="scope", value_name="key")
+
+
+def vote_day(events: pl.DataFrame) -> pl.Expr:
+    """The day a correction counts on: its burst_day, or (rows staged before burst days were
+    kept, and hand-built frames) the UTC day of its created_at."""
+    created = pl.col("created_at").dt.convert_time_zone("UTC").dt.date()
+    return pl.coalesce("burst_day", created) if "burst_day" in events.columns else created
 
 
 def segment_key(source: pl.Expr, label: pl.Expr) -> pl.Expr:
@@ -233,8 +342,9 @@ def describe(scored: pl.DataFrame) -> pl.Series:
 
 
 RAW_SEQ = "correction_bursts.raw_seq"
-# A correction `v`'s day and keys in SQL, as `daily_volume` and `membership` derive them in Polars.
-VOTE_DAY = "CAST(timezone('UTC', v.created_at) AS DATE)"
+# A staged correction `v`'s day and keys in SQL, as `daily_volume` and `membership` derive them in
+# Polars (rows staged before burst days were kept count on their created_at day).
+VOTE_DAY = "coalesce(v.burst_day, CAST(timezone('UTC', v.created_at) AS DATE))"
 VOTE_KEY = {CONTRIBUTOR: "v.user_pseudonym", SEGMENT: "v.source || '/' || v.corrected_label"}
 # `v` falls in burst `b`.
 IN_BURST = (
@@ -246,11 +356,18 @@ IN_BURST = (
 # burst found later also covers the corrections staged before it crossed the threshold. Anti
 # joins on equal keys: with no burst held, DuckDB skips the probe and this costs nothing.
 _BLOCKED = "(SELECT day, key FROM correction_bursts WHERE status IN ('held', 'discarded') AND scope = '{scope}')"
-COUNTED_VOTES_SQL = f"""
-    SELECT v.* FROM validated_labels v
+
+
+def counted_votes_sql(source: str = "validated_labels") -> str:
+    """The rows of `source` (validated_labels or a query over it) that no held or discarded burst keeps out."""
+    return f"""
+    SELECT v.* FROM {source} v
     ANTI JOIN {_BLOCKED.format(scope=CONTRIBUTOR)} bc ON bc.key = {VOTE_KEY[CONTRIBUTOR]} AND bc.day = {VOTE_DAY}
     ANTI JOIN {_BLOCKED.format(scope=SEGMENT)} bs ON bs.key = {VOTE_KEY[SEGMENT]} AND bs.day = {VOTE_DAY}
 """
+
+
+COUNTED_VOTES_SQL = counted_votes_sql()
 # Items with a vote in a burst whose status changed after $since (epoch microseconds).
 ITEMS_IN_CHANGED_BURSTS_SQL = f"""
     SELECT DISTINCT v.item_id FROM validated_labels v JOIN correction_bursts b ON {IN_BURST}
@@ -289,11 +406,17 @@ def detect(con: duckdb.DuckDBPyConnection, policy: BurstPolicy, run_id: str) -> 
     Cost grows with the batch: only the days it touches are scored, against their baseline days.
     """
     mark = store.get_state(con, RAW_SEQ)
-    new = store.frame(
+    new, clock_after = arrivals(
         con,
-        "SELECT seq, created_at, user_pseudonym, source, corrected_label FROM raw_corrections "
-        "WHERE seq > ? ORDER BY seq",
-        [mark],
+        store.frame(
+            con,
+            "SELECT seq, event_id, item_id, original_label, corrected_label, user_pseudonym, user_role, "
+            "source, rationale, created_at, arrived_at, ingested_at FROM raw_corrections "
+            "WHERE seq > ? ORDER BY seq",
+            [mark],
+        ),
+        policy,
+        RAW_CLOCK,
     )
     volume = daily_volume(new)
     days = volume["day"].unique().sort().to_list()
@@ -311,7 +434,7 @@ def detect(con: duckdb.DuckDBPyConnection, policy: BurstPolicy, run_id: str) -> 
                 con.unregister("new_volume")
         scored = score_bursts(_history(con, days, policy), days, policy) if days else pl.DataFrame(schema=SCORE_SCHEMA)
         found = scored.filter(pl.col("severity").is_not_null())
-        newly_held = _record(con, found, run_id, policy.regrowth) if found.height else []
+        newly_held = _record(con, found, run_id, policy) if found.height else []
         acknowledged = store.frame(con, ACKS_SQL)
         if acknowledged.height:
             con.register("acks", acknowledged)
@@ -330,8 +453,12 @@ def detect(con: duckdb.DuckDBPyConnection, policy: BurstPolicy, run_id: str) -> 
                 con.unregister("acks")
         if new.height:
             store.set_state(con, RAW_SEQ, int(new["seq"].max()))
+            store.set_state(con, RAW_CLOCK, clock_after)
+    late = new.filter(pl.col("burst_day") != pl.col("created_at").dt.convert_time_zone("UTC").dt.date())
     return {
         "events": new.height,
+        # corrections counted on their arrival day rather than their created_at day
+        "late": late.height,
         "days_scored": [d.isoformat() for d in days],
         "keys_scored": scored.height,
         "not_scored": scored.filter(pl.col("note").is_not_null()).height,
@@ -359,7 +486,7 @@ def _history(con: duckdb.DuckDBPyConnection, days: list[date], policy: BurstPoli
     )
 
 
-def _record(con: duckdb.DuckDBPyConnection, found: pl.DataFrame, run_id: str, regrowth: float) -> list[str]:
+def _record(con: duckdb.DuckDBPyConnection, found: pl.DataFrame, run_id: str, policy: BurstPolicy) -> list[str]:
     """Upsert the bursts found; a severe one is held unless a reviewer already acknowledged it."""
     # A handful of bursts: their ids and evidence are built one by one.
     ids = [burst_id(day, scope, key) for day, scope, key in found.select("day", "scope", "key").iter_rows()]
@@ -369,7 +496,9 @@ def _record(con: duckdb.DuckDBPyConnection, found: pl.DataFrame, run_id: str, re
         status=pl.when(pl.col("severity") == SEVERE).then(pl.lit(HELD)).otherwise(pl.lit(FLAGGED)),
         run_id=pl.lit(run_id),
     ).drop("note")
-    rows = rows.with_columns(evidence=pl.Series([_evidence(con, r) for r in rows.iter_rows(named=True)]))
+    rows = rows.with_columns(
+        evidence=pl.Series([_evidence(con, r, policy) for r in rows.iter_rows(named=True)], dtype=pl.String)
+    )
     before = store.frame(
         con, "SELECT burst_id, status FROM correction_bursts WHERE list_contains($ids, burst_id)",
         {"ids": rows["burst_id"].to_list()},
@@ -404,7 +533,7 @@ def _record(con: duckdb.DuckDBPyConnection, found: pl.DataFrame, run_id: str, re
                     f.baseline_median_share, f.baseline_mad_share, f.expected, f.score, f.severity,
                     f.status, f.reason, f.evidence, f.run_id)
             """,
-            {"regrowth": regrowth},
+            {"regrowth": policy.regrowth},
         )
     finally:
         con.unregister("found_bursts")
@@ -429,26 +558,41 @@ def _record(con: duckdb.DuckDBPyConnection, found: pl.DataFrame, run_id: str, re
     return held["burst_id"].to_list()
 
 
-def burst_events(con: duckdb.DuckDBPyConnection, burst: dict) -> pl.DataFrame:
-    """The corrections a burst counted: its day, and its contributor or segment."""
-    where = "user_pseudonym = $key" if burst["scope"] == CONTRIBUTOR else "source || '/' || corrected_label = $key"
-    return store.frame(
+EVENT_COLUMNS = (
+    "event_id", "item_id", "original_label", "corrected_label", "user_pseudonym", "user_role",
+    "source", "rationale", "created_at",
+)
+
+
+def burst_events(con: duckdb.DuckDBPyConnection, burst: dict, policy: BurstPolicy | None = None) -> pl.DataFrame:
+    """The corrections a burst counted: those on its day (burst day) of its contributor or segment.
+
+    Staged corrections carry their burst day. Those not staged yet (the batch being scored) get
+    theirs from `policy`, as staging will; without a policy they count on their created_at day.
+    """
+    where = "v.user_pseudonym = $key" if burst["scope"] == CONTRIBUTOR else "v.source || '/' || v.corrected_label = $key"
+    columns = ", ".join(f"v.{c}" for c in EVENT_COLUMNS)
+    staged = store.frame(
         con,
-        f"""
-        SELECT event_id, item_id, original_label, corrected_label, user_pseudonym, user_role,
-               source, rationale, created_at
-        FROM raw_corrections
-        WHERE created_at >= CAST($day AS TIMESTAMP) AT TIME ZONE 'UTC'
-          AND created_at < (CAST($day AS TIMESTAMP) + INTERVAL 1 DAY) AT TIME ZONE 'UTC' AND {where}
-        ORDER BY created_at, event_id
-        """,
+        f"SELECT {columns} FROM validated_labels v WHERE {VOTE_DAY} = CAST($day AS DATE) AND {where}",
         {"day": burst["day"], "key": burst["key"]},
     )
+    pending = store.frame(
+        con,
+        f"SELECT v.seq, {columns}, v.arrived_at, v.ingested_at FROM raw_corrections v WHERE v.seq > $mark AND {where}",
+        {"mark": store.get_state(con, STAGED_SEQ), "key": burst["key"]},
+    )
+    if pending.height and policy is not None:
+        pending, _ = arrivals(con, pending, policy, STAGED_CLOCK)
+    if pending.height:
+        pending = pending.filter(vote_day(pending) == burst["day"]).select(EVENT_COLUMNS)
+    # Disjoint by seq: staged rows are at or below the staging watermark, pending ones above it.
+    return pl.concat([staged, pending.select(EVENT_COLUMNS)], how="vertical_relaxed").sort("created_at", "event_id")
 
 
-def _evidence(con: duckdb.DuckDBPyConnection, burst: dict) -> str:
+def _evidence(con: duckdb.DuckDBPyConnection, burst: dict, policy: BurstPolicy) -> str:
     """What the burst's corrections asked for (label changes), and who sent them."""
-    rows = burst_events(con, burst).with_columns(
+    rows = burst_events(con, burst, policy).with_columns(
         change=pl.concat_str(pl.col("original_label").fill_null("?"), pl.lit(" -> "), "corrected_label")
     )
     top = lambda column: dict(  # noqa: E731

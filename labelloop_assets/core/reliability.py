@@ -22,6 +22,19 @@ Start. The first accuracies come from the anchored votes alone (the prior mean f
 without one), so a group that agrees among itself but not with the reviewers starts low and
 cannot take over the consensus.
 
+Blind votes only. A vote that names the label its item already had when the vote was staged
+(`label_before`: what was published) is no evidence of anything: anyone can read the published
+corpus and copy it. Such votes are left out of the fit (they still count in resolution, at their
+weight), so agreeing with what is already published earns no accuracy; only votes that said
+something the corpus did not yet say do, when anchors or other contributors bear them out.
+
+Lone votes are no evidence either. An item without an anchor that only one contributor voted
+on (blind) says nothing about that contributor: under the model, the chance of any one vote on
+it does not depend on their accuracy. EM would still read it as agreement with itself (the
+posterior follows the vote and the class prior tilts toward the labels the account pushes), so
+an account flipping items no one else looks at would rate itself up. Such votes are left out;
+the item counts once an anchor or a second contributor arrives.
+
 Limits. The one-coin model assumes independent errors: without anchors, colluders who outnumber
 honest contributors on the same items look reliable. Items only one contributor labeled say
 little about that contributor; with no anchors and no overlap their estimate rests on the prior
@@ -109,8 +122,15 @@ def fit_reliability(
         anchors = pl.DataFrame(schema={"item_id": pl.String, "label": pl.String})
     encoded = None if votes.is_empty() else _encode(votes, anchors, labels)
     if encoded is None or len(encoded.vote_item) == 0:
+        # Contributors whose votes are all copies or lone votes: no evidence, the prior mean.
+        users = encoded.user_pseudonyms if encoded is not None else pl.Series([], dtype=pl.String)
+        zeros = np.zeros(len(users), dtype=np.int64)
         return ReliabilityFit(
-            contributors=pl.DataFrame(schema=CONTRIBUTOR_SCHEMA),
+            contributors=pl.DataFrame(
+                {"user_pseudonym": users, "n_votes": zeros, "n_anchored": zeros, "n_anchor_agreements": zeros,
+                 "accuracy": np.full(len(users), prior.mean), "iterations": zeros},
+                schema=CONTRIBUTOR_SCHEMA,
+            ),
             item_posteriors=pl.DataFrame(schema=POSTERIOR_SCHEMA),
             iterations=0,
             converged=True,
@@ -209,7 +229,10 @@ def estimate_reliability(
 
     `votes` holds item_id, user_pseudonym, corrected_label, one row per contributor and item
     (should a pair repeat, its last row counts); labels outside `labels` and rows with nulls are
-    ignored. `anchors` holds item_id, label: reviewer-confirmed labels, taken as truth (the last
+    ignored. With a `label_before` column (the item's label when the vote was staged), a vote
+    that repeats it is not blind and is left out; so is a lone vote on an item without an
+    anchor (see the module docstring). n_votes counts the votes the estimate rests on; a
+    contributor with none is listed at the prior mean. `anchors` holds item_id, label: reviewer-confirmed labels, taken as truth (the last
     row per item counts; labels outside `labels` are ignored).
 
     Returns one row per contributor, sorted by user_pseudonym: user_pseudonym, n_votes,
@@ -249,19 +272,19 @@ def _encode(votes: pl.DataFrame, anchors: pl.DataFrame, labels: tuple[str, ...])
         {"label": list(labels), "label_code": np.arange(len(labels), dtype=np.int64)},
         schema={"label": pl.String, "label_code": pl.Int64},
     )
-    coded = (
+    before = (
+        pl.col("label_before").cast(pl.String) if "label_before" in votes.columns else pl.lit(None, pl.String)
+    )
+    voted = (
         votes.select(
             pl.col("item_id").cast(pl.String),
             pl.col("user_pseudonym").cast(pl.String),
             pl.col("corrected_label").cast(pl.String).alias("label"),
+            before.alias("label_before"),
         )
-        .drop_nulls()
+        .drop_nulls(["item_id", "user_pseudonym", "label"])
         .unique(subset=["item_id", "user_pseudonym"], keep="last", maintain_order=True)
         .join(label_codes, on="label", how="inner")
-        .with_columns(
-            (pl.col("item_id").rank("dense").cast(pl.Int64) - 1).alias("item_code"),
-            (pl.col("user_pseudonym").rank("dense").cast(pl.Int64) - 1).alias("user_code"),
-        )
     )
     anchor_codes = (
         anchors.select(pl.col("item_id").cast(pl.String), pl.col("label").cast(pl.String))
@@ -270,6 +293,21 @@ def _encode(votes: pl.DataFrame, anchors: pl.DataFrame, labels: tuple[str, ...])
         .join(label_codes, on="label", how="inner")
         .select("item_id", pl.col("label_code").alias("anchor_code"))
     )
+    coded = (
+        # A copy of the published label is not blind: no evidence about its contributor.
+        voted.filter(pl.col("label_before").is_null() | (pl.col("label") != pl.col("label_before")))
+        .drop("label_before")
+        .join(anchor_codes, on="item_id", how="left")
+        # Nor is a lone vote on an item without an anchor.
+        .filter(pl.col("anchor_code").is_not_null() | (pl.len().over("item_id") > 1))
+        .drop("anchor_code")
+        .join(
+            voted.select("user_pseudonym").unique()
+            .with_columns((pl.col("user_pseudonym").rank("dense").cast(pl.Int64) - 1).alias("user_code")),
+            on="user_pseudonym",
+        )
+        .with_columns((pl.col("item_id").rank("dense").cast(pl.Int64) - 1).alias("item_code"))
+    )
     items = (
         coded.select("item_id", "item_code")
         .unique()
@@ -277,7 +315,8 @@ def _encode(votes: pl.DataFrame, anchors: pl.DataFrame, labels: tuple[str, ...])
         .join(anchor_codes, on="item_id", how="left", maintain_order="left")
         .with_columns(pl.col("anchor_code").fill_null(-1))
     )
-    users = coded.select("user_pseudonym", "user_code").unique().sort("user_code")
+    # Every contributor with a vote is listed, with or without evidence.
+    users = voted.select("user_pseudonym").unique().sort("user_pseudonym")
     return _EncodedVotes(
         item_ids=items["item_id"],
         user_pseudonyms=users["user_pseudonym"],

@@ -1,5 +1,17 @@
-"""Staging and resolution: corrections are votes, weighed by role and by the contributor's
-estimated reliability; governance rules decide what a vote may change on its own."""
+"""Staging and resolution: corrections are votes, weighed by role, by the contributor's
+estimated reliability and by how established the contributor is; governance rules decide what a
+vote may change on its own.
+
+Newcomers. Anyone can send a correction under a user id nobody has seen, so a fresh pseudonym is
+cheap and a crowd of them is cheaper still. A vote whose contributor had counted votes on fewer
+than `newcomers.min_history` earlier days when it arrived (its *history*) counts at
+`newcomers.weight` of its weight and never flips a label alone. Days, not votes: votes can be
+minted by the thousand in a minute, days cannot be hurried on the wall clock. Only votes the
+store already had (an earlier arrival) on an earlier burst day count, and none that a held or
+discarded burst keeps out, so one batch cannot give itself a history and backdating adds no
+days (late corrections count on their arrival day, see core/bursts.py). Reviewers and domain
+experts (roles only the contributor directory grants) are exempt.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +20,9 @@ from pathlib import Path
 
 import polars as pl
 
+from labelloop_assets.core import bursts, store
 from labelloop_assets.core.contracts import USER_ROLES
-from labelloop_assets.core.settings import LabelloopConfigError, load_yaml_mapping
+from labelloop_assets.core.settings import LabelloopConfigError, config_number, load_yaml_mapping
 
 PROMOTE = "promote"
 CONFIRMED = "confirmed"
@@ -55,6 +68,12 @@ class ResolutionPolicy:
     escalation_clock: str = "wall"
     # Which roles may decide an escalation, by its reason.
     may_decide: dict[str, tuple[str, ...]] | None = None
+    # A contributor with counted votes on fewer earlier days than this is a newcomer: their vote
+    # counts at newcomer_weight of its weight, and never alone. Two fresh ids (2 x 1.0 x 0.25)
+    # are far from min_support; it takes eight agreeing fresh end users to reach it.
+    newcomer_min_history: int = 2
+    newcomer_weight: float = 0.25
+    newcomer_exempt_roles: tuple[str, ...] = AUTHORITY_ROLES
 
     def deciders(self, reason: str) -> tuple[str, ...]:
         table = self.may_decide or {}
@@ -78,6 +97,13 @@ class ResolutionPolicy:
             raise LabelloopConfigError("governance: escalation.clock must be `wall` or `events`")
         if self.escalation_sla_hours <= 0:
             raise LabelloopConfigError("governance: escalation.sla_hours must be positive")
+        if self.newcomer_min_history < 0:
+            raise LabelloopConfigError("governance: newcomers.min_history must not be negative")
+        if not 0.0 <= self.newcomer_weight <= 1.0:
+            raise LabelloopConfigError("governance: newcomers.weight must be in [0, 1]")
+        unknown = set(self.newcomer_exempt_roles) - set(USER_ROLES)
+        if unknown:
+            raise LabelloopConfigError(f"governance: newcomers.exempt_roles names unknown roles {sorted(unknown)}")
         for reason, roles in (self.may_decide or {}).items():
             if reason not in ESCALATION_REASONS:
                 raise LabelloopConfigError(
@@ -96,6 +122,17 @@ class ResolutionPolicy:
             solo = raw.get("solo_flip") or {}
             escalation = raw.get("escalation") or {}
             may_decide = escalation.get("may_decide")
+            newcomers = raw.get("newcomers") or {}
+            if not isinstance(newcomers, dict):
+                raise LabelloopConfigError("`newcomers` must be a mapping")
+            unknown = set(newcomers) - {"min_history", "weight", "exempt_roles"}
+            if unknown:
+                raise LabelloopConfigError(
+                    f"newcomers has unknown keys {sorted(unknown)}; known: min_history, weight, exempt_roles"
+                )
+            exempt = newcomers.get("exempt_roles", list(AUTHORITY_ROLES))
+            if not isinstance(exempt, list):
+                raise LabelloopConfigError("newcomers.exempt_roles must be a list of roles")
             return cls(
                 role_weights={str(k): float(v) for k, v in (raw.get("role_weights") or {}).items()},
                 min_support=float(raw.get("min_support", 2.0)),
@@ -111,6 +148,13 @@ class ResolutionPolicy:
                     {str(k): tuple(str(r) for r in v) for k, v in may_decide.items()}
                     if may_decide else None
                 ),
+                newcomer_min_history=config_number(
+                    newcomers.get("min_history", 2), 2, "newcomers.min_history"
+                ),
+                newcomer_weight=config_number(
+                    newcomers.get("weight", 0.25), 0.25, "newcomers.weight"
+                ),
+                newcomer_exempt_roles=tuple(str(r) for r in exempt),
             )
         except (TypeError, ValueError, AttributeError) as exc:
             raise LabelloopConfigError(f"governance file {path}: {exc}") from None
@@ -125,7 +169,8 @@ def stage(
     """Join new corrections to the prediction and model version they correct, and weigh them.
 
     `predictions` holds prediction_id, item_id, predicted_label, confidence, model_version;
-    `current` holds item_id, label (the corpus label when the correction is staged).
+    `current` holds item_id, label (the corpus label when the correction is staged). The
+    corrections' `arrived_at` and `burst_day` (core/bursts.py `arrivals`) are kept when given.
     """
     weights = pl.DataFrame(
         {"user_role": list(policy.role_weights), "vote_weight": list(policy.role_weights.values())}
@@ -164,6 +209,56 @@ def stage(
         pl.col("vote_weight").fill_null(0.0),
         "created_at",
         "rationale",
+        *(c for c in ("arrived_at", "burst_day") if c in staged.columns),
+    )
+
+
+HISTORY_SQL = f"""
+    WITH mine AS (SELECT v.* FROM validated_labels v JOIN history_users u USING (user_pseudonym))
+    SELECT user_pseudonym, day, min(arrived_at) AS first_arrived, bool_or(arrived_at IS NULL) AS before_arrivals
+    FROM (SELECT user_pseudonym, {bursts.VOTE_DAY} AS day, v.arrived_at FROM ({bursts.counted_votes_sql("mine")}) v)
+    GROUP BY user_pseudonym, day
+"""
+
+
+def with_history(con, votes: pl.DataFrame) -> pl.DataFrame:
+    """`votes` with `history`: the earlier burst days on which the contributor had counted votes
+    that the store held before this vote arrived (see the module docstring).
+
+    Reads each contributor's active days once (one row per contributor and day), whatever the
+    number of votes. Rows staged before arrival times were kept (null arrived_at) came before
+    every vote that has one.
+    """
+    if votes.height == 0:
+        return votes.with_columns(history=pl.lit(0, pl.Int64))
+    con.register("history_users", votes.select("user_pseudonym").unique())
+    try:
+        days = store.frame(con, HISTORY_SQL)
+    finally:
+        con.unregister("history_users")
+    keyed = votes.select(
+        "event_id", "user_pseudonym",
+        bursts.vote_day(votes).alias("_day"),
+        (
+            pl.col("arrived_at").dt.convert_time_zone("UTC") if "arrived_at" in votes.columns
+            else pl.lit(None, pl.Datetime("us", "UTC"))
+        ).alias("_arrived"),
+    ).unique(["event_id", "user_pseudonym"])
+    days = days.with_columns(pl.col("first_arrived").dt.convert_time_zone("UTC"))
+    earlier = (
+        keyed.join(days, on="user_pseudonym")
+        .filter(
+            (pl.col("day") < pl.col("_day"))
+            & (
+                pl.col("before_arrivals")
+                | (pl.col("_arrived").is_not_null() & (pl.col("first_arrived") < pl.col("_arrived")))
+            )
+        )
+        .group_by("event_id", "user_pseudonym")
+        .agg(history=pl.len().cast(pl.Int64))
+    )
+    return votes.join(earlier, on=["event_id", "user_pseudonym"], how="left").with_columns(
+        pl.col("history").fill_null(0)
     )
 
 
@@ -175,9 +270,10 @@ def resolve(
 ) -> pl.DataFrame:
     """One decision per item from all its staged votes (each contributor's latest counts once).
 
-    `votes` are validated_labels rows of the items touched by a batch, whatever their age;
-    `current` holds item_id, label and optionally reviewer_confirmed; `reliability` holds
-    user_pseudonym, accuracy, n_votes (contributors missing from it count at the prior mean).
+    `votes` are validated_labels rows of the items touched by a batch, whatever their age, with
+    `history` (`with_history`; a vote without one is a newcomer's); `current` holds item_id,
+    label and optionally reviewer_confirmed; `reliability` holds user_pseudonym, accuracy,
+    n_votes (contributors missing from it count at the prior mean).
     Returns item_id, current_label, proposed_label, support, total_weight, share,
     n_contributors, n_supporters, status, escalation_reason, event_ids, rationale.
     """
@@ -186,6 +282,11 @@ def resolve(
             schema={"user_pseudonym": pl.String, "accuracy": pl.Float64, "n_votes": pl.Int64}
         )
     authority = pl.col("user_role").is_in(list(AUTHORITY_ROLES))
+    if "history" not in votes.columns:
+        votes = votes.with_columns(history=pl.lit(0, pl.Int64))
+    newcomer = ~pl.col("user_role").is_in(list(policy.newcomer_exempt_roles)) & (
+        pl.col("history").fill_null(0) < policy.newcomer_min_history
+    )
     latest = (
         votes.sort("created_at", "seq")
         .group_by("item_id", "user_pseudonym")
@@ -196,12 +297,15 @@ def resolve(
             pl.col("n_votes").fill_null(0),
         )
         .with_columns(
-            effective_weight=pl.when(authority)
-            .then(pl.col("vote_weight"))
-            .otherwise(pl.col("vote_weight") * pl.col("accuracy") / policy.reliability_prior_mean)
-            .round(WEIGHT_DECIMALS),
+            effective_weight=(
+                pl.when(authority)
+                .then(pl.col("vote_weight"))
+                .otherwise(pl.col("vote_weight") * pl.col("accuracy") / policy.reliability_prior_mean)
+                * pl.when(newcomer).then(pl.lit(policy.newcomer_weight)).otherwise(pl.lit(1.0))
+            ).round(WEIGHT_DECIMALS),
             authority=authority,
             trusted_alone=~authority
+            & ~newcomer
             & (pl.col("accuracy") >= policy.solo_min_accuracy)
             & (pl.col("n_votes") >= policy.solo_min_votes),
         )
