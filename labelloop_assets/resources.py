@@ -69,7 +69,7 @@ class LabelloopHome(dg.ConfigurableResource):
 
     def bursts(self) -> BurstPolicy:
         path = self.home().governance_file
-        return BurstPolicy.from_mapping(load_yaml_mapping(path, "governance").get("bursts"), f"governance file {path}")
+        return BurstPolicy.from_governance(load_yaml_mapping(path, "governance"), f"governance file {path}")
 
     def monitoring(self) -> MonitoringSettings:
         return MonitoringSettings.load(self.home().monitoring_file)
