@@ -321,11 +321,14 @@ def worlds(draw, min_votes: int = 1):
 
 
 def decide(votes: list[tuple] | pl.DataFrame, current: pl.DataFrame, reliability: pl.DataFrame,
-           policy: ResolutionPolicy = POLICY) -> pl.DataFrame:
+           policy: ResolutionPolicy = POLICY, history: dict[str, int] | None = None) -> pl.DataFrame:
+    """Established contributors (active on many earlier days) unless `history` gives each
+    person's earlier active days."""
     frame = votes if isinstance(votes, pl.DataFrame) else votes_frame(votes)
-    # Established contributors (active on many earlier days): newcomers have their own properties.
-    staged = stage(frame, NO_PREDICTIONS, current, policy).with_columns(history=pl.lit(30, pl.Int64))
-    return resolve(staged, current, policy, reliability)
+    staged = stage(frame, NO_PREDICTIONS, current, policy)
+    days = pl.col("user_pseudonym").replace_strict(history, default=0, return_dtype=pl.Int64) \
+        if history is not None else pl.lit(30, pl.Int64)
+    return resolve(staged.with_columns(history=days), current, policy, reliability)
 
 
 def latest_votes(votes: list[tuple]) -> dict[tuple[str, str], tuple[str, str]]:
@@ -412,6 +415,29 @@ def test_no_lone_untrusted_contributor_and_no_crowd_overrides_a_reviewer(world):
             assert role in AUTHORITY_ROLES or person in trusted, "a lone end user flipped a label"
         if confirmed_by_reviewer[d["item_id"]]:
             assert authority, "a reviewer-confirmed label changed without a reviewer"
+
+
+@RESOLVE_SETTINGS
+@given(worlds(), st.lists(st.integers(0, 3), min_size=len(PEOPLE), max_size=len(PEOPLE)))
+def test_a_newcomers_vote_weighs_the_newcomer_share_and_never_flips_alone(world, days):
+    """governance newcomers: under min_history earlier days, a vote outside the exempt roles
+    counts at newcomers.weight of its weight, and a newcomer never flips a label alone."""
+    votes, current, reliability = world
+    history = dict(zip(PEOPLE, days))
+    decisions = decide(votes, current, reliability, history=history)
+    latest = latest_votes(votes)
+
+    def newcomer(person: str, role: str) -> bool:
+        return role not in POLICY.newcomer_exempt_roles and history[person] < POLICY.newcomer_min_history
+
+    for d in decisions.to_dicts():
+        mine = {person: vote for (i, person), vote in latest.items() if i == d["item_id"]}
+        total = sum(weight(p, role, reliability) * (POLICY.newcomer_weight if newcomer(p, role) else 1.0)
+                    for p, (_, role) in mine.items())
+        assert d["total_weight"] == pytest.approx(total)
+        backers = [(p, role) for p, (label, role) in mine.items() if label == d["proposed_label"]]
+        if d["status"] == PROMOTE and len(backers) == 1:
+            assert not newcomer(*backers[0]), "a newcomer flipped a label alone"
 
 
 @RESOLVE_SETTINGS

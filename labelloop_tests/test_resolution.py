@@ -183,6 +183,42 @@ def test_a_new_annotator_cannot_flip_a_label_alone_but_a_proven_one_can():
     assert resolve(vote, current(a="one"), POLICY, unreliable)["status"][0] == "pending"
 
 
+def test_newcomers_count_at_the_newcomer_weight_and_never_alone():
+    pair = corrections(("a", "two", "eu1", "end_user"), ("a", "two", "eu2", "end_user"))
+    d = one(pair, current(a="one"), history=POLICY.newcomer_min_history - 1)
+    assert (d["status"], d["support"]) == ("pending", 2 * 1.0 * POLICY.newcomer_weight)
+    # Eight fresh end users agreeing reach min_support (8 x 0.25 = 2.0).
+    crowd = corrections(*[("a", "two", f"eu{k}", "end_user") for k in range(8)])
+    assert one(crowd, current(a="one"), history=0)["status"] == "promote"
+    # A newcomer is never trusted alone, whatever their estimated accuracy.
+    proven = pl.DataFrame({"user_pseudonym": ["u_ann"], "accuracy": [0.99], "n_votes": [100]})
+    vote = stage(corrections(("a", "two", "ann", "annotator")), NO_PREDICTIONS, current(a="one"), POLICY)
+    assert resolve(established(vote, 0), current(a="one"), POLICY, proven)["status"][0] == "pending"
+    assert resolve(established(vote), current(a="one"), POLICY, proven)["status"][0] == "promote"
+    # Without a history column every vote is a newcomer's (resolution fails closed).
+    assert resolve(vote, current(a="one"), POLICY, proven)["support"][0] == pytest.approx(
+        2.0 * 0.99 / 0.7 * POLICY.newcomer_weight)
+
+
+def test_reviewers_and_domain_experts_are_exempt_from_newcomer_weights():
+    for role in ("reviewer", "domain_expert"):
+        d = one(corrections(("a", "two", "new", role)), current(a="one"), history=0)
+        assert (d["status"], d["support"]) == ("promote", 4.0)
+
+
+def test_newcomer_settings_are_read_from_the_governance_file(tmp_path):
+    path = tmp_path / "governance.yaml"
+    text = (DEFAULTS_DIR / "governance.yaml").read_text()
+    path.write_text(text.replace("min_history: 2", "min_history: 5").replace("weight: 0.25", "weight: 0.5")
+                    .replace("exempt_roles: [reviewer, domain_expert]", "exempt_roles: [annotator, reviewer, domain_expert]"))
+    policy = ResolutionPolicy.load(path)
+    assert (policy.newcomer_min_history, policy.newcomer_weight) == (5, 0.5)
+    d = one(corrections(("a", "two", "ann", "annotator")), current(a="one"), policy, history=0)
+    assert d["support"] == 2.0  # exempt here: full weight (still not trusted alone: no record)
+    pair = corrections(("a", "two", "eu1", "end_user"), ("a", "two", "eu2", "end_user"))
+    assert one(pair, current(a="one"), policy, history=4)["support"] == 1.0
+
+
 def test_a_reviewer_alone_may_flip_a_label():
     d = one(corrections(("a", "two", "rev", "reviewer")), current(a="one"))
     assert (d["status"], d["support"]) == ("promote", 4.0)
