@@ -101,7 +101,10 @@ def write_items(home: Home, workload: Workload) -> int:
     )
     home.ensure()
     home.ontology_file.write_text(yaml.safe_dump({"labels": workload.labels, "renames": {}}))
-    _write_atomic(home.landing_dir("items"), "items-000.jsonl", items)
+    # Gold items are declared by the deployment in gold.jsonl; a landing file cannot declare them.
+    gold_items = items.filter(pl.col("gold_label").is_not_null()).select("item_id", "features", "gold_label")
+    _write_atomic(home.root, home.gold_file.name, gold_items)
+    _write_atomic(home.landing_dir("items"), "items-000.jsonl", items.filter(pl.col("gold_label").is_null()))
     return items.height
 
 

@@ -289,11 +289,17 @@ def assert_consistent(home: Home, settled: bool) -> None:
             for row in rows.iter_rows(named=True):
                 assert row["records_in"] == row["accepted"] + row["quarantined"], row
                 assert (row["stored"], row["set_aside"]) == (row["accepted"], row["quarantined"]), row
+            # Gold items come from the deployment's gold.jsonl, not a landing file: evaluation_sets
+            # is their ledger (checked below).
             orphans = store.frame(con, f"""
-                SELECT count(*) AS n FROM (SELECT source_file FROM {table} UNION ALL
-                    SELECT source_file FROM quarantine WHERE kind = $kind)
+                SELECT count(*) AS n FROM (SELECT source_file FROM {table} WHERE source_file <> 'gold.jsonl'
+                    UNION ALL SELECT source_file FROM quarantine WHERE kind = $kind)
                 WHERE source_file NOT IN (SELECT path FROM ingested_files)""", {"kind": kind})["n"][0]
             assert orphans == 0, f"{kind}: rows without their ledger entry"
+        # Every declared gold item belongs to a committed evaluation set, and each set counts them.
+        assert _value(con, "SELECT count(*) FROM items WHERE source_file = 'gold.jsonl'") == _value(
+            con, "SELECT coalesce(sum(n_added), 0) FROM evaluation_sets"
+        )
         # The corpus: every version is there whole (history, counts, audit) or not at all.
         versions = store.frame(con, "SELECT * FROM corpus_versions ORDER BY corpus_version")
         numbers = versions["corpus_version"].to_list()

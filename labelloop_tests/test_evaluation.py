@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from sklearn.datasets import load_digits
@@ -99,6 +101,8 @@ def test_the_confirm_threshold_is_the_lowest_confidence_that_keeps_the_precision
         ("min_eval_items: 2.5\n", "min_eval_items must be a whole number"),
         ("holdout: 0.2\n", "unknown keys ['holdout']"),
         ("reviewer_confirmed_slice: maybe\n", "must be true or false"),
+        ("gold_copy_distance: 1.5\n", "gold_copy_distance must be in [0, 1)"),
+        ("gold_copy_distance: near\n", "gold_copy_distance must be a finite number"),
     ],
 )
 def test_a_wrong_plan_is_refused_with_the_key(tmp_path, text, message):
@@ -116,6 +120,10 @@ def test_a_plan_file_loads_and_is_recorded_whole(tmp_path):
     plan = ev.ValidationPlan.load(path)
     assert plan.metrics == ("accuracy", "macro_f1") and plan.floor("eight") == 0.7
     assert plan.as_dict()["metrics"] == ["accuracy", "macro_f1"] and plan.reviewer_confirmed_slice
+    # The near-copy threshold has a default, and the shipped file names it.
+    assert plan.gold_copy_distance == 0.1 and plan.as_dict()["gold_copy_distance"] == 0.1
+    shipped = ev.ValidationPlan.load(Path(ev.__file__).parent.parent / "defaults" / "validation.yaml")
+    assert shipped.gold_copy_distance == 0.1
 
 
 def test_per_class_recall_and_calibration_have_their_own_tolerances():
