@@ -425,3 +425,28 @@ def _parses(line: str) -> bool:
         return isinstance(json.loads(line), dict)
     except ValueError:
         return False
+
+
+@pytest.mark.slow
+def test_the_demo_reviewers_sign_with_private_keys_kept_outside_its_home(demo):
+    """Every applied review decision carries a signature that verifies with its reviewer's key in
+    contributors.yaml; the private keys live beside the home, mode 0600, and nothing in the home
+    (files, the store) holds one."""
+    from labelloop_assets.core import review, signing
+
+    directory = review.directory(demo.home)
+    with store.connect(demo.home.database, read_only=True) as con:
+        decisions = store.frame(con, "SELECT key_id, signature FROM review_decisions")
+    assert decisions.height >= 1 and decisions["signature"].is_not_null().all()
+    owners = {directory.key(key_id)[0].id for key_id in decisions["key_id"]}
+    assert owners <= {"reviewer-0", "reviewer-1"} and "reviewer-1" in owners
+
+    folder = demo_keys_dir(demo.home.root)
+    assert not signing.inside(folder, demo.home.root)
+    keys = sorted(folder.glob("*.key"))
+    assert [k.name for k in keys] == ["reviewer-0.key", "reviewer-1.key"]
+    assert all(k.stat().st_mode & 0o777 == 0o600 for k in keys)
+    pems = {k.read_text().splitlines()[1] for k in keys}  # the base64 body of each private key
+    leaks = [name for name, text in [*file_texts(demo.home.root), *database_texts(demo.home.database)]
+             if "PRIVATE KEY" in text or any(body in text for body in pems)]
+    assert leaks == []
