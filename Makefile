@@ -53,7 +53,10 @@ dev: venv
 		echo "dev: the demo's home, on the public development key"; export LABELLOOP_ALLOW_DEVELOPMENT_SECRET=1; fi; \
 	$(BIN)/dagster dev -w workspace.yaml
 
-# Removes the demo's state only: a LABELLOOP_HOME the demo did not create is left alone.
+# Removes the demo's state only (its home and the reviewers' keys beside it): a LABELLOOP_HOME the
+# demo did not create is left alone.
 clean:
 	@if [ -f "$(LABELLOOP_HOME)/.labelloop-demo" ]; then rm -rf "$(LABELLOOP_HOME)"; echo "removed $(LABELLOOP_HOME)"; \
 	else echo "not removing $(LABELLOOP_HOME): the demo did not create it"; fi
+	@keys="$(dir $(abspath $(LABELLOOP_HOME)))demo-keys"; \
+	if [ -f "$$keys/.labelloop-demo" ]; then rm -rf "$$keys"; echo "removed $$keys (the demo reviewers' keys)"; fi
