@@ -213,6 +213,15 @@ def test_bad_lines_in_gold_jsonl_fail_the_step_naming_them(home, defs, instance)
     assert _rows(home, "SELECT count(*) AS n FROM items")["n"][0] == 0  # the step wrote nothing
 
 
+def test_gold_jsonl_must_be_a_regular_file(home, defs, instance, tmp_path):
+    elsewhere = tmp_path / "anyone-can-write.jsonl"
+    elsewhere.write_text(json.dumps({"item_id": "g", "features": [1, 2, 3, 4], "gold_label": "one"}) + "\n")
+    home.gold_file.symlink_to(elsewhere)
+    message = _failure(_run(defs, instance, "ingest_job", succeed=False))
+    assert "gold.jsonl is a symbolic link; gold.jsonl must be a regular file in the home" in message
+    assert _rows(home, "SELECT count(*) AS n FROM evaluation_sets")["n"][0] == 0
+
+
 def test_a_gold_item_must_be_new(home, defs, instance, loop):
     """Declaring an item the model was trained on as gold would score it on what it learned."""
     _write_gold(home, _gold_lines(home) + [{"item_id": "item-030", "features": [6.0, 0, 0, 0], "gold_label": "zero"}])

@@ -68,7 +68,7 @@ def retrained_model(
                 f"{copies.item_ids.len()} corpus item(s) copy a gold item ({_copy_counts(copies)}; "
                 f"{newly} newly recorded in gold_copies): left out of training"
             )
-        training = corpus.join(copies.copies.select("item_id").unique(), on="item_id", how="anti")
+        training = corpus.join(copies.copies.select("item_id").unique(), on="item_id", how="anti").sort("item_id")
         data_hash = train.training_data_hash(training)
         extra = {
             "evaluation_set": evaluation_set,

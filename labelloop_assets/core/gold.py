@@ -92,8 +92,13 @@ def declare(con: duckdb.DuckDBPyConnection, home: Home, ontology: Ontology, run_
     """Read gold.jsonl if its content changed since the latest evaluation set; add its new items
     as the next evaluation-set version. Any problem is a GoldFileError (nothing is written)."""
     path = home.gold_file
+    if path.is_symlink():
+        raise GoldFileError(
+            f"{path} is a symbolic link; gold.jsonl must be a regular file in the home (a link could make "
+            "the evaluation set whatever file it points at)"
+        )
     try:
-        data = path.read_bytes() if path.exists() or path.is_symlink() else None
+        data = path.read_bytes() if path.exists() else None
     except OSError as error:
         raise GoldFileError(f"{path}: cannot be read ({error.strerror})") from None
     latest = current_evaluation_set(con)
