@@ -140,10 +140,12 @@ def test_corpus_as_of_reproduces_what_a_model_saw(home, defs, instance):
 
 def test_reliability_is_estimated_on_the_training_cadence(home, defs, instance):
     land_items(home, make_items()[0])
+    # Newcomer weights are test_trust_votes' subject: here ann may flip alone once proven.
+    home.governance_file.write_text(home.governance_file.read_text().replace("min_history: 2", "min_history: 0"))
     votes = []
-    for k in range(15, 45):  # a reviewer confirms 30 items; ann agrees on all, bob on none
-        label = ["zero", "one", "two"][k % 3]
-        wrong = ["one", "two", "zero"][k % 3]
+    for k in range(15, 45):  # a reviewer relabels 30 items; ann agrees on all, bob on none
+        label = ["one", "two", "zero"][k % 3]  # each item's label was ["zero", "one", "two"][k % 3]
+        wrong = ["two", "zero", "one"][k % 3]  # neither: blind votes, so they are evidence
         item = f"item-{k:03d}"
         votes += [
             correction(f"r-{k}", item, label, user="rev", role="reviewer"),
