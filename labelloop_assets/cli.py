@@ -316,6 +316,20 @@ def _show_burst(args: argparse.Namespace) -> int:
 _TRIM = " \t\r\n"
 
 
+def _is_text(value: str) -> bool:
+    """False for arguments holding bytes that were not UTF-8 (Python keeps them as lone surrogates):
+    they can be neither signed nor stored."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _as_text(value: str) -> str:
+    return value if _is_text(value) else value.encode("utf-8", "replace").decode("utf-8")
+
+
 def _field_problems(values: dict[str, str | None]) -> list[str]:
     """The review contract's own limits, so that what is refused here is refused at ingest too."""
     from labelloop_assets.core.contracts import REVIEW_SPEC
@@ -327,6 +341,8 @@ def _field_problems(values: dict[str, str | None]) -> list[str]:
             continue
         if value == "":
             problems.append(f"{field.name} is empty")
+        elif not _is_text(value):
+            problems.append(f"{field.name} is not valid text (bytes that are not UTF-8)")
         elif field.max_length is not None and len(value) > field.max_length:
             problems.append(f"{field.name} is longer than {field.max_length} characters ({len(value)})")
     return problems
@@ -348,6 +364,11 @@ def cmd_review_decide(args: argparse.Namespace) -> int:
     problems = _field_problems(
         {"escalation_id": escalation_id, "reviewer_id": reviewer, "rationale": rationale, "label": label}
     )
+    if not all(_is_text(v) for v in (escalation_id, reviewer, rationale, label or "")):
+        # Refused (above); what cannot be encoded is replaced ("?") so that the attempt can still
+        # be signed and landed for the audit log.
+        escalation_id, reviewer, rationale = _as_text(escalation_id), _as_text(reviewer), _as_text(rationale)
+        label = None if label is None else _as_text(label)
     directory = review.directory(home)
     role = directory.authorities().get(reviewer)
     signer = None
@@ -525,6 +546,9 @@ def cmd_model_rollback(args: argparse.Namespace) -> int:
     home = _home()
     reviewer, rationale = args.reviewer.strip(_TRIM), args.rationale.strip(_TRIM)
     version = args.version
+    not_text = [name for name, value in (("version", version), ("--rationale", rationale), ("--as", reviewer))
+                if not _is_text(value)]
+    reviewer, rationale, version = _as_text(reviewer), _as_text(rationale), _as_text(version)
     directory = review.directory(home)
     role = directory.authorities().get(reviewer)
     if not home.has_store():
@@ -549,7 +573,8 @@ def cmd_model_rollback(args: argparse.Namespace) -> int:
             # The audit log keeps the refusal without the raw identity (actor is its pseudonym)
             # and without paths of this machine; the terminal gets both.
             problem = (
-                "not a reviewer or domain expert in contributors.yaml" if role is None
+                f"{', '.join(not_text)}: not valid text (bytes that are not UTF-8)" if not_text
+                else "not a reviewer or domain expert in contributors.yaml" if role is None
                 else f"role {role} may not roll back a model (allowed: {', '.join(ROLLBACK_ROLES)})"
                 if role not in ROLLBACK_ROLES
                 else "a rationale is required (--rationale)" if not rationale
@@ -580,7 +605,9 @@ def cmd_model_rollback(args: argparse.Namespace) -> int:
         print(f"labelloop: a run holds {home.database}; try again when it finishes ({error})", file=sys.stderr)
         return 1
     if problem:
-        if role is None:
+        if not_text:
+            pass
+        elif role is None:
             problem = f"{_shown(reviewer)} is {problem.replace('contributors.yaml', str(home.contributors_file))}"
         elif signer.audit and problem == signer.audit[0]:
             problem = signer.terminal[0]

@@ -411,6 +411,13 @@ CASES: dict[str, Case] = {
                      ("r.jsonl", 3): contracts.INVALID_TYPE},
         accepted=(), kind="reviews",
     ),
+    # Text a JSON parser reads but that cannot be encoded again: refused as malformed, never a crash.
+    "review_with_lone_surrogate_in_signed_text": Case(
+        files={"r.jsonl": [raw(decision("r-1"), "rationale", '"a\\ud800b"'),
+                           raw(decision("r-2"), "extra", "[" * 3000 + "]" * 3000)]},
+        quarantined={("r.jsonl", 1): contracts.MALFORMED_JSON, ("r.jsonl", 2): contracts.BAD_SIGNATURE},
+        accepted=(), kind="reviews",
+    ),
     "review_of_a_path_like_escalation": Case(
         files={"r.jsonl": [decision("r-1", escalation_id=PATH), decision("r-2", decision="DROP")]},
         quarantined={("r.jsonl", 1): contracts.UNKNOWN_ESCALATION, ("r.jsonl", 2): contracts.INVALID_VALUE},

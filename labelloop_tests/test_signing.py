@@ -259,11 +259,15 @@ def test_the_cli_refuses_to_act_without_the_reviewers_own_key_outside_the_home(
     monkeypatch.setenv("LABELLOOP_SIGNING_KEY", str(stray))
     assert cli.main([*decide, "--as", "expert-0"]) == 3
     assert "is not one of 'expert-0''s keys in contributors.yaml" in capsys.readouterr().err
+    # Arguments holding bytes that are not UTF-8 can be neither signed nor stored: refused, not a crash.
+    monkeypatch.delenv("LABELLOOP_SIGNING_KEY")
+    assert cli.main(["review", "reject", "esc-item-030-1", "--rationale", "bad \udcff byte", "--as", "reviewer-0"]) == 3
+    assert "rationale is not valid text" in capsys.readouterr().err
     _ingest(defs, instance)
 
-    # Four attempts refused and audited; the stray key did sign its attempt, so the audit says which.
+    # Five attempts refused and audited; the stray key did sign its attempt, so the audit says which.
     reasons = sorted(_refusals(home).values())
-    assert reasons == ["bad_signature", "unknown_key", "unsigned", "unsigned"]
+    assert reasons == ["bad_signature", "invalid_value", "unknown_key", "unsigned", "unsigned"]
     audit = _rows(home, "SELECT outcome, reason FROM audit_log WHERE action = 'review.decide' ORDER BY reason")
     assert audit.rows() == [("refused", r) for r in reasons]
     assert _label(home, "item-030") == ("zero", False)
@@ -346,6 +350,8 @@ def test_a_rollback_is_signed_and_refused_without_a_key(home, monkeypatch, capsy
 
     assert cli.main(["model", "rollback", "m0001", "--rationale", "m0002 misreads sevens", "--as", "expert-0"]) == 3
     assert "no signing key for 'expert-0'" in capsys.readouterr().err
+    assert cli.main(["model", "rollback", "m0001", "--rationale", "bad \udcff", "--as", "reviewer-0"]) == 3
+    assert "--rationale: not valid text" in capsys.readouterr().err
     assert train.current_version(home.models) == "m0002"
     assert cli.main(["model", "rollback", "m0001", "--rationale", "m0002 misreads sevens", "--as", "reviewer-0"]) == 0
     assert train.current_version(home.models) == "m0001"
@@ -353,8 +359,9 @@ def test_a_rollback_is_signed_and_refused_without_a_key(home, monkeypatch, capsy
     audit = _rows(home, "SELECT actor, outcome, reason, detail FROM audit_log WHERE action = 'model.rollback' "
                         "ORDER BY logged_at")
     assert [(r["outcome"], r["reason"]) for r in audit.iter_rows(named=True)] == [
-        ("refused", "no signing key was found for the reviewer"), ("rolled_back", "m0002 misreads sevens")]
-    detail = json.loads(audit["detail"][1])
+        ("refused", "no signing key was found for the reviewer"),
+        ("refused", "--rationale: not valid text (bytes that are not UTF-8)"), ("rolled_back", "m0002 misreads sevens")]
+    detail = json.loads(audit["detail"][2])
     # The signature in the audit row verifies, for exactly this rollback, with reviewer-0's registered key.
     action = {"rollback_id": detail["rollback_id"], "version": "m0001", "reviewer_id": "reviewer-0",
               "rationale": "m0002 misreads sevens", "decided_at": detail["decided_at"], "key_id": detail["key_id"]}

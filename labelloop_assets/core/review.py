@@ -138,7 +138,11 @@ def ingest_reviews(
     audit = _audit_rows_for_quarantine(pl.concat(quarantined) if quarantined else None, run_id)
     if records.height:
         # The role a decision carries is the directory's role of the key's owner, nothing the line says.
-        verdicts = signature_verdicts(lines, directory, datetime.now(timezone.utc))
+        verdicts = signature_verdicts(
+            [frame.join(records.select("source_file", "line_no"), on=["source_file", "line_no"], how="semi")
+             for frame in lines],
+            directory, datetime.now(timezone.utc),
+        )
         escalations = store.frame(con, "SELECT escalation_id, item_id, reason FROM escalations")
         closed = store.frame(
             con,
@@ -239,8 +243,9 @@ def ingest_reviews(
 def signature_verdicts(lines: list[pl.DataFrame], directory: Directory, now: datetime) -> pl.DataFrame:
     """(source_file, line_no) -> the signature check's refusal (reason, detail) or the signer's role.
 
-    Review files are small: each line is parsed here in Python and its canonical form rebuilt from
-    the values as landed (before trimming, scrubbing, pseudonymization), then verified."""
+    Review files are small: each line (one that passed the structural checks) is parsed here in
+    Python and its canonical form rebuilt from the values as landed (before trimming, scrubbing,
+    pseudonymization), then verified."""
     rows, authorities = [], directory.authorities()
     for frame in lines:
         for source_file, line_no, line in frame.select("source_file", "line_no", "line").iter_rows():
@@ -257,11 +262,17 @@ def _verdict(
     line: str, directory: Directory, authorities: dict[str, str], now: datetime
 ) -> tuple[str | None, str | None, str | None]:
     try:
-        raw = json.loads(line)
-    except ValueError:
-        raw = None
+        return _checked(json.loads(line), directory, authorities, now)
+    except (ValueError, TypeError, RecursionError):
+        # Text the structural checks let through but Python cannot read or re-encode (they
+        # refuse such lines first): nothing to verify, so nothing is believed.
+        return c.BAD_SIGNATURE, "the line could not be read to verify its signature", None
+
+
+def _checked(
+    raw, directory: Directory, authorities: dict[str, str], now: datetime
+) -> tuple[str | None, str | None, str | None]:
     if not isinstance(raw, dict):
-        # The structural checks quarantine such a line first; this verdict is never reached.
         return c.BAD_SIGNATURE, "the line could not be read to verify its signature", None
     reviewer = raw.get("reviewer_id")
     reviewer = reviewer.strip(_TRIM) if isinstance(reviewer, str) else None
