@@ -705,7 +705,7 @@ def cmd_keys_new(args: argparse.Namespace) -> int:
 
     home = _home()
     ident = args.contributor_id.strip(_TRIM)
-    if not ident or ident != args.contributor_id or re.search(_CONTROL, ident):
+    if not ident or ident != args.contributor_id or re.search(_CONTROL, ident) or not _is_text(ident):
         print("labelloop: refused: give the contributor id as it is listed (no surrounding blanks, no control "
               "characters)", file=sys.stderr)
         return 3
