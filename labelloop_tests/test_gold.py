@@ -153,6 +153,10 @@ def test_adding_gold_starts_set_2_and_both_models_are_scored_on_it(home, defs, i
     assert champion["n"] == challenger["n"] == 30
     # Rescored: m0001 was at 1.0 on set 1; on set 2 it misses (at least) the 5 hard items.
     assert champion["accuracy"] <= 25 / 30 < json.loads(first["challenger_scores"])["accuracy"]
+    # The registry's gold metrics follow both models to set 2 (what status and dashboards show).
+    stored = _rows(home, "SELECT model_version, n_gold, gold_accuracy FROM models ORDER BY 1")
+    assert stored.rows() == [("m0001", 30, pytest.approx(champion["accuracy"])),
+                             ("m0002", 30, pytest.approx(challenger["accuracy"]))]
     # The release notes and the recorded policies name what the decision used.
     notes = _rows(home, "SELECT markdown FROM release_notes ORDER BY evaluation_id DESC LIMIT 1")["markdown"][0]
     assert "Both models scored on evaluation set 2 (30 gold items)." in notes

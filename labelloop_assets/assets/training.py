@@ -326,6 +326,17 @@ def model_evaluation(
              run_id(context), evaluation_set],
         )
         store.record_policies(con, run_id(context), "model_evaluation", EVALUATION_POLICIES)
+        # A model's stored gold metrics follow it to the newest evaluation set it was scored on
+        # (gold only grows, so another n_gold is another set): the dashboards then show the
+        # champion's score on today's yardstick, not on the one it was trained under.
+        for who, row in (("challenger", challenger), ("champion", champion)):
+            if row is not None and who in scores:
+                con.execute(
+                    "UPDATE models SET gold_accuracy = ?, gold_macro_f1 = ?, n_gold = ? "
+                    "WHERE model_version = ? AND n_gold <> ?",
+                    [scores[who]["accuracy"], scores[who]["macro_f1"], scores[who]["n"],
+                     row["model_version"], scores[who]["n"]],
+                )
         if decision == evaluation.PROMOTE:
             con.execute("UPDATE models SET status = 'retired' WHERE status = 'champion'")
             con.execute("UPDATE models SET status = 'champion', confirm_below = ? WHERE model_version = ?",
