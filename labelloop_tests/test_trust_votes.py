@@ -144,6 +144,7 @@ def test_backdated_fresh_ids_are_held_as_a_burst_on_the_day_they_arrive(home, de
     assert (staged["n"], staged["first"], staged["last"]) == (120, DAYS[4], DAYS[4])
     assert staged["newest"].date() < DAYS[0]  # every one of them dated before the first ordinary day
     assert _metadata(result, "validated_labels")["late_corrections"] == 120
+    assert _metadata(result, "correction_bursts")["late_corrections"] == 120
     assert set(_labels(home, targets).values()) == {"zero"}
     # Held votes are out of resolution altogether: no decision about these items at all.
     assert _statuses(home, targets) == {}

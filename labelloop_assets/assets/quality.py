@@ -63,6 +63,8 @@ def correction_bursts(
         metadata={
             "dagster/row_count": sum(totals.values()),
             "events_scored": outcome["events"],
+            # counted on their arrival day, not their created_at day (late, or dated ahead of arrival)
+            "late_corrections": outcome["late"],
             "days_scored": ", ".join(outcome["days_scored"]) or "none",
             "keys_not_scored": dg.MetadataValue.int(outcome["not_scored"]),
             "held_bursts": held.height,

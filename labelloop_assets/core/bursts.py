@@ -134,8 +134,9 @@ class BurstPolicy:
 def arrivals(
     con: duckdb.DuckDBPyConnection, rows: pl.DataFrame, policy: BurstPolicy, clock_state: str
 ) -> tuple[pl.DataFrame, int]:
-    """`rows` (raw_corrections rows, seq order) with `arrived_at`, the store's clock when each
-    arrived, and `burst_day`; and the event clock after them, to keep in `clock_state`.
+    """`rows` (raw_corrections rows with at least seq, created_at, arrived_at, ingested_at) with
+    `arrived_at` replaced by the store's clock when each arrived, and `burst_day`; and the event
+    clock after them, to keep in `clock_state`.
 
     A batch is the rows of one ingest transaction (one arrival time). On the event clock, its
     arrival is the newest created_at stored before it; the very first batch has no such time
@@ -146,9 +147,8 @@ def arrivals(
             arrived_at=pl.lit(None, pl.Datetime("us", "UTC")), burst_day=pl.lit(None, pl.Date)
         ), store.get_state(con, clock_state, NO_CLOCK)
     created = pl.col("created_at").dt.convert_time_zone("UTC")
-    wall = pl.coalesce(
-        *(pl.col(c).dt.convert_time_zone("UTC") for c in ("arrived_at", "ingested_at") if c in rows.columns)
-    ) if {"arrived_at", "ingested_at"} & set(rows.columns) else pl.lit(None, pl.Datetime("us", "UTC"))
+    # Wall arrival: ingest's arrived_at (rows from before it was kept: their ingested_at).
+    wall = pl.coalesce("arrived_at", "ingested_at").dt.convert_time_zone("UTC")
     framed = rows.with_columns(_created=created, _wall=wall)
     prior = _event_clock_before(con, rows, clock_state)
     newest = int(framed["_created"].dt.epoch("us").max())
@@ -457,7 +457,7 @@ def detect(con: duckdb.DuckDBPyConnection, policy: BurstPolicy, run_id: str) -> 
     late = new.filter(pl.col("burst_day") != pl.col("created_at").dt.convert_time_zone("UTC").dt.date())
     return {
         "events": new.height,
-        # corrections counted on their arrival day rather than their created_at day
+        # corrections counted on their arrival day, not their created_at day (late, or dated ahead of arrival)
         "late": late.height,
         "days_scored": [d.isoformat() for d in days],
         "keys_scored": scored.height,
