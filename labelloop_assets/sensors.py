@@ -36,28 +36,43 @@ def landed_files(home: Home) -> list[str]:
     job=ingest_job,
     minimum_interval_seconds=30,
     default_status=dg.DefaultSensorStatus.STOPPED,
-    description="Requests an ingest run when new files appear under landing/{items,predictions,corrections,reviews}.",
+    description="Requests an ingest run when new files appear under landing/{items,predictions,corrections,reviews} "
+    "or gold.jsonl changes.",
 )
 def landing_sensor(
     context: dg.SensorEvaluationContext, labelloop: LabelloopHome
 ) -> dg.SensorResult | dg.SkipReason:
     home = Home(Path(labelloop.root).resolve())
-    seen = set(json.loads(context.cursor)["seen"]) if context.cursor else set()
+    cursor = json.loads(context.cursor) if context.cursor else {}
+    seen = set(cursor.get("seen", []))
     current = landed_files(home)
     new = [name for name in current if name not in seen]
-    if not new:
+    # An edited gold.jsonl is ingested too: the items step declares its new evaluation set.
+    gold = gold_file_signature(home)
+    gold_changed = gold is not None and gold != cursor.get("gold")
+    if not new and not gold_changed:
         return dg.SkipReason(f"no new landing files ({len(current)} already seen)")
     # The run ingests whatever the ledger has not seen; the run_key makes a repeated tick harmless.
-    run_key = "landing-" + hashlib.sha256("\n".join(new).encode()).hexdigest()[:16]
+    run_key = "landing-" + hashlib.sha256("\n".join(new + ([gold] if gold_changed else [])).encode()).hexdigest()[:16]
     return dg.SensorResult(
         run_requests=[
             dg.RunRequest(
                 run_key=run_key,
-                tags={"labelloop/new_files": str(len(new)), "labelloop/trigger": "landing_sensor"},
+                tags={"labelloop/new_files": str(len(new)), "labelloop/trigger": "landing_sensor",
+                      **({"labelloop/gold_changed": "true"} if gold_changed else {})},
             )
         ],
-        cursor=json.dumps({"seen": sorted(seen | set(new))}),
+        cursor=json.dumps({"seen": sorted(seen | set(new)), **({"gold": gold} if gold else {})}),
     )
+
+
+def gold_file_signature(home: Home) -> str | None:
+    """gold.jsonl's size and modification time (cheap to read each tick); None without one."""
+    try:
+        found = home.gold_file.lstat()
+    except OSError:
+        return None
+    return f"gold.jsonl@{found.st_size}-{found.st_mtime_ns}"
 
 
 def _latest_metadata(instance: dg.DagsterInstance, asset: str) -> tuple[dict, float] | None:

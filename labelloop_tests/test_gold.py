@@ -15,6 +15,7 @@ from labelloop_assets.core.evaluation import ValidationPlan
 from labelloop_assets.core.settings import file_sha256
 from labelloop_assets.demo import simulator
 from labelloop_assets.jobs import RETRAIN_JOB
+from labelloop_assets.sensors import landing_sensor
 from labelloop_tests.conftest import LABELS, correction, land_items, make_items, write_jsonl
 
 
@@ -164,6 +165,20 @@ def test_adding_gold_starts_set_2_and_both_models_are_scored_on_it(home, defs, i
         home, "SELECT file, sha256 FROM policy_uses WHERE step = 'model_evaluation' AND run_id = ?", [result.run_id]
     ).iter_rows())
     assert used == {name: file_sha256((home.root / name).read_bytes()) for name in ("validation.yaml", "training.yaml")}
+
+
+def test_an_edited_gold_file_wakes_the_landing_sensor(home, instance, resources, loop):
+    def tick(cursor=None):
+        with dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources) as context:
+            return landing_sensor(context)
+
+    settled = tick()
+    assert isinstance(tick(settled.cursor), dg.SkipReason)  # nothing new: no run
+    _write_gold(home, _gold_lines(home) + [{"item_id": "gold2-00", "features": [6.0, 0, 0, 0], "gold_label": "zero"}])
+    woken = tick(settled.cursor)
+    assert isinstance(woken, dg.SensorResult) and len(woken.run_requests) == 1
+    assert woken.run_requests[0].tags["labelloop/gold_changed"] == "true"
+    assert isinstance(tick(woken.cursor), dg.SkipReason)
 
 
 def test_changing_or_dropping_declared_gold_fails_the_step(home, defs, instance, loop):
