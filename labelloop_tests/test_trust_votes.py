@@ -139,8 +139,10 @@ def test_backdated_fresh_ids_are_held_as_a_burst_on_the_day_they_arrive(home, de
 
     bursts = _rows(home, "SELECT scope, key, day, n_events, day_total, severity, status FROM correction_bursts")
     assert bursts.rows() == [("segment", "feedback_button/two", DAYS[4], 120, 136, "severe", "held")]
-    staged = _rows(home, "SELECT count(*) AS n, min(burst_day) AS first, max(burst_day) AS last, "
-                         "max(created_at) AS newest FROM validated_labels WHERE event_id LIKE 'bd-%'").row(0, named=True)
+    staged = _rows(
+        home, "SELECT count(*) AS n, min(burst_day) AS first, max(burst_day) AS last, "
+              "max(created_at) AS newest FROM validated_labels WHERE event_id LIKE 'bd-%'",
+    ).row(0, named=True)
     assert (staged["n"], staged["first"], staged["last"]) == (120, DAYS[4], DAYS[4])
     assert staged["newest"].date() < DAYS[0]  # every one of them dated before the first ordinary day
     assert _metadata(result, "validated_labels")["late_corrections"] == 120
@@ -177,9 +179,9 @@ def test_a_correction_on_time_keeps_its_own_day_and_a_future_one_counts_on_arriv
     land_items(home, ITEMS)
     now = datetime.now(timezone.utc)
     events = [
-        correction("on-time", OTHERS[0], "two", user="eve", role="end_user", created_at=(now - timedelta(hours=20)).isoformat()),
-        correction("late", OTHERS[1], "two", user="eve", role="end_user", created_at=(now - timedelta(hours=30)).isoformat()),
-        correction("ahead", OTHERS[2], "two", user="eve", role="end_user", created_at=(now + timedelta(hours=20)).isoformat()),
+        correction(event_id, item, "two", user="eve", role="end_user",
+                   created_at=(now + timedelta(hours=hours)).isoformat())
+        for event_id, item, hours in (("on-time", OTHERS[0], -20), ("late", OTHERS[1], -30), ("ahead", OTHERS[2], 20))
     ]
     write_jsonl(home.landing_dir("corrections"), "mixed.jsonl", events)
     _ingest(defs, instance)

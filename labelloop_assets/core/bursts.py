@@ -570,7 +570,10 @@ def burst_events(con: duckdb.DuckDBPyConnection, burst: dict, policy: BurstPolic
     Staged corrections carry their burst day. Those not staged yet (the batch being scored) get
     theirs from `policy`, as staging will; without a policy they count on their created_at day.
     """
-    where = "v.user_pseudonym = $key" if burst["scope"] == CONTRIBUTOR else "v.source || '/' || v.corrected_label = $key"
+    where = (
+        "v.user_pseudonym = $key" if burst["scope"] == CONTRIBUTOR
+        else "v.source || '/' || v.corrected_label = $key"
+    )
     columns = ", ".join(f"v.{c}" for c in EVENT_COLUMNS)
     staged = store.frame(
         con,

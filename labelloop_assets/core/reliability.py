@@ -232,8 +232,9 @@ def estimate_reliability(
     ignored. With a `label_before` column (the item's label when the vote was staged), a vote
     that repeats it is not blind and is left out; so is a lone vote on an item without an
     anchor (see the module docstring). n_votes counts the votes the estimate rests on; a
-    contributor with none is listed at the prior mean. `anchors` holds item_id, label: reviewer-confirmed labels, taken as truth (the last
-    row per item counts; labels outside `labels` are ignored).
+    contributor with none is listed at the prior mean. `anchors` holds item_id, label:
+    reviewer-confirmed labels, taken as truth (the last row per item counts; labels outside
+    `labels` are ignored).
 
     Returns one row per contributor, sorted by user_pseudonym: user_pseudonym, n_votes,
     n_anchored (votes on anchored items), n_anchor_agreements, accuracy (MAP estimate, strictly
