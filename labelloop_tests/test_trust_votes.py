@@ -388,6 +388,10 @@ def test_the_resolution_run_records_the_hash_of_its_governance_file(home, defs, 
                       {"r": run_id}).iter_rows())
     assert uses["governance.yaml"] == file_sha256(home.governance_file.read_bytes())
     assert uses["contributors.yaml"] == file_sha256(home.contributors_file.read_bytes())
+    assert uses["ontology.yaml"] == file_sha256(home.ontology_file.read_bytes())
+    corpus = dict(_rows(home, "SELECT file, sha256 FROM policy_uses WHERE run_id = $r AND step = 'production_corpus'",
+                        {"r": run_id}).iter_rows())
+    assert corpus == {"ontology.yaml": uses["ontology.yaml"]}
 
 
 # ---------------------------------------------------------------------------------------------

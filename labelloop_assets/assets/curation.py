@@ -198,10 +198,7 @@ def _stage_and_resolve(
     ).drop_nulls("corrected_label")
     blocked = bursts.blocked_events(votes, burst_table)
     votes = resolve.with_history(con, votes.filter(~pl.col("event_id").is_in(blocked.implode())))
-    newcomers = votes.filter(
-        ~pl.col("user_role").is_in(list(policy.newcomer_exempt_roles))
-        & (pl.col("history") < policy.newcomer_min_history)
-    ).height
+    newcomers = votes.filter(resolve.is_newcomer(policy)).height
     # A label that only blocked votes set is judged from the label it replaced.
     undo = _labels_set_by(con, touched, blocked)
     judged = current.join(undo, on="item_id", how="left").with_columns(
@@ -334,6 +331,8 @@ def production_corpus(
             with store.transaction(con):
                 if changes.height:
                     lake.name_commit(con, lake.CORPUS_COMMIT.format(version=version))
+                    # Its own decisions (renames, dropped terms) follow the ontology.
+                    store.record_policies(con, run_id(context), "production_corpus", ("ontology.yaml",))
                     store.append(con, "label_history", changes.with_columns(run_id=pl.lit(run_id(context))))
                     _merge_corpus(con, rows)
                     con.execute(

@@ -262,6 +262,13 @@ def with_history(con, votes: pl.DataFrame) -> pl.DataFrame:
     )
 
 
+def is_newcomer(policy: ResolutionPolicy) -> pl.Expr:
+    """A vote (user_role, history) that counts at the newcomer weight; a null history is none."""
+    return ~pl.col("user_role").is_in(list(policy.newcomer_exempt_roles)) & (
+        pl.col("history").fill_null(0) < policy.newcomer_min_history
+    )
+
+
 def resolve(
     votes: pl.DataFrame,
     current: pl.DataFrame,
@@ -284,9 +291,7 @@ def resolve(
     authority = pl.col("user_role").is_in(list(AUTHORITY_ROLES))
     if "history" not in votes.columns:
         votes = votes.with_columns(history=pl.lit(0, pl.Int64))
-    newcomer = ~pl.col("user_role").is_in(list(policy.newcomer_exempt_roles)) & (
-        pl.col("history").fill_null(0) < policy.newcomer_min_history
-    )
+    newcomer = is_newcomer(policy)
     latest = (
         votes.sort("created_at", "seq")
         .group_by("item_id", "user_pseudonym")
