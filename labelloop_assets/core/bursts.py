@@ -358,16 +358,12 @@ IN_BURST = (
 _BLOCKED = "(SELECT day, key FROM correction_bursts WHERE status IN ('held', 'discarded') AND scope = '{scope}')"
 
 
-def counted_votes_sql(source: str = "validated_labels") -> str:
-    """The rows of `source` (validated_labels or a query over it) that no held or discarded burst keeps out."""
-    return f"""
-    SELECT v.* FROM {source} v
+# Appended to `... FROM validated_labels v` (or a CTE of its rows named v): keeps the rows counted.
+NOT_BLOCKED_SQL = f"""
     ANTI JOIN {_BLOCKED.format(scope=CONTRIBUTOR)} bc ON bc.key = {VOTE_KEY[CONTRIBUTOR]} AND bc.day = {VOTE_DAY}
     ANTI JOIN {_BLOCKED.format(scope=SEGMENT)} bs ON bs.key = {VOTE_KEY[SEGMENT]} AND bs.day = {VOTE_DAY}
 """
-
-
-COUNTED_VOTES_SQL = counted_votes_sql()
+COUNTED_VOTES_SQL = f"SELECT v.* FROM validated_labels v {NOT_BLOCKED_SQL}"
 # Items with a vote in a burst whose status changed after $since (epoch microseconds).
 ITEMS_IN_CHANGED_BURSTS_SQL = f"""
     SELECT DISTINCT v.item_id FROM validated_labels v JOIN correction_bursts b ON {IN_BURST}
@@ -562,6 +558,7 @@ EVENT_COLUMNS = (
     "event_id", "item_id", "original_label", "corrected_label", "user_pseudonym", "user_role",
     "source", "rationale", "created_at",
 )
+EVENT_SELECT = ", ".join(f"v.{c}" for c in EVENT_COLUMNS)
 
 
 def burst_events(con: duckdb.DuckDBPyConnection, burst: dict, policy: BurstPolicy | None = None) -> pl.DataFrame:
@@ -574,15 +571,15 @@ def burst_events(con: duckdb.DuckDBPyConnection, burst: dict, policy: BurstPolic
         "v.user_pseudonym = $key" if burst["scope"] == CONTRIBUTOR
         else "v.source || '/' || v.corrected_label = $key"
     )
-    columns = ", ".join(f"v.{c}" for c in EVENT_COLUMNS)
     staged = store.frame(
         con,
-        f"SELECT {columns} FROM validated_labels v WHERE {VOTE_DAY} = CAST($day AS DATE) AND {where}",
+        f"SELECT {EVENT_SELECT} FROM validated_labels v WHERE {VOTE_DAY} = CAST($day AS DATE) AND {where}",
         {"day": burst["day"], "key": burst["key"]},
     )
     pending = store.frame(
         con,
-        f"SELECT v.seq, {columns}, v.arrived_at, v.ingested_at FROM raw_corrections v WHERE v.seq > $mark AND {where}",
+        f"SELECT v.seq, {EVENT_SELECT}, v.arrived_at, v.ingested_at FROM raw_corrections v "
+        f"WHERE v.seq > $mark AND {where}",
         {"mark": store.get_state(con, STAGED_SEQ), "key": burst["key"]},
     )
     if pending.height and policy is not None:

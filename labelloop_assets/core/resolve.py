@@ -216,7 +216,7 @@ def stage(
 HISTORY_SQL = f"""
     WITH mine AS (SELECT v.* FROM validated_labels v JOIN history_users u USING (user_pseudonym))
     SELECT user_pseudonym, day, min(arrived_at) AS first_arrived, bool_or(arrived_at IS NULL) AS before_arrivals
-    FROM (SELECT user_pseudonym, {bursts.VOTE_DAY} AS day, v.arrived_at FROM ({bursts.counted_votes_sql("mine")}) v)
+    FROM (SELECT v.user_pseudonym, {bursts.VOTE_DAY} AS day, v.arrived_at FROM mine v {bursts.NOT_BLOCKED_SQL})
     GROUP BY user_pseudonym, day
 """
 
