@@ -22,7 +22,7 @@ os.environ.setdefault("LABELLOOP_ALLOW_DEVELOPMENT_SECRET", "1")
 # Most suites test resolution with the roles their lines claim: their homes trust files landed
 # directly in landing/<kind>/ to assert any role. The trust suite replaces this directory with a
 # strict one (nobody granted anything) to show that claims are then capped.
-EXTERNAL_TEST_MODELS = ("m-001", "m0001", "m", "m-client")
+EXTERNAL_TEST_MODELS = ("m-001", "m0001", "m0002", "m", "m-client")
 TRUSTING_DIRECTORY = "contributors: []\nproducers:\n  - {folder: '.', may_claim: domain_expert}\n"
 
 
@@ -97,12 +97,17 @@ def home(tmp_path: Path, monkeypatch) -> Home:
         from labelloop_tests import pg
 
         monkeypatch.setenv("LABELLOOP_CATALOG", pg.fresh_database("t"))
-    home = Home(tmp_path / "home").ensure()
+    return prepared_home(tmp_path / "home")
+
+
+def prepared_home(root: Path) -> Home:
+    """A home as the suites expect it: claimed roles trusted (TRUSTING_DIRECTORY), the prediction
+    logs' external model versions declared, and a plan that promotes on the worlds' 15 gold items."""
+    home = Home(root).ensure()
     home.contributors_file.write_text(TRUSTING_DIRECTORY)
-    # The versions the suites' prediction logs name before labelloop trains anything.
     with home.training_file.open("a") as config:
         config.write(f"external_model_versions: {list(EXTERNAL_TEST_MODELS)}\n")
-    # The test worlds have 15 gold items; the shipped plan wants 30 before it promotes a model.
+    # The shipped plan wants 30 gold items before it promotes a model.
     home.validation_file.write_text(
         home.validation_file.read_text().replace("min_eval_items: 30", "min_eval_items: 10")
     )

@@ -145,8 +145,8 @@ def stored(con, sql: str, params=None) -> list[tuple]:
 def _stored_verbatim(con) -> None:
     rows = {r["event_id"]: r for r in store.frame(con, "SELECT * FROM raw_corrections").to_dicts()}
     for text in (SQL, PATH):
-        record = rows[text]
-        assert (record["model_version"], record["prediction_id"], record["rationale"]) == (text, text, text)
+        record = rows[f"text-{FREE_TEXTS.index(text)}"]
+        assert (record["prediction_id"], record["rationale"]) == (text, text)
         assert json.loads(record["context"]) == {text: text}
         assert record["user_pseudonym"] == anonymize.pseudonym(KEY, f"{text} (user)")
 
@@ -155,17 +155,23 @@ def _sql_and_path_lines() -> tuple[list, dict[int, str]]:
     """Every checked text field of a correction, once holding SQL and once a path."""
     checked = {"item_id": contracts.UNKNOWN_ITEM, "corrected_label": contracts.UNKNOWN_LABEL,
                "original_label": contracts.UNKNOWN_LABEL, "user_role": contracts.INVALID_VALUE,
-               "source": contracts.INVALID_VALUE, "created_at": contracts.BAD_TIMESTAMP}
+               "source": contracts.INVALID_VALUE, "created_at": contracts.BAD_TIMESTAMP,
+               "model_version": contracts.UNKNOWN_MODEL_VERSION}
     lines, reasons = [correction("ok-1")], {}
-    for text in (SQL, PATH):
+    for n, text in enumerate((SQL, PATH)):
         for name, reason in checked.items():
-            lines.append(correction(f"{name}-{text}", **{name: text}))
+            lines.append(correction(f"{name}-{n}", **{name: text}))
             reasons[len(lines)] = reason
+        # An event id is scoped by its producer's folder: '/' may not be part of it.
+        lines.append(correction(text))
+        reasons[len(lines)] = contracts.INVALID_VALUE if "/" in text else None
+    reasons = {line: reason for line, reason in reasons.items() if reason}
     lines.append(correction("ok-2", item_id="i2"))
     return lines, reasons
 
 
 SQL_PATH_LINES, SQL_PATH_REASONS = _sql_and_path_lines()
+FREE_TEXTS = (SQL, PATH)
 
 
 def _label_is(label: str) -> Callable:
@@ -194,11 +200,6 @@ def _link_to_a_file_outside(path: Path) -> None:
 
 def _dangling_link(path: Path) -> None:
     path.symlink_to(path.parent / "gone.jsonl")
-
-
-def _folder_named_like_a_file(path: Path) -> None:
-    path.mkdir()
-    (path / "inner.jsonl").write_bytes(jsonl([correction("inner")]))
 
 
 def _in_the_future(days: float) -> str:
@@ -446,15 +447,15 @@ CASES: dict[str, Case] = {
     ),
     # ---- SQL- and path-looking strings: data, never code
     "sql_and_paths_in_free_text_fields": Case(
-        files={"batch.jsonl": [correction(text, user_id=f"{text} (user)", model_version=text,
+        files={"batch.jsonl": [correction(f"text-{n}", user_id=f"{text} (user)",
                                           prediction_id=text, rationale=text, context={text: text})
-                               for text in (SQL, PATH)]},
-        quarantined={}, accepted=(SQL, PATH), check=_stored_verbatim,
+                               for n, text in enumerate(FREE_TEXTS)]},
+        quarantined={}, accepted=("text-0", "text-1"), check=_stored_verbatim,
     ),
     "sql_and_paths_in_checked_fields": Case(
         files={"batch.jsonl": SQL_PATH_LINES},
         quarantined={("batch.jsonl", n): reason for n, reason in SQL_PATH_REASONS.items()},
-        accepted=("ok-1", "ok-2"),
+        accepted=("ok-1", "ok-2", SQL),
     ),
     "sql_and_paths_in_item_fields": Case(
         files={"batch.jsonl": [item(SQL, label_source=PATH), item(PATH, label_source=SQL),
@@ -466,13 +467,17 @@ CASES: dict[str, Case] = {
                                       "ORDER BY 1", [SQL, PATH]) == [(SQL, PATH), (PATH, SQL)],
     ),
     "sql_and_paths_in_prediction_fields": Case(
-        files={"batch.jsonl": [prediction(SQL, model_version=PATH), prediction(PATH, model_version=SQL),
-                               prediction("bad", predicted_label=SQL), prediction("bad-2", item_id=PATH)]},
-        quarantined={("batch.jsonl", 3): contracts.UNKNOWN_LABEL, ("batch.jsonl", 4): contracts.UNKNOWN_ITEM},
+        files={"batch.jsonl": [prediction(SQL), prediction(PATH),
+                               prediction("bad", predicted_label=SQL), prediction("bad-2", item_id=PATH),
+                               prediction("bad-3", model_version=SQL), prediction("bad-4", model_version=PATH)]},
+        # A model version must name a trained or declared model: hostile text names none.
+        quarantined={("batch.jsonl", 3): contracts.UNKNOWN_LABEL, ("batch.jsonl", 4): contracts.UNKNOWN_ITEM,
+                     ("batch.jsonl", 5): contracts.UNKNOWN_MODEL_VERSION,
+                     ("batch.jsonl", 6): contracts.UNKNOWN_MODEL_VERSION},
         accepted=(SQL, PATH), kind="predictions",
         check=lambda con: stored(con, "SELECT prediction_id, model_version FROM predictions "
                                       "WHERE prediction_id IN (?, ?) ORDER BY 1", [SQL, PATH])
-        == [(SQL, PATH), (PATH, SQL)],
+        == [(SQL, "m-001"), (PATH, "m-001")],
     ),
     "sql_in_a_file_name": Case(
         files={f"{SQL}.jsonl": list(NEIGHBOURS["corrections"])}, quarantined={}, accepted=("ok-1", "ok-2"),
@@ -549,9 +554,11 @@ CASES: dict[str, Case] = {
         quarantined={}, accepted=("ok-1", "ok-2"),
         not_read=(".c.jsonl.tmp", "c.jsonl.tmp", "c.jsonl.part", "c.jsonl.partial", "_c.jsonl"),
     ),
+    # A folder in a landing folder is a producer's, whatever its name: its files are read, and
+    # their event ids are scoped by it.
     "folder_named_like_a_landing_file": Case(
-        files={"folder.jsonl": _folder_named_like_a_file, "done.jsonl": list(NEIGHBOURS["corrections"])},
-        quarantined={}, accepted=("ok-1", "ok-2"), not_read=("folder.jsonl",),
+        files={"folder.jsonl/inner.jsonl": [correction("inner")], "done.jsonl": list(NEIGHBOURS["corrections"])},
+        quarantined={}, accepted=("ok-1", "ok-2", "folder.jsonl/inner"),
     ),
     # The JSON reader tolerates a trailing comma: the record is unambiguous, so it is kept.
     "trailing_comma_is_tolerated": between(json.dumps(correction("bad"))[:-1] + ",}", None),
@@ -614,6 +621,8 @@ def template(tmp_path_factory) -> Path:
     """A home whose DuckDB file holds items i1..i4 (4 features) and gold item g1 (declared in
     gold.jsonl); each test works on its own copy."""
     home = Home(tmp_path_factory.mktemp("template") / "home").ensure()
+    with home.training_file.open("a") as config:  # the model that served the predictions below
+        config.write("external_model_versions: [m-001]\n")
     with store.connect(home.database) as con:
         (home.landing_dir("items") / "base.jsonl").write_bytes(jsonl([item(f"i{n}") for n in range(1, 5)]))
         home.gold_file.write_bytes(jsonl([{"item_id": "g1", "features": FEATURES, "gold_label": "four"}]))
@@ -646,6 +655,7 @@ def run_ingest(con, home: Home, kind: str) -> ingest.IngestReport:
 
 def write(folder: Path, name: str, content) -> None:
     path = folder / name
+    path.parent.mkdir(parents=True, exist_ok=True)  # a producer's subfolder
     if callable(content):
         content(path)
     elif isinstance(content, pl.DataFrame):

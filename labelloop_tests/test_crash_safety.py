@@ -23,7 +23,7 @@ import pytest
 from labelloop_assets.core import store, train
 from labelloop_assets.core.settings import Home
 from labelloop_assets.definitions import build_definitions
-from labelloop_tests.conftest import RETRAIN, correction, land_items, make_items, write_jsonl
+from labelloop_tests.conftest import RETRAIN, correction, land_items, make_items, prepared_home, write_jsonl
 
 CHILD = textwrap.dedent(
     """
@@ -161,12 +161,7 @@ CRASHES = {
 
 
 def _new_home(root: Path) -> Home:
-    home = Home(root).ensure()
-    # The test worlds have 15 gold items; the shipped plan wants 30 before it promotes a model.
-    home.validation_file.write_text(
-        home.validation_file.read_text().replace("min_eval_items: 30", "min_eval_items: 10")
-    )
-    return home
+    return prepared_home(root)
 
 
 def _land_traffic(home: Home) -> None:

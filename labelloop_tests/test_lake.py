@@ -24,7 +24,7 @@ from labelloop_assets.core.lake import Lake
 from labelloop_assets.core.settings import Home
 from labelloop_assets.definitions import build_definitions
 from labelloop_tests import pg
-from labelloop_tests.conftest import RETRAIN, correction, land_items, make_items, write_jsonl
+from labelloop_tests.conftest import RETRAIN, correction, land_items, make_items, prepared_home, write_jsonl
 
 LOOP = ["items", "predictions", "raw_corrections", "review_decisions", "validated_labels",
         "production_corpus", "retrained_model", "model_evaluation", "label_quality_metrics"]
@@ -97,7 +97,7 @@ def _tables(home: Home) -> dict[str, list]:
 
 def embedded_reference(root: Path) -> tuple[Home, dict[str, list]]:
     """The same days on an embedded home (call before setting LABELLOOP_CATALOG): what the lake must give."""
-    home = Home(root).ensure()
+    home = prepared_home(root)
     with dg.instance_for_test() as instance:
         _run_days(home, instance)
     return home, _tables(home)
@@ -113,7 +113,7 @@ def test_the_loop_on_the_lake_gives_what_it_gives_on_the_embedded_store(tmp_path
     pg.require_server()
     _, expected = embedded_reference(tmp_path / "embedded")
     monkeypatch.setenv(lake.CATALOG_ENV, pg.fresh_database("lake_same"))
-    on_lake = Home(tmp_path / "lake-home").ensure()
+    on_lake = prepared_home(tmp_path / "lake-home")
     assert isinstance(on_lake.database, Lake)
     with dg.instance_for_test() as instance:
         _run_days(on_lake, instance)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import dagster as dg
 import pytest
 
@@ -187,11 +189,11 @@ def test_rollback_restores_a_retired_champion_and_is_audited(home, defs, instanc
                         "ORDER BY logged_at")
     assert audit.rows()[-1] == ("m0001", "rolled_back", "m0002 confuses ones")
     assert [r[1] for r in audit.rows()] == ["refused", "refused", "refused", "rolled_back"]
-
-
     # The rollback was signed with reviewer-0's key; the audit row names the key and keeps the signature.
-    detail = __import__("json").loads(_rows(home, "SELECT detail FROM audit_log WHERE outcome = 'rolled_back'")["detail"][0])
+    detail = json.loads(_rows(home, "SELECT detail FROM audit_log WHERE outcome = 'rolled_back'")["detail"][0])
     assert detail["from"] == "m0002" and detail["key_id"].startswith("ed25519:") and len(detail["signature"]) == 88
+
+
 def test_a_home_moved_elsewhere_still_finds_its_models(home, instance, loop, tmp_path, monkeypatch, capsys):
     """The registry records model folders relative to the home: a moved or restored home works,
     and so do rows written before, which hold the absolute folder of the home's old place."""
