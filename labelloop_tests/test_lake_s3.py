@@ -17,8 +17,8 @@ import pytest
 from labelloop_assets import cli
 from labelloop_assets.core import lake, store
 from labelloop_assets.core.lake import Lake
-from labelloop_assets.core.settings import Home
 from labelloop_tests import pg
+from labelloop_tests.conftest import prepared_home
 from labelloop_tests.test_lake import _run_days, _tables, assert_same_tables, embedded_reference
 
 BUCKET = "labelloop-lake"
@@ -124,7 +124,7 @@ def test_the_loop_on_a_lake_with_its_data_in_s3(tmp_path, monkeypatch, capsys, s
     catalog = pg.fresh_database("lake_s3")
     monkeypatch.setenv(lake.CATALOG_ENV, catalog)
     monkeypatch.setenv(lake.DATA_PATH_ENV, f"s3://{BUCKET}/{PREFIX}")
-    home = Home(tmp_path / "s3-home").ensure()
+    home = prepared_home(tmp_path / "s3-home")
     assert isinstance(home.database, Lake) and home.database.data_path == f"s3://{BUCKET}/{PREFIX}"
     with dg.instance_for_test() as instance:
         _run_days(home, instance)
