@@ -22,7 +22,7 @@ os.environ.setdefault("LABELLOOP_ALLOW_DEVELOPMENT_SECRET", "1")
 # Most suites test resolution with the roles their lines claim: their homes trust files landed
 # directly in landing/<kind>/ to assert any role. The trust suite replaces this directory with a
 # strict one (nobody granted anything) to show that claims are then capped.
-EXTERNAL_TEST_MODELS = ("m-001", "m0001", "m0002", "m", "m-client")
+EXTERNAL_TEST_MODELS = ("m-001", "m0001", "m0002", "m", "m-client", "baseline-v1")
 TRUSTING_DIRECTORY = "contributors: []\nproducers:\n  - {folder: '.', may_claim: domain_expert}\n"
 
 

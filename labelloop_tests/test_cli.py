@@ -44,7 +44,7 @@ def test_status_quarantine_and_lineage(home, defs, instance, monkeypatch, capsys
     assert sorted(versions[1]["event_ids"]) == ["evt-1", "evt-2"]
     assert versions[1]["models_trained"] == ["m0001"]
     assert lineage["item"][0]["initial_label"] == "two" and lineage["item"][0]["label_source"] == "vendor"
-    assert [p["model_version"] for p in lineage["predictions"]] == ["m0001"]
+    assert [p["model_version"] for p in lineage["predictions"]] == ["baseline-v1"]  # the model that served it, declared as external
     assert {c["user_role"] for c in lineage["corrections"]} == {"end_user"}
     assert [d["status"] for d in lineage["decisions"]] == ["promote"]
     assert "dana@example.org" not in json.dumps(lineage)

@@ -8,6 +8,7 @@ import dagster as dg
 import pytest
 
 from labelloop_assets.core import store, train
+from labelloop_assets.core.settings import Home
 from labelloop_assets.definitions import build_definitions
 from labelloop_tests.conftest import RETRAIN, correction, land_items, make_items, write_jsonl
 
@@ -207,25 +208,30 @@ def test_definitions_load_with_descriptions_groups_and_pools(home):
     json.dumps([s.name for s in defs.sensors])
 
 
-def test_shipped_samples_run_through_the_whole_loop(home, defs, instance):
-    """The README's walk-through: the sample landing files in data/samples, every asset."""
+def test_shipped_samples_run_through_the_whole_loop(tmp_path, instance):
+    """The README's walk-through, as a new user follows it: a new home (nobody granted anything),
+    the sample landing files, and the samples' gold, directory and training files copied in."""
     import shutil
     from pathlib import Path
 
-    samples = Path(__file__).resolve().parent.parent / "data" / "samples" / "landing"
-    shutil.copytree(samples, home.landing, dirs_exist_ok=True)
-    shutil.copyfile(samples.parent / "gold.jsonl", home.gold_file)  # the deployment declares gold
+    samples = Path(__file__).resolve().parent.parent / "data" / "samples"
+    home = Home(tmp_path / "home").ensure()
+    shutil.copytree(samples / "landing", home.landing, dirs_exist_ok=True)
+    for name in ("gold.jsonl", "contributors.yaml", "training.yaml"):
+        shutil.copyfile(samples / name, home.root / name)
 
-    result = _materialize(defs, instance)
+    result = _materialize(build_definitions(home, RETRAIN), instance)
 
     assert result.success
     raw = _metadata(result, "raw_corrections")
     assert (raw["records_in"], raw["accepted"], raw["quarantined"]) == (6, 3, 3)
+    assert _metadata(result, "predictions")["accepted"] == 2  # baseline-v1 is declared
     corpus = _metadata(result, "production_corpus")
     assert (corpus["dagster/row_count"], corpus["label_changes_total"]) == (9, 1)
     labels = dict(_rows(home, "SELECT item_id, label FROM production_corpus").iter_rows())
-    # The reviewer's correction counts; two end users nobody has seen before (dana, eli) are
-    # newcomers, whose agreeing votes (2 x 0.25) leave sample-04 pending.
+    # kim is a reviewer in the samples' contributors.yaml: that correction counts. Two end users
+    # nobody has seen before (dana, eli) are newcomers, whose agreeing votes (2 x 0.25) leave
+    # sample-04 pending.
     assert labels["sample-04"] == "two" and labels["sample-07"] == "zero"
     decisions = dict(_rows(home, "SELECT item_id, status FROM latest_label_decisions").iter_rows())
     assert decisions["sample-04"] == "pending"
