@@ -101,6 +101,9 @@ def write_items(home: Home, workload: Workload) -> int:
     )
     home.ensure()
     home.ontology_file.write_text(yaml.safe_dump({"labels": workload.labels, "renames": {}}))
+    # The generator is one producer the deployment trusts to assert the roles it simulates, as a
+    # deployment lists its annotation tool in contributors.yaml (docs/trust.md).
+    home.contributors_file.write_text("contributors: []\nproducers:\n  - {folder: '.', may_claim: domain_expert}\n")
     # Gold items are declared by the deployment in gold.jsonl; a landing file cannot declare them.
     gold_items = items.filter(pl.col("gold_label").is_not_null()).select("item_id", "features", "gold_label")
     _write_atomic(home.root, home.gold_file.name, gold_items)
