@@ -16,11 +16,8 @@ from labelloop_assets.demo.simulator import DemoConfig
 @pytest.mark.slow
 def test_demo_loop_raises_corpus_and_model_accuracy(tmp_path, instance):
     home = prepare_home(tmp_path / "demo-home")
-    # Three small days are too few for newcomer weighting to wear off: this deployment counts the
-    # annotators it lists in contributors.yaml as established from the start (a governance choice
-    # the directory makes safe: nobody else can claim the role).
-    home.governance_file.write_text(home.governance_file.read_text().replace(
-        "exempt_roles: [reviewer, domain_expert]", "exempt_roles: [annotator, reviewer, domain_expert]"))
+    # The demo's annotators are listed staff, exempt from newcomer weighting (prepare_home).
+    assert "exempt_roles: [annotator, reviewer, domain_expert]" in home.governance_file.read_text()
     config = DemoConfig(served_per_day=400, annotator_items_per_day=100, weak_training_day=2)
     rows = run_demo(
         home, instance, days=3, config=config,

@@ -154,6 +154,11 @@ def test_a_run_cannot_move_the_home_or_the_store(strict_home, defs, instance, tm
     message = _failure(defs, instance, INGEST_JOB, run_config=moved_store)
     assert "refused: this run's config sets the database resource" in message
 
+    reconfigured = {"resources": {"database": {"config": {
+        "database": str(home.database_file), "connection_config": {"access_mode": "READ_WRITE"}}}}}
+    message = _failure(defs, instance, INGEST_JOB, run_config=reconfigured)
+    assert "with connection_config" in message
+
     assert train.current_version(home.models) == champion_before
     assert _rows(home, "SELECT model_version, status FROM models ORDER BY ALL").rows() == models_before
     assert not (evil / "labelloop.duckdb").exists()
@@ -231,7 +236,7 @@ def test_a_made_up_model_version_is_quarantined_not_shown_in_lineage(strict_home
     assert ("p-3",) in _rows(home, "SELECT prediction_id FROM predictions").rows()
 
 
-def test_landing_subfolders_are_producers_and_deeper_folders_are_quarantined(strict_home, defs, instance):
+def test_landing_subfolders_are_producers_and_every_file_deeper_is_quarantined(strict_home, defs, instance):
     home = strict_home
     nested = home.landing_dir("corrections") / "web-app" / "2026"
     write_jsonl(nested, "c.jsonl", [correction("n-1", "item-015", "two")])
@@ -239,14 +244,37 @@ def test_landing_subfolders_are_producers_and_deeper_folders_are_quarantined(str
     result = _run(defs, instance, INGEST_JOB)
     refused = _rows(home, "SELECT source_file, reason, detail FROM quarantine WHERE run_id = ?", [result.run_id])
     assert refused.rows() == [(
-        "corrections/web-app/2026", "unreadable_file",
-        "2026: a folder inside a producer's folder; landing files go in landing/<kind>/ or "
-        "landing/<kind>/<producer>/, nothing deeper is read",
+        "corrections/web-app/2026/c.jsonl", "unreadable_file",
+        "corrections/web-app/2026/c.jsonl: inside a folder within a producer's folder; landing files go in "
+        "landing/<kind>/ or landing/<kind>/<producer>/ (move it there to have it read)",
     )]
     from labelloop_assets.sensors import landed_files
 
-    assert "corrections/web-app/2026" in landed_files(home)
+    assert "corrections/web-app/2026/c.jsonl" in landed_files(home)
     assert not any(".in-progress" in name for name in landed_files(home))
+
+    # A second file in the same nested folder is not lost either: it is quarantined in turn.
+    write_jsonl(nested / "deeper", "d.jsonl", [correction("n-2", "item-016", "two")])
+    result = _run(defs, instance, INGEST_JOB)
+    refused = _rows(home, "SELECT source_file FROM quarantine WHERE run_id = ?", [result.run_id])
+    assert refused.rows() == [("corrections/web-app/2026/deeper/d.jsonl",)]
+
+
+def test_a_producer_may_assert_roles_only_for_users_the_directory_does_not_list(strict_home, defs, instance):
+    home = strict_home
+    home.contributors_file.write_text(
+        "contributors:\n"
+        "  - {id: ned, role: end_user}\n"
+        "producers:\n"
+        "  - {folder: annotation-tool, may_claim: annotator}\n"
+    )
+    write_jsonl(home.landing_dir("corrections") / "annotation-tool", "a.jsonl", [
+        correction("a-1", "item-015", "two", user="ned", role="annotator"),  # listed: his grant holds
+        correction("a-2", "item-016", "two", user="amy", role="annotator"),  # not listed: the tool vouches
+    ])
+    _run(defs, instance, INGEST_JOB)
+    roles = dict(_rows(home, "SELECT event_id, user_role FROM raw_corrections").rows())
+    assert roles == {"annotation-tool/a-1": "end_user", "annotation-tool/a-2": "annotator"}
 
 
 # ----------------------------------------------------------------------------- fail closed

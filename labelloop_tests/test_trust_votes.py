@@ -13,7 +13,7 @@ import dagster as dg
 import polars as pl
 import pytest
 
-from labelloop_assets.core import reliability
+from labelloop_assets.core import reliability, resolve, store
 from labelloop_assets.core.anonymize import pseudonym
 from labelloop_assets.core.bursts import BurstPolicy
 from labelloop_assets.core.resolve import ResolutionPolicy
@@ -198,7 +198,7 @@ def test_a_correction_on_time_keeps_its_own_day_and_a_future_one_counts_on_arriv
 # ---------------------------------------------------------------------------------------------
 
 
-def test_two_fresh_end_user_ids_cannot_flip_a_label(home, defs, instance):
+def test_two_fresh_end_user_ids_used_to_flip_a_label(home, defs, instance):
     """The old path (min_history 0) first: two fresh ids agreeing flip the label."""
     _governance(home, NEWCOMERS_OFF)
     land_items(home, ITEMS)
@@ -387,7 +387,7 @@ def test_the_resolution_run_records_the_hash_of_its_governance_file(home, defs, 
     uses = dict(_rows(home, "SELECT file, sha256 FROM policy_uses WHERE run_id = $r AND step = 'validated_labels'",
                       {"r": run_id}).iter_rows())
     assert uses["governance.yaml"] == file_sha256(home.governance_file.read_bytes())
-    assert uses["contributors.yaml"] == file_sha256(home.contributors_file.read_bytes())
+    assert "contributors.yaml" not in uses  # read and recorded by raw_corrections, which capped the roles
     assert uses["ontology.yaml"] == file_sha256(home.ontology_file.read_bytes())
     corpus = dict(_rows(home, "SELECT file, sha256 FROM policy_uses WHERE run_id = $r AND step = 'production_corpus'",
                         {"r": run_id}).iter_rows())
@@ -445,3 +445,31 @@ def test_bad_lateness_settings_are_refused_clearly(raw, message):
     with pytest.raises(LabelloopConfigError) as error:
         BurstPolicy.from_mapping(raw)
     assert message in str(error.value)
+
+
+def test_history_needs_whole_days_on_the_store_clock_not_two_dates_either_side_of_midnight(tmp_path):
+    """Votes at 23:50 (dated 23 h 50 back, so the day before), 23:55 and 00:05 fall on three days
+    but arrive within a quarter of an hour: that is no history, and the 00:05 vote is a newcomer's.
+    Two days later on the store's clock the same contributor has one."""
+    def at(day: int, hour: int, minute: int) -> datetime:
+        return datetime(2026, 3, day, hour, minute, tzinfo=timezone.utc)
+
+    earlier = pl.DataFrame({
+        "seq": [1, 2], "event_id": ["w-1", "w-2"], "item_id": ["i1", "i2"], "corrected_label": ["one", "one"],
+        "prediction_found": [False, False], "user_pseudonym": ["u_sock"] * 2, "user_role": ["end_user"] * 2,
+        "source": ["feedback_button"] * 2, "vote_weight": [1.0, 1.0],
+        "created_at": [at(9, 0, 0), at(10, 23, 55)], "arrived_at": [at(10, 23, 50), at(10, 23, 55)],
+        "burst_day": [date(2026, 3, 9), date(2026, 3, 10)],
+    })
+    with store.connect(tmp_path / "s.duckdb") as con:
+        store.append(con, "validated_labels", earlier)
+
+        def history(arrived: datetime) -> int:
+            vote = pl.DataFrame({
+                "event_id": ["flip"], "user_pseudonym": ["u_sock"], "created_at": [arrived],
+                "arrived_at": [arrived], "burst_day": [arrived.date()],
+            })
+            return resolve.with_history(con, vote)["history"][0]
+
+        assert history(at(11, 0, 5)) == 0  # three dates, fifteen minutes
+        assert history(at(12, 23, 55)) == 2  # two whole days since the first vote arrived

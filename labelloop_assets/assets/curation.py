@@ -112,10 +112,9 @@ def validated_labels(
                     store.set_state(con, STAGED_SEQ, int(new["seq"].max()))
                     store.set_state(con, bursts.STAGED_CLOCK, clock_after)
                 store.set_state(con, RELIABILITY_SEEN, int(reliability_stamp))
-                # The policies these decisions followed (roles were capped by the directory at ingest).
-                store.record_policies(
-                    con, run_id(context), "validated_labels", ("governance.yaml", "contributors.yaml", "ontology.yaml")
-                )
+                # The policies these decisions followed (roles were capped by the directory at
+                # ingest, which records contributors.yaml with raw_corrections).
+                store.record_policies(con, run_id(context), "validated_labels", ("governance.yaml", "ontology.yaml"))
         if validation.passed:
             store.set_state(con, BURSTS_SEEN, int(bursts_stamp))
         total = store.scalar(con, "SELECT count(*) FROM validated_labels")

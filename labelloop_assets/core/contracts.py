@@ -208,29 +208,42 @@ def is_landing_file(path: Path | os.DirEntry) -> bool:
 
 
 def landing_files(folder: Path) -> list[Path]:
-    """Complete landing files of one kind: directly in `folder`, or one level down in a producer's
-    subfolder (`landing/<kind>/<producer>/<name>`). Hidden or temp folders are someone's work in
-    progress; anything else deeper is listed as it stands (a folder), to be quarantined, not skipped.
+    """Complete landing files of one kind: directly in `folder`, or in a producer's subfolder
+    (`landing/<kind>/<producer>/<name>`). Hidden or temp names are someone's work in progress and
+    are not read. Every other file below a producer's folder is listed too, however deep (ingest
+    quarantines it by its own path, so none is skipped silently), and so is a folder that cannot
+    be listed (quarantined until it can: its files then have paths of their own).
     """
     found: list[Path] = []
     try:
-        # scandir reads the type from the directory entry: no stat per file.
-        with os.scandir(folder) as entries:
-            for entry in entries:
-                if entry.is_dir(follow_symlinks=False):
-                    if is_landing_name(entry.name):
-                        with os.scandir(entry.path) as inner:
-                            found.extend(
-                                Path(sub.path) for sub in inner
-                                if is_landing_name(sub.name) and (
-                                    is_landing_file(sub) or sub.is_dir(follow_symlinks=False)
-                                )
-                            )
-                elif is_landing_file(entry):
-                    found.append(Path(entry.path))
+        entries = list(os.scandir(folder))
     except FileNotFoundError:
         return []
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            if is_landing_name(entry.name):
+                found.extend(_files_below(Path(entry.path)))
+        elif is_landing_file(entry):
+            found.append(Path(entry.path))
     return sorted(found)
+
+
+def _files_below(folder: Path) -> list[Path]:
+    found: list[Path] = []
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:  # removed while it was being listed
+        return []
+    except OSError:
+        return [folder]
+    for entry in entries:
+        if not is_landing_name(entry.name):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            found.extend(_files_below(Path(entry.path)))
+        elif is_landing_file(entry):
+            found.append(Path(entry.path))
+    return found
 
 
 def open_landing_file(path: Path) -> BinaryIO:
@@ -302,11 +315,7 @@ def _read_parquet(path: Path, opened: os.stat_result, con: duckdb.DuckDBPyConnec
 def read_lines(path: Path, con: duckdb.DuckDBPyConnection) -> tuple[pl.DataFrame, int]:
     """Return (line_no, line) for every non-blank record of a file, and the blank-line count."""
     if path.is_dir() and not path.is_symlink():
-        raise UnreadableFile(
-            UNREADABLE_FILE,
-            f"{path.name}: a folder inside a producer's folder; landing files go in "
-            "landing/<kind>/ or landing/<kind>/<producer>/, nothing deeper is read",
-        )
+        raise UnreadableFile(UNREADABLE_FILE, f"{path.name}: a folder labelloop cannot list (check its permissions)")
     if path.suffix.lower() not in SUPPORTED_SUFFIXES:
         raise UnreadableFile(
             UNSUPPORTED_FORMAT, f"{path.name}: expected one of {', '.join(SUPPORTED_SUFFIXES)}"

@@ -61,6 +61,7 @@ class Directory:
 
     contributors: dict[str, Contributor]
     # producer folder -> the highest role its lines may claim for a user the directory does not list
+    # (a listed user counts at their grant, wherever their line comes from)
     producers: dict[str, str]
 
     @classmethod
@@ -191,7 +192,10 @@ def _contributor(entry: dict, path: Path) -> Contributor:
         if not isinstance(via, list) or not all(isinstance(v, str) and _is_producer(v) for v in via):
             raise LabelloopConfigError(f"{path}: `via` of {ident!r} must list producer folders (or '.')")
         via = tuple(via)
-    return Contributor(ident, role, tuple(_public_key(k, ident, path) for k in entry.get("keys") or []), via)
+    keys = entry.get("keys") or []
+    if not isinstance(keys, list):
+        raise LabelloopConfigError(f"{path}: `keys` of {ident!r} must be a list of {{public_key: ...}} entries")
+    return Contributor(ident, role, tuple(_public_key(k, ident, path) for k in keys), via)
 
 
 def _public_key(entry, owner: str, path: Path) -> PublicKey:

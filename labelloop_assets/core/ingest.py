@@ -18,7 +18,7 @@ import polars as pl
 from labelloop_assets.core import contracts as c
 from labelloop_assets.core import gold, store
 from labelloop_assets.core.anonymize import pseudonym
-from labelloop_assets.core.directory import ROOT_PRODUCER, Directory, effective_role, producer_expr
+from labelloop_assets.core.directory import END_USER, ROOT_PRODUCER, Directory, effective_role, producer_expr
 from labelloop_assets.core.ontology import Ontology
 from labelloop_assets.core.settings import Home, LabelloopConfigError, load_yaml_mapping
 
@@ -61,6 +61,13 @@ def relative_name(home: Home, path: Path) -> str:
     return path.relative_to(home.landing).as_posix()
 
 
+# landing/<kind>/<producer>/<name> at the deepest: a producer is one folder.
+NESTED_TOO_DEEP = (
+    "{name}: inside a folder within a producer's folder; landing files go in landing/<kind>/ or "
+    "landing/<kind>/<producer>/ (move it there to have it read)"
+)
+
+
 def _read_batch(
     home: Home, files: list[Path], spec: c.RecordSpec, con: duckdb.DuckDBPyConnection, key: bytes,
     raw_lines: list[pl.DataFrame] | None = None,
@@ -71,6 +78,8 @@ def _read_batch(
     for path in files:
         name = relative_name(home, path)
         try:
+            if name.count("/") > 2:
+                raise c.UnreadableFile(c.UNREADABLE_FILE, NESTED_TOO_DEEP.format(name=name))
             lines, blank = c.read_lines(path, con)
         except c.UnreadableFile as error:
             batch.quarantined.append(c.whole_file_quarantine(spec.kind, name, error, path))
@@ -435,10 +444,13 @@ def _counted_roles(records: pl.DataFrame, directory: Directory, key: bytes) -> p
         records.join(grants, on="user_id", how="left")
         .join(directory.producer_claims(), on="producer", how="left")
         .with_columns(
-            # A grant limited to some producers does not count in lines from another.
+            # A listed user's authority is their grant, which counts only in lines from the
+            # producers its `via` allows (elsewhere they are an end user); what a producer may
+            # assert is for users the directory does not list.
             granted_role=pl.when(
                 pl.col("granted_via").is_null() | pl.col("granted_via").list.contains(pl.col("producer"))
-            ).then("granted_role")
+            ).then("granted_role").otherwise(pl.lit(END_USER)),
+            may_claim=pl.when(pl.col("granted_role").is_null()).then("may_claim"),
         )
     )
     return joined.with_columns(

@@ -255,8 +255,20 @@ def with_history(con, votes: pl.DataFrame) -> pl.DataFrame:
             )
         )
         .group_by("event_id", "user_pseudonym")
-        .agg(history=pl.len().cast(pl.Int64))
+        .agg(history=pl.len().cast(pl.Int64), _arrived=pl.col("_arrived").first())
     )
+    # History is also capped by the whole days that passed on the store's clock since the
+    # contributor's first counted vote arrived: two votes landed either side of midnight, a
+    # quarter of an hour apart, fall on two days but are no two days of history.
+    first = days.group_by("user_pseudonym").agg(
+        _first=pl.col("first_arrived").min(), _before=pl.col("before_arrivals").any()
+    )
+    elapsed = ((pl.col("_arrived") - pl.col("_first")).dt.total_seconds() // 86_400).cast(pl.Int64)
+    earlier = earlier.join(first, on="user_pseudonym", how="left").with_columns(
+        history=pl.when(pl.col("_before") | pl.col("_arrived").is_null() | pl.col("_first").is_null())
+        .then("history")
+        .otherwise(pl.min_horizontal("history", elapsed))
+    ).select("event_id", "user_pseudonym", "history")
     return votes.join(earlier, on=["event_id", "user_pseudonym"], how="left").with_columns(
         pl.col("history").fill_null(0)
     )
