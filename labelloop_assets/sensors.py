@@ -16,7 +16,7 @@ from labelloop_assets.checks.schema_checks import (
     blocking_checks_hold,
     failing_blocking_checks,
 )
-from labelloop_assets.core.contracts import landing_files
+from labelloop_assets.core.contracts import landing_names
 from labelloop_assets.core.settings import Home, RetrainPolicy
 from labelloop_assets.jobs import ingest_job, retrain_job
 from labelloop_assets.resources import LabelloopHome, RetrainCadence
@@ -27,8 +27,7 @@ INGESTED_KINDS = ("items", "predictions", "corrections", "reviews")
 def landed_files(home: Home) -> list[str]:
     """Every complete landing file, as `kind/name` or `kind/producer/name`."""
     return sorted(
-        path.relative_to(home.landing).as_posix()
-        for kind in INGESTED_KINDS for path in landing_files(home.landing_dir(kind))
+        f"{kind}/{name}" for kind in INGESTED_KINDS for name in landing_names(home.landing_dir(kind))
     )
 
 

@@ -207,43 +207,45 @@ def is_landing_file(path: Path | os.DirEntry) -> bool:
     return (path.is_file() or path.is_symlink()) and is_landing_name(path.name)
 
 
-def landing_files(folder: Path) -> list[Path]:
-    """Complete landing files of one kind: directly in `folder`, or in a producer's subfolder
-    (`landing/<kind>/<producer>/<name>`). Hidden or temp names are someone's work in progress and
-    are not read. Every other file below a producer's folder is listed too, however deep (ingest
-    quarantines it by its own path, so none is skipped silently), and so is a folder that cannot
-    be listed (quarantined until it can: its files then have paths of their own).
-    """
-    found: list[Path] = []
+def landing_names(folder: Path) -> list[str]:
+    """Complete landing files of one kind, as sorted paths relative to `folder`: directly in it, or
+    in a producer's subfolder (`<producer>/<name>`). Hidden or temp names are someone's work in
+    progress and are not read. Every other file below a producer's folder is listed too, however
+    deep (ingest quarantines it by its own path, so none is skipped silently), and so is a folder
+    that cannot be listed (quarantined until it can: its files then have paths of their own).
+    Plain strings: the sensor lists tens of thousands each tick, and a Path per file costs more
+    than reading the directory."""
+    found: list[str] = []
     try:
         entries = list(os.scandir(folder))
     except FileNotFoundError:
         return []
     for entry in entries:
+        # scandir reads the type from the directory entry: no stat per file.
         if entry.is_dir(follow_symlinks=False):
             if is_landing_name(entry.name):
-                found.extend(_files_below(Path(entry.path)))
+                _names_below(entry.path, entry.name + "/", found)
         elif is_landing_file(entry):
-            found.append(Path(entry.path))
-    return sorted(found)
+            found.append(entry.name)
+    found.sort()
+    return found
 
 
-def _files_below(folder: Path) -> list[Path]:
-    found: list[Path] = []
+def _names_below(folder: str, prefix: str, found: list[str]) -> None:
     try:
         entries = list(os.scandir(folder))
     except FileNotFoundError:  # removed while it was being listed
-        return []
+        return
     except OSError:
-        return [folder]
+        found.append(prefix.rstrip("/"))
+        return
     for entry in entries:
         if not is_landing_name(entry.name):
             continue
         if entry.is_dir(follow_symlinks=False):
-            found.extend(_files_below(Path(entry.path)))
+            _names_below(entry.path, prefix + entry.name + "/", found)
         elif is_landing_file(entry):
-            found.append(Path(entry.path))
-    return found
+            found.append(prefix + entry.name)
 
 
 def open_landing_file(path: Path) -> BinaryIO:

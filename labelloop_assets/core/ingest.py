@@ -49,12 +49,12 @@ class _Batch:
 
 def pending_files(home: Home, con: duckdb.DuckDBPyConnection, kind: str) -> list[Path]:
     """Landing files of a kind (its folder and producers' subfolders) not in the ledger yet, by path."""
-    candidates = c.landing_files(home.landing_dir(kind))
+    candidates = [f"{kind}/{name}" for name in c.landing_names(home.landing_dir(kind))]
     if not candidates:
         return []
-    names = pl.DataFrame({"path": [relative_name(home, p) for p in candidates]})
+    names = pl.DataFrame({"path": candidates})
     seen = set(store.lookup(con, "ingested_files", "path", names, "t.kind")["path"].to_list())
-    return [p for p in candidates if relative_name(home, p) not in seen]
+    return [home.landing / name for name in candidates if name not in seen]
 
 
 def relative_name(home: Home, path: Path) -> str:
