@@ -481,14 +481,22 @@ def test_the_cli_waits_for_a_held_file_and_then_reads_it(held, monkeypatch, caps
 
 def _release_once_logged(instance: dg.DagsterInstance, holder: subprocess.Popen, text: str) -> threading.Thread:
     """Let the holder go once a run on `instance` has logged `text` (at most after 50 s)."""
+    def logged() -> bool:
+        try:
+            return any(
+                text in record.user_message
+                for run in instance.get_runs() for record in instance.all_logs(run.run_id)
+            )
+        except Exception:  # the in-memory instance's SQLite is busy with the run's own writes: look again
+            return False
+
     def watch() -> None:
         deadline = time.monotonic() + 50
-        while time.monotonic() < deadline and not any(
-            text in record.user_message
-            for run in instance.get_runs() for record in instance.all_logs(run.run_id)
-        ):
-            time.sleep(0.05)
-        holder.kill()
+        try:
+            while time.monotonic() < deadline and not logged():
+                time.sleep(0.05)
+        finally:
+            holder.kill()
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
