@@ -17,6 +17,7 @@ import polars as pl
 
 from labelloop_assets.core import store
 from labelloop_assets.core.lake import Lake, LakeError
+from labelloop_assets.core.contracts import TRIMMED
 from labelloop_assets.core.settings import Home, LabelloopConfigError
 
 
@@ -312,10 +313,6 @@ def _show_burst(args: argparse.Namespace) -> int:
     return 0
 
 
-# The landing contract trims these from every string field before it checks anything.
-_TRIM = " \t\r\n"
-
-
 def _is_text(value: str) -> bool:
     """False for arguments holding bytes that were not UTF-8 (Python keeps them as lone surrogates):
     they can be neither signed nor stored."""
@@ -358,9 +355,9 @@ def cmd_review_decide(args: argparse.Namespace) -> int:
     decision = {"decide": "accept", "reject": "reject", "defer": "defer", "release": "release",
                 "discard": "discard"}[args.review_command]
     # Checked as ingest will read them: " reviewer-0" is reviewer-0 there, so it must be here.
-    escalation_id, reviewer = args.escalation_id.strip(_TRIM), args.reviewer.strip(_TRIM)
-    rationale = args.rationale.strip(_TRIM)
-    label = None if getattr(args, "label", None) is None else args.label.strip(_TRIM)
+    escalation_id, reviewer = args.escalation_id.strip(TRIMMED), args.reviewer.strip(TRIMMED)
+    rationale = args.rationale.strip(TRIMMED)
+    label = None if getattr(args, "label", None) is None else args.label.strip(TRIMMED)
     problems = _field_problems(
         {"escalation_id": escalation_id, "reviewer_id": reviewer, "rationale": rationale, "label": label}
     )
@@ -544,7 +541,7 @@ def cmd_model_rollback(args: argparse.Namespace) -> int:
     from labelloop_assets.core.anonymize import scrub_sql
 
     home = _home()
-    reviewer, rationale = args.reviewer.strip(_TRIM), args.rationale.strip(_TRIM)
+    reviewer, rationale = args.reviewer.strip(TRIMMED), args.rationale.strip(TRIMMED)
     version = args.version
     not_text = [name for name, value in (("version", version), ("--rationale", rationale), ("--as", reviewer))
                 if not _is_text(value)]
@@ -704,7 +701,7 @@ def cmd_keys_new(args: argparse.Namespace) -> int:
     from labelloop_assets.core import review, signing
 
     home = _home()
-    ident = args.contributor_id.strip(_TRIM)
+    ident = args.contributor_id.strip(TRIMMED)
     if not ident or ident != args.contributor_id or re.search(_CONTROL, ident) or not _is_text(ident):
         print("labelloop: refused: give the contributor id as it is listed (no surrounding blanks, no control "
               "characters)", file=sys.stderr)

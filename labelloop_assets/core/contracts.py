@@ -72,6 +72,11 @@ ISO_TIMESTAMP = (
 )
 
 
+# What the contract trims from both ends of a string field; the CLI and the signature check
+# trim ids the same way in Python (str.strip(TRIMMED)), so they look up what ingest stores.
+TRIMMED = " \t\r\n"
+
+
 def _trim(expr: str) -> str:
     """Strip spaces, tabs and line breaks (DuckDB's one-argument trim strips spaces only)."""
     return f"trim({expr}, E' \\t\\r\\n')"

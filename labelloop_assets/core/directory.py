@@ -138,14 +138,9 @@ class Directory:
         )
 
 
-def producer_of(relative_path: str) -> str:
-    """The producer of a landing file from its path under landing/ (`kind/name` or `kind/producer/name`)."""
-    parts = relative_path.split("/")
-    return parts[1] if len(parts) > 2 else ROOT_PRODUCER
-
-
 def producer_expr(relative_path: pl.Expr) -> pl.Expr:
-    """`producer_of` for a column of paths, vectorized."""
+    """The producer of each landing file from its path under landing/ (`kind/name` or
+    `kind/producer/name`)."""
     parts = relative_path.str.split("/")
     return pl.when(parts.list.len() > 2).then(parts.list.get(1, null_on_oob=True)).otherwise(pl.lit(ROOT_PRODUCER))
 
@@ -153,13 +148,11 @@ def producer_expr(relative_path: pl.Expr) -> pl.Expr:
 def effective_role(claimed: pl.Expr, granted: pl.Expr, producer_may_claim: pl.Expr) -> pl.Expr:
     """The role a vote counts at: its claim, capped by the higher of the directory's grant and
     what its producer may assert. An unlisted user from an untrusted producer is an end user."""
-    rank = {role: rank for role, rank in ROLE_RANK.items()}
-    ceiling = pl.max_horizontal(
-        granted.replace_strict(rank, default=0, return_dtype=pl.Int64),
-        producer_may_claim.replace_strict(rank, default=0, return_dtype=pl.Int64),
-    )
-    counted = pl.min_horizontal(claimed.replace_strict(rank, default=0, return_dtype=pl.Int64), ceiling)
-    return counted.replace_strict({v: k for k, v in rank.items()}, return_dtype=pl.String)
+    def ranked(role: pl.Expr) -> pl.Expr:
+        return role.replace_strict(ROLE_RANK, default=0, return_dtype=pl.Int64)
+
+    counted = pl.min_horizontal(ranked(claimed), pl.max_horizontal(ranked(granted), ranked(producer_may_claim)))
+    return counted.replace_strict(dict(enumerate(USER_ROLES)), return_dtype=pl.String)
 
 
 def key_id(raw: bytes) -> str:

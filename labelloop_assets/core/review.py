@@ -41,8 +41,6 @@ CLOSING = (ACCEPT, REJECT)
 REFUSED_PREFIX = "rev-refused-"
 # The policy files a review ingest decides by (recorded with its run, see store.policy_rows).
 REVIEW_POLICIES = ("governance.yaml", "contributors.yaml", "reviewers.yaml")
-# What the landing contract trims from string fields: ids are looked up as ingest reads them.
-_TRIM = " \t\r\n"
 # A key id as `labelloop keys new` makes them; anything else in key_id is not echoed back.
 _KEY_ID = re.compile(r"^ed25519:[0-9a-f]{24}$")
 # Refusals of the signature check, in the order they are tried.
@@ -275,7 +273,7 @@ def _checked(
     if not isinstance(raw, dict):
         return c.BAD_SIGNATURE, "the line could not be read to verify its signature", None
     reviewer = raw.get("reviewer_id")
-    reviewer = reviewer.strip(_TRIM) if isinstance(reviewer, str) else None
+    reviewer = reviewer.strip(c.TRIMMED) if isinstance(reviewer, str) else None
     role = authorities.get(reviewer) if reviewer else None
     if role is None:
         return c.UNKNOWN_REVIEWER, "reviewer_id is not a reviewer in contributors.yaml", None
