@@ -6,6 +6,7 @@ materialization metadata from Dagster's event log, so they never race a running 
 
 import hashlib
 import json
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,18 +25,26 @@ from labelloop_assets.resources import LabelloopHome, RetrainCadence
 INGESTED_KINDS = ("items", "predictions", "corrections", "reviews")
 
 
-def landed_files(home: Home) -> list[str]:
-    """Every complete landing file, as `kind/name` or `kind/producer/name`."""
-    return sorted(
-        f"{kind}/{name}" for kind in INGESTED_KINDS for name in landing_names(home.landing_dir(kind))
-    )
+def landed_files(home: Home) -> dict[str, str]:
+    """Every complete landing file, as `kind/name` or `kind/producer/name`, with its size and
+    modification time: a file rewritten or appended to under a name already seen changes them."""
+    found = {}
+    for kind in INGESTED_KINDS:
+        folder = home.landing_dir(kind)
+        for name in landing_names(folder):
+            try:
+                st = os.lstat(os.path.join(folder, name))
+                found[f"{kind}/{name}"] = f"{st.st_size}:{st.st_mtime_ns}"
+            except OSError:  # removed since it was listed, or a folder that cannot be listed
+                found[f"{kind}/{name}"] = "-"
+    return found
 
 
 @dg.sensor(
     job=ingest_job,
     minimum_interval_seconds=30,
     default_status=dg.DefaultSensorStatus.STOPPED,
-    description="Requests an ingest run when new files appear under landing/{items,predictions,corrections,reviews} "
+    description="Requests an ingest run when files appear or change under landing/{items,predictions,corrections,reviews} "
     "or gold.jsonl changes.",
 )
 def landing_sensor(
@@ -43,25 +52,33 @@ def landing_sensor(
 ) -> dg.SensorResult | dg.SkipReason:
     home = Home(Path(labelloop.root).resolve())
     cursor = json.loads(context.cursor) if context.cursor else {}
-    seen = set(cursor.get("seen", []))
+    seen = cursor.get("seen", {})
+    if isinstance(seen, list):  # a cursor from before sizes were kept: take today's as seen
+        seen = dict.fromkeys(seen)
     current = landed_files(home)
     new = [name for name in current if name not in seen]
+    # A file rewritten or appended to under a name already seen: the ingest run reads its new version.
+    changed = [name for name, signature in current.items()
+               if seen.get(name) is not None and seen[name] != signature]
     # An edited gold.jsonl is ingested too: the items step declares its new evaluation set.
     gold = gold_file_signature(home)
     gold_changed = gold is not None and gold != cursor.get("gold")
-    if not new and not gold_changed:
-        return dg.SkipReason(f"no new landing files ({len(current)} already seen)")
-    # The run ingests whatever the ledger has not seen; the run_key makes a repeated tick harmless.
-    run_key = "landing-" + hashlib.sha256("\n".join(new + ([gold] if gold_changed else [])).encode()).hexdigest()[:16]
+    if not new and not changed and not gold_changed:
+        return dg.SkipReason(f"no new or changed landing files ({len(current)} already seen)")
+    # The run ingests whatever the ledger has not read; the run_key makes a repeated tick harmless.
+    trigger = [f"{name}@{current[name]}" for name in new + changed] + ([gold] if gold_changed else [])
+    run_key = "landing-" + hashlib.sha256("\n".join(trigger).encode()).hexdigest()[:16]
     return dg.SensorResult(
         run_requests=[
             dg.RunRequest(
                 run_key=run_key,
                 tags={"labelloop/new_files": str(len(new)), "labelloop/trigger": "landing_sensor",
+                      **({"labelloop/changed_files": str(len(changed))} if changed else {}),
                       **({"labelloop/gold_changed": "true"} if gold_changed else {})},
             )
         ],
-        cursor=json.dumps({"seen": sorted(seen | set(new)), **({"gold": gold} if gold else {})}),
+        # Only the files there now: a cursor that kept every name ever seen would grow without end.
+        cursor=json.dumps({"seen": current, **({"gold": gold} if gold else {})}),
     )
 
 

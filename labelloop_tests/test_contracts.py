@@ -13,7 +13,7 @@ import duckdb
 import polars as pl
 import pytest
 
-from labelloop_assets.core import anonymize, contracts
+from labelloop_assets.core import anonymize, contracts, reading
 
 KEY = b"contract-test-key"
 
@@ -56,13 +56,14 @@ def reasons(quarantined: pl.DataFrame) -> list[tuple[int, str, str]]:
     return list(quarantined.select("line_no", "reason", "detail").iter_rows())
 
 
-# --------------------------------------------------------------------------- read_lines
+# --------------------------------------------------------------------------- reading.read_lines
 
 
 def test_read_lines_numbers_physical_lines_and_counts_blanks(tmp_path, con):
     path = tmp_path / "f.jsonl"
     path.write_bytes(b'{"a":1}\r\n\r\n   \n{"b":2}\n\t\n{"c":3}\n')
-    frame, blank = contracts.read_lines(path, con)
+    frame, read = reading.read_lines(path)
+    blank = read.blank_lines
     assert frame.select("line_no", "line", "bad_encoding").rows() == [
         (1, '{"a":1}', False), (4, '{"b":2}', False), (6, '{"c":3}', False)
     ]
@@ -72,14 +73,16 @@ def test_read_lines_numbers_physical_lines_and_counts_blanks(tmp_path, con):
 def test_read_lines_without_trailing_newline_keeps_last_line(tmp_path, con):
     path = tmp_path / "f.jsonl"
     path.write_text('{"a":1}\n{"b":2}')
-    frame, blank = contracts.read_lines(path, con)
+    frame, read = reading.read_lines(path)
+    blank = read.blank_lines
     assert frame["line"].to_list() == ['{"a":1}', '{"b":2}'] and blank == 0
 
 
 def test_read_lines_of_an_empty_file_has_no_blank_lines(tmp_path, con):
     path = tmp_path / "empty.jsonl"
     path.write_bytes(b"")
-    frame, blank = contracts.read_lines(path, con)
+    frame, read = reading.read_lines(path)
+    blank = read.blank_lines
     assert frame.height == 0
     assert blank == 0
 
@@ -87,7 +90,7 @@ def test_read_lines_of_an_empty_file_has_no_blank_lines(tmp_path, con):
 def test_read_lines_flags_only_lines_with_invalid_utf8(tmp_path, con):
     path = tmp_path / "f.jsonl"
     path.write_bytes(b'{"a":"caf\xc3\xa9"}\n{"a":"caf\xe9"}\n{"a":"ok"}\n')
-    frame, _ = contracts.read_lines(path, con)
+    frame, _ = reading.read_lines(path)
     assert frame.select("line_no", "bad_encoding").rows() == [(1, False), (2, True), (3, False)]
     assert frame["line"][0] == '{"a":"café"}'
 
@@ -95,7 +98,8 @@ def test_read_lines_flags_only_lines_with_invalid_utf8(tmp_path, con):
 def test_read_lines_reads_parquet_rows_as_json_objects(tmp_path, con):
     path = tmp_path / "f.parquet"
     pl.DataFrame({"item_id": ["a", "b"], "features": [[1.0, 2.0], [3.0, 4.5]]}).write_parquet(path)
-    frame, blank = contracts.read_lines(path, con)
+    frame, read = reading.read_lines(path)
+    blank = read.blank_lines
     assert blank == 0
     assert frame["line_no"].to_list() == [1, 2]
     assert [json.loads(line) for line in frame["line"]] == [
@@ -117,7 +121,7 @@ def test_read_lines_refuses_unreadable_files(tmp_path, con, name, content, reaso
     path = tmp_path / name
     path.write_bytes(content)
     with pytest.raises(contracts.UnreadableFile) as info:
-        contracts.read_lines(path, con)
+        reading.read_lines(path)
     assert info.value.reason == reason
     assert name in info.value.detail
 
@@ -127,11 +131,11 @@ def test_read_lines_refuses_files_over_the_size_limit(tmp_path, con, monkeypatch
     path.write_text('{"a":1}\n' * 10)  # 80 bytes
     monkeypatch.setattr(contracts, "MAX_FILE_BYTES", 79)
     with pytest.raises(contracts.UnreadableFile) as info:
-        contracts.read_lines(path, con)
+        reading.read_lines(path)
     assert info.value.reason == contracts.FILE_TOO_LARGE
     assert "80 bytes > 79" in info.value.detail
     monkeypatch.setattr(contracts, "MAX_FILE_BYTES", 80)
-    assert contracts.read_lines(path, con)[0].height == 10
+    assert reading.read_lines(path)[0].height == 10
 
 
 def test_read_lines_refuses_a_named_pipe_at_once(tmp_path, con):
@@ -142,7 +146,7 @@ def test_read_lines_refuses_a_named_pipe_at_once(tmp_path, con):
 
     def read() -> None:
         try:
-            contracts.read_lines(pipe, con)
+            reading.read_lines(pipe)
         except contracts.UnreadableFile as error:
             outcome.append(error)
 

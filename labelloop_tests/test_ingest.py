@@ -218,7 +218,12 @@ LINE_CASES = {
     ),
 }
 
-WHOLE_FILE_REASONS = [contracts.UNREADABLE_FILE, contracts.UNSUPPORTED_FORMAT, contracts.FILE_TOO_LARGE]
+WHOLE_FILE_REASONS = [
+    contracts.UNREADABLE_FILE, contracts.UNSUPPORTED_FORMAT, contracts.FILE_TOO_LARGE,
+    contracts.TOO_MANY_LINES, contracts.DECOMPRESSED_TOO_LARGE,
+]
+# A file that exhausts memory: test_hostile_files.py, in a child process under a memory limit.
+RESOURCE_REASONS = {contracts.RESOURCE_LIMIT}
 
 
 # Reasons that only review decisions can have; test_governance.py covers each of them.
@@ -239,8 +244,8 @@ TRUST_REASONS = {
 
 def test_every_reason_code_has_a_test():
     defined = {v for k, v in vars(contracts).items() if isinstance(v, str) and k.lower() == v}
-    assert len(defined) == 32
-    assert defined == set(LINE_CASES) | set(WHOLE_FILE_REASONS) | REVIEW_REASONS | TRUST_REASONS
+    assert len(defined) == 35
+    assert defined == set(LINE_CASES) | set(WHOLE_FILE_REASONS) | REVIEW_REASONS | TRUST_REASONS | RESOURCE_REASONS
 
 
 @pytest.mark.parametrize("reason", list(LINE_CASES))
@@ -297,6 +302,19 @@ def _whole_file_setup(home: Home, reason: str, monkeypatch) -> str:
     if reason == contracts.UNSUPPORTED_FORMAT:
         (folder / "export.csv").write_text("event_id,item_id\nx-1,i1\n")
         return "export.csv"
+    if reason == contracts.TOO_MANY_LINES:
+        # Blank lines count: a file of newlines must not cost a list of empty strings to refuse.
+        monkeypatch.setattr(contracts, "MAX_LINES_PER_FILE", 10)
+        (folder / "newlines.jsonl").write_bytes(json.dumps(correction("nl-1")).encode() + b"\n" * 30)
+        return "newlines.jsonl"
+    if reason == contracts.DECOMPRESSED_TOO_LARGE:
+        # A few hundred bytes of Parquet that decompress into 100 rows of 1,000 characters.
+        monkeypatch.setattr(contracts, "MAX_DECOMPRESSED_BYTES", 50_000)
+        pl.DataFrame([correction(f"z-{n}", rationale="z" * 1000) for n in range(100)]).write_parquet(
+            folder / "bomb.parquet", compression="zstd"
+        )
+        assert (folder / "bomb.parquet").stat().st_size < 5_000
+        return "bomb.parquet"
     monkeypatch.setattr(contracts, "MAX_FILE_BYTES", 2000)
     land(home, "corrections", "big.jsonl", [correction(f"big-{n}") for n in range(20)])
     assert (folder / "big.jsonl").stat().st_size > 2000

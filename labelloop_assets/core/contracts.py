@@ -1,4 +1,4 @@
-"""Landing-file contracts: read a file, check every record against its field spec, in SQL.
+"""Landing-file contracts: the field specs, and every record checked against its spec in SQL.
 
 Each line of a landing file ends up either as a typed record or as a quarantine row with a
 machine-readable reason. All checks are vectorized DuckDB expressions over the whole file.
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -20,6 +19,11 @@ from labelloop_assets.core.anonymize import hmac_pads, pseudonym_sql, scrub_sql
 
 MAX_LINE_BYTES = 64 * 1024
 MAX_FILE_BYTES = 512 * 1024 * 1024
+# Caps on what one file may cost once read (core/reading.py): physical lines, blank ones included
+# (a file of newlines must not cost a list of empty strings), and the text a Parquet file's rows
+# make once decompressed (a few kilobytes of zstd can hold gigabytes of repeated text).
+MAX_LINES_PER_FILE = 10_000_000
+MAX_DECOMPRESSED_BYTES = 512 * 1024 * 1024
 # Timestamps outside this window are device clocks gone wrong (unset clocks say 1970, typos say
 # 9999); a vote dated in the future would stay a contributor's latest vote forever.
 EARLIEST_TIMESTAMP = "2000-01-01T00:00:00Z"
@@ -56,6 +60,9 @@ FEATURE_LENGTH_MISMATCH = "feature_length_mismatch"
 UNREADABLE_FILE = "unreadable_file"
 UNSUPPORTED_FORMAT = "unsupported_format"
 FILE_TOO_LARGE = "file_too_large"
+TOO_MANY_LINES = "too_many_lines"
+DECOMPRESSED_TOO_LARGE = "decompressed_too_large"
+RESOURCE_LIMIT = "resource_limit"  # ran out of memory reading it: isolated, the rest goes through
 # Trust (issue: authority granted by the deployment, signed reviewer actions).
 ROLE_NOT_GRANTED = "role_not_granted"  # an audit reason: the claim counts at the granted role
 UNSIGNED = "unsigned"
@@ -302,89 +309,6 @@ def sync_to_disk(path: Path) -> None:
         os.close(descriptor)
 
 
-def _read_parquet(path: Path, opened: os.stat_result, con: duckdb.DuckDBPyConnection) -> pl.DataFrame:
-    """Every row as a JSON line. DuckDB opens the file by name, so the name must still lead to
-    the file opened and checked by the caller once DuckDB has read it."""
-    try:
-        frame = con.sql(
-            "SELECT (row_number() OVER ())::BIGINT AS line_no, to_json(t)::VARCHAR AS line "
-            "FROM read_parquet($path) AS t",
-            params={"path": str(path)},
-        ).pl()
-    except duckdb.Error as exc:
-        raise UnreadableFile(UNREADABLE_FILE, f"{path.name}: {exc}") from None
-    now = os.lstat(path)
-    if (now.st_dev, now.st_ino) != (opened.st_dev, opened.st_ino) or not stat.S_ISREG(now.st_mode):
-        raise UnreadableFile(UNREADABLE_FILE, f"{path.name}: replaced while it was being read")
-    return frame.with_columns(bad_encoding=pl.lit(False))
-
-
-def read_lines(path: Path, con: duckdb.DuckDBPyConnection) -> tuple[pl.DataFrame, int]:
-    """Return (line_no, line) for every non-blank record of a file, and the blank-line count."""
-    if path.is_dir() and not path.is_symlink():
-        raise UnreadableFile(UNREADABLE_FILE, f"{path.name}: a folder labelloop cannot list (check its permissions)")
-    if path.suffix.lower() not in SUPPORTED_SUFFIXES:
-        raise UnreadableFile(
-            UNSUPPORTED_FORMAT, f"{path.name}: expected one of {', '.join(SUPPORTED_SUFFIXES)}"
-        )
-    try:
-        if stat.S_ISLNK(os.lstat(path).st_mode):
-            # A link would let whoever can write to the landing zone have labelloop read any
-            # file it can read (into the corpus, the quarantine, the published snapshots).
-            raise UnreadableFile(
-                UNREADABLE_FILE, f"{path.name}: a symbolic link; landing files must be regular files"
-            )
-        # Opened once, without following a link swapped in since: its size and contents are
-        # those of the file checked here.
-        with open_landing_file(path) as handle:
-            opened = os.fstat(handle.fileno())
-            if not stat.S_ISREG(opened.st_mode):
-                raise UnreadableFile(UNREADABLE_FILE, f"{path.name}: not a regular file")
-            if opened.st_size > MAX_FILE_BYTES:
-                raise UnreadableFile(FILE_TOO_LARGE, f"{path.name}: {opened.st_size} bytes > {MAX_FILE_BYTES}")
-            if path.suffix.lower() == ".parquet":
-                return _read_parquet(path, opened, con), 0
-            data = handle.read()
-    except OSError as exc:
-        raise UnreadableFile(UNREADABLE_FILE, f"{path.name}: {exc.strerror}") from None
-    if len(data) > MAX_FILE_BYTES:  # it grew after it was opened
-        raise UnreadableFile(FILE_TOO_LARGE, f"{path.name}: more than {MAX_FILE_BYTES} bytes")
-    if data.startswith(UTF16_32_BOMS):
-        # Every line would fail, most of them as malformed JSON: name the real problem once.
-        raise UnreadableFile(
-            INVALID_ENCODING, f"{path.name}: UTF-16 or UTF-32 text (byte-order mark); expected UTF-8"
-        )
-    if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark is not part of line 1
-        data = data[3:]
-    try:
-        lines, bad = data.decode("utf-8").split("\n"), None
-    except UnicodeDecodeError:
-        # Line by line, so that only the lines holding the bad bytes are flagged (a newline byte
-        # never occurs inside a multi-byte UTF-8 character).
-        lines, bad = [], []
-        for raw in data.split(b"\n"):
-            try:
-                lines.append(raw.decode("utf-8"))
-                bad.append(False)
-            except UnicodeDecodeError:
-                lines.append(raw.decode("utf-8", errors="replace"))
-                bad.append(True)
-    if lines[-1] == "":  # what follows the last newline (or an empty file) is no line at all
-        lines = lines[:-1]
-    frame = pl.DataFrame({"line": lines}, schema={"line": pl.String}).with_row_index(
-        "line_no", offset=1
-    )
-    # Files concatenated with `cat` keep their byte-order marks at the start of a line; a carriage
-    # return before the newline is part of the line break.
-    frame = frame.with_columns(
-        pl.col("line_no").cast(pl.Int64),
-        pl.col("line").str.strip_prefix("\ufeff").str.strip_suffix("\r"),
-        bad_encoding=pl.Series(bad[: len(lines)], dtype=pl.Boolean) if bad else pl.lit(False),
-    )
-    blank = frame["line"].str.strip_chars().str.len_bytes() == 0
-    return frame.filter(~blank).select("line_no", "line", "bad_encoding"), int(blank.sum())
-
-
 def _ref(field: FieldSpec) -> str:
     """The column holding a field's value as text: the string itself, or JSON for arrays and
     objects (extracted once per line, see check_records)."""
@@ -599,10 +523,15 @@ def check_records(
     described = ", ".join(_field_columns(field) for field in spec.fields)
     if "source_file" not in lines.columns:
         lines = lines.with_columns(source_file=pl.lit(source_file, pl.String))
+    if "oversize" not in lines.columns:  # lines read whole: any over-long line is still in them
+        lines = lines.with_columns(oversize=pl.lit(False), line_sha256=pl.lit(None, pl.String))
     whens = " ".join(f"WHEN {condition} THEN {n}" for n, (condition, _, _) in enumerate(rules, start=1))
     reasons = "[" + ", ".join(_quote(reason) for _, reason, _ in rules) + "]"
     details = "[" + ", ".join(_quote(detail) for _, _, detail in rules) + "]"
-    con.register("landing_lines", lines.select("source_file", "line_no", "line", "bad_encoding"))
+    con.register(
+        "landing_lines",
+        lines.select("source_file", "line_no", "line", "bad_encoding", "oversize", "line_sha256"),
+    )
     try:
         # One pass: each line is parsed once into its fields' JSON values; every rule reads
         # those small values, the first failing rule's number names the reason, and the typed
@@ -610,8 +539,9 @@ def check_records(
         checked = con.sql(
             f"""
             WITH base AS (
-                SELECT source_file, line_no, line, bad_encoding,
-                       octet_length(encode(line)) > {MAX_LINE_BYTES} AS oversize
+                -- a line the reader hashed instead of keeping (too long) arrives flagged, with its hash
+                SELECT source_file, line_no, line, bad_encoding, line_sha256 AS read_sha256,
+                       oversize OR octet_length(encode(line)) > {MAX_LINE_BYTES} AS oversize
                 FROM landing_lines
             ), valid AS (
                 SELECT *, NOT bad_encoding AND NOT oversize AND json_valid(line) AS valid FROM base
@@ -624,7 +554,7 @@ def check_records(
                        CASE WHEN root = 'OBJECT' THEN json_keys(line) END AS keys
                 FROM rooted
             ), fields AS (
-                SELECT line, source_file, line_no, bad_encoding, oversize, valid, root,
+                SELECT line, read_sha256, source_file, line_no, bad_encoding, oversize, valid, root,
                        coalesce(len(keys) <> list_unique(keys), false) AS duplicate_keys, {values}
                 FROM parsed
             ), described AS (
@@ -634,7 +564,7 @@ def check_records(
             ){pseudonyms}, typed AS (
                 SELECT source_file, line_no, rule_no,
                        -- the raw line is never kept; its hash identifies a rejected one
-                       CASE WHEN rule_no IS NOT NULL THEN sha256(line) END AS line_sha256,
+                       CASE WHEN rule_no IS NOT NULL THEN coalesce(read_sha256, sha256(line)) END AS line_sha256,
                        left(s_{spec.key}, 256) AS record_id,
                        left({item_ref}, 256) AS quarantined_item_id,
                        {extracted}

@@ -27,7 +27,7 @@ import polars as pl
 from sklearn.neighbors import NearestNeighbors
 
 from labelloop_assets.core import contracts as c
-from labelloop_assets.core import store
+from labelloop_assets.core import reading, store
 from labelloop_assets.core.ontology import Ontology
 from labelloop_assets.core.settings import Home, LabelloopConfigError, file_sha256
 
@@ -143,7 +143,7 @@ def read_gold_file(path: Path, ontology: Ontology, con: duckdb.DuckDBPyConnectio
     """Every line of gold.jsonl as (item_id, features, gold_label, payload_hash, line_no), checked
     by the rules landing items follow; any bad line fails the whole file, naming the lines."""
     try:
-        lines, _ = c.read_lines(path, con)
+        lines, _ = reading.read_lines(path)
     except c.UnreadableFile as error:
         raise GoldFileError(f"{path}: {error.detail} ({error.reason})") from None
     if lines.height == 0:

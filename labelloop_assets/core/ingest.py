@@ -7,7 +7,9 @@ run can neither lose a file nor ingest it twice.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import stat
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -16,7 +18,7 @@ import duckdb
 import polars as pl
 
 from labelloop_assets.core import contracts as c
-from labelloop_assets.core import gold, store
+from labelloop_assets.core import gold, reading, store
 from labelloop_assets.core.anonymize import pseudonym
 from labelloop_assets.core.directory import END_USER, ROOT_PRODUCER, Directory, effective_role, producer_expr
 from labelloop_assets.core.ontology import Ontology
@@ -46,15 +48,88 @@ class _Batch:
     quarantined: list[pl.DataFrame] = field(default_factory=list)
     files: list[dict] = field(default_factory=list)
 
+    def drop(self, source: str) -> None:
+        """Forget what was kept of one file (it is quarantined whole instead)."""
+        keep = pl.col("source_file") != source
+        self.accepted = [f.filter(keep) for f in self.accepted]
+        self.quarantined = [f.filter(keep) for f in self.quarantined]
 
-def pending_files(home: Home, con: duckdb.DuckDBPyConnection, kind: str) -> list[Path]:
-    """Landing files of a kind (its folder and producers' subfolders) not in the ledger yet, by path."""
+
+@dataclass(frozen=True)
+class PendingFile:
+    """A landing file to read: new, or a ledgered one whose content changed since (a new version)."""
+
+    path: Path
+    name: str  # kind/[producer/]file, the ledger's path
+    version: int = 1
+    resume: reading.Resume | None = None  # an appended file: where the ingested part ended
+
+    @property
+    def source(self) -> str:
+        """What its records and quarantine rows name as their source_file."""
+        return source_name(self.name, self.version)
+
+
+def source_name(path: str, version: int) -> str:
+    """A landing path, and `@v<N>` for the N-th version of a file that changed after it was read."""
+    return path if version == 1 else f"{path}@v{version}"
+
+
+def pending_files(home: Home, con: duckdb.DuckDBPyConnection, kind: str) -> list[PendingFile]:
+    """Landing files of a kind (its folder and producers' subfolders) to read: every file the
+    ledger has not seen, and every ledgered file whose size or modification time changed and
+    whose content is no longer what was read (a rewritten file, or one with lines appended)."""
     candidates = [f"{kind}/{name}" for name in c.landing_names(home.landing_dir(kind))]
     if not candidates:
         return []
     names = pl.DataFrame({"path": candidates})
-    seen = set(store.lookup(con, "ingested_files", "path", names, "t.kind")["path"].to_list())
-    return [home.landing / name for name in candidates if name not in seen]
+    ledgered = store.lookup(
+        con, "ingested_files", "path", names,
+        "coalesce(t.version, 1) AS version, t.size_bytes, t.mtime_ns, t.sha256, t.line_count",
+    )
+    latest = ledgered.sort("version").group_by("path", maintain_order=True).last()
+    seen = {row["path"]: row for row in latest.iter_rows(named=True)}
+    pending = []
+    for name in candidates:
+        path = home.landing / name
+        row = seen.get(name)
+        if row is None:
+            pending.append(PendingFile(path, name))
+            continue
+        changed = _changed_version(con, path, row)
+        if changed is not None:
+            pending.append(changed)
+    return pending
+
+
+def _changed_version(con: duckdb.DuckDBPyConnection, path: Path, row: dict) -> PendingFile | None:
+    """The next version of a ledgered file if its content changed, else None."""
+    try:
+        now = os.lstat(path)
+    except OSError:
+        return None  # gone, or unreadable as before: nothing new to read
+    if not stat.S_ISREG(now.st_mode):
+        return None  # a link or a folder was quarantined as such when it was first seen
+    if now.st_size == row["size_bytes"] and (row["mtime_ns"] is None or now.st_mtime_ns == row["mtime_ns"]):
+        return None
+    if now.st_size == row["size_bytes"] and row["sha256"] is not None:
+        # Touched, perhaps not changed: compare the content before reading it again, and remember
+        # the new time so that the next run does not hash it again.
+        try:
+            with c.open_landing_file(path) as handle:
+                same = hashlib.file_digest(handle, "sha256").hexdigest() == row["sha256"]
+        except OSError:
+            return None
+        if same:
+            con.execute(
+                "UPDATE ingested_files SET mtime_ns = ? WHERE path = ? AND version = ?",
+                [now.st_mtime_ns, row["path"], row["version"]],
+            )
+            return None
+    resume = None
+    if now.st_size > (row["size_bytes"] or 0) and row["sha256"] and row["line_count"] is not None:
+        resume = reading.Resume(row["size_bytes"], row["line_count"] + 1, row["sha256"])
+    return PendingFile(path, row["path"], row["version"] + 1, resume)
 
 
 def relative_name(home: Home, path: Path) -> str:
@@ -66,35 +141,74 @@ NESTED_TOO_DEEP = (
     "{name}: inside a folder within a producer's folder; landing files go in landing/<kind>/ or "
     "landing/<kind>/<producer>/ (move it there to have it read)"
 )
+OUT_OF_MEMORY = (
+    "{name}: ran out of memory while reading it ({error}); the other files went through. "
+    "Split it into smaller files and land them under new names"
+)
 
 
 def _read_batch(
-    home: Home, files: list[Path], spec: c.RecordSpec, con: duckdb.DuckDBPyConnection, key: bytes,
+    home: Home, files: list[PendingFile], spec: c.RecordSpec, con: duckdb.DuckDBPyConnection, key: bytes,
     raw_lines: list[pl.DataFrame] | None = None,
 ) -> tuple[_Batch, int]:
-    """Read every file, then check all their lines in one vectorized pass (the lines as read go
-    to `raw_lines` when given: review ingest verifies signatures over exactly those)."""
-    batch, blank_total, readable = _Batch(), 0, []
-    for path in files:
-        name = relative_name(home, path)
+    """Read every file in bounded memory and check its lines, several small files or one part of
+    a big file at a time (the lines as read go to `raw_lines` when given: review ingest verifies
+    signatures over exactly those). A file that cannot be read, passes a cap or exhausts memory is
+    quarantined whole and the others go through."""
+    batch, blank_total = _Batch(), 0
+    waiting: list[pl.DataFrame] = []  # lines read, not checked yet
+    waiting_bytes = 0
+
+    def check(frames: list[pl.DataFrame]) -> None:
+        lines = pl.concat(frames)
+        accepted, quarantined = c.check_records(lines, spec, None, con, key)
+        if raw_lines is not None:
+            raw_lines.append(lines)
+        batch.accepted.append(accepted)
+        batch.quarantined.append(quarantined)
+
+    for pending in files:
+        name, source = pending.name, pending.source
+        landing = reading.LandingFile(pending.path, pending.resume)
         try:
             if name.count("/") > 2:
                 raise c.UnreadableFile(c.UNREADABLE_FILE, NESTED_TOO_DEEP.format(name=name))
-            lines, blank = c.read_lines(path, con)
-        except c.UnreadableFile as error:
-            batch.quarantined.append(c.whole_file_quarantine(spec.kind, name, error, path))
-            batch.files.append({"path": name, "size_bytes": _size(path), "blank_lines": 0})
+            for chunk in landing.chunks():
+                waiting.append(chunk.with_columns(source_file=pl.lit(source)))
+                waiting_bytes += int(chunk["line"].str.len_bytes().sum() or 0)
+                if waiting_bytes >= reading.CHUNK_BYTES:
+                    check(waiting)
+                    waiting, waiting_bytes = [], 0
+        except (c.UnreadableFile, MemoryError, duckdb.OutOfMemoryException) as error:
+            if not isinstance(error, c.UnreadableFile):
+                error = c.UnreadableFile(c.RESOURCE_LIMIT, OUT_OF_MEMORY.format(
+                    name=name, error=type(error).__name__))
+            waiting = [f.filter(pl.col("source_file") != source) for f in waiting]
+            waiting_bytes = _bytes(waiting)
+            batch.drop(source)
+            if raw_lines is not None:
+                raw_lines[:] = [f.filter(pl.col("source_file") != source) for f in raw_lines]
+            batch.quarantined.append(c.whole_file_quarantine(spec.kind, source, error, pending.path))
+            batch.files.append(_ledger_entry(pending, landing.read, _size(pending.path), 0))
             continue
-        readable.append(lines.with_columns(source_file=pl.lit(name)))
-        batch.files.append({"path": name, "size_bytes": _size(path), "blank_lines": blank})
-        blank_total += blank
-    if readable:
-        if raw_lines is not None:
-            raw_lines.extend(readable)
-        accepted, quarantined = c.check_records(pl.concat(readable), spec, None, con, key)
-        batch.accepted.append(accepted)
-        batch.quarantined.append(quarantined)
+        read = landing.read
+        batch.files.append(_ledger_entry(pending, read, read.size_bytes, read.blank_lines))
+        blank_total += read.blank_lines
+    if any(f.height for f in waiting):
+        check(waiting)
     return batch, blank_total
+
+
+def _bytes(frames: list[pl.DataFrame]) -> int:
+    return sum(int(f["line"].str.len_bytes().sum() or 0) for f in frames)
+
+
+def _ledger_entry(pending: PendingFile, read: reading.FileRead, size: int | None, blank: int) -> dict:
+    return {
+        "path": pending.name, "source": pending.source, "version": pending.version,
+        "size_bytes": size, "blank_lines": blank, "sha256": read.sha256, "mtime_ns": read.mtime_ns,
+        "line_count": read.lines if read.sha256 else None, "first_line": read.resumed_at_line,
+    }
 
 
 def _size(path: Path) -> int | None:
@@ -182,6 +296,13 @@ def _label_detail(column: str) -> pl.Expr:
     ).otherwise(pl.lit(f"{column}: value is not in the ontology (withheld: not term-like)"))
 
 
+LEDGER_COLUMNS = {
+    "path": pl.String, "source": pl.String, "version": pl.Int32, "size_bytes": pl.Int64,
+    "blank_lines": pl.Int64, "sha256": pl.String, "mtime_ns": pl.Int64, "line_count": pl.Int64,
+    "first_line": pl.Int64,
+}
+
+
 def _finish(
     con: duckdb.DuckDBPyConnection,
     kind: str,
@@ -199,22 +320,20 @@ def _finish(
     )
     if not batch.files:
         return IngestReport(kind=kind)
-    sources = [quarantine.select(path="source_file", accepted=pl.lit(0), quarantined=pl.lit(1))]
+    sources = [quarantine.select(source="source_file", accepted=pl.lit(0), quarantined=pl.lit(1))]
     if accepted.height:
         sources.append(
-            accepted.select(path="source_file", accepted=pl.lit(1), quarantined=pl.lit(0))
+            accepted.select(source="source_file", accepted=pl.lit(1), quarantined=pl.lit(0))
         )
     counts = (
         pl.concat(sources)
-        .group_by("path")
+        .group_by("source")
         .agg(pl.col("accepted").sum(), pl.col("quarantined").sum())
     )
     ledger = (
-        pl.DataFrame(
-            batch.files,
-            schema={"path": pl.String, "size_bytes": pl.Int64, "blank_lines": pl.Int64},
-        )
-        .join(counts, on="path", how="left")
+        pl.DataFrame(batch.files, schema=LEDGER_COLUMNS)
+        .join(counts, on="source", how="left")
+        .drop("source")
         .with_columns(
             pl.col("accepted").fill_null(0).cast(pl.Int64),
             pl.col("quarantined").fill_null(0).cast(pl.Int64),
@@ -232,7 +351,7 @@ def _finish(
             store.append(con, table, rows)
     return IngestReport(
         kind=kind,
-        files=ledger["path"].to_list(),
+        files=[source_name(p, v) for p, v in ledger.select("path", "version").iter_rows()],
         records_in=int(ledger["records_in"].sum()),
         accepted=accepted.height,
         quarantined=quarantine.height,

@@ -26,7 +26,7 @@ from labelloop_assets.core import lake
 from labelloop_assets.core.lake import Lake
 from labelloop_assets.core.settings import POLICY_READS, env_number
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 DDL = """
 CREATE TABLE IF NOT EXISTS schema_info (key VARCHAR NOT NULL, value VARCHAR);
@@ -35,7 +35,8 @@ CREATE TABLE IF NOT EXISTS pipeline_state (name VARCHAR NOT NULL, value BIGINT N
 CREATE TABLE IF NOT EXISTS ingested_files (
     path VARCHAR NOT NULL, kind VARCHAR NOT NULL, size_bytes BIGINT,
     records_in BIGINT NOT NULL, accepted BIGINT NOT NULL, quarantined BIGINT NOT NULL,
-    blank_lines BIGINT NOT NULL, ingested_at TIMESTAMPTZ NOT NULL DEFAULT now(), run_id VARCHAR
+    blank_lines BIGINT NOT NULL, ingested_at TIMESTAMPTZ NOT NULL DEFAULT now(), run_id VARCHAR,
+    version INTEGER DEFAULT 1, sha256 VARCHAR, mtime_ns BIGINT, line_count BIGINT, first_line BIGINT
 );
 
 CREATE TABLE IF NOT EXISTS quarantine (
@@ -384,6 +385,14 @@ def _migrate(con: Any, found: int) -> None:
             ("review_decisions", "signature", "VARCHAR"), ("model_evaluations", "evaluation_set", "INTEGER"),
         ):
             con.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {kind}")
+    if found < 5:
+        # Version 5: each version of a landing file is ledgered (a rewritten or appended file is
+        # read again), with what identifies the content read and where its new lines started.
+        for column, kind in (
+            ("version", "INTEGER DEFAULT 1"), ("sha256", "VARCHAR"), ("mtime_ns", "BIGINT"),
+            ("line_count", "BIGINT"), ("first_line", "BIGINT"),
+        ):
+            con.execute(f"ALTER TABLE ingested_files ADD COLUMN IF NOT EXISTS {column} {kind}")
 
 
 # DuckDB lets one process at a time hold the file for writing, and a process holding it open
@@ -573,7 +582,7 @@ KEYS = (
     ("contributor_reliability", "user_pseudonym"),
     ("evaluation_sets", "evaluation_set"),
     ("label_issue_candidates", "item_id"),
-    ("ingested_files", "path"),
+    ("ingested_files", "path, version"),
     ("escalations", "escalation_id"),
     ("correction_bursts", "burst_id"),
     ("correction_volume", "day, scope, key"),
