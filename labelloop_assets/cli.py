@@ -18,10 +18,13 @@ import polars as pl
 from labelloop_assets.core import store
 from labelloop_assets.core.lake import Lake, LakeError
 from labelloop_assets.core.contracts import TRIMMED
-from labelloop_assets.core.settings import Home, LabelloopConfigError
+from labelloop_assets.core.settings import Home, LabelloopConfigError, apply_file_access
 
 
 def _home() -> Home:
+    # Whatever a command writes (a review file, the audit log, models/CURRENT, a migrated store)
+    # is created with LABELLOOP_FILE_ACCESS; an unknown value stops it as a config error.
+    apply_file_access()
     return Home.from_env()
 
 
@@ -778,6 +781,43 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_secret_new(args: argparse.Namespace) -> int:
+    """A fresh random value for LABELLOOP_SECRET (256 bits), the only thing on standard output."""
+    import secrets
+
+    from labelloop_assets.core.settings import secret_problems
+
+    value = secrets.token_urlsafe(32)
+    while secret_problems(value):  # about once in 20,000 a random value holds a common word
+        value = secrets.token_urlsafe(32)
+    print(value)
+    print("labelloop: keep it outside LABELLOOP_HOME, the same on every host; a store keeps needing the "
+          "key its pseudonyms were made with (set it before the first run)", file=sys.stderr)
+    return 0
+
+
+def cmd_secret_check(args: argparse.Namespace) -> int:
+    """Whether LABELLOOP_SECRET meets the strength rule (exit 0) or not (exit 2, with the reasons;
+    the value is never printed)."""
+    from labelloop_assets.core.settings import (
+        NEW_SECRET_HINT,
+        SECRET_RULE,
+        secret_problems,
+        weak_secret_message,
+    )
+
+    value = os.environ.get("LABELLOOP_SECRET")
+    if not value:
+        print(f"labelloop: LABELLOOP_SECRET is not set; {NEW_SECRET_HINT}", file=sys.stderr)
+        return 2
+    problems = secret_problems(value)
+    if problems:
+        print(f"labelloop: {weak_secret_message(problems)}", file=sys.stderr)
+        return 2
+    print(f"LABELLOOP_SECRET meets the rule: {SECRET_RULE}")
+    return 0
+
+
 def pseudonym_of(user_id: str) -> str:
     from labelloop_assets.core.anonymize import pseudonym
     from labelloop_assets.core.settings import pseudonymization_key
@@ -851,6 +891,13 @@ def build_parser() -> argparse.ArgumentParser:
     key_list = key_commands.add_parser("list", help="contributors, roles, key ids, revoked or not")
     key_list.add_argument("--json", action="store_true")
     key_list.set_defaults(func=cmd_keys_list)
+    secret = commands.add_parser("secret", help="the pseudonymization key (LABELLOOP_SECRET): new, check")
+    secret_commands = secret.add_subparsers(dest="secret_command", required=True)
+    new_secret = secret_commands.add_parser("new", help="print a fresh random value for LABELLOOP_SECRET")
+    new_secret.set_defaults(func=cmd_secret_new)
+    check_secret = secret_commands.add_parser(
+        "check", help="whether LABELLOOP_SECRET is strong enough (exit 0) or not (exit 2, with the reasons)")
+    check_secret.set_defaults(func=cmd_secret_check)
     sql = commands.add_parser("sql", help="a read-only SQL query on the store (either backend)")
     sql.add_argument("query", help="one SQL statement, e.g. \"SELECT label, count(*) FROM production_corpus GROUP BY 1\"")
     sql.add_argument("--json", action="store_true", help="rows as a JSON list of objects")

@@ -269,12 +269,12 @@ def test_ontology_rename_migrates_stored_labels_and_a_dropped_label_holds_traini
 def test_a_changed_pseudonymization_key_is_refused(home, defs, instance, monkeypatch):
     records, _ = make_items()
     land_items(home, records)
-    monkeypatch.setenv("LABELLOOP_SECRET", "first-key")
+    monkeypatch.setenv("LABELLOOP_SECRET", "KaqWilIXlyK0_QhDb_kgAY42zHjcylg9JwCqjpgv5e4")
     write_jsonl(home.landing_dir("corrections"), "c1.jsonl",
                 [correction("e-1", "item-030", "one", user="zed", role="end_user")])
     assert _materialize(defs, instance, ["items", "raw_corrections"]).success
 
-    monkeypatch.setenv("LABELLOOP_SECRET", "another-key")
+    monkeypatch.setenv("LABELLOOP_SECRET", "OSIU6DsezO7acN7CueZskuQGTgJ9jywsR1Y9EEVQHYc")
     write_jsonl(home.landing_dir("corrections"), "c2.jsonl",
                 [correction("e-2", "item-030", "one", user="zed", role="end_user")])
     result = _materialize(defs, instance, ["raw_corrections"], raise_on_error=False)

@@ -37,7 +37,7 @@ from labelloop_assets.demo.simulator import DemoConfig
 from labelloop_tests.conftest import correction, land_items, make_items, write_jsonl
 from labelloop_tests.test_loop import _materialize
 
-SECRET = "privacy-test-key-5c1d7e9a"
+SECRET = "bQYWxPuJ69AVMixHHinrkWHa3MPItoA7ZCo3kA8DjYc"
 DEMO_RETRAIN = RetrainPolicy(min_label_changes=15, min_interval_seconds=0)
 # The simulator's rationales hold contacts like these; the operator's CLI input adds more.
 EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")

@@ -301,7 +301,7 @@ def test_without_a_secret_runs_and_commands_fail_closed(strict_home, defs, insta
     assert "LABELLOOP_SECRET is not set" in done.stderr and "Traceback" not in done.stderr
 
     # With a secret it runs.
-    monkeypatch.setenv("LABELLOOP_SECRET", "a-long-random-test-secret-value-0123456789")
+    monkeypatch.setenv("LABELLOOP_SECRET", "Mh4q8vT2xLr9NcW5kPz7bYd3JfG6sQe1uAo0iXnV-Rw")
     _run(defs, instance, INGEST_JOB)
 
 
@@ -315,16 +315,17 @@ def test_a_version_3_store_is_upgraded_in_place(tmp_path):
             ("raw_corrections", "producer"), ("raw_corrections", "claimed_role"), ("raw_corrections", "arrived_at"),
             ("validated_labels", "arrived_at"), ("validated_labels", "burst_day"), ("review_decisions", "key_id"),
             ("review_decisions", "signature"), ("model_evaluations", "evaluation_set"),
+            *(("ingested_files", c) for c in ("version", "sha256", "mtime_ns", "line_count", "first_line")),
         ):
             con.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
         for table in ("evaluation_sets", "gold_copies", "policy_uses"):
             con.execute(f"DROP TABLE {table}")
         con.execute("UPDATE schema_info SET value = '3' WHERE key = 'schema_version'")
     with store.connect(path) as con:
-        assert store.schema_version(con) == store.SCHEMA_VERSION == 4
+        assert store.schema_version(con) == store.SCHEMA_VERSION == 5
         columns = {(t, c) for t, c in con.execute(
             "SELECT table_name, column_name FROM duckdb_columns() WHERE table_name IN "
-            "('raw_corrections', 'review_decisions', 'policy_uses')").fetchall()}
+            "('raw_corrections', 'review_decisions', 'policy_uses', 'ingested_files')").fetchall()}
         assert {("raw_corrections", "claimed_role"), ("review_decisions", "signature"),
-                ("policy_uses", "sha256")} <= columns
+                ("policy_uses", "sha256"), ("ingested_files", "version"), ("ingested_files", "sha256")} <= columns
         assert con.execute("SELECT item_id FROM items").fetchall() == [("i1",)]

@@ -6,6 +6,8 @@ import hashlib
 import math
 import os
 import shutil
+import stat
+import string
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,7 +114,13 @@ class Home:
         return self.root / "training.yaml"
 
     def ensure(self) -> "Home":
-        """Create the folder layout and copy default configuration files that are missing."""
+        """Create the folder layout and copy default configuration files that are missing.
+
+        Every path that writes under a home comes through here: it also sets this process's file
+        access (LABELLOOP_FILE_ACCESS, `apply_file_access`) and takes away what that setting does
+        not allow from the home's own folders and files (`tighten_home`).
+        """
+        mask = apply_file_access()
         for kind in LANDING_KINDS:
             self.landing_dir(kind).mkdir(parents=True, exist_ok=True)
         self.models.mkdir(parents=True, exist_ok=True)
@@ -121,7 +129,84 @@ class Home:
             target = self.root / name
             if not target.exists():
                 shutil.copyfile(DEFAULTS_DIR / name, target)
+        tighten_home(self, mask)
         return self
+
+
+# Who may read what labelloop writes. `owner` (the default): files 0600, folders 0700. `group`:
+# files 0640, folders 0750, so that the home's group (analysts reading published views, a reviewer
+# account, producers) may read. The value is the process umask, the bits taken away.
+FILE_ACCESS_ENV = "LABELLOOP_FILE_ACCESS"
+FILE_ACCESS = {"owner": 0o077, "group": 0o027}
+# Folders of the home whose whole content labelloop writes (.published holds the generations of the
+# published Parquet files): tightened all the way down, once per process. Anything else in the
+# home is tightened at its own level only (a folder that others may not enter hides what it
+# holds), and the landing zone not at all (see `tighten_home`).
+OWN_TREES = ("models", "reports", "published", ".published")
+_TIGHTENED: set[tuple[Path, int]] = set()
+
+
+def file_access_mask() -> int:
+    """The bits LABELLOOP_FILE_ACCESS takes away (a umask); a config error for an unknown value."""
+    raw = os.environ.get(FILE_ACCESS_ENV) or "owner"
+    if raw not in FILE_ACCESS:
+        raise LabelloopConfigError(
+            f"{FILE_ACCESS_ENV}={raw!r} is not a file access setting: use `owner` (the default: files "
+            "0600, folders 0700, only the account that runs labelloop reads them) or `group` (files 0640, "
+            "folders 0750: the home's group may read, nobody else)"
+        )
+    return FILE_ACCESS[raw]
+
+
+def apply_file_access() -> int:
+    """Set this process's umask from LABELLOOP_FILE_ACCESS, so that every file and folder it
+    creates from now on (the store, its write-ahead log, models, published Parquet, reports,
+    landed review files) is created with that access. Returns the mask."""
+    mask = file_access_mask()
+    os.umask(mask)
+    return mask
+
+
+def tighten_home(home: Home, mask: int) -> None:
+    """Take the bits `mask` forbids away from the home's own files and folders, never adding any.
+
+    The home folder and the store file(s) each time (a store created by a process that did not
+    come through `Home.ensure`); once per process, the home's other top-level entries and
+    everything under models/, reports/ and published/. The landing zone keeps the modes it has:
+    producers may be other accounts, which its operator lets write there (for example the home's
+    group with LABELLOOP_FILE_ACCESS=group and `chmod g+ws` on the landing folders); tightening it
+    would stop their files from landing. Folders labelloop creates there follow the setting.
+    """
+    _tighten(home.root, mask)
+    store_file = home.database_file
+    for path in (store_file, store_file.with_name(store_file.name + ".wal")):
+        _tighten(path, mask)
+    if (home.root, mask) in _TIGHTENED:
+        return
+    _TIGHTENED.add((home.root, mask))
+    try:
+        entries = list(os.scandir(home.root))
+    except OSError:
+        return
+    for entry in entries:
+        if entry.name == home.landing.name:
+            continue
+        _tighten(Path(entry.path), mask)
+        if entry.name in OWN_TREES and entry.is_dir(follow_symlinks=False):
+            for folder, folders, files in os.walk(entry.path):
+                for name in (*folders, *files):
+                    _tighten(Path(folder) / name, mask)
+
+
+def _tighten(path: Path, mask: int) -> None:
+    """chmod away the bits of `mask` that `path` has; symbolic links (whose target may lie outside
+    the home), missing paths and paths of other accounts (not ours to change) are left alone."""
+    try:
+        mode = path.lstat().st_mode
+        if not stat.S_ISLNK(mode) and mode & mask:
+            os.chmod(path, stat.S_IMODE(mode) & ~mask)
+    except OSError:
+        pass
 
 
 # The SHA-256 of each policy file as this process last read it: the steps that decide record
@@ -288,10 +373,119 @@ def development_secret_allowed() -> bool:
 
 
 def pseudonymization_key() -> bytes:
-    """The keyed-hash secret from LABELLOOP_SECRET; fails closed without it, except for the demo."""
+    """The keyed-hash secret from LABELLOOP_SECRET; fails closed without it, except for the demo,
+    and refuses a weak one (`secret_problems`)."""
     secret = os.environ.get("LABELLOOP_SECRET")
     if secret:
+        if secret == DEV_SECRET and development_secret_allowed():
+            return secret.encode("utf-8")
+        problems = secret_problems(secret)
+        if problems:
+            raise LabelloopConfigError(weak_secret_message(problems))
         return secret.encode("utf-8")
     if development_secret_allowed():
         return DEV_SECRET.encode("utf-8")
     raise LabelloopConfigError(MISSING_SECRET)
+
+
+# The strength rule for LABELLOOP_SECRET. Pseudonyms are HMAC-SHA256(key, user_id): whoever holds
+# the database and knows one person's id can test guesses of the key offline at millions per
+# second, so the key itself must be out of reach of guessing.
+SECRET_MIN_LENGTH = 32
+# 10, not 12: a random 32-hex-digit key (128 bits) has fewer than 12 different digits 1.7% of the
+# time (measured on 200,000), fewer than 10 about once in 10,000.
+SECRET_MIN_DISTINCT = 10
+SECRET_MIN_BITS = 128
+SECRET_REPEAT = 8  # a stretch this long found twice is a repeated pattern
+SECRET_RUN = 4  # ... and so is a run this long stepping by -1, 0 or +1 (aaaa, abcd, 4321)
+SECRET_LONG_RUN = 10
+# Character kinds and how many characters each offers (the estimate is length x log2 of the
+# sum over the kinds used).
+_KINDS = (
+    (frozenset(string.ascii_lowercase), 26),
+    (frozenset(string.ascii_uppercase), 26),
+    (frozenset(string.digits), 10),
+    (frozenset(string.punctuation + " "), 33),
+)
+_BEYOND_ASCII = 100
+# Words people put in a key they chose themselves (matched ignoring case).
+_COMMON_WORDS = (
+    "password", "passwd", "secret", "changeme", "example", "labelloop", "default", "letmein",
+    "admin", "test", "dummy", "sample", "qwert", "asdfg", "zxcvb",
+)
+SECRET_RULE = (
+    f"at least {SECRET_MIN_LENGTH} characters, {SECRET_MIN_DISTINCT} of them different, an estimated "
+    f"{SECRET_MIN_BITS} bits or more (length x log2 of the character kinds used), no repeated or "
+    "sequential pattern and no common word"
+)
+NEW_SECRET_HINT = (
+    "`labelloop secret new` prints one (or `python -c 'import secrets; print(secrets.token_urlsafe(32))'`); "
+    "keep it outside LABELLOOP_HOME"
+)
+
+
+def estimated_bits(value: str) -> float:
+    """Length x log2 of the characters the value's kinds offer: what a guesser who knows the
+    kinds used must search at most. A generous estimate for a value a person chose."""
+    pool = sum(size for kind, size in _KINDS if any(ch in kind for ch in value))
+    if any(ord(ch) > 127 for ch in value):
+        pool += _BEYOND_ASCII
+    return len(value) * math.log2(pool) if pool > 1 else 0.0
+
+
+def secret_problems(value: str) -> list[str]:
+    """Why `value` is too weak to be LABELLOOP_SECRET (empty: it meets the rule). The reasons
+    never quote the value."""
+    problems = []
+    if len(value) < SECRET_MIN_LENGTH:
+        problems.append(f"it is shorter than {SECRET_MIN_LENGTH} characters")
+    if len(set(value)) < SECRET_MIN_DISTINCT:
+        problems.append(f"it has fewer than {SECRET_MIN_DISTINCT} different characters")
+    if estimated_bits(value) < SECRET_MIN_BITS:
+        problems.append(
+            f"its estimated strength is under {SECRET_MIN_BITS} bits (length x log2 of the character kinds used)"
+        )
+    if _repeats(value):
+        problems.append(f"a stretch of {SECRET_REPEAT} characters comes twice (a repeated pattern)")
+    if _sequential(value):
+        problems.append("it is largely made of runs like aaaa, abcd or 4321 (a sequential pattern)")
+    if value == DEV_SECRET:
+        problems.append("it is the public development key")
+    elif any(word in value.lower() for word in _COMMON_WORDS):
+        problems.append("it contains a common word (such as secret, password, test or labelloop)")
+    return problems
+
+
+def weak_secret_message(problems: list[str]) -> str:
+    return (
+        f"LABELLOOP_SECRET is too weak to be the pseudonymization key: {'; '.join(problems)}. "
+        "Whoever holds the database and one person's user id could test guesses of a weak key against "
+        f"that person's pseudonym. The rule: {SECRET_RULE}. Use a random value: {NEW_SECRET_HINT}. "
+        "A store keeps needing the key its pseudonyms were made with."
+    )
+
+
+def _repeats(value: str) -> bool:
+    seen = set()
+    for start in range(len(value) - SECRET_REPEAT + 1):
+        stretch = value[start:start + SECRET_REPEAT]
+        if stretch in seen:
+            return True
+        seen.add(stretch)
+    return False
+
+
+def _sequential(value: str) -> bool:
+    """Runs of SECRET_RUN or more characters, each one step (-1, 0 or +1, the same step along the
+    run) from the one before, cover half the value, or one run is SECRET_LONG_RUN long."""
+    covered = longest = start = 0
+    for end in range(1, len(value) + 1):
+        if end < len(value):
+            step = ord(value[end]) - ord(value[end - 1])
+            if step in (-1, 0, 1) and (end - start == 1 or step == ord(value[start + 1]) - ord(value[start])):
+                continue
+        length = end - start
+        covered += length if length >= SECRET_RUN else 0
+        longest = max(longest, length)
+        start = end
+    return covered * 2 >= len(value) > 0 or longest >= SECRET_LONG_RUN
