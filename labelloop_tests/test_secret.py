@@ -18,7 +18,8 @@ import dagster as dg
 import pytest
 
 from labelloop_assets import cli
-from labelloop_assets.core import secret, store
+from labelloop_assets.core import lake, secret, store
+from labelloop_assets.core.lake import Lake
 from labelloop_assets.core.anonymize import pseudonym
 from labelloop_assets.core.settings import (
     ALLOW_DEV_SECRET_ENV,
@@ -27,6 +28,7 @@ from labelloop_assets.core.settings import (
     pseudonymization_key,
     secret_problems,
 )
+from labelloop_tests import pg
 from labelloop_tests.conftest import correction, land_items, make_items, write_jsonl
 from labelloop_tests.test_loop import _materialize
 
@@ -49,6 +51,18 @@ def _umask_restored():
 @pytest.fixture
 def con(tmp_path):
     with store.connect(tmp_path / "store.duckdb") as connection:
+        yield connection
+
+
+@pytest.fixture(params=["embedded", "lake"])
+def either_con(request, tmp_path, monkeypatch):
+    """The embedded file, or the lake on a real PostgreSQL: the same schema_info table."""
+    if request.param == "embedded":
+        yield request.getfixturevalue("con")
+        return
+    pg.require_server()
+    monkeypatch.setenv(lake.CATALOG_ENV, pg.fresh_database("secret"))
+    with store.connect(Lake.from_env(tmp_path)) as connection:
         yield connection
 
 
@@ -113,35 +127,35 @@ def _seconds_per_guess(attempt, times: int) -> float:
     return (time.perf_counter() - started) / times
 
 
-def test_another_key_is_still_refused_and_the_first_one_still_accepted(con):
-    secret.check_pseudonymization_key(con, STRONG.encode())
+def test_another_key_is_still_refused_and_the_first_one_still_accepted(either_con):
+    secret.check_pseudonymization_key(either_con, STRONG.encode())
     with pytest.raises(LabelloopConfigError, match="LABELLOOP_SECRET is not the key"):
-        secret.check_pseudonymization_key(con, OTHER_STRONG.encode())
+        secret.check_pseudonymization_key(either_con, OTHER_STRONG.encode())
     secret._VERIFIED.clear()  # a new process
-    secret.check_pseudonymization_key(con, STRONG.encode())
+    secret.check_pseudonymization_key(either_con, STRONG.encode())
     with pytest.raises(LabelloopConfigError, match="LABELLOOP_SECRET is not the key"):
-        secret.check_pseudonymization_key(con, OTHER_STRONG.encode())
-    assert len(stored_checks(con)) == 1
+        secret.check_pseudonymization_key(either_con, OTHER_STRONG.encode())
+    assert len(stored_checks(either_con)) == 1
 
 
-def test_a_legacy_check_value_is_verified_once_and_replaced_by_the_slow_form(con):
+def test_a_legacy_check_value_is_verified_once_and_replaced_by_the_slow_form(either_con):
     legacy = pseudonym(STRONG.encode(), secret.LEGACY_KEY_CHECK)
-    con.execute("INSERT INTO schema_info VALUES ('pseudonym_key_check', ?)", [legacy])
+    either_con.execute("INSERT INTO schema_info VALUES ('pseudonym_key_check', ?)", [legacy])
 
     # The wrong key is refused the old way, and the value stays what it was.
     with pytest.raises(LabelloopConfigError, match="LABELLOOP_SECRET is not the key"):
-        secret.check_pseudonymization_key(con, OTHER_STRONG.encode())
-    assert stored_checks(con) == [legacy]
+        secret.check_pseudonymization_key(either_con, OTHER_STRONG.encode())
+    assert stored_checks(either_con) == [legacy]
 
-    secret.check_pseudonymization_key(con, STRONG.encode())
+    secret.check_pseudonymization_key(either_con, STRONG.encode())
 
-    [upgraded] = stored_checks(con)
+    [upgraded] = stored_checks(either_con)
     assert upgraded.startswith("scrypt$32768$8$1$") and secret.matches(STRONG.encode(), upgraded)
     secret._VERIFIED.clear()  # the next process verifies the slow form
-    secret.check_pseudonymization_key(con, STRONG.encode())
+    secret.check_pseudonymization_key(either_con, STRONG.encode())
     with pytest.raises(LabelloopConfigError, match="LABELLOOP_SECRET is not the key"):
-        secret.check_pseudonymization_key(con, OTHER_STRONG.encode())
-    assert stored_checks(con) == [upgraded]
+        secret.check_pseudonymization_key(either_con, OTHER_STRONG.encode())
+    assert stored_checks(either_con) == [upgraded]
 
 
 def test_a_process_verifies_each_key_and_value_once(con, monkeypatch):
@@ -168,15 +182,17 @@ def test_a_process_verifies_each_key_and_value_once(con, monkeypatch):
     assert len(calls) == 4
 
 
-def test_two_values_stored_at_once_must_both_match(con):
+def test_two_values_stored_at_once_must_both_match(either_con):
     """Two first runs at once on the lake (no UNIQUE there) may each store a value."""
-    con.execute("INSERT INTO schema_info VALUES ('pseudonym_key_check', ?)", [secret.check_value(STRONG.encode())])
-    con.execute("INSERT INTO schema_info VALUES ('pseudonym_key_check', ?)", [secret.check_value(STRONG.encode())])
-    secret.check_pseudonymization_key(con, STRONG.encode())
-    con.execute("INSERT INTO schema_info VALUES ('pseudonym_key_check', ?)",
-                [secret.check_value(OTHER_STRONG.encode())])
+    either_con.execute("INSERT INTO schema_info VALUES ('pseudonym_key_check', ?)",
+                       [secret.check_value(STRONG.encode())])
+    either_con.execute("INSERT INTO schema_info VALUES ('pseudonym_key_check', ?)",
+                       [secret.check_value(STRONG.encode())])
+    secret.check_pseudonymization_key(either_con, STRONG.encode())
+    either_con.execute("INSERT INTO schema_info VALUES ('pseudonym_key_check', ?)",
+                       [secret.check_value(OTHER_STRONG.encode())])
     with pytest.raises(LabelloopConfigError, match="LABELLOOP_SECRET is not the key"):
-        secret.check_pseudonymization_key(con, STRONG.encode())
+        secret.check_pseudonymization_key(either_con, STRONG.encode())
 
 
 @pytest.mark.parametrize("altered", [
