@@ -282,11 +282,123 @@ def child_soak(home_dir: str, seconds: float, n_items: int) -> dict:
     return {**result, "peak_mb": _peak_mb()}
 
 
+# Hostile files, each ingested alone beside one genuine file, in a child of its own: what a file
+# can cost is the child's peak memory minus that of the same run with the genuine file only.
+BOMBS = {
+    "none": "the genuine file alone (the baseline)",
+    "newlines-128mib": "128 MiB of newlines",
+    "newlines-512mib": "512 MiB of newlines (the largest file the contract reads)",
+    "parquet-zstd": "15 KB of zstd Parquet: 20,000 rows of one 60,000-character string (1.2 GB as text)",
+    "long-line": "one line of 100 MiB between two genuine lines",
+    "garbage-lines": "9,900,000 lines that are not JSON (20 MB; each quarantined with its reason)",
+}
+
+
+def _write_bomb(folder: Path, bomb: str) -> None:
+    import duckdb
+
+    if bomb.startswith("newlines"):
+        size = (512 if bomb.endswith("512mib") else 128) * 1024 * 1024
+        with (folder / f"{bomb}.jsonl").open("wb") as handle:
+            for _ in range(size // (16 * 1024 * 1024)):
+                handle.write(b"\n" * (16 * 1024 * 1024))
+    elif bomb == "parquet-zstd":
+        with duckdb.connect() as con:
+            con.execute(
+                "COPY (SELECT 'z' || i AS event_id, repeat('x', 60000) AS rationale FROM range(20000) t(i)) "
+                "TO ? (FORMAT parquet, COMPRESSION zstd)", [str(folder / "bomb.parquet")]
+            )
+    elif bomb == "long-line":
+        with (folder / "long-line.jsonl").open("wb") as handle:
+            handle.write(b'{"event_id": "huge", "rationale": "' + b"y" * (100 * 1024 * 1024) + b'"}\n')
+    elif bomb == "garbage-lines":
+        with (folder / "garbage.jsonl").open("wb") as handle:
+            for _ in range(99):
+                handle.write(b"x\n" * 100_000)
+
+
+def child_bomb(work_dir: str, bomb: str) -> dict:
+    """One hostile file and one genuine file of 1,000 corrections through the corrections ingest."""
+    import polars as pl
+
+    from labelloop_assets.core import ingest, store
+    from labelloop_assets.core.ontology import Ontology
+
+    shutil.rmtree(work_dir, ignore_errors=True)
+    home = _home(work_dir).ensure()
+    folder = home.landing_dir("corrections")
+    _write_bomb(folder, bomb)
+    written = sum(f.stat().st_size for f in folder.iterdir())
+    with store.connect(home.database) as con:
+        ontology = Ontology.load(home.ontology_file)
+        store.append(con, "items", pl.DataFrame({
+            "item_id": [f"it{n}" for n in range(100)], "features": [[0.5, 1.0]] * 100,
+            "payload_hash": [f"h{n}" for n in range(100)],
+        }))
+        genuine = [
+            {"event_id": f"g{n}", "item_id": f"it{n % 100}", "corrected_label": ontology.labels[n % len(ontology.labels)],
+             "user_id": f"user{n % 7}", "user_role": "annotator", "source": "annotation",
+             "consent": True, "created_at": "2026-01-01T00:00:00Z", "rationale": "looks like a b"}
+            for n in range(1000)
+        ]
+        pl.DataFrame(genuine).write_ndjson(folder / "genuine.jsonl")
+        started = time.perf_counter()
+        report = ingest.ingest_corrections(con, home, ontology, os.environ["LABELLOOP_SECRET"].encode(), "bench")
+        seconds = time.perf_counter() - started
+        whole = dict(con.execute("SELECT source_file, reason FROM quarantine WHERE line_no IS NULL").fetchall())
+    return {
+        "bomb": bomb, "bytes_on_disk": written - (folder / "genuine.jsonl").stat().st_size,
+        "seconds": seconds, "peak_mb": _own_peak_mb(), "accepted": report.accepted,
+        "quarantined": report.quarantined, "reconciles": report.reconciles,
+        "reasons": report.reasons, "whole_file": whole,
+    }
+
+
+def _own_peak_mb() -> float:
+    """This process's own peak resident memory (VmHWM; ru_maxrss may carry its parent's)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return _peak_mb()
+
+
+def bombs(work: Path, log=print) -> dict:
+    measured = {}
+    for bomb in BOMBS:
+        log(f"hostile file: {BOMBS[bomb]} ...")
+        measured[bomb] = _child("bomb", work / "bomb", bomb)
+    shutil.rmtree(work / "bomb", ignore_errors=True)
+    return measured
+
+
+def bombs_markdown(measured: dict) -> str:
+    base = measured["none"]["peak_mb"]
+    lines = [
+        "Each hostile file landed beside a genuine file of 1,000 corrections and ingested in a process of "
+        f"its own; the genuine file alone peaks at {base:,.0f} MB (the interpreter, DuckDB and Polars).",
+        "",
+        "| hostile file | on disk | outcome | genuine lines accepted | seconds | peak MB | over the baseline |",
+        "|---|---:|---|---:|---:|---:|---:|",
+    ]
+    for bomb, m in measured.items():
+        if bomb == "none":
+            continue
+        outcome = ", ".join(sorted(set(m["whole_file"].values()))) or ", ".join(
+            f"{reason} x{n:,}" for reason, n in sorted(m["reasons"].items()))
+        lines.append(
+            f"| {BOMBS[bomb]} | {m['bytes_on_disk'] / 1024**2:,.2f} MiB | {outcome} | "
+            f"{min(m['accepted'], 1000):,} of 1,000 | {m['seconds']:.2f} | {m['peak_mb']:,.0f} | "
+            f"{m['peak_mb'] - base:+,.0f} |"
+        )
+    return "\n".join(lines)
+
+
 CHILDREN = {
     "label_issues": child_label_issues, "soak": child_soak,
     "setup": child_setup, "loop": child_loop, "direct": child_direct,
     "increment": child_increment, "sensor": child_sensor, "train": child_train,
     "raw_floor": child_raw_floor, "pandas": child_pandas, "components": child_components,
+    "bomb": child_bomb,
 }
 
 
@@ -534,18 +646,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label-issues-only", action="store_true",
                         help="only the label-issue comparison with cleanlab")
     parser.add_argument("--soak-only", action="store_true", help="only the soak run")
+    parser.add_argument("--bombs-only", action="store_true",
+                        help="only the hostile files' peak memory (after the soak run unless --no-soak)")
+    parser.add_argument("--no-soak", action="store_true", help="leave out the soak run")
     parser.add_argument("--soak-seconds", type=float, default=SOAK_SECONDS,
                         help="how long landing files keep arriving in the soak run")
     args = parser.parse_args(argv)
     if args.child:
         name, *rest = args.child
-        casts = {"setup": (str, int, int), "increment": (str, int), "sensor": (str, int),
+        casts = {"setup": (str, int, int), "increment": (str, int), "sensor": (str, int), "bomb": (str, str),
                  "soak": (str, float, int), "components": (int, int)}
         values = [cast(v) for cast, v in zip(casts.get(name, (str,)), rest)]
         print(json.dumps(CHILDREN[name](*values)))
         return 0
     RESULTS.mkdir(parents=True, exist_ok=True)
-    if not args.label_issues_only:
+    if not args.label_issues_only and not args.no_soak:
         print(f"soak: landing files with bad rows under the sensors for {args.soak_seconds:.0f} s ...")
         soaked = _child("soak", args.work / "soak", args.soak_seconds, SOAK_ITEMS)
         (RESULTS / "soak.json").write_text(json.dumps(soaked, indent=2))
@@ -557,6 +672,19 @@ def main(argv: list[str] | None = None) -> int:
             print("soak: the counts did NOT reconcile (see the table)", file=sys.stderr)
             return 1
     if args.soak_only:
+        return 0
+    if not args.label_issues_only:
+        print("hostile files: peak memory of each ...")
+        hostile = bombs(args.work)
+        (RESULTS / "bombs.json").write_text(json.dumps(hostile, indent=2))
+        bombs_table = bombs_markdown(hostile)
+        print(bombs_table)
+        if not args.no_readme:
+            write_readme(bombs_table, "bench-bombs")
+        if not all(m["reconciles"] and m["accepted"] >= 1000 for m in hostile.values()):
+            print("hostile files: a genuine line was lost or the counts did not reconcile", file=sys.stderr)
+            return 1
+    if args.bombs_only:
         return 0
     if not args.label_issues_only:
         results = suite(sorted(args.scales), args.work, args.items)
