@@ -22,7 +22,7 @@ MAX_FILE_BYTES = 512 * 1024 * 1024
 # Caps on what one file may cost once read (core/reading.py): physical lines, blank ones included
 # (a file of newlines must not cost a list of empty strings), and the text a Parquet file's rows
 # make once decompressed (a few kilobytes of zstd can hold gigabytes of repeated text).
-MAX_LINES_PER_FILE = 10_000_000
+MAX_LINES_PER_FILE = 1_000_000
 MAX_DECOMPRESSED_BYTES = 512 * 1024 * 1024
 # Timestamps outside this window are device clocks gone wrong (unset clocks say 1970, typos say
 # 9999); a vote dated in the future would stay a contributor's latest vote forever.

@@ -1,8 +1,10 @@
-"""Ingest landing files exactly once: structural checks, semantic checks, one transaction.
+"""Ingest landing files exactly once: structural checks, semantic checks, one transaction a group.
 
-Each batch is every landing file of a kind that the `ingested_files` ledger has not seen. The
-records, the quarantine rows and the ledger entries commit together, so a crash or a retried
-run can neither lose a file nor ingest it twice.
+The files of a kind to read are those the `ingested_files` ledger has not seen, and those whose
+content changed since they were read (ingested again as a new version). They are read in bounded
+memory (core/reading.py) and ingested in groups of about GROUP_BYTES: a group's records,
+quarantine rows and ledger entries commit together, so a crash or a retried run can neither lose
+a file nor ingest it twice.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -360,6 +363,49 @@ def _finish(
     )
 
 
+# Files are ingested in groups of about this many bytes, each group in its own transaction (its
+# records, quarantine rows and ledger entries together): what a run holds in memory follows the
+# group, not everything that landed since the last run.
+GROUP_BYTES = 64 * 1024 * 1024
+
+
+def file_groups(files: list[PendingFile]) -> list[list[PendingFile]]:
+    """Consecutive files up to GROUP_BYTES on disk (a bigger file makes a group of its own)."""
+    groups: list[list[PendingFile]] = []
+    size = GROUP_BYTES
+    for pending in files:
+        grown = _size(pending.path) or 0
+        if size + grown > GROUP_BYTES and (not groups or groups[-1]):
+            groups.append([])
+            size = 0
+        groups[-1].append(pending)
+        size += grown
+    return groups
+
+
+def in_groups(
+    con: duckdb.DuckDBPyConnection, home: Home, kind: str,
+    ingest_group: "Callable[[list[PendingFile]], IngestReport]",
+) -> IngestReport:
+    """Ingest a kind's pending files group by group; one report for them all."""
+    reports = [ingest_group(group) for group in file_groups(pending_files(home, con, kind))]
+    return merge_reports(kind, reports)
+
+
+def merge_reports(kind: str, reports: list[IngestReport]) -> IngestReport:
+    merged = IngestReport(kind=kind)
+    for report in reports:
+        merged.files += report.files
+        merged.records_in += report.records_in
+        merged.accepted += report.accepted
+        merged.quarantined += report.quarantined
+        merged.blank_lines += report.blank_lines
+        for reason, n in report.reasons.items():
+            merged.reasons[reason] = merged.reasons.get(reason, 0) + n
+    merged.reasons = dict(sorted(merged.reasons.items()))
+    return merged
+
+
 def _concat(frames: list[pl.DataFrame]) -> pl.DataFrame:
     frames = [f for f in frames if f.height]
     return pl.concat(frames, how="vertical") if frames else pl.DataFrame()
@@ -374,8 +420,13 @@ def ingest_items(
     landing line that carries a gold label, or reuses a gold item's id, is quarantined.
     """
     gold.declare(con, home, ontology, run_id)
+    return in_groups(con, home, c.ITEM_SPEC.kind, lambda files: _ingest_items(con, home, ontology, run_id, files))
+
+
+def _ingest_items(
+    con: duckdb.DuckDBPyConnection, home: Home, ontology: Ontology, run_id: str, files: list[PendingFile]
+) -> IngestReport:
     spec = c.ITEM_SPEC
-    files = pending_files(home, con, spec.kind)
     batch, blank = _read_batch(home, files, spec, con, b"")
     records = _concat(batch.accepted)
     quarantined = list(batch.quarantined)
@@ -440,8 +491,15 @@ def ingest_predictions(
     con: duckdb.DuckDBPyConnection, home: Home, ontology: Ontology, run_id: str
 ) -> IngestReport:
     """New prediction-log files into `predictions`."""
+    return in_groups(
+        con, home, c.PREDICTION_SPEC.kind, lambda files: _ingest_predictions(con, home, ontology, run_id, files)
+    )
+
+
+def _ingest_predictions(
+    con: duckdb.DuckDBPyConnection, home: Home, ontology: Ontology, run_id: str, files: list[PendingFile]
+) -> IngestReport:
     spec = c.PREDICTION_SPEC
-    files = pending_files(home, con, spec.kind)
     batch, blank = _read_batch(home, files, spec, con, b"")
     records = _concat(batch.accepted)
     quarantined = list(batch.quarantined)
@@ -500,8 +558,17 @@ def ingest_corrections(
     """
     check_pseudonymization_key(con, key)
     directory = Directory.load(home.contributors_file, home.reviewers_file)
+    return in_groups(
+        con, home, c.CORRECTION_SPEC.kind,
+        lambda files: _ingest_corrections(con, home, ontology, key, run_id, directory, files),
+    )
+
+
+def _ingest_corrections(
+    con: duckdb.DuckDBPyConnection, home: Home, ontology: Ontology, key: bytes, run_id: str,
+    directory: Directory, files: list[PendingFile],
+) -> IngestReport:
     spec = c.CORRECTION_SPEC
-    files = pending_files(home, con, spec.kind)
     batch, blank = _read_batch(home, files, spec, con, key)
     records = _concat(batch.accepted)
     quarantined = list(batch.quarantined)
