@@ -372,10 +372,10 @@ GROUP_BYTES = 64 * 1024 * 1024
 def file_groups(files: list[PendingFile]) -> list[list[PendingFile]]:
     """Consecutive files up to GROUP_BYTES on disk (a bigger file makes a group of its own)."""
     groups: list[list[PendingFile]] = []
-    size = GROUP_BYTES
+    size = 0
     for pending in files:
         grown = _size(pending.path) or 0
-        if size + grown > GROUP_BYTES and (not groups or groups[-1]):
+        if not groups or (size + grown > GROUP_BYTES and groups[-1]):
             groups.append([])
             size = 0
         groups[-1].append(pending)
