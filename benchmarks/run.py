@@ -289,8 +289,9 @@ BOMBS = {
     "newlines-128mib": "128 MiB of newlines",
     "newlines-512mib": "512 MiB of newlines (the largest file the contract reads)",
     "parquet-zstd": "15 KB of zstd Parquet: 20,000 rows of one 60,000-character string (1.2 GB as text)",
-    "long-line": "one line of 100 MiB between two genuine lines",
-    "garbage-lines": "9,900,000 lines that are not JSON (20 MB; each quarantined with its reason)",
+    "long-line": "one line of 100 MiB",
+    "garbage-lines": "990,000 lines that are not JSON (2 MB; each quarantined with its reason)",
+    "too-many-lines": "9,900,000 lines that are not JSON (20 MB)",
 }
 
 
@@ -311,10 +312,10 @@ def _write_bomb(folder: Path, bomb: str) -> None:
     elif bomb == "long-line":
         with (folder / "long-line.jsonl").open("wb") as handle:
             handle.write(b'{"event_id": "huge", "rationale": "' + b"y" * (100 * 1024 * 1024) + b'"}\n')
-    elif bomb == "garbage-lines":
+    elif bomb in ("garbage-lines", "too-many-lines"):
         with (folder / "garbage.jsonl").open("wb") as handle:
-            for _ in range(99):
-                handle.write(b"x\n" * 100_000)
+            for _ in range(99 if bomb == "too-many-lines" else 9):
+                handle.write(b"x\n" * 110_000 if bomb == "garbage-lines" else b"x\n" * 100_000)
 
 
 def child_bomb(work_dir: str, bomb: str) -> dict:
@@ -328,7 +329,7 @@ def child_bomb(work_dir: str, bomb: str) -> dict:
     home = _home(work_dir).ensure()
     folder = home.landing_dir("corrections")
     _write_bomb(folder, bomb)
-    written = sum(f.stat().st_size for f in folder.iterdir())
+    written = sum(f.stat().st_size for f in folder.iterdir())  # the hostile file alone
     with store.connect(home.database) as con:
         ontology = Ontology.load(home.ontology_file)
         store.append(con, "items", pl.DataFrame({
@@ -347,7 +348,7 @@ def child_bomb(work_dir: str, bomb: str) -> dict:
         seconds = time.perf_counter() - started
         whole = dict(con.execute("SELECT source_file, reason FROM quarantine WHERE line_no IS NULL").fetchall())
     return {
-        "bomb": bomb, "bytes_on_disk": written - (folder / "genuine.jsonl").stat().st_size,
+        "bomb": bomb, "bytes_on_disk": written,
         "seconds": seconds, "peak_mb": _own_peak_mb(), "accepted": report.accepted,
         "quarantined": report.quarantined, "reconciles": report.reconciles,
         "reasons": report.reasons, "whole_file": whole,
