@@ -160,7 +160,7 @@ def _read_batch(
     quarantined whole and the others go through."""
     batch, blank_total = _Batch(), 0
     waiting: list[pl.DataFrame] = []  # lines read, not checked yet
-    waiting_bytes = 0
+    waiting_bytes = waiting_lines = 0
 
     def check(frames: list[pl.DataFrame]) -> None:
         lines = pl.concat(frames)
@@ -179,15 +179,16 @@ def _read_batch(
             for chunk in landing.chunks():
                 waiting.append(chunk.with_columns(source_file=pl.lit(source)))
                 waiting_bytes += int(chunk["line"].str.len_bytes().sum() or 0)
-                if waiting_bytes >= reading.CHUNK_BYTES:
+                waiting_lines += chunk.height
+                if waiting_bytes >= reading.CHUNK_BYTES or waiting_lines >= reading.CHUNK_LINES:
                     check(waiting)
-                    waiting, waiting_bytes = [], 0
+                    waiting, waiting_bytes, waiting_lines = [], 0, 0
         except (c.UnreadableFile, MemoryError, duckdb.OutOfMemoryException) as error:
             if not isinstance(error, c.UnreadableFile):
                 error = c.UnreadableFile(c.RESOURCE_LIMIT, OUT_OF_MEMORY.format(
                     name=name, error=type(error).__name__))
             waiting = [f.filter(pl.col("source_file") != source) for f in waiting]
-            waiting_bytes = _bytes(waiting)
+            waiting_bytes, waiting_lines = _bytes(waiting), sum(f.height for f in waiting)
             batch.drop(source)
             if raw_lines is not None:
                 raw_lines[:] = [f.filter(pl.col("source_file") != source) for f in raw_lines]

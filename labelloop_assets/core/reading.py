@@ -26,6 +26,7 @@ from labelloop_assets.core import contracts as c
 # Read this much of a file at a time; the lines of several blocks go to the checks together.
 BLOCK_BYTES = 4 * 1024 * 1024
 CHUNK_BYTES = 32 * 1024 * 1024
+CHUNK_LINES = 100_000  # short lines: the checks' working set grows with lines, not bytes
 # Parquet is read in batches of rows, then turned into JSON a slice of at most CHUNK_BYTES at a time.
 PARQUET_BATCH_ROWS = 8192
 
@@ -174,7 +175,7 @@ class LandingFile:
                 pending_bytes += len(data)
             if len(carry) > c.MAX_LINE_BYTES:
                 skipping, carry = hashlib.sha256(carry), b""
-            if pending_bytes >= CHUNK_BYTES:
+            if pending_bytes >= CHUNK_BYTES or sum(f.height for f in pending) >= CHUNK_LINES:
                 yield _concat(pending)
                 pending, pending_bytes = [], 0
         if skipping is not None:
