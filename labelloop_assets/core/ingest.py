@@ -164,11 +164,14 @@ def _read_batch(
 
     def check(frames: list[pl.DataFrame]) -> None:
         lines = pl.concat(frames)
-        accepted, quarantined = c.check_records(lines, spec, None, con, key)
+        checked = [
+            c.check_records(lines.slice(start, reading.CHUNK_LINES), spec, None, con, key)
+            for start in range(0, lines.height, reading.CHUNK_LINES)
+        ]
         if raw_lines is not None:
             raw_lines.append(lines)
-        batch.accepted.append(accepted)
-        batch.quarantined.append(quarantined)
+        batch.accepted.extend(accepted for accepted, _ in checked)
+        batch.quarantined.extend(quarantined for _, quarantined in checked)
 
     for pending in files:
         name, source = pending.name, pending.source
