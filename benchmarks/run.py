@@ -627,8 +627,8 @@ def label_issues_markdown(result: dict) -> str:
     ])
 
 
-def write_readme(table: str, marker: str = "bench") -> None:
-    readme = REPO / "README.md"
+def write_readme(table: str, marker: str = "bench", page: str = "README.md") -> None:
+    readme = REPO / page
     text = readme.read_text()
     start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
     if start in text and end in text:
@@ -681,7 +681,7 @@ def main(argv: list[str] | None = None) -> int:
         bombs_table = bombs_markdown(hostile)
         print(bombs_table)
         if not args.no_readme:
-            write_readme(bombs_table, "bench-bombs")
+            write_readme(bombs_table, "bench-bombs", "docs/hostile-input.md")
         if not all(m["reconciles"] and m["accepted"] >= 1000 for m in hostile.values()):
             print("hostile files: a genuine line was lost or the counts did not reconcile", file=sys.stderr)
             return 1
