@@ -17,8 +17,9 @@ import duckdb
 import pandas as pd
 import pandera.pandas as pa
 
-from labelloop_assets.core.anonymize import SCRUB_PATTERNS
+from labelloop_assets.core.anonymize import RESIDUAL_PATTERN, SCRUB_PATTERNS
 from labelloop_assets.core.contracts import CORRECTION_SOURCES, USER_ROLES
+from labelloop_assets.core.scrub import scrub_text
 
 ROLE_WEIGHTS = {"end_user": 1.0, "annotator": 2.0, "reviewer": 4.0, "domain_expert": 4.0}
 ISO_WITH_ZONE = r"^\d{4}-\d\d-\d\d[Tt ]\d\d:\d\d(:\d\d(\.\d+)?)?([Zz]|[+-]\d\d(:?\d\d)?)$"
@@ -87,6 +88,9 @@ def run(files: list[Path], database: Path, labels: list[str], items: pd.DataFram
     rationale = accepted["rationale"].fillna("")
     for pattern, placeholder in SCRUB_PATTERNS:
         rationale = rationale.str.replace(pattern, placeholder, regex=True)
+    # What the regexes cannot decide goes through the Python scrubber, as in the pipeline.
+    flagged = rationale.str.contains(RESIDUAL_PATTERN, regex=True)
+    rationale = rationale.where(~flagged, rationale[flagged].map(scrub_text))
     accepted["rationale"] = rationale.where(accepted["rationale"].notna())
     accepted = accepted.drop(columns=["user_id"])
     accepted["vote_weight"] = accepted["user_role"].map(ROLE_WEIGHTS)
