@@ -541,7 +541,7 @@ ROLLBACK_ROLES = ("reviewer", "domain_expert")
 def cmd_model_rollback(args: argparse.Namespace) -> int:
     """Make an earlier champion the champion again: registry, pointer and audit in one step."""
     from labelloop_assets.core import review, signing, train
-    from labelloop_assets.core.anonymize import scrub_sql
+    from labelloop_assets.core.anonymize import register_scrubber, scrub_sql
 
     home = _home()
     reviewer, rationale = args.reviewer.strip(TRIMMED), args.rationale.strip(TRIMMED)
@@ -587,6 +587,7 @@ def cmd_model_rollback(args: argparse.Namespace) -> int:
             if problem is None and not (home.model_folder(target[0]["path"]) / "model.npz").exists():
                 problem = f"the files of {version} are missing"
             # The rationale is free text: scrubbed like a review's, the author's own id included.
+            register_scrubber(con)
             con.execute(
                 "INSERT INTO audit_log (actor, actor_role, action, target, outcome, reason, detail) "
                 "VALUES ($actor, $role, 'model.rollback', $target, $outcome, "

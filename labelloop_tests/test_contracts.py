@@ -407,6 +407,7 @@ def test_hmac_pads():
 
 
 def scrub(con, text: str | None, author: str | None = None) -> str | None:
+    anonymize.register_scrubber(con)
     sql = anonymize.scrub_sql("$t", "$a" if author is not None else None)
     params = {"t": text, **({"a": author} if author is not None else {})}
     return con.execute(f"SELECT {sql}", params).fetchall()[0][0]
@@ -419,11 +420,11 @@ def scrub(con, text: str | None, author: str | None = None) -> str | None:
         ("call +1 (555) 123-4567 now", "call [phone] now"),
         ("call 555-123-4567", "call [phone]"),
         ("UK +44 20 7946 0958", "UK [phone]"),
-        ("DE 0049 30 1234567", "DE [card-or-account]"),
+        ("DE 0049 30 1234567", "DE [phone]"),
         ("mobile 07700 900123", "mobile [phone]"),
         ("host 192.168.1.20 down", "host [ip] down"),
         ("card 4111 1111 1111 1111", "card [card-or-account]"),
-        ("iban DE89 3704 0044 0532 0130 00", "iban DE89 [card-or-account]"),
+        ("iban DE89 3704 0044 0532 0130 00", "iban [iban]"),
         ("a@b.io and c@d.io", "[email] and [email]"),
         ("looks like a 7, digit 3 and 42 too", "looks like a 7, digit 3 and 42 too"),
         ("", ""),

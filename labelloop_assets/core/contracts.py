@@ -15,7 +15,7 @@ from typing import BinaryIO
 import duckdb
 import polars as pl
 
-from labelloop_assets.core.anonymize import hmac_pads, pseudonym_sql, scrub_sql
+from labelloop_assets.core.anonymize import hmac_pads, pseudonym_sql, register_scrubber, scrub_json_sql, scrub_sql
 
 MAX_LINE_BYTES = 64 * 1024
 MAX_FILE_BYTES = 512 * 1024 * 1024
@@ -102,7 +102,7 @@ class FieldSpec:
     minimum: float | None = None
     maximum: float | None = None
     private: bool = False  # stored only as a keyed pseudonym
-    free_text: bool = False  # stored only after PII scrubbing
+    free_text: bool = False  # stored only after PII scrubbing (an object: every string in it)
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,8 @@ CORRECTION_SPEC = RecordSpec(
         FieldSpec("prediction_id", "string", required=False),
         FieldSpec("rationale", "string", required=False, max_length=2000, free_text=True),
         FieldSpec("user_confidence", "number", required=False, minimum=0.0, maximum=1.0),
-        FieldSpec("context", "object", required=False, max_length=16 * 1024),
+        # Every string inside the object is scrubbed as free text; keys and numbers are kept.
+        FieldSpec("context", "object", required=False, max_length=16 * 1024, free_text=True),
     ),
 )
 
@@ -452,6 +453,11 @@ def _extract(field: FieldSpec, author: str | None) -> str:
     value, text = _ref(field), _text_ref(field)
     if field.private:
         return f"p_{field.name} AS {field.name}"
+    if field.free_text and field.kind == "object":
+        return (
+            f"CASE WHEN {_type_ref(field)} = 'NULL' THEN NULL ELSE {scrub_json_sql(value, author)} END "
+            f"AS {field.name}"
+        )
     if field.free_text:
         return f"{scrub_sql(value, author)} AS {field.name}"
     if field.kind == "string":
@@ -528,6 +534,8 @@ def check_records(
     whens = " ".join(f"WHEN {condition} THEN {n}" for n, (condition, _, _) in enumerate(rules, start=1))
     reasons = "[" + ", ".join(_quote(reason) for _, reason, _ in rules) + "]"
     details = "[" + ", ".join(_quote(detail) for _, _, detail in rules) + "]"
+    if any(field.free_text for field in spec.fields):
+        register_scrubber(con)
     con.register(
         "landing_lines",
         lines.select("source_file", "line_no", "line", "bad_encoding", "oversize", "line_sha256"),
