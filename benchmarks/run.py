@@ -404,7 +404,7 @@ CHILDREN = {
 
 
 def _child(name: str, *args, env: dict | None = None) -> dict:
-    env = {**os.environ, "LABELLOOP_SECRET": "benchmark-secret", **(env or {})}
+    env = {**os.environ, "LABELLOOP_SECRET": "mUoB6BqDhzS7xC8mQ0yVfRkTz3NwE4pGaJ1sLd9eK5c", **(env or {})}
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks.run", "--child", name, *map(str, args)],
         cwd=REPO, env=env, capture_output=True, text=True,

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-SECRET = "workers-proof-secret"
+SECRET = "Tq3VnP8wHc1ZrJ6xYb0LmF5sKd7GaE2uNi4oWy9RhXg"
 
 # One statement, so one snapshot: what an analyst sees must always be whole.
 SNAPSHOT_SQL = """

@@ -26,6 +26,15 @@ EXTERNAL_TEST_MODELS = ("m-001", "m0001", "m0002", "m", "m-client", "baseline-v1
 TRUSTING_DIRECTORY = "contributors: []\nproducers:\n  - {folder: '.', may_claim: domain_expert}\n"
 
 
+@pytest.fixture(autouse=True)
+def _restore_umask():
+    """Home.ensure() sets the process umask (LABELLOOP_FILE_ACCESS); each test starts from the same."""
+    before = os.umask(0o022)
+    os.umask(before)
+    yield
+    os.umask(before)
+
+
 def write_jsonl(folder: Path, name: str, records: list) -> Path:
     """Land a file the way producers must: temp name first, then an atomic rename."""
     folder.mkdir(parents=True, exist_ok=True)

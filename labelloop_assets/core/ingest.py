@@ -22,9 +22,9 @@ import polars as pl
 
 from labelloop_assets.core import contracts as c
 from labelloop_assets.core import gold, reading, store
-from labelloop_assets.core.anonymize import pseudonym
 from labelloop_assets.core.directory import END_USER, ROOT_PRODUCER, Directory, effective_role, producer_expr
 from labelloop_assets.core.ontology import Ontology
+from labelloop_assets.core.secret import check_pseudonymization_key
 from labelloop_assets.core.settings import Home, LabelloopConfigError, load_yaml_mapping
 
 
@@ -524,27 +524,6 @@ def _ingest_predictions(
             "probabilities", "served_at", "payload_hash", "source_file", "line_no",
         )
     return _finish(con, spec.kind, "predictions", batch, records, quarantined, blank, run_id)
-
-
-KEY_CHECK = "labelloop:pseudonymization-key-check"
-
-
-def check_pseudonymization_key(con: duckdb.DuckDBPyConnection, key: bytes) -> None:
-    """Refuse a key other than the one the stored pseudonyms were made with.
-
-    With another key one person would get a second pseudonym and a second vote. Only a keyed
-    hash of a constant is stored, which reveals nothing about the key.
-    """
-    fingerprint = pseudonym(key, KEY_CHECK)
-    stored = store.scalar(con, "SELECT value FROM schema_info WHERE key = 'pseudonym_key_check'")
-    if stored is None:
-        con.execute("INSERT INTO schema_info VALUES ('pseudonym_key_check', ?)", [fingerprint])
-    elif stored != fingerprint:
-        raise LabelloopConfigError(
-            "LABELLOOP_SECRET is not the key this database's user pseudonyms were made with; "
-            "restore that key (a different one would give each person a second pseudonym and a "
-            "second vote)"
-        )
 
 
 # Policy files that decide what a correction counts as at ingest.

@@ -24,12 +24,12 @@ from labelloop_assets.core.ingest import (
     _label_rule,
     _read_batch,
     _split_duplicates,
-    check_pseudonymization_key,
     pending_files,
     split_by_rules,
 )
 from labelloop_assets.core.ontology import Ontology
 from labelloop_assets.core.resolve import ResolutionPolicy
+from labelloop_assets.core.secret import check_pseudonymization_key
 from labelloop_assets.core.settings import Home
 from labelloop_assets.core.signing import REVIEW_DOMAIN, REVIEW_FIELDS, canonical, sign_review, verify
 
