@@ -249,3 +249,35 @@ def test_a_file_that_exhausts_memory_is_quarantined_alone(seeded):
     # The next run does not try it again (it would fail the same way): the ledger has it.
     con.execute("RESET memory_limit")
     assert run_ingest(con, home, "corrections").files == []
+
+
+# --------------------------------------------------------------------------- quarantine details
+
+TYPED = ("Jane Doe", "jane.doe@example.com", "555-123-4567", "4111 1111 1111 1111")
+
+
+def test_nothing_a_person_typed_is_copied_into_quarantine_details(seeded):
+    """Every field that can fail a rule, with text a person might type: each line is quarantined
+    with its reason, and no detail repeats the text (the line is found by source_file:line_no)."""
+    home, con = seeded
+    lines = []
+    for n, typed in enumerate(TYPED):
+        for field in ("corrected_label", "original_label", "user_role", "source", "created_at",
+                      "item_id", "model_version"):
+            lines.append(correction(f"q{n}-{field}", **{field: typed}))
+        lines.append(correction(f"q{n}-confidence", user_confidence=typed))
+        lines.append(correction(f"q{n}-consent", consent=typed))
+    land(home, "corrections", "typed.jsonl", lines)
+    land(home, "items", "typed-items.jsonl", [item(f"t{n}", initial_label=t) for n, t in enumerate(TYPED)])
+    land(home, "predictions", "typed-predictions.jsonl",
+         [{"prediction_id": f"p{n}", "item_id": "i1", "model_version": "m-001", "predicted_label": t,
+           "confidence": 0.5, "served_at": "2024-05-01T11:00:00Z"} for n, t in enumerate(TYPED)])
+
+    reports = [run_ingest(con, home, kind) for kind in ("items", "predictions", "corrections")]
+
+    assert all(r.reconciles and r.accepted == 0 for r in reports)
+    details = store.frame(con, "SELECT reason, detail FROM quarantine")
+    assert details.height == len(lines) + 2 * len(TYPED)
+    leaked = [(reason, detail) for reason, detail in details.rows()
+              if any(t.lower() in (detail or "").lower() for t in TYPED)]
+    assert leaked == []
