@@ -144,10 +144,13 @@ NESTED_TOO_DEEP = (
     "{name}: inside a folder within a producer's folder; landing files go in landing/<kind>/ or "
     "landing/<kind>/<producer>/ (move it there to have it read)"
 )
-OUT_OF_MEMORY = (
+OUT_OF_MEMORY_DETAIL = (
     "{name}: ran out of memory while reading it ({error}); the other files went through. "
     "Split it into smaller files and land them under new names"
 )
+
+
+OUT_OF_MEMORY = (MemoryError, duckdb.OutOfMemoryException)
 
 
 def _read_batch(
@@ -158,52 +161,99 @@ def _read_batch(
     a big file at a time (the lines as read go to `raw_lines` when given: review ingest verifies
     signatures over exactly those). A file that cannot be read, passes a cap or exhausts memory is
     quarantined whole and the others go through."""
-    batch, blank_total = _Batch(), 0
-    waiting: list[pl.DataFrame] = []  # lines read, not checked yet
-    waiting_bytes = waiting_lines = 0
+    reader = _BatchReader(spec, con, key, raw_lines)
+    for pending in files:
+        reader.read(pending)
+    reader.flush()
+    return reader.batch, sum(entry["blank_lines"] for entry in reader.batch.files)
 
-    def check(frames: list[pl.DataFrame]) -> None:
+
+class _BatchReader:
+    """Lines read wait here until there are enough to check at once."""
+
+    def __init__(self, spec: c.RecordSpec, con: duckdb.DuckDBPyConnection, key: bytes,
+                 raw_lines: list[pl.DataFrame] | None):
+        self.spec, self.con, self.key, self.raw_lines = spec, con, key, raw_lines
+        self.batch = _Batch()
+        self.waiting: list[pl.DataFrame] = []
+        self.waiting_bytes = self.waiting_lines = 0
+        self.read_so_far: dict[str, tuple[PendingFile, reading.FileRead]] = {}
+        self.isolated: set[str] = set()
+
+    def read(self, pending: PendingFile) -> None:
+        landing = reading.LandingFile(pending.path, pending.resume)
+        self.read_so_far[pending.source] = (pending, landing.read)
+        try:
+            if pending.name.count("/") > 2:
+                raise c.UnreadableFile(c.UNREADABLE_FILE, NESTED_TOO_DEEP.format(name=pending.name))
+            for chunk in landing.chunks():
+                self.waiting.append(chunk.with_columns(source_file=pl.lit(pending.source)))
+                self.waiting_bytes += int(chunk["line"].str.len_bytes().sum() or 0)
+                self.waiting_lines += chunk.height
+                if self.waiting_bytes >= reading.CHUNK_BYTES or self.waiting_lines >= reading.CHUNK_LINES:
+                    self.flush()
+                    if pending.source in self.isolated:
+                        return
+        except c.UnreadableFile as error:
+            self.isolate(pending.source, error)
+            return
+        except OUT_OF_MEMORY as error:  # while reading it (a check that runs out is handled in flush)
+            self.isolate(pending.source, _out_of_memory(pending.name, error))
+            return
+        read = landing.read
+        self.batch.files.append(_ledger_entry(pending, read, read.size_bytes, read.blank_lines))
+
+    def flush(self) -> None:
+        """Check what is waiting. If that runs out of memory, each file is checked alone and only
+        the files that still run out are quarantined."""
+        frames = [f for f in self.waiting if f.height]
+        self.waiting, self.waiting_bytes, self.waiting_lines = [], 0, 0
+        if not frames:
+            return
+        try:
+            self._check(frames)
+        except OUT_OF_MEMORY as error:
+            sources = pl.concat([f.select("source_file") for f in frames]).unique(maintain_order=True)
+            if sources.height == 1:
+                source = sources["source_file"][0]
+                self.isolate(source, _out_of_memory(self.read_so_far[source][0].name, error))
+                return
+            for source in sources["source_file"]:
+                alone = [f.filter(pl.col("source_file") == source) for f in frames]
+                try:
+                    self._check(alone)
+                except OUT_OF_MEMORY:
+                    pending, _ = self.read_so_far[source]
+                    self.isolate(source, _out_of_memory(pending.name, error))
+
+    def _check(self, frames: list[pl.DataFrame]) -> None:
         lines = pl.concat(frames)
         checked = [
-            c.check_records(lines.slice(start, reading.CHUNK_LINES), spec, None, con, key)
+            c.check_records(lines.slice(start, reading.CHUNK_LINES), self.spec, None, self.con, self.key)
             for start in range(0, lines.height, reading.CHUNK_LINES)
         ]
-        if raw_lines is not None:
-            raw_lines.append(lines)
-        batch.accepted.extend(accepted for accepted, _ in checked)
-        batch.quarantined.extend(quarantined for _, quarantined in checked)
+        if self.raw_lines is not None:
+            self.raw_lines.append(lines)
+        self.batch.accepted.extend(accepted for accepted, _ in checked)
+        self.batch.quarantined.extend(quarantined for _, quarantined in checked)
 
-    for pending in files:
-        name, source = pending.name, pending.source
-        landing = reading.LandingFile(pending.path, pending.resume)
-        try:
-            if name.count("/") > 2:
-                raise c.UnreadableFile(c.UNREADABLE_FILE, NESTED_TOO_DEEP.format(name=name))
-            for chunk in landing.chunks():
-                waiting.append(chunk.with_columns(source_file=pl.lit(source)))
-                waiting_bytes += int(chunk["line"].str.len_bytes().sum() or 0)
-                waiting_lines += chunk.height
-                if waiting_bytes >= reading.CHUNK_BYTES or waiting_lines >= reading.CHUNK_LINES:
-                    check(waiting)
-                    waiting, waiting_bytes, waiting_lines = [], 0, 0
-        except (c.UnreadableFile, MemoryError, duckdb.OutOfMemoryException) as error:
-            if not isinstance(error, c.UnreadableFile):
-                error = c.UnreadableFile(c.RESOURCE_LIMIT, OUT_OF_MEMORY.format(
-                    name=name, error=type(error).__name__))
-            waiting = [f.filter(pl.col("source_file") != source) for f in waiting]
-            waiting_bytes, waiting_lines = _bytes(waiting), sum(f.height for f in waiting)
-            batch.drop(source)
-            if raw_lines is not None:
-                raw_lines[:] = [f.filter(pl.col("source_file") != source) for f in raw_lines]
-            batch.quarantined.append(c.whole_file_quarantine(spec.kind, source, error, pending.path))
-            batch.files.append(_ledger_entry(pending, landing.read, _size(pending.path), 0))
-            continue
-        read = landing.read
-        batch.files.append(_ledger_entry(pending, read, read.size_bytes, read.blank_lines))
-        blank_total += read.blank_lines
-    if any(f.height for f in waiting):
-        check(waiting)
-    return batch, blank_total
+    def isolate(self, source: str, error: c.UnreadableFile) -> None:
+        """Quarantine one file whole and forget whatever was kept of it."""
+        pending, read = self.read_so_far[source]
+        self.isolated.add(source)
+        others = pl.col("source_file") != source
+        self.waiting = [f.filter(others) for f in self.waiting]
+        self.waiting_bytes, self.waiting_lines = _bytes(self.waiting), sum(f.height for f in self.waiting)
+        self.batch.drop(source)
+        if self.raw_lines is not None:
+            self.raw_lines[:] = [f.filter(others) for f in self.raw_lines]
+        self.batch.files = [entry for entry in self.batch.files if entry["source"] != source]
+        self.batch.quarantined.append(c.whole_file_quarantine(self.spec.kind, source, error, pending.path))
+        self.batch.files.append(_ledger_entry(pending, read, _size(pending.path), 0))
+
+
+def _out_of_memory(name: str, error: BaseException) -> c.UnreadableFile:
+    return c.UnreadableFile(c.RESOURCE_LIMIT, OUT_OF_MEMORY_DETAIL.format(name=name, error=type(error).__name__))
 
 
 def _bytes(frames: list[pl.DataFrame]) -> int:
