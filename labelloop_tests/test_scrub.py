@@ -175,6 +175,18 @@ def test_registering_twice_is_harmless(con):
     assert scrub_one(con, "call 030/1234567") == "call [phone]"
 
 
+def test_cursors_of_one_database_share_the_scrubber():
+    """The lake hands out cursors of one attached database: the functions a closed cursor put
+    there still work, and registering them again on another cursor is harmless."""
+    with duckdb.connect() as base:
+        first = base.cursor()
+        anonymize.register_scrubber(first)
+        first.close()
+        second = base.cursor()
+        anonymize.register_scrubber(second)
+        assert scrub_one(second, "call 030/1234567") == "call [phone]"
+
+
 # --------------------------------------------------------------------------- hostile input
 
 HOSTILE = {

@@ -130,7 +130,8 @@ def scrub_json_sql(column: str, author_column: str | None = None) -> str:
 
 def register_scrubber(con) -> None:
     """Put the Python scrubber (core/scrub.py) on `con` as the SQL functions scrub_sql and
-    scrub_json_sql call; a connection that has them already is left as it is."""
+    scrub_json_sql call; a connection that has them already (or whose database has them, from
+    another cursor) is left as it is."""
     import duckdb
     from duckdb.func import PythonUDFType
 
@@ -142,8 +143,10 @@ def register_scrubber(con) -> None:
     ):
         try:
             con.create_function(name, function, parameters, "VARCHAR", type=PythonUDFType.ARROW)
-        except duckdb.NotImplementedException as error:
-            if "already created" not in str(error):
+        except (duckdb.NotImplementedException, duckdb.CatalogException) as error:
+            # Registered on this connection already, or on another cursor of the same database
+            # (the lake's connections are cursors of one attached database): it is there.
+            if "already" not in str(error):
                 raise
 
 
