@@ -27,14 +27,14 @@ INGESTED_KINDS = ("items", "predictions", "corrections", "reviews")
 
 def landed_files(home: Home) -> dict[str, str]:
     """Every complete landing file, as `kind/name` or `kind/producer/name`, with its size and
-    modification time: a file rewritten or appended to under a name already seen changes them."""
+    change time (ctime): a file rewritten or appended to under a name already seen changes them."""
     found = {}
     for kind in INGESTED_KINDS:
         folder = home.landing_dir(kind)
         for name in landing_names(folder):
             try:
                 st = os.lstat(os.path.join(folder, name))
-                found[f"{kind}/{name}"] = f"{st.st_size}:{st.st_mtime_ns}"
+                found[f"{kind}/{name}"] = f"{st.st_size}:{st.st_ctime_ns}"
             except OSError:  # removed since it was listed, or a folder that cannot be listed
                 found[f"{kind}/{name}"] = "-"
     return found

@@ -117,7 +117,8 @@ def test_a_touched_file_is_not_read_again_and_a_same_size_edit_is(seeded):
     run_ingest(con, home, "corrections")
     os.utime(path, ns=(1_700_000_000_000_000_000, 1_700_000_000_000_000_000))
     assert run_ingest(con, home, "corrections").files == []
-    assert _ledger(con, "corrections/c.jsonl")[0]["mtime_ns"] == 1_700_000_000_000_000_000
+    # Hashed once, found unchanged, and the new change time kept so that it is not hashed again.
+    assert _ledger(con, "corrections/c.jsonl")[0]["ctime_ns"] == path.stat().st_ctime_ns
 
     edited = path.read_text().replace('"five"', '"four"')
     assert len(edited) == path.stat().st_size
@@ -125,6 +126,38 @@ def test_a_touched_file_is_not_read_again_and_a_same_size_edit_is(seeded):
     report = run_ingest(con, home, "corrections")
     assert report.files == ["corrections/c.jsonl@v2"]
     assert report.reasons == {contracts.CONFLICTING_DUPLICATE: 1}
+
+
+def test_an_edit_that_puts_the_modification_time_back_is_still_seen(seeded):
+    """Same size, same modification time as when it was read: the change time gives it away."""
+    home, con = seeded
+    path = land(home, "corrections", "c.jsonl", [correction("t1")])
+    run_ingest(con, home, "corrections")
+    before = path.stat()
+    path.write_text(path.read_text().replace('"five"', '"four"'))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert path.stat().st_size == before.st_size and path.stat().st_mtime_ns == before.st_mtime_ns
+
+    report = run_ingest(con, home, "corrections")
+
+    assert report.files == ["corrections/c.jsonl@v2"] and report.reasons == {contracts.CONFLICTING_DUPLICATE: 1}
+
+
+def test_a_refused_link_replaced_by_a_file_of_the_same_length_is_read(seeded):
+    home, con = seeded
+    folder = home.landing_dir("corrections")
+    target = home.root / "elsewhere.jsonl"
+    target.write_text(json.dumps(correction("far")) + "\n")
+    (folder / "c.jsonl").symlink_to(target)
+    assert run_ingest(con, home, "corrections").reasons == {contracts.UNREADABLE_FILE: 1}
+    length = os.lstat(folder / "c.jsonl").st_size  # the link's own size: its target's path
+    (folder / "c.jsonl").unlink()
+    (folder / "c.jsonl").write_text("x" * (length - 1) + "\n")
+    assert os.lstat(folder / "c.jsonl").st_size == length
+
+    report = run_ingest(con, home, "corrections")
+
+    assert report.files == ["corrections/c.jsonl@v2"] and report.reasons == {contracts.MALFORMED_JSON: 1}
 
 
 def test_the_landing_sensor_requests_a_run_for_a_rewritten_file(home, instance, resources):

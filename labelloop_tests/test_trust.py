@@ -315,7 +315,7 @@ def test_a_version_3_store_is_upgraded_in_place(tmp_path):
             ("raw_corrections", "producer"), ("raw_corrections", "claimed_role"), ("raw_corrections", "arrived_at"),
             ("validated_labels", "arrived_at"), ("validated_labels", "burst_day"), ("review_decisions", "key_id"),
             ("review_decisions", "signature"), ("model_evaluations", "evaluation_set"),
-            *(("ingested_files", c) for c in ("version", "sha256", "mtime_ns", "line_count", "first_line")),
+            *(("ingested_files", c) for c in ("version", "sha256", "ctime_ns", "line_count", "first_line")),
         ):
             con.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
         for table in ("evaluation_sets", "gold_copies", "policy_uses"):

@@ -88,7 +88,7 @@ def pending_files(home: Home, con: duckdb.DuckDBPyConnection, kind: str) -> list
     names = pl.DataFrame({"path": candidates})
     ledgered = store.lookup(
         con, "ingested_files", "path", names,
-        "coalesce(t.version, 1) AS version, t.size_bytes, t.mtime_ns, t.sha256, t.line_count",
+        "coalesce(t.version, 1) AS version, t.size_bytes, t.ctime_ns, t.sha256, t.line_count",
     )
     latest = ledgered.sort("version").group_by("path", maintain_order=True).last()
     seen = {row["path"]: row for row in latest.iter_rows(named=True)}
@@ -106,27 +106,31 @@ def pending_files(home: Home, con: duckdb.DuckDBPyConnection, kind: str) -> list
 
 
 def _changed_version(con: duckdb.DuckDBPyConnection, path: Path, row: dict) -> PendingFile | None:
-    """The next version of a ledgered file if its content changed, else None."""
+    """The next version of a ledgered file if its content changed, else None.
+
+    Change is seen by the inode's change time (ctime), which every write moves and which, unlike
+    the modification time, no one can set back; a new time with the same size and SHA-256 is a
+    file touched or re-permissioned, not changed."""
     try:
         now = os.lstat(path)
     except OSError:
-        return None  # gone, or unreadable as before: nothing new to read
-    if not stat.S_ISREG(now.st_mode):
-        return None  # a link or a folder was quarantined as such when it was first seen
-    if now.st_size == row["size_bytes"] and (row["mtime_ns"] is None or now.st_mtime_ns == row["mtime_ns"]):
+        return None  # gone: nothing new to read (its rows stay)
+    if row["ctime_ns"] is None:
+        # Ledgered before versions were kept (or never opened by this labelloop): only a new size tells.
+        if now.st_size == row["size_bytes"]:
+            return None
+    elif now.st_ctime_ns == row["ctime_ns"]:
         return None
-    if now.st_size == row["size_bytes"] and row["sha256"] is not None:
-        # Touched, perhaps not changed: compare the content before reading it again, and remember
-        # the new time so that the next run does not hash it again.
+    elif now.st_size == row["size_bytes"] and row["sha256"] is not None and stat.S_ISREG(now.st_mode):
         try:
             with c.open_landing_file(path) as handle:
                 same = hashlib.file_digest(handle, "sha256").hexdigest() == row["sha256"]
         except OSError:
-            return None
+            same = False
         if same:
             con.execute(
-                "UPDATE ingested_files SET mtime_ns = ? WHERE path = ? AND version = ?",
-                [now.st_mtime_ns, row["path"], row["version"]],
+                "UPDATE ingested_files SET ctime_ns = ? WHERE path = ? AND version = ?",
+                [now.st_ctime_ns, row["path"], row["version"]],
             )
             return None
     resume = None
@@ -261,9 +265,15 @@ def _bytes(frames: list[pl.DataFrame]) -> int:
 
 
 def _ledger_entry(pending: PendingFile, read: reading.FileRead, size: int | None, blank: int) -> dict:
+    changed = read.ctime_ns
+    if changed is None:  # refused before it was opened (a link, a folder): its own entry's time
+        try:
+            changed = os.lstat(pending.path).st_ctime_ns
+        except OSError:
+            changed = None
     return {
         "path": pending.name, "source": pending.source, "version": pending.version,
-        "size_bytes": size, "blank_lines": blank, "sha256": read.sha256, "mtime_ns": read.mtime_ns,
+        "size_bytes": size, "blank_lines": blank, "sha256": read.sha256, "ctime_ns": changed,
         "line_count": read.lines if read.sha256 else None, "first_line": read.resumed_at_line,
     }
 
@@ -353,7 +363,7 @@ def _label_detail(column: str) -> str:
 
 LEDGER_COLUMNS = {
     "path": pl.String, "source": pl.String, "version": pl.Int32, "size_bytes": pl.Int64,
-    "blank_lines": pl.Int64, "sha256": pl.String, "mtime_ns": pl.Int64, "line_count": pl.Int64,
+    "blank_lines": pl.Int64, "sha256": pl.String, "ctime_ns": pl.Int64, "line_count": pl.Int64,
     "first_line": pl.Int64,
 }
 
@@ -419,15 +429,17 @@ def _finish(
 # records, quarantine rows and ledger entries together): what a run holds in memory follows the
 # group, not everything that landed since the last run.
 GROUP_BYTES = 64 * 1024 * 1024
+GROUP_FILES = 1000  # and at most this many files: each costs its own frames and ledger row
 
 
 def file_groups(files: list[PendingFile]) -> list[list[PendingFile]]:
-    """Consecutive files up to GROUP_BYTES on disk (a bigger file makes a group of its own)."""
+    """Consecutive files up to GROUP_BYTES on disk and GROUP_FILES files (a bigger file makes a
+    group of its own)."""
     groups: list[list[PendingFile]] = []
     size = 0
     for pending in files:
         grown = _size(pending.path) or 0
-        if not groups or (size + grown > GROUP_BYTES and groups[-1]):
+        if not groups or (size + grown > GROUP_BYTES and groups[-1]) or len(groups[-1]) >= GROUP_FILES:
             groups.append([])
             size = 0
         groups[-1].append(pending)

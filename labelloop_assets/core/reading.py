@@ -55,7 +55,7 @@ class FileRead:
     """What reading one file found: filled in as its chunks are read."""
 
     size_bytes: int = 0
-    mtime_ns: int | None = None
+    ctime_ns: int | None = None  # the inode's change time: any write moves it, and no one can set it back
     sha256: str | None = None
     blank_lines: int = 0
     lines: int = 0  # physical lines (Parquet rows) in the file, blank ones included
@@ -102,7 +102,7 @@ class LandingFile:
         if opened.st_size > c.MAX_FILE_BYTES:
             handle.close()
             raise self._refuse(c.FILE_TOO_LARGE, f"{opened.st_size} bytes > {c.MAX_FILE_BYTES}")
-        self.read.mtime_ns = opened.st_mtime_ns
+        self.read.ctime_ns = opened.st_ctime_ns
         return handle, opened
 
     def chunks(self) -> Iterator[pl.DataFrame]:

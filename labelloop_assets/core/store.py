@@ -36,7 +36,7 @@ CREATE TABLE IF NOT EXISTS ingested_files (
     path VARCHAR NOT NULL, kind VARCHAR NOT NULL, size_bytes BIGINT,
     records_in BIGINT NOT NULL, accepted BIGINT NOT NULL, quarantined BIGINT NOT NULL,
     blank_lines BIGINT NOT NULL, ingested_at TIMESTAMPTZ NOT NULL DEFAULT now(), run_id VARCHAR,
-    version INTEGER DEFAULT 1, sha256 VARCHAR, mtime_ns BIGINT, line_count BIGINT, first_line BIGINT
+    version INTEGER DEFAULT 1, sha256 VARCHAR, ctime_ns BIGINT, line_count BIGINT, first_line BIGINT
 );
 
 CREATE TABLE IF NOT EXISTS quarantine (
@@ -389,7 +389,7 @@ def _migrate(con: Any, found: int) -> None:
         # Version 5: each version of a landing file is ledgered (a rewritten or appended file is
         # read again), with what identifies the content read and where its new lines started.
         for column, kind in (
-            ("version", "INTEGER DEFAULT 1"), ("sha256", "VARCHAR"), ("mtime_ns", "BIGINT"),
+            ("version", "INTEGER DEFAULT 1"), ("sha256", "VARCHAR"), ("ctime_ns", "BIGINT"),
             ("line_count", "BIGINT"), ("first_line", "BIGINT"),
         ):
             con.execute(f"ALTER TABLE ingested_files ADD COLUMN IF NOT EXISTS {column} {kind}")
