@@ -289,6 +289,7 @@ BOMBS = {
     "newlines-128mib": "128 MiB of newlines",
     "newlines-512mib": "512 MiB of newlines (the largest file the contract reads)",
     "parquet-zstd": "15 KB of zstd Parquet: 20,000 rows of one 60,000-character string (1.2 GB as text)",
+    "parquet-list": "20 KB of Parquet: 20,000 rows of a list of ten 60,000-character strings (12 GB as text)",
     "long-line": "one line of 100 MiB",
     "garbage-lines": "990,000 lines that are not JSON (2 MB; each quarantined with its reason)",
     "too-many-lines": "9,900,000 lines that are not JSON (20 MB)",
@@ -309,6 +310,15 @@ def _write_bomb(folder: Path, bomb: str) -> None:
                 "COPY (SELECT 'z' || i AS event_id, repeat('x', 60000) AS rationale FROM range(20000) t(i)) "
                 "TO ? (FORMAT parquet, COMPRESSION zstd)", [str(folder / "bomb.parquet")]
             )
+    elif bomb == "parquet-list":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        rows, copies = 20_000, 10
+        text = pa.DictionaryArray.from_arrays(pa.array([0] * rows * copies, pa.int32()), pa.array(["x" * 60_000]))
+        lists = pa.ListArray.from_arrays(pa.array(range(0, rows * copies + 1, copies), pa.int32()), text)
+        pq.write_table(pa.table({"event_id": [f"l{n}" for n in range(rows)], "context": lists}),
+                       folder / "list-bomb.parquet", compression="zstd")
     elif bomb == "long-line":
         with (folder / "long-line.jsonl").open("wb") as handle:
             handle.write(b'{"event_id": "huge", "rationale": "' + b"y" * (100 * 1024 * 1024) + b'"}\n')

@@ -17,6 +17,9 @@ import textwrap
 
 import dagster as dg
 import duckdb
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from labelloop_assets.core import contracts, ingest, store
@@ -227,9 +230,17 @@ def _bombs(folder) -> dict[str, str]:
         handle.write(json.dumps(correction("before")).encode() + b"\n")
         handle.write(b'{"event_id": "huge", "rationale": "' + b"y" * (100 * 1024 * 1024) + b'"}\n')
         handle.write(json.dumps(correction("after")).encode() + b"\n")
+    # The same text inside a list: 10 copies per row, 12 GB once decoded, in 20 KB. Built from a
+    # dictionary array, so that the test itself never holds the text.
+    rows, copies = 20_000, 10
+    text = pa.DictionaryArray.from_arrays(pa.array([0] * rows * copies, pa.int32()), pa.array(["x" * 60_000]))
+    lists = pa.ListArray.from_arrays(pa.array(range(0, rows * copies + 1, copies), pa.int32()), text)
+    pq.write_table(pa.table({"event_id": [f"l{n}" for n in range(rows)], "context": lists}),
+                   folder / "list-bomb.parquet", compression="zstd")
     return {
         "corrections/newlines.jsonl": contracts.TOO_MANY_LINES,
         "corrections/bomb.parquet": contracts.DECOMPRESSED_TOO_LARGE,
+        "corrections/list-bomb.parquet": contracts.DECOMPRESSED_TOO_LARGE,
     }
 
 
@@ -239,6 +250,7 @@ def test_bombs_cost_bounded_memory_and_do_not_block_genuine_files(seeded):
     folder = home.landing_dir("corrections")
     expected = _bombs(folder)
     assert (folder / "bomb.parquet").stat().st_size < 50_000
+    assert (folder / "list-bomb.parquet").stat().st_size < 100_000
     land(home, "corrections", "genuine.jsonl", [correction(f"g{n}", item_id=f"i{1 + n % 4}") for n in range(20)])
 
     done = subprocess.run(
@@ -282,6 +294,40 @@ def test_a_file_that_exhausts_memory_is_quarantined_alone(seeded):
     # The next run does not try it again (it would fail the same way): the ledger has it.
     con.execute("RESET memory_limit")
     assert run_ingest(con, home, "corrections").files == []
+
+
+@pytest.mark.parametrize("kind", ["float16", "decimal256", "twice_the_same_column"])
+def test_a_parquet_file_the_reader_cannot_convert_is_quarantined_alone(seeded, kind):
+    """Such a file once stopped every ingest of its kind: DuckDB's conversion error escaped."""
+    home, con = seeded
+    path = home.landing_dir("corrections") / "exotic.parquet"
+    ids = pa.array(["a"])
+    columns = {
+        "float16": ({"event_id": ids, "h": pa.array([1.0], pa.float32()).cast(pa.float16())}, None),
+        "decimal256": ({"event_id": ids, "d": pa.array([1], pa.int64()).cast(pa.decimal256(60, 1))}, None),
+        "twice_the_same_column": (None, pa.Table.from_arrays([ids, pa.array(["b"])], names=["event_id", "event_id"])),
+    }[kind]
+    pq.write_table(columns[1] if columns[1] is not None else pa.table(columns[0]), path)
+    land(home, "corrections", "genuine.jsonl", [correction("g1"), correction("g2", item_id="i2")])
+
+    for _ in range(2):  # and the next run is not blocked either
+        report = run_ingest(con, home, "corrections")
+        assert report.reconciles
+
+    assert store.scalar(con, "SELECT count(*) FROM raw_corrections") == 2
+    rows = quarantine(con, "corrections/exotic.parquet")
+    # Whole, or as a line with its reason (two columns of one name make a key given twice).
+    assert [r["reason"] for r in rows] in ([contracts.UNREADABLE_FILE], [contracts.MALFORMED_JSON])
+    print(kind, rows[0]["reason"], rows[0]["detail"])
+
+
+def test_a_parquet_column_named_like_the_readers_alias_is_still_a_row(seeded):
+    home, con = seeded
+    row = correction("t-col")
+    pl.DataFrame([{**row, "t": "x", "labelloop_parquet_row": "y"}]).write_parquet(
+        home.landing_dir("corrections") / "alias.parquet")
+    report = run_ingest(con, home, "corrections")
+    assert report.accepted == 1, report.reasons
 
 
 # --------------------------------------------------------------------------- quarantine details

@@ -216,77 +216,139 @@ class LandingFile:
     # ---------------------------------------------------------------- Parquet
 
     def _parquet(self, handle: BinaryIO) -> Iterator[pl.DataFrame]:
+        import duckdb
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         digest = hashlib.file_digest(handle, "sha256")  # the file as it is read below
         self.read.sha256 = digest.hexdigest()
         self.read.size_bytes = handle.tell()
-        handle.seek(0)
+        # What a file holds must not show in a quarantine detail: errors are named by their type.
+        unreadable = (pa.ArrowException, duckdb.Error, ValueError, TypeError, NotImplementedError,
+                      OverflowError, KeyError, IndexError)
         try:
-            schema = pq.ParquetFile(handle).schema_arrow
             handle.seek(0)
-            # Text columns stay dictionary-encoded: a value repeated on every row is held once.
-            texts = [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)
-                     or pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)]
+            columns = pq.ParquetFile(handle).schema
+            # Text stays dictionary-encoded, nested text too: a value repeated on every row (or in
+            # every element of a list) is held once, and measured once.
+            texts = [columns.column(i).path for i in range(len(columns))
+                     if columns.column(i).physical_type == "BYTE_ARRAY"]
+            handle.seek(0)
             parquet = pq.ParquetFile(handle, read_dictionary=texts)
             meta = parquet.metadata
-        except (pa.ArrowException, ValueError) as exc:
-            raise self._refuse(c.UNREADABLE_FILE, f"not a readable Parquet file ({exc})") from None
+        except MemoryError:
+            raise
+        except unreadable as exc:
+            raise self._refuse(c.UNREADABLE_FILE, f"not a readable Parquet file ({type(exc).__name__})") from None
         self._count_lines(meta.num_rows)
-        unpacked = sum(
-            meta.row_group(g).column(i).total_uncompressed_size
-            for g in range(meta.num_row_groups) for i in range(meta.num_columns)
-        )
-        if unpacked > c.MAX_DECOMPRESSED_BYTES:
+        decoded = _decoded_bytes(meta)
+        if decoded > c.MAX_DECOMPRESSED_BYTES:
             raise self._refuse(
-                c.DECOMPRESSED_TOO_LARGE, f"{unpacked} bytes once decompressed > {c.MAX_DECOMPRESSED_BYTES}"
+                c.DECOMPRESSED_TOO_LARGE, f"{decoded} bytes of values once decoded > {c.MAX_DECOMPRESSED_BYTES}"
             )
         to_json = _JsonRows()
         line_no = 0
         try:
-            # Rows are measured first, without decoding them, so that a file past the cap is
+            # Rows are measured first, without decoding their text, so that a file past the cap is
             # refused before any of its rows is turned into text.
-            total = sum(sum(_row_sizes(b)) for b in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS))
+            total = sum(int(_row_sizes(b).sum()) for b in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS))
             if total > c.MAX_DECOMPRESSED_BYTES:
                 raise self._refuse(
                     c.DECOMPRESSED_TOO_LARGE, f"{total} bytes of rows once decompressed > {c.MAX_DECOMPRESSED_BYTES}"
                 )
             for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS):
-                yield from to_json.chunks(batch, _row_sizes(batch), line_no)
+                yield from to_json.chunks(batch, _row_sizes(batch).tolist(), line_no)
                 line_no += batch.num_rows
-        except pa.ArrowException as exc:
-            raise self._refuse(c.UNREADABLE_FILE, f"not a readable Parquet file ({exc})") from None
+        except MemoryError:
+            raise
+        except unreadable as exc:
+            raise self._refuse(c.UNREADABLE_FILE, f"not a Parquet file labelloop can read ({type(exc).__name__})") from None
         finally:
             to_json.close()
         self.read.lines = line_no
 
 
-def _row_sizes(batch) -> list[int]:
-    """Each row's size as text, measured without decoding it: the lengths of its text values
-    (dictionary entries are measured once), and other columns' share of the batch's bytes."""
+# Bytes per value of Parquet's fixed-width physical types (a BYTE_ARRAY value is read as a 4-byte
+# dictionary index; its text is in the dictionary, counted by the column chunk's own size).
+_WIDTH = {"BOOLEAN": 1, "INT32": 4, "INT64": 8, "INT96": 12, "FLOAT": 4, "DOUBLE": 8, "BYTE_ARRAY": 4}
+
+
+def _decoded_bytes(meta) -> int:
+    """What a Parquet file's values take once decoded, from its footer alone: run-length and
+    dictionary encoding can make a few kilobytes hold billions of values."""
+    total = 0
+    for g in range(meta.num_row_groups):
+        group = meta.row_group(g)
+        for i in range(group.num_columns):
+            column = group.column(i)
+            width = _WIDTH.get(column.physical_type)
+            if width is None:  # FIXED_LEN_BYTE_ARRAY
+                width = meta.schema.column(i).length or 1
+            total += column.num_values * width + column.total_uncompressed_size
+    return total
+
+
+def _row_sizes(batch):
+    """Each row's size as JSON text, estimated without decoding its text (dictionary entries are
+    measured once, lists and structs summed over their elements)."""
+    import numpy as np
+
+    sizes = np.full(batch.num_rows, 2, dtype=np.int64)
+    for field, column in zip(batch.schema, batch.columns):
+        sizes += len(field.name) + 4 + _value_sizes(column)
+    return sizes
+
+
+def _value_sizes(array):
+    """Each value's size as JSON text, for any Arrow array (nested ones included)."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    sizes = np.zeros(batch.num_rows, dtype=np.int64)
-    for field, column in zip(batch.schema, batch.columns):
-        sizes += len(field.name) + 4
-        if pa.types.is_dictionary(column.type):
-            lengths = pc.fill_null(pc.binary_length(column.dictionary), 0).to_numpy(zero_copy_only=False)
-            indices = column.indices.fill_null(0).to_numpy(zero_copy_only=False) if len(column.dictionary) else None
-            if indices is not None:
-                sizes += lengths[indices]
-        elif pa.types.is_string(column.type) or pa.types.is_binary(column.type) or pa.types.is_large_string(column.type):
-            sizes += pc.fill_null(pc.binary_length(column), 0).to_numpy(zero_copy_only=False)
-        elif batch.num_rows:
-            sizes += column.nbytes // batch.num_rows
-    return sizes.tolist()
+    kind, n = array.type, len(array)
+    if pa.types.is_dictionary(kind):
+        entries = _value_sizes(array.dictionary)
+        if not len(entries):
+            return np.zeros(n, dtype=np.int64)
+        return entries[array.indices.fill_null(0).to_numpy(zero_copy_only=False)]
+    if (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind)
+            or pa.types.is_large_binary(kind)):
+        return pc.binary_length(array).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64) + 2
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_map(kind) or pa.types.is_fixed_size_list(kind):
+        elements = _value_sizes(pc.list_flatten(array))
+        parents = pc.list_parent_indices(array).to_numpy(zero_copy_only=False)
+        return np.bincount(parents, weights=elements + 1, minlength=n).astype(np.int64) + 2
+    if pa.types.is_struct(kind):
+        sizes = np.full(n, 2, dtype=np.int64)
+        for field, child in zip(kind, array.flatten()):
+            sizes += len(field.name) + 4 + _value_sizes(child)
+        return sizes
+    return np.full(n, 24, dtype=np.int64)  # a number, a time, a boolean: at most a few dozen characters
+
+
+def _plain_type(kind):
+    """The type with every dictionary replaced by its values' type (nested ones too)."""
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(kind):
+        return _plain_type(kind.value_type)
+    if pa.types.is_map(kind):
+        return pa.map_(_plain_type(kind.key_type), _plain_type(kind.item_type))
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        make = pa.list_ if pa.types.is_list(kind) else pa.large_list
+        return make(pa.field(kind.value_field.name, _plain_type(kind.value_type), kind.value_field.nullable))
+    if pa.types.is_fixed_size_list(kind):
+        return pa.list_(pa.field(kind.value_field.name, _plain_type(kind.value_type)), kind.list_size)
+    if pa.types.is_struct(kind):
+        return pa.struct([pa.field(f.name, _plain_type(f.type), f.nullable) for f in kind])
+    return kind
 
 
 class _JsonRows:
     """Parquet rows as JSON lines, by DuckDB's to_json (the same text whatever the column types),
     on a connection of its own so a file's rows never touch the store's connection."""
+
+    ROWS = "labelloop_parquet_rows"
 
     def __init__(self):
         self._con = None
@@ -297,28 +359,29 @@ class _JsonRows:
 
         if self._con is None:
             self._con = duckdb.connect(config={"threads": "1"})
+        plain = pa.schema([pa.field(f.name, _plain_type(f.type), f.nullable) for f in batch.schema])
         start = 0
         while start < batch.num_rows:
             end, used = start, 0
             while end < batch.num_rows and (end == start or used + sizes[end] <= CHUNK_BYTES):
                 used += sizes[end]
                 end += 1
-            part = batch.slice(start, end - start)
             keep = [s <= c.MAX_LINE_BYTES for s in sizes[start:end]]
             numbers = list(range(before + start + 1, before + end + 1))
-            kept = part.filter(pa.array(keep))
-            decoded = pa.Table.from_batches([kept]).combine_chunks()
-            decoded = decoded.cast(pa.schema([
-                pa.field(f.name, f.type.value_type if pa.types.is_dictionary(f.type) else f.type)
-                for f in decoded.schema
-            ]))
-            self._con.register("parquet_rows", decoded)
+            kept = batch.slice(start, end - start).filter(pa.array(keep))
+            decoded = pa.Table.from_batches([kept]).cast(plain)
+            # Each row as one struct column: no column of the file can shadow what is converted.
+            rows = pa.StructArray.from_arrays(
+                [column.combine_chunks() for column in decoded.columns], fields=list(plain)
+            )
+            self._con.register(self.ROWS, pa.table({"row": rows}))
             try:
-                lines = self._con.sql("SELECT to_json(t)::VARCHAR AS line FROM parquet_rows AS t").pl()
+                lines = self._con.sql(f"SELECT to_json(row)::VARCHAR AS line FROM {self.ROWS}").pl()
             finally:
-                self._con.unregister("parquet_rows")
+                self._con.unregister(self.ROWS)
             kept_numbers = [n for n, k in zip(numbers, keep) if k]
-            frames = [pl.DataFrame({"line_no": kept_numbers, "line": lines["line"]}).with_columns(
+            frames = [pl.DataFrame({"line_no": kept_numbers, "line": lines["line"]},
+                                   schema={"line_no": pl.Int64, "line": pl.String}).with_columns(
                 bad_encoding=pl.lit(False), oversize=pl.lit(False), line_sha256=pl.lit(None, pl.String)
             )]
             frames += [_oversize_line(n, None) for n, k in zip(numbers, keep) if not k]
