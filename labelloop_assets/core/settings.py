@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -399,6 +400,10 @@ SECRET_MIN_BITS = 128
 SECRET_REPEAT = 8  # a stretch this long found twice is a repeated pattern
 SECRET_RUN = 4  # ... and so is a run this long stepping by -1, 0 or +1 (aaaa, abcd, 4321)
 SECRET_LONG_RUN = 10
+# zxcvbn's guesses (log10) as a share of the length: random values score about 1 (of 4,000 random
+# 32-hex-digit keys the lowest scored 0.83); words, keyboard walks and counters score 0.45-0.6.
+SECRET_GUESS_SHARE = 0.75
+SECRET_STRIDE = 8
 # Character kinds and how many characters each offers (the estimate is length x log2 of the
 # sum over the kinds used).
 _KINDS = (
@@ -415,8 +420,9 @@ _COMMON_WORDS = (
 )
 SECRET_RULE = (
     f"at least {SECRET_MIN_LENGTH} characters, {SECRET_MIN_DISTINCT} of them different, an estimated "
-    f"{SECRET_MIN_BITS} bits or more (length x log2 of the character kinds used), no repeated or "
-    "sequential pattern and no common word"
+    f"{SECRET_MIN_BITS} bits or more (length x log2 of the character kinds used), no repeated, "
+    "sequential or strided pattern, no common word, and no pattern a password cracker tries first "
+    "(zxcvbn's estimate at least 10^(0.75 x length) guesses)"
 )
 NEW_SECRET_HINT = (
     "`labelloop secret new` prints one (or `python -c 'import secrets; print(secrets.token_urlsafe(32))'`); "
@@ -449,6 +455,14 @@ def secret_problems(value: str) -> list[str]:
         problems.append(f"a stretch of {SECRET_REPEAT} characters comes twice (a repeated pattern)")
     if _sequential(value):
         problems.append("it is largely made of runs like aaaa, abcd or 4321 (a sequential pattern)")
+    if _strided(value):
+        problems.append("every few characters it repeats or counts on (aZ1!aZ2!..., Aa1!Bb2@...: a strided pattern)")
+    guesses = _guesses_log10(value)
+    if guesses < SECRET_GUESS_SHARE * len(value):
+        problems.append(
+            f"it follows patterns that password crackers try first (words, names, keyboard walks, "
+            f"dates, repeats): zxcvbn estimates about 10^{guesses:.0f} guesses"
+        )
     if value == DEV_SECRET:
         problems.append("it is the public development key")
     elif any(word in value.lower() for word in _COMMON_WORDS):
@@ -463,6 +477,27 @@ def weak_secret_message(problems: list[str]) -> str:
         f"that person's pseudonym. The rule: {SECRET_RULE}. Use a random value: {NEW_SECRET_HINT}. "
         "A store keeps needing the key its pseudonyms were made with."
     )
+
+
+def _strided(value: str) -> bool:
+    """For some stride p up to SECRET_STRIDE, most characters step from the one p before as that
+    one stepped from the one p before it (a repeat is a step of 0): a period with a counter."""
+    codes = [ord(ch) for ch in value]
+    for p in range(1, SECRET_STRIDE + 1):
+        steps = [codes[i] - codes[i - p] for i in range(p, len(codes))]
+        same = [steps[i] == steps[i - p] for i in range(p, len(steps))]
+        if same and sum(same) >= 0.5 * len(same):
+            return True
+    return False
+
+
+@functools.lru_cache(maxsize=8)  # every step and command asks; zxcvbn takes a few milliseconds
+def _guesses_log10(value: str) -> float:
+    """zxcvbn's estimate of the guesses a cracker needs (it knows words, names, keyboard walks,
+    dates, l33t and repeats); a random value scores about its length (10 guesses a character)."""
+    from zxcvbn import zxcvbn
+
+    return float(zxcvbn(value[:100])["guesses_log10"])
 
 
 def _repeats(value: str) -> bool:
