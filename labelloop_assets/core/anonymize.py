@@ -36,8 +36,8 @@ SCRUB_PATTERNS: tuple[tuple[str, str], ...] = (
 RESIDUAL_PATTERN = "|".join(
     (
         r"[^\P{Nd}0-9]|[\x{FF01}-\x{FF5E}\x{FE6B}]|\p{Cf}|\p{No}",
-        r"@",
-        r"[0-9](?:[\s().\-/_\p{Pd}\p{Zs}]*[0-9]){5,}",
+        r"@|%40|&#0*64;|&#[xX]0*40;|&commat;",
+        r"[0-9](?:[\s().\-/_*,\x{00B7}\p{Pd}\p{Zs}]*[0-9]){5,}",
         r"(?i:[^\s(\[{<]\s*[(\[{<]\s*(?:at|dot)\s*[)\]}>])",
         r"(?i:\S\s+at\s+[\pL\pN-]+(?:\s+dot\s+|\.)\pL)",
         r"[A-Za-z]{6}[0-9]{2}[A-Za-z][0-9]{2}[A-Za-z][0-9]{3}[A-Za-z]",

@@ -78,6 +78,8 @@ def _fold(ch: str) -> str:
             folded = " "
         elif category == "Pd":
             folded = "-"
+        elif ch in "\u00b7\u2027\u30fb\u2219":  # middle dots: separators, as a dot is
+            folded = "."
         elif category in ("Mn", "Mc", "Me"):
             # A combining mark belongs to the word it is in; Python's \w does not take marks.
             folded = _MARK
@@ -196,10 +198,15 @@ _URL_WITH_CREDENTIALS = re.compile(r"(?<![\w])[A-Za-z][A-Za-z0-9+.\-]*://[^\s/@]
 _LOCAL_CH = r"[\w.%+'!#$&*=?^{|}~/\-\u0300-\u036f]"
 _LABEL = r"[\w\-\u0300-\u036f]+"
 _TLD = r"(?:xn--[A-Za-z0-9\-]+|[^\W\d_]{2,63})"
-_EMAIL = re.compile(rf"(?:(?<!{_LOCAL_CH}){_LOCAL_CH}+|\"[^\"\s]{{1,64}}\")@(?:{_LABEL}\.)+{_TLD}")
+# The at sign as people and web forms write it: plain, URL-encoded, as an HTML entity.
+_AT_SIGN = r"(?:@|%40|&#0*64;|&#[xX]0*40;|&commat;)"
+_EMAIL = re.compile(
+    rf"(?:(?<!{_LOCAL_CH}){_LOCAL_CH}+|\"[^\"\n]{{1,64}}\"){_AT_SIGN}"
+    rf"(?:(?:{_LABEL}\.)+{_TLD}|\[\[ip\]\]|\[[0-9A-Fa-f.:]+\])"
+)
 
 _AT = r"(?P<at>\s*[(\[{<]\s*(?:at|@)\s*[)\]}>]\s*|\s+at\s+|\s*@\s+|\s+@\s*)"
-_DOT = r"(?:\s*[(\[{<]\s*(?:dot|\.)\s*[)\]}>]\s*|\s+dot\s+|\.)"
+_DOT = r"(?:\s*[(\[{<]\s*(?:dot|\.)\s*[)\]}>]\s*|\s+dot\s+|\s+\.\s+|\.)"
 _PART = r"[\w%+\-\u0300-\u036f]+"
 _OBFUSCATED_EMAIL = re.compile(
     rf"(?<![\w.%+\-])(?P<local>(?>{_PART}(?:{_DOT}{_PART})*)){_AT}"
@@ -237,7 +244,7 @@ _BR_CPF = re.compile(r"(?<![\w.\-])[0-9]{3}\.?[0-9]{3}\.?[0-9]{3}-?[0-9]{2}(?![\
 _IN_AADHAAR = re.compile(r"(?<![\w])[2-9][0-9]{3}[ \-]?[0-9]{4}[ \-]?[0-9]{4}(?![\w])")
 _CA_SIN = re.compile(r"(?<![\w])[1-79][0-9]{2}[ \-][0-9]{3}[ \-][0-9]{3}(?![\w])")
 
-_CARD = re.compile(r"(?<![\w.\-])[0-9](?:[ \-_.]?[0-9]){12,18}(?![0-9])")
+_CARD = re.compile(r"(?<![\w.\-])[0-9](?:[ \-_./*]?[0-9]){12,18}(?![0-9])")
 
 _OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|0?[0-9]?[0-9])"
 _IPV4 = re.compile(rf"(?<![\w.])(?:{_OCTET}\.){{3}}{_OCTET}(?![0-9]|\.[0-9])")
@@ -264,7 +271,7 @@ _MASK = "\x00"
 
 
 def _email(work: str) -> list[Span]:
-    if "@" not in work:
+    if "@" not in work and "%40" not in work and "&#" not in work and "&commat;" not in work:
         return []
     return [Span(m.start(), m.end(), EMAIL) for m in _EMAIL.finditer(work)]
 
