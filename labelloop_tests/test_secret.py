@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import secrets
 import time
 
@@ -39,13 +38,6 @@ DICTIONARY = ["secret", "password", "changeme", "labelloop", "prod-key", "first-
               "company-secret-2026", "labelloop-prod", "s3cr3t"] + [f"key-{n}" for n in range(2000)]
 WEAK_KEY = b"company-secret-2026"
 
-
-@pytest.fixture(autouse=True)
-def _umask_restored():
-    before = os.umask(0o022)
-    os.umask(before)
-    yield
-    os.umask(before)
 
 
 @pytest.fixture
