@@ -314,9 +314,19 @@ def _value_sizes(array):
     if (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind)
             or pa.types.is_large_binary(kind)):
         return pc.binary_length(array).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64) + 2
-    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_map(kind) or pa.types.is_fixed_size_list(kind):
-        elements = _value_sizes(pc.list_flatten(array))
-        parents = pc.list_parent_indices(array).to_numpy(zero_copy_only=False)
+    if pa.types.is_fixed_size_list(kind):
+        elements = _value_sizes(array.flatten())
+        parents = np.repeat(np.arange(n), kind.list_size)[: len(elements)]
+        return np.bincount(parents, weights=elements + 1, minlength=n).astype(np.int64) + 2
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_map(kind):
+        offsets = array.offsets.to_numpy(zero_copy_only=False)
+        first, count = int(offsets[0]), int(offsets[-1] - offsets[0])
+        if pa.types.is_map(kind):
+            elements = (_value_sizes(array.keys.slice(first, count))
+                        + _value_sizes(array.items.slice(first, count)) + 1)
+        else:
+            elements = _value_sizes(array.values.slice(first, count))
+        parents = np.repeat(np.arange(n), np.diff(offsets))
         return np.bincount(parents, weights=elements + 1, minlength=n).astype(np.int64) + 2
     if pa.types.is_struct(kind):
         sizes = np.full(n, 2, dtype=np.int64)
