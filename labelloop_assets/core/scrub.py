@@ -471,8 +471,13 @@ def _dates(work: str) -> list[Span]:
     return [Span(m.start(), m.end(), KEEP) for pattern in (_DATE, _YEAR_RANGE, _TIME) for m in pattern.finditer(work)]
 
 
+# A North American number grouped 3,3,4 with commas (no spaces): thousands separators group by
+# threes, so no amount has this shape.
+_NANP_COMMAS = re.compile(r"(?<![0-9,.])[2-9][0-9]{2},[0-9]{3},[0-9]{4}(?![0-9]|,[0-9])")
+
+
 def _phone(masked: str) -> list[Span]:
-    found = []
+    found = [Span(m.start(), m.end(), PHONE) for m in _NANP_COMMAS.finditer(masked)]
     for m in _PHONE_CANDIDATE.finditer(masked):
         if m.end() < len(masked) and (masked[m.end()].isalnum() or masked[m.end()] == "_"):
             continue
