@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from labelloop_assets.core import contracts, ingest, store
+from labelloop_assets.core import contracts, store
 from labelloop_assets.sensors import landing_sensor
 from labelloop_tests.test_ingest import (  # noqa: F401 (fixtures)
     correction,

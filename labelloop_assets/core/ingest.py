@@ -139,10 +139,6 @@ def _changed_version(con: duckdb.DuckDBPyConnection, path: Path, row: dict) -> P
     return PendingFile(path, row["path"], row["version"] + 1, resume)
 
 
-def relative_name(home: Home, path: Path) -> str:
-    return path.relative_to(home.landing).as_posix()
-
-
 # landing/<kind>/<producer>/<name> at the deepest: a producer is one folder.
 NESTED_TOO_DEEP = (
     "{name}: inside a folder within a producer's folder; landing files go in landing/<kind>/ or "
