@@ -1,6 +1,6 @@
 """`make bench`: the loop's cost measured through Dagster, beside baselines on the same files.
 
-Every measurement runs in a child process of its own, so its peak memory (ru_maxrss) is its own.
+Every measurement runs in a child process of its own, so its peak memory (VmHWM) is its own.
 Results go to benchmarks/results/latest.json and, as a markdown table, into README.md.
 
     python -m benchmarks.run                 # the full suite (100k / 300k / 1M events)
@@ -39,6 +39,14 @@ WORKER_FILES, WORKER_EVENTS_PER_FILE, WORKER_ITEMS = 10, 10_000, 20_000
 
 
 def _peak_mb() -> float:
+    """This process's own peak resident memory: VmHWM (ru_maxrss can carry the forking parent's
+    over exec), or ru_maxrss where /proc is not there."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -359,18 +367,10 @@ def child_bomb(work_dir: str, bomb: str) -> dict:
         whole = dict(con.execute("SELECT source_file, reason FROM quarantine WHERE line_no IS NULL").fetchall())
     return {
         "bomb": bomb, "bytes_on_disk": written,
-        "seconds": seconds, "peak_mb": _own_peak_mb(), "accepted": report.accepted,
+        "seconds": seconds, "peak_mb": _peak_mb(), "accepted": report.accepted,
         "quarantined": report.quarantined, "reconciles": report.reconciles,
         "reasons": report.reasons, "whole_file": whole,
     }
-
-
-def _own_peak_mb() -> float:
-    """This process's own peak resident memory (VmHWM; ru_maxrss may carry its parent's)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return _peak_mb()
 
 
 def bombs(work: Path, log=print) -> dict:

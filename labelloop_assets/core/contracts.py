@@ -608,14 +608,19 @@ def _quote(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
+def landing_file_sha256(path: Path) -> str | None:
+    """A landing file's SHA-256, read in chunks through a handle that refuses a link (a file
+    refused for its size must not be read into memory to be hashed); None if it cannot be read."""
+    try:
+        with open_landing_file(path) as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
+    except OSError:
+        return None
+
+
 def whole_file_quarantine(kind: str, source_file: str, error: UnreadableFile, path: Path) -> pl.DataFrame:
     """One quarantine row for a file that could not be read at all."""
-    try:
-        # In chunks: a file refused for its size must not be read into memory to be hashed.
-        with open_landing_file(path) as handle:
-            digest = hashlib.file_digest(handle, "sha256").hexdigest()
-    except OSError:
-        digest = None
+    digest = landing_file_sha256(path)
     return pl.DataFrame(
         {
             "kind": [kind],

@@ -9,7 +9,6 @@ a file nor ingest it twice.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 from collections.abc import Callable
@@ -80,8 +79,8 @@ def source_name(path: str, version: int) -> str:
 
 def pending_files(home: Home, con: duckdb.DuckDBPyConnection, kind: str) -> list[PendingFile]:
     """Landing files of a kind (its folder and producers' subfolders) to read: every file the
-    ledger has not seen, and every ledgered file whose size or modification time changed and
-    whose content is no longer what was read (a rewritten file, or one with lines appended)."""
+    ledger has not seen, and every ledgered file whose size or change time moved and whose
+    content is no longer what was read (a rewritten file, or one with lines appended)."""
     candidates = [f"{kind}/{name}" for name in c.landing_names(home.landing_dir(kind))]
     if not candidates:
         return []
@@ -122,12 +121,7 @@ def _changed_version(con: duckdb.DuckDBPyConnection, path: Path, row: dict) -> P
     elif now.st_ctime_ns == row["ctime_ns"]:
         return None
     elif now.st_size == row["size_bytes"] and row["sha256"] is not None and stat.S_ISREG(now.st_mode):
-        try:
-            with c.open_landing_file(path) as handle:
-                same = hashlib.file_digest(handle, "sha256").hexdigest() == row["sha256"]
-        except OSError:
-            same = False
-        if same:
+        if c.landing_file_sha256(path) == row["sha256"]:
             con.execute(
                 "UPDATE ingested_files SET ctime_ns = ? WHERE path = ? AND version = ?",
                 [now.st_ctime_ns, row["path"], row["version"]],
@@ -154,7 +148,7 @@ OUT_OF_MEMORY = (MemoryError, duckdb.OutOfMemoryException)
 
 
 def _read_batch(
-    home: Home, files: list[PendingFile], spec: c.RecordSpec, con: duckdb.DuckDBPyConnection, key: bytes,
+    files: list[PendingFile], spec: c.RecordSpec, con: duckdb.DuckDBPyConnection, key: bytes,
     raw_lines: list[pl.DataFrame] | None = None,
 ) -> tuple[_Batch, int]:
     """Read every file in bounded memory and check its lines, several small files or one part of
@@ -188,7 +182,7 @@ class _BatchReader:
                 raise c.UnreadableFile(c.UNREADABLE_FILE, NESTED_TOO_DEEP.format(name=pending.name))
             for chunk in landing.chunks():
                 self.waiting.append(chunk.with_columns(source_file=pl.lit(pending.source)))
-                self.waiting_bytes += int(chunk["line"].str.len_bytes().sum() or 0)
+                self.waiting_bytes += _bytes([chunk])
                 self.waiting_lines += chunk.height
                 if self.waiting_bytes >= reading.CHUNK_BYTES or self.waiting_lines >= reading.CHUNK_LINES:
                     self.flush()
@@ -487,7 +481,7 @@ def _ingest_items(
     con: duckdb.DuckDBPyConnection, home: Home, ontology: Ontology, run_id: str, files: list[PendingFile]
 ) -> IngestReport:
     spec = c.ITEM_SPEC
-    batch, blank = _read_batch(home, files, spec, con, b"")
+    batch, blank = _read_batch(files, spec, con, b"")
     records = _concat(batch.accepted)
     quarantined = list(batch.quarantined)
     if records.height:
@@ -560,7 +554,7 @@ def _ingest_predictions(
     con: duckdb.DuckDBPyConnection, home: Home, ontology: Ontology, run_id: str, files: list[PendingFile]
 ) -> IngestReport:
     spec = c.PREDICTION_SPEC
-    batch, blank = _read_batch(home, files, spec, con, b"")
+    batch, blank = _read_batch(files, spec, con, b"")
     records = _concat(batch.accepted)
     quarantined = list(batch.quarantined)
     if records.height:
@@ -608,7 +602,7 @@ def _ingest_corrections(
     directory: Directory, files: list[PendingFile],
 ) -> IngestReport:
     spec = c.CORRECTION_SPEC
-    batch, blank = _read_batch(home, files, spec, con, key)
+    batch, blank = _read_batch(files, spec, con, key)
     records = _concat(batch.accepted)
     quarantined = list(batch.quarantined)
     audit = None

@@ -130,7 +130,7 @@ def ingest_reviews(
     spec = c.REVIEW_SPEC
     files = pending_files(home, con, spec.kind)
     lines: list[pl.DataFrame] = []
-    batch, blank = _read_batch(home, files, spec, con, key, raw_lines=lines)
+    batch, blank = _read_batch(files, spec, con, key, raw_lines=lines)
     records = _concat(batch.accepted)
     quarantined = list(batch.quarantined)
     audit = _audit_rows_for_quarantine(pl.concat(quarantined) if quarantined else None, run_id)
