@@ -513,7 +513,9 @@ def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConne
 
 
 def frame(con: duckdb.DuckDBPyConnection, sql: str, params: Any = None) -> pl.DataFrame:
-    return con.sql(sql, params=params).pl()
+    # execute(), not sql(): with parameters, DuckDB 1.5's sql() relation takes ~15x longer to
+    # reach Polars (9 s against 0.6 s for a million rows).
+    return con.execute(sql, params or []).pl()
 
 
 def scalar(con: duckdb.DuckDBPyConnection, sql: str, params: Any = None) -> Any:
