@@ -544,7 +544,7 @@ def check_records(
         # One pass: each line is parsed once into its fields' JSON values; every rule reads
         # those small values, the first failing rule's number names the reason, and the typed
         # values are extracted in the same query.
-        checked = con.sql(
+        checked = con.execute(
             f"""
             WITH base AS (
                 -- a line the reader hashed instead of keeping (too long) arrives flagged, with its hash
@@ -582,7 +582,7 @@ def check_records(
                    CASE WHEN rule_no IS NULL THEN md5(concat_ws('|', {hashed})) END AS payload_hash
             FROM typed ORDER BY source_file, line_no
             """,
-            params={"inner": inner, "outer": outer} if private else None,
+            {"inner": inner, "outer": outer} if private else [],
         ).pl()
     finally:
         con.unregister("landing_lines")

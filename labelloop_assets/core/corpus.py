@@ -212,7 +212,6 @@ def corpus_rows(changes: pl.DataFrame, current: pl.DataFrame, version: int) -> p
 
 def corpus_as_of(con, version: int) -> pl.DataFrame:
     """Exactly the (item_id, label) pairs a model trained on corpus `version` saw."""
-    return con.sql(
-        "SELECT item_id, label FROM corpus_as_of($version) ORDER BY item_id",
-        params={"version": version},
+    return con.execute(
+        "SELECT item_id, label FROM corpus_as_of($version) ORDER BY item_id", {"version": version}
     ).pl()
