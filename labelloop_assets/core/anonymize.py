@@ -79,10 +79,11 @@ def scrub_sql(text_column: str, author_column: str | None = None, json_object: b
 
     The connection that runs the expression needs register_scrubber(con) first.
     """
+    # One test for every shape first: most text holds none and skips the rest.
+    flagged = _literal("|".join(f"(?:{p})" for p in (*[p for p, _ in SCRUB_PATTERNS], RESIDUAL_PATTERN)))
     if json_object:
         # Everything in Python (string by string, the JSON kept valid), for objects that may
         # hold anything at all; most hold nothing and never leave SQL.
-        flagged = _literal("|".join(f"(?:{p})" for p in (*[p for p, _ in SCRUB_PATTERNS], RESIDUAL_PATTERN)))
         author = f"coalesce({author_column}, '')" if author_column is not None else "''"
         mentions_author = (
             f" OR (coalesce({author_column}, '') <> '' AND contains(lower({text_column}), lower({author_column})))"
@@ -112,11 +113,12 @@ def scrub_sql(text_column: str, author_column: str | None = None, json_object: b
         f"THEN {scrubbed} ELSE {text_column} END"
     )
     # What may still hold personal data goes through the Python scrubber.
-    full = then(
+    shaped = then(
         fast,
         f"CASE WHEN regexp_matches(scrub_v, {_literal(RESIDUAL_PATTERN)}) "
         f"THEN {SCRUB_TEXT_FUNCTION}(scrub_v) ELSE scrub_v END",
     )
+    full = f"CASE WHEN regexp_matches({text_column}, {flagged}) THEN {shaped} ELSE {text_column} END"
     # People sign their rationale with their own id, in any case; it must not survive either.
     return full if author_column is None else then(full, unsigned("scrub_v"))
 
