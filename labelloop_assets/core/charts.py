@@ -5,17 +5,18 @@ from __future__ import annotations
 import base64
 import io
 
-import matplotlib
-
-matplotlib.use("Agg")  # no display: render to memory only
-
-import matplotlib.pyplot as plt  # noqa: E402
-import polars as pl  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+import polars as pl
 
 
 def quality_trends_png(agreement: pl.DataFrame, drift: pl.DataFrame, js_warn: float, psi_warn: float) -> bytes:
     """Agreement (alpha, kappa, difficult share) and drift (JS distance, feature PSI) over measurements."""
+    # imported where used: loading the code location must not pay for matplotlib
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: render to memory only
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
     figure, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5.2), dpi=80, sharex=False)
     for column, name in (("krippendorff_alpha", "Krippendorff's alpha"), ("fleiss_kappa", "Fleiss' kappa"),
                          ("difficult_prevalence", "difficult items (share)")):

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
-from scipy.spatial.distance import jensenshannon
 
 # Added to every share (then renormalized) before PSI, so an empty bin or class gives a large
 # but finite term instead of an infinite one.
@@ -121,6 +120,9 @@ def label_drift(
             pl.lit(None).alias("psi_term"),
         ).cast(PER_LABEL_SCHEMA)
         return LabelDrift(None, None, n_base, n_current, per_label, absent, "; ".join(notes))
+
+    # imported where used: loading the code location must not pay for scipy
+    from scipy.spatial.distance import jensenshannon
 
     p = aligned["n_base"].to_numpy() / n_base
     q = aligned["n_current"].to_numpy() / n_current

@@ -13,7 +13,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import accuracy_score, f1_score, recall_score
 
 from labelloop_assets.core.settings import (
     LabelloopConfigError,
@@ -108,6 +107,9 @@ def score(probabilities: np.ndarray, classes: np.ndarray, labels: np.ndarray, bi
     """Accuracy, macro-F1, recall per class and expected calibration error on evaluation items."""
     if len(labels) == 0:
         return {"n": 0, "accuracy": None, "macro_f1": None, "per_class_recall": {}, "calibration_error": None}
+    # imported where used: loading the code location must not pay for scikit-learn
+    from sklearn.metrics import accuracy_score, f1_score, recall_score
+
     predicted = classes[probabilities.argmax(axis=1)]
     confidence = probabilities.max(axis=1)
     present = np.unique(labels)

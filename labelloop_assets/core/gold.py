@@ -24,7 +24,6 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import polars as pl
-from sklearn.neighbors import NearestNeighbors
 
 from labelloop_assets.core import contracts as c
 from labelloop_assets.core import reading, store
@@ -286,6 +285,9 @@ def find_gold_copies(corpus: pl.DataFrame, gold: pl.DataFrame, near_distance: fl
         positive = std[std > 0]
         scale = np.maximum(std, np.median(positive)) if positive.size else np.ones_like(std)
         gs = g / scale
+        # imported where used: loading the code location must not pay for scikit-learn
+        from sklearn.neighbors import NearestNeighbors
+
         index = NearestNeighbors(n_neighbors=2).fit(gs)
         between = index.kneighbors(gs)[0][:, 1]
         spacing = float(np.median(between[between > 0])) if (between > 0).any() else None

@@ -47,7 +47,6 @@ from dataclasses import asdict, dataclass, fields
 import duckdb
 import numpy as np
 import polars as pl
-from sklearn.model_selection import StratifiedKFold
 
 from labelloop_assets.core import bursts, store, train
 from labelloop_assets.core.settings import LabelloopConfigError
@@ -257,6 +256,9 @@ def out_of_sample_probabilities(
         block = np.zeros((len(rows_out), len(classes)))
         block[:, columns] = model.predict_proba(features[rows_out])
         probs[rows_out] = block
+
+    # imported where used: loading the code location must not pay for scikit-learn
+    from sklearn.model_selection import StratifiedKFold
 
     splitter = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     for fit_part, out_part in splitter.split(splittable, labels[splittable]):

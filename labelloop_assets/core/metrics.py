@@ -6,7 +6,6 @@ from datetime import timedelta
 
 import duckdb
 import polars as pl
-from scipy.stats import chi2_contingency
 
 from labelloop_assets.core import agreement, bursts, drift, store, train
 
@@ -328,4 +327,7 @@ def _shift_p_value(result: drift.LabelDrift) -> float | None:
     ).filter(pl.sum_horizontal(pl.all()) > 0)
     if counts.height < 2:
         return None
+    # imported where used: loading the code location must not pay for scipy
+    from scipy.stats import chi2_contingency
+
     return float(chi2_contingency(counts.to_numpy().T)[1])

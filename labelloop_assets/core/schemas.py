@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import pandera.polars as pa
 import polars as pl
-from pandera.errors import SchemaError, SchemaErrors
 
 from labelloop_assets.core.contracts import CORRECTION_SOURCES, USER_ROLES
 from labelloop_assets.core.resolve import DECISION_STATUSES
+
+# pandera is imported where used (in the functions below): loading the code location must not
+# pay for pandera.
+if TYPE_CHECKING:
+    import pandera.polars as pa
 
 PSEUDONYM = r"^u_[0-9a-f]{32}$"
 
 
 def raw_corrections_schema(labels: tuple[str, ...]) -> pa.DataFrameSchema:
+    import pandera.polars as pa
+
     return pa.DataFrameSchema(
         {
             "event_id": pa.Column(str, pa.Check.str_length(1, 256), unique=True),
@@ -32,6 +38,8 @@ def raw_corrections_schema(labels: tuple[str, ...]) -> pa.DataFrameSchema:
 
 
 def validated_labels_schema(labels: tuple[str, ...]) -> pa.DataFrameSchema:
+    import pandera.polars as pa
+
     return pa.DataFrameSchema(
         {
             "event_id": pa.Column(str, unique=True),
@@ -51,6 +59,8 @@ def validated_labels_schema(labels: tuple[str, ...]) -> pa.DataFrameSchema:
 
 
 def production_corpus_schema(labels: tuple[str, ...]) -> pa.DataFrameSchema:
+    import pandera.polars as pa
+
     return pa.DataFrameSchema(
         {
             "item_id": pa.Column(str, unique=True),
@@ -66,6 +76,8 @@ def production_corpus_schema(labels: tuple[str, ...]) -> pa.DataFrameSchema:
 
 
 def label_decisions_schema() -> pa.DataFrameSchema:
+    import pandera.polars as pa
+
     return pa.DataFrameSchema(
         {
             "status": pa.Column(str, pa.Check.isin(list(DECISION_STATUSES))),
@@ -97,6 +109,8 @@ class Validation:
 
 def validate(schema: pa.DataFrameSchema, frame: pl.DataFrame) -> Validation:
     """Run every rule (lazy) and keep the failure cases instead of raising."""
+    from pandera.errors import SchemaError, SchemaErrors
+
     if frame.height == 0:
         return Validation(schema.name or "schema", 0)  # an empty batch breaks no rule
     try:

@@ -15,9 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import accuracy_score, f1_score
-from sklearn.preprocessing import StandardScaler
 
 from labelloop_assets.core.contracts import sync_to_disk, write_atomically
 from labelloop_assets.core.settings import (
@@ -102,6 +99,10 @@ class TrainingConfig:
 
 
 def fit(features: np.ndarray, labels: np.ndarray, params: dict | None = None) -> LinearModel:
+    # imported where used: loading the code location must not pay for scikit-learn
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
     params = {**DEFAULT_PARAMS, **(params or {})}
     if len(np.unique(labels)) < 2:
         raise ValueError("training needs at least two distinct labels in the corpus")
@@ -121,6 +122,9 @@ def fit(features: np.ndarray, labels: np.ndarray, params: dict | None = None) ->
 def evaluate(model: LinearModel, features: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     if len(labels) == 0:
         return {"accuracy": float("nan"), "macro_f1": float("nan")}
+    # imported where used: loading the code location must not pay for scikit-learn
+    from sklearn.metrics import accuracy_score, f1_score
+
     predicted = model.predict(features)
     return {
         "accuracy": float(accuracy_score(labels, predicted)),
