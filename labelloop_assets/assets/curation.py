@@ -72,7 +72,9 @@ def validated_labels(
             con,
             store.frame(
                 con,
-                "SELECT * FROM raw_corrections WHERE seq > ? ORDER BY seq",
+                # Not the context, payload hash or file position: nothing here reads them.
+                "SELECT * EXCLUDE (context, payload_hash, source_file, line_no) FROM raw_corrections "
+                "WHERE seq > ? ORDER BY seq",
                 [store.get_state(con, STAGED_SEQ)],
             ),
             burst_policy,

@@ -308,12 +308,16 @@ def _split_duplicates(
     Run on rows that passed every other rule: the first such occurrence in file order is
     compared with what is stored, later ones in the batch with the first.
     """
+    none = pl.DataFrame(schema=c.QUARANTINE_COLUMNS)
     if frame.height == 0:
-        return frame, pl.DataFrame(schema=c.QUARANTINE_COLUMNS)
+        return frame, none
     stored = store.lookup(con, table, key, frame, "t.payload_hash AS stored_hash")
+    frame = frame.sort("source_file", "line_no")
+    # The usual batch repeats nothing: it skips the per-key windows (most of this step's cost).
+    if stored.height == 0 and not frame[key].is_duplicated().any():
+        return frame, none
     frame = (
-        frame.sort("source_file", "line_no")
-        .join(stored, on=key, how="left")
+        frame.join(stored, on=key, how="left")
         .with_columns(
             _rank=pl.int_range(pl.len()).over(key),
             _first_hash=pl.col("payload_hash").first().over(key),
