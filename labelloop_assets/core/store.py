@@ -546,8 +546,9 @@ def append(con: Any, table: str, rows: pl.DataFrame) -> int:
     values = columns
     serial = SERIALS.get(table)
     if serial and serial not in rows.columns:
-        rows = rows.with_row_index("_append_order")
-        values = f"{_largest(table)} + row_number() OVER (ORDER BY _append_order), {columns}"
+        # The frame's own row index, not row_number() OVER (...): a window sorts every row.
+        rows = rows.with_row_index("_append_order", offset=1)
+        values = f"{_largest(table)} + _append_order, {columns}"
         columns = f"{serial}, {columns}"
     con.register("rows_to_append", rows)
     try:
