@@ -70,12 +70,11 @@ def validated_labels(
         # derived as correction_bursts derived them when it scored the batch.
         new, clock_after = bursts.arrivals(
             con,
-            store.frame(
-                con,
+            store.rows_since(
+                con, "raw_corrections",
                 # Not the context, payload hash or file position: nothing here reads them.
-                "SELECT * EXCLUDE (context, payload_hash, source_file, line_no) FROM raw_corrections "
-                "WHERE seq > ? ORDER BY seq",
-                [store.get_state(con, STAGED_SEQ)],
+                "* EXCLUDE (context, payload_hash, source_file, line_no)",
+                store.get_state(con, STAGED_SEQ),
             ),
             burst_policy,
             bursts.STAGED_CLOCK,
@@ -198,7 +197,9 @@ def _stage_and_resolve(
         corrected_label=ontology.harmonize("corrected_label")
     ).drop_nulls("corrected_label")
     blocked = bursts.blocked_events(votes, burst_table)
-    votes = resolve.with_history(con, votes.filter(~pl.col("event_id").is_in(blocked.implode())))
+    if blocked.len():  # a filter copies every row, even when it keeps them all
+        votes = votes.filter(~pl.col("event_id").is_in(blocked.implode()))
+    votes = resolve.with_history(con, votes)
     newcomers = votes.filter(resolve.is_newcomer(policy)).height
     # A label that only blocked votes set is judged from the label it replaced.
     undo = _labels_set_by(con, touched, blocked)

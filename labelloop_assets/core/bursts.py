@@ -404,12 +404,11 @@ def detect(con: duckdb.DuckDBPyConnection, policy: BurstPolicy, run_id: str) -> 
     mark = store.get_state(con, RAW_SEQ)
     new, clock_after = arrivals(
         con,
-        store.frame(
-            con,
-            "SELECT seq, event_id, item_id, original_label, corrected_label, user_pseudonym, user_role, "
-            "source, rationale, created_at, arrived_at, ingested_at FROM raw_corrections "
-            "WHERE seq > ? ORDER BY seq",
-            [mark],
+        store.rows_since(
+            con, "raw_corrections",
+            "seq, event_id, item_id, original_label, corrected_label, user_pseudonym, user_role, "
+            "source, rationale, created_at, arrived_at, ingested_at",
+            mark,
         ),
         policy,
         RAW_CLOCK,
