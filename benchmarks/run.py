@@ -1,7 +1,7 @@
 """`make bench`: the loop's cost measured through Dagster, beside baselines on the same files.
 
 Every measurement runs in a child process of its own, so its peak memory (VmHWM) is its own.
-Results go to benchmarks/results/latest.json and, as a markdown table, into README.md.
+Results go to benchmarks/results/*.json and, as markdown tables, into docs/performance.md.
 
     python -m benchmarks.run                 # the full suite (100k / 300k / 1M events)
     python -m benchmarks.run --scales 3000   # a smoke run (what `make test` does)
@@ -26,6 +26,7 @@ from benchmarks import soak
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
+PAGE = "docs/performance.md"  # where the tables go, between <!-- name:start --> and <!-- name:end -->
 QUIET = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
 EVENTS_PER_FILE = 10_000
 INCREMENT = 10_000
@@ -108,26 +109,34 @@ def child_loop(home_dir: str) -> dict:
             for e in result.get_asset_materialization_events()
             if e.asset_key == dg.AssetKey("raw_corrections")
         ][0]
-    return {"seconds": seconds, "steps": _step_seconds(result), "records_in": raw["records_in"],
-            "accepted": raw["accepted"], "quarantined": raw["quarantined"], "peak_mb": _peak_mb()}
+    steps = _step_seconds(result)
+    return {"seconds": seconds, "steps": steps, "work_seconds": sum(steps.values()),
+            "records_in": raw["records_in"], "accepted": raw["accepted"], "quarantined": raw["quarantined"],
+            "peak_mb": _peak_mb()}
 
 
-def child_direct(home_dir: str) -> dict:
-    """The same asset functions invoked directly: the work without the orchestration."""
-    import dagster as dg
+def child_profile(home_dir: str) -> dict:
+    """The loop again under pyinstrument (a sampling profiler): where its time goes, as the tree
+    of calls that took at least 2% of it."""
+    from pyinstrument import Profiler
 
-    from labelloop_assets.assets import curation, ingest, monitoring
-    from labelloop_assets.core.settings import RetrainPolicy
-    from labelloop_assets.resources import build_resources
+    profiler = Profiler(interval=0.005)
+    profiler.start()
+    loop = child_loop(home_dir)
+    profiler.stop()
+    text = profiler.output_text(unicode=True, color=False, processor_options={"filter_threshold": 0.02})
+    return {"seconds": loop["seconds"], "text": text[text.index("child_loop"):] if "child_loop" in text else text}
 
-    home = _home(home_dir)
-    resources = build_resources(home, RetrainPolicy(10**12, 0))
-    started = time.perf_counter()
-    for asset in (ingest.items, ingest.predictions, ingest.raw_corrections,
-                  curation.validated_labels, curation.production_corpus,
-                  monitoring.label_quality_metrics):
-        asset(dg.build_asset_context(resources=resources))
-    return {"seconds": time.perf_counter() - started, "peak_mb": _peak_mb()}
+
+def child_import(runs: int = 5) -> dict:
+    """Loading the code location in a fresh interpreter, as `dagster` and the CLI do: the median of
+    `runs`."""
+    seconds = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import labelloop_assets.definitions"], cwd=REPO, check=True)
+        seconds.append(time.perf_counter() - started)
+    return {"median_seconds": statistics.median(seconds), "runs": seconds}
 
 
 def child_increment(home_dir: str, increment: int) -> dict:
@@ -406,7 +415,7 @@ def bombs_markdown(measured: dict) -> str:
 
 CHILDREN = {
     "label_issues": child_label_issues, "soak": child_soak,
-    "setup": child_setup, "loop": child_loop, "direct": child_direct,
+    "setup": child_setup, "loop": child_loop, "profile": child_profile, "import": child_import,
     "increment": child_increment, "sensor": child_sensor, "train": child_train,
     "raw_floor": child_raw_floor, "pandas": child_pandas, "components": child_components,
     "bomb": child_bomb,
@@ -432,6 +441,7 @@ def suite(
     increment: int = INCREMENT, sensor_files: int = SENSOR_FILES,
     component_rows: int = COMPONENT_ROWS, component_votes: int = COMPONENT_VOTES,
     workers: tuple[int, int, int] | None = (WORKER_FILES, WORKER_EVENTS_PER_FILE, WORKER_ITEMS),
+    import_runs: int = 5,
 ) -> dict:
     """Every measurement; `workers=None` leaves out the workers' comparison (the smoke test does:
     `test_lake_workers.py` runs the same harness)."""
@@ -443,27 +453,32 @@ def suite(
         log(f"[{events:>9,} events] generating landing files ...")
         setup = _child("setup", base, events, n_items)
         (base / "bench.json").write_text(json.dumps({"events": events, "n_items": n_items}))
-        copies = {name: work / f"home-{events}-{name}" for name in ("direct", "floor", "pandas")}
+        copies = {name: work / f"home-{events}-{name}" for name in ("floor", "pandas")}
+        if events == max(scales):
+            copies["profile"] = work / f"home-{events}-profile"
         for copy in copies.values():
             shutil.rmtree(copy, ignore_errors=True)
             shutil.copytree(base, copy)
         log(f"[{events:>9,} events] loop through Dagster ...")
         loop = _child("loop", base)
-        log(f"[{events:>9,} events] same work without Dagster, raw floor, pandas baseline ...")
-        direct = _child("direct", copies["direct"])
+        log(f"[{events:>9,} events] raw floor, pandas baseline ...")
         floor = _child("raw_floor", copies["floor"])
         pandas = _child("pandas", copies["pandas"])
         entry = {
-            "setup": setup, "loop": loop, "direct": direct, "raw_floor": floor, "pandas": pandas,
+            "setup": setup, "loop": loop, "raw_floor": floor, "pandas": pandas,
             "events_per_second": events / loop["seconds"],
             "vs_raw_floor": loop["seconds"] / floor["seconds"],
             "pandas_vs_loop": pandas["seconds"] / loop["seconds"],
-            "dagster_overhead_seconds": loop["seconds"] - direct["seconds"],
+            # Dagster's own share: the run minus the time its steps spent in the asset functions.
+            "dagster_overhead_seconds": loop["seconds"] - loop["work_seconds"],
         }
         if events == max(scales):
             log(f"[{events:>9,} events] incremental batch of {increment:,} ...")
             entry["increment"] = _child("increment", base, increment)
             entry["increment_share_of_full"] = entry["increment"]["seconds"] / loop["seconds"]
+            entry["increment_work_share"] = entry["increment"]["work_seconds"] / loop["work_seconds"]
+            log(f"[{events:>9,} events] the loop again under a profiler ...")
+            entry["profile"] = _child("profile", copies["profile"])
         results["scales"][str(events)] = entry
         for copy in copies.values():
             shutil.rmtree(copy, ignore_errors=True)
@@ -481,6 +496,8 @@ def suite(
     results["train"] = _child("train", work / f"home-{min(scales)}")
     log("feature drift and contributor reliability ...")
     results["components"] = _child("components", component_rows, component_votes)
+    log("loading the code location ...")
+    results["import"] = _child("import", import_runs)
     results["targets"] = _targets(results, scales)
     return results
 
@@ -530,14 +547,16 @@ def _targets(results: dict, scales: list[int]) -> dict:
     loop_seconds = [results["scales"][str(s)]["loop"]["seconds"] for s in scales]
     return {
         "loop_within_3x_raw_floor": {"ratio": top["vs_raw_floor"], "met": top["vs_raw_floor"] <= 3},
-        "at_least_5x_faster_than_pandas": {"ratio": top["pandas_vs_loop"], "met": top["pandas_vs_loop"] >= 5},
+        "at_least_3x_faster_than_pandas": {"ratio": top["pandas_vs_loop"], "met": top["pandas_vs_loop"] >= 3},
         "increment_at_most_5pct_of_full": {
             "ratio": top.get("increment_share_of_full"),
             "met": top.get("increment_share_of_full", 1) <= 0.05,
         },
+        "import_within_1_5s": {"seconds": results["import"]["median_seconds"],
+                               "met": results["import"]["median_seconds"] <= 1.5},
         "sensor_tick_under_100ms": {"ms": results["sensor"]["median_ms"],
                                      "met": results["sensor"]["median_ms"] < 100},
-        "peak_memory_under_3gb": {"mb": top["loop"]["peak_mb"], "met": top["loop"]["peak_mb"] < 3072},
+        "peak_memory_within_1_5gib": {"mb": top["loop"]["peak_mb"], "met": top["loop"]["peak_mb"] <= 1536},
         "drift_under_1_5s": {"seconds": results["components"]["drift_seconds"],
                              "met": results["components"]["drift_seconds"] < 1.5},
         "reliability_under_10s": {"seconds": results["components"]["reliability_seconds"],
@@ -565,15 +584,15 @@ def markdown(results: dict) -> str:
         f"Measured on {m['cpus']} CPUs, {m['memory_gb']} GiB, Python {m['python']}, {m['platform']}; "
         f"{results['n_items']:,} items.",
         "",
-        "| events | loop (Dagster) | events/s | peak MB | without Dagster | raw floor | loop / floor | pandas | pandas / loop |",
+        "| events | loop (Dagster) | events/s | peak MB | in the steps | raw floor | loop / floor | pandas | pandas / loop |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for events, e in results["scales"].items():
         lines.append(
             f"| {int(events):,} | {e['loop']['seconds']:.2f} s | {e['events_per_second']:,.0f} | "
-            f"{e['loop']['peak_mb']:,.0f} | {e['direct']['seconds']:.2f} s | "
+            f"{e['loop']['peak_mb']:,.0f} | {e['loop']['work_seconds']:.2f} s | "
             f"{e['raw_floor']['seconds']:.2f} s | {e['vs_raw_floor']:.1f}x | "
-            f"{e['pandas']['seconds']:.2f} s | {e['pandas_vs_loop']:.1f}x |"
+            f"{e['pandas']['seconds']:.2f} s | {e['pandas_vs_loop']:.2f}x |"
         )
     top = list(results["scales"].values())[-1]
     t, c = results["targets"], results["components"]
@@ -582,17 +601,19 @@ def markdown(results: dict) -> str:
         "| target | measured | met |",
         "|---|---:|:---:|",
         f"| end to end within 3x the raw floor | {t['loop_within_3x_raw_floor']['ratio']:.1f}x | {_yes(t['loop_within_3x_raw_floor'])} |",
-        f"| at least 5x faster than pandas + pandera | {t['at_least_5x_faster_than_pandas']['ratio']:.1f}x | {_yes(t['at_least_5x_faster_than_pandas'])} |",
+        f"| at least 3x faster than pandas + pandera | {t['at_least_3x_faster_than_pandas']['ratio']:.2f}x | {_yes(t['at_least_3x_faster_than_pandas'])} |",
     ]
     if "increment" in top:
         lines.append(
             f"| {top['increment']['records_in']:,} new events cost ≤ 5% of the full run | "
-            f"{top['increment']['seconds']:.2f} s = {100 * top['increment_share_of_full']:.1f}% | "
+            f"{top['increment']['seconds']:.2f} s = {100 * top['increment_share_of_full']:.1f}% "
+            f"(in the steps: {top['increment']['work_seconds']:.2f} s = {100 * top['increment_work_share']:.1f}%) | "
             f"{_yes(t['increment_at_most_5pct_of_full'])} |"
         )
     lines += [
+        f"| peak memory ≤ 1.5 GiB at the largest scale | {t['peak_memory_within_1_5gib']['mb']:,.0f} MB | {_yes(t['peak_memory_within_1_5gib'])} |",
+        f"| `import labelloop_assets.definitions` ≤ 1.5 s (median of 5 fresh interpreters) | {t['import_within_1_5s']['seconds']:.2f} s | {_yes(t['import_within_1_5s'])} |",
         f"| landing_sensor tick with {results['sensor']['files_seen']:,} files seen + 10 new < 100 ms | {t['sensor_tick_under_100ms']['ms']:.1f} ms | {_yes(t['sensor_tick_under_100ms'])} |",
-        f"| peak memory < 3 GB at the largest scale | {t['peak_memory_under_3gb']['mb']:,.0f} MB | {_yes(t['peak_memory_under_3gb'])} |",
         f"| feature drift, {c['drift_rows']:,} rows x 16 features per window, < 1.5 s | {c['drift_seconds']:.2f} s | {_yes(t['drift_under_1_5s'])} |",
         f"| reliability of {c['contributors']} contributors from {c['votes']:,} votes < 10 s | {c['reliability_seconds']:.2f} s | {_yes(t['reliability_under_10s'])} |",
         f"| the lake (DuckLake on PostgreSQL) within 1.5x the embedded file, {results['lake']['events']:,} events | "
@@ -602,8 +623,11 @@ def markdown(results: dict) -> str:
         "",
         f"`retrained_model` on a {results['train']['n_train_rows']:,}-item corpus: "
         f"{results['train']['seconds']:.2f} s (gold accuracy {results['train']['gold_accuracy']:.3f}). "
-        f"Dagster's orchestration (the loop minus the same asset functions called directly) cost "
+        f"Dagster's orchestration (the run minus the time spent in its steps) cost "
         + ", ".join(f"{e['dagster_overhead_seconds']:.2f} s at {int(k):,}" for k, e in results["scales"].items())
+        + ". Steps at the largest scale: "
+        + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in sorted(
+            top["loop"]["steps"].items(), key=lambda kv: -kv[1]) if seconds >= 0.1)
         + ".",
     ]
     if "workers" in results:
@@ -617,6 +641,20 @@ def markdown(results: dict) -> str:
             "one batch's curation with another's ingest, but not two ingests.",
         ]
     return "\n".join(lines)
+
+
+def profile_markdown(results: dict) -> str:
+    """The profile of the largest run, as pyinstrument prints it."""
+    events, entry = max(results["scales"].items(), key=lambda kv: int(kv[0]))
+    profile = entry["profile"]
+    return "\n".join([
+        f"`ingest_job` on {int(events):,} events under pyinstrument ({profile['seconds']:.1f} s with the "
+        "profiler attached); calls that took at least 2% of the run, Dagster's own frames folded:",
+        "",
+        "```text",
+        profile["text"].rstrip(),
+        "```",
+    ])
 
 
 def _yes(target: dict) -> str:
@@ -637,14 +675,15 @@ def label_issues_markdown(result: dict) -> str:
     ])
 
 
-def write_readme(table: str, marker: str = "bench", page: str = "README.md") -> None:
-    readme = REPO / page
-    text = readme.read_text()
+def write_tables(table: str, marker: str, page: str) -> None:
+    """Put `table` between the page's <!-- marker:start --> and <!-- marker:end --> lines."""
+    path = REPO / page
+    text = path.read_text()
     start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
     if start in text and end in text:
         head, rest = text.split(start, 1)
         _, tail = rest.split(end, 1)
-        readme.write_text(f"{head}{start}\n{table}\n{end}{tail}")
+        path.write_text(f"{head}{start}\n{table}\n{end}{tail}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -666,7 +705,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         name, *rest = args.child
         casts = {"setup": (str, int, int), "increment": (str, int), "sensor": (str, int), "bomb": (str, str),
-                 "soak": (str, float, int), "components": (int, int)}
+                 "soak": (str, float, int), "components": (int, int), "import": (int,)}
         values = [cast(v) for cast, v in zip(casts.get(name, (str,)), rest)]
         print(json.dumps(CHILDREN[name](*values)))
         return 0
@@ -678,7 +717,7 @@ def main(argv: list[str] | None = None) -> int:
         soak_table = soak.markdown(soaked)
         print(soak_table)
         if not args.no_readme:
-            write_readme(soak_table, "bench-soak")
+            write_tables(soak_table, "bench-soak", PAGE)
         if not soaked["reconciled"]:
             print("soak: the counts did NOT reconcile (see the table)", file=sys.stderr)
             return 1
@@ -691,7 +730,7 @@ def main(argv: list[str] | None = None) -> int:
         bombs_table = bombs_markdown(hostile)
         print(bombs_table)
         if not args.no_readme:
-            write_readme(bombs_table, "bench-bombs", "docs/hostile-input.md")
+            write_tables(bombs_table, "bench-bombs", "docs/hostile-input.md")
         if not all(m["reconciles"] and m["accepted"] >= 1000 for m in hostile.values()):
             print("hostile files: a genuine line was lost or the counts did not reconcile", file=sys.stderr)
             return 1
@@ -703,14 +742,15 @@ def main(argv: list[str] | None = None) -> int:
         (RESULTS / "latest.json").write_text(json.dumps(results, indent=2))
         print(table)
         if not args.no_readme:
-            write_readme(table)
+            write_tables(table, "bench", PAGE)
+            write_tables(profile_markdown(results), "bench-profile", PAGE)
     print("label issues: ours vs cleanlab.filter.find_label_issues ...")
     issues = _child("label_issues")
     (RESULTS / "label_issues.json").write_text(json.dumps(issues, indent=2))
     issues_table = label_issues_markdown(issues)
     print(issues_table)
     if not args.no_readme:
-        write_readme(issues_table, "bench-issues")
+        write_tables(issues_table, "bench-issues", PAGE)
     return 0
 
 

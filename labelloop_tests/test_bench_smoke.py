@@ -16,7 +16,7 @@ def test_benchmark_harness_smoke(tmp_path):
     results = run.suite(
         [2_000], tmp_path / "work", n_items=1_000, log=lambda _: None,
         increment=500, sensor_files=200, component_rows=5_000, component_votes=4_000,
-        workers=None,
+        workers=None, import_runs=1,
     )
 
     entry = results["scales"]["2000"]
@@ -35,6 +35,9 @@ def test_benchmark_harness_smoke(tmp_path):
     # The lake is measured on a real PostgreSQL (the workers' comparison: test_lake_workers.py).
     assert results["lake"]["loop"]["records_in"] == 2_000 and results["lake"]["lake_vs_embedded"] > 0
     assert "within 1.5x the embedded file" in table
+    # Where the time goes: the profiler's tree names the assets that ran.
+    assert "raw_corrections" in run.profile_markdown(results)
+    assert results["import"]["median_seconds"] > 0
     json.dumps(results)
 
 

@@ -518,7 +518,7 @@ def frame(con: duckdb.DuckDBPyConnection, sql: str, params: Any = None) -> pl.Da
     return con.execute(sql, params or []).pl()
 
 
-def rows_since(con: duckdb.DuckDBPyConnection, table: str, columns: str, mark: int, where: str = "") -> pl.DataFrame:
+def rows_since(con: duckdb.DuckDBPyConnection, table: str, columns: str, mark: int) -> pl.DataFrame:
     """`columns` of a numbered table's rows after number `mark`, in number order.
 
     Sorted by Polars, and only when the rows are not in order already (read back in insertion
@@ -526,7 +526,7 @@ def rows_since(con: duckdb.DuckDBPyConnection, table: str, columns: str, mark: i
     ~300 MB more at a million corrections.
     """
     serial = SERIALS[table]
-    rows = frame(con, f"SELECT {columns} FROM {table} WHERE {serial} > ? {where}", [mark])
+    rows = frame(con, f"SELECT {columns} FROM {table} WHERE {serial} > ?", [mark])
     return rows if rows[serial].is_sorted() else rows.sort(serial)
 
 
