@@ -317,7 +317,7 @@ def _split_duplicates(
     if stored.height == 0 and not frame[key].is_duplicated().any():
         return frame, none
     frame = (
-        frame.join(stored, on=key, how="left")
+        frame.join(stored, on=key, how="left", maintain_order="left")
         .with_columns(
             _rank=pl.int_range(pl.len()).over(key),
             _first_hash=pl.col("payload_hash").first().over(key),
