@@ -162,11 +162,27 @@ def _depths(graph) -> dict:
     return depths
 
 
+def _group_ranks(graph) -> dict[str, int]:
+    """Groups in the order data flows through them (by their assets' mean depth); a group with
+    no dependencies at all comes last."""
+    depths = _depths(graph)
+    groups: dict[str, list] = {}
+    for key in graph.get_all_asset_keys():
+        groups.setdefault(graph.get(key).group_name or "default", []).append(key)
+
+    def order(name: str):
+        members = groups[name]
+        connected = any(graph.get(k).parent_keys or graph.get(k).child_keys for k in members)
+        return (not connected, sum(depths[k] for k in members) / len(members), name)
+
+    return {name: rank for rank, name in enumerate(sorted(groups, key=order))}
+
+
 def asset_graph_mermaid(graph=None) -> str:
     """A Mermaid flowchart of every asset, boxed by its Dagster group, with an edge per dependency.
 
-    Groups come in the order data flows through them (by their assets' mean depth), so the
-    diagram reads from intake to monitoring; a group with no dependencies at all comes last.
+    Groups come in the order data flows through them (`_group_ranks`), so the diagram reads
+    from intake to monitoring.
     """
     if graph is None:
         _, graph = load_asset_graph()
@@ -176,12 +192,8 @@ def asset_graph_mermaid(graph=None) -> str:
     for key in keys:
         groups.setdefault(graph.get(key).group_name or "default", []).append(key)
     lines = ["```mermaid", "flowchart LR"]
-    def group_order(item):
-        name, members = item
-        connected = any(graph.get(k).parent_keys or graph.get(k).child_keys for k in members)
-        return (not connected, sum(depths[k] for k in members) / len(members), name)
-
-    for group, members in sorted(groups.items(), key=group_order):
+    rank = _group_ranks(graph)
+    for group, members in sorted(groups.items(), key=lambda item: rank[item[0]]):
         lines.append(f"  subgraph group_{_node_id_text(group)} [{group}]")
         lines += [f"    {_node_id(k)}[{k.to_user_string()}]" for k in members]
         lines.append("  end")
@@ -193,27 +205,30 @@ def asset_graph_mermaid(graph=None) -> str:
 
 
 def asset_table_markdown(defs=None, graph=None) -> str:
-    """Every asset with its group, the jobs that materialize it, its checks and its description."""
+    """Every asset with its group, what it depends on, the jobs that materialize it, its checks and
+    its description: the graph's facts as text, readable where the diagram is not drawn."""
     if graph is None:
         defs, graph = load_asset_graph()
     jobs: dict = {}
-    for job in defs.jobs or []:
-        selection = getattr(job, "selection", None)
-        if selection is None:  # a job of ops, not an asset job
+    for job in defs.resolve_all_job_defs():
+        if job.name.startswith("__"):  # Dagster's implicit job of all assets
             continue
-        for key in selection.resolve(graph):
+        for key in job.asset_layer.selected_asset_keys:
             jobs.setdefault(key, []).append(job.name)
     checks: dict = {}
     for check_key in graph.asset_check_keys:
         spec = graph.get_check_spec(check_key)
         checks.setdefault(check_key.asset_key, []).append(
             f"`{check_key.name}`" + (" (blocking)" if spec.blocking else ""))
-    rows = ["| asset | group | jobs | checks | what it is |", "|---|---|---|---|---|"]
-    for key in sorted(graph.get_all_asset_keys(),
-                      key=lambda k: (graph.get(k).group_name or "", k.to_user_string())):
+    rows = ["| asset | group | depends on | jobs | checks | what it is |", "|---|---|---|---|---|---|"]
+    rank, depths = _group_ranks(graph), _depths(graph)
+    for key in sorted(graph.get_all_asset_keys(), key=lambda k: (
+            rank[graph.get(k).group_name or "default"], depths[k], k.to_user_string())):
         node = graph.get(key)
-        rows.append("| `{}` | {} | {} | {} | {} |".format(
+        rows.append("| `{}` | {} | {} | {} | {} | {} |".format(
             key.to_user_string(), node.group_name or "",
+            ", ".join(f"`{p.to_user_string()}`" for p in sorted(
+                node.parent_keys, key=lambda k: k.to_user_string())) or "none",
             ", ".join(f"`{j}`" for j in sorted(jobs.get(key, []))) or "none",
             ", ".join(sorted(checks.get(key, []))) or "none",
             _text((node.description or "").strip().splitlines()[0] if node.description else "")))

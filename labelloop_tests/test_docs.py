@@ -138,3 +138,16 @@ def test_make_test_builds_the_docs_first():
     prerequisites = re.search(r"^test:(.*)$", makefile, re.MULTILINE).group(1).split()
     assert "docs" in prerequisites
     assert re.search(r"^docs:.*\n\t.*mkdocs build --strict", makefile, re.MULTILINE)
+
+
+def test_generated_asset_table_lists_each_assets_jobs_and_checks(tmp_path):
+    defs = build_definitions(Home(tmp_path / "home"))
+    graph = defs.resolve_asset_graph()
+    rows = {
+        cells[1].strip("` "): cells
+        for cells in (line.split("|") for line in _load_hook().asset_table_markdown(defs, graph).splitlines()[2:])
+    }
+    assert set(rows) == {key.to_user_string() for key in graph.get_all_asset_keys()}
+    assert "`ingest_job`" in rows["label_quality_metrics"][4] and "`retrain_job`" in rows["label_quality_metrics"][4]
+    assert "`production_corpus_schema` (blocking)" in rows["production_corpus"][5]
+    assert rows["release_notes"][3].strip() == "`model_evaluation`"
