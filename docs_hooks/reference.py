@@ -57,7 +57,7 @@ def _argument_name(action: argparse.Action) -> str:
         metavar = action.metavar or (
             "{" + ",".join(map(str, action.choices)) + "}" if action.choices else action.dest.upper())
         return f"{names} {metavar}"
-    return action.metavar or action.dest.upper()
+    return action.metavar or action.dest  # as argparse shows a positional
 
 
 def _argument_line(command: argparse.ArgumentParser, action: argparse.Action) -> str:
