@@ -1119,6 +1119,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:
             args = build_parser().parse_args(argv)
+            problem = _undecodable_argument(args)
+            if problem:
+                print(f"labelloop: {problem}", file=sys.stderr)
+                return 2
             try:
                 return args.func(args)
             except LabelloopConfigError as error:
@@ -1134,6 +1138,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("labelloop: interrupted", file=sys.stderr)
         return 130
+
+
+# File names may hold any bytes; these commands check their text themselves and land (or audit) a
+# refused attempt with what cannot be encoded replaced.
+_PATH_ARGUMENTS = ("source", "out", "key")
+
+
+def _undecodable_argument(args: argparse.Namespace) -> str | None:
+    """Why an argument cannot be used: bytes that are not UTF-8 (Python keeps them as lone
+    surrogates) can be neither looked up nor stored."""
+    if args.func in (cmd_review_decide, cmd_model_rollback, cmd_keys_new):
+        return None
+    for name, value in vars(args).items():
+        if isinstance(value, str) and name not in _PATH_ARGUMENTS and not _is_text(value):
+            return f"{name.replace('_', ' ')} {_shown(value, 40)} is not valid text (bytes that are not UTF-8)"
+    return None
 
 
 def _discard_stdout() -> None:
