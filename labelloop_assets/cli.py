@@ -365,7 +365,7 @@ def _why_no_history(item_id: str, item: pl.DataFrame, set_aside: pl.DataFrame) -
         why = "it is not a known item (no item, prediction or correction names it)"
     if set_aside.height:
         n = int(set_aside["lines"].sum())
-        lines = "; ".join(f"{_count(row['lines'], row['kind'] + ' line')}: {row['reason']}"
+        lines = "; ".join(f"{_count(row['lines'], 'line')} of {row['kind']}: {row['reason']}"
                           for row in set_aside.iter_rows(named=True))
         why += (f"; {_count(n, 'line')} naming it {'was' if n == 1 else 'were'} quarantined ({_safe(lines)}): "
                 f"see {'it' if n == 1 else 'them'} with `labelloop quarantine --item {_shown(item_id)}`")
