@@ -76,17 +76,26 @@ def _width(text: str) -> int:
                for ch in text)
 
 
-def _fit(text: str, width: int) -> str:
+def _ellipsis() -> str:
+    """"…", or "..." where standard output cannot encode it (an ASCII-only PYTHONIOENCODING)."""
+    try:
+        "\u2026".encode(sys.stdout.encoding or "utf-8")
+    except (UnicodeEncodeError, LookupError):
+        return "..."
+    return "\u2026"
+
+
+def _fit(text: str, width: int, ellipsis: str = "\u2026") -> str:
     """The text cut to `width` terminal columns, ending in an ellipsis when cut."""
     if _width(text) <= width:
         return text
     kept, used = [], 0
     for ch in text:
         used += _width(ch)
-        if used > width - 1:
+        if used > width - len(ellipsis):
             break
         kept.append(ch)
-    return "".join(kept) + "\u2026"
+    return "".join(kept) + ellipsis
 
 
 def _cell(value) -> str:
@@ -109,6 +118,7 @@ def _cell(value) -> str:
 def _table(frame: pl.DataFrame, width: int) -> list[str]:
     """The frame as aligned text lines: a header, a rule, one line a row. Ids are never cut; when the
     rows are wider than `width`, the widest free-text columns are shortened first."""
+    ellipsis = _ellipsis()
     names = [_cell(name) for name in frame.columns]
     columns = [[_cell(v) for v in frame.get_column(name).to_list()] for name in frame.columns]
     numeric = [dtype.is_numeric() for dtype in frame.dtypes]
@@ -116,7 +126,7 @@ def _table(frame: pl.DataFrame, width: int) -> list[str]:
                    for name in frame.columns]
     for i, cells in enumerate(columns):
         if shortenable[i]:
-            columns[i] = [_fit(cell, _CELL_LIMIT) for cell in cells]
+            columns[i] = [_fit(cell, _CELL_LIMIT, ellipsis) for cell in cells]
     natural = [max([_width(names[i]), *map(_width, cells)]) for i, cells in enumerate(columns)]
     widths = _shrunk(natural, [max(_width(names[i]), 12) if shortenable[i] else natural[i]
                                for i in range(len(names))], width - len(_GAP) * (len(names) - 1))
@@ -124,7 +134,7 @@ def _table(frame: pl.DataFrame, width: int) -> list[str]:
     for row in [names, ["-" * w for w in widths], *zip(*columns)]:
         parts = []
         for i, cell in enumerate(row):
-            cell = _fit(cell, widths[i]) if shortenable[i] else cell
+            cell = _fit(cell, widths[i], ellipsis) if shortenable[i] else cell
             pad = " " * (widths[i] - _width(cell))
             parts.append(pad + cell if numeric[i] else cell + pad)
         lines.append(_GAP.join(parts).rstrip())
@@ -331,8 +341,8 @@ def cmd_lineage(args: argparse.Namespace) -> int:
               f"{_why_no_history(args.item_id, trail['item'], set_aside)}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps({"item_id": args.item_id, **{k: v.to_dicts() for k, v in trail.items()}},
-                         indent=2, default=str))
+        print(json.dumps({"item_id": args.item_id, **{k: v.to_dicts() for k, v in trail.items()},
+                          "quarantined_lines": set_aside.to_dicts()}, indent=2, default=str))
         return 0
     titles = {
         "item": "item, initial label and its source",
@@ -1116,6 +1126,11 @@ BROKEN_PIPE_EXIT = 141
 
 
 def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):
+        # Text a terminal's encoding cannot show (a wide character on an ASCII-only stream) is
+        # escaped rather than ending the command.
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         try:
             args = build_parser().parse_args(argv)
