@@ -679,7 +679,7 @@ def _land(
             print(f"labelloop: refused: {problem}", file=sys.stderr)
         print(f"labelloop: the attempt is recorded for the audit log ({path.name})", file=sys.stderr)
         return 3
-    print(f"recorded {decision} of {escalation_id} as {path.name}; the next ingest run applies it")
+    print(f"recorded {decision} of {_safe(escalation_id)} as {path.name}; the next ingest run applies it")
     return 0
 
 
@@ -1065,13 +1065,15 @@ def build_parser() -> argparse.ArgumentParser:
                        ("release", "a held burst is genuine: its corrections count"),
                        ("discard", "a burst is not genuine: its corrections never count")):
         action = review_commands.add_parser(name, help=text)
-        action.add_argument("escalation_id", metavar="ID", help=ID_HELP)
+        action.add_argument("escalation_id", metavar="ID", help=(
+            "the held burst's id (burst-...), as `labelloop review list --queue bursts` shows it"
+            if name in ("release", "discard") else "the escalation's id (esc-...), as `labelloop review list` shows it"))
         if name == "decide":
             action.add_argument("--label", required=True, help="the label to set: a term of the ontology")
         action.add_argument("--rationale", required=True,
                             help="why, in words (kept in the audit log, scrubbed of personal data)")
         action.add_argument("--as", dest="reviewer", required=True, metavar="REVIEWER_ID",
-                            help="your id as contributors.yaml lists it, with a reviewer's role")
+                            help="your id as contributors.yaml lists it (its role there decides what you may decide)")
         action.add_argument("--key", metavar="FILE", help=KEY_HELP)
         action.set_defaults(func=cmd_review_decide)
     models = commands.add_parser("model", help="the model registry: list, rollback")
