@@ -6,10 +6,12 @@ import argparse
 import json
 import os
 import re
+import shutil
 import sys
+import unicodedata
 import uuid
 import dataclasses
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import duckdb
@@ -54,20 +56,138 @@ def _shown(text: str, limit: int = 80) -> str:
     return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
 
 
+def _count(n: int, singular: str, plural: str | None = None) -> str:
+    """'1 model', '3 models': a number with its noun in the right number."""
+    return f"{n:,} {singular if n == 1 else plural or singular + 's'}"
+
+
+# Columns whose values are kept whole in a table, however narrow the terminal: an id, a version, a
+# hash or a file name cut short is a wrong one. Other text may be shortened with an ellipsis.
+_WHOLE = re.compile(r"(^|_)(id|ids|version|versions|hash|file|path|pseudonym)$")
+_CELL_LIMIT = 400  # free text longer than this is shortened even on a wide terminal
+_GAP = "  "
+
+
+def _width(text: str) -> int:
+    """Columns the text takes in a terminal: East Asian wide characters take two, combining marks none."""
+    if text.isascii():
+        return len(text)
+    return sum(0 if unicodedata.combining(ch) else 2 if unicodedata.east_asian_width(ch) in "WF" else 1
+               for ch in text)
+
+
+def _ellipsis() -> str:
+    """"…", or "..." where standard output cannot encode it (an ASCII-only PYTHONIOENCODING)."""
+    try:
+        "\u2026".encode(sys.stdout.encoding or "utf-8")
+    except (UnicodeEncodeError, LookupError):
+        return "..."
+    return "\u2026"
+
+
+def _fit(text: str, width: int, ellipsis: str = "\u2026") -> str:
+    """The text cut to `width` terminal columns, ending in an ellipsis when cut."""
+    if _width(text) <= width:
+        return text
+    kept, used = [], 0
+    for ch in text:
+        used += _width(ch)
+        if used > width - len(ellipsis):
+            break
+        kept.append(ch)
+    return "".join(kept) + ellipsis
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, datetime):
+        if value.tzinfo is not None and value.utcoffset() == timedelta(0):
+            return value.strftime("%Y-%m-%d %H:%M:%S UTC")
+        return value.isoformat(sep=" ", timespec="seconds")
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_cell(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return json.dumps(value, default=str, ensure_ascii=False)
+    # One row a line: a line break or tab inside a value would break the table's columns.
+    return re.sub(r"[\t\n]", " ", _safe(value))
+
+
+def _table(frame: pl.DataFrame, width: int) -> list[str]:
+    """The frame as aligned text lines: a header, a rule, one line a row. Ids are never cut; when the
+    rows are wider than `width`, the widest free-text columns are shortened first."""
+    ellipsis = _ellipsis()
+    names = [_cell(name) for name in frame.columns]
+    columns = [[_cell(v) for v in frame.get_column(name).to_list()] for name in frame.columns]
+    numeric = [dtype.is_numeric() for dtype in frame.dtypes]
+    shortenable = [not _WHOLE.search(name) and _is_free_text(frame.get_column(name))
+                   for name in frame.columns]
+    for i, cells in enumerate(columns):
+        if shortenable[i]:
+            columns[i] = [_fit(cell, _CELL_LIMIT, ellipsis) for cell in cells]
+    natural = [max([_width(names[i]), *map(_width, cells)]) for i, cells in enumerate(columns)]
+    widths = _shrunk(natural, [max(_width(names[i]), 12) if shortenable[i] else natural[i]
+                               for i in range(len(names))], width - len(_GAP) * (len(names) - 1))
+    lines = []
+    for row in [names, ["-" * w for w in widths], *zip(*columns)]:
+        parts = []
+        for i, cell in enumerate(row):
+            cell = _fit(cell, widths[i], ellipsis) if shortenable[i] else cell
+            pad = " " * (widths[i] - _width(cell))
+            parts.append(pad + cell if numeric[i] else cell + pad)
+        lines.append(_GAP.join(parts).rstrip())
+    return lines
+
+
+def _is_free_text(column: pl.Series) -> bool:
+    """Prose (text with blanks, lists of numbers, records) may be shortened; a column of single words
+    (ids, pseudonyms, codes) or of numbers and times may not."""
+    dtype = column.dtype
+    if isinstance(dtype, pl.Struct):
+        return True
+    if isinstance(dtype, (pl.List, pl.Array)):
+        if dtype.inner != pl.String:
+            return True
+        column = column.explode()
+    elif dtype != pl.String:
+        return False
+    return bool(column.str.contains(r"\s").any())
+
+
+def _shrunk(natural: list[int], smallest: list[int], budget: int) -> list[int]:
+    """Column widths within `budget`: the widest shortenable columns are brought down to one common
+    width (never below their smallest); if even that cannot fit, the table is wider than the budget."""
+    if sum(natural) <= budget:
+        return natural
+    def total(level: int) -> int:
+        return sum(min(n, max(level, s)) for n, s in zip(natural, smallest))
+    low, high = 0, max(natural)
+    while low < high:  # the widest common width that fits
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if total(middle) <= budget else (low, middle - 1)
+    return [min(n, max(low, s)) for n, s in zip(natural, smallest)]
+
+
 def _print(frame: pl.DataFrame, as_json: bool) -> None:
     if as_json:
         print(json.dumps(frame.to_dicts(), indent=2, default=str))
         return
-    frame = frame.with_columns(
-        pl.col(pl.String).str.replace_all(_CONTROL, "\ufffd"),
-        pl.col(pl.List(pl.String)).list.eval(pl.element().str.replace_all(_CONTROL, "\ufffd")),
-    )
-    with pl.Config(tbl_rows=200, tbl_cols=20, fmt_str_lengths=400, tbl_width_chars=160,
-                   tbl_hide_dataframe_shape=True):
-        print(frame)
+    # Piped output has no terminal to measure: it gets a wide table (COLUMNS sets another width).
+    width = shutil.get_terminal_size((160, 24)).columns
+    print("\n".join(_table(frame, width)))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if not os.environ.get("DAGSTER_HOME"):
+        print(
+            "labelloop: DAGSTER_HOME is not set. Run `make demo`, or point DAGSTER_HOME at the "
+            "folder holding dagster.yaml so that `dagster dev` can show the demo's runs.",
+            file=sys.stderr,
+        )
+        return 2
+    # Dagster takes seconds to import: only once the demo can run.
     import dagster as dg
 
     from labelloop_assets.demo.run import DemoRefused, prepare_home, run_demo
@@ -80,13 +200,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
         # The demo's simulated people may use the public development key (it says so when it
         # starts); anywhere else a missing LABELLOOP_SECRET stops the run.
         os.environ[ALLOW_DEV_SECRET_ENV] = "1"
-    if not os.environ.get("DAGSTER_HOME"):
-        print(
-            "labelloop: DAGSTER_HOME is not set. Run `make demo`, or point DAGSTER_HOME at the "
-            "folder holding dagster.yaml so that `dagster dev` can show the demo's runs.",
-            file=sys.stderr,
-        )
-        return 2
     try:
         home = prepare_home(root)
     except DemoRefused as error:
@@ -142,13 +255,19 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     print(f"LABELLOOP_HOME {home.root}")
     _print(counts, False)
-    _print(models, False)
+    print()
+    if models.height:
+        print(f"{_count(models.height, 'model')} trained")
+        _print(models, False)
+    else:
+        print("no model trained yet")
     return 0
 
 
 def cmd_quarantine(args: argparse.Namespace) -> int:
-    where = "($kind IS NULL OR kind = $kind) AND ($reason IS NULL OR reason = $reason)"
-    filters = {"kind": args.kind, "reason": args.reason}
+    where = ("($kind IS NULL OR kind = $kind) AND ($reason IS NULL OR reason = $reason) "
+             "AND ($item IS NULL OR item_id = $item)")
+    filters = {"kind": args.kind, "reason": args.reason, "item": args.item}
     with _read(_home()) as con:
         rows = store.frame(
             con,
@@ -168,32 +287,62 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
     total = int(summary["rows"].sum()) if summary.height else 0
     if args.json:
         _print(rows, True)
-    else:
-        _print(summary, False)
-        print(f"newest {rows.height} of {total} rows (--limit N for more)")
-        _print(rows, False)
+        return 0
+    if total == 0:
+        chosen = [f"{name} {_shown(value)}" for name, value in
+                  (("kind", args.kind), ("reason", args.reason), ("item", args.item)) if value is not None]
+        print("no quarantined rows" + (f" with {' and '.join(chosen)}" if chosen else ""))
+        return 0
+    _print(summary, False)
+    print()
+    shown = f"the newest {rows.height:,} of {_count(total, 'row')}" if rows.height < total else _count(total, "row")
+    print(shown + (f" (--limit {args.limit} reached; raise it for more)" if rows.height < total else ""))
+    _print(rows, False)
     return 0
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be a positive whole number")
-    return value
+def _quarantine_reason(text: str) -> str:
+    """--reason: one of the reason codes quarantine rows carry; another is refused, naming them."""
+    from labelloop_assets.core.contracts import QUARANTINE_REASONS
+
+    if text not in QUARANTINE_REASONS:
+        raise argparse.ArgumentTypeError(
+            f"invalid reason {_shown(text)}; the reasons are: {', '.join(sorted(QUARANTINE_REASONS))}")
+    return text
+
+
+def _whole_number(minimum: int, maximum: int):
+    """An argparse type: a whole number from `minimum` to `maximum`, refused with the range otherwise."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not minimum <= value <= maximum:
+            raise argparse.ArgumentTypeError(
+                f"invalid number {_shown(text)}: give a whole number from {minimum} to {maximum}")
+        return value
+
+    parse.__name__ = "whole number"
+    return parse
+
+
+_positive = _whole_number(1, 1_000_000_000)
 
 
 def cmd_lineage(args: argparse.Namespace) -> int:
-    from labelloop_assets.core.lineage import item_trail
+    from labelloop_assets.core.lineage import item_trail, quarantined_lines
 
     with _read(_home()) as con:
         trail = item_trail(con, args.item_id)
+        set_aside = quarantined_lines(con, args.item_id)
     if trail["versions"].height == 0 and trail["corrections"].height == 0:
-        print(f"labelloop: no label history for item {_shown(args.item_id)}{_why_no_history(args.item_id)}",
-              file=sys.stderr)
+        print(f"labelloop: no label history for item {_shown(args.item_id)}: "
+              f"{_why_no_history(args.item_id, trail['item'], set_aside)}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps({"item_id": args.item_id, **{k: v.to_dicts() for k, v in trail.items()}},
-                         indent=2, default=str))
+        print(json.dumps({"item_id": args.item_id, **{k: v.to_dicts() for k, v in trail.items()},
+                          "quarantined_lines": set_aside.to_dicts()}, indent=2, default=str))
         return 0
     titles = {
         "item": "item, initial label and its source",
@@ -208,17 +357,29 @@ def cmd_lineage(args: argparse.Namespace) -> int:
         print(f"{titles[name]}: {frame.height}")
         if frame.height:
             _print(frame, False)
+    if set_aside.filter(pl.col("kind") != "corrections").height:
+        # Set-aside corrections are listed above; lines of other kinds are only counted here.
+        n = int(set_aside.filter(pl.col("kind") != "corrections")["lines"].sum())
+        print(f"other lines naming it that were quarantined: {n} (labelloop quarantine --item {_shown(args.item_id)})")
     return 0
 
 
-def _why_no_history(item_id: str) -> str:
-    with _read(_home()) as con:
-        found = store.frame(con, "SELECT gold_label FROM items WHERE item_id = ?", [item_id])
-    if found.height == 0:
-        return ": it is not a known item"
-    if found["gold_label"][0] is not None:
-        return ": it is a gold (evaluation) item, never in the corpus"
-    return ": it has no label yet"
+def _why_no_history(item_id: str, item: pl.DataFrame, set_aside: pl.DataFrame) -> str:
+    if item.height and item["is_gold"][0]:
+        why = "it is a gold item, held out for evaluation and never in the corpus"
+    elif item.height:
+        why = "it has no label yet"
+    elif set_aside.height:
+        why = "it is not in the store"
+    else:
+        why = "it is not a known item (no item, prediction or correction names it)"
+    if set_aside.height:
+        n = int(set_aside["lines"].sum())
+        lines = "; ".join(f"{_count(row['lines'], 'line')} of {row['kind']}: {row['reason']}"
+                          for row in set_aside.iter_rows(named=True))
+        why += (f"; {_count(n, 'line')} naming it {'was' if n == 1 else 'were'} quarantined ({_safe(lines)}): "
+                f"see {'it' if n == 1 else 'them'} with `labelloop quarantine --item {_shown(item_id)}`")
+    return why
 
 
 def _escalation(con, escalation_id: str) -> dict | None:
@@ -226,22 +387,24 @@ def _escalation(con, escalation_id: str) -> dict | None:
     return found.to_dicts()[0] if found.height else None
 
 
+# Each queue: its noun (singular, plural), the rest of the listing's title, and its query.
 QUEUES = {
     "escalations": (
-        "open escalations, oldest first",
+        ("open escalation", "open escalations"), ", oldest first",
         "SELECT escalation_id, item_id, reason, current_label, proposed_label, "
         "round(share, 2) AS share, n_contributors, round(age_hours, 1) AS age_hours, "
         "sla_deadline, sla_breached, deferrals FROM escalations ORDER BY opened_at, item_id LIMIT $limit",
     ),
     "bursts": (
-        "correction bursts awaiting a reviewer (held, then warnings of the last 14 days); release or discard them",
+        ("correction burst", "correction bursts"),
+        " awaiting a reviewer (held, then warnings of the last 14 days); release or discard them",
         "SELECT burst_id, status, severity, day, scope, n_events, round(expected, 1) AS expected, "
         "round(score, 1) AS score, reason FROM correction_bursts "
         "WHERE status = 'held' OR (status = 'flagged' AND day > (SELECT max(day) FROM correction_volume) - 14) "
         "ORDER BY status = 'held' DESC, day DESC, score DESC LIMIT $limit",
     ),
     "issues": (
-        "label-issue candidates: current labels most likely wrong, best first",
+        ("label-issue candidate", "label-issue candidates"), ": current labels most likely wrong, best first",
         "SELECT rank, item_id, label, suggested_label, round(score, 3) AS score, "
         "array_to_string(reasons, '; ') AS reasons FROM label_issue_candidates ORDER BY rank LIMIT $limit",
     ),
@@ -249,7 +412,7 @@ QUEUES = {
 
 
 def cmd_review_list(args: argparse.Namespace) -> int:
-    title, sql = QUEUES[args.queue]
+    noun, title, sql = QUEUES[args.queue]
     with _read(_home()) as con:
         try:
             rows = store.frame(con, sql, {"limit": args.limit})
@@ -260,8 +423,10 @@ def cmd_review_list(args: argparse.Namespace) -> int:
     if args.json:
         _print(rows, True)
     else:
-        print(f"{rows.height} {title}" + (f" (--limit {args.limit} reached)" if rows.height == args.limit else ""))
-        _print(rows, False)
+        print(f"{_count(rows.height, *noun)}{title}"
+              + (f" (--limit {args.limit} reached)" if rows.height == args.limit else ""))
+        if rows.height:
+            _print(rows, False)
     return 0
 
 
@@ -292,8 +457,9 @@ def cmd_review_show(args: argparse.Namespace) -> int:
         return 0
     for key, value in escalation.items():
         print(f"{key:>17}: {_safe(value)}")
-    print("votes")
-    _print(votes, False)
+    print(_count(votes.height, "vote"))
+    if votes.height:
+        _print(votes, False)
     return 0
 
 
@@ -311,8 +477,11 @@ def _show_burst(args: argparse.Namespace) -> int:
         return 0
     for name, value in burst.items():
         print(f"{name:>21}: {_safe(value)}")
-    print(f"first {events.height} of its {burst['n_events']} corrections")
-    _print(events, False)
+    n_events = burst["n_events"]
+    print(f"its {_count(n_events, 'correction')}" if events.height == n_events
+          else f"the first {events.height:,} of its {n_events:,} corrections")
+    if events.height:
+        _print(events, False)
     return 0
 
 
@@ -510,7 +679,7 @@ def _land(
             print(f"labelloop: refused: {problem}", file=sys.stderr)
         print(f"labelloop: the attempt is recorded for the audit log ({path.name})", file=sys.stderr)
         return 3
-    print(f"recorded {decision} of {escalation_id} as {path.name}; the next ingest run applies it")
+    print(f"recorded {decision} of {_safe(escalation_id)} as {path.name}; the next ingest run applies it")
     return 0
 
 
@@ -530,8 +699,9 @@ def cmd_model_list(args: argparse.Namespace) -> int:
         _print(rows, True)
     else:
         champion = rows.filter(pl.col("status") == "champion")["model_version"].to_list()
-        print(f"{rows.height} models; champion: {champion[0] if champion else 'none yet'}")
-        _print(rows, False)
+        print(f"{_count(rows.height, 'model')}; champion: {champion[0] if champion else 'none yet'}")
+        if rows.height:
+            _print(rows, False)
     return 0
 
 
@@ -652,9 +822,15 @@ def cmd_sql(args: argparse.Namespace) -> int:
     with _read(home) as con:
         try:
             result = con.sql(args.query)
-            rows = result.pl() if result is not None else pl.DataFrame()
         except duckdb.Error as error:
             print(f"labelloop: the query failed: {_safe(_cut(str(error)))}", file=sys.stderr)
+            return 1
+        try:
+            rows = result.pl() if result is not None else pl.DataFrame()
+        except Exception as error:  # noqa: BLE001 - DuckDB, Arrow and Polars each raise their own
+            # The query ran, but a column's type (an INTERVAL, say) has no Polars equivalent.
+            print(f"labelloop: the result cannot be shown: {_safe(_cut(str(error), 300))}; cast the column "
+                  "to another type (e.g. VARCHAR)", file=sys.stderr)
             return 1
     if args.limit is not None:
         rows = rows.head(args.limit)
@@ -777,8 +953,10 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
     if args.json:
         _print(frame, True)
     else:
-        print(f"{frame['contributor_id'].n_unique()} contributors, {frame['key_id'].drop_nulls().len()} keys")
-        _print(frame, False)
+        print(f"{_count(frame['contributor_id'].n_unique(), 'contributor')}, "
+              f"{_count(frame['key_id'].drop_nulls().len(), 'key')}")
+        if frame.height:
+            _print(frame, False)
     return 0
 
 
@@ -830,70 +1008,100 @@ KEY_HELP = ("the private key to sign with (default: $LABELLOOP_SIGNING_KEY, else
             "$LABELLOOP_KEYS_DIR/REVIEWER_ID.key); never inside LABELLOOP_HOME")
 
 
+JSON_HELP = "print JSON instead of a table (for scripts)"
+LIMIT_HELP = "show at most N rows (default: %(default)s)"
+ID_HELP = "an escalation id (esc-...) or a correction burst id (burst-...), as `labelloop review list` shows it"
+
+
+def _version() -> str:
+    """The installed distribution's version (pyproject.toml's [project] name is labelloop)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("labelloop")
+    except PackageNotFoundError:
+        return "unknown (not installed: `pip install -e .`)"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from labelloop_assets.core.settings import LANDING_KINDS
+
     parser = argparse.ArgumentParser(prog="labelloop", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}",
+                        help="print the installed version of labelloop and exit")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = commands.add_parser("demo", help="run the loop on simulated days of digits traffic")
-    demo.add_argument("--days", type=int, default=6)
-    demo.add_argument("--seed", type=int, default=7)
+    demo.add_argument("--days", type=_whole_number(1, 365), default=6, metavar="N",
+                      help="simulated days after the first (default: %(default)s)")
+    demo.add_argument("--seed", type=_whole_number(0, 2**63 - 1), default=7, metavar="N",
+                      help="seed of the simulated traffic; the same seed gives the same demo (default: %(default)s)")
     demo.set_defaults(func=cmd_demo)
     status = commands.add_parser("status", help="table sizes and trained models")
-    status.add_argument("--json", action="store_true")
+    status.add_argument("--json", action="store_true", help=JSON_HELP)
     status.set_defaults(func=cmd_status)
     quarantine = commands.add_parser("quarantine", help="rows set aside, with their reasons")
-    quarantine.add_argument("--kind", choices=["items", "predictions", "corrections"])
-    quarantine.add_argument("--reason")
-    quarantine.add_argument("--limit", type=_positive, default=50)
-    quarantine.add_argument("--json", action="store_true")
+    quarantine.add_argument("--kind", choices=LANDING_KINDS,
+                            help="only lines of this kind of landing file: %(choices)s")
+    quarantine.add_argument("--reason", type=_quarantine_reason, metavar="REASON",
+                            help="only rows with this reason code (e.g. no_consent); another lists the codes")
+    quarantine.add_argument("--item", metavar="ITEM_ID", help="only lines that named this item")
+    quarantine.add_argument("--limit", type=_positive, default=50, metavar="N", help=LIMIT_HELP)
+    quarantine.add_argument("--json", action="store_true", help=JSON_HELP)
     quarantine.set_defaults(func=cmd_quarantine)
     reviewing = commands.add_parser("review", help="review queues: escalations, correction bursts, label issues")
-    review_commands = reviewing.add_subparsers(dest="review_command", required=True)
+    review_commands = reviewing.add_subparsers(dest="review_command", required=True, metavar="ACTION")
     listing = review_commands.add_parser("list", help="a review queue: escalations, bursts or issues")
-    listing.add_argument("--queue", choices=list(QUEUES), default="escalations")
-    listing.add_argument("--limit", type=_positive, default=50)
-    listing.add_argument("--json", action="store_true")
+    listing.add_argument("--queue", choices=list(QUEUES), default="escalations",
+                         help="which queue: %(choices)s (default: %(default)s)")
+    listing.add_argument("--limit", type=_positive, default=50, metavar="N", help=LIMIT_HELP)
+    listing.add_argument("--json", action="store_true", help=JSON_HELP)
     listing.set_defaults(func=cmd_review_list)
     showing = review_commands.add_parser("show", help="one escalation with its votes, or one burst with its corrections")
-    showing.add_argument("escalation_id")
-    showing.add_argument("--json", action="store_true")
+    showing.add_argument("escalation_id", metavar="ID", help=ID_HELP)
+    showing.add_argument("--json", action="store_true", help=JSON_HELP)
     showing.set_defaults(func=cmd_review_show)
     for name, text in (("decide", "set the label"), ("reject", "keep the current label"),
                        ("defer", "leave it open, with a note"),
                        ("release", "a held burst is genuine: its corrections count"),
                        ("discard", "a burst is not genuine: its corrections never count")):
         action = review_commands.add_parser(name, help=text)
-        action.add_argument("escalation_id")
+        action.add_argument("escalation_id", metavar="ID", help=(
+            "the held burst's id (burst-...), as `labelloop review list --queue bursts` shows it"
+            if name in ("release", "discard") else "the escalation's id (esc-...), as `labelloop review list` shows it"))
         if name == "decide":
-            action.add_argument("--label", required=True)
-        action.add_argument("--rationale", required=True)
-        action.add_argument("--as", dest="reviewer", required=True, metavar="REVIEWER_ID")
+            action.add_argument("--label", required=True, help="the label to set: a term of the ontology")
+        action.add_argument("--rationale", required=True,
+                            help="why, in words (kept in the audit log, scrubbed of personal data)")
+        action.add_argument("--as", dest="reviewer", required=True, metavar="REVIEWER_ID",
+                            help="your id as contributors.yaml lists it (its role there decides what you may decide)")
         action.add_argument("--key", metavar="FILE", help=KEY_HELP)
         action.set_defaults(func=cmd_review_decide)
     models = commands.add_parser("model", help="the model registry: list, rollback")
-    model_commands = models.add_subparsers(dest="model_command", required=True)
+    model_commands = models.add_subparsers(dest="model_command", required=True, metavar="ACTION")
     listing = model_commands.add_parser("list", help="every model with its status, data hash, metrics, decision")
-    listing.add_argument("--json", action="store_true")
+    listing.add_argument("--json", action="store_true", help=JSON_HELP)
     listing.set_defaults(func=cmd_model_list)
     rollback = model_commands.add_parser("rollback", help="make a retired champion the champion again")
-    rollback.add_argument("version")
-    rollback.add_argument("--rationale", required=True)
-    rollback.add_argument("--as", dest="reviewer", required=True, metavar="REVIEWER_ID")
+    rollback.add_argument("version", help="the model version to restore, e.g. m0003 (`labelloop model list`)")
+    rollback.add_argument("--rationale", required=True, help="why, in words (kept in the audit log, scrubbed)")
+    rollback.add_argument("--as", dest="reviewer", required=True, metavar="REVIEWER_ID",
+                          help="your id as contributors.yaml lists it (a reviewer or domain expert)")
     rollback.add_argument("--key", metavar="FILE", help=KEY_HELP)
     rollback.set_defaults(func=cmd_model_rollback)
     keys = commands.add_parser("keys", help="signing keys of reviewers: new, list")
-    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    key_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     new_key = key_commands.add_parser("new", help="make a contributor's Ed25519 key pair (private key outside the home)")
-    new_key.add_argument("contributor_id")
+    new_key.add_argument("contributor_id", help="the contributor's id as contributors.yaml lists it")
     new_key.add_argument("--out", metavar="FILE", help="where to write the private key "
                          "(default: $LABELLOOP_KEYS_DIR/ID.key, LABELLOOP_KEYS_DIR defaults to ~/.config/labelloop/keys)")
     new_key.add_argument("--register", action="store_true",
                          help="add the public key to the contributor's entry in the home's contributors.yaml")
     new_key.set_defaults(func=cmd_keys_new)
     key_list = key_commands.add_parser("list", help="contributors, roles, key ids, revoked or not")
-    key_list.add_argument("--json", action="store_true")
+    key_list.add_argument("--json", action="store_true", help=JSON_HELP)
     key_list.set_defaults(func=cmd_keys_list)
     secret = commands.add_parser("secret", help="the pseudonymization key (LABELLOOP_SECRET): new, check")
-    secret_commands = secret.add_subparsers(dest="secret_command", required=True)
+    secret_commands = secret.add_subparsers(dest="secret_command", required=True, metavar="ACTION")
     new_secret = secret_commands.add_parser("new", help="print a fresh random value for LABELLOOP_SECRET")
     new_secret.set_defaults(func=cmd_secret_new)
     check_secret = secret_commands.add_parser(
@@ -902,26 +1110,78 @@ def build_parser() -> argparse.ArgumentParser:
     sql = commands.add_parser("sql", help="a read-only SQL query on the store (either backend)")
     sql.add_argument("query", help="one SQL statement, e.g. \"SELECT label, count(*) FROM production_corpus GROUP BY 1\"")
     sql.add_argument("--json", action="store_true", help="rows as a JSON list of objects")
-    sql.add_argument("--limit", type=_positive, help="print at most this many rows")
+    sql.add_argument("--limit", type=_positive, metavar="N", help="print at most this many rows")
     sql.set_defaults(func=cmd_sql)
     migrate = commands.add_parser("migrate", help="copy the embedded DuckDB file into the lake (LABELLOOP_CATALOG)")
     migrate.add_argument("--from", dest="source", metavar="FILE",
                          help="the DuckDB file to copy (default: the home's labelloop.duckdb)")
     migrate.set_defaults(func=cmd_migrate)
     lineage = commands.add_parser("lineage", help="every change of one item's label, and why")
-    lineage.add_argument("item_id")
-    lineage.add_argument("--json", action="store_true")
+    lineage.add_argument("item_id", help="the item's id, as landed (e.g. from `labelloop review list`)")
+    lineage.add_argument("--json", action="store_true", help=JSON_HELP)
     lineage.set_defaults(func=cmd_lineage)
     return parser
 
 
+# What a shell reports for a process ended by SIGPIPE (128 + 13): the reader went away.
+BROKEN_PIPE_EXIT = 141
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):
+        # Text a terminal's encoding cannot show (a wide character on an ASCII-only stream) is
+        # escaped rather than ending the command.
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
-        return args.func(args)
-    except LabelloopConfigError as error:
-        print(f"labelloop: configuration error: {error}", file=sys.stderr)
-        return 2
+        try:
+            args = build_parser().parse_args(argv)
+            problem = _undecodable_argument(args)
+            if problem:
+                print(f"labelloop: {problem}", file=sys.stderr)
+                return 2
+            try:
+                return args.func(args)
+            except LabelloopConfigError as error:
+                print(f"labelloop: configuration error: {error}", file=sys.stderr)
+                return 2
+        finally:
+            # Written out here, where a reader that has gone away (`| head -1`) can be handled,
+            # rather than by the interpreter at exit, where it would print a traceback.
+            sys.stdout.flush()
+    except BrokenPipeError:
+        _discard_stdout()
+        return BROKEN_PIPE_EXIT
+    except KeyboardInterrupt:
+        print("labelloop: interrupted", file=sys.stderr)
+        return 130
+
+
+# File names may hold any bytes; these commands check their text themselves and land (or audit) a
+# refused attempt with what cannot be encoded replaced.
+_PATH_ARGUMENTS = ("source", "out", "key")
+
+
+def _undecodable_argument(args: argparse.Namespace) -> str | None:
+    """Why an argument cannot be used: bytes that are not UTF-8 (Python keeps them as lone
+    surrogates) can be neither looked up nor stored."""
+    if args.func in (cmd_review_decide, cmd_model_rollback, cmd_keys_new):
+        return None
+    for name, value in vars(args).items():
+        if isinstance(value, str) and name not in _PATH_ARGUMENTS and not _is_text(value):
+            return f"{name.replace('_', ' ')} {_shown(value, 40)} is not valid text (bytes that are not UTF-8)"
+    return None
+
+
+def _discard_stdout() -> None:
+    """Point standard output at the null device, so that the output still buffered is dropped
+    quietly when the interpreter exits."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+        os.close(null)
+    except (OSError, ValueError, AttributeError):
+        pass  # not a real file (a test's capture): nothing is flushed at exit
 
 
 if __name__ == "__main__":

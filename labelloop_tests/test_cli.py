@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
 import shutil
+from importlib.metadata import version
 from pathlib import Path
 
+import pytest
+
 from labelloop_assets import cli
+from labelloop_tests.conftest import correction, write_jsonl
 from labelloop_tests.test_loop import _materialize
 
 SAMPLES = Path(__file__).resolve().parent.parent / "data" / "samples" / "landing"
@@ -69,3 +75,127 @@ def test_demo_needs_a_dagster_home(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LABELLOOP_HOME", str(tmp_path / "home"))
     assert cli.main(["demo", "--days", "1"]) == 2
     assert "DAGSTER_HOME is not set" in capsys.readouterr().err
+
+
+def _refused(argv: list[str], capsys) -> str:
+    """argparse's refusal of `argv`: exit 2, and the message."""
+    with pytest.raises(SystemExit) as refused:
+        cli.main(argv)
+    assert refused.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("days", ["-3", "0", "366", "99999999999999999999", "six"])
+def test_demo_refuses_days_out_of_range_before_anything_runs(days, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LABELLOOP_HOME", str(tmp_path / "home"))
+    err = _refused(["demo", "--days", days], capsys)
+    assert f"argument --days: invalid number '{days}': give a whole number from 1 to 365" in err
+    assert "Traceback" not in err and not (tmp_path / "home").exists()
+
+
+def test_every_option_and_positional_has_help():
+    def parsers(parser: argparse.ArgumentParser, path: str = "labelloop"):
+        yield path, parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                helped = {choice.dest for choice in action._choices_actions}
+                assert helped == set(action.choices), f"{path}: subcommands without help: {set(action.choices) - helped}"
+                for name, sub in action.choices.items():
+                    yield from parsers(sub, f"{path} {name}")
+
+    missing = [f"{path} {action.option_strings or action.dest}" for path, parser in parsers(cli.build_parser())
+               for action in parser._actions
+               if not isinstance(action, argparse._SubParsersAction) and not action.help]
+    assert not missing, missing
+
+
+def test_version_is_the_installed_distributions(capsys):
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out == f"labelloop {version('labelloop')}\n"
+
+
+DTYPE_ROW = re.compile(r"^[\s│┆|-]*(str|i64|i32|f64|bool|datetime\[)")
+
+
+def test_tables_are_readable_and_never_cut_an_id(home, defs, instance, monkeypatch, capsys):
+    _loaded_home(home, defs, instance, monkeypatch)
+    monkeypatch.setenv("COLUMNS", "100")  # a narrow terminal: the rows are wider than it
+    assert cli.main(["quarantine", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert cli.main(["quarantine"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert not [line for line in lines if DTYPE_ROW.match(line)], lines  # no Polars dtype rows
+    assert not any("┆" in line or "shape:" in line for line in lines)
+    for row in rows:
+        # One line a row, with its ids whole (and the long detail shortened on that line).
+        whole = [row["source_file"], f" {row['line_no']} ", row["reason"]] + [row[k] for k in ("record_id", "item_id") if row[k]]
+        assert [line for line in lines if all(part in line for part in whole)], (row, lines)
+    long_detail = next(r["detail"] for r in rows if r["reason"] == "unknown_label")
+    assert long_detail not in "\n".join(lines) and any("\u2026" in line for line in lines)
+    header = next(line for line in lines if line.startswith("kind") and "source_file" in line)
+    assert len(header) <= 160
+
+    assert cli.main(["status"]) == 0
+    status = capsys.readouterr().out
+    assert re.search(r"^production_corpus +9$", status, re.M) and not DTYPE_ROW.search(status)
+
+
+def test_quarantine_filters_every_kind_and_checks_its_reason(home, defs, instance, monkeypatch, capsys):
+    _loaded_home(home, defs, instance, monkeypatch)
+    # A review decision that is not JSON: quarantined as a line of kind "reviews".
+    write_jsonl(home.landing_dir("reviews"), "broken.jsonl", ["{not json"])
+    assert _materialize(defs, instance, ["review_decisions"]).success
+
+    for kind in ("items", "predictions", "corrections", "reviews"):
+        assert cli.main(["quarantine", "--kind", kind, "--json"]) == 0
+        assert {r["kind"] for r in json.loads(capsys.readouterr().out)} <= {kind}
+    assert cli.main(["quarantine", "--kind", "reviews", "--json"]) == 0
+    assert [(r["kind"], r["reason"]) for r in json.loads(capsys.readouterr().out)] == [("reviews", "malformed_json")]
+    assert cli.main(["quarantine", "--kind", "predictions"]) == 0
+    assert capsys.readouterr().out == "no quarantined rows with kind 'predictions'\n"
+
+    err = _refused(["quarantine", "--reason", "bogus"], capsys)
+    assert "invalid reason 'bogus'; the reasons are: " in err and "no_consent" in err and "malformed_json" in err
+    assert cli.main(["quarantine", "--reason", "oversize_line"]) == 0
+    assert capsys.readouterr().out == "no quarantined rows with reason 'oversize_line'\n"
+    assert cli.main(["quarantine", "--reason", "no_consent"]) == 0
+    out = capsys.readouterr().out
+    assert "\n1 row\n" in out and "evt-4" in out and "1 rows" not in out
+
+
+def test_counts_read_as_english(home, defs, instance, monkeypatch, capsys):
+    _loaded_home(home, defs, instance, monkeypatch)
+    assert cli.main(["model", "list"]) == 0
+    assert capsys.readouterr().out.startswith("1 model; champion: none yet\n")
+    assert cli.main(["status"]) == 0
+    assert "1 model trained" in capsys.readouterr().out
+    assert cli.main(["review", "list"]) == 0
+    assert capsys.readouterr().out == "0 open escalations, oldest first\n"
+    assert cli.main(["quarantine", "--limit", "1"]) == 0
+    assert "the newest 1 of 3 rows (--limit 1 reached; raise it for more)" in capsys.readouterr().out
+
+
+def test_lineage_says_why_a_gold_or_quarantined_item_has_no_history(home, defs, instance, monkeypatch, capsys):
+    home.gold_file.write_text(json.dumps({"item_id": "gold-01", "features": [0.1, 5.2, 0.0, 1.0], "gold_label": "one"}) + "\n")
+    # An item line that cannot be stored (too few features), and corrections of it and of the gold item.
+    write_jsonl(home.landing_dir("items"), "more.jsonl", [{"item_id": "lost-07", "features": [1.0, 2.0],
+                                                           "initial_label": "one", "label_source": "vendor"}])
+    write_jsonl(home.landing_dir("corrections"), "more.jsonl", [
+        correction("evt-g", "gold-01", "two"), correction("evt-l", "lost-07", "two")])
+    _loaded_home(home, defs, instance, monkeypatch)
+
+    assert cli.main(["lineage", "gold-01"]) == 1
+    err = capsys.readouterr().err
+    assert "no label history for item 'gold-01': it is a gold item, held out for evaluation and never in the corpus" in err
+    assert "1 line naming it was quarantined (1 line of corrections: gold_item)" in err
+
+    assert cli.main(["lineage", "lost-07"]) == 1
+    err = capsys.readouterr().err
+    assert "no label history for item 'lost-07': it is not in the store; 2 lines naming it were quarantined (" in err
+    assert "1 line of items: feature_length_mismatch" in err and "1 line of corrections: unknown_item" in err
+    assert "see them with `labelloop quarantine --item 'lost-07'`" in err and "not a known item" not in err
+    assert cli.main(["quarantine", "--item", "lost-07", "--json"]) == 0
+    assert sorted((r["kind"], r["reason"]) for r in json.loads(capsys.readouterr().out)) == [
+        ("corrections", "unknown_item"), ("items", "feature_length_mismatch")]

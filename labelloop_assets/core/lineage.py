@@ -32,3 +32,13 @@ TRAIL_QUERIES = {
 def item_trail(con: duckdb.DuckDBPyConnection, item_id: str) -> dict[str, pl.DataFrame]:
     """Every section of the trail; empty frames where the item has none."""
     return {name: store.frame(con, sql, {"item": item_id}) for name, sql in TRAIL_QUERIES.items()}
+
+
+def quarantined_lines(con: duckdb.DuckDBPyConnection, item_id: str) -> pl.DataFrame:
+    """Lines of any kind that named the item and were quarantined, counted by kind and reason: why an
+    item may be missing from the store, or have no label history."""
+    return store.frame(
+        con,
+        "SELECT kind, reason, count(*) AS lines FROM quarantine WHERE item_id = $item GROUP BY ALL ORDER BY ALL",
+        {"item": item_id},
+    )
