@@ -304,7 +304,7 @@ ALLOWED = {
     # A literal written in the function; the filters themselves are bound ($kind, $reason).
     ("cli.py", "cmd_quarantine", "where"),
     # An expression over the bound $rationale and $author only.
-    ("cli.py", "cmd_model_rollback", "scrub_sql('$rationale', '$author')"),
+    ("core/registry.py", "rollback", "scrub_sql('$rationale', '$author')"),
     # One of two literals, picked by the burst's scope; the key itself is bound ($key).
     ("core/bursts.py", "burst_events", "where"),
     # Table and view names from publish.PUBLISHED (checked below); a file path cannot be bound in

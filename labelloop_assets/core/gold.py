@@ -27,6 +27,7 @@ import polars as pl
 
 from labelloop_assets.core import contracts as c
 from labelloop_assets.core import reading, store
+from labelloop_assets.core.audit import SYSTEM_ACTOR, record_audit
 from labelloop_assets.core.ontology import Ontology
 from labelloop_assets.core.settings import Home, LabelloopConfigError, file_sha256
 
@@ -129,11 +130,10 @@ def declare(con: duckdb.DuckDBPyConnection, home: Home, ontology: Ontology, run_
             "evaluation_set": version, "sha256": sha, "n_items": n_items, "n_added": added.height,
             "run_id": run_id,
         }]))
-        con.execute(
-            "INSERT INTO audit_log (actor, action, target, outcome, reason, detail, run_id) "
-            "VALUES ('labelloop', 'gold.declare', ?, 'declared', ?, ?, ?)",
-            [f"evaluation_set {version}", f"{added.height} gold item(s) added from {GOLD_SOURCE}",
-             json.dumps({"sha256": sha, "n_items": n_items}), run_id],
+        record_audit(
+            con, SYSTEM_ACTOR, "gold.declare", f"evaluation_set {version}", "declared",
+            f"{added.height} gold item(s) added from {GOLD_SOURCE}",
+            json.dumps({"sha256": sha, "n_items": n_items}), run_id,
         )
     return Declaration(version, n_items, added.height, True)
 

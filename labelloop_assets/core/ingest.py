@@ -21,6 +21,7 @@ import polars as pl
 
 from labelloop_assets.core import contracts as c
 from labelloop_assets.core import gold, reading, store
+from labelloop_assets.core.audit import record_audit_rows
 from labelloop_assets.core.directory import END_USER, ROOT_PRODUCER, Directory, effective_role, producer_expr
 from labelloop_assets.core.ontology import Ontology
 from labelloop_assets.core.secret import check_pseudonymization_key
@@ -372,8 +373,9 @@ def _finish(
     blank_total: int,
     run_id: str,
     extra: list[tuple[str, pl.DataFrame]] | None = None,
+    audit_rows: pl.DataFrame | None = None,
 ) -> IngestReport:
-    """Commit records, quarantine rows, ledger entries (and `extra` rows) in one transaction."""
+    """Commit records, quarantine rows, ledger entries (and `extra` and `audit_rows` rows) in one transaction."""
     quarantine = pl.concat(
         [pl.DataFrame(schema=c.QUARANTINE_COLUMNS), *quarantined], how="vertical"
     )
@@ -408,6 +410,8 @@ def _finish(
         store.append(con, "ingested_files", ledger)
         for table, rows in extra or []:
             store.append(con, table, rows)
+        if audit_rows is not None:
+            record_audit_rows(con, audit_rows)
     return IngestReport(
         kind=kind,
         files=[source_name(p, v) for p, v in ledger.select("path", "version").iter_rows()],
@@ -645,9 +649,8 @@ def _ingest_corrections(
             "context", "payload_hash", "source_file", "line_no", "producer", "claimed_role", "arrived_at",
         )
     extra = [("policy_uses", store.policy_rows(run_id, "raw_corrections", CORRECTION_POLICIES))]
-    if audit is not None and audit.height:
-        extra.append(("audit_log", audit))
-    return _finish(con, spec.kind, "raw_corrections", batch, records, quarantined, blank, run_id, extra=extra)
+    return _finish(con, spec.kind, "raw_corrections", batch, records, quarantined, blank, run_id, extra=extra,
+                   audit_rows=audit)
 
 
 def _scoped_event_id() -> pl.Expr:
