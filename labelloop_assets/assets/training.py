@@ -21,7 +21,7 @@ from labelloop_assets.checks.schema_checks import (
 )
 from labelloop_assets.core import bursts, evaluation, gold, registry, reliability, store, train
 from labelloop_assets.core import release_notes as release
-from labelloop_assets.core.contracts import write_atomically
+from labelloop_assets.core.files import write_atomically
 from labelloop_assets.core.settings import Home
 from labelloop_assets.resources import LabelloopHome, open_store
 

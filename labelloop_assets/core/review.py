@@ -17,6 +17,7 @@ from labelloop_assets.core import store
 from labelloop_assets.core.audit import SCHEMA as AUDIT_SCHEMA
 from labelloop_assets.core.bursts import BURST_PREFIX
 from labelloop_assets.core.directory import Directory
+from labelloop_assets.core.files import write_atomically
 from labelloop_assets.core.ingest import (
     IngestReport,
     _concat,
@@ -344,4 +345,4 @@ def write_decision(
     if signer is not None:
         record = sign_review(signer, record)
     path = home.landing_dir("reviews") / f"{record['decision_id']}.jsonl"
-    return c.write_atomically(path, json.dumps(record) + "\n")
+    return write_atomically(path, json.dumps(record) + "\n")
