@@ -43,7 +43,6 @@ WARN, SEVERE = "warn", "severe"
 # A burst's life: flagged (a warning, nothing held) or held (severe), until a reviewer
 # releases it (its corrections count) or discards it (they never will).
 FLAGGED, HELD, RELEASED, DISCARDED = "flagged", "held", "released", "discarded"
-ACKNOWLEDGED = {"release": RELEASED, "discard": DISCARDED}
 MAD_TO_SIGMA = 1.4826
 BURST_PREFIX = "burst-"
 
