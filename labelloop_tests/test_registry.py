@@ -60,7 +60,7 @@ def _judged(decision: str, champion: str | None = "m0001", **changes) -> registr
         "reasons": ["macro F1 0.85 against 0.55", "no class worse"], "plan": {"min_eval_items": 10},
         "scores": SCORES if champion else {"challenger": SCORES["challenger"]}, "slice_scores": None,
         "confirm_below": 0.42 if decision == "promote" else None, "evaluation_set": None, "run_id": "run-7",
-        **changes,
+        "policies": (), **changes,
     })
 
 
@@ -156,7 +156,12 @@ def test_a_rollback_restores_a_retired_champion_with_its_own_threshold_and_audit
     _register(con, m0001="retired", m0002="champion")
     con.execute("UPDATE models SET confirm_below = 0.25 WHERE model_version = 'm0001'")
     seen = []
-    outcome = registry.rollback(con, _rollback("m0001"), lambda model: seen.append(model["path"]) is None)
+
+    def has_files(model: dict) -> bool:
+        seen.append(model["path"])
+        return True
+
+    outcome = registry.rollback(con, _rollback("m0001"), has_files)
     assert (outcome.problem, outcome.previous_champion, outcome.target["model_version"]) == (None, "m0002", "m0001")
     assert seen == ["models/m0001"]
     assert _registry(con) == {"m0001": ("champion", 0.25, 10), "m0002": ("retired", 0.3, 10)}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import polars as pl
@@ -104,7 +104,8 @@ class EvaluationSetChanged(Exception):
 @dataclass(frozen=True)
 class Evaluation:
     """A challenger judged against the champion (None when there is none), both scored on
-    `evaluation_set`: `scores` holds "challenger" and, with a champion, "champion"."""
+    `evaluation_set`: `scores` holds "challenger" and, with a champion, "champion". `policies`
+    are the policy files the judgement read, recorded with it."""
 
     challenger: str
     champion: str | None
@@ -116,7 +117,7 @@ class Evaluation:
     confirm_below: float | None
     evaluation_set: int | None
     run_id: str
-    policies: tuple[str, ...] = field(default=())
+    policies: tuple[str, ...]
 
 
 def record_evaluation(con: Any, judged: Evaluation) -> bool:
@@ -196,6 +197,9 @@ class Rollback:
 
 @dataclass(frozen=True)
 class RollbackOutcome:
+    """Why the rollback was refused (None when it happened), the model row it asked for (None
+    when there is none) and the champion before it."""
+
     problem: str | None
     target: dict | None
     previous_champion: str | None
