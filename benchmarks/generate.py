@@ -17,7 +17,7 @@ import numpy as np
 import polars as pl
 import yaml
 
-from labelloop_assets.core.contracts import write_atomically
+from labelloop_assets.core.files import write_atomically
 from labelloop_assets.core.settings import Home
 
 ROLES = ("end_user", "annotator", "reviewer", "domain_expert")

@@ -710,8 +710,7 @@ ROLLBACK_ROLES = ("reviewer", "domain_expert")
 
 def cmd_model_rollback(args: argparse.Namespace) -> int:
     """Make an earlier champion the champion again: registry, pointer and audit in one step."""
-    from labelloop_assets.core import review, signing, train
-    from labelloop_assets.core.anonymize import register_scrubber, scrub_sql
+    from labelloop_assets.core import registry, review, signing, train
 
     home = _home()
     reviewer, rationale = args.reviewer.strip(TRIMMED), args.rationale.strip(TRIMMED)
@@ -736,45 +735,32 @@ def cmd_model_rollback(args: argparse.Namespace) -> int:
         if not _verified_rollback(directory, action, signature):
             signer.refuse("the rollback's signature does not verify against contributors.yaml",
                           "the rollback's signature does not verify")
+    # What the registry is not asked about: who asks, and how. The audit log keeps a refusal
+    # without the raw identity and without paths of this machine; the terminal gets both.
+    refusal = (
+        f"{', '.join(not_text)}: not valid text (bytes that are not UTF-8)" if not_text
+        else "not a reviewer or domain expert in contributors.yaml" if role is None
+        else f"role {role} may not roll back a model (allowed: {', '.join(ROLLBACK_ROLES)})"
+        if role not in ROLLBACK_ROLES
+        else "a rationale is required (--rationale)" if not rationale
+        else signer.audit[0] if signer.audit
+        else None
+    )
+    request = registry.Rollback(
+        version=version, actor=pseudonym_of(reviewer), role=role, author=reviewer, rationale=rationale,
+        detail={"rollback_id": action["rollback_id"], "decided_at": action["decided_at"],
+                "key_id": signer.key_id, "signature": signature},
+        refusal=refusal,
+    )
     try:
-        with store.connect(home.database) as con, store.transaction(con):
-            target = store.frame(con, "SELECT * FROM models WHERE model_version = ?", [version]).to_dicts()
-            current = store.scalar(con, "SELECT model_version FROM models WHERE status = 'champion'")
-            # The audit log keeps the refusal without the raw identity (actor is its pseudonym)
-            # and without paths of this machine; the terminal gets both.
-            problem = (
-                f"{', '.join(not_text)}: not valid text (bytes that are not UTF-8)" if not_text
-                else "not a reviewer or domain expert in contributors.yaml" if role is None
-                else f"role {role} may not roll back a model (allowed: {', '.join(ROLLBACK_ROLES)})"
-                if role not in ROLLBACK_ROLES
-                else "a rationale is required (--rationale)" if not rationale
-                else signer.audit[0] if signer.audit
-                else f"no model {_shown(version)} (labelloop model list)" if not target
-                else f"{version} is already the champion" if target[0]["status"] == "champion"
-                else f"{version} is {target[0]['status']}: only a retired champion can be restored"
-                if target[0]["status"] != "retired" else None
+        with store.connect(home.database) as con:
+            outcome = registry.rollback(
+                con, request, lambda model: (home.model_folder(model["path"]) / "model.npz").exists()
             )
-            if problem is None and not (home.model_folder(target[0]["path"]) / "model.npz").exists():
-                problem = f"the files of {version} are missing"
-            # The rationale is free text: scrubbed like a review's, the author's own id included.
-            register_scrubber(con)
-            con.execute(
-                "INSERT INTO audit_log (actor, actor_role, action, target, outcome, reason, detail) "
-                "VALUES ($actor, $role, 'model.rollback', $target, $outcome, "
-                f"coalesce($problem, {scrub_sql('$rationale', '$author')}), $detail)",
-                {"actor": pseudonym_of(reviewer), "role": role, "target": version[:256],
-                 "outcome": "refused" if problem else "rolled_back", "problem": problem,
-                 "rationale": rationale[:2000], "author": reviewer,
-                 "detail": json.dumps({"from": current, "rollback_id": action["rollback_id"],
-                                       "decided_at": action["decided_at"], "key_id": signer.key_id,
-                                       "signature": signature})},
-            )
-            if problem is None:
-                con.execute("UPDATE models SET status = 'retired' WHERE status = 'champion'")
-                con.execute("UPDATE models SET status = 'champion' WHERE model_version = ?", [version])
     except (duckdb.IOException, LakeError) as error:
         print(f"labelloop: a run holds {home.database}; try again when it finishes ({error})", file=sys.stderr)
         return 1
+    problem, target, current = outcome.problem, outcome.target, outcome.previous_champion
     if problem:
         if not_text:
             pass
@@ -783,7 +769,7 @@ def cmd_model_rollback(args: argparse.Namespace) -> int:
         elif signer.audit and problem == signer.audit[0]:
             problem = signer.terminal[0]
         elif problem.startswith("the files of"):
-            problem += f" under {home.model_folder(target[0]['path'])}"
+            problem += f" under {home.model_folder(target['path'])}"
         print(f"labelloop: refused: {problem}", file=sys.stderr)
         return 3
     train.set_current(home.models, version)

@@ -17,7 +17,7 @@ from labelloop_assets.checks.schema_checks import (
     blocking_checks_hold,
     failing_blocking_checks,
 )
-from labelloop_assets.core.contracts import landing_names
+from labelloop_assets.core.files import landing_names
 from labelloop_assets.core.settings import Home, RetrainPolicy
 from labelloop_assets.jobs import ingest_job, retrain_job
 from labelloop_assets.resources import LabelloopHome, RetrainCadence

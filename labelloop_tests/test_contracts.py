@@ -1,4 +1,5 @@
-"""core/contracts.py (read_lines, check_records) and core/anonymize.py, on a real DuckDB."""
+"""core/contracts.py, core/validation.py (check_records), core/reading.py (read_lines), core/files.py
+and core/anonymize.py, on a real DuckDB."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import duckdb
 import polars as pl
 import pytest
 
-from labelloop_assets.core import anonymize, contracts, reading
+from labelloop_assets.core import anonymize, contracts, files, reading, validation
 
 KEY = b"contract-test-key"
 
@@ -49,7 +50,7 @@ def lines_frame(*lines: str) -> pl.DataFrame:
 
 def check(con, *records, spec=contracts.CORRECTION_SPEC, key=KEY):
     lines = [r if isinstance(r, str) else json.dumps(r) for r in records]
-    return contracts.check_records(lines_frame(*lines), spec, "corrections/f.jsonl", con, key)
+    return validation.check_records(lines_frame(*lines), spec, "corrections/f.jsonl", con, key)
 
 
 def reasons(quarantined: pl.DataFrame) -> list[tuple[int, str, str]]:
@@ -120,7 +121,7 @@ def test_read_lines_reads_parquet_rows_as_json_objects(tmp_path, con):
 def test_read_lines_refuses_unreadable_files(tmp_path, con, name, content, reason):
     path = tmp_path / name
     path.write_bytes(content)
-    with pytest.raises(contracts.UnreadableFile) as info:
+    with pytest.raises(files.UnreadableFile) as info:
         reading.read_lines(path)
     assert info.value.reason == reason
     assert name in info.value.detail
@@ -130,7 +131,7 @@ def test_read_lines_refuses_files_over_the_size_limit(tmp_path, con, monkeypatch
     path = tmp_path / "f.jsonl"
     path.write_text('{"a":1}\n' * 10)  # 80 bytes
     monkeypatch.setattr(contracts, "MAX_FILE_BYTES", 79)
-    with pytest.raises(contracts.UnreadableFile) as info:
+    with pytest.raises(files.UnreadableFile) as info:
         reading.read_lines(path)
     assert info.value.reason == contracts.FILE_TOO_LARGE
     assert "80 bytes > 79" in info.value.detail
@@ -147,7 +148,7 @@ def test_read_lines_refuses_a_named_pipe_at_once(tmp_path, con):
     def read() -> None:
         try:
             reading.read_lines(pipe)
-        except contracts.UnreadableFile as error:
+        except files.UnreadableFile as error:
             outcome.append(error)
 
     reader = threading.Thread(target=read, daemon=True)
@@ -160,8 +161,8 @@ def test_read_lines_refuses_a_named_pipe_at_once(tmp_path, con):
 def test_whole_file_quarantine_row(tmp_path):
     path = tmp_path / "f.csv"
     path.write_bytes(b"x,y\n")
-    error = contracts.UnreadableFile(contracts.UNSUPPORTED_FORMAT, "f.csv: nope")
-    row = contracts.whole_file_quarantine("items", "items/f.csv", error, path).to_dicts()
+    error = files.UnreadableFile(contracts.UNSUPPORTED_FORMAT, "f.csv: nope")
+    row = validation.whole_file_quarantine("items", "items/f.csv", error, path).to_dicts()
     assert row == [{
         "kind": "items", "source_file": "items/f.csv", "line_no": None,
         "reason": "unsupported_format", "detail": "f.csv: nope", "record_id": None, "item_id": None,
@@ -177,8 +178,8 @@ def test_whole_file_quarantine_row(tmp_path):
 def test_is_landing_file(tmp_path, name, landed):
     path = tmp_path / name
     path.write_text("{}\n")
-    assert contracts.is_landing_file(path) is landed
-    assert contracts.is_landing_file(tmp_path / "missing.jsonl") is False
+    assert files.is_landing_file(path) is landed
+    assert files.is_landing_file(tmp_path / "missing.jsonl") is False
 
 
 # --------------------------------------------------------------------------- check_records
@@ -229,7 +230,7 @@ def test_payload_hash_ignores_formatting_but_not_content(con):
     hashes = accepted["payload_hash"].to_list()
     assert hashes[0] == hashes[1] != hashes[2]
     # The key is part of the payload: another key gives another pseudonym and another hash.
-    other, _ = contracts.check_records(lines_frame(json.dumps(record)), contracts.CORRECTION_SPEC,
+    other, _ = validation.check_records(lines_frame(json.dumps(record)), contracts.CORRECTION_SPEC,
                                        "corrections/f.jsonl", con, b"another-key")
     assert other["payload_hash"][0] != hashes[0]
 
@@ -310,7 +311,7 @@ def test_oversize_line_and_bad_encoding_come_first(con):
     lines = pl.DataFrame({
         "line_no": [1, 2], "line": [big, json.dumps(correction("enc"))], "bad_encoding": [False, True]
     })
-    accepted, quarantined = contracts.check_records(lines, contracts.CORRECTION_SPEC, "f", con, KEY)
+    accepted, quarantined = validation.check_records(lines, contracts.CORRECTION_SPEC, "f", con, KEY)
     assert accepted.height == 0
     assert quarantined.select("line_no", "reason", "record_id").rows() == [
         (1, "oversize_line", None), (2, "invalid_encoding", None)

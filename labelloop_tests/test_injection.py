@@ -283,9 +283,9 @@ SQL_WORDS = re.compile(
 # checked below to be plain identifiers and numbers) and from column names their callers pass:
 # every value of a landing record is bound as a parameter or read from a registered frame.
 SQL_BUILDERS = {
-    ("core/contracts.py", "_trim"), ("core/contracts.py", "_field_columns"),
-    ("core/contracts.py", "_field_rules"), ("core/contracts.py", "_extract"),
-    ("core/contracts.py", "check_records"),
+    ("core/validation.py", "_trim"), ("core/validation.py", "_field_columns"),
+    ("core/validation.py", "_field_rules"), ("core/validation.py", "_extract"),
+    ("core/validation.py", "check_records"),
     # Column or parameter names ($inner, $outer) from the callers; the patterns are constants.
     ("core/anonymize.py", "pseudonym_sql"), ("core/anonymize.py", "scrub_sql"),
 }
@@ -304,7 +304,7 @@ ALLOWED = {
     # A literal written in the function; the filters themselves are bound ($kind, $reason).
     ("cli.py", "cmd_quarantine", "where"),
     # An expression over the bound $rationale and $author only.
-    ("cli.py", "cmd_model_rollback", "scrub_sql('$rationale', '$author')"),
+    ("core/registry.py", "rollback", "scrub_sql('$rationale', '$author')"),
     # One of two literals, picked by the burst's scope; the key itself is bound ($key).
     ("core/bursts.py", "burst_events", "where"),
     # Table and view names from publish.PUBLISHED (checked below); a file path cannot be bound in

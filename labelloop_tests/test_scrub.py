@@ -2,7 +2,7 @@
 (fixtures/pii_strings.jsonl), on hostile input, on JSON objects, and through the real ingest path.
 
 Every figure is measured through DuckDB with the scrubber registered on the connection, as
-contracts.check_records runs it: the SQL fast path, then the Python scrubber on what it flags.
+validation.check_records runs it: the SQL fast path, then the Python scrubber on what it flags.
 """
 
 from __future__ import annotations

@@ -1,7 +1,5 @@
 """Curation: stage corrections, resolve them per item, promote changes into a versioned corpus."""
 
-import json
-
 import dagster as dg
 import polars as pl
 from dagster_duckdb import DuckDBResource
@@ -19,7 +17,7 @@ from labelloop_assets.checks.schema_checks import (
     markdown_table,
     schema_check_result,
 )
-from labelloop_assets.core import bursts, corpus, lake, resolve, review, schemas, store
+from labelloop_assets.core import bursts, corpus, lake, registry, resolve, review, schemas, store
 from labelloop_assets.resources import LabelloopHome, open_store
 
 GROUP = "curation"
@@ -330,38 +328,17 @@ def production_corpus(
             & (pl.col("label") != pl.col("previous_label")).fill_null(True)
         ).height
         if validation.passed:
-            with store.transaction(con):
-                if changes.height:
-                    lake.name_commit(con, lake.CORPUS_COMMIT.format(version=version))
-                    # Its own decisions (renames, dropped terms) follow the ontology.
-                    store.record_policies(con, run_id(context), "production_corpus", ("ontology.yaml",))
-                    store.append(con, "label_history", changes.with_columns(run_id=pl.lit(run_id(context))))
-                    _merge_corpus(con, rows)
-                    con.execute(
-                        "INSERT INTO corpus_versions (corpus_version, n_new_items, n_label_changes, "
-                        "n_confirmations, n_items, label_changes_total, run_id) "
-                        "SELECT ?, ?, ?, ?, (SELECT count(*) FROM production_corpus), ?, ?",
-                        [
-                            version,
-                            changes.filter(pl.col("change_kind") == corpus.INITIAL).height,
-                            n_changes,
-                            changes.filter(pl.col("change_kind") == corpus.CONFIRMATION).height,
-                            changes_before + n_changes,
-                            run_id(context),
-                        ],
-                    )
-                    kinds = dict(changes.group_by("change_kind").len().iter_rows())
-                    con.execute(
-                        "INSERT INTO audit_log (actor, action, target, outcome, detail, run_id) "
-                        "VALUES ('labelloop', 'corpus.publish', ?, 'published', ?, ?)",
-                        [f"v{version}", json.dumps(kinds, sort_keys=True), run_id(context)],
-                    )
-                if new_items.height:
-                    store.set_state(con, APPLIED_ITEMS, int(new_items["seq"].max()))
-                if decisions.height:
-                    store.set_state(con, APPLIED_DECISIONS, int(decisions["decision_id"].max()))
-                if reviews.height:
-                    store.set_state(con, APPLIED_REVIEWS, int(reviews["seq"].max()))
+            # What this run applied, even when it changed no label: the watermarks move with the version.
+            applied = {}
+            if new_items.height:
+                applied[APPLIED_ITEMS] = int(new_items["seq"].max())
+            if decisions.height:
+                applied[APPLIED_DECISIONS] = int(decisions["decision_id"].max())
+            if reviews.height:
+                applied[APPLIED_REVIEWS] = int(reviews["seq"].max())
+            registry.publish_corpus_version(
+                con, registry.CorpusVersion(version, changes, rows, n_changes, changes_before, run_id(context)), applied
+            )
         published = validation.passed and changes.height > 0
         if published:
             lake.stamp_corpus_snapshots(con)
@@ -399,28 +376,6 @@ def production_corpus(
             ),
         ],
     )
-
-
-def _merge_corpus(con, rows: pl.DataFrame) -> None:
-    """Upsert the touched items only: O(changes), whatever the corpus size."""
-    con.register("corpus_rows", rows)
-    try:
-        con.execute(
-            """
-            MERGE INTO production_corpus t USING corpus_rows s ON t.item_id = s.item_id
-            WHEN MATCHED THEN UPDATE SET
-                label = s.label, label_source = s.label_source,
-                human_confirmed = s.human_confirmed, reviewer_confirmed = s.reviewer_confirmed,
-                since_version = s.since_version, updated_version = s.updated_version,
-                updated_at = now()
-            WHEN NOT MATCHED THEN INSERT (item_id, label, label_source, human_confirmed,
-                reviewer_confirmed, since_version, updated_version)
-            VALUES (s.item_id, s.label, s.label_source, s.human_confirmed, s.reviewer_confirmed,
-                    s.since_version, s.updated_version)
-            """
-        )
-    finally:
-        con.unregister("corpus_rows")
 
 
 ESCALATIONS_WITHIN_SLA = "escalations_within_sla"

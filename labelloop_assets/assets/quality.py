@@ -15,7 +15,7 @@ from labelloop_assets.assets.common import (
 )
 from labelloop_assets.checks.schema_checks import markdown_table
 from labelloop_assets.core import bursts, guidelines, label_issues, store, train
-from labelloop_assets.core.contracts import write_atomically
+from labelloop_assets.core.files import write_atomically
 from labelloop_assets.resources import LabelloopHome, open_store
 
 NO_HELD_BURSTS = "no_held_bursts"

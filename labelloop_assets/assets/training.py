@@ -19,9 +19,9 @@ from labelloop_assets.checks.schema_checks import (
     failing_blocking_checks,
     markdown_table,
 )
-from labelloop_assets.core import bursts, evaluation, gold, reliability, store, train
+from labelloop_assets.core import bursts, evaluation, gold, registry, reliability, store, train
 from labelloop_assets.core import release_notes as release
-from labelloop_assets.core.contracts import write_atomically
+from labelloop_assets.core.files import write_atomically
 from labelloop_assets.core.settings import Home
 from labelloop_assets.resources import LabelloopHome, open_store
 
@@ -299,58 +299,24 @@ def model_evaluation(
         probabilities.max(axis=1), model.classes[probabilities.argmax(axis=1)] == gold_labels, plan.confirm_precision
     ) if decision == evaluation.PROMOTE else None
     version = challenger["model_version"]
-    with open_store(database) as con, store.transaction(con):
-        # The file was not held while scoring: another run may have judged this challenger, or
-        # promoted another, meanwhile. The decision is recorded only against what is still true.
-        still = store.frame(
-            con, "SELECT (SELECT status FROM models WHERE model_version = ?) AS status, "
-            "(SELECT model_version FROM models WHERE status = 'champion') AS champion",
-            [version],
-        ).row(0, named=True)
-        if still["status"] != "challenger" or still["champion"] != (champion and champion["model_version"]):
-            context.log.info(f"{version} was judged by another run meanwhile; nothing recorded")
-            return dg.MaterializeResult(metadata={"decision": "judged by another run", "challenger": version})
-        if gold.current_evaluation_set(con) != evaluation_set:
+    judged = registry.Evaluation(
+        challenger=version, champion=champion and champion["model_version"], decision=decision,
+        reasons=reasons, plan=plan.as_dict(), scores=scores, slice_scores=slice_scores,
+        confirm_below=confirm_below, evaluation_set=evaluation_set, run_id=run_id(context),
+        policies=EVALUATION_POLICIES,
+    )
+    with open_store(database) as con:
+        try:
+            recorded = registry.record_evaluation(con, judged)
+        except registry.EvaluationSetChanged:
             raise dg.Failure(
                 description=f"gold.jsonl declared a new evaluation set while {version} was being scored on "
                 f"set {evaluation_set}; nothing recorded: run model_evaluation again to score both models "
                 "on the new set"
-            )
-        con.execute(
-            "INSERT INTO model_evaluations (evaluation_id, challenger, champion, decision, reasons, plan, "
-            "challenger_scores, champion_scores, slice_scores, confirm_below, n_eval, run_id, evaluation_set) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [store.next_number(con, "model_evaluations"), version, champion and champion["model_version"], decision, reasons, json.dumps(plan.as_dict()),
-             json.dumps(scores["challenger"]), json.dumps(scores.get("champion")),
-             json.dumps(slice_scores) if slice_scores else None, confirm_below, scores["challenger"]["n"],
-             run_id(context), evaluation_set],
-        )
-        store.record_policies(con, run_id(context), "model_evaluation", EVALUATION_POLICIES)
-        # A model's stored gold metrics follow it to the newest evaluation set it was scored on
-        # (gold only grows, so another n_gold is another set): the dashboards then show the
-        # champion's score on today's yardstick, not on the one it was trained under.
-        for who, row in (("challenger", challenger), ("champion", champion)):
-            if row is not None and who in scores:
-                con.execute(
-                    "UPDATE models SET gold_accuracy = ?, gold_macro_f1 = ?, n_gold = ? "
-                    "WHERE model_version = ? AND n_gold <> ?",
-                    [scores[who]["accuracy"], scores[who]["macro_f1"], scores[who]["n"],
-                     row["model_version"], scores[who]["n"]],
-                )
-        if decision == evaluation.PROMOTE:
-            con.execute("UPDATE models SET status = 'retired' WHERE status = 'champion'")
-            con.execute("UPDATE models SET status = 'champion', confirm_below = ? WHERE model_version = ?",
-                        [confirm_below, version])
-        else:
-            con.execute("UPDATE models SET status = 'rejected' WHERE model_version = ?", [version])
-        con.execute(
-            "INSERT INTO audit_log (actor, action, target, outcome, reason, detail, run_id) "
-            "VALUES ('labelloop', ?, ?, ?, ?, ?, ?)",
-            [f"model.{decision}", version, "promoted" if decision == evaluation.PROMOTE else "rejected",
-             "; ".join(reasons)[:500],
-             json.dumps({"champion": champion and champion["model_version"], "evaluation_set": evaluation_set}),
-             run_id(context)],
-        )
+            ) from None
+    if not recorded:
+        context.log.info(f"{version} was judged by another run meanwhile; nothing recorded")
+        return dg.MaterializeResult(metadata={"decision": "judged by another run", "challenger": version})
     if decision == evaluation.PROMOTE:
         # The pointer moves after the registry commits: serving never loads an unregistered model.
         train.set_current(home.models, version)

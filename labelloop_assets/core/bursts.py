@@ -32,6 +32,7 @@ import duckdb
 import polars as pl
 
 from labelloop_assets.core import store
+from labelloop_assets.core.audit import SYSTEM_ACTOR, record_audit_rows
 from labelloop_assets.core.contracts import USER_ROLES
 from labelloop_assets.core.settings import LabelloopConfigError, config_number
 
@@ -42,7 +43,6 @@ WARN, SEVERE = "warn", "severe"
 # A burst's life: flagged (a warning, nothing held) or held (severe), until a reviewer
 # releases it (its corrections count) or discards it (they never will).
 FLAGGED, HELD, RELEASED, DISCARDED = "flagged", "held", "released", "discarded"
-ACKNOWLEDGED = {"release": RELEASED, "discard": DISCARDED}
 MAD_TO_SIGMA = 1.4826
 BURST_PREFIX = "burst-"
 
@@ -542,11 +542,10 @@ def _record(con: duckdb.DuckDBPyConnection, found: pl.DataFrame, run_id: str, po
         & ~pl.col("burst_id").replace_strict(was, default=None, return_dtype=pl.String).eq(HELD).fill_null(False)
     )
     if held.height:
-        store.append(
+        record_audit_rows(
             con,
-            "audit_log",
             held.select(
-                actor=pl.lit("labelloop"), action=pl.lit("burst.hold"), target="burst_id",
+                actor=pl.lit(SYSTEM_ACTOR), action=pl.lit("burst.hold"), target="burst_id",
                 outcome=pl.lit(HELD), reason="reason", run_id="run_id",
             ),
         )

@@ -30,10 +30,7 @@ import polars as pl
 # but finite term instead of an infinite one.
 PSI_EPSILON = 1e-4
 
-# Jensen-Shannon distance (base 2) of the label distribution above which to warn.
-LABEL_JS_WARN = 0.1
-# PSI < 0.1: no real shift; 0.1-0.25: moderate; > 0.25: significant.
-PSI_WARN = 0.1
+# PSI < 0.1: no real shift; 0.1-0.25: moderate; > 0.25: significant (this is where it alerts).
 PSI_ALERT = 0.25
 # A feature counts as drifted when its PSI is above this.
 FEATURE_PSI_WARN = 0.25

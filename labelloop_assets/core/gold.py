@@ -27,8 +27,11 @@ import polars as pl
 
 from labelloop_assets.core import contracts as c
 from labelloop_assets.core import reading, store
+from labelloop_assets.core.audit import SYSTEM_ACTOR, record_audit
+from labelloop_assets.core.files import UnreadableFile
 from labelloop_assets.core.ontology import Ontology
 from labelloop_assets.core.settings import Home, LabelloopConfigError, file_sha256
+from labelloop_assets.core.validation import check_records
 
 GOLD_SOURCE = "gold.jsonl"  # items.source_file of declared gold items
 # The evaluation set as stored: every item with a gold label (declared in gold.jsonl, or landed
@@ -129,11 +132,10 @@ def declare(con: duckdb.DuckDBPyConnection, home: Home, ontology: Ontology, run_
             "evaluation_set": version, "sha256": sha, "n_items": n_items, "n_added": added.height,
             "run_id": run_id,
         }]))
-        con.execute(
-            "INSERT INTO audit_log (actor, action, target, outcome, reason, detail, run_id) "
-            "VALUES ('labelloop', 'gold.declare', ?, 'declared', ?, ?, ?)",
-            [f"evaluation_set {version}", f"{added.height} gold item(s) added from {GOLD_SOURCE}",
-             json.dumps({"sha256": sha, "n_items": n_items}), run_id],
+        record_audit(
+            con, SYSTEM_ACTOR, "gold.declare", f"evaluation_set {version}", "declared",
+            f"{added.height} gold item(s) added from {GOLD_SOURCE}",
+            json.dumps({"sha256": sha, "n_items": n_items}), run_id,
         )
     return Declaration(version, n_items, added.height, True)
 
@@ -143,12 +145,12 @@ def read_gold_file(path: Path, ontology: Ontology, con: duckdb.DuckDBPyConnectio
     by the rules landing items follow; any bad line fails the whole file, naming the lines."""
     try:
         lines, _ = reading.read_lines(path)
-    except c.UnreadableFile as error:
+    except UnreadableFile as error:
         raise GoldFileError(f"{path}: {error.detail} ({error.reason})") from None
     if lines.height == 0:
         return pl.DataFrame(schema={"item_id": pl.String, "features": pl.List(pl.Float64),
                                     "gold_label": pl.String, "payload_hash": pl.String, "line_no": pl.Int64})
-    accepted, rejected = c.check_records(lines, GOLD_SPEC, GOLD_SOURCE, con)
+    accepted, rejected = check_records(lines, GOLD_SPEC, GOLD_SOURCE, con)
     problems = [(n, f"{reason} ({detail})") for n, reason, detail in
                 rejected.select("line_no", "reason", "detail").iter_rows()]
     label = ontology.harmonize("gold_label")

@@ -21,10 +21,13 @@ import polars as pl
 
 from labelloop_assets.core import contracts as c
 from labelloop_assets.core import gold, reading, store
+from labelloop_assets.core.audit import record_audit_rows
 from labelloop_assets.core.directory import END_USER, ROOT_PRODUCER, Directory, effective_role, producer_expr
+from labelloop_assets.core.files import UnreadableFile, landing_file_sha256, landing_names
 from labelloop_assets.core.ontology import Ontology
 from labelloop_assets.core.secret import check_pseudonymization_key
 from labelloop_assets.core.settings import Home, LabelloopConfigError, load_yaml_mapping
+from labelloop_assets.core.validation import check_records, quarantine_rows, whole_file_quarantine
 
 
 @dataclass
@@ -81,7 +84,7 @@ def pending_files(home: Home, con: duckdb.DuckDBPyConnection, kind: str) -> list
     """Landing files of a kind (its folder and producers' subfolders) to read: every file the
     ledger has not seen, and every ledgered file whose size or change time moved and whose
     content is no longer what was read (a rewritten file, or one with lines appended)."""
-    candidates = [f"{kind}/{name}" for name in c.landing_names(home.landing_dir(kind))]
+    candidates = [f"{kind}/{name}" for name in landing_names(home.landing_dir(kind))]
     if not candidates:
         return []
     names = pl.DataFrame({"path": candidates})
@@ -121,7 +124,7 @@ def _changed_version(con: duckdb.DuckDBPyConnection, path: Path, row: dict) -> P
     elif now.st_ctime_ns == row["ctime_ns"]:
         return None
     elif now.st_size == row["size_bytes"] and row["sha256"] is not None and stat.S_ISREG(now.st_mode):
-        if c.landing_file_sha256(path) == row["sha256"]:
+        if landing_file_sha256(path) == row["sha256"]:
             con.execute(
                 "UPDATE ingested_files SET ctime_ns = ? WHERE path = ? AND version = ?",
                 [now.st_ctime_ns, row["path"], row["version"]],
@@ -179,7 +182,7 @@ class _BatchReader:
         self.read_so_far[pending.source] = (pending, landing.read)
         try:
             if pending.name.count("/") > 2:
-                raise c.UnreadableFile(c.UNREADABLE_FILE, NESTED_TOO_DEEP.format(name=pending.name))
+                raise UnreadableFile(c.UNREADABLE_FILE, NESTED_TOO_DEEP.format(name=pending.name))
             for chunk in landing.chunks():
                 self.waiting.append(chunk.with_columns(source_file=pl.lit(pending.source)))
                 self.waiting_bytes += _bytes([chunk])
@@ -188,7 +191,7 @@ class _BatchReader:
                     self.flush()
                     if pending.source in self.isolated:
                         return
-        except c.UnreadableFile as error:
+        except UnreadableFile as error:
             self.isolate(pending.source, error)
             return
         except OUT_OF_MEMORY as error:  # while reading it (a check that runs out is handled in flush)
@@ -223,7 +226,7 @@ class _BatchReader:
     def _check(self, frames: list[pl.DataFrame]) -> None:
         lines = pl.concat(frames)
         checked = [
-            c.check_records(lines.slice(start, reading.CHUNK_LINES), self.spec, None, self.con, self.key)
+            check_records(lines.slice(start, reading.CHUNK_LINES), self.spec, None, self.con, self.key)
             for start in range(0, lines.height, reading.CHUNK_LINES)
         ]
         if self.raw_lines is not None:
@@ -231,7 +234,7 @@ class _BatchReader:
         self.batch.accepted.extend(accepted for accepted, _ in checked)
         self.batch.quarantined.extend(quarantined for _, quarantined in checked)
 
-    def isolate(self, source: str, error: c.UnreadableFile) -> None:
+    def isolate(self, source: str, error: UnreadableFile) -> None:
         """Quarantine one file whole and forget whatever was kept of it."""
         pending, read = self.read_so_far[source]
         self.isolated.add(source)
@@ -242,12 +245,12 @@ class _BatchReader:
         if self.raw_lines is not None:
             self.raw_lines[:] = [f.filter(others) for f in self.raw_lines]
         self.batch.files = [entry for entry in self.batch.files if entry["source"] != source]
-        self.batch.quarantined.append(c.whole_file_quarantine(self.spec.kind, source, error, pending.path))
+        self.batch.quarantined.append(whole_file_quarantine(self.spec.kind, source, error, pending.path))
         self.batch.files.append(_ledger_entry(pending, read, _size(pending.path), 0))
 
 
-def _out_of_memory(name: str, error: BaseException) -> c.UnreadableFile:
-    return c.UnreadableFile(c.RESOURCE_LIMIT, OUT_OF_MEMORY_DETAIL.format(name=name, error=type(error).__name__))
+def _out_of_memory(name: str, error: BaseException) -> UnreadableFile:
+    return UnreadableFile(c.RESOURCE_LIMIT, OUT_OF_MEMORY_DETAIL.format(name=name, error=type(error).__name__))
 
 
 def _bytes(frames: list[pl.DataFrame]) -> int:
@@ -290,7 +293,7 @@ def split_by_rules(
         reason.otherwise(None).alias("_reason"), detail.otherwise(None).alias("_detail")
     )
     failed = tagged.filter(pl.col("_reason").is_not_null())
-    quarantined = c.quarantine_rows(failed, kind, "", pl.col("_detail"), key).with_columns(
+    quarantined = quarantine_rows(failed, kind, "", pl.col("_detail"), key).with_columns(
         reason=failed["_reason"]
     )
     return tagged.filter(pl.col("_reason").is_null()).drop("_reason", "_detail"), quarantined
@@ -372,8 +375,9 @@ def _finish(
     blank_total: int,
     run_id: str,
     extra: list[tuple[str, pl.DataFrame]] | None = None,
+    audit_rows: pl.DataFrame | None = None,
 ) -> IngestReport:
-    """Commit records, quarantine rows, ledger entries (and `extra` rows) in one transaction."""
+    """Commit records, quarantine rows, ledger entries (and `extra` and `audit_rows` rows) in one transaction."""
     quarantine = pl.concat(
         [pl.DataFrame(schema=c.QUARANTINE_COLUMNS), *quarantined], how="vertical"
     )
@@ -408,6 +412,8 @@ def _finish(
         store.append(con, "ingested_files", ledger)
         for table, rows in extra or []:
             store.append(con, table, rows)
+        if audit_rows is not None:
+            record_audit_rows(con, audit_rows)
     return IngestReport(
         kind=kind,
         files=[source_name(p, v) for p, v in ledger.select("path", "version").iter_rows()],
@@ -645,9 +651,8 @@ def _ingest_corrections(
             "context", "payload_hash", "source_file", "line_no", "producer", "claimed_role", "arrived_at",
         )
     extra = [("policy_uses", store.policy_rows(run_id, "raw_corrections", CORRECTION_POLICIES))]
-    if audit is not None and audit.height:
-        extra.append(("audit_log", audit))
-    return _finish(con, spec.kind, "raw_corrections", batch, records, quarantined, blank, run_id, extra=extra)
+    return _finish(con, spec.kind, "raw_corrections", batch, records, quarantined, blank, run_id, extra=extra,
+                   audit_rows=audit)
 
 
 def _scoped_event_id() -> pl.Expr:

@@ -383,13 +383,6 @@ def is_lake(con: Any) -> bool:
     return isinstance(con, LakeConnection)
 
 
-def current_snapshot(con: Any) -> int | None:
-    """The lake snapshot the connection sees now (None on the embedded store)."""
-    if not is_lake(con):
-        return None
-    return int(con.execute(f"SELECT id FROM {ALIAS}.current_snapshot()").fetchone()[0])
-
-
 CORPUS_COMMIT = "corpus v{version}"
 CLEANUP_GRACE_MINUTES = 10
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import duckdb
 
-from labelloop_assets.core.contracts import write_atomically
+from labelloop_assets.core.files import write_atomically
 
 # Refreshed by every run: their size follows the corpus or stays small.
 EVERY_RUN = (

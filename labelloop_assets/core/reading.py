@@ -22,6 +22,7 @@ from typing import BinaryIO
 import polars as pl
 
 from labelloop_assets.core import contracts as c
+from labelloop_assets.core.files import UnreadableFile, open_landing_file
 
 # Read this much of a file at a time; the lines of several blocks go to the checks together.
 BLOCK_BYTES = 4 * 1024 * 1024
@@ -78,8 +79,8 @@ class LandingFile:
         self.resume = resume
         self.read = FileRead()
 
-    def _refuse(self, reason: str, detail: str) -> c.UnreadableFile:
-        return c.UnreadableFile(reason, f"{self.path.name}: {detail}")
+    def _refuse(self, reason: str, detail: str) -> UnreadableFile:
+        return UnreadableFile(reason, f"{self.path.name}: {detail}")
 
     def _open(self) -> tuple[BinaryIO, os.stat_result]:
         path = self.path
@@ -92,7 +93,7 @@ class LandingFile:
                 # A link would let whoever can write to the landing zone have labelloop read any
                 # file it can read (into the corpus, the quarantine, the published snapshots).
                 raise self._refuse(c.UNREADABLE_FILE, "a symbolic link; landing files must be regular files")
-            handle = c.open_landing_file(path)
+            handle = open_landing_file(path)
         except OSError as exc:
             raise self._refuse(c.UNREADABLE_FILE, exc.strerror or str(exc)) from None
         opened = os.fstat(handle.fileno())

@@ -14,8 +14,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from labelloop_assets.core import contracts as c
 from labelloop_assets.core import store
+from labelloop_assets.core.audit import SCHEMA as AUDIT_SCHEMA
 from labelloop_assets.core.bursts import BURST_PREFIX
 from labelloop_assets.core.directory import Directory
+from labelloop_assets.core.files import write_atomically
 from labelloop_assets.core.ingest import (
     IngestReport,
     _concat,
@@ -233,7 +235,7 @@ def ingest_reviews(
     used = tuple(name for name in REVIEW_POLICIES if (home.root / name).exists())
     report = _finish(
         con, spec.kind, "review_decisions", batch, records, quarantined, blank, run_id,
-        extra=[("audit_log", audit), ("policy_uses", store.policy_rows(run_id, "review_decisions", used))],
+        extra=[("policy_uses", store.policy_rows(run_id, "review_decisions", used))], audit_rows=audit,
     )
     return report, records
 
@@ -299,10 +301,7 @@ def _checked(
 
 
 def _audit_rows_for_quarantine(rows: pl.DataFrame | None, run_id: str) -> pl.DataFrame:
-    schema = {
-        "actor": pl.String, "actor_role": pl.String, "action": pl.String, "target": pl.String,
-        "outcome": pl.String, "reason": pl.String, "detail": pl.String, "run_id": pl.String,
-    }
+    schema = AUDIT_SCHEMA
     if rows is None or rows.height == 0:
         return pl.DataFrame(schema=schema)
     return rows.select(
@@ -346,4 +345,4 @@ def write_decision(
     if signer is not None:
         record = sign_review(signer, record)
     path = home.landing_dir("reviews") / f"{record['decision_id']}.jsonl"
-    return c.write_atomically(path, json.dumps(record) + "\n")
+    return write_atomically(path, json.dumps(record) + "\n")

@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING
 import polars as pl
 
 from labelloop_assets.core.contracts import CORRECTION_SOURCES, USER_ROLES
-from labelloop_assets.core.resolve import DECISION_STATUSES
 
 # pandera is imported where used (in the functions below): loading the code location must not
 # pay for pandera.
@@ -72,18 +71,6 @@ def production_corpus_schema(labels: tuple[str, ...]) -> pa.DataFrameSchema:
             "updated_version": pa.Column(pl.Int32, pa.Check.ge(1)),
         },
         name="production_corpus",
-    )
-
-
-def label_decisions_schema() -> pa.DataFrameSchema:
-    import pandera.polars as pa
-
-    return pa.DataFrameSchema(
-        {
-            "status": pa.Column(str, pa.Check.isin(list(DECISION_STATUSES))),
-            "share": pa.Column(float, pa.Check.in_range(0.0, 1.0)),
-        },
-        name="label_decisions",
     )
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from labelloop_assets.core.contracts import sync_to_disk, write_atomically
+from labelloop_assets.core.files import sync_to_disk, write_atomically
 from labelloop_assets.core.settings import (
     LabelloopConfigError,
     config_number,

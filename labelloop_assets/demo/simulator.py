@@ -16,7 +16,7 @@ import numpy as np
 import polars as pl
 from sklearn.datasets import load_digits
 
-from labelloop_assets.core.contracts import write_atomically
+from labelloop_assets.core.files import write_atomically
 from labelloop_assets.core.settings import Home
 from labelloop_assets.core.train import LinearModel
 
