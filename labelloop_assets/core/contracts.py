@@ -57,7 +57,7 @@ FILE_TOO_LARGE = "file_too_large"
 TOO_MANY_LINES = "too_many_lines"
 DECOMPRESSED_TOO_LARGE = "decompressed_too_large"
 RESOURCE_LIMIT = "resource_limit"  # ran out of memory reading it: isolated, the rest goes through
-# Trust (issue: authority granted by the deployment, signed reviewer actions).
+# Trust: authority is granted by the deployment, and reviewer actions are signed.
 ROLE_NOT_GRANTED = "role_not_granted"  # an audit reason: the claim counts at the granted role
 UNSIGNED = "unsigned"
 BAD_SIGNATURE = "bad_signature"
