@@ -15,6 +15,20 @@ DUCKDB_POOL = "duckdb"
 OWNERS = ["team:labelloop"]
 
 
+def labelloop_asset(*, group: str, kinds: set[str], code_version: str, **attributes):
+    """`dg.asset` with what every labelloop asset shares: its owners, and the DuckDB pool (one
+    writer of the store at a time). Each asset names its own group, kinds and code version.
+
+    Bump an asset's `code_version` when a change to its code changes what it writes from the same
+    inputs (another column, another rule, a corrected figure): Dagster then marks the asset and
+    what follows it as changed since their last materialization. A refactor that writes the same
+    rows, or a change to its configuration files (recorded per run in policy_uses), keeps it.
+    """
+    return dg.asset(
+        group_name=group, kinds=kinds, code_version=code_version, pool=DUCKDB_POOL, owners=OWNERS, **attributes
+    )
+
+
 @contextmanager
 def config_errors_as_failures() -> Iterator[None]:
     """A wrong config file fails the step with its own message, not a traceback."""

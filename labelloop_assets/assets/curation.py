@@ -7,9 +7,8 @@ import polars as pl
 from dagster_duckdb import DuckDBResource
 
 from labelloop_assets.assets.common import (
-    DUCKDB_POOL,
-    OWNERS,
     config_errors_as_failures,
+    labelloop_asset,
     run_id,
 )
 from labelloop_assets.assets.ingest import raw_corrections
@@ -44,11 +43,10 @@ NEAR_DUPLICATES_SQL = f"""
 """
 
 
-@dg.asset(
-    group_name=GROUP,
+@labelloop_asset(
+    group=GROUP,
     kinds={"duckdb", "polars"},
-    pool=DUCKDB_POOL,
-    owners=OWNERS,
+    code_version="1",
     deps=[raw_corrections, "predictions", "review_decisions", "correction_bursts"],
     check_specs=[
         dg.AssetCheckSpec(
@@ -251,11 +249,10 @@ def _count(decisions: pl.DataFrame, status: str) -> int:
     return decisions.filter(pl.col("status") == status).height if decisions.height else 0
 
 
-@dg.asset(
-    group_name=GROUP,
+@labelloop_asset(
+    group=GROUP,
     kinds={"duckdb", "polars"},
-    pool=DUCKDB_POOL,
-    owners=OWNERS,
+    code_version="1",
     deps=[validated_labels, "items", "review_decisions"],
     check_specs=[
         dg.AssetCheckSpec(
@@ -426,11 +423,10 @@ def _merge_corpus(con, rows: pl.DataFrame) -> None:
 ESCALATIONS_WITHIN_SLA = "escalations_within_sla"
 
 
-@dg.asset(
-    group_name=GROUP,
+@labelloop_asset(
+    group=GROUP,
     kinds={"duckdb"},
-    pool=DUCKDB_POOL,
-    owners=OWNERS,
+    code_version="1",
     deps=[production_corpus],
     check_specs=[
         dg.AssetCheckSpec(

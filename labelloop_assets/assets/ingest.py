@@ -4,10 +4,9 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 
 from labelloop_assets.assets.common import (
-    DUCKDB_POOL,
-    OWNERS,
     config_errors_as_failures,
     ingest_metadata,
+    labelloop_asset,
     run_id,
 )
 from labelloop_assets.checks.schema_checks import (
@@ -23,7 +22,7 @@ from labelloop_assets.resources import LabelloopHome, open_store
 GROUP = "ingest"
 
 
-@dg.asset(group_name=GROUP, kinds={"duckdb", "polars"}, pool=DUCKDB_POOL, owners=OWNERS)
+@labelloop_asset(group=GROUP, kinds={"duckdb", "polars"}, code_version="1")
 def items(
     context: dg.AssetExecutionContext, labelloop: LabelloopHome, database: DuckDBResource
 ) -> dg.MaterializeResult:
@@ -51,8 +50,8 @@ def items(
     )
 
 
-@dg.asset(
-    group_name=GROUP, kinds={"duckdb", "polars"}, pool=DUCKDB_POOL, owners=OWNERS, deps=[items]
+@labelloop_asset(
+    group=GROUP, kinds={"duckdb", "polars"}, code_version="1", deps=[items]
 )
 def predictions(
     context: dg.AssetExecutionContext, labelloop: LabelloopHome, database: DuckDBResource
@@ -70,11 +69,10 @@ def _ingest(context, labelloop: LabelloopHome, database: DuckDBResource, ingest_
     return dg.MaterializeResult(metadata=ingest_metadata(report, total))
 
 
-@dg.asset(
-    group_name=GROUP,
+@labelloop_asset(
+    group=GROUP,
     kinds={"duckdb", "polars"},
-    pool=DUCKDB_POOL,
-    owners=OWNERS,
+    code_version="1",
     deps=[items],
     check_specs=[
         dg.AssetCheckSpec(
@@ -132,7 +130,7 @@ def raw_corrections(
     )
 
 
-@dg.asset(group_name=GROUP, kinds={"duckdb", "polars"}, pool=DUCKDB_POOL, owners=OWNERS)
+@labelloop_asset(group=GROUP, kinds={"duckdb", "polars"}, code_version="1")
 def review_decisions(
     context: dg.AssetExecutionContext, labelloop: LabelloopHome, database: DuckDBResource
 ) -> dg.MaterializeResult:

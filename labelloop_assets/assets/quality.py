@@ -8,9 +8,8 @@ import polars as pl
 from dagster_duckdb import DuckDBResource
 
 from labelloop_assets.assets.common import (
-    DUCKDB_POOL,
-    OWNERS,
     config_errors_as_failures,
+    labelloop_asset,
     run_id,
 )
 from labelloop_assets.checks.schema_checks import markdown_table
@@ -26,11 +25,10 @@ OPEN_BURSTS_SQL = """
 """
 
 
-@dg.asset(
-    group_name="curation",
+@labelloop_asset(
+    group="curation",
     kinds={"duckdb", "polars"},
-    pool=DUCKDB_POOL,
-    owners=OWNERS,
+    code_version="1",
     deps=["raw_corrections", "review_decisions"],
     check_specs=[
         dg.AssetCheckSpec(
@@ -90,11 +88,10 @@ def correction_bursts(
     )
 
 
-@dg.asset(
-    group_name="monitoring",
+@labelloop_asset(
+    group="monitoring",
     kinds={"scikit-learn", "duckdb"},
-    pool=DUCKDB_POOL,
-    owners=OWNERS,
+    code_version="1",
     deps=["production_corpus", "contributor_reliability"],
 )
 def label_issue_candidates(
@@ -152,11 +149,10 @@ def label_issue_candidates(
     )
 
 
-@dg.asset(
-    group_name="monitoring",
+@labelloop_asset(
+    group="monitoring",
     kinds={"duckdb", "markdown"},
-    pool=DUCKDB_POOL,
-    owners=OWNERS,
+    code_version="1",
     deps=["production_corpus"],
 )
 def guideline_report(
