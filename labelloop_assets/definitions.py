@@ -10,13 +10,15 @@ from labelloop_assets.sensors import landing_sensor, retrain_sensor
 
 
 def build_definitions(home: Home | None = None, retrain: RetrainPolicy | None = None) -> dg.Definitions:
-    """The loop bound to one LABELLOOP_HOME (from the environment unless given)."""
+    """The loop bound to one LABELLOOP_HOME: `home` when given (tests, the demo), else the
+    environment's, read through `dg.EnvVar` when a run or a sensor starts, so that loading the code
+    location reads no environment and touches no file."""
     return dg.Definitions(
         assets=dg.load_assets_from_modules([ingest, curation, quality, monitoring, training, maintenance]),
         jobs=[ingest_job, retrain_job, maintenance_job],
         schedules=[maintenance_schedule],
         sensors=[landing_sensor, retrain_sensor],
-        resources=build_resources(home or Home.from_env(), retrain or RetrainPolicy.from_env()),
+        resources=build_resources(home, retrain),
         executor=dg.in_process_executor,
     )
 

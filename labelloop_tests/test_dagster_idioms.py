@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
-import dagster as dg
+import os
+import subprocess
+import sys
+from pathlib import Path
 
-from labelloop_tests.conftest import RETRAIN
+import dagster as dg
+import pytest
+
+from labelloop_assets.core.settings import Home
+from labelloop_assets.definitions import build_definitions
+from labelloop_assets.jobs import INGEST_JOB
+from labelloop_tests.conftest import land_items, make_items
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _graph(defs: dg.Definitions):
@@ -29,3 +40,52 @@ def test_every_asset_declares_its_code_version_owners_and_pool(defs):
     assert (groups["items"], groups["production_corpus"], groups["retrained_model"],
             groups["label_quality_metrics"], groups["store_maintenance"]) == (
         "ingest", "curation", "training", "monitoring", "maintenance")
+
+
+# ----------------------------------------------------------------------------- the home from the environment
+
+
+def test_the_code_location_loads_without_labelloop_home(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "LABELLOOP_HOME"}
+    env["PYTHONPATH"] = str(ROOT)
+    code = (
+        "import labelloop_assets.definitions as d\n"
+        "print(sorted(d.defs.resources))\n"
+        "print(d.defs.resources['labelloop'].root.env_var_name)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[1] == "LABELLOOP_HOME"
+    assert not (tmp_path / "data").exists()  # nothing was created where it was loaded
+
+
+def test_a_run_reads_labelloop_home_when_it_starts(home, instance, monkeypatch):
+    defs = build_definitions()  # the deployment's: no home given
+    land_items(home, make_items()[0])
+    monkeypatch.setenv("LABELLOOP_HOME", str(home.root))
+    result = defs.resolve_job_def(INGEST_JOB).execute_in_process(instance=instance)
+    assert result.success
+    assert home.database_file.exists()
+
+    monkeypatch.delenv("LABELLOOP_HOME")
+    with pytest.raises(dg.DagsterInvalidConfigError, match='environment variable "LABELLOOP_HOME" which is not set'):
+        defs.resolve_job_def(INGEST_JOB).execute_in_process(instance=instance)
+
+
+def test_a_run_cannot_move_the_home_the_environment_names(home, instance, monkeypatch, tmp_path):
+    defs = build_definitions()
+    monkeypatch.setenv("LABELLOOP_HOME", str(home.root))
+    evil = Home(tmp_path / "evil").ensure()
+    for config, refusal in (
+        ({"labelloop": {"config": {"root": str(evil.root)}}}, "refused: this run's config points labelloop at"),
+        ({"database": {"config": {"home_root": str(home.root), "database": str(evil.database_file)}}},
+         "refused: this run's config sets the database resource"),
+        ({"database": {"config": {"home_root": str(evil.root)}}}, "refused: this run's config points labelloop at"),
+    ):
+        result = defs.resolve_job_def(INGEST_JOB).execute_in_process(
+            instance=instance, run_config={"resources": config}, raise_on_error=False
+        )
+        failure = next(e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE)
+        assert refusal in failure.step_failure_data.user_failure_data.description
+    assert not evil.database_file.exists()
