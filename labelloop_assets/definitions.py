@@ -3,6 +3,7 @@
 import dagster as dg
 
 from labelloop_assets.assets import curation, ingest, maintenance, monitoring, quality, training
+from labelloop_assets.assets.landing import landing_files
 from labelloop_assets.core.settings import Home, RetrainPolicy
 from labelloop_assets.jobs import ingest_job, maintenance_job, maintenance_schedule, retrain_job
 from labelloop_assets.resources import build_resources
@@ -14,7 +15,7 @@ def build_definitions(home: Home | None = None, retrain: RetrainPolicy | None = 
     environment's, read through `dg.EnvVar` when a run or a sensor starts, so that loading the code
     location reads no environment and touches no file."""
     return dg.Definitions(
-        assets=dg.load_assets_from_modules([ingest, curation, quality, monitoring, training, maintenance]),
+        assets=[*landing_files, *dg.load_assets_from_modules([ingest, curation, quality, monitoring, training, maintenance])],
         jobs=[ingest_job, retrain_job, maintenance_job],
         schedules=[maintenance_schedule],
         sensors=[landing_sensor, retrain_sensor],

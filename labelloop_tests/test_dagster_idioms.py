@@ -89,3 +89,25 @@ def test_a_run_cannot_move_the_home_the_environment_names(home, instance, monkey
         failure = next(e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE)
         assert refusal in failure.step_failure_data.user_failure_data.description
     assert not evil.database_file.exists()
+
+
+# ----------------------------------------------------------------------------- lineage from the files
+
+
+def test_lineage_starts_at_the_landing_files(defs):
+    graph = _graph(defs)
+    landing = {key for key in graph.get_all_asset_keys() if key.path[0] == "landing"}
+    assert {key.to_user_string() for key in landing} == {
+        "landing/items", "landing/predictions", "landing/corrections", "landing/reviews", "landing/gold"}
+    for key in landing:
+        node = graph.get(key)
+        assert not node.is_materializable and node.description, key  # producers write them, not labelloop
+    parents = {name: {k.to_user_string() for k in graph.get(dg.AssetKey(name)).parent_keys}
+               for name in ("items", "predictions", "raw_corrections", "review_decisions")}
+    assert {"landing/items", "landing/gold"} <= parents["items"]
+    assert "landing/predictions" in parents["predictions"]
+    assert "landing/corrections" in parents["raw_corrections"]
+    assert "landing/reviews" in parents["review_decisions"]
+    # The jobs materialize labelloop's assets only; the files are never in a run's selection.
+    for job in defs.resolve_all_job_defs():
+        assert not {k for k in job.asset_layer.selected_asset_keys if k.path[0] == "landing"}, job.name

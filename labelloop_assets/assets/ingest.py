@@ -9,6 +9,7 @@ from labelloop_assets.assets.common import (
     labelloop_asset,
     run_id,
 )
+from labelloop_assets.assets.landing import GOLD_FILE, landing_key
 from labelloop_assets.checks.schema_checks import (
     RAW_CORRECTIONS_RECONCILE,
     RAW_CORRECTIONS_SCHEMA,
@@ -22,7 +23,9 @@ from labelloop_assets.resources import LabelloopHome, open_store
 GROUP = "ingest"
 
 
-@labelloop_asset(group=GROUP, kinds={"duckdb", "polars"}, code_version="1")
+@labelloop_asset(
+    group=GROUP, kinds={"duckdb", "polars"}, code_version="1", deps=[landing_key("items"), GOLD_FILE]
+)
 def items(
     context: dg.AssetExecutionContext, labelloop: LabelloopHome, database: DuckDBResource
 ) -> dg.MaterializeResult:
@@ -51,7 +54,7 @@ def items(
 
 
 @labelloop_asset(
-    group=GROUP, kinds={"duckdb", "polars"}, code_version="1", deps=[items]
+    group=GROUP, kinds={"duckdb", "polars"}, code_version="1", deps=[items, landing_key("predictions")]
 )
 def predictions(
     context: dg.AssetExecutionContext, labelloop: LabelloopHome, database: DuckDBResource
@@ -73,7 +76,7 @@ def _ingest(context, labelloop: LabelloopHome, database: DuckDBResource, ingest_
     group=GROUP,
     kinds={"duckdb", "polars"},
     code_version="1",
-    deps=[items],
+    deps=[items, landing_key("corrections")],
     check_specs=[
         dg.AssetCheckSpec(
             RAW_CORRECTIONS_SCHEMA,
@@ -130,7 +133,7 @@ def raw_corrections(
     )
 
 
-@labelloop_asset(group=GROUP, kinds={"duckdb", "polars"}, code_version="1")
+@labelloop_asset(group=GROUP, kinds={"duckdb", "polars"}, code_version="1", deps=[landing_key("reviews")])
 def review_decisions(
     context: dg.AssetExecutionContext, labelloop: LabelloopHome, database: DuckDBResource
 ) -> dg.MaterializeResult:
