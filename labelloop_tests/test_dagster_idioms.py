@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import dagster as dg
@@ -111,3 +112,22 @@ def test_lineage_starts_at_the_landing_files(defs):
     # The jobs materialize labelloop's assets only; the files are never in a run's selection.
     for job in defs.resolve_all_job_defs():
         assert not {k for k in job.asset_layer.selected_asset_keys if k.path[0] == "landing"}, job.name
+
+
+# ----------------------------------------------------------------------------- freshness
+
+
+def test_the_corpus_and_the_metrics_declare_how_fresh_they_should_be(defs):
+    graph = _graph(defs)
+
+    def windows(name):
+        policy = graph.get(dg.AssetKey(name)).freshness_policy
+        assert isinstance(policy, dg.FreshnessPolicy), name
+        return policy.fail_window.to_timedelta(), policy.warn_window.to_timedelta()
+
+    day = timedelta(days=1)
+    assert windows("production_corpus") == (day, day / 2)
+    assert windows("label_quality_metrics") == (day, day / 2)
+    assert windows("label_quality_signals") == (7 * day, 2 * day)
+    # A model is not expected on a clock: training follows label changes.
+    assert graph.get(dg.AssetKey("retrained_model")).freshness_policy is None

@@ -3,6 +3,7 @@
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 
 import dagster as dg
 import polars as pl
@@ -13,6 +14,17 @@ from labelloop_assets.core.settings import LabelloopConfigError
 
 DUCKDB_POOL = "duckdb"
 OWNERS = ["team:labelloop"]
+
+# How stale the UI lets the loop's outputs get before it warns, then fails their freshness.
+# production_corpus and label_quality_metrics are materialized by every ingest run (each batch of
+# landed files), which a deployment with traffic sees many times a day: a corpus not refreshed for
+# a day means the landing sensor, the daemon or the producers stopped. label_quality_signals
+# follows training, which waits for LABELLOOP_RETRAIN_MIN_CHANGES label changes (default 50) and
+# an interval of at least LABELLOOP_RETRAIN_MIN_INTERVAL_SECONDS (default an hour): a week
+# without one means the loop has stopped learning or its signals stopped updating.
+CORPUS_FRESHNESS = dg.FreshnessPolicy.time_window(fail_window=timedelta(days=1), warn_window=timedelta(hours=12))
+METRICS_FRESHNESS = dg.FreshnessPolicy.time_window(fail_window=timedelta(days=1), warn_window=timedelta(hours=12))
+SIGNALS_FRESHNESS = dg.FreshnessPolicy.time_window(fail_window=timedelta(days=7), warn_window=timedelta(days=2))
 
 
 def labelloop_asset(*, group: str, kinds: set[str], code_version: str, **attributes):

@@ -7,6 +7,7 @@ import polars as pl
 from dagster_duckdb import DuckDBResource
 
 from labelloop_assets.assets.common import (
+    CORPUS_FRESHNESS,
     config_errors_as_failures,
     labelloop_asset,
     run_id,
@@ -254,6 +255,7 @@ def _count(decisions: pl.DataFrame, status: str) -> int:
     kinds={"duckdb", "polars"},
     code_version="1",
     deps=[validated_labels, "items", "review_decisions"],
+    freshness_policy=CORPUS_FRESHNESS,
     check_specs=[
         dg.AssetCheckSpec(
             PRODUCTION_CORPUS_SCHEMA,

@@ -7,6 +7,8 @@ import polars as pl
 from dagster_duckdb import DuckDBResource
 
 from labelloop_assets.assets.common import (
+    METRICS_FRESHNESS,
+    SIGNALS_FRESHNESS,
     config_errors_as_failures,
     labelloop_asset,
     run_id,
@@ -44,6 +46,7 @@ ALPHA_FLOOR = 0.667
     kinds={"duckdb"},
     code_version="1",
     deps=["production_corpus", "predictions", "model_evaluation", "escalations", "correction_bursts"],
+    freshness_policy=METRICS_FRESHNESS,
 )
 def label_quality_metrics(
     context: dg.AssetExecutionContext, labelloop: LabelloopHome, database: DuckDBResource
@@ -84,6 +87,7 @@ def label_quality_metrics(
     kinds={"duckdb", "scipy"},
     code_version="1",
     deps=["production_corpus", "predictions", "model_evaluation", "correction_bursts"],
+    freshness_policy=SIGNALS_FRESHNESS,
     check_specs=[
         dg.AssetCheckSpec(LABEL_DRIFT, asset="label_quality_signals",
                           description="Warns when the label mix of predictions or corrections in the current window "
