@@ -131,3 +131,34 @@ def test_the_corpus_and_the_metrics_declare_how_fresh_they_should_be(defs):
     assert windows("label_quality_signals") == (7 * day, 2 * day)
     # A model is not expected on a clock: training follows label changes.
     assert graph.get(dg.AssetKey("retrained_model")).freshness_policy is None
+
+
+# ----------------------------------------------------------------------------- column schemas
+
+
+def _columns(defs, name: str) -> dict:
+    schema = _graph(defs).get(dg.AssetKey(name)).metadata["dagster/column_schema"]
+    return {column.name: column for column in schema.columns}
+
+
+def test_the_gated_tables_show_their_pandera_columns_before_any_run(defs):
+    from labelloop_assets.core import schemas
+
+    labels = ("zero", "one", "two")
+    for name, pandera in (("raw_corrections", schemas.raw_corrections_schema(labels)),
+                          ("validated_labels", schemas.validated_labels_schema(labels)),
+                          ("production_corpus", schemas.production_corpus_schema(labels))):
+        shown = _columns(defs, name)
+        assert list(shown) == list(pandera.columns), name  # the same columns, in the same order
+        for column, rule in pandera.columns.items():
+            assert shown[column].constraints.nullable == rule.nullable, (name, column)
+            assert shown[column].constraints.unique == rule.unique, (name, column)
+            assert shown[column].description, (name, column)
+    corpus = _columns(defs, "production_corpus")
+    assert corpus["item_id"].constraints.unique and not corpus["item_id"].constraints.nullable
+    assert corpus["label"].constraints.other == ["a label of the ontology (ontology.yaml)"]
+    assert corpus["since_version"].type == "int32" and corpus["since_version"].constraints.other == ["at least 1"]
+    raw = _columns(defs, "raw_corrections")
+    assert raw["original_label"].constraints.nullable
+    assert raw["consent"].constraints.other == ["always True"]
+    assert raw["user_role"].constraints.other == ["one of end_user, annotator, reviewer, domain_expert"]

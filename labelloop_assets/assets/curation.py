@@ -16,6 +16,7 @@ from labelloop_assets.assets.ingest import raw_corrections
 from labelloop_assets.checks.schema_checks import (
     PRODUCTION_CORPUS_SCHEMA,
     VALIDATED_LABELS_SCHEMA,
+    column_schema,
     markdown_table,
     schema_check_result,
 )
@@ -49,6 +50,7 @@ NEAR_DUPLICATES_SQL = f"""
     kinds={"duckdb", "polars"},
     code_version="1",
     deps=[raw_corrections, "predictions", "review_decisions", "correction_bursts"],
+    metadata=column_schema(schemas.VALIDATED_LABELS_COLUMNS),
     check_specs=[
         dg.AssetCheckSpec(
             VALIDATED_LABELS_SCHEMA,
@@ -256,6 +258,7 @@ def _count(decisions: pl.DataFrame, status: str) -> int:
     code_version="1",
     deps=[validated_labels, "items", "review_decisions"],
     freshness_policy=CORPUS_FRESHNESS,
+    metadata=column_schema(schemas.PRODUCTION_CORPUS_COLUMNS),
     check_specs=[
         dg.AssetCheckSpec(
             PRODUCTION_CORPUS_SCHEMA,

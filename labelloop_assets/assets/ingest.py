@@ -13,6 +13,7 @@ from labelloop_assets.assets.landing import GOLD_FILE, landing_key
 from labelloop_assets.checks.schema_checks import (
     RAW_CORRECTIONS_RECONCILE,
     RAW_CORRECTIONS_SCHEMA,
+    column_schema,
     markdown_table,
     schema_check_result,
 )
@@ -77,6 +78,7 @@ def _ingest(context, labelloop: LabelloopHome, database: DuckDBResource, ingest_
     kinds={"duckdb", "polars"},
     code_version="1",
     deps=[items, landing_key("corrections")],
+    metadata=column_schema(schemas.RAW_CORRECTIONS_COLUMNS),
     check_specs=[
         dg.AssetCheckSpec(
             RAW_CORRECTIONS_SCHEMA,
