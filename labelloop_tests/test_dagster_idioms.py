@@ -13,8 +13,9 @@ import pytest
 
 from labelloop_assets.core.settings import Home
 from labelloop_assets.definitions import build_definitions
-from labelloop_assets.jobs import INGEST_JOB
-from labelloop_tests.conftest import land_items, make_items
+from labelloop_assets.core import store
+from labelloop_assets.jobs import INGEST_JOB, SCHEDULED_CHECKS_JOB
+from labelloop_tests.conftest import correction, land_items, make_items, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -162,3 +163,48 @@ def test_the_gated_tables_show_their_pandera_columns_before_any_run(defs):
     assert raw["original_label"].constraints.nullable
     assert raw["consent"].constraints.other == ["always True"]
     assert raw["user_role"].constraints.other == ["one of end_user, annotator, reviewer, domain_expert"]
+
+
+# ----------------------------------------------------------------------------- checks on the clock
+
+
+def _check_results(result: dg.ExecuteInProcessResult) -> dict:
+    return {e.asset_check_evaluation_data.check_name: e.asset_check_evaluation_data for e in result.all_events
+            if e.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION}
+
+
+def test_an_escalation_past_its_sla_fails_the_hourly_check_while_no_files_land(home, defs, instance):
+    home.governance_file.write_text(home.governance_file.read_text().replace("min_history: 2", "min_history: 0"))
+    land_items(home, make_items()[0])
+    # Two against two on item-030: a tie the resolver escalates to a reviewer (48 hours SLA).
+    write_jsonl(home.landing_dir("corrections"), "c1.jsonl", [
+        correction(f"e-{k}", "item-030", label, user=f"user{k}", role="end_user")
+        for k, label in enumerate(["one", "one", "two", "two"])])
+    ingest = defs.resolve_job_def(INGEST_JOB).execute_in_process(instance=instance)
+    assert ingest.success
+    assert _check_results(ingest)["escalations_within_sla"].passed  # it runs with its asset too
+    # Three days pass and nothing lands: the escalation is now older than its SLA.
+    with store.connect(home.database) as con:
+        con.execute("UPDATE label_decisions SET decided_at = decided_at - INTERVAL 3 DAY WHERE item_id = 'item-030'")
+
+    job = defs.resolve_job_def(SCHEDULED_CHECKS_JOB)
+    checked = job.execute_in_process(instance=instance)
+    assert checked.success
+    assert not checked.get_asset_materialization_events()  # a check-only run: nothing rematerialized
+    results = _check_results(checked)
+    assert set(results) == {"escalations_within_sla", "no_held_bursts"}
+    sla = results["escalations_within_sla"]
+    assert not sla.passed and sla.severity == dg.AssetCheckSeverity.WARN
+    assert sla.metadata["breached"].value == 1
+    assert "esc-item-030-1" in sla.metadata["breached_escalations"].value
+    assert results["no_held_bursts"].passed
+    latest = instance.get_latest_asset_check_evaluation_record(
+        dg.AssetCheckKey(dg.AssetKey("escalations"), "escalations_within_sla"))
+    assert latest.run_id == checked.run_id and latest.status.value == "FAILED"
+
+
+def test_the_clock_checks_run_hourly(defs):
+    schedule = defs.resolve_schedule_def("scheduled_checks_job_schedule")
+    assert schedule.job_name == SCHEDULED_CHECKS_JOB
+    assert schedule.cron_schedule == "7 * * * *"
+    assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING

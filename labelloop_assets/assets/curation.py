@@ -425,24 +425,15 @@ def _merge_corpus(con, rows: pl.DataFrame) -> None:
         con.unregister("corpus_rows")
 
 
-ESCALATIONS_WITHIN_SLA = "escalations_within_sla"
-
-
 @labelloop_asset(
     group=GROUP,
     kinds={"duckdb"},
     code_version="1",
     deps=[production_corpus],
-    check_specs=[
-        dg.AssetCheckSpec(
-            ESCALATIONS_WITHIN_SLA,
-            asset="escalations",
-            description="Warns when an open escalation is older than its SLA (governance.yaml escalation.sla_hours).",
-        )
-    ],
 )
 def escalations(context: dg.AssetExecutionContext, labelloop: LabelloopHome, database: DuckDBResource):
     """Open conflicts waiting for a reviewer: reason, evidence, age, SLA deadline and breach flag."""
+    # Its SLA check is checks/scheduled_checks.py: it runs after this asset and hourly on its own.
     with config_errors_as_failures():
         policy = labelloop.policy()
     with open_store(database) as con:
@@ -461,17 +452,4 @@ def escalations(context: dg.AssetExecutionContext, labelloop: LabelloopHome, dat
             "by_reason": dg.MetadataValue.md(markdown_table(by_reason)),
             "review_with": "labelloop review list",
         },
-        check_results=[
-            dg.AssetCheckResult(
-                check_name=ESCALATIONS_WITHIN_SLA,
-                passed=breached.height == 0,
-                severity=dg.AssetCheckSeverity.WARN,
-                metadata={
-                    "breached": breached.height,
-                    "breached_escalations": dg.MetadataValue.md(
-                        markdown_table(breached.select("escalation_id", "item_id", "reason", "age_hours").head(20))
-                    ),
-                },
-            )
-        ],
     )
