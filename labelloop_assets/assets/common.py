@@ -9,7 +9,9 @@ import dagster as dg
 import polars as pl
 
 from labelloop_assets.checks.schema_checks import markdown_table
+from labelloop_assets.core import landing_state
 from labelloop_assets.core.ingest import IngestReport
+from labelloop_assets.core.settings import Home
 from labelloop_assets.core.settings import LabelloopConfigError
 
 DUCKDB_POOL = "duckdb"
@@ -56,6 +58,21 @@ def run_id(context: dg.AssetExecutionContext) -> str:
         return context.run.run_id
     except dg.DagsterError:
         return f"direct-{uuid.uuid4()}"
+
+
+# The landing listing an ingest step read, recorded with its materialization: the landing sensor
+# takes a listing that matches the latest record of its kind as seen (sensors.py).
+LANDING_DIGEST = "landing_digest"
+GOLD_SIGNATURE = "gold_file_signature"
+INGEST_ASSET_OF_KIND = {
+    "items": "items", "predictions": "predictions", "corrections": "raw_corrections", "reviews": "review_decisions",
+}
+
+
+def landing_seen(home: Home, kind: str) -> dict:
+    """The digest of `kind`'s landing folder, taken before the step reads it: every file it covers
+    is then read (or quarantined) by the step, which lists the folder again after this."""
+    return {LANDING_DIGEST: landing_state.kind_digest(home, kind)}
 
 
 def ingest_metadata(report: IngestReport, table_rows: int) -> dict:
