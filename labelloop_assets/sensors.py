@@ -171,6 +171,7 @@ def retrain_decision(
     return run_key, f"{since} label changes since the model trained on corpus v{trained_on}"
 
 
+# A sensor, not declarative automation: see the note above retrained_model (assets/training.py).
 @dg.sensor(
     job=retrain_job,
     minimum_interval_seconds=60,

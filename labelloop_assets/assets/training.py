@@ -36,6 +36,13 @@ TRAINING_POLICIES = ("training.yaml", "validation.yaml")
 EVALUATION_POLICIES = ("validation.yaml", "training.yaml")
 
 
+# No automation_condition here: retrain_sensor launches training. Dagster's
+# AutomationCondition.all_deps_blocking_checks_passed() would express the blocking-check hold (a
+# failed upstream check also leaves production_corpus's own check unpassed, since the run skips
+# it), but not the cadence: enough promoted label changes since the model's corpus version (read
+# from materialization metadata), a minimum interval, no held correction burst. Declaring a
+# condition would also let Dagster's automation sensor launch this asset alone, outside
+# retrain_job and its evaluation. The step keeps its own guard below for manual runs.
 @labelloop_asset(
     group="training",
     kinds={"scikit-learn", "duckdb"},
