@@ -25,7 +25,6 @@ from labelloop_assets.core.settings import (
     pseudonymization_key,
 )
 
-
 HOME_ENV = "LABELLOOP_HOME"
 
 # The homes and database files this process's Definitions were bound to explicitly
@@ -46,6 +45,12 @@ class HomeNotConfigured(dg.Failure):
     """LABELLOOP_HOME is not set where a run or a sensor needs the home."""
 
 
+NO_HOME = (
+    "LABELLOOP_HOME is not set: set it, in the environment of the Dagster processes (webserver, "
+    "daemon, run workers), to the folder that holds labelloop's landing zone, store and models"
+)
+
+
 def _deployment_home() -> Path | None:
     """The deployment's LABELLOOP_HOME, read now (never at import), or None when unset."""
     value = os.environ.get(HOME_ENV, "").strip()
@@ -53,9 +58,7 @@ def _deployment_home() -> Path | None:
 
 
 def _bound_root(root: str) -> Path:
-    if not root.strip():
-        raise HomeNotConfigured(description=NO_HOME)
-    resolved = Path(root).resolve()
+    resolved = home_root(root)
     deployment = _deployment_home()
     allowed = _BOUND_HOMES | ({deployment} if deployment else set())
     if resolved not in allowed:
@@ -70,10 +73,11 @@ def _bound_root(root: str) -> Path:
     return resolved
 
 
-NO_HOME = (
-    "LABELLOOP_HOME is not set: set it, in the environment of the Dagster processes (webserver, "
-    "daemon, run workers), to the folder that holds labelloop's landing zone, store and models"
-)
+def home_root(root: str) -> Path:
+    """The folder a resource names, resolved; a clear failure when LABELLOOP_HOME was set empty."""
+    if not root.strip():
+        raise HomeNotConfigured(description=NO_HOME)
+    return Path(root).resolve()
 
 
 class LabelloopHome(dg.ConfigurableResource):

@@ -9,7 +9,6 @@ import hashlib
 import json
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import dagster as dg
 
@@ -21,7 +20,7 @@ from labelloop_assets.checks.schema_checks import (
 from labelloop_assets.core.landing_state import gold_signature, landed_files, listing_digest
 from labelloop_assets.core.settings import Home, RetrainPolicy
 from labelloop_assets.jobs import ingest_job, retrain_job
-from labelloop_assets.resources import LabelloopHome, RetrainCadence
+from labelloop_assets.resources import LabelloopHome, RetrainCadence, home_root
 
 INGESTED_KINDS = tuple(INGEST_ASSET_OF_KIND)
 # Kept importable from here: the tests and the benchmarks list the landing zone the sensor's way.
@@ -38,7 +37,7 @@ __all__ = ["landed_files", "landing_sensor", "retrain_decision", "retrain_sensor
 def landing_sensor(
     context: dg.SensorEvaluationContext, labelloop: LabelloopHome
 ) -> dg.SensorResult | dg.SkipReason:
-    home = Home(Path(labelloop.root).resolve())
+    home = Home(home_root(labelloop.root))
     cursor = json.loads(context.cursor) if context.cursor else {}
     current = landed_files(home)
     if "seen" in cursor:  # a cursor of file names from before the digests: judged by its names once

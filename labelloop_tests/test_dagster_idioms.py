@@ -75,6 +75,19 @@ def test_a_run_reads_labelloop_home_when_it_starts(home, instance, monkeypatch):
         defs.resolve_job_def(INGEST_JOB).execute_in_process(instance=instance)
 
 
+def test_the_retrain_cadence_is_read_from_the_environment_when_the_sensor_evaluates(monkeypatch):
+    from labelloop_assets.resources import build_resources
+
+    cadence = build_resources()["retrain_cadence"]  # the deployment's: nothing read yet
+    monkeypatch.setenv("LABELLOOP_RETRAIN_MIN_CHANGES", "7")
+    monkeypatch.setenv("LABELLOOP_RETRAIN_MIN_INTERVAL_SECONDS", "90")
+    policy = cadence.policy()
+    assert (policy.min_label_changes, policy.min_interval_seconds) == (7, 90.0)
+    monkeypatch.delenv("LABELLOOP_RETRAIN_MIN_CHANGES")
+    monkeypatch.delenv("LABELLOOP_RETRAIN_MIN_INTERVAL_SECONDS")
+    assert (cadence.policy().min_label_changes, cadence.policy().min_interval_seconds) == (50, 3600.0)
+
+
 def test_a_run_cannot_move_the_home_the_environment_names(home, instance, monkeypatch, tmp_path):
     defs = build_definitions()
     monkeypatch.setenv("LABELLOOP_HOME", str(home.root))
