@@ -113,16 +113,17 @@ def test_lineage_starts_at_the_landing_files(defs):
     graph = _graph(defs)
     landing = {key for key in graph.get_all_asset_keys() if key.path[0] == "landing"}
     assert {key.to_user_string() for key in landing} == {
-        "landing/items", "landing/predictions", "landing/corrections", "landing/reviews", "landing/gold"}
+        "landing/item_files", "landing/prediction_files", "landing/correction_files", "landing/review_files",
+        "landing/gold_file"}
     for key in landing:
         node = graph.get(key)
         assert not node.is_materializable and node.description, key  # producers write them, not labelloop
     parents = {name: {k.to_user_string() for k in graph.get(dg.AssetKey(name)).parent_keys}
                for name in ("items", "predictions", "raw_corrections", "review_decisions")}
-    assert {"landing/items", "landing/gold"} <= parents["items"]
-    assert "landing/predictions" in parents["predictions"]
-    assert "landing/corrections" in parents["raw_corrections"]
-    assert "landing/reviews" in parents["review_decisions"]
+    assert {"landing/item_files", "landing/gold_file"} <= parents["items"]
+    assert "landing/prediction_files" in parents["predictions"]
+    assert "landing/correction_files" in parents["raw_corrections"]
+    assert "landing/review_files" in parents["review_decisions"]
     # The jobs materialize labelloop's assets only; the files are never in a run's selection.
     for job in defs.resolve_all_job_defs():
         assert not {k for k in job.asset_layer.selected_asset_keys if k.path[0] == "landing"}, job.name

@@ -22,11 +22,18 @@ DESCRIPTIONS = {
 }
 
 
+# Named apart from the tables they feed (landing/item_files -> items): a key's last part is unique.
+FILES_OF_KIND = {
+    "items": "item_files", "predictions": "prediction_files", "corrections": "correction_files",
+    "reviews": "review_files",
+}
+
+
 def landing_key(kind: str) -> dg.AssetKey:
-    return dg.AssetKey(["landing", kind])
+    return dg.AssetKey(["landing", FILES_OF_KIND[kind]])
 
 
-GOLD_FILE = dg.AssetKey(["landing", "gold"])
+GOLD_FILE = dg.AssetKey(["landing", "gold_file"])
 
 landing_files = [
     dg.AssetSpec(landing_key(kind), description=DESCRIPTIONS[kind], group_name=GROUP, kinds={"jsonl"},
