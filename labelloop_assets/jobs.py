@@ -35,3 +35,21 @@ maintenance_job = dg.define_asset_job(
 maintenance_schedule = dg.ScheduleDefinition(
     job=maintenance_job, cron_schedule="17 3 * * *", default_status=dg.DefaultScheduleStatus.RUNNING
 )
+
+SCHEDULED_CHECKS_JOB = "scheduled_checks_job"
+
+# Checks whose verdict changes with the clock alone: they also run with their assets in ingest_job.
+scheduled_checks_job = dg.define_asset_job(
+    SCHEDULED_CHECKS_JOB,
+    selection=dg.AssetSelection.checks(
+        dg.AssetCheckKey(dg.AssetKey("escalations"), "escalations_within_sla"),
+        dg.AssetCheckKey(dg.AssetKey("correction_bursts"), "no_held_bursts"),
+    ),
+    description="Re-evaluate the escalation SLA and the held-burst checks against the store as it is now, "
+    "so that a breach shows while no files land.",
+)
+
+# Hourly: an SLA counts in hours; the checks only read the store, briefly.
+scheduled_checks_schedule = dg.ScheduleDefinition(
+    job=scheduled_checks_job, cron_schedule="7 * * * *", default_status=dg.DefaultScheduleStatus.RUNNING
+)

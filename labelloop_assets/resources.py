@@ -1,5 +1,6 @@
 """Resources: where the loop keeps its state, and the DuckDB connection to it."""
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -7,6 +8,7 @@ from pathlib import Path
 import dagster as dg
 import duckdb
 from dagster_duckdb import DuckDBResource
+from pydantic import Field
 
 from labelloop_assets.core import lake, store, train
 from labelloop_assets.core.bursts import BurstPolicy
@@ -23,11 +25,14 @@ from labelloop_assets.core.settings import (
     pseudonymization_key,
 )
 
+HOME_ENV = "LABELLOOP_HOME"
 
-# The homes and database files this process's Definitions were built for: the deployment's
-# LABELLOOP_HOME (`definitions.defs`), or a test's. Resource fields are run config in Dagster
-# (the launchpad, GraphQL and `-c` can set them), so a run naming any other folder or file is
-# refused: a run must not be able to bring its own policies, store or models.
+# The homes and database files this process's Definitions were bound to explicitly
+# (`build_definitions(home=...)`: tests, benchmarks, the demo). The deployment's own home is not
+# listed: `definitions.defs` reads LABELLOOP_HOME through `dg.EnvVar` when a run or a sensor
+# starts, and `_deployment_home` reads the same variable to judge a run's config. Resource fields
+# are run config in Dagster (the launchpad, GraphQL and `-c` can set them), so a run naming any
+# other folder or file is refused: a run must not be able to bring its own policies, store or models.
 _BOUND_HOMES: set[Path] = set()
 _BOUND_DATABASES: set[str] = set()
 
@@ -36,13 +41,31 @@ class RunConfigRefused(dg.Failure):
     """A run's config tried to move the home or the store away from the deployment's."""
 
 
+class HomeNotConfigured(dg.Failure):
+    """LABELLOOP_HOME is not set where a run or a sensor needs the home."""
+
+
+NO_HOME = (
+    "LABELLOOP_HOME is not set: set it, in the environment of the Dagster processes (webserver, "
+    "daemon, run workers), to the folder that holds labelloop's landing zone, store and models"
+)
+
+
+def _deployment_home() -> Path | None:
+    """The deployment's LABELLOOP_HOME, read now (never at import), or None when unset."""
+    value = os.environ.get(HOME_ENV, "").strip()
+    return Path(value).resolve() if value else None
+
+
 def _bound_root(root: str) -> Path:
-    resolved = Path(root).resolve()
-    if resolved not in _BOUND_HOMES:
+    resolved = home_root(root)
+    deployment = _deployment_home()
+    allowed = _BOUND_HOMES | ({deployment} if deployment else set())
+    if resolved not in allowed:
         raise RunConfigRefused(
             description=(
                 f"refused: this run's config points labelloop at {resolved}, but the deployment's "
-                f"LABELLOOP_HOME is {', '.join(sorted(str(p) for p in _BOUND_HOMES)) or 'not loaded'}. "
+                f"LABELLOOP_HOME is {', '.join(sorted(str(p) for p in allowed)) or 'not set'}. "
                 "The home (and with it the policies, the store and the models) is fixed by the "
                 "deployment's environment; a run's config cannot move it."
             )
@@ -50,13 +73,21 @@ def _bound_root(root: str) -> Path:
     return resolved
 
 
+def home_root(root: str) -> Path:
+    """The folder a resource names, resolved; a clear failure when LABELLOOP_HOME was set empty."""
+    if not root.strip():
+        raise HomeNotConfigured(description=NO_HOME)
+    return Path(root).resolve()
+
+
 class LabelloopHome(dg.ConfigurableResource):
     """The `LABELLOOP_HOME` folder: landing zone, models, reports and configuration.
 
-    `root` is set by the deployment (`build_resources`); a run whose config changes it fails.
+    `root` is the deployment's LABELLOOP_HOME, read when a run or a sensor starts
+    (`build_resources`); a run whose config changes it fails.
     """
 
-    root: str
+    root: str = Field(description="The deployment's LABELLOOP_HOME; a run's config cannot change it.")
 
     def home(self) -> Home:
         return Home(_bound_root(self.root)).ensure()
@@ -95,7 +126,13 @@ def open_store(database: DuckDBResource) -> Iterator[duckdb.DuckDBPyConnection]:
     configured, and end in DuckDB's raw error.
     """
     logger = dg.get_dagster_logger()
-    if database.database not in _BOUND_DATABASES or database.connection_config:
+    # A run's config replaces the resource's whole config: an empty home_root then means the
+    # database's folder, or else the deployment's LABELLOOP_HOME; either must be a bound home.
+    named_root = getattr(database, "home_root", "")
+    deployment = _deployment_home()
+    root = named_root or (str(Path(database.database).parent) if database.database else str(deployment or ""))
+    allowed_files = _BOUND_DATABASES | {str(Home(Path(r).resolve()).database_file) for r in (named_root, deployment) if r}
+    if (database.database and database.database not in allowed_files) or database.connection_config:
         raise RunConfigRefused(
             description=(
                 f"refused: this run's config sets the database resource to {database.database!r}"
@@ -103,7 +140,8 @@ def open_store(database: DuckDBResource) -> Iterator[duckdb.DuckDBPyConnection]:
                 "the store is fixed by the deployment (LABELLOOP_HOME, LABELLOOP_CATALOG), not by a run"
             )
         )
-    file = Path(database.database)
+    file = Path(database.database) if database.database else Home(_bound_root(root)).database_file
+    _bound_root(str(file.parent))
     try:
         con = store.connect(
             Lake.from_env(file.parent) or file, config=database.connection_config, on_wait=logger.warning,
@@ -131,25 +169,54 @@ def _table_groups() -> tuple[str, ...]:
     return (TABLE_GROUP_OF[group],) if group in TABLE_GROUP_OF else lake.ALL_GROUPS
 
 
-class RetrainCadence(dg.ConfigurableResource):
-    """How many promoted label changes, and how long a pause, before the next training."""
+class LabelloopStore(DuckDBResource):
+    """The store: `labelloop.duckdb` in the home, or the lake when LABELLOOP_CATALOG is set.
 
-    min_label_changes: int
-    min_interval_seconds: float
+    `home_root` is the deployment's LABELLOOP_HOME, read when a run starts; `database` is left
+    empty for the home's own file. A run whose config names another home or file fails.
+    """
+
+    home_root: str = Field(default="", description="The deployment's LABELLOOP_HOME; a run's config cannot change it.")
+    database: str = Field(
+        default="", description="Empty: the home's labelloop.duckdb. A run naming another file is refused."
+    )
+
+
+class RetrainCadence(dg.ConfigurableResource):
+    """How many promoted label changes, and how long a pause, before the next training.
+
+    Unset fields follow LABELLOOP_RETRAIN_MIN_CHANGES and LABELLOOP_RETRAIN_MIN_INTERVAL_SECONDS,
+    read when the sensor evaluates (defaults 50 changes, one hour).
+    """
+
+    min_label_changes: int | None = None
+    min_interval_seconds: float | None = None
 
     def policy(self) -> RetrainPolicy:
-        return RetrainPolicy(self.min_label_changes, self.min_interval_seconds)
+        deployment = RetrainPolicy.from_env()
+        return RetrainPolicy(
+            deployment.min_label_changes if self.min_label_changes is None else self.min_label_changes,
+            deployment.min_interval_seconds if self.min_interval_seconds is None else self.min_interval_seconds,
+        )
 
 
-def build_resources(home: Home, retrain: RetrainPolicy) -> dict:
-    """The resources of the deployment bound to `home`; runs may not point them elsewhere."""
-    _BOUND_HOMES.add(home.root.resolve())
-    _BOUND_DATABASES.add(str(home.database_file))
-    return {
-        "labelloop": LabelloopHome(root=str(home.root)),
-        "database": DuckDBResource(database=str(home.database_file)),
-        "retrain_cadence": RetrainCadence(
-            min_label_changes=retrain.min_label_changes,
-            min_interval_seconds=retrain.min_interval_seconds,
-        ),
-    }
+def build_resources(home: Home | None = None, retrain: RetrainPolicy | None = None) -> dict:
+    """The resources of the deployment: bound to `home` when given (tests, the demo), else to
+    LABELLOOP_HOME as the environment has it when a run or a sensor starts. Runs may not point
+    them elsewhere."""
+    if home is None:
+        root = dg.EnvVar(HOME_ENV)
+        labelloop, database = LabelloopHome(root=root), LabelloopStore(home_root=root)
+    else:
+        _BOUND_HOMES.add(home.root.resolve())
+        _BOUND_DATABASES.add(str(home.database_file))
+        labelloop = LabelloopHome(root=str(home.root))
+        database = LabelloopStore(home_root=str(home.root), database=str(home.database_file))
+    cadence = (
+        RetrainCadence()
+        if retrain is None
+        else RetrainCadence(
+            min_label_changes=retrain.min_label_changes, min_interval_seconds=retrain.min_interval_seconds
+        )
+    )
+    return {"labelloop": labelloop, "database": database, "retrain_cadence": cadence}

@@ -1,43 +1,30 @@
 """Sensors that run the loop: new landing files -> ingest; accumulated label changes -> retrain.
 
-Neither sensor opens the DuckDB file: one lists file names and sizes, the other reads
-materialization metadata from Dagster's event log, so they never race a running job.
+Neither sensor opens the DuckDB file: one lists file names and sizes and reads what the last
+ingest steps recorded, the other reads materialization metadata, both from Dagster's event log,
+so they never race a running job.
 """
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import dagster as dg
 
+from labelloop_assets.assets.common import GOLD_SIGNATURE, INGEST_ASSET_OF_KIND, LANDING_DIGEST
 from labelloop_assets.checks.schema_checks import (
     blocking_checks_hold,
     failing_blocking_checks,
 )
-from labelloop_assets.core.files import landing_names
+from labelloop_assets.core.landing_state import gold_signature, landed_files, listing_digest
 from labelloop_assets.core.settings import Home, RetrainPolicy
 from labelloop_assets.jobs import ingest_job, retrain_job
-from labelloop_assets.resources import LabelloopHome, RetrainCadence
+from labelloop_assets.resources import LabelloopHome, RetrainCadence, home_root
 
-INGESTED_KINDS = ("items", "predictions", "corrections", "reviews")
-
-
-def landed_files(home: Home) -> dict[str, str]:
-    """Every complete landing file, as `kind/name` or `kind/producer/name`, with its size and
-    change time (ctime): a file rewritten or appended to under a name already seen changes them."""
-    found = {}
-    for kind in INGESTED_KINDS:
-        folder = home.landing_dir(kind)
-        for name in landing_names(folder):
-            try:
-                st = os.lstat(os.path.join(folder, name))
-                found[f"{kind}/{name}"] = f"{st.st_size}:{st.st_ctime_ns}"
-            except OSError:  # removed since it was listed, or a folder that cannot be listed
-                found[f"{kind}/{name}"] = "-"
-    return found
+INGESTED_KINDS = tuple(INGEST_ASSET_OF_KIND)
+# Kept importable from here: the tests and the benchmarks list the landing zone the sensor's way.
+__all__ = ["landed_files", "landing_sensor", "retrain_decision", "retrain_sensor"]
 
 
 @dg.sensor(
@@ -45,50 +32,91 @@ def landed_files(home: Home) -> dict[str, str]:
     minimum_interval_seconds=30,
     default_status=dg.DefaultSensorStatus.STOPPED,
     description="Requests an ingest run when files appear or change under landing/{items,predictions,corrections,reviews} "
-    "or gold.jsonl changes.",
+    "or gold.jsonl changes, unless an ingest run already read them (however it was launched).",
 )
 def landing_sensor(
     context: dg.SensorEvaluationContext, labelloop: LabelloopHome
 ) -> dg.SensorResult | dg.SkipReason:
-    home = Home(Path(labelloop.root).resolve())
+    home = Home(home_root(labelloop.root))
     cursor = json.loads(context.cursor) if context.cursor else {}
-    seen = cursor.get("seen", {})
-    if isinstance(seen, list):  # a cursor from before sizes were kept: take today's as seen
-        seen = dict.fromkeys(seen)
     current = landed_files(home)
-    new = [name for name in current if name not in seen]
-    # A file rewritten or appended to under a name already seen: the ingest run reads its new version.
-    changed = [name for name, signature in current.items()
-               if seen.get(name) is not None and seen[name] != signature]
+    if "seen" in cursor:  # a cursor of file names from before the digests: judged by its names once
+        return _from_named_cursor(cursor, current, home)
+    # The cursor holds one digest per kind and gold.jsonl's signature: its size never grows with
+    # the files landed. A kind is seen when its listing matches the cursor (a run was requested
+    # for it) or what the latest ingest step of that kind recorded (a run read it, however started).
+    # An empty folder holds nothing to read, whatever was recorded before.
+    recorded = {kind: _latest_metadata(context.instance, asset) for kind, asset in INGEST_ASSET_OF_KIND.items()}
+    listings = _listings(current)
+    changed = [
+        kind for kind, digest in listings.items()
+        if _has_files(current, kind)
+        and digest != cursor.get("listings", {}).get(kind) and digest != _recorded(recorded[kind], LANDING_DIGEST)
+    ]
     # An edited gold.jsonl is ingested too: the items step declares its new evaluation set.
-    gold = gold_file_signature(home)
-    gold_changed = gold is not None and gold != cursor.get("gold")
-    if not new and not changed and not gold_changed:
+    gold = gold_signature(home)
+    gold_changed = gold is not None and gold not in (cursor.get("gold"), _recorded(recorded["items"], GOLD_SIGNATURE))
+    if not changed and not gold_changed:
         return dg.SkipReason(f"no new or changed landing files ({len(current)} already seen)")
+    return _request(
+        [f"{kind}:{listings[kind]}" for kind in changed] + ([gold] if gold_changed else []),
+        {"labelloop/changed_kinds": ",".join(changed)} if changed else {},
+        gold_changed,
+        {"listings": listings, **({"gold": gold} if gold else {})},
+    )
+
+
+def _listings(current: dict[str, str]) -> dict[str, str]:
+    """Each kind's digest, as the ingest step of that kind computes it (core/landing_state.py)."""
+    return {kind: listing_digest({n: v for n, v in current.items() if n.startswith(f"{kind}/")})
+            for kind in INGESTED_KINDS}
+
+
+def _has_files(current: dict[str, str], kind: str) -> bool:
+    return any(name.startswith(f"{kind}/") for name in current)
+
+
+def _recorded(latest: tuple[dict, float] | None, key: str) -> str | None:
+    return None if latest is None else latest[0].get(key)
+
+
+def _request(trigger: list[str], tags: dict, gold_changed: bool, cursor: dict) -> dg.SensorResult:
     # The run ingests whatever the ledger has not read; the run_key makes a repeated tick harmless.
-    trigger = [f"{name}@{current[name]}" for name in new + changed] + ([gold] if gold_changed else [])
     run_key = "landing-" + hashlib.sha256("\n".join(trigger).encode()).hexdigest()[:16]
     return dg.SensorResult(
         run_requests=[
             dg.RunRequest(
                 run_key=run_key,
-                tags={"labelloop/new_files": str(len(new)), "labelloop/trigger": "landing_sensor",
-                      **({"labelloop/changed_files": str(len(changed))} if changed else {}),
+                tags={"labelloop/trigger": "landing_sensor", **tags,
                       **({"labelloop/gold_changed": "true"} if gold_changed else {})},
             )
         ],
-        # Only the files there now: a cursor that kept every name ever seen would grow without end.
-        cursor=json.dumps({"seen": current, **({"gold": gold} if gold else {})}),
+        cursor=json.dumps(cursor),
     )
 
 
-def gold_file_signature(home: Home) -> str | None:
-    """gold.jsonl's size and modification time (cheap to read each tick); None without one."""
-    try:
-        found = home.gold_file.lstat()
-    except OSError:
-        return None
-    return f"gold.jsonl@{found.st_size}-{found.st_mtime_ns}"
+def _from_named_cursor(cursor: dict, current: dict[str, str], home: Home) -> dg.SensorResult | dg.SkipReason:
+    """A cursor that named every file seen (with its size and change time, or a bare list of
+    names from before sizes were kept, taken as seen today): new and changed files are found by
+    name once, and the cursor is replaced by digests."""
+    seen = cursor["seen"]
+    if isinstance(seen, list):
+        seen = dict.fromkeys(seen)
+    new = [name for name in current if name not in seen]
+    changed = [name for name, signature in current.items()
+               if seen.get(name) is not None and seen[name] != signature]
+    gold = gold_signature(home)
+    gold_changed = gold is not None and gold != cursor.get("gold")
+    if not new and not changed and not gold_changed:
+        return dg.SkipReason(f"no new or changed landing files ({len(current)} already seen)")
+    listings = _listings(current)
+    kinds = sorted({name.split("/", 1)[0] for name in new + changed})
+    return _request(
+        [f"{name}@{current[name]}" for name in new + changed] + ([gold] if gold_changed else []),
+        {"labelloop/changed_kinds": ",".join(kinds)} if kinds else {},
+        gold_changed,
+        {"listings": listings, **({"gold": gold} if gold else {})},
+    )
 
 
 def _latest_metadata(instance: dg.DagsterInstance, asset: str) -> tuple[dict, float] | None:
@@ -142,6 +170,7 @@ def retrain_decision(
     return run_key, f"{since} label changes since the model trained on corpus v{trained_on}"
 
 
+# A sensor, not declarative automation: see the note above retrained_model (assets/training.py).
 @dg.sensor(
     job=retrain_job,
     minimum_interval_seconds=60,

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from labelloop_assets.core import contracts, store
-from labelloop_assets.sensors import landing_sensor
+from labelloop_assets.sensors import landed_files, landing_sensor
 from labelloop_tests.test_ingest import (  # noqa: F401 (fixtures)
     correction,
     db,
@@ -175,10 +175,10 @@ def test_the_landing_sensor_requests_a_run_for_a_rewritten_file(home, instance, 
     assert isinstance(tick(first.cursor), dg.SkipReason)
     _replace(path, [correction(f"x{n}") for n in range(3)])
     again = tick(first.cursor)
-    assert isinstance(again, dg.SensorResult) and again.run_requests[0].tags["labelloop/changed_files"] == "1"
+    assert isinstance(again, dg.SensorResult) and again.run_requests[0].tags["labelloop/changed_kinds"] == "corrections"
     assert again.run_requests[0].run_key != first.run_requests[0].run_key
     # A cursor written before sizes were kept takes today's files as seen: no burst of runs.
-    legacy = json.dumps({"seen": list(json.loads(again.cursor)["seen"])})
+    legacy = json.dumps({"seen": list(landed_files(home))})
     assert isinstance(tick(legacy), dg.SkipReason)
 
 

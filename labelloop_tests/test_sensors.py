@@ -11,7 +11,7 @@ from labelloop_assets.core.settings import RetrainPolicy
 from labelloop_assets.definitions import build_definitions
 from labelloop_assets.jobs import INGEST_JOB, RETRAIN_JOB
 from labelloop_assets.resources import RetrainCadence
-from labelloop_assets.sensors import landing_sensor, retrain_decision, retrain_sensor
+from labelloop_assets.sensors import landed_files, landing_sensor, retrain_decision, retrain_sensor
 from labelloop_tests.conftest import correction, land_items, make_items, write_jsonl
 
 
@@ -27,7 +27,9 @@ def test_landing_sensor_requests_each_new_file_once(home, instance, resources):
     (home.landing_dir("corrections") / ".half-written.jsonl.tmp").write_text('{"event_id":')
     first = _tick(landing_sensor, instance, resources)
     assert isinstance(first, dg.SensorResult) and len(first.run_requests) == 1
-    assert list(json.loads(first.cursor)["seen"]) == ["items/items.jsonl"]  # temp files are not landed
+    # Temp files are not landed: only the items folder changed.
+    assert first.run_requests[0].tags["labelloop/changed_kinds"] == "items"
+    assert list(landed_files(home)) == ["items/items.jsonl"]
     # The same tick evaluated again (a retry, or a restart before the cursor was stored)
     # asks for the same run_key, which Dagster launches only once.
     again = _tick(landing_sensor, instance, resources)
@@ -40,11 +42,77 @@ def test_landing_sensor_requests_each_new_file_once(home, instance, resources):
     second = _tick(landing_sensor, instance, resources, cursor=first.cursor)
     assert len(second.run_requests) == 1
     assert second.run_requests[0].run_key != first.run_requests[0].run_key
-    assert sorted(json.loads(second.cursor)["seen"]) == ["corrections/c1.jsonl", "items/items.jsonl"]
+    assert second.run_requests[0].tags["labelloop/changed_kinds"] == "corrections"
+    assert sorted(landed_files(home)) == ["corrections/c1.jsonl", "items/items.jsonl"]
     # A symbolic link, even a dangling one, is landed too: the ingest run quarantines it.
     (home.landing_dir("corrections") / "link.jsonl").symlink_to(home.root / "elsewhere.jsonl")
     third = _tick(landing_sensor, instance, resources, cursor=second.cursor)
-    assert len(third.run_requests) == 1 and "corrections/link.jsonl" in json.loads(third.cursor)["seen"]
+    assert len(third.run_requests) == 1 and third.run_requests[0].tags["labelloop/changed_kinds"] == "corrections"
+    assert "corrections/link.jsonl" in landed_files(home)
+    assert isinstance(_tick(landing_sensor, instance, resources, cursor=third.cursor), dg.SkipReason)
+
+
+def _ingest_as_the_demo_does(defs, instance, resources, cursor=None):
+    """The demo's way: a tick of the landing sensor with the demo's own cursor, then the run it
+    asks for, executed in process, with the sensor's tags (nothing written to the instance's
+    sensor state)."""
+    result = _tick(landing_sensor, instance, resources, cursor=cursor)
+    for request in result.run_requests:
+        tags = {**request.tags, "dagster/sensor_name": "landing_sensor", "dagster/run_key": request.run_key}
+        assert defs.resolve_job_def(INGEST_JOB).execute_in_process(instance=instance, tags=tags).success
+    return result.cursor
+
+
+def test_after_the_demo_the_daemon_requests_nothing_already_ingested(home, instance, resources, defs):
+    land_items(home, make_items()[0])
+    cursor = _ingest_as_the_demo_does(defs, instance, resources)
+    for day in range(3):
+        write_jsonl(home.landing_dir("corrections"), f"day{day}.jsonl",
+                    [correction(f"d{day}-{k}", f"item-0{30 + k}", "one", user=f"u{day}{k}") for k in range(3)])
+        write_jsonl(home.landing_dir("predictions"), f"day{day}.jsonl", [])
+        cursor = _ingest_as_the_demo_does(defs, instance, resources, cursor)
+    # The daemon's sensor starts with no cursor of its own: what the demo's runs read is seen.
+    idle = _tick(landing_sensor, instance, resources)
+    assert isinstance(idle, dg.SkipReason), idle
+    assert "no new or changed landing files (7 already seen)" in idle.skip_message
+
+    write_jsonl(home.landing_dir("corrections"), "late.jsonl", [correction("late-1", "item-040", "two")])
+    late = _tick(landing_sensor, instance, resources)
+    assert len(late.run_requests) == 1
+    assert late.run_requests[0].tags["labelloop/changed_kinds"] == "corrections"
+    # Its cursor holds it: the next tick asks for nothing more, the run then reads it, and a
+    # sensor that lost its cursor also asks for nothing once the run has read it.
+    assert isinstance(_tick(landing_sensor, instance, resources, cursor=late.cursor), dg.SkipReason)
+    defs.resolve_job_def(INGEST_JOB).execute_in_process(
+        instance=instance, tags={"dagster/run_key": late.run_requests[0].run_key})
+    assert isinstance(_tick(landing_sensor, instance, resources), dg.SkipReason)
+
+
+def test_the_landing_cursor_does_not_grow_with_the_files_landed(home, instance, resources):
+    folder = home.landing_dir("corrections")
+    sizes = []
+    cursor = None
+    for batch in (1, 10, 200):
+        for n in range(batch):
+            write_jsonl(folder, f"b{batch}-{n:04d}.jsonl", [correction(f"b{batch}-{n}", "item-030", "one")])
+        result = _tick(landing_sensor, instance, resources, cursor=cursor)
+        assert len(result.run_requests) == 1
+        cursor = result.cursor
+        sizes.append(len(cursor))
+    assert len(landed_files(home)) == 211
+    assert sizes[0] == sizes[1] == sizes[2], sizes
+
+
+def test_an_edited_gold_file_is_ingested_once(home, instance, resources, defs):
+    land_items(home, make_items()[0])
+    _ingest_as_the_demo_does(defs, instance, resources)
+    assert isinstance(_tick(landing_sensor, instance, resources), dg.SkipReason)
+    with home.gold_file.open("a", encoding="utf-8") as gold:
+        gold.write(json.dumps({"item_id": "item-900", "features": [6.0, 0.0, 0.0, 0.0], "gold_label": "zero"}) + "\n")
+    edited = _tick(landing_sensor, instance, resources)
+    assert edited.run_requests[0].tags == {"labelloop/trigger": "landing_sensor", "labelloop/gold_changed": "true"}
+    _ingest_as_the_demo_does(defs, instance, resources)
+    assert isinstance(_tick(landing_sensor, instance, resources), dg.SkipReason)
 
 
 def test_sensor_run_ingests_exactly_once_even_when_the_run_is_retried(home, instance, resources, defs):

@@ -5,15 +5,16 @@ import polars as pl
 from dagster_duckdb import DuckDBResource
 
 from labelloop_assets.assets.common import (
-    DUCKDB_POOL,
-    OWNERS,
+    CORPUS_FRESHNESS,
     config_errors_as_failures,
+    labelloop_asset,
     run_id,
 )
 from labelloop_assets.assets.ingest import raw_corrections
 from labelloop_assets.checks.schema_checks import (
     PRODUCTION_CORPUS_SCHEMA,
     VALIDATED_LABELS_SCHEMA,
+    column_schema,
     markdown_table,
     schema_check_result,
 )
@@ -42,12 +43,12 @@ NEAR_DUPLICATES_SQL = f"""
 """
 
 
-@dg.asset(
-    group_name=GROUP,
+@labelloop_asset(
+    group=GROUP,
     kinds={"duckdb", "polars"},
-    pool=DUCKDB_POOL,
-    owners=OWNERS,
+    code_version="1",
     deps=[raw_corrections, "predictions", "review_decisions", "correction_bursts"],
+    metadata=column_schema(schemas.VALIDATED_LABELS_COLUMNS),
     check_specs=[
         dg.AssetCheckSpec(
             VALIDATED_LABELS_SCHEMA,
@@ -249,12 +250,13 @@ def _count(decisions: pl.DataFrame, status: str) -> int:
     return decisions.filter(pl.col("status") == status).height if decisions.height else 0
 
 
-@dg.asset(
-    group_name=GROUP,
+@labelloop_asset(
+    group=GROUP,
     kinds={"duckdb", "polars"},
-    pool=DUCKDB_POOL,
-    owners=OWNERS,
+    code_version="1",
     deps=[validated_labels, "items", "review_decisions"],
+    freshness_policy=CORPUS_FRESHNESS,
+    metadata=column_schema(schemas.PRODUCTION_CORPUS_COLUMNS),
     check_specs=[
         dg.AssetCheckSpec(
             PRODUCTION_CORPUS_SCHEMA,
@@ -378,25 +380,15 @@ def production_corpus(
     )
 
 
-ESCALATIONS_WITHIN_SLA = "escalations_within_sla"
-
-
-@dg.asset(
-    group_name=GROUP,
+@labelloop_asset(
+    group=GROUP,
     kinds={"duckdb"},
-    pool=DUCKDB_POOL,
-    owners=OWNERS,
+    code_version="1",
     deps=[production_corpus],
-    check_specs=[
-        dg.AssetCheckSpec(
-            ESCALATIONS_WITHIN_SLA,
-            asset="escalations",
-            description="Warns when an open escalation is older than its SLA (governance.yaml escalation.sla_hours).",
-        )
-    ],
 )
 def escalations(context: dg.AssetExecutionContext, labelloop: LabelloopHome, database: DuckDBResource):
     """Open conflicts waiting for a reviewer: reason, evidence, age, SLA deadline and breach flag."""
+    # Its SLA check is checks/scheduled_checks.py: it runs after this asset and hourly on its own.
     with config_errors_as_failures():
         policy = labelloop.policy()
     with open_store(database) as con:
@@ -415,17 +407,4 @@ def escalations(context: dg.AssetExecutionContext, labelloop: LabelloopHome, dat
             "by_reason": dg.MetadataValue.md(markdown_table(by_reason)),
             "review_with": "labelloop review list",
         },
-        check_results=[
-            dg.AssetCheckResult(
-                check_name=ESCALATIONS_WITHIN_SLA,
-                passed=breached.height == 0,
-                severity=dg.AssetCheckSeverity.WARN,
-                metadata={
-                    "breached": breached.height,
-                    "breached_escalations": dg.MetadataValue.md(
-                        markdown_table(breached.select("escalation_id", "item_id", "reason", "age_hours").head(20))
-                    ),
-                },
-            )
-        ],
     )

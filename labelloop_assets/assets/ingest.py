@@ -4,32 +4,39 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 
 from labelloop_assets.assets.common import (
-    DUCKDB_POOL,
-    OWNERS,
+    GOLD_SIGNATURE,
     config_errors_as_failures,
     ingest_metadata,
+    labelloop_asset,
+    landing_seen,
     run_id,
 )
+from labelloop_assets.assets.landing import GOLD_FILE, landing_key
 from labelloop_assets.checks.schema_checks import (
     RAW_CORRECTIONS_RECONCILE,
     RAW_CORRECTIONS_SCHEMA,
+    column_schema,
     markdown_table,
     schema_check_result,
 )
-from labelloop_assets.core import gold, ingest, review, schemas, store
+from labelloop_assets.core import gold, ingest, landing_state, review, schemas, store
 from labelloop_assets.core.settings import DEV_SECRET_WARNING, using_development_secret
 from labelloop_assets.resources import LabelloopHome, open_store
 
 GROUP = "ingest"
 
 
-@dg.asset(group_name=GROUP, kinds={"duckdb", "polars"}, pool=DUCKDB_POOL, owners=OWNERS)
+@labelloop_asset(
+    group=GROUP, kinds={"duckdb", "polars"}, code_version="1", deps=[landing_key("items"), GOLD_FILE]
+)
 def items(
     context: dg.AssetExecutionContext, labelloop: LabelloopHome, database: DuckDBResource
 ) -> dg.MaterializeResult:
     """Items from landing/items, each file ingested once, and the gold items the deployment declares in gold.jsonl."""
     with config_errors_as_failures():
         ontology = labelloop.ontology()
+    seen = {**landing_seen(labelloop.home(), "items"),
+            GOLD_SIGNATURE: landing_state.gold_signature(labelloop.home()) or "none"}
     with open_store(database) as con, config_errors_as_failures():
         # gold.jsonl first: a landing line reusing a newly declared gold id is then refused.
         declared = gold.declare(con, labelloop.home(), ontology, run_id(context))
@@ -47,35 +54,37 @@ def items(
             else "none (no gold.jsonl declared)",
             "n_gold": declared.n_items,
             "n_gold_added": declared.n_added,
+            **seen,
         }
     )
 
 
-@dg.asset(
-    group_name=GROUP, kinds={"duckdb", "polars"}, pool=DUCKDB_POOL, owners=OWNERS, deps=[items]
+@labelloop_asset(
+    group=GROUP, kinds={"duckdb", "polars"}, code_version="1", deps=[items, landing_key("predictions")]
 )
 def predictions(
     context: dg.AssetExecutionContext, labelloop: LabelloopHome, database: DuckDBResource
 ) -> dg.MaterializeResult:
     """The prediction log from landing/predictions: what each model version served."""
-    return _ingest(context, labelloop, database, ingest.ingest_predictions, "predictions")
+    return _ingest(context, labelloop, database, ingest.ingest_predictions, "predictions", "predictions")
 
 
-def _ingest(context, labelloop: LabelloopHome, database: DuckDBResource, ingest_kind, table: str):
+def _ingest(context, labelloop: LabelloopHome, database: DuckDBResource, ingest_kind, table: str, kind: str):
     with config_errors_as_failures():
         ontology = labelloop.ontology()
+    seen = landing_seen(labelloop.home(), kind)
     with open_store(database) as con:
         report = ingest_kind(con, labelloop.home(), ontology, run_id(context))
         total = store.scalar(con, f"SELECT count(*) FROM {table}")
-    return dg.MaterializeResult(metadata=ingest_metadata(report, total))
+    return dg.MaterializeResult(metadata={**ingest_metadata(report, total), **seen})
 
 
-@dg.asset(
-    group_name=GROUP,
+@labelloop_asset(
+    group=GROUP,
     kinds={"duckdb", "polars"},
-    pool=DUCKDB_POOL,
-    owners=OWNERS,
-    deps=[items],
+    code_version="1",
+    deps=[items, landing_key("corrections")],
+    metadata=column_schema(schemas.RAW_CORRECTIONS_COLUMNS),
     check_specs=[
         dg.AssetCheckSpec(
             RAW_CORRECTIONS_SCHEMA,
@@ -99,6 +108,7 @@ def raw_corrections(
         key = labelloop.secret()
     if using_development_secret():
         context.log.warning(DEV_SECRET_WARNING)
+    seen = landing_seen(labelloop.home(), "corrections")
     with open_store(database) as con, config_errors_as_failures():
         report = ingest.ingest_corrections(con, labelloop.home(), ontology, key, run_id(context))
         schema = schemas.raw_corrections_schema(ontology.labels)
@@ -114,6 +124,7 @@ def raw_corrections(
             "pseudonymization_key": "development default (NOT SECRET)"
             if using_development_secret()
             else "from LABELLOOP_SECRET",
+            **seen,
         },
         check_results=[
             schema_check_result(
@@ -132,7 +143,7 @@ def raw_corrections(
     )
 
 
-@dg.asset(group_name=GROUP, kinds={"duckdb", "polars"}, pool=DUCKDB_POOL, owners=OWNERS)
+@labelloop_asset(group=GROUP, kinds={"duckdb", "polars"}, code_version="1", deps=[landing_key("reviews")])
 def review_decisions(
     context: dg.AssetExecutionContext, labelloop: LabelloopHome, database: DuckDBResource
 ) -> dg.MaterializeResult:
@@ -143,6 +154,7 @@ def review_decisions(
         directory = review.directory(home)
         key = labelloop.secret()
         burst_deciders = labelloop.bursts().may_acknowledge
+    seen = landing_seen(home, "reviews")
     with open_store(database) as con, config_errors_as_failures():
         report, accepted = review.ingest_reviews(
             con, home, ontology, key, directory, policy, run_id(context), burst_deciders
@@ -155,5 +167,6 @@ def review_decisions(
                 markdown_table(accepted.group_by("decision").len().sort("decision"))
                 if accepted.height else "_none_"
             ),
+            **seen,
         }
     )

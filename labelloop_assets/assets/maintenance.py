@@ -3,7 +3,7 @@
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from labelloop_assets.assets.common import DUCKDB_POOL, OWNERS
+from labelloop_assets.assets.common import labelloop_asset
 from labelloop_assets.core import lake, store
 from labelloop_assets.core.settings import env_number
 from labelloop_assets.resources import open_store
@@ -12,11 +12,10 @@ KEYS_UNIQUE = "store_keys_unique"
 RETAIN_DAYS_ENV = "LABELLOOP_LAKE_RETAIN_DAYS"
 
 
-@dg.asset(
-    group_name="maintenance",
+@labelloop_asset(
+    group="maintenance",
     kinds={"duckdb"},
-    pool=DUCKDB_POOL,
-    owners=OWNERS,
+    code_version="1",
     check_specs=[
         dg.AssetCheckSpec(
             KEYS_UNIQUE,

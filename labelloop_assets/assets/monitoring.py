@@ -7,9 +7,10 @@ import polars as pl
 from dagster_duckdb import DuckDBResource
 
 from labelloop_assets.assets.common import (
-    DUCKDB_POOL,
-    OWNERS,
+    METRICS_FRESHNESS,
+    SIGNALS_FRESHNESS,
     config_errors_as_failures,
+    labelloop_asset,
     run_id,
 )
 from labelloop_assets.checks.schema_checks import markdown_table
@@ -40,12 +41,12 @@ AGREEMENT_FLOOR = "agreement_above_floor"
 ALPHA_FLOOR = 0.667
 
 
-@dg.asset(
-    group_name="monitoring",
+@labelloop_asset(
+    group="monitoring",
     kinds={"duckdb"},
-    pool=DUCKDB_POOL,
-    owners=OWNERS,
+    code_version="1",
     deps=["production_corpus", "predictions", "model_evaluation", "escalations", "correction_bursts"],
+    freshness_policy=METRICS_FRESHNESS,
 )
 def label_quality_metrics(
     context: dg.AssetExecutionContext, labelloop: LabelloopHome, database: DuckDBResource
@@ -81,12 +82,12 @@ def label_quality_metrics(
     )
 
 
-@dg.asset(
-    group_name="monitoring",
+@labelloop_asset(
+    group="monitoring",
     kinds={"duckdb", "scipy"},
-    pool=DUCKDB_POOL,
-    owners=OWNERS,
+    code_version="1",
     deps=["production_corpus", "predictions", "model_evaluation", "correction_bursts"],
+    freshness_policy=SIGNALS_FRESHNESS,
     check_specs=[
         dg.AssetCheckSpec(LABEL_DRIFT, asset="label_quality_signals",
                           description="Warns when the label mix of predictions or corrections in the current window "
@@ -248,11 +249,10 @@ def _agreement_check(agreement: dict) -> dg.AssetCheckResult:
     )
 
 
-@dg.asset(
-    group_name="monitoring",
+@labelloop_asset(
+    group="monitoring",
     kinds={"duckdb", "parquet"},
-    pool=DUCKDB_POOL,
-    owners=OWNERS,
+    code_version="1",
     deps=["label_quality_metrics", "label_quality_signals"],
 )
 def published_views(

@@ -8,9 +8,8 @@ import polars as pl
 from dagster_duckdb import DuckDBResource
 
 from labelloop_assets.assets.common import (
-    DUCKDB_POOL,
-    OWNERS,
     config_errors_as_failures,
+    labelloop_asset,
     run_id,
 )
 from labelloop_assets.checks.schema_checks import markdown_table
@@ -18,7 +17,6 @@ from labelloop_assets.core import bursts, guidelines, label_issues, store, train
 from labelloop_assets.core.files import write_atomically
 from labelloop_assets.resources import LabelloopHome, open_store
 
-NO_HELD_BURSTS = "no_held_bursts"
 OPEN_BURSTS_SQL = """
     SELECT burst_id, day, scope, key, n_events, day_total, round(expected, 1) AS expected,
            round(score, 1) AS score, severity, status, reason, evidence
@@ -26,25 +24,17 @@ OPEN_BURSTS_SQL = """
 """
 
 
-@dg.asset(
-    group_name="curation",
+@labelloop_asset(
+    group="curation",
     kinds={"duckdb", "polars"},
-    pool=DUCKDB_POOL,
-    owners=OWNERS,
+    code_version="1",
     deps=["raw_corrections", "review_decisions"],
-    check_specs=[
-        dg.AssetCheckSpec(
-            NO_HELD_BURSTS,
-            asset="correction_bursts",
-            description="Warns while a severe correction burst holds its corrections (and retraining) "
-            "until a reviewer releases or discards it.",
-        )
-    ],
 )
 def correction_bursts(
     context: dg.AssetExecutionContext, labelloop: LabelloopHome, database: DuckDBResource
 ) -> dg.MaterializeResult:
     """Correction volume per contributor and per segment scored against a robust baseline; severe bursts are held."""
+    # Its no_held_bursts check is checks/scheduled_checks.py: it runs after this asset and hourly on its own.
     with config_errors_as_failures():
         policy = labelloop.bursts()
     with open_store(database) as con:
@@ -75,26 +65,13 @@ def correction_bursts(
             "open_bursts": dg.MetadataValue.md(markdown_table(unresolved.drop("evidence").head(20))),
             "review_with": "labelloop review list --queue bursts",
         },
-        check_results=[
-            dg.AssetCheckResult(
-                check_name=NO_HELD_BURSTS,
-                passed=held.height == 0,
-                severity=dg.AssetCheckSeverity.WARN,
-                metadata={
-                    "held": held.height,
-                    "held_bursts": dg.MetadataValue.md(markdown_table(held.select("burst_id", "reason", "evidence"))),
-                    "act_with": "labelloop review release|discard BURST_ID --rationale ... --as REVIEWER_ID",
-                },
-            )
-        ],
     )
 
 
-@dg.asset(
-    group_name="monitoring",
+@labelloop_asset(
+    group="monitoring",
     kinds={"scikit-learn", "duckdb"},
-    pool=DUCKDB_POOL,
-    owners=OWNERS,
+    code_version="1",
     deps=["production_corpus", "contributor_reliability"],
 )
 def label_issue_candidates(
@@ -152,11 +129,10 @@ def label_issue_candidates(
     )
 
 
-@dg.asset(
-    group_name="monitoring",
+@labelloop_asset(
+    group="monitoring",
     kinds={"duckdb", "markdown"},
-    pool=DUCKDB_POOL,
-    owners=OWNERS,
+    code_version="1",
     deps=["production_corpus"],
 )
 def guideline_report(

@@ -9,9 +9,8 @@ import polars as pl
 from dagster_duckdb import DuckDBResource
 
 from labelloop_assets.assets.common import (
-    DUCKDB_POOL,
-    OWNERS,
     config_errors_as_failures,
+    labelloop_asset,
     run_id,
 )
 from labelloop_assets.checks.schema_checks import (
@@ -37,11 +36,17 @@ TRAINING_POLICIES = ("training.yaml", "validation.yaml")
 EVALUATION_POLICIES = ("validation.yaml", "training.yaml")
 
 
-@dg.asset(
-    group_name="training",
+# No automation_condition here: retrain_sensor launches training. Dagster's
+# AutomationCondition.all_deps_blocking_checks_passed() would express the blocking-check hold (a
+# failed upstream check also leaves production_corpus's own check unpassed, since the run skips
+# it), but not the cadence: enough promoted label changes since the model's corpus version (read
+# from materialization metadata), a minimum interval, no held correction burst. Declaring a
+# condition would also let Dagster's automation sensor launch this asset alone, outside
+# retrain_job and its evaluation. The step keeps its own guard below for manual runs.
+@labelloop_asset(
+    group="training",
     kinds={"scikit-learn", "duckdb"},
-    pool=DUCKDB_POOL,
-    owners=OWNERS,
+    code_version="1",
     deps=["production_corpus"],
 )
 def retrained_model(
@@ -184,11 +189,10 @@ def _model_metadata(home: Home, record: dict, extra: dict) -> dict:
     }
 
 
-@dg.asset(
-    group_name="training",
+@labelloop_asset(
+    group="training",
     kinds={"duckdb", "numpy"},
-    pool=DUCKDB_POOL,
-    owners=OWNERS,
+    code_version="1",
     deps=["production_corpus"],
 )
 def contributor_reliability(
@@ -234,11 +238,10 @@ def contributor_reliability(
     )
 
 
-@dg.asset(
-    group_name="training",
+@labelloop_asset(
+    group="training",
     kinds={"scikit-learn", "duckdb"},
-    pool=DUCKDB_POOL,
-    owners=OWNERS,
+    code_version="1",
     deps=[retrained_model],
 )
 def model_evaluation(
@@ -364,11 +367,10 @@ def _score_table(scores: dict) -> pl.DataFrame:
     return pl.DataFrame(rows).with_columns(pl.selectors.float().round(4))
 
 
-@dg.asset(
-    group_name="training",
+@labelloop_asset(
+    group="training",
     kinds={"scikit-learn", "markdown"},
-    pool=DUCKDB_POOL,
-    owners=OWNERS,
+    code_version="1",
     deps=[model_evaluation],
 )
 def release_notes(

@@ -3,7 +3,7 @@
 import dagster as dg
 import polars as pl
 
-from labelloop_assets.core.schemas import Validation
+from labelloop_assets.core.schemas import ColumnRule, Validation
 
 RAW_CORRECTIONS_SCHEMA = "raw_corrections_schema"
 RAW_CORRECTIONS_RECONCILE = "raw_corrections_counts_reconcile"
@@ -16,6 +16,28 @@ BLOCKING_CHECKS = (
     dg.AssetCheckKey(dg.AssetKey("validated_labels"), VALIDATED_LABELS_SCHEMA),
     dg.AssetCheckKey(dg.AssetKey("production_corpus"), PRODUCTION_CORPUS_SCHEMA),
 )
+
+
+def column_schema(columns: tuple[ColumnRule, ...]) -> dict:
+    """Asset metadata declaring the columns a Pandera schema checks (types, descriptions, nullable,
+    unique, rules), built from the same column rules as the schema: the UI shows them before any run."""
+    return {
+        "dagster/column_schema": dg.TableSchema(
+            columns=[
+                dg.TableColumn(
+                    column.name,
+                    type=column.dtype,
+                    description=column.description,
+                    constraints=dg.TableColumnConstraints(
+                        nullable=column.nullable,
+                        unique=column.unique,
+                        other=[text] if (text := column.rule_text()) else None,
+                    ),
+                )
+                for column in columns
+            ]
+        )
+    }
 
 
 def markdown_table(frame: pl.DataFrame) -> str:
