@@ -158,14 +158,16 @@ def child_sensor(work_dir: str, n_files: int) -> dict:
 
     from labelloop_assets.core.settings import RetrainPolicy
     from labelloop_assets.resources import build_resources
-    from labelloop_assets.sensors import landed_files, landing_sensor
+    from labelloop_assets.core.landing_state import kind_digest
+    from labelloop_assets.sensors import INGESTED_KINDS, landing_sensor
 
     home = _home(work_dir)
     folder = home.landing_dir("corrections")
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n_files):
         (folder / f"old-{i:06d}.jsonl").write_text("{}\n")
-    cursor = json.dumps({"seen": landed_files(home)})
+    # The cursor as the sensor leaves it: one digest of each kind's listing.
+    cursor = json.dumps({"listings": {kind: kind_digest(home, kind) for kind in INGESTED_KINDS}})
     for i in range(10):
         (folder / f"new-{i:02d}.jsonl").write_text("{}\n")
     resources = build_resources(home, RetrainPolicy(10**12, 0))

@@ -68,8 +68,12 @@ def landing_sensor(
 
 def _listings(current: dict[str, str]) -> dict[str, str]:
     """Each kind's digest, as the ingest step of that kind computes it (core/landing_state.py)."""
-    return {kind: listing_digest({n: v for n, v in current.items() if n.startswith(f"{kind}/")})
-            for kind in INGESTED_KINDS}
+    by_kind: dict[str, dict[str, str]] = {kind: {} for kind in INGESTED_KINDS}
+    for name, signature in current.items():  # one pass: a tick may list tens of thousands of files
+        files = by_kind.get(name.split("/", 1)[0])
+        if files is not None:
+            files[name] = signature
+    return {kind: listing_digest(files) for kind, files in by_kind.items()}
 
 
 def _has_files(current: dict[str, str], kind: str) -> bool:
