@@ -274,6 +274,13 @@ def _shot(page, path: Path) -> Path:
     return path
 
 
+def _settle(page) -> None:
+    """Until no loading placeholder (a grey shimmering bar) is left: sections load one by one."""
+    from playwright.sync_api import expect
+
+    expect(page.locator("[class*='Skeleton_']")).to_have_count(0)
+
+
 def _publish(png: Path, name: str) -> None:
     """With LABELLOOP_UPDATE_SCREENSHOTS=1, a screenshot becomes docs/screenshots/NAME."""
     if os.environ.get("LABELLOOP_UPDATE_SCREENSHOTS") == "1":
@@ -376,6 +383,7 @@ def test_asset_graph_and_asset_pages_render(chromium, server, browser, tmp_path)
                 if value is not None:
                     row = page.locator("tr", has=page.get_by_text(entry["label"], exact=True))
                     expect(row.first).to_contain_text(str(value))
+            _settle(page)
             pages[asset] = _shot(page, shots / f"{asset}.png")
             if asset == "label_quality_signals":
                 # The trend chart is a PNG inside markdown metadata: it must render as an image.
@@ -411,6 +419,7 @@ def test_asset_graph_and_asset_pages_render(chromium, server, browser, tmp_path)
                 expect(page.get_by_text("Passed", exact=True).first).to_be_visible()
                 expect(page.get_by_text("Succeeded", exact=True)).to_have_count(len(fact["checks"]))
             if fact["checks"]:
+                _settle(page)
                 _shot(page, shots / f"{asset}-checks.png")
 
     assert set(pages) == set(ASSET_PAGES) | {"trends"}
@@ -494,6 +503,7 @@ def test_definitions_show_columns_code_versions_and_freshness(chromium, server, 
             compute.click()
         code_version = page.get_by_text("Code version", exact=True).locator("xpath=..")
         expect(code_version.locator(f"[title={json.dumps(corpus['opVersion'])}]")).to_be_visible()
+        _settle(page)
         page.wait_for_timeout(500)  # the section slides open
         _publish(_shot(page, shots / "production_corpus-columns.png"), "production_corpus-columns.png")
 
