@@ -1,5 +1,6 @@
 """End to end through the real Dagster UI: `dagster dev` on the demo's state, headless Chromium on
-the asset graph and asset pages, and the GraphQL API for jobs, lineage and sensors.
+the asset graph, the asset pages (with production_corpus's columns, code version and freshness),
+the jobs and the automations, and the GraphQL API for jobs, lineage and sensors.
 
 One `dagster dev` serves the whole module (its process group is always killed at the end). The
 browser test needs Debian's Chromium (`scripts/install-browser.sh`) and the `playwright` package:
@@ -23,6 +24,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from labelloop_assets.core import schemas
 from labelloop_assets.demo.run import prepare_home, run_demo
 from labelloop_tests.ui_server import CODE_LOCATION, REPO_ROOT, DagsterDev
 
@@ -53,7 +55,22 @@ PROMISED_CHECKS = {
         "label_drift_within_threshold", "feature_drift_within_threshold", "agreement_above_floor",
     },
 }
+# The landing zone: external assets (producers write them), where lineage starts.
+LANDING_GROUP = "landing"
+LANDING_ASSETS = ("item_files", "prediction_files", "correction_files", "review_files", "gold_file")
+# The column schemas the UI shows before any run, declared from the same rules Pandera checks.
+COLUMN_SCHEMAS = {
+    "raw_corrections": schemas.RAW_CORRECTIONS_COLUMNS,
+    "validated_labels": schemas.VALIDATED_LABELS_COLUMNS,
+    "production_corpus": schemas.PRODUCTION_CORPUS_COLUMNS,
+}
+FRESH_ASSETS = ("production_corpus", "label_quality_metrics", "label_quality_signals")
+SCHEDULED_CHECKS_JOB = "scheduled_checks_job"
+SCHEDULED_CHECKS_SCHEDULE = "scheduled_checks_job_schedule"  # Dagster's default: the job's name
+SCHEDULED_CHECKS = {"escalations_within_sla", "no_held_bursts"}
 UI_TIMEOUT_MS = 30_000
+# The daemon evaluates freshness policies every 30 s; the first pass follows the server's start.
+FRESHNESS_TIMEOUT_S = 120
 RUN_TIMEOUT_S = 150
 SENSOR_TIMEOUT_S = 150  # the landing sensor ticks at most every 30 s, then the run starts
 
@@ -155,6 +172,47 @@ def asset_facts(server: DagsterDev, asset: str) -> dict:
     }
 
 
+DEFINITIONS_QUERY = """{ assetNodes {
+  assetKey { path } groupName opVersion isMaterializable
+  metadataEntries { __typename label
+    ... on TableSchemaMetadataEntry { schema { columns {
+      name type description constraints { nullable unique other } } } }
+  }
+  internalFreshnessPolicy { __typename
+    ... on TimeWindowFreshnessPolicy { failWindowSeconds warnWindowSeconds } }
+} }"""
+FRESHNESS_STATUS_QUERY = """query($key: AssetKeyInput!) { assetNodeOrError(assetKey: $key) {
+  __typename ... on AssetNode { freshnessStatusInfo { freshnessStatus } } } }"""
+
+
+def asset_definitions(server: DagsterDev) -> dict[str, dict]:
+    """Every asset's definition as the UI reads it, by the last part of its key."""
+    nodes = graphql(server, DEFINITIONS_QUERY)["assetNodes"]
+    return {node["assetKey"]["path"][-1]: node for node in nodes}
+
+
+def declared_columns(definition: dict) -> list[dict] | None:
+    """The `dagster/column_schema` of a definition (None without one)."""
+    for entry in definition["metadataEntries"]:
+        if entry["label"] == "dagster/column_schema":
+            assert entry["__typename"] == "TableSchemaMetadataEntry", entry
+            return entry["schema"]["columns"]
+    return None
+
+
+def wait_for_freshness_status(server: DagsterDev, asset: str) -> str:
+    """The asset's freshness status once the daemon has evaluated its policy (UNKNOWN before)."""
+    deadline = time.monotonic() + FRESHNESS_TIMEOUT_S
+    while True:
+        node = graphql(server, FRESHNESS_STATUS_QUERY, {"key": {"path": [asset]}})["assetNodeOrError"]
+        assert node["__typename"] == "AssetNode", f"{asset}: {node}"
+        info = node["freshnessStatusInfo"]
+        assert info is not None, f"{asset} has no freshness policy the API knows of"
+        if info["freshnessStatus"] != "UNKNOWN" or time.monotonic() > deadline:
+            return info["freshnessStatus"]
+        time.sleep(2)
+
+
 def run_failure_detail(server: DagsterDev, run_id: str) -> str:
     """The first failed step's error, for assertion messages."""
     query = """query($id: ID!) { logsForRun(runId: $id) { ... on EventConnection { events {
@@ -216,6 +274,20 @@ def _shot(page, path: Path) -> Path:
     return path
 
 
+def _settle(page) -> None:
+    """Until no loading placeholder (a grey shimmering bar) is left: sections load one by one."""
+    from playwright.sync_api import expect
+
+    expect(page.locator("[class*='Skeleton_']")).to_have_count(0)
+
+
+def _publish(png: Path, name: str) -> None:
+    """With LABELLOOP_UPDATE_SCREENSHOTS=1, a screenshot becomes docs/screenshots/NAME."""
+    if os.environ.get("LABELLOOP_UPDATE_SCREENSHOTS") == "1":
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(png, SCREENSHOTS / name)
+
+
 def _shown_as(label: str, name: str) -> bool:
     """The graph shortens long names in the middle at low zoom: `label_qua…_metrics`."""
     if label == name:
@@ -264,6 +336,8 @@ def test_asset_graph_and_asset_pages_render(chromium, server, browser, tmp_path)
     all_assets = sorted(n["assetKey"]["path"][-1] for n in nodes)
     groups = sorted({n["groupName"] for n in nodes})
     assert set(ASSET_PAGES) <= set(all_assets)
+    landing = sorted(n["assetKey"]["path"][-1] for n in nodes if n["groupName"] == LANDING_GROUP)
+    assert landing == sorted(LANDING_ASSETS), f"the {LANDING_GROUP} group holds {landing}"
 
     # The global asset graph with every group expanded.
     with _page(browser, 1600, 1000, shots / "FAILED-asset-graph.png") as page:
@@ -278,10 +352,14 @@ def test_asset_graph_and_asset_pages_render(chromium, server, browser, tmp_path)
         expect(expanded).to_have_count(len(groups))
         page.reload()
         expect(expanded).to_have_count(len(groups))
+        _wait_for_nodes(page, list(LANDING_ASSETS))  # lineage starts at the landing zone
         _wait_for_nodes(page, all_assets)
         page.wait_for_timeout(1000)  # let the fit-to-window animation finish
         graph_png = _shot(page, shots / "asset-graph.png")
 
+    # The pages then show each freshness policy's evaluated status, not "not evaluated yet".
+    for asset in FRESH_ASSETS:
+        wait_for_freshness_status(server, asset)
     pages: dict[str, Path] = {}
     with _page(browser, 1400, 900, shots / "FAILED-asset-page.png") as page:
         for asset, fact in facts.items():
@@ -305,6 +383,7 @@ def test_asset_graph_and_asset_pages_render(chromium, server, browser, tmp_path)
                 if value is not None:
                     row = page.locator("tr", has=page.get_by_text(entry["label"], exact=True))
                     expect(row.first).to_contain_text(str(value))
+            _settle(page)
             pages[asset] = _shot(page, shots / f"{asset}.png")
             if asset == "label_quality_signals":
                 # The trend chart is a PNG inside markdown metadata: it must render as an image.
@@ -340,14 +419,138 @@ def test_asset_graph_and_asset_pages_render(chromium, server, browser, tmp_path)
                 expect(page.get_by_text("Passed", exact=True).first).to_be_visible()
                 expect(page.get_by_text("Succeeded", exact=True)).to_have_count(len(fact["checks"]))
             if fact["checks"]:
+                _settle(page)
                 _shot(page, shots / f"{asset}-checks.png")
 
     assert set(pages) == set(ASSET_PAGES) | {"trends"}
-    if os.environ.get("LABELLOOP_UPDATE_SCREENSHOTS") == "1":
-        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(graph_png, SCREENSHOTS / "asset-graph.png")
-        shutil.copyfile(pages["production_corpus"], SCREENSHOTS / "production_corpus.png")
-        shutil.copyfile(pages["trends"], SCREENSHOTS / "label_quality_signals-trends.png")
+    _publish(graph_png, "asset-graph.png")
+    _publish(pages["production_corpus"], "production_corpus.png")
+    _publish(pages["trends"], "label_quality_signals-trends.png")
+
+
+def test_definitions_show_columns_code_versions_and_freshness(chromium, server, browser, tmp_path):
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=UI_TIMEOUT_MS)
+    definitions = asset_definitions(server)
+
+    # Every asset labelloop computes has a code version; the landing files are external.
+    for name, definition in definitions.items():
+        if definition["groupName"] == LANDING_GROUP:
+            assert not definition["isMaterializable"], f"landing asset {name} is materializable"
+        else:
+            assert definition["isMaterializable"], f"{name} cannot be materialized"
+            assert definition["opVersion"], f"{name} has no code version"
+
+    # The gated tables declare the columns their Pandera schema checks: name, type, description,
+    # nullability, uniqueness and the rule, as written in core/schemas.py.
+    for asset, rules in COLUMN_SCHEMAS.items():
+        columns = declared_columns(definitions[asset])
+        assert columns is not None, f"{asset} declares no dagster/column_schema"
+        assert [(c["name"], c["type"], c["description"]) for c in columns] == [
+            (rule.name, rule.dtype, rule.description) for rule in rules
+        ], f"{asset}: {columns}"
+        for column, rule in zip(columns, rules, strict=True):
+            constraints = column["constraints"]
+            assert constraints == {
+                "nullable": rule.nullable, "unique": rule.unique,
+                "other": [rule.rule_text()] if rule.rule else [],
+            }, f"{asset}.{rule.name}: {constraints}"
+    corpus = definitions["production_corpus"]
+    assert {"item_id", "label"} <= {c["name"] for c in declared_columns(corpus)}
+
+    for asset in FRESH_ASSETS:
+        policy = definitions[asset]["internalFreshnessPolicy"]
+        assert policy and policy["__typename"] == "TimeWindowFreshnessPolicy", f"{asset}: {policy}"
+        assert 0 < policy["warnWindowSeconds"] < policy["failWindowSeconds"], f"{asset}: {policy}"
+    # The demo materialized the corpus minutes ago: fresh, once the daemon has evaluated it.
+    status = wait_for_freshness_status(server, "production_corpus")
+    assert status == "HEALTHY", (
+        f"production_corpus freshness is {status} after {FRESHNESS_TIMEOUT_S}s\n"
+        f"server log tail:\n{server.log_tail(30)}"
+    )
+
+    shots = tmp_path / "screenshots"
+    with _page(browser, 1400, 1250, shots / "FAILED-production_corpus-columns.png") as page:
+        page.goto(f"{server.url}/assets/production_corpus")
+        expect(page.get_by_text("Columns", exact=True)).to_be_visible()
+        table = page.locator("table", has=page.get_by_text("Column name", exact=True))
+        for rule in schemas.PRODUCTION_CORPUS_COLUMNS:
+            row = table.locator("tr", has=page.get_by_text(rule.name, exact=True))
+            expect(row).to_have_count(1)
+            expect(row).to_contain_text(rule.dtype)
+            expect(row).to_contain_text(rule.description)
+            if not rule.nullable:
+                expect(row).to_contain_text("non-nullable")
+            if rule.unique:
+                expect(row).to_contain_text("unique")
+
+        # The freshness policy's section: its windows, and the status the daemon evaluated.
+        fails = page.get_by_text(re.compile(r"^Fails if more than .+ since last materialization$"))
+        expect(fails).to_be_visible()
+        warns = page.get_by_text(re.compile(r"^Warns if more than .+ since last materialization$"))
+        expect(warns).to_be_visible()
+        expect(page.get_by_text("Freshness policy", exact=True).first).to_be_visible()
+        # "Passing" (the status the API reported as HEALTHY) in the same block as the windows.
+        status_block = fails.locator(
+            "xpath=ancestor::div[.//*[normalize-space(text())='Passing']][1]"
+        )
+        expect(status_block).to_contain_text("Last materialized")
+
+        # The code version sits in the collapsed "Compute details" section.
+        compute = page.get_by_role("button", name="Compute details")
+        if compute.get_attribute("aria-expanded") != "true":
+            compute.click()
+        code_version = page.get_by_text("Code version", exact=True).locator("xpath=..")
+        expect(code_version.locator(f"[title={json.dumps(corpus['opVersion'])}]")).to_be_visible()
+        _settle(page)
+        page.wait_for_timeout(500)  # the section slides open
+        _publish(_shot(page, shots / "production_corpus-columns.png"), "production_corpus-columns.png")
+
+
+def test_jobs_and_automations_list_the_scheduled_checks(chromium, server, browser, tmp_path):
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=UI_TIMEOUT_MS)
+    repository = graphql(server, """query($r: RepositorySelector!) {
+      repositoryOrError(repositorySelector: $r) { __typename ... on Repository {
+        jobs { name } sensors { name }
+        schedules { name pipelineName cronSchedule scheduleState { status } } } } }""",
+        {"r": {"repositoryLocationName": CODE_LOCATION, "repositoryName": REPOSITORY}},
+    )["repositoryOrError"]
+    assert repository["__typename"] == "Repository", repository
+    jobs = sorted(j["name"] for j in repository["jobs"] if not j["name"].startswith("__"))
+    assert SCHEDULED_CHECKS_JOB in jobs, jobs
+    schedules = {s["name"]: s for s in repository["schedules"]}
+    schedule = schedules.get(SCHEDULED_CHECKS_SCHEDULE)
+    assert schedule, f"no {SCHEDULED_CHECKS_SCHEDULE}: {sorted(schedules)}"
+    assert schedule["pipelineName"] == SCHEDULED_CHECKS_JOB, schedule
+    assert schedule["scheduleState"]["status"] == "RUNNING", schedule  # on without a click
+    hourly = re.fullmatch(r"(\d+) \* \* \* \*", schedule["cronSchedule"])
+    assert hourly, f"{SCHEDULED_CHECKS_SCHEDULE} is not hourly: {schedule['cronSchedule']}"
+    past_the_hour = f"{int(hourly.group(1))} minutes past the hour"
+
+    shots = tmp_path / "screenshots"
+    with _page(browser, 1400, 900, shots / "FAILED-jobs.png") as page:
+        page.goto(f"{server.url}/jobs")
+
+        def job_link(job: str):
+            return page.get_by_role("link").filter(has=page.get_by_text(job, exact=True))
+
+        for job in jobs:
+            expect(job_link(job)).to_be_visible()
+
+        # The job page: the two checks it runs, and its schedule.
+        job_link(SCHEDULED_CHECKS_JOB).click()
+        expect(page.get_by_text(past_the_hour).first).to_be_visible()
+        for check in SCHEDULED_CHECKS:
+            expect(page.get_by_text(re.compile(rf"_{check}$")).first).to_be_visible()
+
+        page.goto(f"{server.url}/automation")
+        expect(page.get_by_text(SCHEDULED_CHECKS_SCHEDULE, exact=True)).to_be_visible()
+        expect(page.get_by_text(re.compile(past_the_hour)).first).to_be_visible()
+        for name in (*schedules, *(s["name"] for s in repository["sensors"])):
+            expect(page.get_by_text(name, exact=True)).to_be_visible()
 
 
 # --- GraphQL -----------------------------------------------------------------------------------
