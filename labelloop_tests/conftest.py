@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from pathlib import Path
+from types import ModuleType
 
 import dagster as dg
 import numpy as np
@@ -24,6 +26,23 @@ os.environ.setdefault("LABELLOOP_ALLOW_DEVELOPMENT_SECRET", "1")
 # strict one (nobody granted anything) to show that claims are then capped.
 EXTERNAL_TEST_MODELS = ("m-001", "m0001", "m0002", "m", "m-client", "baseline-v1")
 TRUSTING_DIRECTORY = "contributors: []\nproducers:\n  - {folder: '.', may_claim: domain_expert}\n"
+
+
+def in_ci() -> bool:
+    """CI=true (set by .ci/run): a component CI installs must be there, so its absence fails."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def require_module(name: str, why: str) -> ModuleType:
+    """Import a test-only dependency (the dev extras): skip the calling test without it locally,
+    fail under CI, which installs the dev extras, so a comparison can never silently not run."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        reason = f"{name} is not installed ({exc}); {why}: pip install -e '.[dev]'"
+        if in_ci():
+            pytest.fail(f"{reason} (CI=true, so this fails instead of skipping)", pytrace=False)
+        pytest.skip(reason)
 
 
 @pytest.fixture(autouse=True)
