@@ -14,7 +14,7 @@ from labelloop_assets import cli
 from labelloop_assets.core import store
 from labelloop_assets.core.anonymize import pseudonym
 from labelloop_assets.core.settings import pseudonymization_key
-from labelloop_tests.conftest import correction, give_keys, land_items, make_items, signed, write_jsonl
+from labelloop_tests.conftest import correction, give_keys, land_items, make_items, set_yaml, signed, write_jsonl
 from labelloop_tests.test_bursts import _bursts, _held_scenario, _ingest
 
 REVIEWERS = (
@@ -35,7 +35,7 @@ def _as(user_id: str) -> str:
 def _ties(home, items=("item-030", "item-031")) -> None:
     """Two end users for `one`, two for `two` on each item (both hold `zero` or `one`): tie escalations."""
     # Fresh end-user ids count fully here (newcomers' weight is test_trust's subject): 2 v 2 is a tie.
-    home.governance_file.write_text(home.governance_file.read_text().replace("min_history: 2", "min_history: 0"))
+    set_yaml(home.governance_file, {"newcomers": {"min_history": 0}})
     votes = [
         correction(f"{item}-{k}", item, label, user=f"{item}-user{k}", role="end_user")
         for item in items for k, label in enumerate(["one", "one", "two", "two"])

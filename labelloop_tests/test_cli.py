@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 from labelloop_assets import cli
+from labelloop_tests.conftest import set_yaml
 from labelloop_tests.test_loop import _materialize
 
 SAMPLES = Path(__file__).resolve().parent.parent / "data" / "samples" / "landing"
@@ -15,7 +16,7 @@ SAMPLES = Path(__file__).resolve().parent.parent / "data" / "samples" / "landing
 def _loaded_home(home, defs, instance, monkeypatch):
     shutil.copytree(SAMPLES, home.landing, dirs_exist_ok=True)
     # The samples' two end users are new; here they may flip sample-04 (newcomers: test_trust_votes).
-    home.governance_file.write_text(home.governance_file.read_text().replace("min_history: 2", "min_history: 0"))
+    set_yaml(home.governance_file, {"newcomers": {"min_history": 0}})
     assert _materialize(defs, instance).success
     monkeypatch.setenv("LABELLOOP_HOME", str(home.root))
 

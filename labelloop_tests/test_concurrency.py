@@ -32,7 +32,7 @@ from labelloop_assets.definitions import build_definitions
 from labelloop_assets.jobs import INGEST_JOB, RETRAIN_JOB
 from labelloop_assets.resources import LabelloopHome
 from labelloop_assets.sensors import landing_sensor
-from labelloop_tests.conftest import RETRAIN, correction, land_items, make_items, write_jsonl
+from labelloop_tests.conftest import RETRAIN, correction, land_items, make_items, set_yaml, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
@@ -172,9 +172,7 @@ COMPARED = {
 def _new_home(root: Path, items: list[dict] | None = None) -> Home:
     home = Home(root.resolve()).ensure()
     # The test worlds have 15 gold items; the shipped plan wants 30 before it promotes a model.
-    home.validation_file.write_text(
-        home.validation_file.read_text().replace("min_eval_items: 30", "min_eval_items: 10")
-    )
+    set_yaml(home.validation_file, {"min_eval_items": 10})
     land_items(home, items or make_items()[0])
     return home
 

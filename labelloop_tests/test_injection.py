@@ -19,7 +19,7 @@ from labelloop_assets import cli
 from labelloop_assets.core import contracts, publish, signing, store
 from labelloop_assets.core.anonymize import pseudonym
 from labelloop_assets.core.settings import pseudonymization_key
-from labelloop_tests.conftest import correction, give_keys, key_of, land_items, make_items, write_jsonl
+from labelloop_tests.conftest import correction, give_keys, key_of, land_items, make_items, set_yaml, write_jsonl
 
 CANARY = "labelloop-canary"
 SHELL = f"$(rm -rf /) `touch {CANARY}`; touch {CANARY} && $(touch {CANARY})"
@@ -78,7 +78,7 @@ def loaded(home, defs, instance, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     give_keys(home, "reviewer-0")  # the benign reviewer signs; its key is under tmp_path/keys
     # Fresh end-user ids count fully here (newcomers' weight is test_trust's subject): 2 v 2 is a tie.
-    home.governance_file.write_text(home.governance_file.read_text().replace("min_history: 2", "min_history: 0"))
+    set_yaml(home.governance_file, {"newcomers": {"min_history": 0}})
     land_items(home, make_items()[0])
     write_jsonl(home.landing_dir("corrections"), "ties.jsonl", [
         correction(f"tie-{k}", "item-030", label, user=f"tier{k}", role="end_user")

@@ -17,7 +17,7 @@ from labelloop_assets.core import signing, store
 from labelloop_assets.core.anonymize import pseudonym
 from labelloop_assets.core.settings import pseudonymization_key
 from labelloop_assets.jobs import INGEST_JOB
-from labelloop_tests.conftest import correction, give_keys, key_of, land_items, make_items, signed, write_jsonl
+from labelloop_tests.conftest import correction, give_keys, key_of, land_items, make_items, set_yaml, signed, write_jsonl
 
 REVIEWERS = "reviewers:\n  - {id: reviewer-0, role: reviewer}\n  - {id: expert-0, role: domain_expert}\n"
 
@@ -37,7 +37,7 @@ def _open_ties(home, defs, instance, monkeypatch) -> None:
     home.reviewers_file.write_text(REVIEWERS)
     give_keys(home, "reviewer-0", "expert-0")
     # Fresh end-user ids count fully here (newcomers' weight is another suite's subject): 2 v 2 is a tie.
-    home.governance_file.write_text(home.governance_file.read_text().replace("min_history: 2", "min_history: 0"))
+    set_yaml(home.governance_file, {"newcomers": {"min_history": 0}})
     land_items(home, make_items()[0])
     write_jsonl(home.landing_dir("corrections"), "ties.jsonl", [
         correction(f"{item}-{k}", item, label, user=f"{item}-user{k}", role="end_user")
@@ -179,9 +179,7 @@ def signing_sha(path) -> str:
 def test_the_role_is_the_signers_from_the_directory_not_the_lines(home, defs, instance, monkeypatch):
     """A line cannot raise its reviewer: the role that decides is contributors.yaml's."""
     _open_ties(home, defs, instance, monkeypatch)
-    home.governance_file.write_text(
-        home.governance_file.read_text().replace("tie: [reviewer, domain_expert]", "tie: [domain_expert]")
-    )
+    set_yaml(home.governance_file, {"escalation": {"may_decide": {"tie": ["domain_expert"]}}})
     write_jsonl(home.landing_dir("reviews"), "claims.jsonl", [
         signed({**_decision("d-claims"), "reviewer_role": "domain_expert"}),
         signed(_decision("d-expert", reviewer_id="expert-0", escalation_id="esc-item-031-1")),
