@@ -159,7 +159,7 @@ def test_every_cli_argument_refuses_hostile_text_or_keeps_it_as_data(loaded, def
     # `keys new --out FILE` writes the private key it is told to (a hostile name is just a name, in
     # a folder that exists; nothing is created around it), mode 0600.
     keys = {f for f in new_files if not f.startswith("home/landing/reviews/")}
-    assert keys <= set(HOSTILE), keys
+    assert keys and keys <= set(HOSTILE), keys
     assert all(oct((tmp_path / f).stat().st_mode & 0o777) == "0o600" for f in keys)
     assert all((tmp_path / f).read_text().startswith("-----BEGIN PRIVATE KEY-----") for f in keys)
     new_files -= keys

@@ -196,10 +196,10 @@ def test_two_values_stored_at_once_must_both_match(either_con):
 ])
 def test_an_altered_check_value_is_a_clear_error_not_a_hang(con, altered):
     con.execute("INSERT INTO schema_info VALUES ('pseudonym_key_check', ?)", [altered])
-    started = time.perf_counter()
+    started = time.thread_time()  # CPU time: a busy machine's other processes do not count
     with pytest.raises(LabelloopConfigError, match="not a check value labelloop writes"):
         secret.check_pseudonymization_key(con, STRONG.encode())
-    assert time.perf_counter() - started < 1
+    assert time.thread_time() - started < 1
 
 
 def test_a_real_run_stores_the_slow_form_and_refuses_another_key(home, defs, instance, monkeypatch):
