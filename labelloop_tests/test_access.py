@@ -10,6 +10,8 @@ acknowledged by a wrong role, a rollback by a wrong role, and that a refusal is 
 
 from __future__ import annotations
 
+import pytest
+
 from labelloop_assets import cli
 from labelloop_assets.core import store
 from labelloop_assets.core.anonymize import pseudonym
@@ -54,6 +56,7 @@ def _two_open_ties(home, defs, instance, monkeypatch) -> None:
         ("esc-item-030-1", "tie"), ("esc-item-031-1", "tie")]
 
 
+@pytest.mark.slow
 def test_reject_and_defer_are_checked_and_audited_from_the_cli_and_from_files(
     home, defs, instance, monkeypatch, capsys
 ):
@@ -110,6 +113,7 @@ def test_reject_and_defer_are_checked_and_audited_from_the_cli_and_from_files(
     assert _rows(home, "SELECT escalation_id, deferrals FROM escalations").rows() == [("esc-item-031-1", 1)]
 
 
+@pytest.mark.slow
 def test_a_burst_acknowledged_by_a_role_governance_does_not_allow_is_refused_and_audited(
     home, defs, instance, monkeypatch, capsys
 ):
@@ -153,6 +157,7 @@ def test_a_rollback_by_a_role_that_may_not_roll_back_is_refused_and_audited(home
     assert not (home.models / "CURRENT").exists()
 
 
+@pytest.mark.slow
 def test_what_the_cli_refused_never_takes_effect_and_what_it_accepts_ingest_accepts(
     home, defs, instance, monkeypatch, capsys
 ):

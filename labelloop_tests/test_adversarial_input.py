@@ -775,6 +775,7 @@ def _check_passed(result: dg.ExecuteInProcessResult, name: str) -> bool:
     return [e.passed for e in result.get_asset_check_evaluations() if e.check_name == name] == [True]
 
 
+@pytest.mark.slow
 def test_hostile_landing_zone_through_real_ingest_runs(home, defs, instance):
     """Two ingest runs on a real instance: hostile lines are quarantined, the valid votes behind
     them open an escalation, a reviewer decides it beside hostile review lines, and every table

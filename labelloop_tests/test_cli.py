@@ -6,6 +6,8 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
+
 from labelloop_assets import cli
 from labelloop_tests.conftest import set_yaml
 from labelloop_tests.test_loop import _materialize
@@ -21,6 +23,7 @@ def _loaded_home(home, defs, instance, monkeypatch):
     monkeypatch.setenv("LABELLOOP_HOME", str(home.root))
 
 
+@pytest.mark.slow
 def test_status_quarantine_and_lineage(home, defs, instance, monkeypatch, capsys):
     _loaded_home(home, defs, instance, monkeypatch)
 
@@ -51,6 +54,7 @@ def test_status_quarantine_and_lineage(home, defs, instance, monkeypatch, capsys
     assert "dana@example.org" not in json.dumps(lineage)
 
 
+@pytest.mark.slow
 def test_lineage_of_unknown_item_and_missing_database(home, defs, instance, monkeypatch, capsys):
     _loaded_home(home, defs, instance, monkeypatch)
     assert cli.main(["lineage", "no-such-item"]) == 1

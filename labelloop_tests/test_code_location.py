@@ -84,6 +84,7 @@ def _workspace_module() -> tuple[str, str]:
     return entry["python_module"]["module_name"], entry["python_module"]["location_name"]
 
 
+@pytest.mark.slow
 def test_the_workspace_loads_as_dagster_loads_it(deployment_env):
     module, location = _workspace_module()
     assert (module, location) == ("labelloop_assets.definitions", LOCATION)

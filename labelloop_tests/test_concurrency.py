@@ -34,6 +34,9 @@ from labelloop_assets.resources import LabelloopHome
 from labelloop_assets.sensors import landing_sensor
 from labelloop_tests.conftest import RETRAIN, correction, land_items, make_items, set_yaml, write_jsonl
 
+# Pairs of runs in processes of their own, and a module-wide pair on the shipped instance (~20 s).
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 QUIET = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
 

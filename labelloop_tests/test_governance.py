@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import dagster as dg
+import pytest
 
 from labelloop_assets import cli
 from labelloop_assets.core import corpus, store, train
@@ -33,6 +34,7 @@ def _tie_on_item_030(home, name="c1.jsonl", start=0):
     write_jsonl(home.landing_dir("corrections"), name, votes)
 
 
+@pytest.mark.slow
 def test_conflict_escalates_and_a_reviewer_decision_is_promoted_under_sensors(
     home, defs, instance, resources, monkeypatch, capsys
 ):
@@ -118,6 +120,7 @@ def test_sla_breach_is_flagged_and_warned(home, defs, instance):
     assert not check.passed and check.severity == dg.AssetCheckSeverity.WARN
 
 
+@pytest.mark.slow
 def test_corpus_as_of_reproduces_what_a_model_saw(home, defs, instance):
     land_items(home, make_items()[0])
     assert _materialize(defs, instance).success  # corpus v1, model m0001

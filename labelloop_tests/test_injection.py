@@ -124,6 +124,7 @@ def _argv(path, parser, target, value) -> list[str]:
     return argv
 
 
+@pytest.mark.slow
 def test_every_cli_argument_refuses_hostile_text_or_keeps_it_as_data(loaded, defs, instance, tmp_path, capsys):
     home = loaded
     before, files_before = _counts(home), _files(tmp_path)
@@ -223,6 +224,7 @@ def _hostile_records() -> dict[str, list[tuple[str, str, dict]]]:
     return landed
 
 
+@pytest.mark.slow
 def test_every_landing_text_field_refuses_hostile_text_or_keeps_it_verbatim(loaded, defs, instance, capsys):
     home = loaded
     before = _counts(home)

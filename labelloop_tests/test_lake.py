@@ -26,6 +26,8 @@ from labelloop_assets.definitions import build_definitions
 from labelloop_tests import pg
 from labelloop_tests.conftest import RETRAIN, correction, land_items, make_items, prepared_home, write_jsonl
 
+pytestmark = pytest.mark.postgres
+
 LOOP = ["items", "predictions", "raw_corrections", "review_decisions", "validated_labels",
         "production_corpus", "retrained_model", "model_evaluation", "label_quality_metrics"]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import dagster as dg
+import pytest
 
 from labelloop_assets.checks.schema_checks import BLOCKING_CHECKS
 from labelloop_assets.core.settings import RetrainPolicy
@@ -47,6 +48,7 @@ def test_landing_sensor_requests_each_new_file_once(home, instance, resources):
     assert len(third.run_requests) == 1 and "corrections/link.jsonl" in json.loads(third.cursor)["seen"]
 
 
+@pytest.mark.slow
 def test_sensor_run_ingests_exactly_once_even_when_the_run_is_retried(home, instance, resources, defs):
     land_items(home, make_items()[0])
     request = _tick(landing_sensor, instance, resources).run_requests[0]
@@ -65,6 +67,7 @@ def test_sensor_run_ingests_exactly_once_even_when_the_run_is_retried(home, inst
     assert [c["dagster/row_count"] for c in counts] == [60, 60]
 
 
+@pytest.mark.slow
 def test_retrain_sensor_follows_the_cadence(home, instance, resources, defs):
     assert "no corpus version" in _tick(retrain_sensor, instance, resources).skip_message
     land_items(home, make_items()[0])
@@ -87,6 +90,7 @@ def test_retrain_sensor_follows_the_cadence(home, instance, resources, defs):
     assert isinstance(due, dg.RunRequest) and due.run_key == "retrain-corpus-v3"
 
 
+@pytest.mark.slow
 def test_retrain_sensor_asks_once_per_corpus_version_and_waits_out_the_interval(home, instance, resources, defs):
     land_items(home, make_items()[0])
     defs.resolve_job_def(INGEST_JOB).execute_in_process(instance=instance)
@@ -109,6 +113,7 @@ def test_retrain_sensor_asks_once_per_corpus_version_and_waits_out_the_interval(
     assert due.run_key == "retrain-corpus-v3"
 
 
+@pytest.mark.slow
 def test_a_failing_blocking_check_holds_retraining_until_it_passes(home, instance, resources, defs):
     land_items(home, make_items()[0])
     ingest = defs.resolve_job_def(INGEST_JOB)

@@ -117,6 +117,7 @@ def test_a_key_file_is_private_new_and_ed25519(tmp_path):
 # --------------------------------------------------------------------------- ingest
 
 
+@pytest.mark.slow
 def test_unsigned_altered_replayed_and_wrongly_keyed_decisions_are_refused_and_audited(
     home, defs, instance, monkeypatch
 ):
@@ -176,6 +177,7 @@ def signing_sha(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.slow
 def test_the_role_is_the_signers_from_the_directory_not_the_lines(home, defs, instance, monkeypatch):
     """A line cannot raise its reviewer: the role that decides is contributors.yaml's."""
     _open_ties(home, defs, instance, monkeypatch)
@@ -190,6 +192,7 @@ def test_the_role_is_the_signers_from_the_directory_not_the_lines(home, defs, in
         ("d-expert", "domain_expert")]
 
 
+@pytest.mark.slow
 def test_revocation_refuses_later_signatures_only(home, defs, instance, monkeypatch, capsys):
     _open_ties(home, defs, instance, monkeypatch)
     old_key = signing.key_id_of(key_of("reviewer-0"))
@@ -234,6 +237,7 @@ def test_revocation_refuses_later_signatures_only(home, defs, instance, monkeypa
 # --------------------------------------------------------------------------- the command line
 
 
+@pytest.mark.slow
 def test_the_cli_refuses_to_act_without_the_reviewers_own_key_outside_the_home(
     home, defs, instance, monkeypatch, capsys, tmp_path
 ):
@@ -280,6 +284,7 @@ def test_the_cli_refuses_to_act_without_the_reviewers_own_key_outside_the_home(
     assert stored == [signing.key_id_of(signing.load_private_key(tmp_path / "expert-0.key"))]
 
 
+@pytest.mark.slow
 def test_keys_new_writes_a_private_key_outside_the_home_and_register_makes_it_sign(
     home, defs, instance, monkeypatch, capsys, tmp_path
 ):
