@@ -10,7 +10,7 @@ export LABELLOOP_HOME ?= $(CURDIR)/data/home
 export DAGSTER_HOME := $(CURDIR)
 export LABELLOOP_DAGSTER_STORAGE ?= $(LABELLOOP_HOME)/dagster
 
-.PHONY: venv demo test docs dev bench clean browser e2e postgres
+.PHONY: venv demo test test-fast docs dev bench clean browser e2e postgres
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,11 @@ docs: venv
 
 test: venv docs browser postgres
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+
+# The inner loop (under 3 minutes on 2 cores): no browser, no PostgreSQL server, no S3, and none of
+# the tests marked slow (markers in setup.cfg). `make test` still runs everything.
+test-fast: venv
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow and not e2e and not postgres and not s3"
 
 e2e: venv browser
 	$(BIN)/python -m pytest -m e2e

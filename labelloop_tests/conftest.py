@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from pathlib import Path
+from types import ModuleType
 
 import dagster as dg
 import numpy as np
 import pytest
+import yaml
 
 from labelloop_assets.core.settings import Home, RetrainPolicy
 from labelloop_assets.definitions import build_definitions
@@ -26,6 +29,23 @@ EXTERNAL_TEST_MODELS = ("m-001", "m0001", "m0002", "m", "m-client", "baseline-v1
 TRUSTING_DIRECTORY = "contributors: []\nproducers:\n  - {folder: '.', may_claim: domain_expert}\n"
 
 
+def in_ci() -> bool:
+    """CI=true (set by .ci/run): a component CI installs must be there, so its absence fails."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def require_module(name: str, why: str) -> ModuleType:
+    """Import a test-only dependency (the dev extras): skip the calling test without it locally,
+    fail under CI, which installs the dev extras, so a comparison can never silently not run."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        reason = f"{name} is not installed ({exc}); {why}: pip install -e '.[dev]'"
+        if in_ci():
+            pytest.fail(f"{reason} (CI=true, so this fails instead of skipping)", pytrace=False)
+        pytest.skip(reason)
+
+
 @pytest.fixture(autouse=True)
 def _restore_umask():
     """Home.ensure() sets the process umask (LABELLOOP_FILE_ACCESS); each test starts from the same."""
@@ -33,6 +53,30 @@ def _restore_umask():
     os.umask(before)
     yield
     os.umask(before)
+
+
+def set_yaml(path: Path, changes: dict) -> None:
+    """Change settings in a YAML file: `changes` mirrors the file's nesting, e.g.
+    `set_yaml(home.governance_file, {"newcomers": {"min_history": 0}})`. Every key must already be
+    in the file, so an edit whose setting was renamed or moved fails here instead of silently
+    leaving the shipped value (as a text replacement that no longer matches would). The file is
+    rewritten from the parsed settings: its comments are not kept."""
+    settings = yaml.safe_load(path.read_text(encoding="utf-8"))
+    _set_existing(settings, changes, path.name, ())
+    path.write_text(yaml.safe_dump(settings, sort_keys=False, default_flow_style=None), encoding="utf-8")
+
+
+def _set_existing(settings, changes: dict, file_name: str, above: tuple) -> None:
+    for key, value in changes.items():
+        where = ".".join(map(str, (*above, key)))
+        if not isinstance(settings, dict) or key not in settings:
+            raise AssertionError(f"{file_name} has no setting {where}; the test edits a setting that is not there")
+        if isinstance(value, dict) and value:
+            if not isinstance(settings[key], dict):
+                raise AssertionError(f"{file_name}: {where} is {settings[key]!r}, not a mapping")
+            _set_existing(settings[key], value, file_name, (*above, key))
+        else:
+            settings[key] = value
 
 
 def write_jsonl(folder: Path, name: str, records: list) -> Path:
@@ -117,9 +161,7 @@ def prepared_home(root: Path) -> Home:
     with home.training_file.open("a") as config:
         config.write(f"external_model_versions: {list(EXTERNAL_TEST_MODELS)}\n")
     # The shipped plan wants 30 gold items before it promotes a model.
-    home.validation_file.write_text(
-        home.validation_file.read_text().replace("min_eval_items: 30", "min_eval_items: 10")
-    )
+    set_yaml(home.validation_file, {"min_eval_items": 10})
     return home
 
 

@@ -10,11 +10,13 @@ acknowledged by a wrong role, a rollback by a wrong role, and that a refusal is 
 
 from __future__ import annotations
 
+import pytest
+
 from labelloop_assets import cli
 from labelloop_assets.core import store
 from labelloop_assets.core.anonymize import pseudonym
 from labelloop_assets.core.settings import pseudonymization_key
-from labelloop_tests.conftest import correction, give_keys, land_items, make_items, signed, write_jsonl
+from labelloop_tests.conftest import correction, give_keys, land_items, make_items, set_yaml, signed, write_jsonl
 from labelloop_tests.test_bursts import _bursts, _held_scenario, _ingest
 
 REVIEWERS = (
@@ -35,7 +37,7 @@ def _as(user_id: str) -> str:
 def _ties(home, items=("item-030", "item-031")) -> None:
     """Two end users for `one`, two for `two` on each item (both hold `zero` or `one`): tie escalations."""
     # Fresh end-user ids count fully here (newcomers' weight is test_trust's subject): 2 v 2 is a tie.
-    home.governance_file.write_text(home.governance_file.read_text().replace("min_history: 2", "min_history: 0"))
+    set_yaml(home.governance_file, {"newcomers": {"min_history": 0}})
     votes = [
         correction(f"{item}-{k}", item, label, user=f"{item}-user{k}", role="end_user")
         for item in items for k, label in enumerate(["one", "one", "two", "two"])
@@ -54,6 +56,7 @@ def _two_open_ties(home, defs, instance, monkeypatch) -> None:
         ("esc-item-030-1", "tie"), ("esc-item-031-1", "tie")]
 
 
+@pytest.mark.slow
 def test_reject_and_defer_are_checked_and_audited_from_the_cli_and_from_files(
     home, defs, instance, monkeypatch, capsys
 ):
@@ -110,6 +113,7 @@ def test_reject_and_defer_are_checked_and_audited_from_the_cli_and_from_files(
     assert _rows(home, "SELECT escalation_id, deferrals FROM escalations").rows() == [("esc-item-031-1", 1)]
 
 
+@pytest.mark.slow
 def test_a_burst_acknowledged_by_a_role_governance_does_not_allow_is_refused_and_audited(
     home, defs, instance, monkeypatch, capsys
 ):
@@ -153,6 +157,7 @@ def test_a_rollback_by_a_role_that_may_not_roll_back_is_refused_and_audited(home
     assert not (home.models / "CURRENT").exists()
 
 
+@pytest.mark.slow
 def test_what_the_cli_refused_never_takes_effect_and_what_it_accepts_ingest_accepts(
     home, defs, instance, monkeypatch, capsys
 ):

@@ -26,7 +26,7 @@ from labelloop_assets.core.resolve import ResolutionPolicy
 from labelloop_assets.core.settings import Home
 from labelloop_assets.jobs import INGEST_JOB
 from labelloop_tests.conftest import correction as vote
-from labelloop_tests.conftest import give_keys, land_items, make_items, signed, write_jsonl
+from labelloop_tests.conftest import give_keys, land_items, make_items, set_yaml, signed, write_jsonl
 
 KEY = b"adversarial-test-key"
 FEATURES = [0.5, 1.0, 1.5, 2.0]
@@ -775,6 +775,7 @@ def _check_passed(result: dg.ExecuteInProcessResult, name: str) -> bool:
     return [e.passed for e in result.get_asset_check_evaluations() if e.check_name == name] == [True]
 
 
+@pytest.mark.slow
 def test_hostile_landing_zone_through_real_ingest_runs(home, defs, instance):
     """Two ingest runs on a real instance: hostile lines are quarantined, the valid votes behind
     them open an escalation, a reviewer decides it beside hostile review lines, and every table
@@ -782,7 +783,7 @@ def test_hostile_landing_zone_through_real_ingest_runs(home, defs, instance):
     records, _ = make_items()
     land_items(home, records)
     # Fresh end-user ids count fully here (newcomers' weight is test_trust's subject): 2 v 2 is a tie.
-    home.governance_file.write_text(home.governance_file.read_text().replace("min_history: 2", "min_history: 0"))
+    set_yaml(home.governance_file, {"newcomers": {"min_history": 0}})
     tie = [vote(f"tie-{k}", "item-030", label, user=f"user{k}", role="end_user")
            for k, label in enumerate(["one", "one", "two", "two"])]
     hostile = [

@@ -11,6 +11,7 @@ from labelloop_tests import pg
 
 
 @pytest.mark.slow
+@pytest.mark.postgres
 def test_benchmark_harness_smoke(tmp_path):
     pg.require_server()
     results = run.suite(

@@ -29,7 +29,7 @@ from labelloop_assets.core.bursts import (
 from labelloop_assets.core.settings import LabelloopConfigError, pseudonymization_key
 from labelloop_assets.sensors import _latest_metadata, retrain_decision
 from labelloop_tests.conftest import (
-    RETRAIN, correction, give_keys, key_of, land_items, make_items, signed, write_jsonl,
+    RETRAIN, correction, give_keys, key_of, land_items, make_items, set_yaml, signed, write_jsonl,
 )
 from labelloop_tests.test_loop import _materialize, _metadata, _rows
 
@@ -251,13 +251,11 @@ def _burst_events(targets=TARGETS, prefix="m", start=0) -> list[dict]:
 def _trust_lone_annotators(home) -> None:
     """A lone annotator may flip a label here, even a new one, so only the hold keeps mallory's
     labels out. The days are a replay of March: lateness runs on the events' clock."""
-    text = home.governance_file.read_text()
-    assert "min_accuracy: 0.85" in text and "min_votes: 20" in text
-    assert "min_history: 2" in text and "clock: wall" in text
-    home.governance_file.write_text(text.replace("min_accuracy: 0.85", "min_accuracy: 0.5")
-                                    .replace("min_votes: 20", "min_votes: 0")
-                                    .replace("min_history: 2", "min_history: 0")
-                                    .replace("clock: wall", "clock: events"))
+    set_yaml(home.governance_file, {
+        "solo_flip": {"min_accuracy": 0.5, "min_votes": 0},
+        "newcomers": {"min_history": 0},
+        "escalation": {"clock": "events"},
+    })
 
 
 def _land_history(home) -> None:

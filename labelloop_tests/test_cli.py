@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from labelloop_assets import cli
-from labelloop_tests.conftest import correction, write_jsonl
+from labelloop_tests.conftest import correction, set_yaml, write_jsonl
 from labelloop_tests.test_loop import _materialize
 
 SAMPLES = Path(__file__).resolve().parent.parent / "data" / "samples" / "landing"
@@ -21,11 +21,12 @@ SAMPLES = Path(__file__).resolve().parent.parent / "data" / "samples" / "landing
 def _loaded_home(home, defs, instance, monkeypatch):
     shutil.copytree(SAMPLES, home.landing, dirs_exist_ok=True)
     # The samples' two end users are new; here they may flip sample-04 (newcomers: test_trust_votes).
-    home.governance_file.write_text(home.governance_file.read_text().replace("min_history: 2", "min_history: 0"))
+    set_yaml(home.governance_file, {"newcomers": {"min_history": 0}})
     assert _materialize(defs, instance).success
     monkeypatch.setenv("LABELLOOP_HOME", str(home.root))
 
 
+@pytest.mark.slow
 def test_status_quarantine_and_lineage(home, defs, instance, monkeypatch, capsys):
     _loaded_home(home, defs, instance, monkeypatch)
 
@@ -56,6 +57,7 @@ def test_status_quarantine_and_lineage(home, defs, instance, monkeypatch, capsys
     assert "dana@example.org" not in json.dumps(lineage)
 
 
+@pytest.mark.slow
 def test_lineage_of_unknown_item_and_missing_database(home, defs, instance, monkeypatch, capsys):
     _loaded_home(home, defs, instance, monkeypatch)
     assert cli.main(["lineage", "no-such-item"]) == 1

@@ -32,7 +32,10 @@ from labelloop_assets.definitions import build_definitions
 from labelloop_assets.jobs import INGEST_JOB, RETRAIN_JOB
 from labelloop_assets.resources import LabelloopHome
 from labelloop_assets.sensors import landing_sensor
-from labelloop_tests.conftest import RETRAIN, correction, land_items, make_items, write_jsonl
+from labelloop_tests.conftest import RETRAIN, correction, land_items, make_items, set_yaml, write_jsonl
+
+# Pairs of runs in processes of their own, and a module-wide pair on the shipped instance (~20 s).
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
@@ -70,7 +73,7 @@ RUNNER = textwrap.dedent(
         def connect_when_the_other_run_is_here_too(*args, **kwargs):
             if phase not in opened:
                 opened.add(phase)
-                meet(Path(first_open, str(phase)), 10)
+                meet(Path(first_open, str(phase)), 60)
             return connect(*args, **kwargs)
 
         store.connect = connect_when_the_other_run_is_here_too
@@ -110,7 +113,7 @@ RUNNER = textwrap.dedent(
 
         def fit_after_the_other_run_read_the_registry(*args, **kwargs):
             if any(frame.name == "retrained_model" for frame in traceback.extract_stack()):
-                meet(fit_gate, 3)
+                meet(fit_gate, 60)
             return fit(*args, **kwargs)
 
         train.fit = fit_after_the_other_run_read_the_registry
@@ -172,9 +175,7 @@ COMPARED = {
 def _new_home(root: Path, items: list[dict] | None = None) -> Home:
     home = Home(root.resolve()).ensure()
     # The test worlds have 15 gold items; the shipped plan wants 30 before it promotes a model.
-    home.validation_file.write_text(
-        home.validation_file.read_text().replace("min_eval_items: 30", "min_eval_items: 10")
-    )
+    set_yaml(home.validation_file, {"min_eval_items": 10})
     land_items(home, items or make_items()[0])
     return home
 
@@ -349,6 +350,14 @@ def test_two_trainings_in_process_register_one_model(manual_pair):
     assert [r["success"] for r in results] == [True, True], [r["failures"] for r in results]
 
 
+def _reads(progress: Path) -> int:
+    """How many whole reads the analyst process has reported so far."""
+    try:
+        return int(progress.read_text())
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
 def _answer(con: duckdb.DuckDBPyConnection, view: str) -> tuple:
     return con.execute(f"SELECT count(*), bit_xor(hash(t)) FROM {view} AS t").fetchone()
 
@@ -358,7 +367,7 @@ READER = textwrap.dedent(
     import json, os, sys, time
     import duckdb
 
-    folder, stop, views = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
+    folder, stop, views, progress = sys.argv[1], sys.argv[2], sys.argv[3].split(","), sys.argv[4]
     con = duckdb.connect()
     answers, errors, reads = set(), [], 0
     deadline = time.monotonic() + 60
@@ -370,6 +379,9 @@ READER = textwrap.dedent(
                 for view in views
             ))
             reads += 1
+            with open(progress + ".tmp", "w") as file:
+                file.write(str(reads))
+            os.replace(progress + ".tmp", progress)
         except Exception as error:
             errors.append(str(error))
         if reads + len(errors) == 1:
@@ -390,21 +402,22 @@ def test_analysts_reading_the_published_views_see_whole_snapshots_and_never_hold
     _land_traffic(new)
     assert _run(new, INGEST_JOB).success
     views = ("production_corpus", "corpus_versions", "label_decisions")
-    folder, stop = tmp_path / "published", tmp_path / "stop"
+    folder, stop, progress = tmp_path / "published", tmp_path / "stop", tmp_path / "reads"
     with store.connect(old.database, read_only=True) as old_con, \
             store.connect(new.database, read_only=True) as new_con:
         snapshots = {tuple(_answer(con, view) for view in views) for con in (old_con, new_con)}
         assert len(snapshots) == 2
         publish.publish(old_con, folder, views)
         reader = subprocess.Popen(
-            [sys.executable, "-c", READER, str(folder), str(stop), ",".join(views)],
+            [sys.executable, "-c", READER, str(folder), str(stop), ",".join(views), str(progress)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         try:
             assert reader.stdout.readline().strip() == "reading"
-            # The loop publishes two corpus versions in turn while the analyst reads.
-            turn, until = 0, time.monotonic() + 2
-            while turn < 40 or time.monotonic() < until:
+            # The loop publishes two corpus versions in turn while the analyst reads, until the
+            # analyst has read 20 times (however slowly a busy machine lets it read).
+            turn, until = 0, time.monotonic() + 60
+            while turn < 40 or (_reads(progress) < 20 and time.monotonic() < until):
                 publish.publish(new_con if turn % 2 == 0 else old_con, folder, views)
                 turn += 1
             publish.publish(new_con, folder, views)
@@ -466,14 +479,18 @@ def test_the_cli_waits_for_a_held_file_and_then_reads_it(held, monkeypatch, caps
     home, hold = held
     monkeypatch.setenv("LABELLOOP_HOME", str(home.root))
     monkeypatch.setenv(store.WAIT_ENV, "20")
-    holder = hold(1.5)
+    holder = hold(120)
     started = time.monotonic()
+    # Let go 3 s from now: the CLI cannot have read before then, however busy the machine is.
+    releaser = threading.Timer(3, holder.kill)
+    releaser.start()
 
     assert cli.main(["status", "--json"]) == 0
 
     waited = time.monotonic() - started
+    releaser.join()
     out, err = capsys.readouterr()
-    assert 1.0 < waited < 15
+    assert 3 <= waited < 15
     assert f"{home.database} is held by another process (PID {holder.pid}" in err
     assert "waiting up to 20 s" in err
     assert {"table_name": "items", "rows": 60} in json.loads(out)["tables"]

@@ -25,6 +25,9 @@ from labelloop_assets.core.settings import Home
 from labelloop_assets.definitions import build_definitions
 from labelloop_tests.conftest import RETRAIN, correction, land_items, make_items, prepared_home, write_jsonl
 
+# Every crash point is a child run killed there, all of them started by one module-wide fixture.
+pytestmark = pytest.mark.slow
+
 CHILD = textwrap.dedent(
     """
     import os, signal, sys, traceback

@@ -20,6 +20,8 @@ from labelloop_assets.jobs import INGEST_JOB
 from labelloop_tests import pg
 from labelloop_tests.conftest import RETRAIN, correction, land_items, make_items, write_jsonl
 
+pytestmark = pytest.mark.postgres
+
 DEPLOY_YAML = Path(__file__).resolve().parents[1] / "examples" / "deploy" / "dagster.yaml"
 
 

@@ -43,7 +43,19 @@ def test_demo_loop_raises_corpus_and_model_accuracy(tmp_path, instance):
     n, accepted, q = files.row(0)
     assert n == accepted + q == sum(r["corrections_received"] for r in rows)
     assert (accepted, q) == (raw, quarantined)
-    assert sum(r["reviews_applied"] for r in rows) > 0 and rows[-1]["open_escalations"] >= 0
+    # Disagreements open escalations from day 1; each day the reviewers decide the oldest
+    # reviews_per_day of those open, the next day's ingest applies the decisions and closes them;
+    # the intern's unsigned try on day 2 is refused on day 3.
+    assert rows[1]["open_escalations"] > 0
+    assert [r["reviews_applied"] for r in rows] == [0, 0] + [
+        min(config.reviews_per_day, r["open_escalations"]) for r in rows[1:-1]
+    ]
+    assert [r["reviews_refused"] for r in rows] == [0, 0, 0, 1]
+    with store.connect(home.database, read_only=True) as con:
+        decided = set(store.frame(con, "SELECT escalation_id FROM review_decisions")["escalation_id"])
+        still_open = set(store.frame(con, "SELECT escalation_id FROM escalations")["escalation_id"])
+    assert len(decided) == sum(r["reviews_applied"] for r in rows) and not decided & still_open
+    assert rows[-1]["open_escalations"] == len(still_open)
     # Day 2's weaker training configuration is rejected by the plan; the shipped one is back for day 3.
     decisions = [(r["day"], e["decision"]) for r in rows for e in r["model_evaluations"]]
     assert decisions[0] == (0, "promote") and decisions[-1] == (3, "promote")

@@ -68,6 +68,7 @@ def run_the_loop(home: Home, instance: dg.DagsterInstance) -> set[Path]:
     return written
 
 
+@pytest.mark.slow
 def test_everything_the_loop_writes_is_readable_by_its_owner_only(tmp_path, instance, monkeypatch):
     monkeypatch.delenv(FILE_ACCESS_ENV, raising=False)
     monkeypatch.setenv("LABELLOOP_SECRET", SECRET)
@@ -87,6 +88,7 @@ def test_everything_the_loop_writes_is_readable_by_its_owner_only(tmp_path, inst
     assert all(mode(p) == 0o644 for p in written)
 
 
+@pytest.mark.slow
 def test_with_group_access_the_group_reads_and_nobody_else(tmp_path, instance, monkeypatch):
     monkeypatch.setenv(FILE_ACCESS_ENV, "group")
     monkeypatch.setenv("LABELLOOP_SECRET", SECRET)

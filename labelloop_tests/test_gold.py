@@ -71,6 +71,7 @@ def loop(home, defs, instance):
     return ingested
 
 
+@pytest.mark.slow
 def test_the_first_declaration_is_evaluation_set_1(home, loop):
     items = _metadata(loop, "items")
     assert (items["evaluation_set"], items["n_gold"], items["n_gold_added"]) == (1, 15, 15)
@@ -82,6 +83,7 @@ def test_the_first_declaration_is_evaluation_set_1(home, loop):
     assert evaluation.rows() == [(1, 15)]
 
 
+@pytest.mark.slow
 def test_a_landing_file_cannot_declare_gold(home, defs, instance, loop):
     """The attack: 1,200 new items carrying gold_label, every label wrong for its features, would
     have made the champion look bad (and any challenger trained to agree with them look good)."""
@@ -114,6 +116,7 @@ def test_a_landing_file_cannot_declare_gold(home, defs, instance, loop):
     assert json.loads(latest["champion_scores"])["accuracy"] == json.loads(before)["accuracy"] == 1.0
 
 
+@pytest.mark.slow
 def test_a_landing_item_cannot_reuse_a_gold_items_id(home, defs, instance, loop):
     write_jsonl(home.landing_dir("items"), "reuse.jsonl", [
         {"item_id": "item-000", "features": [9.0, 9.0, 9.0, 9.0], "initial_label": "two"},
@@ -127,6 +130,7 @@ def test_a_landing_item_cannot_reuse_a_gold_items_id(home, defs, instance, loop)
     assert stored["gold_label"].to_list() == ["zero"] and stored["features"][0].to_list() != [9.0] * 4
 
 
+@pytest.mark.slow
 def test_adding_gold_starts_set_2_and_both_models_are_scored_on_it(home, defs, instance, loop):
     first = _rows(home, "SELECT champion_scores, challenger_scores FROM model_evaluations").row(0, named=True)
     assert json.loads(first["challenger_scores"])["n"] == 15  # m0001 was promoted on set 1
@@ -181,6 +185,7 @@ def test_an_edited_gold_file_wakes_the_landing_sensor(home, instance, resources,
     assert isinstance(tick(woken.cursor), dg.SkipReason)
 
 
+@pytest.mark.slow
 def test_changing_or_dropping_declared_gold_fails_the_step(home, defs, instance, loop):
     declared = _gold_lines(home)
     original = home.gold_file.read_bytes()
@@ -248,6 +253,7 @@ def test_a_gold_item_must_be_new(home, defs, instance, loop):
     assert "line 16: 'item-030' is already an ordinary item" in message
 
 
+@pytest.mark.slow
 def test_copies_of_gold_features_are_found_recorded_and_not_trained_on(home, defs, instance):
     records, _ = make_items()
     by_id = {r["item_id"]: r for r in records}

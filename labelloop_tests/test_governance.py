@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 
 import dagster as dg
+import pytest
 
 from labelloop_assets import cli
 from labelloop_assets.core import corpus, store, train
 from labelloop_assets.jobs import INGEST_JOB, RETRAIN_JOB
 from labelloop_assets.sensors import landing_sensor
-from labelloop_tests.conftest import correction, give_keys, land_items, make_items, write_jsonl
+from labelloop_tests.conftest import correction, give_keys, land_items, make_items, set_yaml, write_jsonl
 from labelloop_tests.test_loop import _materialize, _metadata, _rows
 
 
@@ -27,12 +28,13 @@ def _tick_and_run(defs, instance, resources, cursor):
 
 def _tie_on_item_030(home, name="c1.jsonl", start=0):
     # Fresh end-user ids count fully here (newcomers' weight is test_trust's subject): 2 v 2 is a tie.
-    home.governance_file.write_text(home.governance_file.read_text().replace("min_history: 2", "min_history: 0"))
+    set_yaml(home.governance_file, {"newcomers": {"min_history": 0}})
     votes = [correction(f"e-{start + k}", "item-030", label, user=f"user{start + k}", role="end_user")
              for k, label in enumerate(["one", "one", "two", "two"])]
     write_jsonl(home.landing_dir("corrections"), name, votes)
 
 
+@pytest.mark.slow
 def test_conflict_escalates_and_a_reviewer_decision_is_promoted_under_sensors(
     home, defs, instance, resources, monkeypatch, capsys
 ):
@@ -104,9 +106,7 @@ def test_conflict_escalates_and_a_reviewer_decision_is_promoted_under_sensors(
 
 
 def test_sla_breach_is_flagged_and_warned(home, defs, instance):
-    home.governance_file.write_text(
-        home.governance_file.read_text().replace("sla_hours: 48", "sla_hours: 0.000001")
-    )
+    set_yaml(home.governance_file, {"escalation": {"sla_hours": 0.000001}})
     land_items(home, make_items()[0])
     _tie_on_item_030(home)
     result = _materialize(defs, instance, ["items", "review_decisions", "raw_corrections", "validated_labels",
@@ -120,6 +120,7 @@ def test_sla_breach_is_flagged_and_warned(home, defs, instance):
     assert not check.passed and check.severity == dg.AssetCheckSeverity.WARN
 
 
+@pytest.mark.slow
 def test_corpus_as_of_reproduces_what_a_model_saw(home, defs, instance):
     land_items(home, make_items()[0])
     assert _materialize(defs, instance).success  # corpus v1, model m0001
@@ -141,7 +142,7 @@ def test_corpus_as_of_reproduces_what_a_model_saw(home, defs, instance):
 def test_reliability_is_estimated_on_the_training_cadence(home, defs, instance):
     land_items(home, make_items()[0])
     # Newcomer weights are test_trust_votes' subject: here ann may flip alone once proven.
-    home.governance_file.write_text(home.governance_file.read_text().replace("min_history: 2", "min_history: 0"))
+    set_yaml(home.governance_file, {"newcomers": {"min_history": 0}})
     votes = []
     for k in range(15, 45):  # a reviewer relabels 30 items; ann agrees on all, bob on none
         label = ["one", "two", "zero"][k % 3]  # each item's label was ["zero", "one", "two"][k % 3]

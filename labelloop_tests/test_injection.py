@@ -19,7 +19,7 @@ from labelloop_assets import cli
 from labelloop_assets.core import contracts, publish, signing, store
 from labelloop_assets.core.anonymize import pseudonym
 from labelloop_assets.core.settings import pseudonymization_key
-from labelloop_tests.conftest import correction, give_keys, key_of, land_items, make_items, write_jsonl
+from labelloop_tests.conftest import correction, give_keys, key_of, land_items, make_items, set_yaml, write_jsonl
 
 CANARY = "labelloop-canary"
 SHELL = f"$(rm -rf /) `touch {CANARY}`; touch {CANARY} && $(touch {CANARY})"
@@ -78,7 +78,7 @@ def loaded(home, defs, instance, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     give_keys(home, "reviewer-0")  # the benign reviewer signs; its key is under tmp_path/keys
     # Fresh end-user ids count fully here (newcomers' weight is test_trust's subject): 2 v 2 is a tie.
-    home.governance_file.write_text(home.governance_file.read_text().replace("min_history: 2", "min_history: 0"))
+    set_yaml(home.governance_file, {"newcomers": {"min_history": 0}})
     land_items(home, make_items()[0])
     write_jsonl(home.landing_dir("corrections"), "ties.jsonl", [
         correction(f"tie-{k}", "item-030", label, user=f"tier{k}", role="end_user")
@@ -124,6 +124,7 @@ def _argv(path, parser, target, value) -> list[str]:
     return argv
 
 
+@pytest.mark.slow
 def test_every_cli_argument_refuses_hostile_text_or_keeps_it_as_data(loaded, defs, instance, tmp_path, capsys):
     home = loaded
     before, files_before = _counts(home), _files(tmp_path)
@@ -159,7 +160,7 @@ def test_every_cli_argument_refuses_hostile_text_or_keeps_it_as_data(loaded, def
     # `keys new --out FILE` writes the private key it is told to (a hostile name is just a name, in
     # a folder that exists; nothing is created around it), mode 0600.
     keys = {f for f in new_files if not f.startswith("home/landing/reviews/")}
-    assert keys <= set(HOSTILE), keys
+    assert keys and keys <= set(HOSTILE), keys
     assert all(oct((tmp_path / f).stat().st_mode & 0o777) == "0o600" for f in keys)
     assert all((tmp_path / f).read_text().startswith("-----BEGIN PRIVATE KEY-----") for f in keys)
     new_files -= keys
@@ -223,6 +224,7 @@ def _hostile_records() -> dict[str, list[tuple[str, str, dict]]]:
     return landed
 
 
+@pytest.mark.slow
 def test_every_landing_text_field_refuses_hostile_text_or_keeps_it_verbatim(loaded, defs, instance, capsys):
     home = loaded
     before = _counts(home)

@@ -86,6 +86,7 @@ def test_flipped_labels_get_low_probability_out_of_sample_not_in_sample(planted)
     assert out_of_sample.mean() < in_sample.mean() / 2
 
 
+@pytest.mark.slow
 def test_seeded_folds_are_reproducible(planted):
     again, _, _ = li.out_of_sample_probabilities(planted["features"], planted["labels"], seed=0)
     other, _, _ = li.out_of_sample_probabilities(planted["features"], planted["labels"], seed=1)

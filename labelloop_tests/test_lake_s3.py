@@ -21,6 +21,8 @@ from labelloop_tests import pg
 from labelloop_tests.conftest import prepared_home
 from labelloop_tests.test_lake import _run_days, _tables, assert_same_tables, embedded_reference
 
+pytestmark = [pytest.mark.postgres, pytest.mark.s3]
+
 BUCKET = "labelloop-lake"
 PREFIX = "lake/"
 START_TIMEOUT_S = 30

@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from benchmarks.workers import prove
 from labelloop_tests import pg
+
+pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
 
 def test_two_workers_sharing_only_postgres_and_the_data_path_survive_a_kill_and_reconcile(tmp_path):

@@ -75,6 +75,7 @@ def test_first_run_builds_corpus_model_and_metrics(home, defs, instance):
     assert _rows(home, "SELECT count(*) AS n FROM models")["n"][0] == 1
 
 
+@pytest.mark.slow
 def test_corrections_flow_to_a_new_corpus_version_with_lineage(home, defs, instance):
     records, _ = make_items()
     land_items(home, records)
@@ -118,6 +119,7 @@ def test_corrections_flow_to_a_new_corpus_version_with_lineage(home, defs, insta
     assert quarantine["reason"].to_list() == ["malformed_json", "no_consent"]
 
 
+@pytest.mark.slow
 def test_repeated_runs_and_repeated_files_add_nothing(home, defs, instance):
     records, _ = make_items()
     land_items(home, records)
@@ -141,6 +143,7 @@ def test_repeated_runs_and_repeated_files_add_nothing(home, defs, instance):
     assert after.rows() == before.rows()
 
 
+@pytest.mark.slow
 def test_failing_blocking_check_stops_everything_downstream(home, defs, instance):
     records, _ = make_items()
     land_items(home, records)

@@ -15,6 +15,9 @@ from labelloop_assets.jobs import RETRAIN_JOB
 from labelloop_assets.sensors import _latest_metadata, retrain_decision
 from labelloop_tests.conftest import RETRAIN, correction, give_keys, land_items, make_items, write_jsonl
 
+# Each test trains and evaluates models through Dagster runs (5 to 10 s each).
+pytestmark = pytest.mark.slow
+
 
 def _rows(home, sql, params=None):
     with store.connect(home.database, read_only=True) as con:

@@ -13,8 +13,11 @@ import sys
 from pathlib import Path
 
 import psycopg2
+import pytest
 
 from labelloop_tests import pg
+
+pytestmark = pytest.mark.postgres
 
 ROOT = Path(__file__).resolve().parents[1]
 MACHINE_SERVER = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from labelloop_assets.core import anonymize, corpus, ingest, store
 from labelloop_assets.core.ontology import Ontology
 from labelloop_assets.core.resolve import ResolutionPolicy, resolve, stage
 from labelloop_assets.core.settings import DEFAULTS_DIR, Home, LabelloopConfigError
-from labelloop_tests.conftest import TRUSTING_DIRECTORY
+from labelloop_tests.conftest import TRUSTING_DIRECTORY, set_yaml
 
 POLICY = ResolutionPolicy.load(DEFAULTS_DIR / "governance.yaml")
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
@@ -208,9 +209,9 @@ def test_reviewers_and_domain_experts_are_exempt_from_newcomer_weights():
 
 def test_newcomer_settings_are_read_from_the_governance_file(tmp_path):
     path = tmp_path / "governance.yaml"
-    text = (DEFAULTS_DIR / "governance.yaml").read_text()
-    path.write_text(text.replace("min_history: 2", "min_history: 5").replace("weight: 0.25", "weight: 0.5")
-                    .replace("exempt_roles: [reviewer, domain_expert]", "exempt_roles: [annotator, reviewer, domain_expert]"))
+    shutil.copyfile(DEFAULTS_DIR / "governance.yaml", path)
+    set_yaml(path, {"newcomers": {"min_history": 5, "weight": 0.5,
+                                  "exempt_roles": ["annotator", "reviewer", "domain_expert"]}})
     policy = ResolutionPolicy.load(path)
     assert (policy.newcomer_min_history, policy.newcomer_weight) == (5, 0.5)
     d = one(corrections(("a", "two", "ann", "annotator")), current(a="one"), policy, history=0)

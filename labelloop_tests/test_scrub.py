@@ -215,10 +215,11 @@ HOSTILE = {
 def test_hostile_text_is_scrubbed_in_bounded_time(name):
     text = HOSTILE[name]
     scrub.scrub_text(text)  # metadata of the phone regions loads once
-    started = time.perf_counter()
+    # This thread's CPU time, not the wall clock: other processes on a busy machine do not count.
+    started = time.thread_time()
     out = scrub.scrub_text(text)
-    elapsed = time.perf_counter() - started
-    print(f"\n{name}: {elapsed * 1000:.1f} ms for {len(text)} characters")
+    elapsed = time.thread_time() - started
+    print(f"\n{name}: {elapsed * 1000:.1f} ms of CPU for {len(text)} characters")
     assert isinstance(out, str) and out != scrub.UNSCRUBBABLE
     assert elapsed < 0.5  # measured: at most ~20 ms on the development machine
 

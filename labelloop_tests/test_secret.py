@@ -46,7 +46,7 @@ def con(tmp_path):
         yield connection
 
 
-@pytest.fixture(params=["embedded", "lake"])
+@pytest.fixture(params=["embedded", pytest.param("lake", marks=pytest.mark.postgres)])
 def either_con(request, tmp_path, monkeypatch):
     """The embedded file, or the lake on a real PostgreSQL: the same schema_info table."""
     if request.param == "embedded":
@@ -196,12 +196,13 @@ def test_two_values_stored_at_once_must_both_match(either_con):
 ])
 def test_an_altered_check_value_is_a_clear_error_not_a_hang(con, altered):
     con.execute("INSERT INTO schema_info VALUES ('pseudonym_key_check', ?)", [altered])
-    started = time.perf_counter()
+    started = time.thread_time()  # CPU time: a busy machine's other processes do not count
     with pytest.raises(LabelloopConfigError, match="not a check value labelloop writes"):
         secret.check_pseudonymization_key(con, STRONG.encode())
-    assert time.perf_counter() - started < 1
+    assert time.thread_time() - started < 1
 
 
+@pytest.mark.slow
 def test_a_real_run_stores_the_slow_form_and_refuses_another_key(home, defs, instance, monkeypatch):
     monkeypatch.setenv("LABELLOOP_SECRET", STRONG)
     land_items(home, make_items()[0])
@@ -253,6 +254,7 @@ def test_a_weak_key_is_refused_with_the_reason(monkeypatch, weak, reason):
     assert weak not in message  # never quoted
 
 
+@pytest.mark.slow
 def test_random_keys_pass():
     assert not secret_problems(STRONG) and not secret_problems(OTHER_STRONG)
     # What `labelloop secret new`, secrets.token_urlsafe(32) and a 128-bit hex key give.

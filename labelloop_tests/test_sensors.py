@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import dagster as dg
+import pytest
 
 from labelloop_assets.checks.schema_checks import BLOCKING_CHECKS
 from labelloop_assets.core.settings import RetrainPolicy
@@ -115,6 +116,7 @@ def test_an_edited_gold_file_is_ingested_once(home, instance, resources, defs):
     assert isinstance(_tick(landing_sensor, instance, resources), dg.SkipReason)
 
 
+@pytest.mark.slow
 def test_sensor_run_ingests_exactly_once_even_when_the_run_is_retried(home, instance, resources, defs):
     land_items(home, make_items()[0])
     request = _tick(landing_sensor, instance, resources).run_requests[0]
@@ -133,6 +135,7 @@ def test_sensor_run_ingests_exactly_once_even_when_the_run_is_retried(home, inst
     assert [c["dagster/row_count"] for c in counts] == [60, 60]
 
 
+@pytest.mark.slow
 def test_retrain_sensor_follows_the_cadence(home, instance, resources, defs):
     assert "no corpus version" in _tick(retrain_sensor, instance, resources).skip_message
     land_items(home, make_items()[0])
@@ -155,6 +158,7 @@ def test_retrain_sensor_follows_the_cadence(home, instance, resources, defs):
     assert isinstance(due, dg.RunRequest) and due.run_key == "retrain-corpus-v3"
 
 
+@pytest.mark.slow
 def test_retrain_sensor_asks_once_per_corpus_version_and_waits_out_the_interval(home, instance, resources, defs):
     land_items(home, make_items()[0])
     defs.resolve_job_def(INGEST_JOB).execute_in_process(instance=instance)
@@ -177,6 +181,7 @@ def test_retrain_sensor_asks_once_per_corpus_version_and_waits_out_the_interval(
     assert due.run_key == "retrain-corpus-v3"
 
 
+@pytest.mark.slow
 def test_a_failing_blocking_check_holds_retraining_until_it_passes(home, instance, resources, defs):
     land_items(home, make_items()[0])
     ingest = defs.resolve_job_def(INGEST_JOB)

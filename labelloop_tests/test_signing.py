@@ -17,7 +17,7 @@ from labelloop_assets.core import signing, store
 from labelloop_assets.core.anonymize import pseudonym
 from labelloop_assets.core.settings import pseudonymization_key
 from labelloop_assets.jobs import INGEST_JOB
-from labelloop_tests.conftest import correction, give_keys, key_of, land_items, make_items, signed, write_jsonl
+from labelloop_tests.conftest import correction, give_keys, key_of, land_items, make_items, set_yaml, signed, write_jsonl
 
 REVIEWERS = "reviewers:\n  - {id: reviewer-0, role: reviewer}\n  - {id: expert-0, role: domain_expert}\n"
 
@@ -37,7 +37,7 @@ def _open_ties(home, defs, instance, monkeypatch) -> None:
     home.reviewers_file.write_text(REVIEWERS)
     give_keys(home, "reviewer-0", "expert-0")
     # Fresh end-user ids count fully here (newcomers' weight is another suite's subject): 2 v 2 is a tie.
-    home.governance_file.write_text(home.governance_file.read_text().replace("min_history: 2", "min_history: 0"))
+    set_yaml(home.governance_file, {"newcomers": {"min_history": 0}})
     land_items(home, make_items()[0])
     write_jsonl(home.landing_dir("corrections"), "ties.jsonl", [
         correction(f"{item}-{k}", item, label, user=f"{item}-user{k}", role="end_user")
@@ -117,6 +117,7 @@ def test_a_key_file_is_private_new_and_ed25519(tmp_path):
 # --------------------------------------------------------------------------- ingest
 
 
+@pytest.mark.slow
 def test_unsigned_altered_replayed_and_wrongly_keyed_decisions_are_refused_and_audited(
     home, defs, instance, monkeypatch
 ):
@@ -176,12 +177,11 @@ def signing_sha(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.slow
 def test_the_role_is_the_signers_from_the_directory_not_the_lines(home, defs, instance, monkeypatch):
     """A line cannot raise its reviewer: the role that decides is contributors.yaml's."""
     _open_ties(home, defs, instance, monkeypatch)
-    home.governance_file.write_text(
-        home.governance_file.read_text().replace("tie: [reviewer, domain_expert]", "tie: [domain_expert]")
-    )
+    set_yaml(home.governance_file, {"escalation": {"may_decide": {"tie": ["domain_expert"]}}})
     write_jsonl(home.landing_dir("reviews"), "claims.jsonl", [
         signed({**_decision("d-claims"), "reviewer_role": "domain_expert"}),
         signed(_decision("d-expert", reviewer_id="expert-0", escalation_id="esc-item-031-1")),
@@ -192,6 +192,7 @@ def test_the_role_is_the_signers_from_the_directory_not_the_lines(home, defs, in
         ("d-expert", "domain_expert")]
 
 
+@pytest.mark.slow
 def test_revocation_refuses_later_signatures_only(home, defs, instance, monkeypatch, capsys):
     _open_ties(home, defs, instance, monkeypatch)
     old_key = signing.key_id_of(key_of("reviewer-0"))
@@ -236,6 +237,7 @@ def test_revocation_refuses_later_signatures_only(home, defs, instance, monkeypa
 # --------------------------------------------------------------------------- the command line
 
 
+@pytest.mark.slow
 def test_the_cli_refuses_to_act_without_the_reviewers_own_key_outside_the_home(
     home, defs, instance, monkeypatch, capsys, tmp_path
 ):
@@ -282,6 +284,7 @@ def test_the_cli_refuses_to_act_without_the_reviewers_own_key_outside_the_home(
     assert stored == [signing.key_id_of(signing.load_private_key(tmp_path / "expert-0.key"))]
 
 
+@pytest.mark.slow
 def test_keys_new_writes_a_private_key_outside_the_home_and_register_makes_it_sign(
     home, defs, instance, monkeypatch, capsys, tmp_path
 ):

@@ -137,6 +137,7 @@ def _lax_home(tmp_path: Path) -> Path:
     return evil.root
 
 
+@pytest.mark.slow
 def test_a_run_cannot_move_the_home_or_the_store(strict_home, defs, instance, tmp_path):
     home = strict_home
     _run(defs, instance, INGEST_JOB)
@@ -202,6 +203,7 @@ def test_one_producer_cannot_take_another_producers_event_ids(strict_home, defs,
     assert lineage.height == 5
 
 
+@pytest.mark.slow
 def test_a_made_up_model_version_is_quarantined_not_shown_in_lineage(strict_home, defs, instance):
     home = strict_home
     _run(defs, instance, INGEST_JOB)
