@@ -22,7 +22,10 @@ import pytest
 
 from labelloop_assets import cli
 from labelloop_assets.definitions import build_definitions
-from labelloop_tests.conftest import RETRAIN, prepared_home
+from labelloop_tests.conftest import RETRAIN, prepared_home, set_yaml
+
+# About 30 s of CPU in real subprocesses: `make test` runs it, `make test-fast` does not.
+pytestmark = pytest.mark.slow
 from labelloop_tests.test_loop import _materialize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,7 +89,7 @@ def demo_home(tmp_path_factory) -> Path:
     """A home the loop has run on once (the sample landing files), shared by every case here."""
     home = prepared_home(tmp_path_factory.mktemp("cli") / "home")
     shutil.copytree(SAMPLES, home.landing, dirs_exist_ok=True)
-    home.governance_file.write_text(home.governance_file.read_text().replace("min_history: 2", "min_history: 0"))
+    set_yaml(home.governance_file, {"newcomers": {"min_history": 0}})
     with dg.instance_for_test() as instance:
         assert _materialize(build_definitions(home, RETRAIN), instance).success
     return home.root

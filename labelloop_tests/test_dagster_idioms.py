@@ -15,7 +15,7 @@ from labelloop_assets.core.settings import Home
 from labelloop_assets.definitions import build_definitions
 from labelloop_assets.core import store
 from labelloop_assets.jobs import INGEST_JOB, SCHEDULED_CHECKS_JOB
-from labelloop_tests.conftest import correction, land_items, make_items, write_jsonl
+from labelloop_tests.conftest import correction, land_items, make_items, set_yaml, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -188,7 +188,7 @@ def _check_results(result: dg.ExecuteInProcessResult) -> dict:
 
 
 def test_an_escalation_past_its_sla_fails_the_hourly_check_while_no_files_land(home, defs, instance):
-    home.governance_file.write_text(home.governance_file.read_text().replace("min_history: 2", "min_history: 0"))
+    set_yaml(home.governance_file, {"newcomers": {"min_history": 0}})
     land_items(home, make_items()[0])
     # Two against two on item-030: a tie the resolver escalates to a reviewer (48 hours SLA).
     write_jsonl(home.landing_dir("corrections"), "c1.jsonl", [
