@@ -10,7 +10,7 @@ export LABELLOOP_HOME ?= $(CURDIR)/data/home
 export DAGSTER_HOME := $(CURDIR)
 export LABELLOOP_DAGSTER_STORAGE ?= $(LABELLOOP_HOME)/dagster
 
-.PHONY: venv demo test test-fast docs dev bench clean browser e2e postgres
+.PHONY: venv demo test test-fast lint docs dev bench clean browser e2e postgres
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,10 +40,14 @@ TEST_WORKERS ?= 2
 
 # The documentation site (mkdocs.yml) into site/: strict, so a broken link, a missing anchor or a
 # page the hooks cannot generate from the code fails the build, and with it `make test`.
+# The linter (configuration in pyproject.toml); part of `make test`.
+lint: venv
+	$(BIN)/ruff check .
+
 docs: venv
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
-test: venv docs browser postgres
+test: venv lint docs browser postgres
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # The inner loop (under 3 minutes on 2 cores): no browser, no PostgreSQL server, no S3, and none of
