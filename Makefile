@@ -1,5 +1,5 @@
 # labelloop: `make demo` runs the loop on simulated days, `make test` runs the test suite
-# (after building the documentation strictly, `make docs`).
+# (after the linter, `make lint`, and a strict build of the documentation, `make docs`).
 # Both create (or reuse) .venv and install the project into it.
 
 PYTHON ?= python3
@@ -38,12 +38,12 @@ postgres:
 # fixtures are built once); TEST_WORKERS=0 runs everything in this process.
 TEST_WORKERS ?= 2
 
-# The documentation site (mkdocs.yml) into site/: strict, so a broken link, a missing anchor or a
-# page the hooks cannot generate from the code fails the build, and with it `make test`.
 # The linter (configuration in pyproject.toml); part of `make test`.
 lint: venv
 	$(BIN)/ruff check .
 
+# The documentation site (mkdocs.yml) into site/: strict, so a broken link, a missing anchor or a
+# page the hooks cannot generate from the code fails the build, and with it `make test`.
 docs: venv
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 

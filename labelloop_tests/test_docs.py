@@ -156,3 +156,12 @@ def test_generated_asset_table_lists_each_assets_jobs_and_checks(tmp_path):
     assert "`ingest_job`" in rows["label_quality_metrics"][4] and "`retrain_job`" in rows["label_quality_metrics"][4]
     assert "`production_corpus_schema` (blocking)" in rows["production_corpus"][5]
     assert rows["release_notes"][3].strip() == "`model_evaluation`"
+
+
+def test_the_layout_page_names_every_core_module():
+    """docs/layout.md lists what each module of core/ holds; a new module must be listed there."""
+    layout = (REPO_ROOT / "docs" / "layout.md").read_text()
+    core = REPO_ROOT / "labelloop_assets" / "core"
+    missing = [p.stem for p in sorted(core.glob("*.py"))
+               if p.stem != "__init__" and not re.search(rf"\b{p.stem}\b", layout)]
+    assert not missing, f"docs/layout.md does not name core modules {missing}"
