@@ -156,9 +156,9 @@ def child_sensor(work_dir: str, n_files: int) -> dict:
     """A landing_sensor tick with `n_files` files already seen and 10 new ones."""
     import dagster as dg
 
+    from labelloop_assets.core.landing_state import kind_digest
     from labelloop_assets.core.settings import RetrainPolicy
     from labelloop_assets.resources import build_resources
-    from labelloop_assets.core.landing_state import kind_digest
     from labelloop_assets.sensors import INGESTED_KINDS, landing_sensor
 
     home = _home(work_dir)

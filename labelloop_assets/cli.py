@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -10,16 +11,15 @@ import shutil
 import sys
 import unicodedata
 import uuid
-import dataclasses
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import duckdb
 import polars as pl
 
 from labelloop_assets.core import store
-from labelloop_assets.core.lake import Lake, LakeError
 from labelloop_assets.core.contracts import TRIMMED
+from labelloop_assets.core.lake import Lake, LakeError
 from labelloop_assets.core.settings import Home, LabelloopConfigError, apply_file_access
 
 
@@ -190,10 +190,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     # Dagster takes seconds to import: only once the demo can run.
     import dagster as dg
 
+    from labelloop_assets.core.settings import ALLOW_DEV_SECRET_ENV
     from labelloop_assets.demo.run import DemoRefused, prepare_home, run_demo
     from labelloop_assets.demo.simulator import DemoConfig
-
-    from labelloop_assets.core.settings import ALLOW_DEV_SECRET_ENV
 
     root = Path(os.environ.get("LABELLOOP_HOME", "data/home")).resolve()
     if not os.environ.get("LABELLOOP_SECRET"):
@@ -576,12 +575,12 @@ class _Signer:
     """The private key `--as ID` signs with, and why it may not be used (for the terminal, and
     without paths or the raw id for the audit log)."""
 
-    key: "Ed25519PrivateKey | None" = None
+    key: Ed25519PrivateKey | None = None
     key_id: str | None = None
     terminal: list[str] = dataclasses.field(default_factory=list)
     audit: list[str] = dataclasses.field(default_factory=list)
 
-    def refuse(self, terminal: str, audit: str) -> "_Signer":
+    def refuse(self, terminal: str, audit: str) -> _Signer:
         self.terminal.append(terminal)
         self.audit.append(audit)
         return self
@@ -633,7 +632,7 @@ def _signer(home: Home, reviewer: str, explicit: str | None, directory) -> _Sign
     elif listed[0].id != reviewer:
         found.refuse(f"key {found.key_id} ({shown}) is registered to another contributor, not to {_shown(reviewer)}",
                      f"key {found.key_id} belongs to another contributor")
-    elif listed[1].revoked(datetime.now(timezone.utc)):
+    elif listed[1].revoked(datetime.now(UTC)):
         found.refuse(f"key {found.key_id} ({shown}) was revoked at {listed[1].revoked_at.isoformat()}",
                      f"key {found.key_id} is revoked")
     return found
@@ -727,7 +726,7 @@ def cmd_model_rollback(args: argparse.Namespace) -> int:
     # directory before anything changes; both go into the audit row.
     signer = _signer(home, reviewer, args.key, directory) if role in ROLLBACK_ROLES else _Signer()
     action = {"rollback_id": f"rb-{uuid.uuid4()}", "version": version, "reviewer_id": reviewer,
-              "rationale": rationale, "decided_at": datetime.now(timezone.utc).isoformat(),
+              "rationale": rationale, "decided_at": datetime.now(UTC).isoformat(),
               "key_id": signer.key_id}
     signature = None
     if signer.key is not None and not signer.audit:
@@ -785,7 +784,7 @@ def _verified_rollback(directory, action: dict, signature: str) -> bool:
     listed = directory.key(action["key_id"])
     return (
         listed is not None and listed[0].id == action["reviewer_id"]
-        and not listed[1].revoked(datetime.now(timezone.utc))
+        and not listed[1].revoked(datetime.now(UTC))
         and signing.verify(listed[1].raw, signing.canonical(signing.ROLLBACK_DOMAIN, action, signing.ROLLBACK_FIELDS),
                            signature)
     )
@@ -924,7 +923,7 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
     """Contributors with their roles and keys (ids only: public keys are in contributors.yaml)."""
     from labelloop_assets.core import review
 
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     rows = []
     for person in review.directory(_home()).contributors.values():
         for key in person.keys:

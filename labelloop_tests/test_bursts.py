@@ -29,7 +29,15 @@ from labelloop_assets.core.bursts import (
 from labelloop_assets.core.settings import LabelloopConfigError, pseudonymization_key
 from labelloop_assets.sensors import _latest_metadata, retrain_decision
 from labelloop_tests.conftest import (
-    RETRAIN, correction, give_keys, key_of, land_items, make_items, set_yaml, signed, write_jsonl,
+    RETRAIN,
+    correction,
+    give_keys,
+    key_of,
+    land_items,
+    make_items,
+    set_yaml,
+    signed,
+    write_jsonl,
 )
 from labelloop_tests.test_loop import _materialize, _metadata, _rows
 

@@ -266,7 +266,7 @@ class Pair:
             self.phases.append([json.loads(line) for line in lines])
         return self.phases[phase]
 
-    def __enter__(self) -> "Pair":
+    def __enter__(self) -> Pair:
         return self
 
     def __exit__(self, *exc) -> None:

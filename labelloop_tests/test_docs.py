@@ -4,12 +4,11 @@ reference pages that cover the code they are generated from."""
 from __future__ import annotations
 
 import argparse
-
-import dagster as dg
 import importlib.util
 import re
 from pathlib import Path
 
+import dagster as dg
 import pytest
 
 from labelloop_assets.cli import build_parser

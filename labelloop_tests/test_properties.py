@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import polars as pl
@@ -249,8 +249,8 @@ def test_mutated_corrections_are_stored_only_when_they_meet_the_contract(landing
         assert row["event_id"] == row["event_id"].strip(" \t\r\n")
         assert row["user_pseudonym"].startswith("u_") and len(row["user_pseudonym"]) == 34
         assert row["user_confidence"] is None or 0.0 <= row["user_confidence"] <= 1.0
-        assert datetime(2000, 1, 1, tzinfo=timezone.utc) <= row["created_at"]
-        assert row["created_at"] <= datetime.now(timezone.utc) + timedelta(days=1)
+        assert datetime(2000, 1, 1, tzinfo=UTC) <= row["created_at"]
+        assert row["created_at"] <= datetime.now(UTC) + timedelta(days=1)
         assert row["rationale"] is None or len(row["rationale"]) <= 2000
         assert row["context"] is None or isinstance(json.loads(row["context"]), dict)
     # No two stored events share an id, whatever the file held.
@@ -269,7 +269,7 @@ def test_mutated_corrections_are_stored_only_when_they_meet_the_contract(landing
 
 
 POLICY = ResolutionPolicy.load(DEFAULTS_DIR / "governance.yaml")
-T0 = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
+T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 LABELS = ("one", "two", "three")
 ITEMS = ("a", "b", "c")
 PEOPLE = tuple(f"u_{name}" for name in ("ann", "bob", "cy", "dee", "eve", "fay", "gus"))

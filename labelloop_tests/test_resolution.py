@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import polars as pl
@@ -17,7 +17,7 @@ from labelloop_assets.core.settings import DEFAULTS_DIR, Home, LabelloopConfigEr
 from labelloop_tests.conftest import TRUSTING_DIRECTORY, set_yaml
 
 POLICY = ResolutionPolicy.load(DEFAULTS_DIR / "governance.yaml")
-T0 = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
+T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
 CORRECTION_SCHEMA = {
     "seq": pl.Int64, "event_id": pl.String, "item_id": pl.String, "corrected_label": pl.String,

@@ -1,7 +1,7 @@
 """Training: a model fitted on the current corpus and evaluated on the frozen gold items."""
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import dagster as dg
 import numpy as np
@@ -217,7 +217,7 @@ def contributor_reliability(
             reliability.ReliabilityPrior(policy.reliability_prior_mean, policy.reliability_prior_strength),
         )
         rows = estimates.drop("iterations").with_columns(
-            estimated_at=pl.lit(datetime.now(timezone.utc)),
+            estimated_at=pl.lit(datetime.now(UTC)),
             corpus_version=pl.lit(corpus_version or None, pl.Int32),
         )
         store.replace(con, "contributor_reliability", rows)

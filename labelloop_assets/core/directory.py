@@ -13,7 +13,7 @@ import binascii
 import hashlib
 import re
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import polars as pl
@@ -65,7 +65,7 @@ class Directory:
     producers: dict[str, str]
 
     @classmethod
-    def load(cls, contributors_file: Path, reviewers_file: Path | None = None) -> "Directory":
+    def load(cls, contributors_file: Path, reviewers_file: Path | None = None) -> Directory:
         contributors: dict[str, Contributor] = {}
         producers: dict[str, str] = {}
         if contributors_file.exists():
@@ -224,7 +224,7 @@ def _timestamp(value, where: str) -> datetime:
             raise LabelloopConfigError(f"{where} must be an ISO-8601 time, not {value!r}") from None
     if parsed.tzinfo is None:
         raise LabelloopConfigError(f"{where} needs a time zone (e.g. 2026-12-01T09:00:00Z)")
-    return parsed.astimezone(timezone.utc)
+    return parsed.astimezone(UTC)
 
 
 def _producer(entry: dict, path: Path) -> tuple[str, str]:

@@ -76,7 +76,7 @@ class ValidationPlan:
         return {**asdict(self), "metrics": list(self.metrics)}
 
     @classmethod
-    def load(cls, path: Path) -> "ValidationPlan":
+    def load(cls, path: Path) -> ValidationPlan:
         raw = load_yaml_mapping(path, "validation")
         where = f"validation file {path}"
         known = set(cls.__dataclass_fields__)

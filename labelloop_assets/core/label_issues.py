@@ -161,7 +161,7 @@ class IssueWeights:
             )
 
     @classmethod
-    def from_mapping(cls, raw: dict | None) -> "IssueWeights":
+    def from_mapping(cls, raw: dict | None) -> IssueWeights:
         """Weights from a configuration mapping (None or {} = the defaults)."""
         if raw is None:
             return cls()

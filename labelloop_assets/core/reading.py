@@ -193,7 +193,7 @@ class LandingFile:
         if pending:
             yield _concat(pending)
 
-    def _prefix_matches(self, handle: BinaryIO, digest: "hashlib._Hash") -> bool:
+    def _prefix_matches(self, handle: BinaryIO, digest: hashlib._Hash) -> bool:
         """Hash the first `resume.offset` bytes; true when they are what was ingested before and
         end a line (an appended file), leaving the handle just after them."""
         remaining = self.resume.offset

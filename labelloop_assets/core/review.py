@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
@@ -141,7 +141,7 @@ def ingest_reviews(
         verdicts = signature_verdicts(
             [frame.join(records.select("source_file", "line_no"), on=["source_file", "line_no"], how="semi")
              for frame in lines],
-            directory, datetime.now(timezone.utc),
+            directory, datetime.now(UTC),
         )
         escalations = store.frame(con, "SELECT escalation_id, item_id, reason FROM escalations")
         closed = store.frame(
@@ -338,7 +338,7 @@ def write_decision(
         "decision": decision,
         "reviewer_id": reviewer_id,
         "rationale": rationale,
-        "decided_at": (decided_at or datetime.now(timezone.utc)).isoformat(),
+        "decided_at": (decided_at or datetime.now(UTC)).isoformat(),
     }
     if label is not None:
         record["label"] = label

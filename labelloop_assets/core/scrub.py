@@ -30,7 +30,8 @@ import ipaddress
 import json
 import re
 import unicodedata
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import phonenumbers
 import pyarrow as pa

@@ -469,7 +469,7 @@ def _tell(message: str) -> None:
 
 
 def connect(
-    database: "Path | Lake",
+    database: Path | Lake,
     read_only: bool = False,
     config: dict | None = None,
     on_wait: Callable[[str], None] | None = None,

@@ -73,7 +73,7 @@ class TrainingConfig:
     min_train_rows: int = 5
 
     @classmethod
-    def load(cls, path: Path) -> "TrainingConfig":
+    def load(cls, path: Path) -> TrainingConfig:
         raw = load_yaml_mapping(path, "training")
         where = f"training file {path}"
         known = {"params", "min_train_rows", "external_model_versions"}  # the last: read by ingest

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,7 @@ CONFUSABLE = {
     0: (6, 5), 1: (8, 9, 7), 2: (1, 3), 3: (8, 9, 5), 4: (7, 9), 5: (9, 3),
     6: (1, 5), 7: (4, 9, 1), 8: (1, 3, 9), 9: (5, 8, 3, 7),
 }
-START = datetime(2026, 3, 2, 8, 0, tzinfo=timezone.utc)
+START = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)
 RATIONALES = (
     "the loop at the top is closed, so it is a {label}",
     "clearly a {label}, the stroke goes straight down",
