@@ -569,7 +569,7 @@ def _targets(results: dict, scales: list[int]) -> dict:
                                       "met": results["lake"]["lake_vs_embedded"] <= 1.5},
         "linear_scaling": {
             "seconds_per_million": [
-                round(s / e * 1e6, 2) for s, e in zip(loop_seconds, scales)
+                round(s / e * 1e6, 2) for s, e in zip(loop_seconds, scales, strict=True)
             ],
         },
     }
@@ -714,7 +714,7 @@ def main(argv: list[str] | None = None) -> int:
         name, *rest = args.child
         casts = {"setup": (str, int, int), "increment": (str, int), "sensor": (str, int), "bomb": (str, str),
                  "soak": (str, float, int), "components": (int, int), "import": (int,)}
-        values = [cast(v) for cast, v in zip(casts.get(name, (str,)), rest)]
+        values = [cast(v) for cast, v in zip(casts.get(name, (str,)), rest, strict=False)]
         print(json.dumps(CHILDREN[name](*values)))
         return 0
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -224,7 +224,7 @@ def prove(base: Path, catalog: str, n_files: int = 6, events_per_file: int = 400
         versions = store.frame(con, "SELECT corpus_version FROM corpus_versions ORDER BY 1")["corpus_version"].to_list()
         champions = store.frame(con, "SELECT model_version FROM models WHERE status = 'champion'")["model_version"].to_list()
         duplicates = store.duplicate_keys(con)
-    recorded = dict(zip(files["path"], files["records_in"]))
+    recorded = dict(zip(files["path"], files["records_in"], strict=True))
     checks = {
         "every landed file ingested exactly once": sorted(files["path"]) == sorted(lines),
         "every line accepted or quarantined": recorded == lines,

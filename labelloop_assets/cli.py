@@ -13,6 +13,7 @@ import unicodedata
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import duckdb
 import polars as pl
@@ -21,6 +22,9 @@ from labelloop_assets.core import store
 from labelloop_assets.core.contracts import TRIMMED
 from labelloop_assets.core.lake import Lake, LakeError
 from labelloop_assets.core.settings import Home, LabelloopConfigError, apply_file_access
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 
 def _home() -> Home:
@@ -131,7 +135,7 @@ def _table(frame: pl.DataFrame, width: int) -> list[str]:
     widths = _shrunk(natural, [max(_width(names[i]), 12) if shortenable[i] else natural[i]
                                for i in range(len(names))], width - len(_GAP) * (len(names) - 1))
     lines = []
-    for row in [names, ["-" * w for w in widths], *zip(*columns)]:
+    for row in [names, ["-" * w for w in widths], *zip(*columns, strict=True)]:
         parts = []
         for i, cell in enumerate(row):
             cell = _fit(cell, widths[i], ellipsis) if shortenable[i] else cell
@@ -162,12 +166,12 @@ def _shrunk(natural: list[int], smallest: list[int], budget: int) -> list[int]:
     if sum(natural) <= budget:
         return natural
     def total(level: int) -> int:
-        return sum(min(n, max(level, s)) for n, s in zip(natural, smallest))
+        return sum(min(n, max(level, s)) for n, s in zip(natural, smallest, strict=True))
     low, high = 0, max(natural)
     while low < high:  # the widest common width that fits
         middle = (low + high + 1) // 2
         low, high = (middle, high) if total(middle) <= budget else (low, middle - 1)
-    return [min(n, max(low, s)) for n, s in zip(natural, smallest)]
+    return [min(n, max(low, s)) for n, s in zip(natural, smallest, strict=True)]
 
 
 def _print(frame: pl.DataFrame, as_json: bool) -> None:

@@ -210,7 +210,7 @@ def valid_correction(event_id: str) -> dict:
 def mutated_corrections(draw) -> list[dict]:
     """Valid corrections with some fields replaced by arbitrary or hostile values, or dropped."""
     records = []
-    for n in range(draw(st.integers(1, 5))):
+    for _n in range(draw(st.integers(1, 5))):
         record = valid_correction(f"ev-{draw(st.integers(0, 3))}")
         for name in draw(st.lists(st.sampled_from(CORRECTION_FIELDS), max_size=3, unique=True)):
             if draw(st.booleans()):
@@ -423,7 +423,7 @@ def test_a_newcomers_vote_weighs_the_newcomer_share_and_never_flips_alone(world,
     """governance newcomers: under min_history earlier days, a vote outside the exempt roles
     counts at newcomers.weight of its weight, and a newcomer never flips a label alone."""
     votes, current, reliability = world
-    history = dict(zip(PEOPLE, days))
+    history = dict(zip(PEOPLE, days, strict=True))
     decisions = decide(votes, current, reliability, history=history)
     latest = latest_votes(votes)
 

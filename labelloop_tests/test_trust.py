@@ -67,7 +67,7 @@ def test_forged_reviewer_claims_count_as_end_users_and_are_audited(strict_home, 
     """12 ungranted accounts each claim `reviewer` and flip one item: none goes through, none locks."""
     home = strict_home
     targets = [f"item-{i:03d}" for i in range(15, 27)]
-    truth = dict(zip(make_items(n=60, n_gold=0)[1].keys(), make_items(n=60, n_gold=0)[1].values()))
+    truth = dict(zip(make_items(n=60, n_gold=0)[1].keys(), make_items(n=60, n_gold=0)[1].values(), strict=True))
     forged = [
         correction(f"forge-{k}", item, next(lbl for lbl in ("zero", "one", "two") if lbl != truth[item]),
                    user=f"mallory-{k}", role="reviewer")

@@ -118,7 +118,7 @@ def score(probabilities: np.ndarray, classes: np.ndarray, labels: np.ndarray, bi
         "n": int(len(labels)),
         "accuracy": float(accuracy_score(labels, predicted)),
         "macro_f1": float(f1_score(labels, predicted, labels=present, average="macro", zero_division=0)),
-        "per_class_recall": {str(c): float(r) for c, r in zip(present, recalls)},
+        "per_class_recall": {str(c): float(r) for c, r in zip(present, recalls, strict=True)},
         "calibration_error": expected_calibration_error(confidence, predicted == labels, bins),
     }
 

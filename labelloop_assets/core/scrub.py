@@ -671,6 +671,6 @@ def scrub_text_batch(texts: pa.Array) -> pa.Array:
 
 def scrub_json_batch(texts: pa.Array, authors: pa.Array) -> pa.Array:
     return pa.array(
-        [None if t is None else scrub_json_text(t, a or None) for t, a in zip(texts.to_pylist(), authors.to_pylist())],
+        [None if t is None else scrub_json_text(t, a or None) for t, a in zip(texts.to_pylist(), authors.to_pylist(), strict=True)],
         pa.string(),
     )

@@ -632,7 +632,7 @@ def record_policies(con: Any, run_id: str, step: str, files: tuple[str, ...]) ->
     rows = policy_rows(run_id, step, files)
     if rows.height:
         append(con, "policy_uses", rows)
-    return dict(zip(rows["file"], rows["sha256"]))
+    return dict(zip(rows["file"], rows["sha256"], strict=True))
 
 
 def corpus_head(con: duckdb.DuckDBPyConnection) -> tuple[int, int]:

@@ -90,7 +90,7 @@ class DemoWorld:
 
     @property
     def truth_labels(self) -> dict[str, str]:
-        return {i: LABELS[t] for i, t in zip(self.item_ids, self.truth)}
+        return {i: LABELS[t] for i, t in zip(self.item_ids, self.truth, strict=True)}
 
 
 def build_world(config: DemoConfig = DemoConfig()) -> DemoWorld:
@@ -220,7 +220,7 @@ def simulate_day(
                 "predicted_label": LABELS[predicted[k]],
                 "confidence": round(float(confidence[k]), 4),
                 "probabilities": {
-                    str(label): round(float(p), 4) for label, p in zip(model.classes, probabilities[k])
+                    str(label): round(float(p), 4) for label, p in zip(model.classes, probabilities[k], strict=True)
                 },
                 "served_at": (served_at + timedelta(seconds=k)).isoformat(),
             }
