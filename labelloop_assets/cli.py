@@ -734,7 +734,9 @@ def cmd_model_rollback(args: argparse.Namespace) -> int:
               "key_id": signer.key_id}
     signature = None
     if signer.key is not None and not signer.audit:
-        signature = signing.sign(signer.key, signing.canonical(signing.ROLLBACK_DOMAIN, action, signing.ROLLBACK_FIELDS))
+        signature = signing.sign(
+            signer.key, signing.canonical(signing.ROLLBACK_DOMAIN, action, signing.ROLLBACK_FIELDS)
+        )
         if not _verified_rollback(directory, action, signature):
             signer.refuse("the rollback's signature does not verify against contributors.yaml",
                           "the rollback's signature does not verify")
@@ -1045,7 +1047,9 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--limit", type=_positive, default=50, metavar="N", help=LIMIT_HELP)
     listing.add_argument("--json", action="store_true", help=JSON_HELP)
     listing.set_defaults(func=cmd_review_list)
-    showing = review_commands.add_parser("show", help="one escalation with its votes, or one burst with its corrections")
+    showing = review_commands.add_parser(
+        "show", help="one escalation with its votes, or one burst with its corrections"
+    )
     showing.add_argument("escalation_id", metavar="ID", help=ID_HELP)
     showing.add_argument("--json", action="store_true", help=JSON_HELP)
     showing.set_defaults(func=cmd_review_show)
@@ -1056,7 +1060,8 @@ def build_parser() -> argparse.ArgumentParser:
         action = review_commands.add_parser(name, help=text)
         action.add_argument("escalation_id", metavar="ID", help=(
             "the held burst's id (burst-...), as `labelloop review list --queue bursts` shows it"
-            if name in ("release", "discard") else "the escalation's id (esc-...), as `labelloop review list` shows it"))
+            if name in ("release", "discard")
+            else "the escalation's id (esc-...), as `labelloop review list` shows it"))
         if name == "decide":
             action.add_argument("--label", required=True, help="the label to set: a term of the ontology")
         action.add_argument("--rationale", required=True,
@@ -1079,10 +1084,13 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.set_defaults(func=cmd_model_rollback)
     keys = commands.add_parser("keys", help="signing keys of reviewers: new, list")
     key_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
-    new_key = key_commands.add_parser("new", help="make a contributor's Ed25519 key pair (private key outside the home)")
+    new_key = key_commands.add_parser(
+        "new", help="make a contributor's Ed25519 key pair (private key outside the home)"
+    )
     new_key.add_argument("contributor_id", help="the contributor's id as contributors.yaml lists it")
     new_key.add_argument("--out", metavar="FILE", help="where to write the private key "
-                         "(default: $LABELLOOP_KEYS_DIR/ID.key, LABELLOOP_KEYS_DIR defaults to ~/.config/labelloop/keys)")
+                         "(default: $LABELLOOP_KEYS_DIR/ID.key, "
+                         "LABELLOOP_KEYS_DIR defaults to ~/.config/labelloop/keys)")
     new_key.add_argument("--register", action="store_true",
                          help="add the public key to the contributor's entry in the home's contributors.yaml")
     new_key.set_defaults(func=cmd_keys_new)
@@ -1097,7 +1105,8 @@ def build_parser() -> argparse.ArgumentParser:
         "check", help="whether LABELLOOP_SECRET is strong enough (exit 0) or not (exit 2, with the reasons)")
     check_secret.set_defaults(func=cmd_secret_check)
     sql = commands.add_parser("sql", help="a read-only SQL query on the store (either backend)")
-    sql.add_argument("query", help="one SQL statement, e.g. \"SELECT label, count(*) FROM production_corpus GROUP BY 1\"")
+    sql.add_argument("query", help="one SQL statement, "
+                     "e.g. \"SELECT label, count(*) FROM production_corpus GROUP BY 1\"")
     sql.add_argument("--json", action="store_true", help="rows as a JSON list of objects")
     sql.add_argument("--limit", type=_positive, metavar="N", help="print at most this many rows")
     sql.set_defaults(func=cmd_sql)

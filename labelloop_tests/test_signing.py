@@ -215,7 +215,9 @@ def test_revocation_refuses_later_signatures_only(home, defs, instance, monkeypa
     text = home.contributors_file.read_text()
     public = signing.public_key_text(key_of("reviewer-0"))
     assert text.count(public) == 1
-    home.contributors_file.write_text(text.replace(f"public_key: {public}", f"public_key: {public}\n    revoked_at: '{revoked_at}'"))
+    home.contributors_file.write_text(
+        text.replace(f"public_key: {public}", f"public_key: {public}\n    revoked_at: '{revoked_at}'")
+    )
     assert cli.main(["keys", "list", "--json"]) == 0
     listed = {row["key_id"]: row["status"] for row in json.loads(capsys.readouterr().out)}
     assert listed[old_key] == "revoked"

@@ -193,11 +193,14 @@ def test_one_producer_cannot_take_another_producers_event_ids(strict_home, defs,
     result = _run(defs, instance, INGEST_JOB)
 
     stored = _rows(home, "SELECT event_id, corrected_label, producer FROM raw_corrections ORDER BY event_id")
-    assert stored.filter(stored["producer"] == "web-app")["event_id"].to_list() == [f"web-app/evt-{n}" for n in range(5)]
+    assert stored.filter(stored["producer"] == "web-app")["event_id"].to_list() == [
+        f"web-app/evt-{n}" for n in range(5)
+    ]
     assert set(stored.filter(stored["producer"] == "web-app")["corrected_label"]) == {"two"}
     assert stored.filter(stored["producer"] == "a-partner").height == 5
     refused = _rows(home, "SELECT reason, detail, record_id FROM quarantine WHERE run_id = ?", [result.run_id])
-    assert refused.rows() == [("invalid_value", "event_id: '/' is reserved (stored ids are scoped as producer/event_id)",
+    assert refused.rows() == [("invalid_value",
+                               "event_id: '/' is reserved (stored ids are scoped as producer/event_id)",
                                "web-app/evt-9")]
     lineage = _rows(home, "SELECT DISTINCT event_id FROM validated_labels WHERE event_id LIKE 'web-app/%'")
     assert lineage.height == 5

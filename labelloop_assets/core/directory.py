@@ -174,7 +174,9 @@ def _entries(raw: dict, section: str, path: Path) -> list[dict]:
 def _contributor(entry: dict, path: Path) -> Contributor:
     unknown = set(entry) - {"id", "role", "keys", "via"}
     if unknown:
-        raise LabelloopConfigError(f"{path}: unknown fields {sorted(unknown)} in {entry.get('id')!r}; known: id, role, keys, via")
+        raise LabelloopConfigError(
+            f"{path}: unknown fields {sorted(unknown)} in {entry.get('id')!r}; known: id, role, keys, via"
+        )
     ident, role = entry.get("id"), entry.get("role")
     if not isinstance(ident, str) or not ident.strip() or ident != ident.strip():
         raise LabelloopConfigError(f"{path}: each entry needs an `id` (text without surrounding spaces)")
@@ -207,7 +209,9 @@ def _public_key(entry, owner: str, path: Path) -> PublicKey:
         )
     derived = key_id(raw)
     if entry.get("key_id") not in (None, derived):
-        raise LabelloopConfigError(f"{path}: key_id {entry['key_id']!r} of {owner!r} does not match its public_key ({derived})")
+        raise LabelloopConfigError(
+            f"{path}: key_id {entry['key_id']!r} of {owner!r} does not match its public_key ({derived})"
+        )
     revoked = entry.get("revoked_at")
     if revoked is not None:
         revoked = _timestamp(revoked, f"{path}: revoked_at of a key of {owner!r}")

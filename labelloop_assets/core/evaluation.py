@@ -142,7 +142,9 @@ def decide(challenger: dict, champion: dict | None, plan: ValidationPlan) -> tup
         return REJECT, [f"only {challenger['n']} evaluation items; the plan needs {plan.min_eval_items}"]
     if "per_class_recall" in plan.metrics:
         under = {c: r for c, r in challenger["per_class_recall"].items() if r < plan.floor(c)}
-        reasons += [f"recall of '{c}' is {r:.3f}, under its floor {plan.floor(c):.2f}" for c, r in sorted(under.items())]
+        reasons += [
+            f"recall of '{c}' is {r:.3f}, under its floor {plan.floor(c):.2f}" for c, r in sorted(under.items())
+        ]
     if champion is None:
         return (REJECT, reasons) if reasons else (PROMOTE, ["no champion yet: the first model that meets the floors"])
     for metric in plan.metrics:

@@ -265,7 +265,9 @@ class LandingFile:
         except MemoryError:
             raise
         except unreadable as exc:
-            raise self._refuse(c.UNREADABLE_FILE, f"not a Parquet file labelloop can read ({type(exc).__name__})") from None
+            raise self._refuse(
+                c.UNREADABLE_FILE, f"not a Parquet file labelloop can read ({type(exc).__name__})"
+            ) from None
         finally:
             to_json.close()
         self.read.lines = line_no

@@ -185,7 +185,9 @@ def ingest_reviews(
             (is_burst != pl.col("decision").is_in(list(c.BURST_DECISIONS)), c.DECISION_NOT_APPLICABLE,
              pl.when(is_burst)
              .then(pl.format("a correction burst takes {}, not {}", pl.lit(" or ".join(c.BURST_DECISIONS)), "decision"))
-             .otherwise(pl.format("an escalation takes {}, not {}", pl.lit(", ".join(c.ESCALATION_DECISIONS)), "decision"))),
+             .otherwise(
+                 pl.format("an escalation takes {}, not {}", pl.lit(", ".join(c.ESCALATION_DECISIONS)), "decision")
+             )),
             (pl.col("allowed").is_null(), c.ROLE_NOT_ALLOWED,
              pl.format("role {} may not decide a {} escalation", "reviewer_role", "reason")),
             ((pl.col("decision") == ACCEPT) & pl.col("label").is_null(), c.MISSING_FIELD,
@@ -202,7 +204,8 @@ def ingest_reviews(
         closing = pl.col("decision").is_in([*CLOSING, *c.BURST_DECISIONS])
         records, late = split_by_rules(
             records, spec.kind, spec.key,
-            [(closing & (pl.int_range(pl.len()).over("escalation_id", closing, order_by=["decided_at", "decision_id"]) > 0),
+            [(closing
+              & (pl.int_range(pl.len()).over("escalation_id", closing, order_by=["decided_at", "decision_id"]) > 0),
               c.ESCALATION_CLOSED, "escalation or burst already decided earlier in the same batch")],
         )
         rejected = pl.concat([rejected, late])

@@ -87,7 +87,10 @@ class TrainingConfig:
             raise LabelloopConfigError(f"{where}: unknown params {sorted(unknown)}; known: {sorted(DEFAULT_PARAMS)}")
         params = {
             **DEFAULT_PARAMS,
-            **{key: config_number(value, DEFAULT_PARAMS[key], f"{where}: params.{key}") for key, value in given.items()},
+            **{
+                key: config_number(value, DEFAULT_PARAMS[key], f"{where}: params.{key}")
+                for key, value in given.items()
+            },
         }
         min_rows = config_number(raw.get("min_train_rows", cls.min_train_rows), cls.min_train_rows,
                                  f"{where}: min_train_rows")

@@ -256,10 +256,13 @@ def simulate_day(
     lines = [json.dumps(e, separators=(",", ":")) for e in events]
     replays = [lines[i] for i in rng.choice(len(lines), size=int(len(lines) * cfg.replay_rate), replace=False)]
     broken = [
-        lines[i][: len(lines[i]) // 2] for i in rng.choice(len(lines), size=max(1, int(len(lines) * cfg.malformed_rate)), replace=False)
+        lines[i][: len(lines[i]) // 2]
+        for i in rng.choice(len(lines), size=max(1, int(len(lines) * cfg.malformed_rate)), replace=False)
     ]
     # One client still sends a term that is in neither the ontology nor its renames.
-    unknown_term = [json.dumps(dict(events[0], event_id=f"evt-bad-{day}", corrected_label="seventeen"))] if events else []
+    unknown_term = (
+        [json.dumps(dict(events[0], event_id=f"evt-bad-{day}", corrected_label="seventeen"))] if events else []
+    )
     all_lines = lines + replays + broken + unknown_term
     order = rng.permutation(len(all_lines))
     write_jsonl(
