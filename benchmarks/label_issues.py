@@ -279,7 +279,7 @@ def run_seeds(seeds: tuple[int, ...] = SEEDS) -> dict:
     ]
     for key in keys:
         means = {m: float(np.mean(f1[key][m])) for m in METHODS}
-        wins = sum(f > c for f, c in zip(f1[key]["ours fused"], f1[key]["cleanlab"]))
+        wins = sum(f > c for f, c in zip(f1[key]["ours fused"], f1[key]["cleanlab"], strict=True))
         lines.append(
             f"| {key} | " + " | ".join(f"{means[m]:.3f}" for m in METHODS)
             + f" | {wins} of {len(seeds)} seeds |"

@@ -82,7 +82,7 @@ def run(files: list[Path], database: Path, labels: list[str], items: pd.DataFram
 
     users = pd.Series(accepted["user_id"].unique())
     pseudonyms = dict(
-        zip(users, ["u_" + hmac.new(key, u.encode(), hashlib.sha256).hexdigest()[:32] for u in users])
+        zip(users, ["u_" + hmac.new(key, u.encode(), hashlib.sha256).hexdigest()[:32] for u in users], strict=True)
     )
     accepted["user_pseudonym"] = accepted["user_id"].map(pseudonyms)
     rationale = accepted["rationale"].fillna("")

@@ -156,9 +156,9 @@ def child_sensor(work_dir: str, n_files: int) -> dict:
     """A landing_sensor tick with `n_files` files already seen and 10 new ones."""
     import dagster as dg
 
+    from labelloop_assets.core.landing_state import kind_digest
     from labelloop_assets.core.settings import RetrainPolicy
     from labelloop_assets.resources import build_resources
-    from labelloop_assets.core.landing_state import kind_digest
     from labelloop_assets.sensors import INGESTED_KINDS, landing_sensor
 
     home = _home(work_dir)
@@ -367,7 +367,8 @@ def child_bomb(work_dir: str, bomb: str) -> dict:
             "payload_hash": [f"h{n}" for n in range(100)],
         }))
         genuine = [
-            {"event_id": f"g{n}", "item_id": f"it{n % 100}", "corrected_label": ontology.labels[n % len(ontology.labels)],
+            {"event_id": f"g{n}", "item_id": f"it{n % 100}",
+             "corrected_label": ontology.labels[n % len(ontology.labels)],
              "user_id": f"user{n % 7}", "user_role": "annotator", "source": "annotation",
              "consent": True, "created_at": "2026-01-01T00:00:00Z", "rationale": "looks like a b"}
             for n in range(1000)
@@ -569,7 +570,7 @@ def _targets(results: dict, scales: list[int]) -> dict:
                                       "met": results["lake"]["lake_vs_embedded"] <= 1.5},
         "linear_scaling": {
             "seconds_per_million": [
-                round(s / e * 1e6, 2) for s, e in zip(loop_seconds, scales)
+                round(s / e * 1e6, 2) for s, e in zip(loop_seconds, scales, strict=True)
             ],
         },
     }
@@ -588,7 +589,8 @@ def markdown(results: dict) -> str:
         f"Measured on {m['cpus']} CPUs, {m['memory_gb']} GiB, Python {m['python']}, {m['platform']}; "
         f"{results['n_items']:,} items.",
         "",
-        "| events | loop (Dagster) | events/s | peak MB | in the steps | raw floor | loop / floor | pandas | pandas / loop |",
+        "| events | loop (Dagster) | events/s | peak MB | in the steps | raw floor | loop / floor | "
+        "pandas | pandas / loop |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for events, e in results["scales"].items():
@@ -604,8 +606,10 @@ def markdown(results: dict) -> str:
         "",
         "| target | measured | met |",
         "|---|---:|:---:|",
-        f"| end to end within 3x the raw floor | {t['loop_within_3x_raw_floor']['ratio']:.1f}x | {_yes(t['loop_within_3x_raw_floor'])} |",
-        f"| at least 3x faster than pandas + pandera | {t['at_least_3x_faster_than_pandas']['ratio']:.2f}x | {_yes(t['at_least_3x_faster_than_pandas'])} |",
+        f"| end to end within 3x the raw floor | {t['loop_within_3x_raw_floor']['ratio']:.1f}x | "
+        f"{_yes(t['loop_within_3x_raw_floor'])} |",
+        f"| at least 3x faster than pandas + pandera | {t['at_least_3x_faster_than_pandas']['ratio']:.2f}x | "
+        f"{_yes(t['at_least_3x_faster_than_pandas'])} |",
     ]
     if "increment" in top:
         lines.append(
@@ -615,15 +619,21 @@ def markdown(results: dict) -> str:
             f"{_yes(t['increment_at_most_5pct_of_full'])} |"
         )
     lines += [
-        f"| peak memory ≤ 1.5 GiB at the largest scale | {t['peak_memory_within_1_5gib']['mb']:,.0f} MB | {_yes(t['peak_memory_within_1_5gib'])} |",
-        f"| `import labelloop_assets.definitions` ≤ 1.5 s (median of 5 fresh interpreters) | {t['import_within_1_5s']['seconds']:.2f} s | {_yes(t['import_within_1_5s'])} |",
-        f"| landing_sensor tick with {results['sensor']['files_seen']:,} files seen + 10 new < 100 ms | {t['sensor_tick_under_100ms']['ms']:.1f} ms | {_yes(t['sensor_tick_under_100ms'])} |",
-        f"| feature drift, {c['drift_rows']:,} rows x 16 features per window, < 1.5 s | {c['drift_seconds']:.2f} s | {_yes(t['drift_under_1_5s'])} |",
-        f"| reliability of {c['contributors']} contributors from {c['votes']:,} votes < 10 s | {c['reliability_seconds']:.2f} s | {_yes(t['reliability_under_10s'])} |",
+        f"| peak memory ≤ 1.5 GiB at the largest scale | {t['peak_memory_within_1_5gib']['mb']:,.0f} MB | "
+        f"{_yes(t['peak_memory_within_1_5gib'])} |",
+        f"| `import labelloop_assets.definitions` ≤ 1.5 s (median of 5 fresh interpreters) | "
+        f"{t['import_within_1_5s']['seconds']:.2f} s | {_yes(t['import_within_1_5s'])} |",
+        f"| landing_sensor tick with {results['sensor']['files_seen']:,} files seen + 10 new < 100 ms | "
+        f"{t['sensor_tick_under_100ms']['ms']:.1f} ms | {_yes(t['sensor_tick_under_100ms'])} |",
+        f"| feature drift, {c['drift_rows']:,} rows x 16 features per window, < 1.5 s | "
+        f"{c['drift_seconds']:.2f} s | {_yes(t['drift_under_1_5s'])} |",
+        f"| reliability of {c['contributors']} contributors from {c['votes']:,} votes < 10 s | "
+        f"{c['reliability_seconds']:.2f} s | {_yes(t['reliability_under_10s'])} |",
         f"| the lake (DuckLake on PostgreSQL) within 1.5x the embedded file, {results['lake']['events']:,} events | "
         f"{results['lake']['loop']['seconds']:.2f} s vs {results['lake']['embedded_seconds']:.2f} s = "
         f"{t['lake_within_1_5x_embedded']['ratio']:.2f}x | {_yes(t['lake_within_1_5x_embedded'])} |",
-        f"| cost grows linearly (seconds per million events, by scale) | {', '.join(map(str, t['linear_scaling']['seconds_per_million']))} | |",
+        f"| cost grows linearly (seconds per million events, by scale) | "
+        f"{', '.join(map(str, t['linear_scaling']['seconds_per_million']))} | |",
         "",
         f"`retrained_model` on a {results['train']['n_train_rows']:,}-item corpus: "
         f"{results['train']['seconds']:.2f} s (gold accuracy {results['train']['gold_accuracy']:.3f}). "
@@ -714,7 +724,7 @@ def main(argv: list[str] | None = None) -> int:
         name, *rest = args.child
         casts = {"setup": (str, int, int), "increment": (str, int), "sensor": (str, int), "bomb": (str, str),
                  "soak": (str, float, int), "components": (int, int), "import": (int,)}
-        values = [cast(v) for cast, v in zip(casts.get(name, (str,)), rest)]
+        values = [cast(v) for cast, v in zip(casts.get(name, (str,)), rest, strict=False)]
         print(json.dumps(CHILDREN[name](*values)))
         return 0
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -130,7 +130,9 @@ def soak(home_dir: Path, seconds: float, n_items: int = 5_000, events_per_file: 
             ).iter_rows())
             versions = store.frame(con, "SELECT corpus_version, n_label_changes, label_changes_total "
                                         "FROM corpus_versions ORDER BY corpus_version")
-            history_versions = set(store.frame(con, "SELECT DISTINCT corpus_version FROM label_history")["corpus_version"])
+            history_versions = set(
+                store.frame(con, "SELECT DISTINCT corpus_version FROM label_history")["corpus_version"]
+            )
             champions = store.frame(con, "SELECT model_version FROM models WHERE status = 'champion'")["model_version"]
             n_models = store.scalar(con, "SELECT count(*) FROM models")
     landed = sum(writer.lines.values())
@@ -190,7 +192,8 @@ def markdown(result: dict) -> str:
         f"| quarantine reasons | {reasons} |",
         f"| runs | {runs}; failed: {result['failed_runs']} |",
         f"| corpus versions / models | {result['corpus_versions']} / {result['models']} |",
-        f"| landing → ingested | median {result['ingest_latency_s']['median']} s, max {result['ingest_latency_s']['max']} s |",
+        f"| landing → ingested | median {result['ingest_latency_s']['median']} s, "
+        f"max {result['ingest_latency_s']['max']} s |",
         f"| reconciled | {'yes' if result['reconciled'] else 'NO'}: "
         + "; ".join(f"{name} {'✓' if ok else '✗'}" for name, ok in result["checks"].items()) + " |",
     ]

@@ -196,7 +196,9 @@ def prove(base: Path, catalog: str, n_files: int = 6, events_per_file: int = 400
         land_second_half()
         while not _holds_writer_lock(catalog, victim.pid):
             if victim.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"worker 0 ended before it held the lake: {(base / 'worker-0.log').read_text()[-2000:]}")
+                raise RuntimeError(
+                    f"worker 0 ended before it held the lake: {(base / 'worker-0.log').read_text()[-2000:]}"
+                )
             time.sleep(0.05)
         time.sleep(0.2)  # well inside its write
         os.kill(victim.pid, signal.SIGKILL)
@@ -222,9 +224,11 @@ def prove(base: Path, catalog: str, n_files: int = 6, events_per_file: int = 400
         raw = store.scalar(con, "SELECT count(*) FROM raw_corrections")
         quarantined = store.scalar(con, "SELECT count(*) FROM quarantined_corrections")
         versions = store.frame(con, "SELECT corpus_version FROM corpus_versions ORDER BY 1")["corpus_version"].to_list()
-        champions = store.frame(con, "SELECT model_version FROM models WHERE status = 'champion'")["model_version"].to_list()
+        champions = store.frame(
+            con, "SELECT model_version FROM models WHERE status = 'champion'"
+        )["model_version"].to_list()
         duplicates = store.duplicate_keys(con)
-    recorded = dict(zip(files["path"], files["records_in"]))
+    recorded = dict(zip(files["path"], files["records_in"], strict=True))
     checks = {
         "every landed file ingested exactly once": sorted(files["path"]) == sorted(lines),
         "every line accepted or quarantined": recorded == lines,

@@ -15,7 +15,6 @@ import os
 import re
 import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 CLI_MARKER = "<!-- generated: cli-reference -->"
 GRAPH_MARKER = "<!-- generated: asset-graph -->"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -10,17 +11,20 @@ import shutil
 import sys
 import unicodedata
 import uuid
-import dataclasses
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import duckdb
 import polars as pl
 
 from labelloop_assets.core import store
-from labelloop_assets.core.lake import Lake, LakeError
 from labelloop_assets.core.contracts import TRIMMED
+from labelloop_assets.core.lake import Lake, LakeError
 from labelloop_assets.core.settings import Home, LabelloopConfigError, apply_file_access
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 
 def _home() -> Home:
@@ -131,7 +135,7 @@ def _table(frame: pl.DataFrame, width: int) -> list[str]:
     widths = _shrunk(natural, [max(_width(names[i]), 12) if shortenable[i] else natural[i]
                                for i in range(len(names))], width - len(_GAP) * (len(names) - 1))
     lines = []
-    for row in [names, ["-" * w for w in widths], *zip(*columns)]:
+    for row in [names, ["-" * w for w in widths], *zip(*columns, strict=True)]:
         parts = []
         for i, cell in enumerate(row):
             cell = _fit(cell, widths[i], ellipsis) if shortenable[i] else cell
@@ -162,12 +166,12 @@ def _shrunk(natural: list[int], smallest: list[int], budget: int) -> list[int]:
     if sum(natural) <= budget:
         return natural
     def total(level: int) -> int:
-        return sum(min(n, max(level, s)) for n, s in zip(natural, smallest))
+        return sum(min(n, max(level, s)) for n, s in zip(natural, smallest, strict=True))
     low, high = 0, max(natural)
     while low < high:  # the widest common width that fits
         middle = (low + high + 1) // 2
         low, high = (middle, high) if total(middle) <= budget else (low, middle - 1)
-    return [min(n, max(low, s)) for n, s in zip(natural, smallest)]
+    return [min(n, max(low, s)) for n, s in zip(natural, smallest, strict=True)]
 
 
 def _print(frame: pl.DataFrame, as_json: bool) -> None:
@@ -190,10 +194,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     # Dagster takes seconds to import: only once the demo can run.
     import dagster as dg
 
+    from labelloop_assets.core.settings import ALLOW_DEV_SECRET_ENV
     from labelloop_assets.demo.run import DemoRefused, prepare_home, run_demo
     from labelloop_assets.demo.simulator import DemoConfig
-
-    from labelloop_assets.core.settings import ALLOW_DEV_SECRET_ENV
 
     root = Path(os.environ.get("LABELLOOP_HOME", "data/home")).resolve()
     if not os.environ.get("LABELLOOP_SECRET"):
@@ -576,12 +579,12 @@ class _Signer:
     """The private key `--as ID` signs with, and why it may not be used (for the terminal, and
     without paths or the raw id for the audit log)."""
 
-    key: "Ed25519PrivateKey | None" = None
+    key: Ed25519PrivateKey | None = None
     key_id: str | None = None
     terminal: list[str] = dataclasses.field(default_factory=list)
     audit: list[str] = dataclasses.field(default_factory=list)
 
-    def refuse(self, terminal: str, audit: str) -> "_Signer":
+    def refuse(self, terminal: str, audit: str) -> _Signer:
         self.terminal.append(terminal)
         self.audit.append(audit)
         return self
@@ -633,7 +636,7 @@ def _signer(home: Home, reviewer: str, explicit: str | None, directory) -> _Sign
     elif listed[0].id != reviewer:
         found.refuse(f"key {found.key_id} ({shown}) is registered to another contributor, not to {_shown(reviewer)}",
                      f"key {found.key_id} belongs to another contributor")
-    elif listed[1].revoked(datetime.now(timezone.utc)):
+    elif listed[1].revoked(datetime.now(UTC)):
         found.refuse(f"key {found.key_id} ({shown}) was revoked at {listed[1].revoked_at.isoformat()}",
                      f"key {found.key_id} is revoked")
     return found
@@ -727,11 +730,13 @@ def cmd_model_rollback(args: argparse.Namespace) -> int:
     # directory before anything changes; both go into the audit row.
     signer = _signer(home, reviewer, args.key, directory) if role in ROLLBACK_ROLES else _Signer()
     action = {"rollback_id": f"rb-{uuid.uuid4()}", "version": version, "reviewer_id": reviewer,
-              "rationale": rationale, "decided_at": datetime.now(timezone.utc).isoformat(),
+              "rationale": rationale, "decided_at": datetime.now(UTC).isoformat(),
               "key_id": signer.key_id}
     signature = None
     if signer.key is not None and not signer.audit:
-        signature = signing.sign(signer.key, signing.canonical(signing.ROLLBACK_DOMAIN, action, signing.ROLLBACK_FIELDS))
+        signature = signing.sign(
+            signer.key, signing.canonical(signing.ROLLBACK_DOMAIN, action, signing.ROLLBACK_FIELDS)
+        )
         if not _verified_rollback(directory, action, signature):
             signer.refuse("the rollback's signature does not verify against contributors.yaml",
                           "the rollback's signature does not verify")
@@ -785,7 +790,7 @@ def _verified_rollback(directory, action: dict, signature: str) -> bool:
     listed = directory.key(action["key_id"])
     return (
         listed is not None and listed[0].id == action["reviewer_id"]
-        and not listed[1].revoked(datetime.now(timezone.utc))
+        and not listed[1].revoked(datetime.now(UTC))
         and signing.verify(listed[1].raw, signing.canonical(signing.ROLLBACK_DOMAIN, action, signing.ROLLBACK_FIELDS),
                            signature)
     )
@@ -924,7 +929,7 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
     """Contributors with their roles and keys (ids only: public keys are in contributors.yaml)."""
     from labelloop_assets.core import review
 
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     rows = []
     for person in review.directory(_home()).contributors.values():
         for key in person.keys:
@@ -1042,7 +1047,9 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--limit", type=_positive, default=50, metavar="N", help=LIMIT_HELP)
     listing.add_argument("--json", action="store_true", help=JSON_HELP)
     listing.set_defaults(func=cmd_review_list)
-    showing = review_commands.add_parser("show", help="one escalation with its votes, or one burst with its corrections")
+    showing = review_commands.add_parser(
+        "show", help="one escalation with its votes, or one burst with its corrections"
+    )
     showing.add_argument("escalation_id", metavar="ID", help=ID_HELP)
     showing.add_argument("--json", action="store_true", help=JSON_HELP)
     showing.set_defaults(func=cmd_review_show)
@@ -1053,7 +1060,8 @@ def build_parser() -> argparse.ArgumentParser:
         action = review_commands.add_parser(name, help=text)
         action.add_argument("escalation_id", metavar="ID", help=(
             "the held burst's id (burst-...), as `labelloop review list --queue bursts` shows it"
-            if name in ("release", "discard") else "the escalation's id (esc-...), as `labelloop review list` shows it"))
+            if name in ("release", "discard")
+            else "the escalation's id (esc-...), as `labelloop review list` shows it"))
         if name == "decide":
             action.add_argument("--label", required=True, help="the label to set: a term of the ontology")
         action.add_argument("--rationale", required=True,
@@ -1076,10 +1084,13 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.set_defaults(func=cmd_model_rollback)
     keys = commands.add_parser("keys", help="signing keys of reviewers: new, list")
     key_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
-    new_key = key_commands.add_parser("new", help="make a contributor's Ed25519 key pair (private key outside the home)")
+    new_key = key_commands.add_parser(
+        "new", help="make a contributor's Ed25519 key pair (private key outside the home)"
+    )
     new_key.add_argument("contributor_id", help="the contributor's id as contributors.yaml lists it")
     new_key.add_argument("--out", metavar="FILE", help="where to write the private key "
-                         "(default: $LABELLOOP_KEYS_DIR/ID.key, LABELLOOP_KEYS_DIR defaults to ~/.config/labelloop/keys)")
+                         "(default: $LABELLOOP_KEYS_DIR/ID.key, "
+                         "LABELLOOP_KEYS_DIR defaults to ~/.config/labelloop/keys)")
     new_key.add_argument("--register", action="store_true",
                          help="add the public key to the contributor's entry in the home's contributors.yaml")
     new_key.set_defaults(func=cmd_keys_new)
@@ -1094,7 +1105,8 @@ def build_parser() -> argparse.ArgumentParser:
         "check", help="whether LABELLOOP_SECRET is strong enough (exit 0) or not (exit 2, with the reasons)")
     check_secret.set_defaults(func=cmd_secret_check)
     sql = commands.add_parser("sql", help="a read-only SQL query on the store (either backend)")
-    sql.add_argument("query", help="one SQL statement, e.g. \"SELECT label, count(*) FROM production_corpus GROUP BY 1\"")
+    sql.add_argument("query", help="one SQL statement, "
+                     "e.g. \"SELECT label, count(*) FROM production_corpus GROUP BY 1\"")
     sql.add_argument("--json", action="store_true", help="rows as a JSON list of objects")
     sql.add_argument("--limit", type=_positive, metavar="N", help="print at most this many rows")
     sql.set_defaults(func=cmd_sql)

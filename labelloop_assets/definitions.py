@@ -23,7 +23,10 @@ def build_definitions(home: Home | None = None, retrain: RetrainPolicy | None = 
     environment's, read through `dg.EnvVar` when a run or a sensor starts, so that loading the code
     location reads no environment and touches no file."""
     return dg.Definitions(
-        assets=[*landing_files, *dg.load_assets_from_modules([ingest, curation, quality, monitoring, training, maintenance])],
+        assets=[
+            *landing_files,
+            *dg.load_assets_from_modules([ingest, curation, quality, monitoring, training, maintenance]),
+        ],
         asset_checks=scheduled_checks,
         jobs=[ingest_job, retrain_job, maintenance_job, scheduled_checks_job],
         schedules=[maintenance_schedule, scheduled_checks_schedule],

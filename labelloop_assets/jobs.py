@@ -15,12 +15,14 @@ ingest_job = dg.define_asset_job(
 retrain_job = dg.define_asset_job(
     RETRAIN_JOB,
     selection=dg.AssetSelection.assets(
-        "contributor_reliability", "retrained_model", "model_evaluation", "release_notes", "label_issue_candidates", "guideline_report",
+        "contributor_reliability", "retrained_model", "model_evaluation", "release_notes", "label_issue_candidates",
+        "guideline_report",
         "label_quality_metrics", "label_quality_signals",
         "published_views",
     ),
     description="Re-estimate contributor reliability, train a challenger on the current corpus version, "
-    "evaluate it against the champion on the validation plan, rank label-issue candidates, write the guideline report, refresh metrics, agreement and drift.",
+    "evaluate it against the champion on the validation plan, rank label-issue candidates, write the guideline report, "
+    "refresh metrics, agreement and drift.",
 )
 
 MAINTENANCE_JOB = "maintenance_job"

@@ -131,12 +131,15 @@ def open_store(database: DuckDBResource) -> Iterator[duckdb.DuckDBPyConnection]:
     named_root = getattr(database, "home_root", "")
     deployment = _deployment_home()
     root = named_root or (str(Path(database.database).parent) if database.database else str(deployment or ""))
-    allowed_files = _BOUND_DATABASES | {str(Home(Path(r).resolve()).database_file) for r in (named_root, deployment) if r}
+    allowed_files = _BOUND_DATABASES | {
+        str(Home(Path(r).resolve()).database_file) for r in (named_root, deployment) if r
+    }
     if (database.database and database.database not in allowed_files) or database.connection_config:
         raise RunConfigRefused(
             description=(
                 f"refused: this run's config sets the database resource to {database.database!r}"
-                f"{' with connection_config ' + repr(database.connection_config) if database.connection_config else ''}; "
+                f"{' with connection_config ' + repr(database.connection_config) if database.connection_config else ''}"
+                "; "
                 "the store is fixed by the deployment (LABELLOOP_HOME, LABELLOOP_CATALOG), not by a run"
             )
         )

@@ -31,7 +31,8 @@ __all__ = ["landed_files", "landing_sensor", "retrain_decision", "retrain_sensor
     job=ingest_job,
     minimum_interval_seconds=30,
     default_status=dg.DefaultSensorStatus.STOPPED,
-    description="Requests an ingest run when files appear or change under landing/{items,predictions,corrections,reviews} "
+    description="Requests an ingest run when files appear or change under "
+    "landing/{items,predictions,corrections,reviews} "
     "or gold.jsonl changes, unless an ingest run already read them (however it was launched).",
 )
 def landing_sensor(

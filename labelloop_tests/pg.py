@@ -60,7 +60,7 @@ PORT_ATTEMPTS = 5
 _lock = threading.RLock()
 _server: str | None = None
 _failure: str | None = None  # why the first attempt failed: later calls fail at once, same reason
-_private: "_PrivateServer | None" = None
+_private: _PrivateServer | None = None
 # Made on a LABELLOOP_TEST_PG server (which outlives the tests), so dropped at exit.
 _made_databases: list[str] = []
 _made_roles: list[str] = []
@@ -145,13 +145,13 @@ def unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
-def start_private() -> "_PrivateServer":
+def start_private() -> _PrivateServer:
     """A new private server, not the shared one; the caller stops it (`.stop()`). `.dsn`,
     `.port`, `.folder` and `.data_dir` say where it is. `server()` starts its own the same way."""
     return _PrivateServer.start()
 
 
-def private_server() -> "_PrivateServer | None":
+def private_server() -> _PrivateServer | None:
     """The private server `server()` started, if it started one (None under LABELLOOP_TEST_PG)."""
     return _private
 
@@ -227,7 +227,7 @@ class _PrivateServer:
         return make_dsn(host="127.0.0.1", port=str(self.port), user="postgres", dbname="postgres")
 
     @classmethod
-    def start(cls) -> "_PrivateServer":
+    def start(cls) -> _PrivateServer:
         bindir = find_bindir()
         if bindir is None:
             raise ServerUnavailable(
@@ -341,7 +341,7 @@ def _reap_abandoned(base: Path, bindir: Path, as_user: list[str]) -> None:
 
 
 @contextmanager
-def connect(dsn: str, **kwargs) -> Iterator["psycopg2.extensions.connection"]:
+def connect(dsn: str, **kwargs) -> Iterator[psycopg2.extensions.connection]:
     """An autocommit psycopg2 connection, closed on the way out."""
     con = psycopg2.connect(dsn, **kwargs)
     con.autocommit = True

@@ -12,7 +12,7 @@ import tracemalloc
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import dagster as dg
@@ -203,7 +203,7 @@ def _dangling_link(path: Path) -> None:
 
 
 def _in_the_future(days: float) -> str:
-    return (datetime.now(timezone.utc) + timedelta(days=days)).isoformat()
+    return (datetime.now(UTC) + timedelta(days=days)).isoformat()
 
 
 BAD_UTF8 = json.dumps(correction("bad")).encode().replace(b'"bad"', b'"b\xff\xfead"')

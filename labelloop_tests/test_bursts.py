@@ -29,7 +29,15 @@ from labelloop_assets.core.bursts import (
 from labelloop_assets.core.settings import LabelloopConfigError, pseudonymization_key
 from labelloop_assets.sensors import _latest_metadata, retrain_decision
 from labelloop_tests.conftest import (
-    RETRAIN, correction, give_keys, key_of, land_items, make_items, set_yaml, signed, write_jsonl,
+    RETRAIN,
+    correction,
+    give_keys,
+    key_of,
+    land_items,
+    make_items,
+    set_yaml,
+    signed,
+    write_jsonl,
 )
 from labelloop_tests.test_loop import _materialize, _metadata, _rows
 
@@ -433,7 +441,10 @@ def test_a_severe_burst_is_held_until_a_reviewer_discards_it(home, defs, instanc
     assert all(b.startswith("u_") and "reviewer-0" not in b for b in bursts["acknowledged_by"])
     assert bursts["acknowledged_role"].to_list() == ["reviewer", "reviewer"]
     assert all("sec@corp.example" not in a for a in bursts["acknowledgement"])
-    assert (_metadata(after, "correction_bursts")["held_bursts"], _metadata(after, "correction_bursts")["discarded_bursts"]) == (0, 2)
+    assert (
+        _metadata(after, "correction_bursts")["held_bursts"],
+        _metadata(after, "correction_bursts")["discarded_bursts"],
+    ) == (0, 2)
     assert _check(after, "no_held_bursts").passed
     accepted = _rows(home, "SELECT actor, action, target FROM audit_log WHERE outcome = 'accepted' ORDER BY target")
     assert accepted.rows() == sorted([(reviewer, "review.discard", contributor_burst),

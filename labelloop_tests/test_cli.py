@@ -51,7 +51,8 @@ def test_status_quarantine_and_lineage(home, defs, instance, monkeypatch, capsys
     assert sorted(versions[1]["event_ids"]) == ["evt-1", "evt-2"]
     assert versions[1]["models_trained"] == ["m0001"]
     assert lineage["item"][0]["initial_label"] == "two" and lineage["item"][0]["label_source"] == "vendor"
-    assert [p["model_version"] for p in lineage["predictions"]] == ["baseline-v1"]  # the model that served it, declared as external
+    # The model that served it, declared as external.
+    assert [p["model_version"] for p in lineage["predictions"]] == ["baseline-v1"]
     assert {c["user_role"] for c in lineage["corrections"]} == {"end_user"}
     assert [d["status"] for d in lineage["decisions"]] == ["promote"]
     assert "dana@example.org" not in json.dumps(lineage)
@@ -101,7 +102,9 @@ def test_every_option_and_positional_has_help():
         for action in parser._actions:
             if isinstance(action, argparse._SubParsersAction):
                 helped = {choice.dest for choice in action._choices_actions}
-                assert helped == set(action.choices), f"{path}: subcommands without help: {set(action.choices) - helped}"
+                assert helped == set(action.choices), (
+                    f"{path}: subcommands without help: {set(action.choices) - helped}"
+                )
                 for name, sub in action.choices.items():
                     yield from parsers(sub, f"{path} {name}")
 
@@ -132,7 +135,9 @@ def test_tables_are_readable_and_never_cut_an_id(home, defs, instance, monkeypat
     assert not any("┆" in line or "shape:" in line for line in lines)
     for row in rows:
         # One line a row, with its ids whole (and the long detail shortened on that line).
-        whole = [row["source_file"], f" {row['line_no']} ", row["reason"]] + [row[k] for k in ("record_id", "item_id") if row[k]]
+        whole = [row["source_file"], f" {row['line_no']} ", row["reason"]] + [
+            row[k] for k in ("record_id", "item_id") if row[k]
+        ]
         assert [line for line in lines if all(part in line for part in whole)], (row, lines)
     long_detail = next(r["detail"] for r in rows if r["reason"] == "unknown_label")
     assert long_detail not in "\n".join(lines) and any("\u2026" in line for line in lines)
@@ -180,7 +185,9 @@ def test_counts_read_as_english(home, defs, instance, monkeypatch, capsys):
 
 
 def test_lineage_says_why_a_gold_or_quarantined_item_has_no_history(home, defs, instance, monkeypatch, capsys):
-    home.gold_file.write_text(json.dumps({"item_id": "gold-01", "features": [0.1, 5.2, 0.0, 1.0], "gold_label": "one"}) + "\n")
+    home.gold_file.write_text(
+        json.dumps({"item_id": "gold-01", "features": [0.1, 5.2, 0.0, 1.0], "gold_label": "one"}) + "\n"
+    )
     # An item line that cannot be stored (too few features), and corrections of it and of the gold item.
     write_jsonl(home.landing_dir("items"), "more.jsonl", [{"item_id": "lost-07", "features": [1.0, 2.0],
                                                            "initial_label": "one", "label_source": "vendor"}])
@@ -190,7 +197,10 @@ def test_lineage_says_why_a_gold_or_quarantined_item_has_no_history(home, defs, 
 
     assert cli.main(["lineage", "gold-01"]) == 1
     err = capsys.readouterr().err
-    assert "no label history for item 'gold-01': it is a gold item, held out for evaluation and never in the corpus" in err
+    assert (
+        "no label history for item 'gold-01': it is a gold item, held out for evaluation and never in the corpus"
+        in err
+    )
     assert "1 line naming it was quarantined (1 line of corrections: gold_item)" in err
 
     assert cli.main(["lineage", "lost-07"]) == 1

@@ -23,10 +23,10 @@ import pytest
 from labelloop_assets import cli
 from labelloop_assets.definitions import build_definitions
 from labelloop_tests.conftest import RETRAIN, prepared_home, set_yaml
+from labelloop_tests.test_loop import _materialize
 
 # About 30 s of CPU in real subprocesses: `make test` runs it, `make test-fast` does not.
 pytestmark = pytest.mark.slow
-from labelloop_tests.test_loop import _materialize
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "data" / "samples" / "landing"

@@ -252,7 +252,7 @@ class Pair:
                 env={**environment, "RUN_INDEX": str(index)}, stdout=subprocess.PIPE, stderr=log.open("w"),
                 text=True,
             )
-            for index, (run_tags, log) in enumerate(zip(tags, self.logs))
+            for index, (run_tags, log) in enumerate(zip(tags, self.logs, strict=True))
         ]
         self.phases: list[list[dict]] = []
 
@@ -266,7 +266,7 @@ class Pair:
             self.phases.append([json.loads(line) for line in lines])
         return self.phases[phase]
 
-    def __enter__(self) -> "Pair":
+    def __enter__(self) -> Pair:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -580,6 +580,6 @@ def test_a_sensor_run_and_a_manual_run_on_the_pool_take_turns_and_both_finish(po
     assert _in_flight_together([sensor_run, manual_run]), [sensor_run["steps"], manual_run["steps"]]
     # One step at a time across both runs: no step of one overlaps a step of the other.
     steps = sorted(_intervals(sensor_run) + _intervals(manual_run))
-    for (_, ended, step), (began, _, following) in zip(steps, steps[1:]):
+    for (_, ended, step), (began, _, following) in zip(steps, steps[1:], strict=False):
         assert ended <= began, f"{step} and {following} ran at the same time"
     assert _snapshot(home) == reference

@@ -103,7 +103,8 @@ COMPARED = {
     "correction_volume": "day, scope, key, n",
     "label_history": "item_id, corpus_version, change_order, label, previous_label, change_kind",
     "corpus_versions": "corpus_version, n_new_items, n_label_changes, n_confirmations, n_items, label_changes_total",
-    "production_corpus": "item_id, label, label_source, human_confirmed, reviewer_confirmed, since_version, updated_version",
+    "production_corpus": "item_id, label, label_source, human_confirmed, reviewer_confirmed, since_version, "
+                         "updated_version",
     "escalations": "escalation_id, item_id, reason",
     "audit_log": "actor, action, target, outcome",
     "models": "model_version, corpus_version, status, n_train_rows, train_data_hash, params, gold_accuracy",

@@ -11,9 +11,9 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from labelloop_assets.core import store
 from labelloop_assets.core.settings import Home
 from labelloop_assets.definitions import build_definitions
-from labelloop_assets.core import store
 from labelloop_assets.jobs import INGEST_JOB, SCHEDULED_CHECKS_JOB
 from labelloop_tests.conftest import correction, land_items, make_items, set_yaml, write_jsonl
 

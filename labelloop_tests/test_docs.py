@@ -4,12 +4,11 @@ reference pages that cover the code they are generated from."""
 from __future__ import annotations
 
 import argparse
-
-import dagster as dg
 import importlib.util
 import re
 from pathlib import Path
 
+import dagster as dg
 import pytest
 
 from labelloop_assets.cli import build_parser
@@ -86,7 +85,7 @@ def _parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
 def _sections(reference: str) -> dict[str, str]:
     """The reference split by its command headings: prog -> that command's text."""
     parts = re.split(r"^#+ `([^`]+)`$", reference, flags=re.MULTILINE)
-    return dict(zip(parts[1::2], parts[2::2]))
+    return dict(zip(parts[1::2], parts[2::2], strict=True))
 
 
 def test_generated_cli_reference_names_every_subcommand_and_option():

@@ -127,7 +127,9 @@ def test_a_home_made_before_is_tightened_but_its_landing_zone_is_left_as_its_ope
     outside = tmp_path / "elsewhere.txt"
     outside.write_text("not the home's\n")
     (root / "models" / "elsewhere").symlink_to(outside)
-    before = {p: mode(p) for p in (root / "landing", root / "landing" / "items", root / "landing" / "corrections", landed)}
+    before = {
+        p: mode(p) for p in (root / "landing", root / "landing" / "items", root / "landing" / "corrections", landed)
+    }
     assert mode(root / "labelloop.duckdb") == 0o644 and mode(root / "models" / "m0001") == 0o755
 
     home = Home(root).ensure()

@@ -151,7 +151,9 @@ def test_adding_gold_starts_set_2_and_both_models_are_scored_on_it(home, defs, i
 
     evaluation = _metadata(result, "model_evaluation")
     assert (evaluation["evaluation_set"], evaluation["n_eval"]) == (2, 30)
-    assert evaluation["champion_rescored"] == "m0001 rescored on set 2; last scored on set 1 (another set: its stored score is not comparable)"
+    assert evaluation["champion_rescored"] == (
+        "m0001 rescored on set 2; last scored on set 1 (another set: its stored score is not comparable)"
+    )
     latest = _rows(home, "SELECT * FROM model_evaluations ORDER BY evaluation_id DESC LIMIT 1").row(0, named=True)
     champion, challenger = json.loads(latest["champion_scores"]), json.loads(latest["challenger_scores"])
     assert (latest["champion"], latest["evaluation_set"]) == ("m0001", 2)

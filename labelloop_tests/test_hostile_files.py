@@ -290,7 +290,9 @@ def test_a_file_that_exhausts_memory_is_quarantined_alone(seeded):
     rows = quarantine(con, "corrections/b-large.jsonl")
     assert [(r["line_no"], r["reason"]) for r in rows] == [(None, contracts.RESOURCE_LIMIT)]
     assert "ran out of memory" in rows[0]["detail"] and "the other files went through" in rows[0]["detail"]
-    assert store.scalar(con, "SELECT count(*) FROM raw_corrections WHERE source_file = 'corrections/b-large.jsonl'") == 0
+    assert store.scalar(
+        con, "SELECT count(*) FROM raw_corrections WHERE source_file = 'corrections/b-large.jsonl'"
+    ) == 0
     # The next run does not try it again (it would fail the same way): the ledger has it.
     con.execute("RESET memory_limit")
     assert run_ingest(con, home, "corrections").files == []

@@ -193,7 +193,8 @@ LINE_CASES = {
         "corrections", correction("bad-1", rationale="r" * 2001), "rationale: longer than 2000", "bad-1"
     ),
     contracts.UNKNOWN_LABEL: LineCase(
-        "corrections", correction("bad-1", corrected_label="seventeen"), "corrected_label: not a term of the ontology", "bad-1"
+        "corrections", correction("bad-1", corrected_label="seventeen"), "corrected_label: not a term of the ontology",
+        "bad-1",
     ),
     contracts.UNKNOWN_ITEM: LineCase(
         "corrections", correction("bad-1", item_id="no-such-item"), "not a known item", "bad-1"

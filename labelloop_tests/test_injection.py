@@ -245,7 +245,7 @@ def test_every_landing_text_field_refuses_hostile_text_or_keeps_it_verbatim(load
                                                  {"f": source}).iter_rows(named=True)}
         set_aside = dict(_rows(home, "SELECT line_no, reason FROM quarantine WHERE source_file = $f",
                                {"f": source}).rows())
-        for line_no, (name, value, record) in enumerate(rows, start=1):
+        for line_no, (name, value, _record) in enumerate(rows, start=1):
             # Each line is exactly one of: a stored record, a quarantined one with its reason.
             assert (line_no in stored) != (line_no in set_aside), (kind, name, value[:40])
             if line_no in set_aside:

@@ -40,7 +40,8 @@ COMPARED = {
     "raw_corrections": "SELECT seq, event_id, item_id, corrected_label, user_pseudonym, rationale "
                        "FROM raw_corrections ORDER BY seq",
     "quarantine": "SELECT kind, source_file, line_no, reason FROM quarantine ORDER BY ALL",
-    "ingested_files": "SELECT path, kind, records_in, accepted, quarantined, blank_lines FROM ingested_files ORDER BY path",
+    "ingested_files": "SELECT path, kind, records_in, accepted, quarantined, blank_lines "
+                      "FROM ingested_files ORDER BY path",
     "label_decisions": "SELECT decision_id, item_id, proposed_label, status FROM label_decisions ORDER BY decision_id",
     "corpus_versions": "SELECT corpus_version, n_new_items, n_label_changes, n_items, label_changes_total "
                        "FROM corpus_versions ORDER BY corpus_version",
@@ -171,7 +172,9 @@ def test_upkeep_expires_only_snapshots_no_corpus_version_needs(home, catalog, in
     with store.connect(home.database, read_only=True) as con:
         assert con.execute("SELECT count(*) FROM lake.snapshots()").fetchone()[0] < before
         for _, snapshot, n_items in kept:
-            assert con.execute(f"SELECT count(*) FROM production_corpus AT (VERSION => {snapshot})").fetchone()[0] == n_items
+            assert con.execute(
+                f"SELECT count(*) FROM production_corpus AT (VERSION => {snapshot})"
+            ).fetchone()[0] == n_items
     # A key written twice behind labelloop's back is caught by the check.
     with store.connect(home.database) as con:
         con.execute("INSERT INTO models SELECT * FROM models WHERE model_version = 'm0001'")
@@ -399,7 +402,9 @@ def test_writers_of_different_table_groups_commit_side_by_side(home, catalog, mo
         # Both transactions open at once and commit one after the other (DuckLake's optimistic
         # commits: an append and a merge into other tables do not conflict).
         with store.transaction(ingesting):
-            store.append(ingesting, "items", pl.DataFrame({"item_id": ["a"], "features": [[1.0]], "payload_hash": ["x"]}))
+            store.append(
+                ingesting, "items", pl.DataFrame({"item_id": ["a"], "features": [[1.0]], "payload_hash": ["x"]})
+            )
             with store.transaction(curating):
                 store.set_state(curating, "mark", 7)
                 store.append(curating, "corpus_versions", pl.DataFrame({

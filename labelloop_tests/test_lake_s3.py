@@ -60,7 +60,10 @@ def _start_moto():
     starting.start()
     starting.join(START_TIMEOUT_S)
     if starting.is_alive() or server.failure is not None:
-        why = f"{type(server.failure).__name__}: {server.failure}" if server.failure else f"no answer in {START_TIMEOUT_S} s"
+        why = (
+            f"{type(server.failure).__name__}: {server.failure}" if server.failure
+            else f"no answer in {START_TIMEOUT_S} s"
+        )
         pg.unavailable(f"moto's S3 server could not start on 127.0.0.1 ({why})")
     return server
 
@@ -110,7 +113,9 @@ def s3(monkeypatch) -> Iterator[S3]:
 def _keys(s3: S3) -> list[str]:
     keys, token = [], None
     while True:
-        page = s3.client.list_objects_v2(Bucket=BUCKET, Prefix=PREFIX, **({"ContinuationToken": token} if token else {}))
+        page = s3.client.list_objects_v2(
+            Bucket=BUCKET, Prefix=PREFIX, **({"ContinuationToken": token} if token else {})
+        )
         keys += [o["Key"] for o in page.get("Contents", [])]
         if not page.get("IsTruncated"):
             return keys

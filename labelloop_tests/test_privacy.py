@@ -128,7 +128,7 @@ def file_texts(root: Path, skip: tuple[str, ...] = ()) -> Iterator[tuple[str, st
             with np.load(path, allow_pickle=False) as arrays:
                 texts = [" ".join(map(str, arrays[n].ravel())) if arrays[n].dtype.kind in "US" else ""
                          for n in arrays.files]
-                yield relative, "\n".join(f"{name}: {text}" for name, text in zip(arrays.files, texts))
+                yield relative, "\n".join(f"{name}: {text}" for name, text in zip(arrays.files, texts, strict=True))
         elif path.suffix == ".db" and path.read_bytes()[:16] == b"SQLite format 3\x00":
             with sqlite3.connect(path) as con:
                 tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]

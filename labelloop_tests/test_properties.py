@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import polars as pl
@@ -210,7 +210,7 @@ def valid_correction(event_id: str) -> dict:
 def mutated_corrections(draw) -> list[dict]:
     """Valid corrections with some fields replaced by arbitrary or hostile values, or dropped."""
     records = []
-    for n in range(draw(st.integers(1, 5))):
+    for _n in range(draw(st.integers(1, 5))):
         record = valid_correction(f"ev-{draw(st.integers(0, 3))}")
         for name in draw(st.lists(st.sampled_from(CORRECTION_FIELDS), max_size=3, unique=True)):
             if draw(st.booleans()):
@@ -249,8 +249,8 @@ def test_mutated_corrections_are_stored_only_when_they_meet_the_contract(landing
         assert row["event_id"] == row["event_id"].strip(" \t\r\n")
         assert row["user_pseudonym"].startswith("u_") and len(row["user_pseudonym"]) == 34
         assert row["user_confidence"] is None or 0.0 <= row["user_confidence"] <= 1.0
-        assert datetime(2000, 1, 1, tzinfo=timezone.utc) <= row["created_at"]
-        assert row["created_at"] <= datetime.now(timezone.utc) + timedelta(days=1)
+        assert datetime(2000, 1, 1, tzinfo=UTC) <= row["created_at"]
+        assert row["created_at"] <= datetime.now(UTC) + timedelta(days=1)
         assert row["rationale"] is None or len(row["rationale"]) <= 2000
         assert row["context"] is None or isinstance(json.loads(row["context"]), dict)
     # No two stored events share an id, whatever the file held.
@@ -269,7 +269,7 @@ def test_mutated_corrections_are_stored_only_when_they_meet_the_contract(landing
 
 
 POLICY = ResolutionPolicy.load(DEFAULTS_DIR / "governance.yaml")
-T0 = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
+T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 LABELS = ("one", "two", "three")
 ITEMS = ("a", "b", "c")
 PEOPLE = tuple(f"u_{name}" for name in ("ann", "bob", "cy", "dee", "eve", "fay", "gus"))
@@ -423,7 +423,7 @@ def test_a_newcomers_vote_weighs_the_newcomer_share_and_never_flips_alone(world,
     """governance newcomers: under min_history earlier days, a vote outside the exempt roles
     counts at newcomers.weight of its weight, and a newcomer never flips a label alone."""
     votes, current, reliability = world
-    history = dict(zip(PEOPLE, days))
+    history = dict(zip(PEOPLE, days, strict=True))
     decisions = decide(votes, current, reliability, history=history)
     latest = latest_votes(votes)
 

@@ -141,7 +141,9 @@ def test_agreement_segments_and_trend_chart_after_a_small_loop(home, defs, insta
     corrected = {e["prediction_id"] for e in events if e["corrected_label"] != predicted[e["prediction_id"]][0]}
     for model in ("m0001", "m0002"):
         served = [pid for pid, (_, m) in predicted.items() if m == model]
-        row = segments.filter((pl.col("segment_kind") == "model_version") & (pl.col("segment") == model)).row(0, named=True)
+        row = segments.filter(
+            (pl.col("segment_kind") == "model_version") & (pl.col("segment") == model)
+        ).row(0, named=True)
         assert row["n_predictions"] == len(served) == 20
         assert row["n_corrected_predictions"] == len(corrected & set(served))
         assert row["correction_rate"] == pytest.approx(len(corrected & set(served)) / 20)
@@ -188,7 +190,9 @@ def test_one_contributor_and_no_predictions_give_notes_not_zeros(home, defs, ins
 
     assert "krippendorff_alpha" not in meta and "fleiss_kappa" not in meta  # not plotted as 0
     assert meta["agreement_note"] not in (None, "", "computed")
-    row = _rows(home, "SELECT krippendorff_alpha, fleiss_kappa, n_items_multi, note FROM label_agreement").row(0, named=True)
+    row = _rows(
+        home, "SELECT krippendorff_alpha, fleiss_kappa, n_items_multi, note FROM label_agreement"
+    ).row(0, named=True)
     assert row["krippendorff_alpha"] is None and row["fleiss_kappa"] is None and row["n_items_multi"] == 0
     assert row["note"] == meta["agreement_note"]
     agreement = _check(result, "agreement_above_floor")

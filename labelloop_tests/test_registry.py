@@ -221,7 +221,9 @@ def _version_one(con) -> registry.CorpusVersion:
 
 def _corpus(con) -> dict:
     return {
-        "corpus": store.frame(con, "SELECT item_id, label, since_version FROM production_corpus ORDER BY item_id").rows(),
+        "corpus": store.frame(
+            con, "SELECT item_id, label, since_version FROM production_corpus ORDER BY item_id"
+        ).rows(),
         "history": store.scalar(con, "SELECT count(*) FROM label_history"),
         "versions": store.frame(con, "SELECT corpus_version, n_new_items, n_label_changes, n_confirmations, "
                                      "n_items, label_changes_total, run_id FROM corpus_versions").rows(),

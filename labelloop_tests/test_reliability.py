@@ -83,8 +83,8 @@ def simulate(
         votes=votes,
         anchors=anchors,
         labels=labels,
-        truth=dict(zip(item_ids, label_names[truth])),
-        true_accuracy=dict(zip(users, accuracies.tolist())),
+        truth=dict(zip(item_ids, label_names[truth], strict=True)),
+        true_accuracy=dict(zip(users, accuracies.tolist(), strict=True)),
     )
 
 
@@ -311,7 +311,7 @@ def colluding_world(anchor_their_items: bool) -> tuple[World, list[str], list[st
 def test_anchors_keep_colluders_below_honest_contributors():
     world, colluders, honest = colluding_world(anchor_their_items=True)
     estimates = estimate_reliability(world.votes, world.anchors, world.labels)
-    by_user = dict(zip(estimates["user_pseudonym"], estimates["accuracy"]))
+    by_user = dict(zip(estimates["user_pseudonym"], estimates["accuracy"], strict=True))
     assert max(by_user[c] for c in colluders) < 0.5
     assert max(by_user[c] for c in colluders) < min(by_user[h] for h in honest)
     assert min(by_user[h] for h in honest) > 0.75
@@ -322,7 +322,7 @@ def test_without_anchors_on_their_items_colluders_pass_as_reliable():
     # (not the consensus) that expose a colluding majority.
     world, colluders, _ = colluding_world(anchor_their_items=False)
     estimates = estimate_reliability(world.votes, world.anchors, world.labels)
-    by_user = dict(zip(estimates["user_pseudonym"], estimates["accuracy"]))
+    by_user = dict(zip(estimates["user_pseudonym"], estimates["accuracy"], strict=True))
     assert min(by_user[c] for c in colluders) > 0.5
 
 

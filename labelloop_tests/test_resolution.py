@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import polars as pl
@@ -17,7 +17,7 @@ from labelloop_assets.core.settings import DEFAULTS_DIR, Home, LabelloopConfigEr
 from labelloop_tests.conftest import TRUSTING_DIRECTORY, set_yaml
 
 POLICY = ResolutionPolicy.load(DEFAULTS_DIR / "governance.yaml")
-T0 = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
+T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
 CORRECTION_SCHEMA = {
     "seq": pl.Int64, "event_id": pl.String, "item_id": pl.String, "corrected_label": pl.String,
@@ -385,8 +385,9 @@ def new_items(*rows: tuple) -> pl.DataFrame:
 
 def history(changes: pl.DataFrame) -> list[tuple]:
     """History rows, ordered by item (plan_changes does not promise an order across items)."""
-    return changes.sort("item_id", maintain_order=True).select("item_id", "change_kind", "previous_label", "label", "label_source",
-                          "approved_by", "corpus_version").rows()
+    return changes.sort("item_id", maintain_order=True).select(
+        "item_id", "change_kind", "previous_label", "label", "label_source", "approved_by", "corpus_version"
+    ).rows()
 
 
 def test_new_items_get_initial_rows():
@@ -399,7 +400,9 @@ def test_new_items_get_initial_rows():
         ("n2", "initial", None, "five", "unknown", "import:unknown", 1),
     ]
     rows = corpus.corpus_rows(changes, corpus_now(), 1)
-    assert rows.drop("reviewer_confirmed").rows() == [("n1", "three", "vendor", False, 1, 1), ("n2", "five", "unknown", False, 1, 1)]
+    assert rows.drop("reviewer_confirmed").rows() == [
+        ("n1", "three", "vendor", False, 1, 1), ("n2", "five", "unknown", False, 1, 1)
+    ]
 
 
 def test_decisions_become_corrections_and_confirmations():
@@ -456,7 +459,9 @@ def test_item_arriving_and_corrected_in_the_same_batch_gets_both_rows():
     assert [(r[1], r[2], r[3]) for r in history(changes)] == [
         ("initial", None, "three"), ("correction", "three", "eight")
     ]
-    assert corpus.corpus_rows(changes, corpus_now(), 5).drop("reviewer_confirmed").rows() == [("n1", "eight", "correction", True, 5, 5)]
+    assert corpus.corpus_rows(changes, corpus_now(), 5).drop("reviewer_confirmed").rows() == [
+        ("n1", "eight", "correction", True, 5, 5)
+    ]
 
 
 def test_no_decisions_and_no_items_plan_nothing():
@@ -480,7 +485,9 @@ def test_same_batch_confirmation_keeps_the_import_label_source():
         new_items(("n1", "three", "vendor")), decisions((1, "n1", "three", "promote")), corpus_now(), 1
     )
     assert [r[1] for r in history(changes)] == ["initial", "confirmation"]
-    assert corpus.corpus_rows(changes, corpus_now(), 1).drop("reviewer_confirmed").rows() == [("n1", "three", "vendor", True, 1, 1)]
+    assert corpus.corpus_rows(changes, corpus_now(), 1).drop("reviewer_confirmed").rows() == [
+        ("n1", "three", "vendor", True, 1, 1)
+    ]
 
 
 # --------------------------------------------------------------------------- through DuckDB
@@ -517,7 +524,9 @@ def test_ingested_corrections_resolve_into_a_corpus_version(tmp_path: Path):
     corpus_v1 = corpus.corpus_rows(changes0, empty_corpus, 1)
     now = corpus_v1.select("item_id", "label")
     staged = stage(raw, NO_PREDICTIONS, now, POLICY)
-    assert staged.sort("seq")["user_pseudonym"].to_list()[:2] == [anonymize.pseudonym(key, "alice"), anonymize.pseudonym(key, "bob")]
+    assert staged.sort("seq")["user_pseudonym"].to_list()[:2] == [
+        anonymize.pseudonym(key, "alice"), anonymize.pseudonym(key, "bob")
+    ]
     result = resolve(established(staged), now, POLICY)
     assert result.select("item_id", "proposed_label", "status").rows() == [
         ("i0", "two", "promote"), ("i1", "two", "pending"), ("i2", "one", "confirmed")
@@ -525,7 +534,9 @@ def test_ingested_corrections_resolve_into_a_corpus_version(tmp_path: Path):
     plan = result.with_row_index("decision_id", offset=1).with_columns(pl.col("decision_id").cast(pl.Int64))
     changes = corpus.plan_changes(items.clear(), plan, corpus_v1, 2)
     rows = corpus.corpus_rows(changes, corpus_v1, 2).sort("item_id")
-    assert rows.drop("reviewer_confirmed").rows() == [("i0", "two", "correction", True, 2, 2), ("i2", "one", "vendor", True, 1, 2)]
+    assert rows.drop("reviewer_confirmed").rows() == [
+        ("i0", "two", "correction", True, 2, 2), ("i2", "one", "vendor", True, 1, 2)
+    ]
 
 
 # --------------------------------------------------------------------------- ontology

@@ -81,7 +81,7 @@ def test_the_labelled_set_is_large_and_holds_every_attack():
 def _recall(outputs: list[str]) -> tuple[dict[str, tuple[int, int]], list[tuple[str, str]]]:
     per_kind: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     missed = []
-    for case, out in zip(POSITIVES, outputs):
+    for case, out in zip(POSITIVES, outputs, strict=True):
         for pii in case["pii"]:
             per_kind[case["kind"]][1] += 1
             if pii in out:
@@ -97,7 +97,7 @@ def test_recall_per_kind_and_false_positives_on_the_labelled_set(con):
     found = sum(f for f, _ in per_kind.values())
     total = sum(t for _, t in per_kind.values())
     negatives = scrub_all(con, [case["text"] for case in NEGATIVES])
-    changed = [(case["text"], out) for case, out in zip(NEGATIVES, negatives) if out != case["text"]]
+    changed = [(case["text"], out) for case, out in zip(NEGATIVES, negatives, strict=True) if out != case["text"]]
     kept = 1 - len(changed) / len(NEGATIVES)
     print(f"\nrecall: {found}/{total} = {found / total:.3f}")
     for kind, (f, t) in sorted(per_kind.items()):
@@ -229,7 +229,7 @@ def test_hostile_text_is_scrubbed_in_bounded_time(name):
 def test_the_scrubber_never_fails_and_keeps_text_around_what_it_replaces(text):
     spans = scrub.find_pii(text)
     assert all(0 <= s.start < s.end <= len(text) for s in spans)
-    assert all(a.end <= b.start for a, b in zip(spans, spans[1:]))
+    assert all(a.end <= b.start for a, b in zip(spans, spans[1:], strict=False))
     out = scrub.scrub_text(text)
     assert out != scrub.UNSCRUBBABLE
     if not spans:

@@ -18,8 +18,8 @@ import pytest
 
 from labelloop_assets import cli
 from labelloop_assets.core import lake, secret, store
-from labelloop_assets.core.lake import Lake
 from labelloop_assets.core.anonymize import pseudonym
+from labelloop_assets.core.lake import Lake
 from labelloop_assets.core.settings import (
     ALLOW_DEV_SECRET_ENV,
     DEV_SECRET,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import stat
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -17,7 +17,16 @@ from labelloop_assets.core import signing, store
 from labelloop_assets.core.anonymize import pseudonym
 from labelloop_assets.core.settings import pseudonymization_key
 from labelloop_assets.jobs import INGEST_JOB
-from labelloop_tests.conftest import correction, give_keys, key_of, land_items, make_items, set_yaml, signed, write_jsonl
+from labelloop_tests.conftest import (
+    correction,
+    give_keys,
+    key_of,
+    land_items,
+    make_items,
+    set_yaml,
+    signed,
+    write_jsonl,
+)
 
 REVIEWERS = "reviewers:\n  - {id: reviewer-0, role: reviewer}\n  - {id: expert-0, role: domain_expert}\n"
 
@@ -202,11 +211,13 @@ def test_revocation_refuses_later_signatures_only(home, defs, instance, monkeypa
     assert _rows(home, "SELECT decision_id FROM review_decisions")["decision_id"].to_list() == ["d-before"]
 
     # The key leaks; the deployment revokes it from now on.
-    revoked_at = (datetime.now(timezone.utc) - timedelta(seconds=1)).isoformat()
+    revoked_at = (datetime.now(UTC) - timedelta(seconds=1)).isoformat()
     text = home.contributors_file.read_text()
     public = signing.public_key_text(key_of("reviewer-0"))
     assert text.count(public) == 1
-    home.contributors_file.write_text(text.replace(f"public_key: {public}", f"public_key: {public}\n    revoked_at: '{revoked_at}'"))
+    home.contributors_file.write_text(
+        text.replace(f"public_key: {public}", f"public_key: {public}\n    revoked_at: '{revoked_at}'")
+    )
     assert cli.main(["keys", "list", "--json"]) == 0
     listed = {row["key_id"]: row["status"] for row in json.loads(capsys.readouterr().out)}
     assert listed[old_key] == "revoked"

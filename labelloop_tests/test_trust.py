@@ -67,7 +67,7 @@ def test_forged_reviewer_claims_count_as_end_users_and_are_audited(strict_home, 
     """12 ungranted accounts each claim `reviewer` and flip one item: none goes through, none locks."""
     home = strict_home
     targets = [f"item-{i:03d}" for i in range(15, 27)]
-    truth = dict(zip(make_items(n=60, n_gold=0)[1].keys(), make_items(n=60, n_gold=0)[1].values()))
+    truth = dict(zip(make_items(n=60, n_gold=0)[1].keys(), make_items(n=60, n_gold=0)[1].values(), strict=True))
     forged = [
         correction(f"forge-{k}", item, next(lbl for lbl in ("zero", "one", "two") if lbl != truth[item]),
                    user=f"mallory-{k}", role="reviewer")
@@ -193,11 +193,14 @@ def test_one_producer_cannot_take_another_producers_event_ids(strict_home, defs,
     result = _run(defs, instance, INGEST_JOB)
 
     stored = _rows(home, "SELECT event_id, corrected_label, producer FROM raw_corrections ORDER BY event_id")
-    assert stored.filter(stored["producer"] == "web-app")["event_id"].to_list() == [f"web-app/evt-{n}" for n in range(5)]
+    assert stored.filter(stored["producer"] == "web-app")["event_id"].to_list() == [
+        f"web-app/evt-{n}" for n in range(5)
+    ]
     assert set(stored.filter(stored["producer"] == "web-app")["corrected_label"]) == {"two"}
     assert stored.filter(stored["producer"] == "a-partner").height == 5
     refused = _rows(home, "SELECT reason, detail, record_id FROM quarantine WHERE run_id = ?", [result.run_id])
-    assert refused.rows() == [("invalid_value", "event_id: '/' is reserved (stored ids are scoped as producer/event_id)",
+    assert refused.rows() == [("invalid_value",
+                               "event_id: '/' is reserved (stored ids are scoped as producer/event_id)",
                                "web-app/evt-9")]
     lineage = _rows(home, "SELECT DISTINCT event_id FROM validated_labels WHERE event_id LIKE 'web-app/%'")
     assert lineage.height == 5

@@ -7,7 +7,7 @@ path (the setting that restores the old behaviour) to show that it worked, then 
 
 from __future__ import annotations
 
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 
 import dagster as dg
 import polars as pl
@@ -31,7 +31,7 @@ CROWD = ["eve", "fay", "gus", "hal"]
 
 
 def _at(day: date, minute: int) -> str:
-    return (datetime(day.year, day.month, day.day, 8, tzinfo=timezone.utc) + timedelta(minutes=minute)).isoformat()
+    return (datetime(day.year, day.month, day.day, 8, tzinfo=UTC) + timedelta(minutes=minute)).isoformat()
 
 
 # Settings that restore the old behaviour, to show an attack working before it is shown failing.
@@ -164,20 +164,20 @@ def test_on_the_wall_clock_a_batch_dated_over_old_days_all_counts_today(home, de
     targets = ZEROS[:30]
     write_jsonl(home.landing_dir("corrections"), "backdated.jsonl", _backdated_pairs(targets, DAYS[0]))
     _ingest(defs, instance)
-    today = datetime.now(timezone.utc).date()
+    today = datetime.now(UTC).date()
     volume = _rows(home, "SELECT DISTINCT day FROM correction_volume")
     assert volume["day"].to_list() == [today]
     staged = _rows(home, "SELECT DISTINCT burst_day FROM validated_labels")
     assert staged["burst_day"].to_list() == [today]
     arrived = _rows(home, "SELECT min(arrived_at) AS a FROM validated_labels")["a"][0]
-    assert abs((datetime.now(timezone.utc) - arrived).total_seconds()) < 600
+    assert abs((datetime.now(UTC) - arrived).total_seconds()) < 600
     # Two fresh ids per item: newcomers, so nothing flips either.
     assert set(_statuses(home, targets).values()) == {"pending"}
 
 
 def test_a_correction_on_time_keeps_its_own_day_and_a_future_one_counts_on_arrival(home, defs, instance):
     land_items(home, ITEMS)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     events = [
         correction(event_id, item, "two", user="eve", role="end_user",
                    created_at=(now + timedelta(hours=hours)).isoformat())
@@ -204,7 +204,7 @@ def test_two_fresh_end_user_ids_used_to_flip_a_label(home, defs, instance):
     land_items(home, ITEMS)
     write_jsonl(home.landing_dir("corrections"), "pair.jsonl", [
         correction(f"p-{j}", ZEROS[0], "two", user=f"sock-{j}", role="end_user", source="feedback_button",
-                   created_at=datetime.now(timezone.utc).isoformat()) for j in range(2)
+                   created_at=datetime.now(UTC).isoformat()) for j in range(2)
     ])
     _ingest(defs, instance)
     assert _labels(home, [ZEROS[0]]) == {ZEROS[0]: "two"}
@@ -212,7 +212,7 @@ def test_two_fresh_end_user_ids_used_to_flip_a_label(home, defs, instance):
 
 def test_two_fresh_end_user_ids_stay_pending_and_four_open_no_tie(home, defs, instance):
     land_items(home, ITEMS)
-    now = datetime.now(timezone.utc).isoformat()
+    now = datetime.now(UTC).isoformat()
     pair = [correction(f"p-{j}", ZEROS[0], "two", user=f"sock-{j}", role="end_user", created_at=now) for j in range(2)]
     split = [correction(f"s-{j}", ZEROS[1], ("one", "two")[j % 2], user=f"sock-s{j}", role="end_user", created_at=now)
              for j in range(4)]
@@ -381,7 +381,7 @@ def test_the_resolution_run_records_the_hash_of_its_governance_file(home, defs, 
     land_items(home, ITEMS)
     write_jsonl(home.landing_dir("corrections"), "c.jsonl", [
         correction("r-1", OTHERS[0], "two", user="rita", role="reviewer",
-                   created_at=datetime.now(timezone.utc).isoformat())])
+                   created_at=datetime.now(UTC).isoformat())])
     result = _ingest(defs, instance)
     run_id = result.run_id
     uses = dict(_rows(home, "SELECT file, sha256 FROM policy_uses WHERE run_id = $r AND step = 'validated_labels'",
@@ -452,7 +452,7 @@ def test_history_needs_whole_days_on_the_store_clock_not_two_dates_either_side_o
     but arrive within a quarter of an hour: that is no history, and the 00:05 vote is a newcomer's.
     Two days later on the store's clock the same contributor has one."""
     def at(day: int, hour: int, minute: int) -> datetime:
-        return datetime(2026, 3, day, hour, minute, tzinfo=timezone.utc)
+        return datetime(2026, 3, day, hour, minute, tzinfo=UTC)
 
     earlier = pl.DataFrame({
         "seq": [1, 2], "event_id": ["w-1", "w-2"], "item_id": ["i1", "i2"], "corrected_label": ["one", "one"],

@@ -11,8 +11,7 @@ import polars as pl
 from labelloop_assets.checks.schema_checks import markdown_table
 from labelloop_assets.core import landing_state
 from labelloop_assets.core.ingest import IngestReport
-from labelloop_assets.core.settings import Home
-from labelloop_assets.core.settings import LabelloopConfigError
+from labelloop_assets.core.settings import Home, LabelloopConfigError
 
 DUCKDB_POOL = "duckdb"
 OWNERS = ["team:labelloop"]

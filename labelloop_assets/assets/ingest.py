@@ -147,7 +147,7 @@ def raw_corrections(
 def review_decisions(
     context: dg.AssetExecutionContext, labelloop: LabelloopHome, database: DuckDBResource
 ) -> dg.MaterializeResult:
-    """Signed reviewer decisions from landing/reviews (escalations decided, bursts acknowledged), verified against contributors.yaml; refusals audited."""
+    """Signed reviewer decisions from landing/reviews (escalations decided, bursts acknowledged), verified against contributors.yaml; refusals audited."""  # noqa: E501 -- kept on one line: the docs' asset reference shows a description's first line
     with config_errors_as_failures():
         ontology, policy = labelloop.ontology(), labelloop.policy()
         home = labelloop.home()

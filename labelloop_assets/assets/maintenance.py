@@ -20,7 +20,8 @@ RETAIN_DAYS_ENV = "LABELLOOP_LAKE_RETAIN_DAYS"
         dg.AssetCheckSpec(
             KEYS_UNIQUE,
             asset="store_maintenance",
-            description="Every table's key is unique (DuckLake has no PRIMARY KEY: the writes keep keys unique, this verifies it).",
+            description="Every table's key is unique "
+            "(DuckLake has no PRIMARY KEY: the writes keep keys unique, this verifies it).",
         )
     ],
 )

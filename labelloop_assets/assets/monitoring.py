@@ -104,7 +104,7 @@ def label_quality_metrics(
 def label_quality_signals(
     context: dg.AssetExecutionContext, labelloop: LabelloopHome, database: DuckDBResource
 ) -> dg.MaterializeResult:
-    """Contributor agreement, difficult items, drift and per-segment correction rates, with a trend chart (training cadence)."""
+    """Contributor agreement, difficult items, drift and per-segment correction rates, with a trend chart (training cadence)."""  # noqa: E501 -- kept on one line: the docs' asset reference shows a description's first line
     with config_errors_as_failures():
         labels = labelloop.ontology().labels
         settings = labelloop.monitoring()
@@ -131,10 +131,14 @@ def label_quality_signals(
         ).reverse()
         drift_history = store.frame(
             con, "SELECT signal, js_distance, max_psi FROM label_drift WHERE computed_at >= "
-            "(SELECT min(computed_at) FROM (SELECT computed_at FROM label_agreement ORDER BY computed_at DESC LIMIT $n)) "
+            "(SELECT min(computed_at) FROM "
+            "(SELECT computed_at FROM label_agreement ORDER BY computed_at DESC LIMIT $n)) "
             "ORDER BY computed_at", {"n": TREND_POINTS},
         )
-    signals = {**agreement["row"], **{f"{r['signal']}_{k}": r[k] for r in drift_rows for k in ("js_distance", "psi", "max_psi")}}
+    signals = {
+        **agreement["row"],
+        **{f"{r['signal']}_{k}": r[k] for r in drift_rows for k in ("js_distance", "psi", "max_psi")},
+    }
     plotted = {
         name: dg.MetadataValue.float(round(float(value), 4))
         for name, value in signals.items()
@@ -149,7 +153,9 @@ def label_quality_signals(
             "corpus_version": corpus_version,
             "agreement_note": agreement["row"]["note"] or "computed",
             "by_segment": dg.MetadataValue.md(markdown_table(per_segment.with_columns(pl.selectors.float().round(3)))),
-            "cohen_kappa_pairs": dg.MetadataValue.md(markdown_table(agreement["pairs"].with_columns(pl.col("kappa").round(3)))),
+            "cohen_kappa_pairs": dg.MetadataValue.md(
+                markdown_table(agreement["pairs"].with_columns(pl.col("kappa").round(3)))
+            ),
             "drift": dg.MetadataValue.md(markdown_table(_drift_table(drift_rows))),
             "trends": dg.MetadataValue.md(charts.markdown_image(chart, "agreement and drift trends")),
         },
@@ -178,7 +184,8 @@ def _drift_table(rows: list[dict]) -> pl.DataFrame:
     return pl.DataFrame(
         [{"signal": r["signal"], "n_baseline": r["n_baseline"], "n_current": r["n_current"],
           "js_distance": _round(r["js_distance"]), "psi": _round(r["psi"]),
-          "p_value": None if r["p_value"] is None else float(f"{r['p_value']:.2g}"), "max_feature_psi": _round(r["max_psi"]),
+          "p_value": None if r["p_value"] is None else float(f"{r['p_value']:.2g}"),
+          "max_feature_psi": _round(r["max_psi"]),
           "features_drifted": r["n_drifted"], "note": r["note"]} for r in rows]
     )
 
@@ -204,7 +211,8 @@ def _label_drift_check(rows: list[dict], settings) -> dg.AssetCheckResult:
             "drifted_signals": ", ".join(r["signal"] for r in drifted) or "none",
             "windows": dg.MetadataValue.md(markdown_table(_drift_table(labels))),
             "largest_shifts": dg.MetadataValue.md("\n\n".join(
-                f"**{r['signal']}**\n\n" + markdown_table(pl.DataFrame(r["detail"]).with_columns(pl.selectors.float().round(4)))
+                f"**{r['signal']}**\n\n"
+                + markdown_table(pl.DataFrame(r["detail"]).with_columns(pl.selectors.float().round(4)))
                 for r in labels if r["detail"]
             ) or "_no windows yet_"),
         },
@@ -219,9 +227,13 @@ def _feature_drift_check(rows: list[dict], settings) -> dg.AssetCheckResult:
         passed=drifted < settings.drift_features_drifted_warn,
         severity=dg.AssetCheckSeverity.WARN,
         metadata={
-            "threshold": f"{settings.drift_features_drifted_warn}+ features with PSI > {settings.drift_feature_psi_warn}",
+            "threshold": f"{settings.drift_features_drifted_warn}+ features with PSI > "
+            f"{settings.drift_feature_psi_warn}",
             "features_drifted": drifted,
-            "max_psi": dg.MetadataValue.float(_round(served["max_psi"]) or 0.0) if served["max_psi"] is not None else "not computed",
+            "max_psi": (
+                dg.MetadataValue.float(_round(served["max_psi"]) or 0.0)
+                if served["max_psi"] is not None else "not computed"
+            ),
             "note": served["note"] or "computed",
             "worst_features": dg.MetadataValue.md(
                 markdown_table(pl.DataFrame(served["detail"]).with_columns(pl.selectors.float().round(4)))

@@ -77,7 +77,7 @@ def correction_bursts(
 def label_issue_candidates(
     context: dg.AssetExecutionContext, labelloop: LabelloopHome, database: DuckDBResource
 ) -> dg.MaterializeResult:
-    """Review queue of corpus labels most likely wrong: K-fold confident learning fused with votes, disputes and reliability."""
+    """Review queue of corpus labels most likely wrong: K-fold confident learning fused with votes, disputes and reliability."""  # noqa: E501 -- kept on one line: the docs' asset reference shows a description's first line
     with config_errors_as_failures():
         settings = labelloop.monitoring()
         policy = labelloop.policy()

@@ -1,7 +1,7 @@
 """Training: a model fitted on the current corpus and evaluated on the frozen gold items."""
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import dagster as dg
 import numpy as np
@@ -52,7 +52,7 @@ EVALUATION_POLICIES = ("validation.yaml", "training.yaml")
 def retrained_model(
     context: dg.AssetExecutionContext, labelloop: LabelloopHome, database: DuckDBResource
 ) -> dg.MaterializeResult:
-    """A challenger model trained on the current corpus (gold copies left out), stored under `models/<version>/` with its gold metrics."""
+    """A challenger model trained on the current corpus (gold copies left out), stored under `models/<version>/` with its gold metrics."""  # noqa: E501 -- kept on one line: the docs' asset reference shows a description's first line
     home = labelloop.home()
     with config_errors_as_failures():
         config = labelloop.training()
@@ -217,7 +217,7 @@ def contributor_reliability(
             reliability.ReliabilityPrior(policy.reliability_prior_mean, policy.reliability_prior_strength),
         )
         rows = estimates.drop("iterations").with_columns(
-            estimated_at=pl.lit(datetime.now(timezone.utc)),
+            estimated_at=pl.lit(datetime.now(UTC)),
             corpus_version=pl.lit(corpus_version or None, pl.Int32),
         )
         store.replace(con, "contributor_reliability", rows)
@@ -247,7 +247,7 @@ def contributor_reliability(
 def model_evaluation(
     context: dg.AssetExecutionContext, labelloop: LabelloopHome, database: DuckDBResource
 ) -> dg.MaterializeResult:
-    """The challenger against the champion, both scored on the current evaluation set; promoted only if not worse, with reasons."""
+    """The challenger against the champion, both scored on the current evaluation set; promoted only if not worse, with reasons."""  # noqa: E501 -- kept on one line: the docs' asset reference shows a description's first line
     with config_errors_as_failures():
         plan = labelloop.validation_plan()
         labelloop.training()  # read now, so that the hash recorded with the decision is today's file
@@ -327,10 +327,14 @@ def model_evaluation(
         metadata={
             "decision": decision,
             "challenger": version,
-            "champion": version if decision == evaluation.PROMOTE else (champion["model_version"] if champion else "none"),
+            "champion": (
+                version if decision == evaluation.PROMOTE else (champion["model_version"] if champion else "none")
+            ),
             "reasons": dg.MetadataValue.md("\n".join(f"- {r}" for r in reasons)),
             "scores": dg.MetadataValue.md(markdown_table(_score_table(scores))),
-            "confirm_below": dg.MetadataValue.float(round(confirm_below, 4)) if confirm_below is not None else "unchanged",
+            "confirm_below": (
+                dg.MetadataValue.float(round(confirm_below, 4)) if confirm_below is not None else "unchanged"
+            ),
             "plan": dg.MetadataValue.json(plan.as_dict()),
             "evaluation_set": evaluation_set if evaluation_set is not None else "none declared",
             "n_eval": scores["challenger"]["n"],
@@ -376,7 +380,7 @@ def _score_table(scores: dict) -> pl.DataFrame:
 def release_notes(
     context: dg.AssetExecutionContext, labelloop: LabelloopHome, database: DuckDBResource
 ) -> dg.MaterializeResult:
-    """Markdown notes for each promotion or rejection: corrections incorporated, metric deltas, which corrections paid off."""
+    """Markdown notes for each promotion or rejection: corrections incorporated, metric deltas, which corrections paid off."""  # noqa: E501 -- kept on one line: the docs' asset reference shows a description's first line
     with config_errors_as_failures():
         plan = labelloop.validation_plan()
     home = labelloop.home()

@@ -14,7 +14,9 @@ from labelloop_assets.resources import LabelloopHome, open_store
 
 ESCALATIONS_WITHIN_SLA = "escalations_within_sla"
 NO_HELD_BURSTS = "no_held_bursts"
-HELD_BURSTS_SQL = "SELECT burst_id, reason, evidence FROM correction_bursts WHERE status = ? ORDER BY day DESC, score DESC"
+HELD_BURSTS_SQL = (
+    "SELECT burst_id, reason, evidence FROM correction_bursts WHERE status = ? ORDER BY day DESC, score DESC"
+)
 
 
 @dg.asset_check(

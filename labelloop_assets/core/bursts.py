@@ -104,7 +104,7 @@ class BurstPolicy:
             )
 
     @classmethod
-    def from_mapping(cls, raw: dict | None, source: str = "governance", clock: str = "wall") -> "BurstPolicy":
+    def from_mapping(cls, raw: dict | None, source: str = "governance", clock: str = "wall") -> BurstPolicy:
         """The `bursts` section; `clock` is the governance file's escalation.clock."""
         raw = raw or {}
         if not isinstance(raw, dict):
@@ -124,7 +124,7 @@ class BurstPolicy:
         return cls(**values, clock=clock)
 
     @classmethod
-    def from_governance(cls, raw: dict, source: str = "governance") -> "BurstPolicy":
+    def from_governance(cls, raw: dict, source: str = "governance") -> BurstPolicy:
         """From a whole governance mapping: its `bursts` section and its escalation.clock."""
         escalation = raw.get("escalation") or {}
         clock = escalation.get("clock", "wall") if isinstance(escalation, dict) else "wall"

@@ -13,7 +13,7 @@ import binascii
 import hashlib
 import re
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import polars as pl
@@ -65,7 +65,7 @@ class Directory:
     producers: dict[str, str]
 
     @classmethod
-    def load(cls, contributors_file: Path, reviewers_file: Path | None = None) -> "Directory":
+    def load(cls, contributors_file: Path, reviewers_file: Path | None = None) -> Directory:
         contributors: dict[str, Contributor] = {}
         producers: dict[str, str] = {}
         if contributors_file.exists():
@@ -174,7 +174,9 @@ def _entries(raw: dict, section: str, path: Path) -> list[dict]:
 def _contributor(entry: dict, path: Path) -> Contributor:
     unknown = set(entry) - {"id", "role", "keys", "via"}
     if unknown:
-        raise LabelloopConfigError(f"{path}: unknown fields {sorted(unknown)} in {entry.get('id')!r}; known: id, role, keys, via")
+        raise LabelloopConfigError(
+            f"{path}: unknown fields {sorted(unknown)} in {entry.get('id')!r}; known: id, role, keys, via"
+        )
     ident, role = entry.get("id"), entry.get("role")
     if not isinstance(ident, str) or not ident.strip() or ident != ident.strip():
         raise LabelloopConfigError(f"{path}: each entry needs an `id` (text without surrounding spaces)")
@@ -207,7 +209,9 @@ def _public_key(entry, owner: str, path: Path) -> PublicKey:
         )
     derived = key_id(raw)
     if entry.get("key_id") not in (None, derived):
-        raise LabelloopConfigError(f"{path}: key_id {entry['key_id']!r} of {owner!r} does not match its public_key ({derived})")
+        raise LabelloopConfigError(
+            f"{path}: key_id {entry['key_id']!r} of {owner!r} does not match its public_key ({derived})"
+        )
     revoked = entry.get("revoked_at")
     if revoked is not None:
         revoked = _timestamp(revoked, f"{path}: revoked_at of a key of {owner!r}")
@@ -224,7 +228,7 @@ def _timestamp(value, where: str) -> datetime:
             raise LabelloopConfigError(f"{where} must be an ISO-8601 time, not {value!r}") from None
     if parsed.tzinfo is None:
         raise LabelloopConfigError(f"{where} needs a time zone (e.g. 2026-12-01T09:00:00Z)")
-    return parsed.astimezone(timezone.utc)
+    return parsed.astimezone(UTC)
 
 
 def _producer(entry: dict, path: Path) -> tuple[str, str]:

@@ -76,7 +76,7 @@ class ValidationPlan:
         return {**asdict(self), "metrics": list(self.metrics)}
 
     @classmethod
-    def load(cls, path: Path) -> "ValidationPlan":
+    def load(cls, path: Path) -> ValidationPlan:
         raw = load_yaml_mapping(path, "validation")
         where = f"validation file {path}"
         known = set(cls.__dataclass_fields__)
@@ -118,7 +118,7 @@ def score(probabilities: np.ndarray, classes: np.ndarray, labels: np.ndarray, bi
         "n": int(len(labels)),
         "accuracy": float(accuracy_score(labels, predicted)),
         "macro_f1": float(f1_score(labels, predicted, labels=present, average="macro", zero_division=0)),
-        "per_class_recall": {str(c): float(r) for c, r in zip(present, recalls)},
+        "per_class_recall": {str(c): float(r) for c, r in zip(present, recalls, strict=True)},
         "calibration_error": expected_calibration_error(confidence, predicted == labels, bins),
     }
 
@@ -142,7 +142,9 @@ def decide(challenger: dict, champion: dict | None, plan: ValidationPlan) -> tup
         return REJECT, [f"only {challenger['n']} evaluation items; the plan needs {plan.min_eval_items}"]
     if "per_class_recall" in plan.metrics:
         under = {c: r for c, r in challenger["per_class_recall"].items() if r < plan.floor(c)}
-        reasons += [f"recall of '{c}' is {r:.3f}, under its floor {plan.floor(c):.2f}" for c, r in sorted(under.items())]
+        reasons += [
+            f"recall of '{c}' is {r:.3f}, under its floor {plan.floor(c):.2f}" for c, r in sorted(under.items())
+        ]
     if champion is None:
         return (REJECT, reasons) if reasons else (PROMOTE, ["no champion yet: the first model that meets the floors"])
     for metric in plan.metrics:

@@ -56,7 +56,10 @@ def report_data(
         .when(pl.col("previous_corrections").is_null()).then(pl.lit("new in the top pairs"))
         .otherwise(pl.format("+{}", pl.col("n_corrections") - pl.col("previous_corrections")))
     )
-    keys = pairs.select(pl.format("{} -> {}", "label_from", "label_to").alias("pair"))["pair"].to_list() if pairs.height else []
+    keys = (
+        pairs.select(pl.format("{} -> {}", "label_from", "label_to").alias("pair"))["pair"].to_list()
+        if pairs.height else []
+    )
     shown = store.frame(con, EXAMPLES_SQL, {"pairs": keys, "examples": examples}) if keys else pl.DataFrame()
     return pairs, shown, previous_version
 
@@ -76,9 +79,13 @@ def render(pairs: pl.DataFrame, examples: pl.DataFrame, corpus_version: int, pre
     ]
     if pairs.height == 0:
         return "\n".join([*lines, "_No corrections that change a label yet._", ""])
-    lines += ["| label before | corrected to | corrections | disputed | items | change |", "|---|---|---:|---:|---:|---|"]
     lines += [
-        f"| {r['label_from']} | {r['label_to']} | {r['n_corrections']} | {r['n_disputed']} | {r['n_items']} | {r['change']} |"
+        "| label before | corrected to | corrections | disputed | items | change |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    lines += [
+        f"| {r['label_from']} | {r['label_to']} | {r['n_corrections']} | {r['n_disputed']} | {r['n_items']} | "
+        f"{r['change']} |"
         for r in pairs.iter_rows(named=True)
     ]
     for r in pairs.iter_rows(named=True):
@@ -87,7 +94,9 @@ def render(pairs: pl.DataFrame, examples: pl.DataFrame, corpus_version: int, pre
         lines += ["", f"## {r['label_from']} -> {r['label_to']}", ""]
         if said.height == 0:
             lines.append("_No rationale given with these corrections._")
-        lines += [f"- `{e['item_id']}` ({e['user_role']}): {_quote(e['rationale'])}" for e in said.iter_rows(named=True)]
+        lines += [
+            f"- `{e['item_id']}` ({e['user_role']}): {_quote(e['rationale'])}" for e in said.iter_rows(named=True)
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -13,7 +13,7 @@ import os
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
@@ -449,7 +449,7 @@ def file_groups(files: list[PendingFile]) -> list[list[PendingFile]]:
 
 def in_groups(
     con: duckdb.DuckDBPyConnection, home: Home, kind: str,
-    ingest_group: "Callable[[list[PendingFile]], IngestReport]",
+    ingest_group: Callable[[list[PendingFile]], IngestReport],
 ) -> IngestReport:
     """Ingest a kind's pending files group by group; one report for them all."""
     reports = [ingest_group(group) for group in file_groups(pending_files(home, con, kind))]
@@ -643,7 +643,7 @@ def _ingest_corrections(
         audit = _role_downgrades(records, run_id)
         records = records.with_columns(
             corrected_label=corrected, original_label=original,
-            arrived_at=pl.lit(datetime.now(timezone.utc), pl.Datetime("us", "UTC")),
+            arrived_at=pl.lit(datetime.now(UTC), pl.Datetime("us", "UTC")),
         ).select(
             "event_id", "item_id", "corrected_label", "original_label",
             pl.col("user_id").alias("user_pseudonym"), "user_role", "source", "consent",

@@ -161,7 +161,7 @@ class IssueWeights:
             )
 
     @classmethod
-    def from_mapping(cls, raw: dict | None) -> "IssueWeights":
+    def from_mapping(cls, raw: dict | None) -> IssueWeights:
         """Weights from a configuration mapping (None or {} = the defaults)."""
         if raw is None:
             return cls()
@@ -384,7 +384,7 @@ def prune_by_noise_rate(
     calibrated = np.divide(joint, row_sums, out=np.zeros_like(joint), where=row_sums > 0) * per_class[:, None]
     estimated = np.rint(calibrated).astype(int)
     np.fill_diagonal(estimated, 0)
-    for i, j in zip(*np.nonzero(estimated)):
+    for i, j in zip(*np.nonzero(estimated), strict=True):
         members = np.flatnonzero(has_probs & (given == i))
         if members.size == 0:
             continue

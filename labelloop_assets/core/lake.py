@@ -70,7 +70,7 @@ class Lake:
     new_data_path: str | None = None
 
     @classmethod
-    def from_env(cls, home_root: Path) -> "Lake | None":
+    def from_env(cls, home_root: Path) -> Lake | None:
         catalog = os.environ.get(CATALOG_ENV, "").strip()
         if not catalog:
             return None
@@ -354,7 +354,7 @@ class LakeConnection:
             if self._lock is not None:
                 self._lock.release()
 
-    def __enter__(self) -> "LakeConnection":
+    def __enter__(self) -> LakeConnection:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -52,7 +52,7 @@ class Ontology:
         return pl.when(expr.is_in(list(self.labels))).then(expr).otherwise(None)
 
     @classmethod
-    def load(cls, path: Path) -> "Ontology":
+    def load(cls, path: Path) -> Ontology:
         raw = load_yaml_mapping(path, "ontology")
         labels = raw.get("labels") or []
         renames = raw.get("renames") or {}

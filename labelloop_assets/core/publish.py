@@ -123,7 +123,7 @@ def _prune(generations: Path, now_ns: int) -> None:
             by_name.setdefault(found["name"], []).append((int(found["generation"]), path))
     for files in by_name.values():
         files.sort()
-        for (_, older), (replaced_at, _) in zip(files, files[1:]):
+        for (_, older), (replaced_at, _) in zip(files, files[1:], strict=False):
             if now_ns - replaced_at > RETAIN_SECONDS * 1_000_000_000:
                 older.unlink(missing_ok=True)
 

@@ -193,7 +193,7 @@ class LandingFile:
         if pending:
             yield _concat(pending)
 
-    def _prefix_matches(self, handle: BinaryIO, digest: "hashlib._Hash") -> bool:
+    def _prefix_matches(self, handle: BinaryIO, digest: hashlib._Hash) -> bool:
         """Hash the first `resume.offset` bytes; true when they are what was ingested before and
         end a line (an appended file), leaving the handle just after them."""
         remaining = self.resume.offset
@@ -259,13 +259,15 @@ class LandingFile:
                 raise self._refuse(
                     c.DECOMPRESSED_TOO_LARGE, f"{total} bytes of rows once decompressed > {c.MAX_DECOMPRESSED_BYTES}"
                 )
-            for batch, batch_sizes in zip(parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS), sizes):
+            for batch, batch_sizes in zip(parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS), sizes, strict=True):
                 yield from to_json.chunks(batch, batch_sizes.tolist(), line_no)
                 line_no += batch.num_rows
         except MemoryError:
             raise
         except unreadable as exc:
-            raise self._refuse(c.UNREADABLE_FILE, f"not a Parquet file labelloop can read ({type(exc).__name__})") from None
+            raise self._refuse(
+                c.UNREADABLE_FILE, f"not a Parquet file labelloop can read ({type(exc).__name__})"
+            ) from None
         finally:
             to_json.close()
         self.read.lines = line_no
@@ -297,7 +299,7 @@ def _row_sizes(batch):
     import numpy as np
 
     sizes = np.full(batch.num_rows, 2, dtype=np.int64)
-    for field, column in zip(batch.schema, batch.columns):
+    for field, column in zip(batch.schema, batch.columns, strict=True):
         sizes += len(field.name) + 4 + _value_sizes(column)
     return sizes
 
@@ -333,7 +335,7 @@ def _value_sizes(array):
         return np.bincount(parents, weights=elements + 1, minlength=n).astype(np.int64) + 2
     if pa.types.is_struct(kind):
         sizes = np.full(n, 2, dtype=np.int64)
-        for field, child in zip(kind, array.flatten()):
+        for field, child in zip(kind, array.flatten(), strict=True):
             sizes += len(field.name) + 4 + _value_sizes(child)
         return sizes
     return np.full(n, 24, dtype=np.int64)  # a number, a time, a boolean: at most a few dozen characters
@@ -392,12 +394,12 @@ class _JsonRows:
                 lines = self._con.sql(f"SELECT to_json(row)::VARCHAR AS line FROM {self.ROWS}").pl()
             finally:
                 self._con.unregister(self.ROWS)
-            kept_numbers = [n for n, k in zip(numbers, keep) if k]
+            kept_numbers = [n for n, k in zip(numbers, keep, strict=True) if k]
             frames = [pl.DataFrame({"line_no": kept_numbers, "line": lines["line"]},
                                    schema={"line_no": pl.Int64, "line": pl.String}).with_columns(
                 bad_encoding=pl.lit(False), oversize=pl.lit(False), line_sha256=pl.lit(None, pl.String)
             )]
-            frames += [_oversize_line(n, None) for n, k in zip(numbers, keep) if not k]
+            frames += [_oversize_line(n, None) for n, k in zip(numbers, keep, strict=True) if not k]
             yield _concat(frames).sort("line_no")
             start = end
 

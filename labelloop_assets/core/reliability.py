@@ -184,7 +184,7 @@ def fit_reliability(
     accuracy = map_accuracy(n_anchor_agreements, n_anchored)
     class_prior = np.full(n_classes, 1.0 / n_classes)
     converged = False
-    for iterations in range(1, max_iterations + 1):
+    for iterations in range(1, max_iterations + 1):  # noqa: B007 -- read after the loop: the iterations run
         next_accuracy, next_class_prior = m_step(e_step(accuracy, class_prior))
         change = max(
             np.abs(next_accuracy - accuracy).max(), np.abs(next_class_prior - class_prior).max()

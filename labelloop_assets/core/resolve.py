@@ -115,7 +115,7 @@ class ResolutionPolicy:
                 raise LabelloopConfigError(f"governance: may_decide.{reason} names unknown roles {sorted(unknown)}")
 
     @classmethod
-    def load(cls, path: Path) -> "ResolutionPolicy":
+    def load(cls, path: Path) -> ResolutionPolicy:
         raw = load_yaml_mapping(path, "governance")
         try:
             reliability = raw.get("reliability") or {}

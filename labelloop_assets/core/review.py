@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
@@ -141,7 +141,7 @@ def ingest_reviews(
         verdicts = signature_verdicts(
             [frame.join(records.select("source_file", "line_no"), on=["source_file", "line_no"], how="semi")
              for frame in lines],
-            directory, datetime.now(timezone.utc),
+            directory, datetime.now(UTC),
         )
         escalations = store.frame(con, "SELECT escalation_id, item_id, reason FROM escalations")
         closed = store.frame(
@@ -185,7 +185,9 @@ def ingest_reviews(
             (is_burst != pl.col("decision").is_in(list(c.BURST_DECISIONS)), c.DECISION_NOT_APPLICABLE,
              pl.when(is_burst)
              .then(pl.format("a correction burst takes {}, not {}", pl.lit(" or ".join(c.BURST_DECISIONS)), "decision"))
-             .otherwise(pl.format("an escalation takes {}, not {}", pl.lit(", ".join(c.ESCALATION_DECISIONS)), "decision"))),
+             .otherwise(
+                 pl.format("an escalation takes {}, not {}", pl.lit(", ".join(c.ESCALATION_DECISIONS)), "decision")
+             )),
             (pl.col("allowed").is_null(), c.ROLE_NOT_ALLOWED,
              pl.format("role {} may not decide a {} escalation", "reviewer_role", "reason")),
             ((pl.col("decision") == ACCEPT) & pl.col("label").is_null(), c.MISSING_FIELD,
@@ -202,7 +204,8 @@ def ingest_reviews(
         closing = pl.col("decision").is_in([*CLOSING, *c.BURST_DECISIONS])
         records, late = split_by_rules(
             records, spec.kind, spec.key,
-            [(closing & (pl.int_range(pl.len()).over("escalation_id", closing, order_by=["decided_at", "decision_id"]) > 0),
+            [(closing
+              & (pl.int_range(pl.len()).over("escalation_id", closing, order_by=["decided_at", "decision_id"]) > 0),
               c.ESCALATION_CLOSED, "escalation or burst already decided earlier in the same batch")],
         )
         rejected = pl.concat([rejected, late])
@@ -338,7 +341,7 @@ def write_decision(
         "decision": decision,
         "reviewer_id": reviewer_id,
         "rationale": rationale,
-        "decided_at": (decided_at or datetime.now(timezone.utc)).isoformat(),
+        "decided_at": (decided_at or datetime.now(UTC)).isoformat(),
     }
     if label is not None:
         record["label"] = label

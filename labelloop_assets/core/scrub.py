@@ -30,7 +30,8 @@ import ipaddress
 import json
 import re
 import unicodedata
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import phonenumbers
 import pyarrow as pa
@@ -228,7 +229,8 @@ _SSN = re.compile(
     r"(?<![\w\-])(?!000|666|9[0-9]{2})[0-9]{3}(?P<sep>[ .\-]?)(?!00)[0-9]{2}(?P=sep)(?!0000)[0-9]{4}(?![\w\-])"
 )
 _UK_NINO = re.compile(
-    r"(?<![\w])(?!BG|GB|KN|NK|NT|TN|ZZ)[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z] ?[0-9]{2} ?[0-9]{2} ?[0-9]{2} ?[A-D](?![\w])",
+    r"(?<![\w])(?!BG|GB|KN|NK|NT|TN|ZZ)[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z]"
+    r" ?[0-9]{2} ?[0-9]{2} ?[0-9]{2} ?[A-D](?![\w])",
     re.IGNORECASE,
 )
 _ES_DNI = re.compile(r"(?<![\w])(?P<n>[0-9]{8})[ \-]?(?P<l>[A-Za-z])(?![\w])")
@@ -670,6 +672,9 @@ def scrub_text_batch(texts: pa.Array) -> pa.Array:
 
 def scrub_json_batch(texts: pa.Array, authors: pa.Array) -> pa.Array:
     return pa.array(
-        [None if t is None else scrub_json_text(t, a or None) for t, a in zip(texts.to_pylist(), authors.to_pylist())],
+        [
+            None if t is None else scrub_json_text(t, a or None)
+            for t, a in zip(texts.to_pylist(), authors.to_pylist(), strict=True)
+        ],
         pa.string(),
     )

@@ -35,11 +35,11 @@ class Home:
     root: Path
 
     @classmethod
-    def from_env(cls) -> "Home":
+    def from_env(cls) -> Home:
         return cls(Path(os.environ.get("LABELLOOP_HOME", "data/home")).resolve())
 
     @property
-    def database(self) -> "Path | Lake":
+    def database(self) -> Path | Lake:
         """Where the store is: the lake when LABELLOOP_CATALOG is set, else the embedded DuckDB file."""
         return Lake.from_env(self.root) or self.database_file
 
@@ -114,7 +114,7 @@ class Home:
     def training_file(self) -> Path:
         return self.root / "training.yaml"
 
-    def ensure(self) -> "Home":
+    def ensure(self) -> Home:
         """Create the folder layout and copy default configuration files that are missing.
 
         Every path that writes under a home comes through here: it also sets this process's file
@@ -269,7 +269,7 @@ class RetrainPolicy:
     min_interval_seconds: float
 
     @classmethod
-    def from_env(cls) -> "RetrainPolicy":
+    def from_env(cls) -> RetrainPolicy:
         return cls(
             min_label_changes=env_number("LABELLOOP_RETRAIN_MIN_CHANGES", 50, int),
             min_interval_seconds=env_number("LABELLOOP_RETRAIN_MIN_INTERVAL_SECONDS", 3600.0),
@@ -298,7 +298,7 @@ class MonitoringSettings:
     guideline_examples: int = 3
 
     @classmethod
-    def load(cls, path: Path) -> "MonitoringSettings":
+    def load(cls, path: Path) -> MonitoringSettings:
         raw = load_yaml_mapping(path, "monitoring")
         sections = {"drift": "drift_", "agreement": "agreement_", "label_issues": "issues_",
                     "guidelines": "guideline_"}
@@ -335,7 +335,8 @@ class MonitoringSettings:
                      settings.guideline_pairs, settings.guideline_examples, settings.segment_days,
                      settings.drift_features_drifted_warn) < 1,
                  "counts (keep, pairs, min_shared, examples, segment_days, features_drifted_warn) must be at least 1"),
-                (settings.drift_current_days <= 0 or settings.drift_baseline_days <= 0, "drift windows must be positive"),
+                (settings.drift_current_days <= 0 or settings.drift_baseline_days <= 0,
+                 "drift windows must be positive"),
                 (not 0 < settings.difficult_confidence <= 1, "difficult_confidence must be in (0, 1]"),
                 (not 0 < settings.drift_label_p_value < 1, "drift.label_p_value must be in (0, 1)"),
                 (min(settings.drift_label_js_warn, settings.drift_label_psi_warn, settings.drift_feature_psi_warn) <= 0,

@@ -469,7 +469,7 @@ def _tell(message: str) -> None:
 
 
 def connect(
-    database: "Path | Lake",
+    database: Path | Lake,
     read_only: bool = False,
     config: dict | None = None,
     on_wait: Callable[[str], None] | None = None,
@@ -632,7 +632,7 @@ def record_policies(con: Any, run_id: str, step: str, files: tuple[str, ...]) ->
     rows = policy_rows(run_id, step, files)
     if rows.height:
         append(con, "policy_uses", rows)
-    return dict(zip(rows["file"], rows["sha256"]))
+    return dict(zip(rows["file"], rows["sha256"], strict=True))
 
 
 def corpus_head(con: duckdb.DuckDBPyConnection) -> tuple[int, int]:
@@ -695,7 +695,9 @@ def copy_into_lake(source: Path, target: Lake, on_wait: Callable[[str], None] | 
         try:
             con.execute(f"ATTACH '{str(source).replace(chr(39), chr(39) * 2)}' AS embedded (READ_ONLY)")
         except duckdb.Error as error:
-            newer = " (written by a newer DuckDB: export it with that DuckDB first)" if _NEWER_FILE in str(error) else ""
+            newer = (
+                " (written by a newer DuckDB: export it with that DuckDB first)" if _NEWER_FILE in str(error) else ""
+            )
             raise lake.LakeError(f"cannot open {source} for reading{newer}: {error}") from None
         version = scalar(con, "SELECT value FROM embedded.main.schema_info WHERE key = 'schema_version'")
         if version is None or not 2 <= int(version) <= SCHEMA_VERSION:
@@ -724,7 +726,9 @@ def copy_into_lake(source: Path, target: Lake, on_wait: Callable[[str], None] | 
                 if not shared:
                     continue
                 names = ", ".join(f'"{c}"' for c in shared)
-                con.execute(f"INSERT INTO {lake.ALIAS}.main.{table} ({names}) SELECT {names} FROM embedded.main.{table}")
+                con.execute(
+                    f"INSERT INTO {lake.ALIAS}.main.{table} ({names}) SELECT {names} FROM embedded.main.{table}"
+                )
                 copied[table] = int(scalar(con, f"SELECT count(*) FROM {lake.ALIAS}.main.{table}"))
             con.execute(
                 "INSERT INTO schema_info SELECT key, value FROM embedded.main.schema_info "

@@ -73,7 +73,7 @@ class TrainingConfig:
     min_train_rows: int = 5
 
     @classmethod
-    def load(cls, path: Path) -> "TrainingConfig":
+    def load(cls, path: Path) -> TrainingConfig:
         raw = load_yaml_mapping(path, "training")
         where = f"training file {path}"
         known = {"params", "min_train_rows", "external_model_versions"}  # the last: read by ingest
@@ -87,7 +87,10 @@ class TrainingConfig:
             raise LabelloopConfigError(f"{where}: unknown params {sorted(unknown)}; known: {sorted(DEFAULT_PARAMS)}")
         params = {
             **DEFAULT_PARAMS,
-            **{key: config_number(value, DEFAULT_PARAMS[key], f"{where}: params.{key}") for key, value in given.items()},
+            **{
+                key: config_number(value, DEFAULT_PARAMS[key], f"{where}: params.{key}")
+                for key, value in given.items()
+            },
         }
         min_rows = config_number(raw.get("min_train_rows", cls.min_train_rows), cls.min_train_rows,
                                  f"{where}: min_train_rows")

@@ -176,11 +176,12 @@ def run_demo(
     home: Home,
     instance: dg.DagsterInstance,
     days: int = 6,
-    config: simulator.DemoConfig = simulator.DemoConfig(),
+    config: simulator.DemoConfig | None = None,
     retrain: RetrainPolicy = DEMO_RETRAIN,
     echo: Callable[[str], None] = print,
 ) -> list[dict]:
     """Day 0 lands the items; each later day the current model serves and users correct it."""
+    config = simulator.DemoConfig() if config is None else config
     if using_development_secret():
         echo(f"note: {DEV_SECRET_WARNING}\n")
     world = simulator.build_world(config)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,7 @@ CONFUSABLE = {
     0: (6, 5), 1: (8, 9, 7), 2: (1, 3), 3: (8, 9, 5), 4: (7, 9), 5: (9, 3),
     6: (1, 5), 7: (4, 9, 1), 8: (1, 3, 9), 9: (5, 8, 3, 7),
 }
-START = datetime(2026, 3, 2, 8, 0, tzinfo=timezone.utc)
+START = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)
 RATIONALES = (
     "the loop at the top is closed, so it is a {label}",
     "clearly a {label}, the stroke goes straight down",
@@ -90,7 +90,7 @@ class DemoWorld:
 
     @property
     def truth_labels(self) -> dict[str, str]:
-        return {i: LABELS[t] for i, t in zip(self.item_ids, self.truth)}
+        return {i: LABELS[t] for i, t in zip(self.item_ids, self.truth, strict=True)}
 
 
 def build_world(config: DemoConfig = DemoConfig()) -> DemoWorld:
@@ -220,7 +220,7 @@ def simulate_day(
                 "predicted_label": LABELS[predicted[k]],
                 "confidence": round(float(confidence[k]), 4),
                 "probabilities": {
-                    str(label): round(float(p), 4) for label, p in zip(model.classes, probabilities[k])
+                    str(label): round(float(p), 4) for label, p in zip(model.classes, probabilities[k], strict=True)
                 },
                 "served_at": (served_at + timedelta(seconds=k)).isoformat(),
             }
@@ -256,10 +256,13 @@ def simulate_day(
     lines = [json.dumps(e, separators=(",", ":")) for e in events]
     replays = [lines[i] for i in rng.choice(len(lines), size=int(len(lines) * cfg.replay_rate), replace=False)]
     broken = [
-        lines[i][: len(lines[i]) // 2] for i in rng.choice(len(lines), size=max(1, int(len(lines) * cfg.malformed_rate)), replace=False)
+        lines[i][: len(lines[i]) // 2]
+        for i in rng.choice(len(lines), size=max(1, int(len(lines) * cfg.malformed_rate)), replace=False)
     ]
     # One client still sends a term that is in neither the ontology nor its renames.
-    unknown_term = [json.dumps(dict(events[0], event_id=f"evt-bad-{day}", corrected_label="seventeen"))] if events else []
+    unknown_term = (
+        [json.dumps(dict(events[0], event_id=f"evt-bad-{day}", corrected_label="seventeen"))] if events else []
+    )
     all_lines = lines + replays + broken + unknown_term
     order = rng.permutation(len(all_lines))
     write_jsonl(
