@@ -35,9 +35,9 @@ CHECKS = {
     "agreement_above_floor", "escalations_within_sla", "near_duplicates_agree", "no_held_bursts",
     "store_keys_unique",
 }
-JOBS = {"ingest_job", "retrain_job", "maintenance_job"}
+JOBS = {"ingest_job", "retrain_job", "maintenance_job", "scheduled_checks_job"}
 SENSORS = {"landing_sensor", "retrain_sensor"}
-SCHEDULES = {"maintenance_job_schedule"}
+SCHEDULES = {"maintenance_job_schedule", "scheduled_checks_job_schedule"}
 
 LIST_DEFINITIONS = """
 import importlib, json, sys
