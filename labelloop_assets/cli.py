@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import sys
+import textwrap
 import unicodedata
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -120,29 +121,49 @@ def _cell(value) -> str:
 
 
 def _table(frame: pl.DataFrame, width: int) -> list[str]:
-    """The frame as aligned text lines: a header, a rule, one line a row. Ids are never cut; when the
-    rows are wider than `width`, the widest free-text columns are shortened first."""
+    """The frame as aligned text lines: a header, a rule, one line a row. Ids are never cut. When the
+    rows are wider than `width`, the widest free-text column (a reason, a detail) gets the width the
+    others leave; if its text does not fit there, it is printed whole on an indented line under each
+    row instead of being cut to a few characters. Other free text is shortened first."""
     ellipsis = _ellipsis()
     names = [_cell(name) for name in frame.columns]
     columns = [[_cell(v) for v in frame.get_column(name).to_list()] for name in frame.columns]
-    numeric = [dtype.is_numeric() for dtype in frame.dtypes]
     shortenable = [not _WHOLE.search(name) and _is_free_text(frame.get_column(name))
                    for name in frame.columns]
     for i, cells in enumerate(columns):
         if shortenable[i]:
             columns[i] = [_fit(cell, _CELL_LIMIT, ellipsis) for cell in cells]
     natural = [max([_width(names[i]), *map(_width, cells)]) for i, cells in enumerate(columns)]
-    widths = _shrunk(natural, [max(_width(names[i]), 12) if shortenable[i] else natural[i]
-                               for i in range(len(names))], width - len(_GAP) * (len(names) - 1))
+    numeric = [dtype.is_numeric() for dtype in frame.dtypes]
+    budget = width - len(_GAP) * (len(names) - 1)
+    beneath = None  # the column printed under its rows
+    if sum(natural) > budget and any(shortenable):
+        widest = max((i for i in range(len(names)) if shortenable[i]), key=lambda i: natural[i])
+        rest = [i for i in range(len(names)) if i != widest]
+        rest_widths = _shrunk([natural[i] for i in rest], [_smallest(names[i], shortenable[i], natural[i])
+                                                             for i in rest], budget - len(_GAP))
+        if budget - len(_GAP) - sum(rest_widths) < natural[widest]:
+            beneath = widest
+    kept = [i for i in range(len(names)) if i != beneath]
+    widths = _shrunk([natural[i] for i in kept], [_smallest(names[i], shortenable[i], natural[i]) for i in kept],
+                     width - len(_GAP) * (len(kept) - 1))
     lines = []
-    for row in [names, ["-" * w for w in widths], *zip(*columns, strict=True)]:
+    for number, row in enumerate([names, names, *zip(*columns, strict=True)]):
         parts = []
-        for i, cell in enumerate(row):
-            cell = _fit(cell, widths[i], ellipsis) if shortenable[i] else cell
-            pad = " " * (widths[i] - _width(cell))
+        for w, i in zip(widths, kept, strict=True):
+            cell = "-" * w if number == 1 else _fit(row[i], w, ellipsis) if shortenable[i] else row[i]
+            pad = " " * (w - _width(cell))
             parts.append(pad + cell if numeric[i] else cell + pad)
         lines.append(_GAP.join(parts).rstrip())
+        if beneath is not None and number > 1 and row[beneath] != "-":
+            lines.extend(textwrap.wrap(f"{names[beneath]}: {row[beneath]}", max(width, 40), initial_indent="    ",
+                                       subsequent_indent="      ", break_long_words=False, break_on_hyphens=False))
     return lines
+
+
+def _smallest(name: str, shortenable: bool, natural: int) -> int:
+    """How narrow a column may become: free text to 12 columns (or its header), anything else not at all."""
+    return max(_width(name), 12) if shortenable else natural
 
 
 def _is_free_text(column: pl.Series) -> bool:
@@ -300,7 +321,13 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
     print()
     shown = f"the newest {rows.height:,} of {_count(total, 'row')}" if rows.height < total else _count(total, "row")
     print(shown + (f" (--limit {args.limit} reached; raise it for more)" if rows.height < total else ""))
-    _print(rows, False)
+    # The table keeps what a person needs to find and judge a line; --json keeps every column.
+    readable = rows.select(
+        "kind",
+        (pl.col("source_file").str.split("/").list.last() + ":" + pl.col("line_no").cast(pl.String)).alias("file:line"),
+        "reason", "item_id", "detail",
+    )
+    _print(readable, False)
     return 0
 
 
@@ -704,7 +731,11 @@ def cmd_model_list(args: argparse.Namespace) -> int:
         champion = rows.filter(pl.col("status") == "champion")["model_version"].to_list()
         print(f"{_count(rows.height, 'model')}; champion: {champion[0] if champion else 'none yet'}")
         if rows.height:
-            _print(rows, False)
+            # What decides a rollback, under short headers so the reasons have room; --json has the rest.
+            _print(rows.select(
+                pl.col("model_version").alias("model"), "status", pl.col("corpus_version").alias("corpus"),
+                "trained_at", pl.col("gold_accuracy").alias("accuracy"), pl.col("gold_macro_f1").alias("macro_f1"),
+                "train_data_hash", "decision", "reasons"), False)
     return 0
 
 
@@ -807,7 +838,7 @@ def cmd_sql(args: argparse.Namespace) -> int:
     # One statement that only reads: ATTACH, COPY ... TO, SET and the like are refused here,
     # before the store's own read-only guard.
     if len(statements) != 1 or statements[0].type not in _READING:
-        print("labelloop: refused: give exactly one SELECT (or EXPLAIN) statement", file=sys.stderr)
+        print(f"labelloop: refused: {SQL_ACCEPTED}", file=sys.stderr)
         return 3
     home = _home()
     with _read(home) as con:
@@ -829,7 +860,11 @@ def cmd_sql(args: argparse.Namespace) -> int:
     return 0
 
 
+# DuckDB parses WITH, FROM-first, VALUES, TABLE, SHOW, DESCRIBE and SUMMARIZE as SELECT statements.
 _READING = (duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN)
+SQL_ACCEPTED = ("give exactly one SELECT or another read-only query (WITH, FROM, VALUES, TABLE, SHOW, DESCRIBE, "
+                "SUMMARIZE, or EXPLAIN of one); statements that write or change settings (INSERT, COPY, ATTACH, "
+                "SET, CALL, ...) and several statements are refused")
 
 
 def _reason(error: Exception) -> str:
@@ -1105,8 +1140,8 @@ def build_parser() -> argparse.ArgumentParser:
         "check", help="whether LABELLOOP_SECRET is strong enough (exit 0) or not (exit 2, with the reasons)")
     check_secret.set_defaults(func=cmd_secret_check)
     sql = commands.add_parser("sql", help="a read-only SQL query on the store (either backend)")
-    sql.add_argument("query", help="one SQL statement, "
-                     "e.g. \"SELECT label, count(*) FROM production_corpus GROUP BY 1\"")
+    sql.add_argument("query", help="one read-only query: SELECT (or WITH, FROM, VALUES, TABLE), SHOW, DESCRIBE, "
+                     "SUMMARIZE or EXPLAIN, e.g. \"SELECT label, count(*) FROM production_corpus GROUP BY 1\"")
     sql.add_argument("--json", action="store_true", help="rows as a JSON list of objects")
     sql.add_argument("--limit", type=_positive, metavar="N", help="print at most this many rows")
     sql.set_defaults(func=cmd_sql)
