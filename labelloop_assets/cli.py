@@ -270,9 +270,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
         models = store.frame(
             con,
-            "SELECT model_version, corpus_version, n_train_rows, round(gold_accuracy, 4) AS "
+            "SELECT model_version, status, corpus_version, n_train_rows, round(gold_accuracy, 4) AS "
             "gold_accuracy, trained_at FROM models ORDER BY trained_at",
         )
+        latest = store.frame(
+            con, "SELECT challenger, decision, array_to_string(reasons, '; ') AS reasons FROM model_evaluations "
+            "ORDER BY evaluation_id DESC LIMIT 1")
     if args.json:
         print(json.dumps({"home": str(home.root), "tables": counts.to_dicts(),
                           "models": models.to_dicts()}, indent=2, default=str))
@@ -281,11 +284,23 @@ def cmd_status(args: argparse.Namespace) -> int:
     _print(counts, False)
     print()
     if models.height:
-        print(f"{_count(models.height, 'model')} trained")
+        print(f"{_count(models.height, 'model')} trained; {_champion_line(models, latest)}")
         _print(models, False)
     else:
         print("no model trained yet")
     return 0
+
+
+def _champion_line(models: pl.DataFrame, latest: pl.DataFrame) -> str:
+    """Which model is the champion, or why none is yet (the latest evaluation's verdict)."""
+    champion = models.filter(pl.col("status") == "champion")["model_version"].to_list()
+    if champion:
+        return f"champion: {champion[0]}"
+    if not latest.height:
+        return "no champion yet (no model evaluated)"
+    verdict = latest.row(0, named=True)
+    outcome = {"reject": "rejected", "promote": "promoted"}.get(verdict["decision"], verdict["decision"])
+    return f"no champion yet: {verdict['challenger']} {outcome}: {_safe(verdict['reasons'] or 'no reason recorded')}"
 
 
 def cmd_quarantine(args: argparse.Namespace) -> int:
@@ -375,16 +390,18 @@ def cmd_lineage(args: argparse.Namespace) -> int:
                           "quarantined_lines": set_aside.to_dicts()}, indent=2, default=str))
         return 0
     titles = {
-        "item": "item, initial label and its source",
-        "predictions": "predictions served",
-        "corrections": "corrections (pseudonymized)",
-        "set_aside": "corrections set aside (quarantine)",
-        "decisions": "resolution decisions",
-        "reviews": "reviewer decisions",
-        "versions": "labels by corpus version, with the models trained on them",
+        "item": "Item and initial label",  # one row: no count
+        "predictions": "Predictions served",
+        "corrections": "Corrections, pseudonymized",
+        "set_aside": "Corrections set aside in quarantine",
+        "decisions": "Resolution decisions",
+        "reviews": "Reviewer decisions",
+        "versions": "Labels by corpus version, with the models trained on them",
     }
-    for name, frame in trail.items():
-        print(f"{titles[name]}: {frame.height}")
+    for number, (name, frame) in enumerate(trail.items()):
+        # A blank line between sections; an empty one says so in its title.
+        count = "" if name == "item" and frame.height == 1 else f" ({frame.height:,})" if frame.height else ": none"
+        print(("\n" if number else "") + titles[name] + count)
         if frame.height:
             _print(frame, False)
     if set_aside.filter(pl.col("kind") != "corrections").height:
@@ -427,7 +444,7 @@ QUEUES = {
     ),
     "bursts": (
         ("correction burst", "correction bursts"),
-        " awaiting a reviewer (held, then warnings of the last 14 days); release or discard them",
+        " held, then warnings of the last 14 days",
         "SELECT burst_id, status, severity, day, scope, n_events, round(expected, 1) AS expected, "
         "round(score, 1) AS score, reason FROM correction_bursts "
         "WHERE status = 'held' OR (status = 'flagged' AND day > (SELECT max(day) FROM correction_volume) - 14) "
@@ -452,12 +469,29 @@ def cmd_review_list(args: argparse.Namespace) -> int:
             return 1
     if args.json:
         _print(rows, True)
+    elif args.queue == "bursts":
+        _print_bursts(rows, args.limit)
     else:
         print(f"{_count(rows.height, *noun)}{title}"
               + (f" (--limit {args.limit} reached)" if rows.height == args.limit else ""))
         if rows.height:
             _print(rows, False)
     return 0
+
+
+def _print_bursts(rows: pl.DataFrame, limit: int) -> None:
+    """Held bursts, which wait for a reviewer's release or discard, apart from warnings, which hold
+    nothing and need no decision."""
+    held, warnings = rows.filter(pl.col("status") == "held"), rows.filter(pl.col("status") != "held")
+    print((f"{_count(held.height, 'correction burst')} awaiting a reviewer (held): release or discard "
+           f"{'it' if held.height == 1 else 'them'}" if held.height else "no correction burst awaiting a reviewer")
+          + (f" (--limit {limit} reached)" if rows.height == limit else ""))
+    if held.height:
+        _print(held, False)
+    if warnings.height:
+        print(("\n" if held.height else "") + f"{_count(warnings.height, 'warning')} of the last 14 days"
+              + ("" if held.height else ", nothing held") + ": flagged only, no decision needed")
+        _print(warnings, False)
 
 
 def _burst(con, burst_id: str) -> dict | None:
@@ -486,11 +520,19 @@ def cmd_review_show(args: argparse.Namespace) -> int:
         print(json.dumps({"escalation": escalation, "votes": votes.to_dicts()}, indent=2, default=str))
         return 0
     for key, value in escalation.items():
-        print(f"{key:>17}: {_safe(value)}")
+        print(f"{key:>17}: {_detail(value)}")
     print(_count(votes.height, "vote"))
     if votes.height:
         _print(votes, False)
     return 0
+
+
+def _detail(value) -> str:
+    """A field of `review show`: a number to 3 decimals, as the lists round them (--json keeps them whole)."""
+    if not isinstance(value, float):
+        return _safe(value)
+    # A tiny nonzero fraction keeps 3 significant digits rather than reading as 0.
+    return str(round(value, 3)) if round(value, 3) or not value else f"{value:.3g}"
 
 
 def _show_burst(args: argparse.Namespace) -> int:
@@ -506,7 +548,7 @@ def _show_burst(args: argparse.Namespace) -> int:
         print(json.dumps({"burst": burst, "events": events.to_dicts()}, indent=2, default=str))
         return 0
     for name, value in burst.items():
-        print(f"{name:>21}: {_safe(value)}")
+        print(f"{name:>21}: {_detail(value)}")
     n_events = burst["n_events"]
     print(f"its {_count(n_events, 'correction')}" if events.height == n_events
           else f"the first {events.height:,} of its {n_events:,} corrections")
