@@ -285,7 +285,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     print()
     if models.height:
         print(f"{_count(models.height, 'model')} trained; {_champion_line(models, latest)}")
-        _print(models, False)
+        # Short headers keep the table within a narrow terminal; --json keeps the column names.
+        _print(models.rename({"model_version": "model", "corpus_version": "corpus", "n_train_rows": "train_rows",
+                              "gold_accuracy": "accuracy"}), False)
     else:
         print("no model trained yet")
     return 0

@@ -224,7 +224,7 @@ def test_status_bursts_show_sql_and_lineage_read_plainly(home, defs, instance, m
     assert cli.main(["status"]) == 0
     status = capsys.readouterr().out
     assert f"1 model trained; no champion yet: m0001 rejected: {model['reasons']}\n" in status
-    assert re.search(r"^model_version +status ", status, re.M) and re.search(r"^m0001 +rejected ", status, re.M)
+    assert re.search(r"^model +status ", status, re.M) and re.search(r"^m0001 +rejected ", status, re.M)
 
     # A flagged burst holds nothing: it is listed as a warning, not as awaiting a reviewer.
     from labelloop_assets.core import store
