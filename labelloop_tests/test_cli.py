@@ -144,6 +144,11 @@ def test_tables_are_readable_and_never_cut_an_id(home, defs, instance, monkeypat
     assert "\u2026" not in text and "evt-4" not in text  # nothing cut; record ids only in --json
     assert any(line.startswith("kind") and "file:line" in line for line in lines), lines
     assert max(map(len, lines)) <= 100, lines
+    monkeypatch.setenv("COLUMNS", "200")  # room enough: the detail is a column of the table again
+    assert cli.main(["quarantine"]) == 0
+    wide = capsys.readouterr().out.splitlines()
+    assert any(re.match(r"^kind +file:line +reason +item_id +detail$", line) for line in wide), wide
+    assert not any(line.startswith("    detail:") for line in wide)
 
     assert cli.main(["status"]) == 0
     status = capsys.readouterr().out
