@@ -60,17 +60,31 @@ def _argument_name(action: argparse.Action) -> str:
 
 
 def _argument_line(command: argparse.ArgumentParser, action: argparse.Action) -> str:
-    facts = []
+    facts, said = [], ""
     if action.help and action.help != argparse.SUPPRESS:
         # As in `--help`: argparse expands %(default)s and friends in help text.
-        facts.append(_text(command._get_formatter()._expand_help(action)))
-    if action.choices and not isinstance(action, argparse._SubParsersAction):
+        said = command._get_formatter()._expand_help(action)
+        facts.append(_text(said))
+    # The choices and the default are added only where the help text does not already state them.
+    if action.choices and not isinstance(action, argparse._SubParsersAction) and not _states_choices(
+            said, action.choices):
         facts.append("one of " + ", ".join(f"`{choice}`" for choice in action.choices))
     if action.option_strings and action.required:
         facts.append("required")
-    if action.option_strings and action.nargs != 0 and action.default not in (None, argparse.SUPPRESS):
+    if (action.option_strings and action.nargs != 0 and action.default not in (None, argparse.SUPPRESS)
+            and not _states_default(said, action.default)):
         facts.append(f"default `{action.default}`")
     return f"- `{_argument_name(action)}`" + (": " + "; ".join(facts) if facts else "")
+
+
+def _states_choices(help_text: str, choices) -> bool:
+    """Whether the help text already names every choice."""
+    return all(re.search(rf"(?<![\w-]){re.escape(str(choice))}(?![\w-])", help_text) for choice in choices)
+
+
+def _states_default(help_text: str, default) -> bool:
+    """Whether the help text already gives the default ("default: 6", "default 6")."""
+    return re.search(rf"\bdefaults?:? `?{re.escape(str(default))}`?(?![\w-])", help_text) is not None
 
 
 def _usage(command: argparse.ArgumentParser) -> str:

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import sys
+import textwrap
 import unicodedata
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -120,29 +121,49 @@ def _cell(value) -> str:
 
 
 def _table(frame: pl.DataFrame, width: int) -> list[str]:
-    """The frame as aligned text lines: a header, a rule, one line a row. Ids are never cut; when the
-    rows are wider than `width`, the widest free-text columns are shortened first."""
+    """The frame as aligned text lines: a header, a rule, one line a row. Ids are never cut. When the
+    rows are wider than `width`, the widest free-text column (a reason, a detail) gets the width the
+    others leave; if its text does not fit there, it is printed whole on an indented line under each
+    row instead of being cut to a few characters. Other free text is shortened first."""
     ellipsis = _ellipsis()
     names = [_cell(name) for name in frame.columns]
     columns = [[_cell(v) for v in frame.get_column(name).to_list()] for name in frame.columns]
-    numeric = [dtype.is_numeric() for dtype in frame.dtypes]
     shortenable = [not _WHOLE.search(name) and _is_free_text(frame.get_column(name))
                    for name in frame.columns]
     for i, cells in enumerate(columns):
         if shortenable[i]:
             columns[i] = [_fit(cell, _CELL_LIMIT, ellipsis) for cell in cells]
     natural = [max([_width(names[i]), *map(_width, cells)]) for i, cells in enumerate(columns)]
-    widths = _shrunk(natural, [max(_width(names[i]), 12) if shortenable[i] else natural[i]
-                               for i in range(len(names))], width - len(_GAP) * (len(names) - 1))
+    numeric = [dtype.is_numeric() for dtype in frame.dtypes]
+    budget = width - len(_GAP) * (len(names) - 1)
+    beneath = None  # the column printed under its rows
+    if sum(natural) > budget and any(shortenable):
+        widest = max((i for i in range(len(names)) if shortenable[i]), key=lambda i: natural[i])
+        rest = [i for i in range(len(names)) if i != widest]
+        rest_widths = _shrunk([natural[i] for i in rest], [_smallest(names[i], shortenable[i], natural[i])
+                                                             for i in rest], budget - len(_GAP))
+        if budget - len(_GAP) - sum(rest_widths) < natural[widest]:
+            beneath = widest
+    kept = [i for i in range(len(names)) if i != beneath]
+    widths = _shrunk([natural[i] for i in kept], [_smallest(names[i], shortenable[i], natural[i]) for i in kept],
+                     width - len(_GAP) * (len(kept) - 1))
     lines = []
-    for row in [names, ["-" * w for w in widths], *zip(*columns, strict=True)]:
+    for number, row in enumerate([names, names, *zip(*columns, strict=True)]):
         parts = []
-        for i, cell in enumerate(row):
-            cell = _fit(cell, widths[i], ellipsis) if shortenable[i] else cell
-            pad = " " * (widths[i] - _width(cell))
+        for w, i in zip(widths, kept, strict=True):
+            cell = "-" * w if number == 1 else _fit(row[i], w, ellipsis) if shortenable[i] else row[i]
+            pad = " " * (w - _width(cell))
             parts.append(pad + cell if numeric[i] else cell + pad)
         lines.append(_GAP.join(parts).rstrip())
+        if beneath is not None and number > 1 and row[beneath] != "-":
+            lines.extend(textwrap.wrap(f"{names[beneath]}: {row[beneath]}", max(width, 40), initial_indent="    ",
+                                       subsequent_indent="      ", break_long_words=False, break_on_hyphens=False))
     return lines
+
+
+def _smallest(name: str, shortenable: bool, natural: int) -> int:
+    """How narrow a column may become: free text to 12 columns (or its header), anything else not at all."""
+    return max(_width(name), 12) if shortenable else natural
 
 
 def _is_free_text(column: pl.Series) -> bool:
@@ -249,9 +270,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
         models = store.frame(
             con,
-            "SELECT model_version, corpus_version, n_train_rows, round(gold_accuracy, 4) AS "
+            "SELECT model_version, status, corpus_version, n_train_rows, round(gold_accuracy, 4) AS "
             "gold_accuracy, trained_at FROM models ORDER BY trained_at",
         )
+        latest = store.frame(
+            con, "SELECT challenger, decision, array_to_string(reasons, '; ') AS reasons FROM model_evaluations "
+            "ORDER BY evaluation_id DESC LIMIT 1")
     if args.json:
         print(json.dumps({"home": str(home.root), "tables": counts.to_dicts(),
                           "models": models.to_dicts()}, indent=2, default=str))
@@ -260,11 +284,25 @@ def cmd_status(args: argparse.Namespace) -> int:
     _print(counts, False)
     print()
     if models.height:
-        print(f"{_count(models.height, 'model')} trained")
-        _print(models, False)
+        print(f"{_count(models.height, 'model')} trained; {_champion_line(models, latest)}")
+        # Short headers keep the table within a narrow terminal; --json keeps the column names.
+        _print(models.rename({"model_version": "model", "corpus_version": "corpus", "n_train_rows": "train_rows",
+                              "gold_accuracy": "accuracy"}), False)
     else:
         print("no model trained yet")
     return 0
+
+
+def _champion_line(models: pl.DataFrame, latest: pl.DataFrame) -> str:
+    """Which model is the champion, or why none is yet (the latest evaluation's verdict)."""
+    champion = models.filter(pl.col("status") == "champion")["model_version"].to_list()
+    if champion:
+        return f"champion: {champion[0]}"
+    if not latest.height:
+        return "no champion yet (no model evaluated)"
+    verdict = latest.row(0, named=True)
+    outcome = {"reject": "rejected", "promote": "promoted"}.get(verdict["decision"], verdict["decision"])
+    return f"no champion yet: {verdict['challenger']} {outcome}: {_safe(verdict['reasons'] or 'no reason recorded')}"
 
 
 def cmd_quarantine(args: argparse.Namespace) -> int:
@@ -300,7 +338,13 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
     print()
     shown = f"the newest {rows.height:,} of {_count(total, 'row')}" if rows.height < total else _count(total, "row")
     print(shown + (f" (--limit {args.limit} reached; raise it for more)" if rows.height < total else ""))
-    _print(rows, False)
+    # The table keeps what a person needs to find and judge a line; --json keeps every column.
+    readable = rows.select(
+        "kind",
+        (pl.col("source_file").str.split("/").list.last() + ":" + pl.col("line_no").cast(pl.String)).alias("file:line"),
+        "reason", "item_id", "detail",
+    )
+    _print(readable, False)
     return 0
 
 
@@ -348,16 +392,18 @@ def cmd_lineage(args: argparse.Namespace) -> int:
                           "quarantined_lines": set_aside.to_dicts()}, indent=2, default=str))
         return 0
     titles = {
-        "item": "item, initial label and its source",
-        "predictions": "predictions served",
-        "corrections": "corrections (pseudonymized)",
-        "set_aside": "corrections set aside (quarantine)",
-        "decisions": "resolution decisions",
-        "reviews": "reviewer decisions",
-        "versions": "labels by corpus version, with the models trained on them",
+        "item": "Item and initial label",  # one row: no count
+        "predictions": "Predictions served",
+        "corrections": "Corrections, pseudonymized",
+        "set_aside": "Corrections set aside in quarantine",
+        "decisions": "Resolution decisions",
+        "reviews": "Reviewer decisions",
+        "versions": "Labels by corpus version, with the models trained on them",
     }
-    for name, frame in trail.items():
-        print(f"{titles[name]}: {frame.height}")
+    for number, (name, frame) in enumerate(trail.items()):
+        # A blank line between sections; an empty one says so in its title.
+        count = "" if name == "item" and frame.height == 1 else f" ({frame.height:,})" if frame.height else ": none"
+        print(("\n" if number else "") + titles[name] + count)
         if frame.height:
             _print(frame, False)
     if set_aside.filter(pl.col("kind") != "corrections").height:
@@ -400,7 +446,7 @@ QUEUES = {
     ),
     "bursts": (
         ("correction burst", "correction bursts"),
-        " awaiting a reviewer (held, then warnings of the last 14 days); release or discard them",
+        " held, then warnings of the last 14 days",
         "SELECT burst_id, status, severity, day, scope, n_events, round(expected, 1) AS expected, "
         "round(score, 1) AS score, reason FROM correction_bursts "
         "WHERE status = 'held' OR (status = 'flagged' AND day > (SELECT max(day) FROM correction_volume) - 14) "
@@ -425,12 +471,29 @@ def cmd_review_list(args: argparse.Namespace) -> int:
             return 1
     if args.json:
         _print(rows, True)
+    elif args.queue == "bursts":
+        _print_bursts(rows, args.limit)
     else:
         print(f"{_count(rows.height, *noun)}{title}"
               + (f" (--limit {args.limit} reached)" if rows.height == args.limit else ""))
         if rows.height:
             _print(rows, False)
     return 0
+
+
+def _print_bursts(rows: pl.DataFrame, limit: int) -> None:
+    """Held bursts, which wait for a reviewer's release or discard, apart from warnings, which hold
+    nothing and need no decision."""
+    held, warnings = rows.filter(pl.col("status") == "held"), rows.filter(pl.col("status") != "held")
+    print((f"{_count(held.height, 'correction burst')} awaiting a reviewer (held): release or discard "
+           f"{'it' if held.height == 1 else 'them'}" if held.height else "no correction burst awaiting a reviewer")
+          + (f" (--limit {limit} reached)" if rows.height == limit else ""))
+    if held.height:
+        _print(held, False)
+    if warnings.height:
+        print(("\n" if held.height else "") + f"{_count(warnings.height, 'warning')} of the last 14 days"
+              + ("" if held.height else ", nothing held") + ": flagged only, no decision needed")
+        _print(warnings, False)
 
 
 def _burst(con, burst_id: str) -> dict | None:
@@ -459,11 +522,19 @@ def cmd_review_show(args: argparse.Namespace) -> int:
         print(json.dumps({"escalation": escalation, "votes": votes.to_dicts()}, indent=2, default=str))
         return 0
     for key, value in escalation.items():
-        print(f"{key:>17}: {_safe(value)}")
+        print(f"{key:>17}: {_detail(value)}")
     print(_count(votes.height, "vote"))
     if votes.height:
         _print(votes, False)
     return 0
+
+
+def _detail(value) -> str:
+    """A field of `review show`: a number to 3 decimals, as the lists round them (--json keeps them whole)."""
+    if not isinstance(value, float):
+        return _safe(value)
+    # A tiny nonzero fraction keeps 3 significant digits rather than reading as 0.
+    return str(round(value, 3)) if round(value, 3) or not value else f"{value:.3g}"
 
 
 def _show_burst(args: argparse.Namespace) -> int:
@@ -479,7 +550,7 @@ def _show_burst(args: argparse.Namespace) -> int:
         print(json.dumps({"burst": burst, "events": events.to_dicts()}, indent=2, default=str))
         return 0
     for name, value in burst.items():
-        print(f"{name:>21}: {_safe(value)}")
+        print(f"{name:>21}: {_detail(value)}")
     n_events = burst["n_events"]
     print(f"its {_count(n_events, 'correction')}" if events.height == n_events
           else f"the first {events.height:,} of its {n_events:,} corrections")
@@ -704,7 +775,11 @@ def cmd_model_list(args: argparse.Namespace) -> int:
         champion = rows.filter(pl.col("status") == "champion")["model_version"].to_list()
         print(f"{_count(rows.height, 'model')}; champion: {champion[0] if champion else 'none yet'}")
         if rows.height:
-            _print(rows, False)
+            # What decides a rollback, under short headers so the reasons have room; --json has the rest.
+            _print(rows.select(
+                pl.col("model_version").alias("model"), "status", pl.col("corpus_version").alias("corpus"),
+                "trained_at", pl.col("gold_accuracy").alias("accuracy"), pl.col("gold_macro_f1").alias("macro_f1"),
+                "train_data_hash", "decision", "reasons"), False)
     return 0
 
 
@@ -807,7 +882,7 @@ def cmd_sql(args: argparse.Namespace) -> int:
     # One statement that only reads: ATTACH, COPY ... TO, SET and the like are refused here,
     # before the store's own read-only guard.
     if len(statements) != 1 or statements[0].type not in _READING:
-        print("labelloop: refused: give exactly one SELECT (or EXPLAIN) statement", file=sys.stderr)
+        print(f"labelloop: refused: {SQL_ACCEPTED}", file=sys.stderr)
         return 3
     home = _home()
     with _read(home) as con:
@@ -829,7 +904,11 @@ def cmd_sql(args: argparse.Namespace) -> int:
     return 0
 
 
+# DuckDB parses WITH, FROM-first, VALUES, TABLE, SHOW, DESCRIBE and SUMMARIZE as SELECT statements.
 _READING = (duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN)
+SQL_ACCEPTED = ("give exactly one SELECT or another read-only query (WITH, FROM, VALUES, TABLE, SHOW, DESCRIBE, "
+                "SUMMARIZE, or EXPLAIN of one); statements that write or change settings (INSERT, COPY, ATTACH, "
+                "SET, CALL, ...) and several statements are refused")
 
 
 def _reason(error: Exception) -> str:
@@ -1105,8 +1184,8 @@ def build_parser() -> argparse.ArgumentParser:
         "check", help="whether LABELLOOP_SECRET is strong enough (exit 0) or not (exit 2, with the reasons)")
     check_secret.set_defaults(func=cmd_secret_check)
     sql = commands.add_parser("sql", help="a read-only SQL query on the store (either backend)")
-    sql.add_argument("query", help="one SQL statement, "
-                     "e.g. \"SELECT label, count(*) FROM production_corpus GROUP BY 1\"")
+    sql.add_argument("query", help="one read-only query: SELECT (or WITH, FROM, VALUES, TABLE), SHOW, DESCRIBE, "
+                     "SUMMARIZE or EXPLAIN, e.g. \"SELECT label, count(*) FROM production_corpus GROUP BY 1\"")
     sql.add_argument("--json", action="store_true", help="rows as a JSON list of objects")
     sql.add_argument("--limit", type=_positive, metavar="N", help="print at most this many rows")
     sql.set_defaults(func=cmd_sql)

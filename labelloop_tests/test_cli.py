@@ -133,16 +133,22 @@ def test_tables_are_readable_and_never_cut_an_id(home, defs, instance, monkeypat
     lines = capsys.readouterr().out.splitlines()
     assert not [line for line in lines if DTYPE_ROW.match(line)], lines  # no Polars dtype rows
     assert not any("┆" in line or "shape:" in line for line in lines)
+    text = "\n".join(lines)
     for row in rows:
-        # One line a row, with its ids whole (and the long detail shortened on that line).
-        whole = [row["source_file"], f" {row['line_no']} ", row["reason"]] + [
-            row[k] for k in ("record_id", "item_id") if row[k]
-        ]
+        # One line a row, with its ids whole and its file named by name and line...
+        whole = [f"{row['source_file'].rsplit('/', 1)[-1]}:{row['line_no']} ", row["reason"]] + (
+            [row["item_id"]] if row["item_id"] else [])
         assert [line for line in lines if all(part in line for part in whole)], (row, lines)
-    long_detail = next(r["detail"] for r in rows if r["reason"] == "unknown_label")
-    assert long_detail not in "\n".join(lines) and any("\u2026" in line for line in lines)
-    header = next(line for line in lines if line.startswith("kind") and "source_file" in line)
-    assert len(header) <= 160
+        # ... and its detail whole, on an indented line under it when the row leaves no room for it.
+        assert f"detail: {row['detail']}" in " ".join(text.split()), (row, lines)
+    assert "\u2026" not in text and "evt-4" not in text  # nothing cut; record ids only in --json
+    assert any(line.startswith("kind") and "file:line" in line for line in lines), lines
+    assert max(map(len, lines)) <= 100, lines
+    monkeypatch.setenv("COLUMNS", "200")  # room enough: the detail is a column of the table again
+    assert cli.main(["quarantine"]) == 0
+    wide = capsys.readouterr().out.splitlines()
+    assert any(re.match(r"^kind +file:line +reason +item_id +detail$", line) for line in wide), wide
+    assert not any(line.startswith("    detail:") for line in wide)
 
     assert cli.main(["status"]) == 0
     status = capsys.readouterr().out
@@ -169,7 +175,7 @@ def test_quarantine_filters_every_kind_and_checks_its_reason(home, defs, instanc
     assert capsys.readouterr().out == "no quarantined rows with reason 'oversize_line'\n"
     assert cli.main(["quarantine", "--reason", "no_consent"]) == 0
     out = capsys.readouterr().out
-    assert "\n1 row\n" in out and "evt-4" in out and "1 rows" not in out
+    assert "\n1 row\n" in out and "sample-08" in out and "1 rows" not in out
 
 
 def test_counts_read_as_english(home, defs, instance, monkeypatch, capsys):
@@ -211,3 +217,53 @@ def test_lineage_says_why_a_gold_or_quarantined_item_has_no_history(home, defs, 
     assert cli.main(["quarantine", "--item", "lost-07", "--json"]) == 0
     assert sorted((r["kind"], r["reason"]) for r in json.loads(capsys.readouterr().out)) == [
         ("corrections", "unknown_item"), ("items", "feature_length_mismatch")]
+
+
+def test_status_bursts_show_sql_and_lineage_read_plainly(home, defs, instance, monkeypatch, capsys):
+    _loaded_home(home, defs, instance, monkeypatch)
+
+    # status names the champion, or why there is none: the latest evaluation's verdict.
+    assert cli.main(["model", "list", "--json"]) == 0
+    (model,) = json.loads(capsys.readouterr().out)
+    assert model["decision"] == "reject" and model["reasons"]
+    assert cli.main(["status"]) == 0
+    status = capsys.readouterr().out
+    assert f"1 model trained; no champion yet: m0001 rejected: {model['reasons']}\n" in status
+    assert re.search(r"^model +status ", status, re.M) and re.search(r"^m0001 +rejected ", status, re.M)
+
+    # A flagged burst holds nothing: it is listed as a warning, not as awaiting a reviewer.
+    from labelloop_assets.core import store
+
+    with store.connect(home.database) as con:
+        con.execute("INSERT INTO correction_volume VALUES ('2026-03-02', 'contributor', 'u_x', 9)")
+        con.execute(
+            "INSERT INTO correction_bursts (burst_id, day, scope, key, n_events, day_total, baseline_days, "
+            "baseline_median_share, baseline_mad_share, expected, score, severity, status, reason) "
+            "VALUES ('burst-test-flagged', '2026-03-02', 'contributor', 'u_x', 9, 12, 3, 0.18533421, 0.0004217, "
+            "2.272650083, 4.41, 'warn', 'flagged', 'contributor u_x sent 9 of the 12 corrections')")
+    assert cli.main(["review", "list", "--queue", "bursts"]) == 0
+    listed = capsys.readouterr().out
+    assert listed.startswith("no correction burst awaiting a reviewer\n1 warning of the last 14 days, nothing held")
+    assert "release or discard" not in listed and "burst-test-flagged" in listed
+
+    # show rounds what it prints (3 decimals; a tiny fraction to 3 significant digits); --json keeps it whole.
+    assert cli.main(["review", "show", "burst-test-flagged"]) == 0
+    shown = capsys.readouterr().out
+    assert "baseline_median_share: 0.185\n" in shown and "expected: 2.273\n" in shown
+    assert "baseline_mad_share: 0.000422\n" in shown and "0.18533421" not in shown
+    assert cli.main(["review", "show", "burst-test-flagged", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["burst"]["expected"] == 2.272650083
+
+    # sql accepts the read-only queries its message names, and refuses the rest with that message.
+    assert cli.main(["sql", "SHOW TABLES", "--json"]) == 0
+    assert "items" in {row["name"] for row in json.loads(capsys.readouterr().out)}
+    assert cli.main(["sql", "DESCRIBE items"]) == 0 and "item_id" in capsys.readouterr().out
+    assert cli.main(["sql", "SET threads = 1"]) == 3
+    err = capsys.readouterr().err
+    assert "exactly one SELECT or another read-only query (WITH, FROM, VALUES, TABLE, SHOW, DESCRIBE" in err
+
+    # lineage sections read as titles, with their counts in brackets.
+    assert cli.main(["lineage", "sample-04"]) == 0
+    titles = [line for line in capsys.readouterr().out.splitlines() if line[:1].isupper()]
+    assert titles[0] == "Item and initial label" and "Corrections set aside in quarantine: none" in titles
+    assert "Resolution decisions (1)" in titles and not any(re.search(r": \d+$", t) for t in titles), titles

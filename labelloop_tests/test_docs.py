@@ -106,6 +106,18 @@ def test_generated_cli_reference_names_every_subcommand_and_option():
                 assert first_word in sections[command.prog], f"{command.prog}: help of {action.dest} missing"
 
 
+def test_generated_cli_reference_states_a_default_or_the_choices_once():
+    reference = _load_hook().cli_reference_markdown(build_parser())
+    assert "- `--days N`: simulated days after the first (default: 6)\n" in reference
+    queue = next(line for line in reference.splitlines() if line.startswith("- `--queue"))
+    assert queue.endswith("which queue: escalations, bursts, issues (default: escalations)"), queue
+    # Help text that does not say them still gets the choices and the default added.
+    parser = argparse.ArgumentParser(prog="tool")
+    parser.add_argument("--colour", choices=["red", "blue"], default="red", help="the colour")
+    assert "- `--colour {red,blue}`: the colour; one of `red`, `blue`; default `red`" in (
+        _load_hook().cli_reference_markdown(parser))
+
+
 def test_generated_asset_graph_has_every_asset_and_dependency(tmp_path):
     graph = build_definitions(Home(tmp_path / "home")).resolve_asset_graph()
     hook = _load_hook()
