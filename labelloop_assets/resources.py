@@ -77,7 +77,8 @@ def home_root(root: str) -> Path:
     """The folder a resource names, resolved; a clear failure when LABELLOOP_HOME was set empty."""
     if not root.strip():
         raise HomeNotConfigured(description=NO_HOME)
-    return Path(root).resolve()
+    # Stripped as the deployment's own value is (`_deployment_home`), so the two compare equal.
+    return Path(root.strip()).resolve()
 
 
 class LabelloopHome(dg.ConfigurableResource):
@@ -116,9 +117,12 @@ class LabelloopHome(dg.ConfigurableResource):
 
 
 @contextmanager
-def open_store(database: DuckDBResource) -> Iterator[duckdb.DuckDBPyConnection]:
+def open_store(
+    database: DuckDBResource, groups: tuple[str, ...] | None = None
+) -> Iterator[duckdb.DuckDBPyConnection]:
     """A connection to the store with labelloop's schema in place, closed when the block ends.
 
+    On the lake, `groups` names the table groups this step writes (default: its asset's group).
     The store is the resource's DuckDB file, or the lake when LABELLOOP_CATALOG is set (the
     deployment's environment decides, not a run's config). While another writer holds the store
     the step waits (LABELLOOP_DB_WAIT_SECONDS, logged); past that it fails with a message naming
@@ -148,7 +152,7 @@ def open_store(database: DuckDBResource) -> Iterator[duckdb.DuckDBPyConnection]:
     try:
         con = store.connect(
             Lake.from_env(file.parent) or file, config=database.connection_config, on_wait=logger.warning,
-            groups=_table_groups(),
+            groups=groups or _table_groups(),
         )
     except (store.DatabaseBusy, store.NewerDatabaseFile, LakeError, LabelloopConfigError) as error:
         raise dg.Failure(description=f"labelloop cannot open its database: {error}") from None

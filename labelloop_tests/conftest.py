@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import os
@@ -222,3 +223,13 @@ def key_of(contributor_id: str):
     from labelloop_assets.core import signing
 
     return signing.load_private_key(signing.default_key_file(contributor_id))
+
+
+def leaf_commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
+    """Every `labelloop` command that takes no further subcommand, as (words, parser)."""
+    subcommands = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subcommands:
+        yield path, parser
+    for action in subcommands:
+        for name, sub in action.choices.items():
+            yield from leaf_commands(sub, (*path, name))

@@ -22,7 +22,7 @@ import pytest
 
 from labelloop_assets import cli
 from labelloop_assets.definitions import build_definitions
-from labelloop_tests.conftest import RETRAIN, prepared_home, set_yaml
+from labelloop_tests.conftest import RETRAIN, leaf_commands, prepared_home, set_yaml
 from labelloop_tests.test_loop import _materialize
 
 # About 30 s of CPU in real subprocesses: `make test` runs it, `make test-fast` does not.
@@ -46,15 +46,6 @@ HOSTILE_TEXT = {
     "empty": "",
 }
 ODD_NUMBERS = ["-3", "0", "99999999999999999999999999", "1e3"]
-
-
-def _leaf_commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
-    subcommands = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    if not subcommands:
-        yield path, parser
-    for action in subcommands:
-        for name, sub in action.choices.items():
-            yield from _leaf_commands(sub, (*path, name))
 
 
 def _arguments(parser: argparse.ArgumentParser) -> list[argparse.Action]:
@@ -81,7 +72,7 @@ def _argv(path, parser, values: dict[str, str] | None = None) -> list[str]:
     return argv
 
 
-LEAVES = list(_leaf_commands(cli.build_parser()))
+LEAVES = list(leaf_commands(cli.build_parser()))
 
 
 @pytest.fixture(scope="module")

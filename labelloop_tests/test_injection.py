@@ -19,7 +19,16 @@ from labelloop_assets import cli
 from labelloop_assets.core import contracts, publish, signing, store
 from labelloop_assets.core.anonymize import pseudonym
 from labelloop_assets.core.settings import pseudonymization_key
-from labelloop_tests.conftest import correction, give_keys, key_of, land_items, make_items, set_yaml, write_jsonl
+from labelloop_tests.conftest import (
+    correction,
+    give_keys,
+    key_of,
+    land_items,
+    leaf_commands,
+    make_items,
+    set_yaml,
+    write_jsonl,
+)
 
 CANARY = "labelloop-canary"
 SHELL = f"$(rm -rf /) `touch {CANARY}`; touch {CANARY} && $(touch {CANARY})"
@@ -95,15 +104,6 @@ BENIGN = {"item_id": "item-030", "escalation_id": "esc-item-030-1", "label": "tw
           "query": "SELECT count(*) FROM items", "contributor_id": "reviewer-0"}
 
 
-def _leaf_commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
-    subcommands = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    if not subcommands:
-        yield path, parser
-    for action in subcommands:
-        for name, sub in action.choices.items():
-            yield from _leaf_commands(sub, (*path, name))
-
-
 def _arguments(parser: argparse.ArgumentParser):
     for action in parser._actions:
         if isinstance(action, (argparse._HelpAction, argparse._StoreTrueAction)):
@@ -129,7 +129,7 @@ def test_every_cli_argument_refuses_hostile_text_or_keeps_it_as_data(loaded, def
     home = loaded
     before, files_before = _counts(home), _files(tmp_path)
     runs = {"typed": 0, "text": 0, "rollbacks": 0}
-    for path, parser in _leaf_commands(cli.build_parser()):
+    for path, parser in leaf_commands(cli.build_parser()):
         for target in _arguments(parser):
             for value in HOSTILE:
                 argv = _argv(path, parser, target, value)

@@ -421,3 +421,27 @@ def test_writers_of_different_table_groups_commit_side_by_side(home, catalog, mo
         assert store.scalar(reader, "SELECT count(*) FROM corpus_versions") == 1
     with pytest.raises(ValueError, match="unknown table groups"):
         lake.WriterLock("dbname=x", ("everything",))
+
+
+def test_the_scheduled_checks_go_on_while_another_worker_trains(home, catalog, instance, monkeypatch):
+    """The hourly checks read curation tables: another worker's training step, holding only the
+    training tables' writer lock, must not make them wait (and fail past the wait)."""
+    from labelloop_assets.jobs import SCHEDULED_CHECKS_JOB
+
+    store.connect(home.database).close()  # the lake, created
+    other_worker = lake.WriterLock(catalog, ("training",))
+    other_worker.acquire(5, print)
+    monkeypatch.setenv(store.WAIT_ENV, "3")
+    try:
+        started = time.monotonic()
+        result = build_definitions(home, RETRAIN).resolve_job_def(SCHEDULED_CHECKS_JOB).execute_in_process(
+            instance=instance, raise_on_error=False)
+        took = time.monotonic() - started
+    finally:
+        other_worker.release()
+    failures = [e.step_failure_data.user_failure_data.description for e in result.all_events
+                if e.event_type == dg.DagsterEventType.STEP_FAILURE]
+    assert result.success, failures
+    evaluations = {e.asset_check_key.name for e in result.get_asset_check_evaluations()}
+    assert evaluations == {"escalations_within_sla", "no_held_bursts"}
+    assert took < 3, f"the checks waited {took:.1f} s for a lock they do not need"

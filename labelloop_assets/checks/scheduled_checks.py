@@ -10,10 +10,14 @@ from dagster_duckdb import DuckDBResource
 from labelloop_assets.assets.common import DUCKDB_POOL, config_errors_as_failures
 from labelloop_assets.checks.schema_checks import markdown_table
 from labelloop_assets.core import bursts, review, store
-from labelloop_assets.resources import LabelloopHome, open_store
+from labelloop_assets.resources import TABLE_GROUP_OF, LabelloopHome, open_store
 
 ESCALATIONS_WITHIN_SLA = "escalations_within_sla"
 NO_HELD_BURSTS = "no_held_bursts"
+# Both checks read tables of the curation group (escalations and correction_bursts are curation
+# assets). A check step is no single asset's materialization, so without this it would take every
+# group's writer lock on the lake and wait for another worker's training.
+CURATION_TABLES = (TABLE_GROUP_OF["curation"],)
 HELD_BURSTS_SQL = (
     "SELECT burst_id, reason, evidence FROM correction_bursts WHERE status = ? ORDER BY day DESC, score DESC"
 )
@@ -30,7 +34,7 @@ def escalations_within_sla(labelloop: LabelloopHome, database: DuckDBResource) -
     """Open escalations aged on the governance clock now, not as of the last ingest."""
     with config_errors_as_failures():
         policy = labelloop.policy()
-    with open_store(database) as con:
+    with open_store(database, groups=CURATION_TABLES) as con:
         rows = review.open_escalations(con, policy)
     breached = rows.filter(pl.col("sla_breached")) if rows.height else rows
     return dg.AssetCheckResult(
@@ -60,7 +64,7 @@ def escalations_within_sla(labelloop: LabelloopHome, database: DuckDBResource) -
 )
 def no_held_bursts(database: DuckDBResource) -> dg.AssetCheckResult:
     """The bursts still held now: a release or discard lands as a review file, so this clears on the next ingest."""
-    with open_store(database) as con:
+    with open_store(database, groups=CURATION_TABLES) as con:
         held = store.frame(con, HELD_BURSTS_SQL, [bursts.HELD])
     return dg.AssetCheckResult(
         passed=held.height == 0,

@@ -43,9 +43,10 @@ def kind_digest(home: Home, kind: str) -> str:
 
 
 def gold_signature(home: Home) -> str | None:
-    """gold.jsonl's size and modification time (cheap to read each tick); None without one."""
+    """gold.jsonl's size and change time (ctime, as for landing files: an edit that puts the
+    modification time back still changes it); None without one."""
     try:
         found = Path(home.gold_file).lstat()
     except OSError:
         return None
-    return f"gold.jsonl@{found.st_size}-{found.st_mtime_ns}"
+    return f"gold.jsonl@{found.st_size}-{found.st_ctime_ns}"
