@@ -783,6 +783,34 @@ def cmd_model_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_model_current(args: argparse.Namespace) -> int:
+    """The model serving code should load: the champion the registry and models/CURRENT agree on."""
+    from labelloop_assets import serving
+
+    try:
+        champion = serving.Champion.load(_home())
+    except serving.ServingError as error:
+        print(f"labelloop: {_safe(error)}", file=sys.stderr)
+        return 1
+    described = serving.describe(champion)
+    if args.json:
+        print(json.dumps(described, indent=2, default=str))
+        return 0
+    threshold = described["confirm_below"]
+    print(f"champion {described['model_version']} (trained on corpus v{described['corpus_version']} "
+          f"at {described['trained_at']})")
+    print(f"  files:         {described['path']}")
+    print(f"  classes:       {', '.join(_safe(label) for label in described['classes'])}")
+    print(f"  features:      {described['feature_length']} numbers per item")
+    print("  confirm_below: " + (f"{threshold:.3f} (predictions less confident than this go to review)"
+                                 if threshold is not None else "none recorded"))
+    metrics = described["gold_metrics"]
+    shown = {key: "n/a" if value is None else f"{value:.4f}" for key, value in metrics.items() if key != "n_gold"}
+    print(f"  gold:          accuracy {shown['accuracy']}, macro F1 {shown['macro_f1']} "
+          f"on {_count(metrics['n_gold'], 'item')}")
+    return 0
+
+
 ROLLBACK_ROLES = ("reviewer", "domain_expert")
 
 
@@ -1149,11 +1177,15 @@ def build_parser() -> argparse.ArgumentParser:
                             help="your id as contributors.yaml lists it (its role there decides what you may decide)")
         action.add_argument("--key", metavar="FILE", help=KEY_HELP)
         action.set_defaults(func=cmd_review_decide)
-    models = commands.add_parser("model", help="the model registry: list, rollback")
+    models = commands.add_parser("model", help="the model registry: list, current, rollback")
     model_commands = models.add_subparsers(dest="model_command", required=True, metavar="ACTION")
     listing = model_commands.add_parser("list", help="every model with its status, data hash, metrics, decision")
     listing.add_argument("--json", action="store_true", help=JSON_HELP)
     listing.set_defaults(func=cmd_model_list)
+    current = model_commands.add_parser(
+        "current", help="the champion serving code should load: files, classes, confirm_below, gold metrics")
+    current.add_argument("--json", action="store_true", help="one JSON object (keys in docs/serving.md)")
+    current.set_defaults(func=cmd_model_current)
     rollback = model_commands.add_parser("rollback", help="make a retired champion the champion again")
     rollback.add_argument("version", help="the model version to restore, e.g. m0003 (`labelloop model list`)")
     rollback.add_argument("--rationale", required=True, help="why, in words (kept in the audit log, scrubbed)")

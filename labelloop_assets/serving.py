@@ -1,0 +1,328 @@
+"""Serving the loop's champion: load it safely, predict, and hand the prediction log back.
+
+Serving code imports this module, not the code location: it needs NumPy, the store's driver and
+the project's core modules, never Dagster or scikit-learn. A model is read from the two files the
+loop writes (`model.npz`, loaded with allow_pickle=False, and `metadata.json`), so loading one
+never executes code from a file. The champion is the one the registry (the `models` table) and
+`models/CURRENT` both name; when they disagree nothing is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import uuid
+import zipfile
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import duckdb
+import numpy as np
+
+from labelloop_assets.core import store, train
+from labelloop_assets.core.files import sync_to_disk
+from labelloop_assets.core.lake import LakeError
+from labelloop_assets.core.settings import Home
+
+PREDICTIONS_KIND = "predictions"
+ARRAYS = ("classes", "mean", "scale", "coef", "intercept")
+# Statuses of models that have served: a pinned version may be a past champion, never a model
+# the validation plan refused or has not judged yet.
+SERVABLE_STATUSES = ("champion", "retired")
+
+
+class ServingError(ValueError):
+    """A model cannot be loaded or used as asked; the message says why and what to do."""
+
+
+class NoChampion(ServingError):
+    """The registry has no champion yet; the message carries the latest evaluation's reasons."""
+
+
+def as_home(home_or_path: Home | str | os.PathLike | None = None) -> Home:
+    """A Home from a Home, a path to its folder, or LABELLOOP_HOME when None."""
+    if home_or_path is None:
+        return Home.from_env()
+    if isinstance(home_or_path, Home):
+        return home_or_path
+    return Home(Path(home_or_path).expanduser().resolve())
+
+
+def _registry(home: Home, sql: str, params: list | None = None) -> list[dict]:
+    if not home.has_store():
+        raise ServingError(f"no store at {home.database}: the loop has not run in this home (LABELLOOP_HOME)")
+    try:
+        with store.connect(home.database, read_only=True) as con:
+            return store.frame(con, sql, params).to_dicts()
+    except (duckdb.Error, LakeError, OSError) as error:  # a busy file, an unreachable catalog
+        raise ServingError(f"cannot read the model registry in {home.database}: {error}") from None
+
+
+def no_champion_reason(home: Home) -> str:
+    """Why no model is the champion: the latest evaluation's verdict, or that none was evaluated."""
+    latest = _registry(
+        home,
+        "SELECT challenger, decision, array_to_string(reasons, '; ') AS reasons FROM model_evaluations "
+        "ORDER BY evaluation_id DESC LIMIT 1",
+    )
+    if not latest:
+        trained = _registry(home, "SELECT count(*) AS n FROM models")[0]["n"]
+        return "no model trained yet" if not trained else "no model evaluated yet"
+    verdict = latest[0]
+    outcome = {"reject": "rejected", "promote": "promoted"}.get(verdict["decision"], verdict["decision"])
+    return f"{verdict['challenger']} {outcome}: {verdict['reasons'] or 'no reason recorded'}"
+
+
+def champion_row(home: Home) -> dict:
+    """The registry's champion row, checked against models/CURRENT; ServingError when they disagree,
+    NoChampion when there is none."""
+    rows = _registry(home, "SELECT * FROM models WHERE status = 'champion'")
+    pointer = train.current_version(home.models)
+    if not rows:
+        if pointer:
+            raise ServingError(
+                f"models/CURRENT names {pointer!r} but the registry has no champion; a promotion or rollback "
+                "may be under way: try again in a moment, and check `labelloop model list`"
+            )
+        raise NoChampion(f"no champion yet: {no_champion_reason(home)}")
+    row = rows[0]
+    if pointer != row["model_version"]:
+        named = f"names {pointer!r}" if pointer else "is missing"
+        raise ServingError(
+            f"models/CURRENT {named} but the registry's champion is {row['model_version']}; a promotion or "
+            "rollback may be under way: try again in a moment, and check `labelloop model list`"
+        )
+    return row
+
+
+def model_row(home: Home, version: str) -> dict:
+    """A pinned version's registry row: it must be a model that has served (champion or retired)."""
+    rows = _registry(home, "SELECT * FROM models WHERE model_version = ?", [version])
+    if not rows:
+        raise ServingError(f"no model {version!r} in the registry (labelloop model list)")
+    if rows[0]["status"] not in SERVABLE_STATUSES:
+        raise ServingError(
+            f"{version} is {rows[0]['status']}: only a champion or a retired champion can be served"
+        )
+    return rows[0]
+
+
+def read_model(folder: Path, row: dict) -> tuple[train.LinearModel, dict]:
+    """The arrays and metadata in `folder`, refused unless both files are there, readable without
+    pickle, of consistent shapes, and the metadata names the registry row's model."""
+    version = row["model_version"]
+    for name in ("model.npz", "metadata.json"):
+        if not (folder / name).is_file():
+            raise ServingError(f"{version}: {name} is missing from {folder}")
+    try:
+        with np.load(folder / "model.npz", allow_pickle=False) as arrays:
+            missing = [name for name in ARRAYS if name not in arrays.files]
+            if missing:
+                raise ServingError(f"{version}: model.npz in {folder} lacks the arrays {missing}")
+            loaded = {name: arrays[name] for name in ARRAYS}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
+        if isinstance(error, ServingError):
+            raise
+        raise ServingError(f"{version}: model.npz in {folder} is not a readable model file ({error})") from None
+    try:
+        metadata = json.loads((folder / "metadata.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise ServingError(f"{version}: metadata.json in {folder} is not readable JSON ({error})") from None
+    if not isinstance(metadata, dict):
+        raise ServingError(f"{version}: metadata.json in {folder} is not a JSON object")
+    model = _consistent_model(version, folder, loaded)
+    # The registry row is the record of what was trained; the files must describe the same model.
+    expected = {
+        "model_version": version, "corpus_version": row["corpus_version"],
+        "train_data_hash": row["train_data_hash"], "n_classes": len(model.classes),
+    }
+    if row.get("n_classes") is not None and int(row["n_classes"]) != len(model.classes):
+        raise ServingError(f"{version}: model.npz in {folder} has {len(model.classes)} classes, the registry "
+                           f"{row['n_classes']}")
+    differing = sorted(key for key, value in expected.items() if metadata.get(key) != value)
+    if differing:
+        shown = ", ".join(f"{key} {metadata.get(key)!r} (registry: {expected[key]!r})" for key in differing)
+        raise ServingError(f"{version}: metadata.json in {folder} does not match the registry: {shown}")
+    return model, metadata
+
+
+def _consistent_model(version: str, folder: Path, loaded: dict) -> train.LinearModel:
+    problem = None
+    classes, mean, scale, coef, intercept = (loaded[name] for name in ARRAYS)
+    numeric = (mean, scale, coef, intercept)
+    if classes.ndim != 1 or classes.dtype.kind != "U" or len(classes) < 2:
+        problem = "classes must be a list of at least two labels"
+    elif any(a.dtype.kind not in "fi" for a in numeric) or not all(np.isfinite(a).all() for a in numeric):
+        problem = "the weights must be finite numbers"
+    elif mean.ndim != 1 or scale.shape != mean.shape or coef.ndim != 2 or coef.shape[1] != mean.shape[0]:
+        problem = "mean, scale and coef do not share one feature length"
+    elif coef.shape[0] != (1 if len(classes) == 2 else len(classes)) or intercept.shape != (coef.shape[0],):
+        problem = "coef and intercept do not match the number of classes"
+    elif (scale == 0).any():
+        problem = "scale has zeros"
+    if problem:
+        raise ServingError(f"{version}: model.npz in {folder} is not a consistent model: {problem}")
+    return train.LinearModel(classes=classes, mean=mean.astype(np.float64), scale=scale.astype(np.float64),
+                             coef=coef.astype(np.float64), intercept=intercept.astype(np.float64))
+
+
+@dataclass(frozen=True)
+class Champion:
+    """A served model: the champion (or a pinned past champion) with what serving needs to know.
+
+    `confirm_below`: predictions whose confidence is below it should go to a person for review
+    (None when the registry has no threshold for this model)."""
+
+    home: Home
+    version: str
+    folder: Path
+    corpus_version: int
+    trained_at: datetime | None
+    confirm_below: float | None
+    gold_metrics: dict
+    metadata: dict
+    model: train.LinearModel = field(repr=False)
+
+    @classmethod
+    def load(cls, home_or_path: Home | str | os.PathLike | None = None, version: str | None = None) -> Champion:
+        """The champion of a home (LABELLOOP_HOME when None); `version` pins a past or present
+        champion instead. Raises NoChampion or ServingError with the reason."""
+        home = as_home(home_or_path)
+        row = champion_row(home) if version is None else model_row(home, version)
+        folder = home.model_folder(row["path"])
+        model, metadata = read_model(folder, row)
+        return cls(
+            home=home, version=row["model_version"], folder=folder, corpus_version=int(row["corpus_version"]),
+            trained_at=row["trained_at"],
+            confirm_below=None if row["confirm_below"] is None else float(row["confirm_below"]),
+            gold_metrics={"accuracy": _number(row["gold_accuracy"]), "macro_f1": _number(row["gold_macro_f1"]),
+                          "n_gold": int(row["n_gold"])},
+            metadata=metadata, model=model,
+        )
+
+    @property
+    def classes(self) -> list[str]:
+        return [str(label) for label in self.model.classes]
+
+    @property
+    def feature_length(self) -> int:
+        return int(self.model.mean.shape[0])
+
+    def is_current(self) -> bool:
+        """Whether models/CURRENT still names this model: a cheap check (one small file) for a
+        long-running server to call between requests and reload when it turns False."""
+        return train.current_version(self.home.models) == self.version
+
+    def _matrix(self, features) -> np.ndarray:
+        try:
+            matrix = np.asarray(features, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ServingError("features must be numbers: one list of numbers per item") from None
+        if matrix.ndim == 1 and matrix.shape[0] == self.feature_length:
+            matrix = matrix.reshape(1, -1)  # a single item
+        if matrix.ndim != 2 or (matrix.shape[0] and matrix.shape[1] != self.feature_length):
+            raise ServingError(
+                f"features must be one row of {self.feature_length} numbers per item ({self.version} was "
+                f"trained on {self.feature_length}); got an array of shape {matrix.shape}"
+            )
+        if not np.isfinite(matrix).all():
+            raise ServingError("features must be finite numbers (no NaN or infinity)")
+        return matrix
+
+    def predict_proba(self, features) -> np.ndarray:
+        """One row of class probabilities per item, columns in the order of `classes`."""
+        matrix = self._matrix(features)
+        if matrix.shape[0] == 0:
+            return np.empty((0, len(self.classes)))
+        return self.model.predict_proba(matrix)
+
+    def predict(self, features) -> tuple[list[str], np.ndarray]:
+        """The predicted label and its probability (the confidence) per item."""
+        probabilities = self.predict_proba(features)
+        best = probabilities.argmax(axis=1) if len(probabilities) else np.empty(0, dtype=int)
+        return [self.classes[i] for i in best], probabilities.max(axis=1, initial=0.0)
+
+    def needs_review(self, confidence: float) -> bool:
+        """Below `confirm_below`: the prediction should be confirmed by a person before it is trusted."""
+        return self.confirm_below is not None and confidence < self.confirm_below
+
+    def prediction_records(self, item_ids, features, served_at: datetime | None = None) -> list[dict]:
+        """Prediction-log records as the predictions contract requires, one per item, ready for
+        `write_prediction_log`."""
+        ids = list(item_ids)
+        bad = [item for item in ids if not isinstance(item, str) or not item.strip() or len(item) > 256]
+        if bad:
+            raise ServingError(f"item ids must be non-empty strings of at most 256 characters; got {bad[0]!r}")
+        probabilities = self.predict_proba(features)
+        if len(ids) != len(probabilities):
+            raise ServingError(f"{len(ids)} item ids for {len(probabilities)} rows of features")
+        moment = served_at or datetime.now(UTC)
+        if moment.tzinfo is None:
+            raise ServingError("served_at must carry a time zone (the contract wants ISO-8601 with zone)")
+        labels = self.classes
+        records = []
+        for item_id, row in zip(ids, probabilities, strict=True):
+            best = int(row.argmax())
+            records.append({
+                "prediction_id": f"{self.version}-{uuid.uuid4()}",
+                "item_id": item_id,
+                "model_version": self.version,
+                "predicted_label": labels[best],
+                "confidence": float(row[best]),
+                "served_at": moment.isoformat(),
+                "probabilities": {label: float(p) for label, p in zip(labels, row, strict=True)},
+            })
+        return records
+
+
+def _number(value) -> float | None:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+
+
+def write_prediction_log(home_or_path: Home | str | os.PathLike | None, records: list[dict],
+                         name: str | None = None) -> Path:
+    """Land prediction records in landing/predictions/ as one JSON Lines file: written under a
+    temp name the ingest never reads, made durable, then renamed into place. An existing file is
+    never replaced (a rewritten log would be read again as a new version). Returns the file."""
+    home = as_home(home_or_path)
+    name = name or f"predictions-{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}.jsonl"
+    if (not isinstance(name, str) or "/" in name or "\\" in name or name.startswith((".", "_"))
+            or not name.lower().endswith(".jsonl")):
+        raise ServingError(f"a prediction log's name must be a plain file name ending in .jsonl, not {name!r}")
+    folder = home.landing_dir(PREDICTIONS_KIND)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / name
+    if target.exists():
+        raise ServingError(f"{target} exists already: give each prediction log a new name")
+    try:
+        text = "".join(json.dumps(record, allow_nan=False, ensure_ascii=False) + "\n" for record in records)
+    except (TypeError, ValueError) as error:
+        raise ServingError(f"prediction records must be plain JSON objects with finite numbers ({error})") from None
+    staging = folder / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        staging.write_text(text, encoding="utf-8")
+        sync_to_disk(staging)
+        # A hard link fails if the name was taken meanwhile, where a rename would replace the file.
+        os.link(staging, target)
+    except FileExistsError:
+        raise ServingError(f"{target} exists already: give each prediction log a new name") from None
+    finally:
+        staging.unlink(missing_ok=True)
+    sync_to_disk(folder)
+    return target
+
+
+def describe(champion: Champion) -> dict:
+    """What `labelloop model current --json` prints: these keys, always all of them."""
+    return {
+        "model_version": champion.version,
+        "path": str(champion.folder),
+        "corpus_version": champion.corpus_version,
+        "trained_at": champion.trained_at.isoformat() if champion.trained_at else None,
+        "classes": champion.classes,
+        "feature_length": champion.feature_length,
+        "confirm_below": champion.confirm_below,
+        "gold_metrics": champion.gold_metrics,
+    }
