@@ -4,6 +4,7 @@ loop promoted, predict as the loop's own model does, and land prediction logs th
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,6 +19,8 @@ from labelloop_assets.core.settings import Home
 from labelloop_assets.definitions import build_definitions
 from labelloop_assets.jobs import RETRAIN_JOB
 from labelloop_tests.conftest import RETRAIN, correction, land_items, make_items, prepared_home, set_yaml, write_jsonl
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Two homes trained through real Dagster runs, shared by the module (about 20 s in all).
 pytestmark = pytest.mark.slow
@@ -141,9 +144,10 @@ def test_a_landed_prediction_log_is_accepted_by_the_next_ingest(own_home):
                    "FROM predictions ORDER BY item_id")
     assert landed.rows() == [(r["prediction_id"], r["item_id"], "m0001", r["predicted_label"],
                               pytest.approx(r["confidence"])) for r in records]
-    joined = _rows(own_home, "SELECT p.item_id FROM raw_corrections c JOIN predictions p "
-                   "ON p.item_id = c.item_id AND p.model_version = c.model_version")
-    assert joined["item_id"].to_list() == [first["item_id"]]
+    # Curation joined the correction to the prediction it names, with the model that served it.
+    vote = _rows(own_home, "SELECT item_id, prediction_found, predicted_label, model_version FROM validated_labels "
+                 "WHERE event_id = 'fix-1'")
+    assert vote.rows() == [(first["item_id"], True, first["predicted_label"], "m0001")]
 
 
 def test_no_champion_exits_1_with_the_latest_evaluations_reason(tmp_path, monkeypatch, capsys):
@@ -200,3 +204,25 @@ def test_a_pointer_that_disagrees_with_the_registry_is_refused(own_home, capsys)
     _refused(capsys, "models/CURRENT names 'm0042' but the registry's champion is m0001")
     (own_home.models / train.CURRENT_POINTER).unlink()
     _refused(capsys, "models/CURRENT is missing but the registry's champion is m0001")
+
+
+def test_the_documented_serving_script_runs_and_its_log_is_accepted(own_home, tmp_path, capsys):
+    """docs/serving.md's example, run as written against a real home."""
+    page = (REPO_ROOT / "docs" / "serving.md").read_text(encoding="utf-8")
+    script = next(block for block in re.findall(r"```python\n(.*?)```", page, re.DOTALL) if "def serve(" in block)
+    item_ids = [f"item-{i:03d}" for i in range(15, 60)]
+    features = _features(own_home, item_ids)
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("".join(json.dumps({"item_id": i, "features": f.tolist()}) + "\n"
+                                for i, f in zip(item_ids, features, strict=True)))
+    namespace = {"__name__": "serve_batch"}
+    exec(compile(script, "serve_batch.py", "exec"), namespace)
+    records, to_review = namespace["serve"](str(requests))
+
+    threshold = serving.Champion.load().confirm_below
+    assert [r["item_id"] for r in records] == item_ids
+    assert to_review == [r for r in records if r["confidence"] < threshold]
+    assert f"m0001: {len(item_ids)} predictions, {len(to_review)} to review" in capsys.readouterr().out
+    _run(own_home, "ingest_job")
+    assert _rows(own_home, "SELECT count(*) AS n FROM quarantine")["n"].item() == 0
+    assert _rows(own_home, "SELECT count(*) AS n FROM predictions WHERE model_version = 'm0001'")["n"].item() == 45
