@@ -220,9 +220,11 @@ class Champion:
             matrix = np.asarray(features, dtype=np.float64)
         except (TypeError, ValueError):
             raise ServingError("features must be numbers: one list of numbers per item") from None
+        if matrix.size == 0:
+            return np.empty((0, self.feature_length))  # no items: nothing to predict, not an error
         if matrix.ndim == 1 and matrix.shape[0] == self.feature_length:
             matrix = matrix.reshape(1, -1)  # a single item
-        if matrix.ndim != 2 or (matrix.shape[0] and matrix.shape[1] != self.feature_length):
+        if matrix.ndim != 2 or matrix.shape[1] != self.feature_length:
             raise ServingError(
                 f"features must be one row of {self.feature_length} numbers per item ({self.version} was "
                 f"trained on {self.feature_length}); got an array of shape {matrix.shape}"
@@ -320,7 +322,8 @@ def describe(champion: Champion) -> dict:
         "model_version": champion.version,
         "path": str(champion.folder),
         "corpus_version": champion.corpus_version,
-        "trained_at": champion.trained_at.isoformat() if champion.trained_at else None,
+        "trained_at": champion.trained_at.isoformat() if isinstance(champion.trained_at, datetime)
+        else champion.trained_at,
         "classes": champion.classes,
         "feature_length": champion.feature_length,
         "confirm_below": champion.confirm_below,

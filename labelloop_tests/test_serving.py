@@ -115,6 +115,7 @@ def test_the_champion_predicts_what_the_loops_model_predicts(champion_home):
         champion.predict([[1.0, 2.0, 3.0]])
     with pytest.raises(serving.ServingError, match="finite"):
         champion.predict([[1.0, float("nan"), 3.0, 4.0]])
+    assert champion.prediction_records([], []) == []
     with pytest.raises(serving.ServingError, match="2 item ids for 3 rows"):
         champion.prediction_records(["item-020", "item-021"], features[:3])
 
