@@ -395,8 +395,7 @@ def _loop_state(home: Home, con, models: pl.DataFrame, latest: pl.DataFrame) -> 
     else:
         step = "nothing to do"
     return {
-        "champion": {"model": champion[0] if champion else None,
-                     "line": _champion_line(models, latest) if models.height else "none: no model trained yet"},
+        "champion": {"model": champion[0] if champion else None, "line": _champion_summary(models, latest)},
         "holds": {"held_bursts": held["burst_id"].to_list(), "failing_blocking_checks": failing,
                   "checks_checked": checks_note is None, "line": holds_line},
         "escalations": {"overdue": overdue.height, "sla_hours": sla_hours,
@@ -405,6 +404,17 @@ def _loop_state(home: Home, con, models: pl.DataFrame, latest: pl.DataFrame) -> 
                                      f"latest training {_cell(run['trained_at'])}"},
         "next_step": {"gold_needed": short, "line": step},
     }
+
+
+def _champion_summary(models: pl.DataFrame, latest: pl.DataFrame) -> str:
+    if not models.height:
+        return "none: no model trained yet"
+    champion = models.filter(pl.col("status") == "champion").row(0, named=True) \
+        if (models["status"] == "champion").any() else None
+    if champion is None:
+        return _champion_line(models, latest)
+    trained = _cell(champion["trained_at"])
+    return f"{champion['model_version']} (gold accuracy {champion['gold_accuracy']}, trained {trained})"
 
 
 def _gold_shortfall(home: Home, con, latest: pl.DataFrame) -> dict[str, int]:
