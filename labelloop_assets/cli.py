@@ -373,12 +373,12 @@ def _loop_state(home: Home, con, models: pl.DataFrame, latest: pl.DataFrame) -> 
     runs = store.frame(con, "SELECT (SELECT max(created_at) FROM corpus_versions) AS corpus_version_at, "
                        "(SELECT max(trained_at) FROM models) AS trained_at")
     run = runs.row(0, named=True)
-    holds = [f"burst {b} held" for b in held["burst_id"].to_list()] + [f"check {c} failing" for c in failing]
-    holds_line = "; ".join(holds) if holds else "no burst held"
+    bursts_part = "; ".join(f"burst {b} held" for b in held["burst_id"].to_list()) or "no burst held"
     if checks_note:
-        holds_line += f"; blocking checks {checks_note}"
-    elif not failing:
-        holds_line += "; no blocking check failing"
+        checks_part = f"blocking checks {checks_note}"
+    else:
+        checks_part = "; ".join(f"check {c} failing" for c in failing) or "no blocking check failing"
+    holds_line = f"{bursts_part}; {checks_part}"
     if held.height:
         step = (f"release or discard burst {held['burst_id'][0]}: labelloop review release|discard "
                 f"{held['burst_id'][0]} --rationale ... --as REVIEWER_ID")
@@ -470,6 +470,9 @@ def _failing_blocking_checks() -> tuple[list[str], str | None]:
     DAGSTER_HOME names; ([], why not) when no instance is reachable. Dagster is imported only here."""
     if not os.environ.get("DAGSTER_HOME") or not os.environ.get("LABELLOOP_DAGSTER_STORAGE"):
         return [], "not checked (set DAGSTER_HOME and LABELLOOP_DAGSTER_STORAGE to read Dagster's runs)"
+    # Opening an instance creates its storage: a status read must not make one where no run ever was.
+    if not Path(os.environ["LABELLOOP_DAGSTER_STORAGE"]).is_dir():
+        return [], "not checked (no Dagster storage at LABELLOOP_DAGSTER_STORAGE yet)"
     import warnings
 
     try:

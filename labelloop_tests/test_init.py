@@ -179,3 +179,39 @@ def test_an_existing_home_is_not_overwritten_without_force(tmp_path, capsys):
     store.connect(Home(root).database_file).close()
     code, _, err = _init(capsys, "--from", source, "--home", root, "--force")
     assert code == 2 and "already holds a store" in err
+
+
+def test_status_names_a_failing_blocking_check_from_the_dagster_instance(tmp_path, capsys, monkeypatch):
+    source = _write_jsonl(tmp_path / "items.jsonl", _labelled(120))
+    root = tmp_path / "home"
+    assert _init(capsys, "--from", source, "--home", root)[0] == 0
+    home = Home(root)
+    # A persistent instance, found the way `status` finds it: DAGSTER_HOME and its storage folder.
+    dagster_home = tmp_path / "dagster"
+    dagster_home.mkdir()
+    monkeypatch.setenv("DAGSTER_HOME", str(dagster_home))
+    monkeypatch.setenv("LABELLOOP_DAGSTER_STORAGE", str(dagster_home))
+    correction_file = home.landing_dir("corrections") / "c1.jsonl"
+    correction_file.write_text(json.dumps({
+        "event_id": "e-1", "item_id": landed_id(home), "corrected_label": "two", "user_id": "alice",
+        "user_role": "end_user", "source": "annotation", "consent": True, "created_at": "2026-03-02T10:00:00+00:00",
+    }) + "\n")
+    defs = build_definitions(home, RETRAIN)
+    with dg.DagsterInstance.get() as instance:
+        assert _materialize(defs, instance).success
+        # The ontology drops "two": the next batch's staged correction breaks validated_labels' schema.
+        correction_file.with_name("c2.jsonl").write_text(correction_file.read_text().replace("e-1", "e-2"))
+        assert _materialize(defs, instance, ["raw_corrections"]).success
+        home.ontology_file.write_text("labels: [one, zero]\nrenames: {}\n")
+        assert not _materialize(defs, instance, ["validated_labels"], raise_on_error=False).success
+
+    loop, text = _status(capsys, home, monkeypatch)
+    assert loop["holds"]["checks_checked"] is True
+    assert loop["holds"]["failing_blocking_checks"] == ["validated_labels:validated_labels_schema"]
+    assert "holds: no burst held; check validated_labels:validated_labels_schema failing" in text
+    assert "next step: fix what fails check validated_labels:validated_labels_schema" in text
+
+
+def landed_id(home: Home) -> str:
+    first = (home.landing_dir("items") / "init-items.jsonl").read_text().splitlines()[0]
+    return json.loads(first)["item_id"]
