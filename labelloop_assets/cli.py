@@ -366,10 +366,12 @@ def _loop_state(home: Home, con, models: pl.DataFrame, latest: pl.DataFrame) -> 
     held = store.frame(con, "SELECT burst_id, key FROM correction_bursts WHERE status = 'held' "
                        "ORDER BY day DESC, score DESC")
     failing, checks_note = _failing_blocking_checks()
-    sla_hours = _sla_hours(home)
+    sla_hours, event_clock = _escalation_clock(home)
+    # The governance clock: wall time, or (`clock: events`, replays) the newest correction's time.
+    clock = "(SELECT max(created_at) FROM validated_labels)" if event_clock else "now()"
     overdue = store.frame(con, f"""
         SELECT escalation_id, item_id, opened_at FROM escalations
-        WHERE opened_at + to_seconds(CAST({float(sla_hours)} * 3600 AS BIGINT)) < now() ORDER BY opened_at""")
+        WHERE opened_at + to_seconds(CAST({float(sla_hours)} * 3600 AS BIGINT)) < {clock} ORDER BY opened_at""")
     runs = store.frame(con, "SELECT (SELECT max(created_at) FROM corpus_versions) AS corpus_version_at, "
                        "(SELECT max(trained_at) FROM models) AS trained_at")
     run = runs.row(0, named=True)
@@ -453,16 +455,17 @@ def _ontology_labels(home: Home) -> list[str]:
     return [str(label) for label in labels] if isinstance(labels, list) else []
 
 
-def _sla_hours(home: Home) -> float:
-    """governance.yaml's escalation.sla_hours (48 when it is not set or cannot be read)."""
+def _escalation_clock(home: Home) -> tuple[float, bool]:
+    """governance.yaml's escalation.sla_hours (48 when unset or unreadable) and whether its clock is `events`."""
     import yaml
 
     try:
-        value = float(((yaml.safe_load(home.governance_file.read_text()) or {}).get("escalation") or {})
-                      .get("sla_hours", 48))
+        escalation = (yaml.safe_load(home.governance_file.read_text()) or {}).get("escalation") or {}
+        hours = float(escalation.get("sla_hours", 48))
+        event_clock = escalation.get("clock") == "events"
     except (OSError, yaml.YAMLError, AttributeError, TypeError, ValueError):
-        return 48.0
-    return value if value > 0 else 48.0
+        return 48.0, False
+    return (hours if hours > 0 else 48.0), event_clock
 
 
 def _failing_blocking_checks() -> tuple[list[str], str | None]:

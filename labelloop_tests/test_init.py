@@ -14,8 +14,8 @@ from labelloop_assets import cli
 from labelloop_assets.core import store
 from labelloop_assets.core.settings import Home
 from labelloop_assets.definitions import build_definitions
-from labelloop_tests.conftest import RETRAIN, make_items
-from labelloop_tests.test_loop import _materialize
+from labelloop_tests.conftest import RETRAIN, correction, make_items, set_yaml, write_jsonl
+from labelloop_tests.test_loop import ALL, _materialize
 
 
 @pytest.fixture(autouse=True)
@@ -215,3 +215,27 @@ def test_status_names_a_failing_blocking_check_from_the_dagster_instance(tmp_pat
 def landed_id(home: Home) -> str:
     first = (home.landing_dir("items") / "init-items.jsonl").read_text().splitlines()[0]
     return json.loads(first)["item_id"]
+
+
+def test_status_counts_escalations_past_the_sla_and_sends_the_reviewer_to_them(tmp_path, capsys, monkeypatch):
+    source = _write_jsonl(tmp_path / "items.jsonl", _labelled(120))
+    root = tmp_path / "home"
+    assert _init(capsys, "--from", source, "--home", root)[0] == 0
+    home = Home(root)
+    set_yaml(home.governance_file, {"newcomers": {"min_history": 0}})
+    # Two against two: a tie the resolver escalates to a reviewer (48 hours SLA).
+    item = landed_id(home)
+    write_jsonl(home.landing_dir("corrections"), "c1.jsonl", [
+        correction(f"e-{k}", item, label, user=f"user{k}", role="end_user")
+        for k, label in enumerate(["one", "one", "two", "two"])])
+    with dg.instance_for_test() as instance:
+        assert _materialize(build_definitions(home, RETRAIN), instance, [*ALL, "escalations"]).success
+    loop, _ = _status(capsys, home, monkeypatch)
+    assert loop["escalations"]["overdue"] == 0  # opened just now
+
+    with store.connect(home.database_file) as con:  # three days pass without a review
+        con.execute("UPDATE escalations SET opened_at = opened_at - INTERVAL 3 DAY")
+    loop, text = _status(capsys, home, monkeypatch)
+    assert loop["escalations"]["overdue"] == 1
+    assert "escalations: 1 escalation open past the 48 h SLA" in text
+    assert "next step: review 1 overdue escalation: labelloop review list" in text
