@@ -251,7 +251,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_init(args: argparse.Namespace) -> int:
     from labelloop_assets.core import scaffold as sc
 
-    home = Home(Path(args.home_dir).resolve()) if args.home_dir else _home()
+    home = _home()  # also sets the file access that what init writes is created with
+    if args.home_dir:
+        home = Home(Path(args.home_dir).resolve())
     try:
         read = sc.read_labelled([Path(p) for p in args.sources])
     except sc.ScaffoldError as error:
@@ -270,8 +272,6 @@ def cmd_init(args: argparse.Namespace) -> int:
         return 2
     plan = sc.plan_split(read.records, args.gold, args.gold_fraction)
     try:
-        home = Home(home.root)
-        apply_file_access()
         sc.scaffold(home, read.records, plan, args.seed, args.force)
     except sc.ScaffoldError as error:
         print(f"labelloop: {_safe(error)}", file=sys.stderr)
@@ -394,6 +394,9 @@ def _loop_state(home: Home, con, models: pl.DataFrame, latest: pl.DataFrame) -> 
                 + (f" (and {len(short) - 1} other classes)" if len(short) > 1 else ""))
     elif not models.height:
         step = "materialize the assets: dagster asset materialize -m labelloop_assets.definitions --select '*'"
+    elif not champion and latest.height:
+        step = (f"see why {latest['challenger'][0]} was not promoted (labelloop model list), then land the "
+                "corrections or gold items it lacks and retrain")
     else:
         step = "nothing to do"
     return {
