@@ -248,6 +248,67 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_init(args: argparse.Namespace) -> int:
+    from labelloop_assets.core import scaffold as sc
+
+    home = _home()  # also sets the file access that what init writes is created with
+    if args.home_dir:
+        home = Home(Path(args.home_dir).resolve())
+    try:
+        read = sc.read_labelled([Path(p) for p in args.sources])
+    except sc.ScaffoldError as error:
+        print(f"labelloop: {_safe(error)}", file=sys.stderr)
+        return 2
+    print(f"read {_count(len(args.sources), 'file')}: {_count(read.lines, 'line')}, {len(read.records):,} accepted, "
+          f"{read.rejected:,} rejected")
+    for problem in read.errors[:20]:
+        print(f"  {_safe(problem)}")
+    if read.rejected > 20:
+        print(f"  ... and {read.rejected - 20:,} more")
+    classes = {r.label for r in read.records}
+    if len(classes) < 2:
+        print(f"labelloop: a model needs at least two classes; the accepted records have {len(classes)}: "
+              "no home was made", file=sys.stderr)
+        return 2
+    plan = sc.plan_split(read.records, args.gold, args.gold_fraction)
+    try:
+        sc.scaffold(home, read.records, plan, args.seed, args.force)
+    except sc.ScaffoldError as error:
+        print(f"labelloop: {_safe(error)}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(f"labelloop: cannot write the home {_safe(home.root)}: {error.strerror}", file=sys.stderr)
+        return 2
+    gold = ", ".join(f"{_safe(label)} {n}" for label, n in plan.gold_per_class.items())
+    classes = _count(len(plan.per_class), "class", "classes")
+    print(f"home {_safe(home.root)}: {_count(len(read.records), 'item')} in {classes}; "
+          f"{plan.gold_total:,} held out as gold ({gold}); {len(read.records) - plan.gold_total:,} landed as items "
+          f"with their labels (landing/items/{sc.ITEMS_FILE})")
+    if plan.promotable:
+        print(f"the validation plan can promote: {plan.gold_total} gold items (min_eval_items {plan.min_eval_items}), "
+              f"at least {plan.needed_gold_per_class} of every class")
+    else:
+        needs = ", ".join(f"{n} more for class '{_safe(label)}'" for label, n in plan.short.items())
+        print(f"too few labelled items for a promotable plan: each class needs {plan.needed_gold_per_class} gold items "
+              f"(and keeps {sc.MIN_TRAIN_PER_CLASS} to train on); gold items still needed: {needs}")
+    print("next:")
+    print(f"  export LABELLOOP_HOME={_safe(home.root)}")
+    print("  dagster asset materialize -m labelloop_assets.definitions --select '*'")
+    print("  labelloop status")
+    return 0
+
+
+def _gold_fraction(text: str) -> float:
+    """An argparse type: a fraction strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"invalid fraction {_shown(text)}: give a number between 0 and 1, e.g. 0.2")
+    return value
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     home = _home()
     with _read(home) as con:
@@ -276,12 +337,16 @@ def cmd_status(args: argparse.Namespace) -> int:
         latest = store.frame(
             con, "SELECT challenger, decision, array_to_string(reasons, '; ') AS reasons FROM model_evaluations "
             "ORDER BY evaluation_id DESC LIMIT 1")
+        loop = _loop_state(home, con, models, latest)
     if args.json:
         print(json.dumps({"home": str(home.root), "tables": counts.to_dicts(),
-                          "models": models.to_dicts()}, indent=2, default=str))
+                          "models": models.to_dicts(), **loop}, indent=2, default=str))
         return 0
     print(f"LABELLOOP_HOME {home.root}")
     _print(counts, False)
+    print()
+    for name in ("champion", "holds", "escalations", "last_runs", "next_step"):
+        print(f"{name.replace('_', ' ')}: {_safe(loop[name]['line'])}")
     print()
     if models.height:
         print(f"{_count(models.height, 'model')} trained; {_champion_line(models, latest)}")
@@ -291,6 +356,147 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         print("no model trained yet")
     return 0
+
+
+# Queries here bind no parameters: DuckDB imports pandas to bind them, and `status` stays light.
+def _loop_state(home: Home, con, models: pl.DataFrame, latest: pl.DataFrame) -> dict:
+    """What holds the loop and what to do next: champion, holds, overdue escalations, last runs, next step."""
+    champion = models.filter(pl.col("status") == "champion")["model_version"].to_list()
+    short = _gold_shortfall(home, con, latest)
+    held = store.frame(con, "SELECT burst_id, key FROM correction_bursts WHERE status = 'held' "
+                       "ORDER BY day DESC, score DESC")
+    failing, checks_note = _failing_blocking_checks()
+    sla_hours, event_clock = _escalation_clock(home)
+    # The governance clock: wall time, or (`clock: events`, replays) the newest correction's time.
+    clock = "(SELECT max(created_at) FROM validated_labels)" if event_clock else "now()"
+    overdue = store.frame(con, f"""
+        SELECT escalation_id, item_id, opened_at FROM escalations
+        WHERE opened_at + to_seconds(CAST({float(sla_hours)} * 3600 AS BIGINT)) < {clock} ORDER BY opened_at""")
+    runs = store.frame(con, "SELECT (SELECT max(created_at) FROM corpus_versions) AS corpus_version_at, "
+                       "(SELECT max(trained_at) FROM models) AS trained_at")
+    run = runs.row(0, named=True)
+    bursts_part = "; ".join(f"burst {b} held" for b in held["burst_id"].to_list()) or "no burst held"
+    if checks_note:
+        checks_part = f"blocking checks {checks_note}"
+    else:
+        checks_part = "; ".join(f"check {c} failing" for c in failing) or "no blocking check failing"
+    holds_line = f"{bursts_part}; {checks_part}"
+    if held.height:
+        step = (f"release or discard burst {held['burst_id'][0]}: labelloop review release|discard "
+                f"{held['burst_id'][0]} --rationale ... --as REVIEWER_ID")
+    elif failing:
+        step = f"fix what fails check {failing[0]} (the Dagster UI shows its metadata), then materialize again"
+    elif overdue.height:
+        step = f"review {_count(overdue.height, 'overdue escalation')}: labelloop review list"
+    elif not champion and short:
+        label, n = max(short.items(), key=lambda kv: kv[1])
+        step = (f"land more gold items: {n} more needed for class '{label}'"
+                + (f" (and {len(short) - 1} other classes)" if len(short) > 1 else ""))
+    elif not models.height:
+        step = "materialize the assets: dagster asset materialize -m labelloop_assets.definitions --select '*'"
+    elif not champion and latest.height:
+        step = (f"see why {latest['challenger'][0]} was not promoted (labelloop model list), then land the "
+                "corrections or gold items it lacks and retrain")
+    else:
+        step = "nothing to do"
+    return {
+        "champion": {"model": champion[0] if champion else None, "line": _champion_summary(models, latest)},
+        "holds": {"held_bursts": held["burst_id"].to_list(), "failing_blocking_checks": failing,
+                  "checks_checked": checks_note is None, "line": holds_line},
+        "escalations": {"overdue": overdue.height, "sla_hours": sla_hours,
+                        "line": f"{_count(overdue.height, 'escalation')} open past the {sla_hours:g} h SLA"},
+        "last_runs": {**run, "line": f"latest corpus version {_cell(run['corpus_version_at'])}; "
+                                     f"latest training {_cell(run['trained_at'])}"},
+        "next_step": {"gold_needed": short, "line": step},
+    }
+
+
+def _champion_summary(models: pl.DataFrame, latest: pl.DataFrame) -> str:
+    if not models.height:
+        return "none: no model trained yet"
+    champion = models.filter(pl.col("status") == "champion").row(0, named=True) \
+        if (models["status"] == "champion").any() else None
+    if champion is None:
+        return _champion_line(models, latest)
+    trained = _cell(champion["trained_at"])
+    return f"{champion['model_version']} (gold accuracy {champion['gold_accuracy']}, trained {trained})"
+
+
+def _gold_shortfall(home: Home, con, latest: pl.DataFrame) -> dict[str, int]:
+    """Gold items each class still needs for the plan to promote, when the latest verdict was a
+    rejection for want of them: to `min_eval_items` in all, and a share of them per class."""
+    import math
+
+    import yaml
+
+    if not latest.height or latest["decision"][0] != "reject":
+        return {}
+    try:
+        plan = yaml.safe_load(home.validation_file.read_text()) or {}
+        min_eval = int(plan.get("min_eval_items", 30))
+    except (OSError, yaml.YAMLError, TypeError, ValueError, AttributeError):
+        return {}
+    gold = store.frame(con, "SELECT gold_label AS label, count(*) AS n FROM items WHERE gold_label IS NOT NULL "
+                       "GROUP BY ALL ORDER BY ALL")
+    labels = _ontology_labels(home)
+    have = dict(zip(gold["label"].to_list(), gold["n"].to_list(), strict=True)) if gold.height else {}
+    if not labels:
+        return {}
+    from labelloop_assets.core.scaffold import MIN_GOLD_PER_CLASS
+
+    needed = max(MIN_GOLD_PER_CLASS, math.ceil(min_eval / len(labels)))
+    return {label: needed - have.get(label, 0) for label in labels if have.get(label, 0) < needed}
+
+
+def _ontology_labels(home: Home) -> list[str]:
+    import yaml
+
+    try:
+        labels = (yaml.safe_load(home.ontology_file.read_text()) or {}).get("labels") or []
+    except (OSError, yaml.YAMLError, AttributeError):
+        return []
+    return [str(label) for label in labels] if isinstance(labels, list) else []
+
+
+def _escalation_clock(home: Home) -> tuple[float, bool]:
+    """governance.yaml's escalation.sla_hours (48 when unset or unreadable) and whether its clock is `events`."""
+    import yaml
+
+    try:
+        escalation = (yaml.safe_load(home.governance_file.read_text()) or {}).get("escalation") or {}
+        hours = float(escalation.get("sla_hours", 48))
+        event_clock = escalation.get("clock") == "events"
+    except (OSError, yaml.YAMLError, AttributeError, TypeError, ValueError):
+        return 48.0, False
+    return (hours if hours > 0 else 48.0), event_clock
+
+
+def _failing_blocking_checks() -> tuple[list[str], str | None]:
+    """Blocking asset checks whose latest evaluation failed, from the Dagster instance that
+    DAGSTER_HOME names; ([], why not) when no instance is reachable. Dagster is imported only here."""
+    if not os.environ.get("DAGSTER_HOME") or not os.environ.get("LABELLOOP_DAGSTER_STORAGE"):
+        return [], "not checked (set DAGSTER_HOME and LABELLOOP_DAGSTER_STORAGE to read Dagster's runs)"
+    # Opening an instance creates its storage: a status read must not make one where no run ever was.
+    if not Path(os.environ["LABELLOOP_DAGSTER_STORAGE"]).is_dir():
+        return [], "not checked (no Dagster storage at LABELLOOP_DAGSTER_STORAGE yet)"
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import dagster as dg
+
+            with dg.DagsterInstance.get() as instance:
+                records = instance.get_event_records(
+                    dg.EventRecordsFilter(event_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION), limit=1000)
+    except Exception as error:  # noqa: BLE001 - any failure to reach the instance is reported, not raised
+        return [], f"not checked (Dagster instance unreadable: {type(error).__name__})"
+    latest: dict[str, object] = {}
+    for record in records:  # newest first
+        evaluation = record.event_log_entry.dagster_event.event_specific_data
+        name = f"{evaluation.asset_key.to_user_string()}:{evaluation.check_name}"
+        latest.setdefault(name, evaluation)
+    return sorted(n for n, e in latest.items() if not e.passed and getattr(e, "blocking", False)), None
 
 
 def _champion_line(models: pl.DataFrame, latest: pl.DataFrame) -> str:
@@ -1134,6 +1340,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=_whole_number(0, 2**63 - 1), default=7, metavar="N",
                       help="seed of the simulated traffic; the same seed gives the same demo (default: %(default)s)")
     demo.set_defaults(func=cmd_demo)
+    init = commands.add_parser("init", help="a new home from labelled files: ontology, gold set, plan, first items")
+    init.add_argument("--from", dest="sources", nargs="+", required=True, metavar="FILE",
+                      help="labelled files, JSON Lines or CSV: item_id, features and label (or initial_label)")
+    init.add_argument("--home", dest="home_dir", metavar="DIR", help="the home to make (default: $LABELLOOP_HOME)")
+    sizing = init.add_mutually_exclusive_group()
+    sizing.add_argument("--gold", type=_whole_number(1, 10_000_000), metavar="N",
+                        help="gold items in all, spread evenly over the classes (default: what the plan needs)")
+    sizing.add_argument("--gold-fraction", type=_gold_fraction, metavar="F",
+                        help="the fraction of every class held out as gold")
+    init.add_argument("--seed", type=_whole_number(0, 2**63 - 1), default=0, metavar="N",
+                      help="seed of the gold sample; the same seed and files give the same split "
+                      "(default: %(default)s)")
+    init.add_argument("--force", action="store_true",
+                      help="overwrite the files init writes in a folder that is not empty")
+    init.set_defaults(func=cmd_init)
     status = commands.add_parser("status", help="table sizes and trained models")
     status.add_argument("--json", action="store_true", help=JSON_HELP)
     status.set_defaults(func=cmd_status)
