@@ -253,12 +253,16 @@ def cmd_init(args: argparse.Namespace) -> int:
 
     home = _home()  # also sets the file access that what init writes is created with
     if args.home_dir:
-        home = Home(Path(args.home_dir).resolve())
+        try:
+            home = Home(Path(args.home_dir).resolve())
+        except (OSError, ValueError):  # a NUL byte or an over-long name
+            print(f"labelloop: --home {_shown(args.home_dir)} is not a usable folder name", file=sys.stderr)
+            return 1
     try:
         read = sc.read_labelled([Path(p) for p in args.sources])
     except sc.ScaffoldError as error:
-        print(f"labelloop: {_safe(error)}", file=sys.stderr)
-        return 2
+        print(f"labelloop: {_cut(_safe(error))}", file=sys.stderr)
+        return 1
     print(f"read {_count(len(args.sources), 'file')}: {_count(read.lines, 'line')}, {len(read.records):,} accepted, "
           f"{read.rejected:,} rejected")
     for problem in read.errors[:20]:
@@ -269,16 +273,16 @@ def cmd_init(args: argparse.Namespace) -> int:
     if len(classes) < 2:
         print(f"labelloop: a model needs at least two classes; the accepted records have {len(classes)}: "
               "no home was made", file=sys.stderr)
-        return 2
+        return 1
     plan = sc.plan_split(read.records, args.gold, args.gold_fraction)
     try:
         sc.scaffold(home, read.records, plan, args.seed, args.force)
     except sc.ScaffoldError as error:
-        print(f"labelloop: {_safe(error)}", file=sys.stderr)
-        return 2
+        print(f"labelloop: {_cut(_safe(error))}", file=sys.stderr)
+        return 1
     except OSError as error:
         print(f"labelloop: cannot write the home {_safe(home.root)}: {error.strerror}", file=sys.stderr)
-        return 2
+        return 1
     gold = ", ".join(f"{_safe(label)} {n}" for label, n in plan.gold_per_class.items())
     classes = _count(len(plan.per_class), "class", "classes")
     print(f"home {_safe(home.root)}: {_count(len(read.records), 'item')} in {classes}; "

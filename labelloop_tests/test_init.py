@@ -152,10 +152,10 @@ def test_malformed_lines_are_named_with_file_and_line_and_the_counts_reconcile(t
 def test_bad_input_is_refused_with_a_message_and_makes_no_home(tmp_path, capsys):
     root = tmp_path / "home"
     code, _, err = _init(capsys, "--from", tmp_path / "missing.jsonl", "--home", root)
-    assert (code, err.strip()) == (2, f"labelloop: {tmp_path / 'missing.jsonl'}: no such file")
+    assert (code, err.strip()) == (1, f"labelloop: {tmp_path / 'missing.jsonl'}: no such file")
     one_class = _write_jsonl(tmp_path / "one.jsonl", [r for r in _labelled(30) if r["label"] == "one"])
     code, _, err = _init(capsys, "--from", one_class, "--home", root)
-    assert code == 2 and "at least two classes" in err
+    assert code == 1 and "at least two classes" in err
     assert not root.exists()
     with pytest.raises(SystemExit) as exit_:
         cli.main(["init", "--from", str(one_class), "--gold", "10", "--gold-fraction", "0.2"])
@@ -169,7 +169,7 @@ def test_an_existing_home_is_not_overwritten_without_force(tmp_path, capsys):
     gold = (root / "gold.jsonl").read_text()
 
     code, _, err = _init(capsys, "--from", source, "--home", root, "--seed", "5")
-    assert code == 2 and "is not empty" in err and "--force" in err
+    assert code == 1 and "is not empty" in err and "--force" in err
     assert (root / "gold.jsonl").read_text() == gold
 
     code, out, _ = _init(capsys, "--from", source, "--home", root, "--seed", "5", "--force")
@@ -178,7 +178,7 @@ def test_an_existing_home_is_not_overwritten_without_force(tmp_path, capsys):
     # Once a store has declared the gold items they cannot be rewritten, --force or not.
     store.connect(Home(root).database_file).close()
     code, _, err = _init(capsys, "--from", source, "--home", root, "--force")
-    assert code == 2 and "already holds a store" in err
+    assert code == 1 and "already holds a store" in err
 
 
 def test_status_names_a_failing_blocking_check_from_the_dagster_instance(tmp_path, capsys, monkeypatch):

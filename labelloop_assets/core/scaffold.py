@@ -104,7 +104,11 @@ def read_labelled(paths: list[Path]) -> ReadResult:
 
 def _raw_records(path: Path, result: ReadResult):
     """(file:line, parsed record or the reason it cannot be parsed) for each non-blank line."""
-    if not path.is_file():
+    try:
+        is_file = path.is_file()
+    except (OSError, ValueError):  # a NUL byte or an over-long name: no file can have it
+        raise ScaffoldError(f"{str(path)!r}: not a usable file name") from None
+    if not is_file:
         raise ScaffoldError(f"{path}: no such file")
     try:
         text = path.read_text(encoding="utf-8")
