@@ -22,7 +22,7 @@ import polars as pl
 from labelloop_assets.core import store
 from labelloop_assets.core.contracts import TRIMMED
 from labelloop_assets.core.lake import Lake, LakeError
-from labelloop_assets.core.settings import Home, LabelloopConfigError, apply_file_access
+from labelloop_assets.core.settings import Home, LabelloopConfigError, apply_file_access, quoted
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -54,11 +54,6 @@ _CONTROL = r"[\x00-\x08\x0b-\x1f\x7f-\x9f]"
 
 def _safe(value) -> str:
     return re.sub(_CONTROL, "\ufffd", str(value))
-
-
-def _shown(text: str, limit: int = 80) -> str:
-    """A value someone typed, quoted for a message: escaped, and cut when it is very long."""
-    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
 
 
 def _count(n: int, singular: str, plural: str | None = None) -> str:
@@ -256,7 +251,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         try:
             home = Home(Path(args.home_dir).resolve())
         except (OSError, ValueError):  # a NUL byte or an over-long name
-            print(f"labelloop: --home {_shown(args.home_dir)} is not a usable folder name", file=sys.stderr)
+            print(f"labelloop: --home {quoted(args.home_dir)} is not a usable folder name", file=sys.stderr)
             return 1
     try:
         read = sc.read_labelled([Path(p) for p in args.sources])
@@ -309,7 +304,7 @@ def _gold_fraction(text: str) -> float:
     except ValueError:
         value = None
     if value is None or not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"invalid fraction {_shown(text)}: give a number between 0 and 1, e.g. 0.2")
+        raise argparse.ArgumentTypeError(f"invalid fraction {quoted(text)}: give a number between 0 and 1, e.g. 0.2")
     return value
 
 
@@ -540,7 +535,7 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
         _print(rows, True)
         return 0
     if total == 0:
-        chosen = [f"{name} {_shown(value)}" for name, value in
+        chosen = [f"{name} {quoted(value)}" for name, value in
                   (("kind", args.kind), ("reason", args.reason), ("item", args.item)) if value is not None]
         print("no quarantined rows" + (f" with {' and '.join(chosen)}" if chosen else ""))
         return 0
@@ -564,7 +559,7 @@ def _quarantine_reason(text: str) -> str:
 
     if text not in QUARANTINE_REASONS:
         raise argparse.ArgumentTypeError(
-            f"invalid reason {_shown(text)}; the reasons are: {', '.join(sorted(QUARANTINE_REASONS))}")
+            f"invalid reason {quoted(text)}; the reasons are: {', '.join(sorted(QUARANTINE_REASONS))}")
     return text
 
 
@@ -577,7 +572,7 @@ def _whole_number(minimum: int, maximum: int):
             value = None
         if value is None or not minimum <= value <= maximum:
             raise argparse.ArgumentTypeError(
-                f"invalid number {_shown(text)}: give a whole number from {minimum} to {maximum}")
+                f"invalid number {quoted(text)}: give a whole number from {minimum} to {maximum}")
         return value
 
     parse.__name__ = "whole number"
@@ -594,7 +589,7 @@ def cmd_lineage(args: argparse.Namespace) -> int:
         trail = item_trail(con, args.item_id)
         set_aside = quarantined_lines(con, args.item_id)
     if trail["versions"].height == 0 and trail["corrections"].height == 0:
-        print(f"labelloop: no label history for item {_shown(args.item_id)}: "
+        print(f"labelloop: no label history for item {quoted(args.item_id)}: "
               f"{_why_no_history(args.item_id, trail['item'], set_aside)}", file=sys.stderr)
         return 1
     if args.json:
@@ -619,7 +614,7 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     if set_aside.filter(pl.col("kind") != "corrections").height:
         # Set-aside corrections are listed above; lines of other kinds are only counted here.
         n = int(set_aside.filter(pl.col("kind") != "corrections")["lines"].sum())
-        print(f"other lines naming it that were quarantined: {n} (labelloop quarantine --item {_shown(args.item_id)})")
+        print(f"other lines naming it that were quarantined: {n} (labelloop quarantine --item {quoted(args.item_id)})")
     return 0
 
 
@@ -637,7 +632,7 @@ def _why_no_history(item_id: str, item: pl.DataFrame, set_aside: pl.DataFrame) -
         lines = "; ".join(f"{_count(row['lines'], 'line')} of {row['kind']}: {row['reason']}"
                           for row in set_aside.iter_rows(named=True))
         why += (f"; {_count(n, 'line')} naming it {'was' if n == 1 else 'were'} quarantined ({_safe(lines)}): "
-                f"see {'it' if n == 1 else 'them'} with `labelloop quarantine --item {_shown(item_id)}`")
+                f"see {'it' if n == 1 else 'them'} with `labelloop quarantine --item {quoted(item_id)}`")
     return why
 
 
@@ -719,7 +714,7 @@ def cmd_review_show(args: argparse.Namespace) -> int:
     with _read(_home()) as con:
         escalation = _escalation(con, args.escalation_id)
         if escalation is None:
-            print(f"labelloop: no open escalation {_shown(args.escalation_id)}", file=sys.stderr)
+            print(f"labelloop: no open escalation {quoted(args.escalation_id)}", file=sys.stderr)
             return 1
         votes = store.frame(
             con,
@@ -753,7 +748,7 @@ def _show_burst(args: argparse.Namespace) -> int:
     with _read(_home()) as con:
         burst = _burst(con, args.escalation_id)
         if burst is None:
-            print(f"labelloop: no correction burst {_shown(args.escalation_id)}", file=sys.stderr)
+            print(f"labelloop: no correction burst {quoted(args.escalation_id)}", file=sys.stderr)
             return 1
         events = burst_events(con, burst).head(20)
     if args.json:
@@ -826,7 +821,7 @@ def cmd_review_decide(args: argparse.Namespace) -> int:
     role = directory.authorities().get(reviewer)
     signer = None
     if role is None:
-        problems.append(f"{_shown(reviewer)} is not a reviewer in {home.contributors_file.name}")
+        problems.append(f"{quoted(reviewer)} is not a reviewer in {home.contributors_file.name}")
     else:
         signer = _signer(home, reviewer, args.key, directory)
         problems.extend(signer.terminal)
@@ -837,14 +832,14 @@ def cmd_review_decide(args: argparse.Namespace) -> int:
     if label is not None:
         ontology = Ontology.load(home.ontology_file)
         if ontology.resolve_term(label.strip()) not in ontology.labels:
-            problems.append(f"label {_shown(label)} is not in the ontology ({', '.join(ontology.labels)})")
+            problems.append(f"label {quoted(label)} is not in the ontology ({', '.join(ontology.labels)})")
     try:
         with store.connect(home.database, read_only=True) as con:
             escalation = _escalation(con, escalation_id)
     except (duckdb.IOException, duckdb.ConnectionException):
         escalation = "unknown"  # a run holds the file: the ingest run will check instead
     if escalation is None:
-        problems.append(f"{_shown(escalation_id)} is not an open escalation")
+        problems.append(f"{quoted(escalation_id)} is not an open escalation")
     elif isinstance(escalation, dict) and role is not None:
         allowed = ResolutionPolicy.load(home.governance_file).deciders(escalation["reason"])
         if role not in allowed:
@@ -885,15 +880,15 @@ def _signer(home: Home, reviewer: str, explicit: str | None, directory) -> _Sign
         path, source = Path(os.environ[signing.SIGNING_KEY_ENV]).expanduser(), signing.SIGNING_KEY_ENV
     else:
         path, source = signing.default_key_file(reviewer), f"the default, ${signing.KEYS_DIR_ENV}/ID.key"
-    shown = _shown(str(path))
+    shown = quoted(str(path))
     try:
         exists, in_home = path.exists(), signing.inside(path, home.root)
     except (OSError, ValueError) as error:  # a name too long, a NUL byte...
         return found.refuse(f"cannot use the key file {shown}: {_reason(error)}", "the signing key could not be used")
     if not exists:
         return found.refuse(
-            f"no signing key for {_shown(reviewer)}: {shown} (from {source}) does not exist; give --key FILE, "
-            f"set {signing.SIGNING_KEY_ENV}, or make one with `labelloop keys new {_shown(reviewer)} --register`",
+            f"no signing key for {quoted(reviewer)}: {shown} (from {source}) does not exist; give --key FILE, "
+            f"set {signing.SIGNING_KEY_ENV}, or make one with `labelloop keys new {quoted(reviewer)} --register`",
             "no signing key was found for the reviewer",
         )
     if in_home:
@@ -910,12 +905,12 @@ def _signer(home: Home, reviewer: str, explicit: str | None, directory) -> _Sign
     listed = directory.key(found.key_id)
     if listed is None:
         found.refuse(
-            f"key {found.key_id} ({shown}) is not one of {_shown(reviewer)}'s keys in {home.contributors_file.name} "
-            f"(`labelloop keys new {_shown(reviewer)} --register` registers a new one)",
+            f"key {found.key_id} ({shown}) is not one of {quoted(reviewer)}'s keys in {home.contributors_file.name} "
+            f"(`labelloop keys new {quoted(reviewer)} --register` registers a new one)",
             f"key {found.key_id} is not registered in contributors.yaml",
         )
     elif listed[0].id != reviewer:
-        found.refuse(f"key {found.key_id} ({shown}) is registered to another contributor, not to {_shown(reviewer)}",
+        found.refuse(f"key {found.key_id} ({shown}) is registered to another contributor, not to {quoted(reviewer)}",
                      f"key {found.key_id} belongs to another contributor")
     elif listed[1].revoked(datetime.now(UTC)):
         found.refuse(f"key {found.key_id} ({shown}) was revoked at {listed[1].revoked_at.isoformat()}",
@@ -940,7 +935,7 @@ def _burst_problems(home: Home, burst_id: str, role: str | None) -> list[str]:
         return problems  # a run holds the file: the ingest run will check instead
     if burst is None:
         problems.append(
-            f"{_shown(burst_id)} is not a detected correction burst (labelloop review list --queue bursts)"
+            f"{quoted(burst_id)} is not a detected correction burst (labelloop review list --queue bursts)"
         )
     elif burst["status"] in ("released", "discarded"):
         problems.append(f"{burst_id} was already {burst['status']} by {burst['acknowledged_by']}")
@@ -1083,7 +1078,7 @@ def cmd_model_rollback(args: argparse.Namespace) -> int:
         if not_text:
             pass
         elif role is None:
-            problem = f"{_shown(reviewer)} is {problem.replace('contributors.yaml', str(home.contributors_file))}"
+            problem = f"{quoted(reviewer)} is {problem.replace('contributors.yaml', str(home.contributors_file))}"
         elif signer.audit and problem == signer.audit[0]:
             problem = signer.terminal[0]
         elif problem.startswith("the files of"):
@@ -1167,7 +1162,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         return 1
     source = Path(args.source) if args.source else home.database_file
     if not source.is_file():
-        print(f"labelloop: no DuckDB file at {_shown(str(source))}", file=sys.stderr)
+        print(f"labelloop: no DuckDB file at {quoted(str(source))}", file=sys.stderr)
         return 1
     try:
         copied = store.copy_into_lake(source, target)
@@ -1199,26 +1194,26 @@ def cmd_keys_new(args: argparse.Namespace) -> int:
     elif _CONTRIBUTOR_FILE_NAME.match(ident):
         path = signing.default_key_file(ident)
     else:
-        print(f"labelloop: refused: {_shown(ident)} does not make a file name; give --out FILE", file=sys.stderr)
+        print(f"labelloop: refused: {quoted(ident)} does not make a file name; give --out FILE", file=sys.stderr)
         return 3
     try:
         in_home = signing.inside(path, home.root)
         # --out names the file, in a folder that exists; only the default keys folder is created.
         folder_missing = bool(args.out) and not path.parent.is_dir()
     except (OSError, ValueError) as error:
-        print(f"labelloop: refused: cannot write a key to {_shown(str(path))}: {_reason(error)}", file=sys.stderr)
+        print(f"labelloop: refused: cannot write a key to {quoted(str(path))}: {_reason(error)}", file=sys.stderr)
         return 3
     if in_home:
-        print(f"labelloop: refused: {_shown(str(path))} lies inside LABELLOOP_HOME ({home.root}); a private key must "
+        print(f"labelloop: refused: {quoted(str(path))} lies inside LABELLOOP_HOME ({home.root}); a private key must "
               f"be kept outside the home (default: {signing.KEYS_DIR_ENV}, now {signing.keys_dir()})", file=sys.stderr)
         return 3
     if folder_missing:
-        print(f"labelloop: refused: the folder of {_shown(str(path))} does not exist", file=sys.stderr)
+        print(f"labelloop: refused: the folder of {quoted(str(path))} does not exist", file=sys.stderr)
         return 3
     role = review.directory(home).role_of(ident)
     if args.register and role is None:
         # Registering grants nothing: the deployment lists the person (and role) first.
-        print(f"labelloop: refused: {_shown(ident)} is not listed in {home.contributors_file} (nor in "
+        print(f"labelloop: refused: {quoted(ident)} is not listed in {home.contributors_file} (nor in "
               f"{home.reviewers_file.name}); add `- {{id: {ident}, role: reviewer}}` (or their role) under "
               "contributors first", file=sys.stderr)
         return 3
@@ -1227,7 +1222,7 @@ def cmd_keys_new(args: argparse.Namespace) -> int:
         signing.write_private_key(path, key)
     except (signing.SigningError, OSError, ValueError) as error:
         message = str(error) if isinstance(error, signing.SigningError) else _reason(error)
-        print(f"labelloop: refused: cannot write {_shown(str(path))}: {_safe(_cut(message, 300))}", file=sys.stderr)
+        print(f"labelloop: refused: cannot write {quoted(str(path))}: {_safe(_cut(message, 300))}", file=sys.stderr)
         return 3
     key_id, public = signing.key_id_of(key), signing.public_key_text(key)
     print(f"private key: {_safe(path)} (mode 0600; keep it outside LABELLOOP_HOME, never share it)")
@@ -1503,7 +1498,7 @@ def _undecodable_argument(args: argparse.Namespace) -> str | None:
         return None
     for name, value in vars(args).items():
         if isinstance(value, str) and name not in _PATH_ARGUMENTS and not _is_text(value):
-            return f"{name.replace('_', ' ')} {_shown(value, 40)} is not valid text (bytes that are not UTF-8)"
+            return f"{name.replace('_', ' ')} {quoted(value, 40)} is not valid text (bytes that are not UTF-8)"
     return None
 
 

@@ -17,6 +17,7 @@ import yaml
 from labelloop_assets.core.settings import Home, RetrainPolicy
 from labelloop_assets.definitions import build_definitions
 from labelloop_assets.resources import build_resources
+from labelloop_tests.pg import in_ci
 
 LABELS = ("zero", "one", "two")
 
@@ -28,11 +29,6 @@ os.environ.setdefault("LABELLOOP_ALLOW_DEVELOPMENT_SECRET", "1")
 # strict one (nobody granted anything) to show that claims are then capped.
 EXTERNAL_TEST_MODELS = ("m-001", "m0001", "m0002", "m", "m-client", "baseline-v1")
 TRUSTING_DIRECTORY = "contributors: []\nproducers:\n  - {folder: '.', may_claim: domain_expert}\n"
-
-
-def in_ci() -> bool:
-    """CI=true (set by .ci/run): a component CI installs must be there, so its absence fails."""
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
 def require_module(name: str, why: str) -> ModuleType:

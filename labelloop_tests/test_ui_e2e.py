@@ -26,6 +26,7 @@ import pytest
 
 from labelloop_assets.core import schemas
 from labelloop_assets.demo.run import prepare_home, run_demo
+from labelloop_tests.pg import in_ci
 from labelloop_tests.ui_server import CODE_LOCATION, REPO_ROOT, DagsterDev
 
 pytestmark = [
@@ -73,10 +74,6 @@ UI_TIMEOUT_MS = 30_000
 FRESHNESS_TIMEOUT_S = 120
 RUN_TIMEOUT_S = 150
 SENSOR_TIMEOUT_S = 150  # the landing sensor ticks at most every 30 s, then the run starts
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
 def require(condition: bool, what: str, fix: str) -> None:

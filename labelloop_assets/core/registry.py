@@ -18,6 +18,7 @@ import polars as pl
 from labelloop_assets.core import corpus, gold, lake, store
 from labelloop_assets.core.audit import SYSTEM_ACTOR, record_audit
 from labelloop_assets.core.evaluation import PROMOTE
+from labelloop_assets.core.settings import quoted
 
 # The policy files a corpus version's own decisions (renames, dropped terms) follow.
 CORPUS_POLICIES = ("ontology.yaml",)
@@ -245,11 +246,6 @@ def restore_problem(version: str, target: dict | None) -> str | None:
     if target["status"] != "retired":
         return f"{version} is {target['status']}: only a retired champion can be restored"
     return None
-
-
-def quoted(text: str, limit: int = 80) -> str:
-    """A value someone typed, quoted for a message: escaped, and cut when it is very long."""
-    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
 
 
 _KEEP = object()

@@ -525,3 +525,8 @@ def _sequential(value: str) -> bool:
         longest = max(longest, length)
         start = end
     return covered * 2 >= len(value) > 0 or longest >= SECRET_LONG_RUN
+
+
+def quoted(text: str, limit: int = 80) -> str:
+    """A value someone typed, quoted for a message: escaped, and cut when it is very long."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
