@@ -505,9 +505,10 @@ def _champion_line(models: pl.DataFrame, latest: pl.DataFrame) -> str:
         return f"champion: {champion[0]}"
     if not latest.height:
         return "no champion yet (no model evaluated)"
+    from labelloop_assets.core.evaluation import verdict_text
+
     verdict = latest.row(0, named=True)
-    outcome = {"reject": "rejected", "promote": "promoted"}.get(verdict["decision"], verdict["decision"])
-    return f"no champion yet: {verdict['challenger']} {outcome}: {_safe(verdict['reasons'] or 'no reason recorded')}"
+    return f"no champion yet: {_safe(verdict_text(verdict['challenger'], verdict['decision'], verdict['reasons']))}"
 
 
 def cmd_quarantine(args: argparse.Namespace) -> int:

@@ -21,7 +21,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 
-from labelloop_assets.core import store, train
+from labelloop_assets.core import evaluation, store, train
 from labelloop_assets.core.files import sync_to_disk
 from labelloop_assets.core.lake import LakeError
 from labelloop_assets.core.settings import Home
@@ -71,8 +71,7 @@ def no_champion_reason(home: Home) -> str:
         trained = _registry(home, "SELECT count(*) AS n FROM models")[0]["n"]
         return "no model trained yet" if not trained else "no model evaluated yet"
     verdict = latest[0]
-    outcome = {"reject": "rejected", "promote": "promoted"}.get(verdict["decision"], verdict["decision"])
-    return f"{verdict['challenger']} {outcome}: {verdict['reasons'] or 'no reason recorded'}"
+    return evaluation.verdict_text(verdict["challenger"], verdict["decision"], verdict["reasons"])
 
 
 def champion_row(home: Home) -> dict:

@@ -181,3 +181,9 @@ def confirm_threshold(confidence: np.ndarray, correct: np.ndarray, target_precis
     last_of_value = np.r_[ranked[1:] != ranked[:-1], True]
     meets = np.flatnonzero((precision >= target_precision) & last_of_value)
     return float(ranked[meets[-1]]) if meets.size else None
+
+
+def verdict_text(challenger: str, decision: str, reasons: str | None) -> str:
+    """An evaluation's verdict in one line, e.g. `m0001 rejected: only 3 evaluation items; ...`."""
+    outcome = {REJECT: "rejected", PROMOTE: "promoted"}.get(decision, decision)
+    return f"{challenger} {outcome}: {reasons or 'no reason recorded'}"
