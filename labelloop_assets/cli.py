@@ -283,6 +283,10 @@ def cmd_init(args: argparse.Namespace) -> int:
     print(f"home {_safe(home.root)}: {_count(len(read.records), 'item')} in {classes}; "
           f"{plan.gold_total:,} held out as gold ({gold}); {len(read.records) - plan.gold_total:,} landed as items "
           f"with their labels (landing/items/{sc.ITEMS_FILE})")
+    carries = read.records[0].carries
+    trained = {"text": "TF-IDF + logistic regression", "features": "standard scaling + logistic regression",
+               "text+features": "TF-IDF beside scaled features + logistic regression"}[carries]
+    print(f"items carry {carries}: trained by default with {trained} (training.yaml pipeline: auto)")
     if plan.promotable:
         print(f"the validation plan can promote: {plan.gold_total} gold items (min_eval_items {plan.min_eval_items}), "
               f"at least {plan.needed_gold_per_class} of every class")
@@ -1342,7 +1346,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
     init = commands.add_parser("init", help="a new home from labelled files: ontology, gold set, plan, first items")
     init.add_argument("--from", dest="sources", nargs="+", required=True, metavar="FILE",
-                      help="labelled files, JSON Lines or CSV: item_id, features and label (or initial_label)")
+                      help="labelled files, JSON Lines or CSV: item_id, text and/or features, and label "
+                           "(or initial_label)")
     init.add_argument("--home", dest="home_dir", metavar="DIR", help="the home to make (default: $LABELLOOP_HOME)")
     sizing = init.add_mutually_exclusive_group()
     sizing.add_argument("--gold", type=_whole_number(1, 10_000_000), metavar="N",

@@ -1,9 +1,10 @@
 """Serving the loop's champion: load it safely, predict, and hand the prediction log back.
 
-Serving code imports this module, not the code location: it needs NumPy, the store's driver and
-the project's core modules, never Dagster or scikit-learn. A model is read from the two files the
-loop writes (`model.npz`, loaded with allow_pickle=False, and `metadata.json`), so loading one
-never executes code from a file. The champion is the one the registry (the `models` table) and
+Serving code imports this module, not the code location: it needs NumPy, scikit-learn, skops,
+the store's driver and the project's core modules, never Dagster. A model is read from the two
+files the loop writes (`model.skops`, which skops loads only after every type in it is checked
+against the trusted list, and `metadata.json` with the file's SHA-256), so loading one never
+executes code from a file. The champion is the one the registry (the `models` table) and
 `models/CURRENT` both name; when they disagree nothing is loaded.
 """
 
@@ -13,21 +14,22 @@ import json
 import math
 import os
 import uuid
-import zipfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
 import numpy as np
+import polars as pl
 
 from labelloop_assets.core import evaluation, store, train
+from labelloop_assets.core.contracts import MAX_ITEM_TEXT, TRIMMED
 from labelloop_assets.core.files import sync_to_disk
 from labelloop_assets.core.lake import LakeError
+from labelloop_assets.core.pipelines import FEATURES, TEXT
 from labelloop_assets.core.settings import Home
 
 PREDICTIONS_KIND = "predictions"
-ARRAYS = ("classes", "mean", "scale", "coef", "intercept")
 # Statuses of models that have served: a pinned version may be a past champion, never a model
 # the validation plan refused or has not judged yet.
 SERVABLE_STATUSES = ("champion", "retired")
@@ -108,63 +110,28 @@ def model_row(home: Home, version: str) -> dict:
     return rows[0]
 
 
-def read_model(folder: Path, row: dict) -> tuple[train.LinearModel, dict]:
-    """The arrays and metadata in `folder`, refused unless both files are there, readable without
-    pickle, of consistent shapes, and the metadata names the registry row's model."""
+def read_model(folder: Path, row: dict) -> tuple[train.TrainedModel, dict]:
+    """The model and metadata in `folder`, refused unless the model file is the one its metadata
+    names, holds only trusted types (skops, never pickle), and the metadata names the registry
+    row's model."""
     version = row["model_version"]
-    for name in ("model.npz", "metadata.json"):
-        if not (folder / name).is_file():
-            raise ServingError(f"{version}: {name} is missing from {folder}")
     try:
-        with np.load(folder / "model.npz", allow_pickle=False) as arrays:
-            missing = [name for name in ARRAYS if name not in arrays.files]
-            if missing:
-                raise ServingError(f"{version}: model.npz in {folder} lacks the arrays {missing}")
-            loaded = {name: arrays[name] for name in ARRAYS}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
-        if isinstance(error, ServingError):
-            raise
-        raise ServingError(f"{version}: model.npz in {folder} is not a readable model file ({error})") from None
-    try:
-        metadata = json.loads((folder / "metadata.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise ServingError(f"{version}: metadata.json in {folder} is not readable JSON ({error})") from None
-    if not isinstance(metadata, dict):
-        raise ServingError(f"{version}: metadata.json in {folder} is not a JSON object")
-    model = _consistent_model(version, folder, loaded)
+        model, metadata = train.load(folder)
+    except train.ModelFileError as error:
+        raise ServingError(f"{version}: {str(error).removeprefix(folder.name + ': ')}") from None
     # The registry row is the record of what was trained; the files must describe the same model.
     expected = {
         "model_version": version, "corpus_version": row["corpus_version"],
         "train_data_hash": row["train_data_hash"], "n_classes": len(model.classes),
     }
     if row.get("n_classes") is not None and int(row["n_classes"]) != len(model.classes):
-        raise ServingError(f"{version}: model.npz in {folder} has {len(model.classes)} classes, the registry "
+        raise ServingError(f"{version}: the model in {folder} has {len(model.classes)} classes, the registry "
                            f"{row['n_classes']}")
     differing = sorted(key for key, value in expected.items() if metadata.get(key) != value)
     if differing:
         shown = ", ".join(f"{key} {metadata.get(key)!r} (registry: {expected[key]!r})" for key in differing)
         raise ServingError(f"{version}: metadata.json in {folder} does not match the registry: {shown}")
     return model, metadata
-
-
-def _consistent_model(version: str, folder: Path, loaded: dict) -> train.LinearModel:
-    problem = None
-    classes, mean, scale, coef, intercept = (loaded[name] for name in ARRAYS)
-    numeric = (mean, scale, coef, intercept)
-    if classes.ndim != 1 or classes.dtype.kind != "U" or len(classes) < 2:
-        problem = "classes must be a list of at least two labels"
-    elif any(a.dtype.kind not in "fi" for a in numeric) or not all(np.isfinite(a).all() for a in numeric):
-        problem = "the weights must be finite numbers"
-    elif mean.ndim != 1 or scale.shape != mean.shape or coef.ndim != 2 or coef.shape[1] != mean.shape[0]:
-        problem = "mean, scale and coef do not share one feature length"
-    elif coef.shape[0] != (1 if len(classes) == 2 else len(classes)) or intercept.shape != (coef.shape[0],):
-        problem = "coef and intercept do not match the number of classes"
-    elif (scale == 0).any():
-        problem = "scale has zeros"
-    if problem:
-        raise ServingError(f"{version}: model.npz in {folder} is not a consistent model: {problem}")
-    return train.LinearModel(classes=classes, mean=mean.astype(np.float64), scale=scale.astype(np.float64),
-                             coef=coef.astype(np.float64), intercept=intercept.astype(np.float64))
 
 
 @dataclass(frozen=True)
@@ -182,7 +149,7 @@ class Champion:
     confirm_below: float | None
     gold_metrics: dict
     metadata: dict
-    model: train.LinearModel = field(repr=False)
+    model: train.TrainedModel = field(repr=False)
 
     @classmethod
     def load(cls, home_or_path: Home | str | os.PathLike | None = None, version: str | None = None) -> Champion:
@@ -206,42 +173,83 @@ class Champion:
         return [str(label) for label in self.model.classes]
 
     @property
-    def feature_length(self) -> int:
-        return int(self.model.mean.shape[0])
+    def reads(self) -> str:
+        """What the model reads from an item: text, features or text+features."""
+        return self.model.spec.input
+
+    @property
+    def feature_length(self) -> int | None:
+        """Numbers per item, for a model that reads features (None for text only)."""
+        return self.model.feature_length
 
     def is_current(self) -> bool:
         """Whether models/CURRENT still names this model: a cheap check (one small file) for a
         long-running server to call between requests and reload when it turns False."""
         return train.current_version(self.home.models) == self.version
 
-    def _matrix(self, features) -> np.ndarray:
+    def _frame(self, items) -> pl.DataFrame:
+        """Items as the model reads them: strings (text), lists of numbers (features), or mappings
+        with `text` and/or `features`; refused with the reason when they do not fit the model."""
+        if isinstance(items, np.ndarray):
+            items = items.tolist()
+        if isinstance(items, (str, dict)):
+            items = [items]
+        rows = list(items)
+        if rows and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in rows):
+            rows = [rows]  # one item's features
+        texts, features = [], []
+        for position, row in enumerate(rows):
+            text, numbers = None, None
+            if isinstance(row, str):
+                text = row
+            elif isinstance(row, dict):
+                text, numbers = row.get("text"), row.get("features")
+            elif isinstance(row, (list, tuple)):
+                numbers = row
+            else:
+                raise ServingError(f"item {position}: give text, a list of numbers, or a mapping with text/features")
+            texts.append(self._checked_text(position, text))
+            features.append(self._checked_features(position, numbers))
+        return pl.DataFrame({"text": texts, "features": features},
+                            schema={"text": pl.String, "features": pl.List(pl.Float64)})
+
+    def _checked_text(self, position: int, text) -> str | None:
+        if TEXT not in self.reads:
+            return None
+        if not isinstance(text, str) or not text.strip():
+            raise ServingError(f"item {position}: {self.version} reads text; give a non-empty string")
+        if len(text) > MAX_ITEM_TEXT:
+            raise ServingError(f"item {position}: text longer than {MAX_ITEM_TEXT} characters (the items contract)")
+        return text.strip(TRIMMED)
+
+    def _checked_features(self, position: int, numbers) -> list[float] | None:
+        if FEATURES not in self.reads:
+            return None
         try:
-            matrix = np.asarray(features, dtype=np.float64)
+            row = np.asarray(numbers, dtype=np.float64)
         except (TypeError, ValueError):
-            raise ServingError("features must be numbers: one list of numbers per item") from None
-        if matrix.size == 0:
-            return np.empty((0, self.feature_length))  # no items: nothing to predict, not an error
-        if matrix.ndim == 1 and matrix.shape[0] == self.feature_length:
-            matrix = matrix.reshape(1, -1)  # a single item
-        if matrix.ndim != 2 or matrix.shape[1] != self.feature_length:
+            raise ServingError(f"item {position}: features must be numbers: one list of numbers per item") from None
+        if row.ndim != 1 or row.shape[0] != self.feature_length:
             raise ServingError(
-                f"features must be one row of {self.feature_length} numbers per item ({self.version} was "
-                f"trained on {self.feature_length}); got an array of shape {matrix.shape}"
+                f"item {position}: features must be {self.feature_length} numbers ({self.version} was trained on "
+                f"{self.feature_length}); got an array of shape {row.shape}"
             )
-        if not np.isfinite(matrix).all():
-            raise ServingError("features must be finite numbers (no NaN or infinity)")
-        return matrix
+        if not np.isfinite(row).all():
+            raise ServingError(f"item {position}: features must be finite numbers (no NaN or infinity)")
+        return row.tolist()
 
-    def predict_proba(self, features) -> np.ndarray:
-        """One row of class probabilities per item, columns in the order of `classes`."""
-        matrix = self._matrix(features)
-        if matrix.shape[0] == 0:
-            return np.empty((0, len(self.classes)))
-        return self.model.predict_proba(matrix)
+    def predict_proba(self, items) -> np.ndarray:
+        """One row of class probabilities per item, columns in the order of `classes`. Items are
+        strings (a text model), lists of numbers (a features model), or mappings with `text`
+        and/or `features`."""
+        frame = self._frame(items)
+        if frame.height == 0:
+            return np.empty((0, len(self.classes)))  # no items: nothing to predict, not an error
+        return self.model.predict_proba(frame)
 
-    def predict(self, features) -> tuple[list[str], np.ndarray]:
+    def predict(self, items) -> tuple[list[str], np.ndarray]:
         """The predicted label and its probability (the confidence) per item."""
-        probabilities = self.predict_proba(features)
+        probabilities = self.predict_proba(items)
         best = probabilities.argmax(axis=1) if len(probabilities) else np.empty(0, dtype=int)
         return [self.classes[i] for i in best], probabilities.max(axis=1, initial=0.0)
 
@@ -249,16 +257,16 @@ class Champion:
         """Below `confirm_below`: the prediction should be confirmed by a person before it is trusted."""
         return self.confirm_below is not None and confidence < self.confirm_below
 
-    def prediction_records(self, item_ids, features, served_at: datetime | None = None) -> list[dict]:
+    def prediction_records(self, item_ids, items, served_at: datetime | None = None) -> list[dict]:
         """Prediction-log records as the predictions contract requires, one per item, ready for
         `write_prediction_log`."""
         ids = list(item_ids)
         bad = [item for item in ids if not isinstance(item, str) or not item.strip() or len(item) > 256]
         if bad:
             raise ServingError(f"item ids must be non-empty strings of at most 256 characters; got {bad[0]!r}")
-        probabilities = self.predict_proba(features)
+        probabilities = self.predict_proba(items)
         if len(ids) != len(probabilities):
-            raise ServingError(f"{len(ids)} item ids for {len(probabilities)} rows of features")
+            raise ServingError(f"{len(ids)} item ids for {len(probabilities)} items")
         moment = served_at or datetime.now(UTC)
         if moment.tzinfo is None:
             raise ServingError("served_at must carry a time zone (the contract wants ISO-8601 with zone)")
@@ -324,6 +332,8 @@ def describe(champion: Champion) -> dict:
         "trained_at": champion.trained_at.isoformat() if isinstance(champion.trained_at, datetime)
         else champion.trained_at,
         "classes": champion.classes,
+        "reads": champion.reads,
+        "pipeline": champion.model.spec.describe(),
         "feature_length": champion.feature_length,
         "confirm_below": champion.confirm_below,
         "gold_metrics": champion.gold_metrics,

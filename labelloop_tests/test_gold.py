@@ -199,7 +199,7 @@ def test_changing_or_dropping_declared_gold_fails_the_step(home, defs, instance,
 
     moved = [dict(r, features=[0.0, 0.0, 0.0, 1.0]) if r["item_id"] == "item-003" else r for r in declared]
     _write_gold(home, moved)
-    assert "line 4: gold item 'item-003' changed its features" in _failure(
+    assert "line 4: gold item 'item-003' changed its text or features" in _failure(
         _run(defs, instance, "ingest_job", succeed=False)
     )
     _write_gold(home, declared[1:])
@@ -233,7 +233,7 @@ def test_bad_lines_in_gold_jsonl_fail_the_step_naming_them(home, defs, instance)
     assert "has 5 bad line(s)" in message
     for expected in ("line 3: gold_label 'eleven' is not in the ontology", "line 6: malformed_json",
                      "line 16: item_id 'item-000' already declared on line 1",
-                     "line 17: features has 5 values; this deployment's items have 4",
+                     "line 17: features: 5 values, this deployment uses 4",
                      "line 18: missing_field (gold_label)", "no line of it is skipped"):
         assert expected in message
     assert _rows(home, "SELECT count(*) AS n FROM items")["n"][0] == 0  # the step wrote nothing

@@ -217,6 +217,10 @@ LINE_CASES = {
     contracts.FEATURE_LENGTH_MISMATCH: LineCase(
         "items", item("bad-1", features=[1.0, 2.0, 3.0, 4.0, 5.0]), "5 values, this deployment uses 4", "bad-1"
     ),
+    contracts.ITEM_CONTENT_MISMATCH: LineCase(
+        "items", item("bad-1", text="a photo of a three"),
+        "the item carries text+features; this deployment's items carry features", "bad-1",
+    ),
 }
 
 WHOLE_FILE_REASONS = [
@@ -245,7 +249,7 @@ TRUST_REASONS = {
 
 def test_every_reason_code_has_a_test():
     defined = {v for k, v in vars(contracts).items() if isinstance(v, str) and k.lower() == v}
-    assert len(defined) == 35
+    assert len(defined) == 36
     assert defined == set(LINE_CASES) | set(WHOLE_FILE_REASONS) | REVIEW_REASONS | TRUST_REASONS | RESOURCE_REASONS
 
 
@@ -504,6 +508,37 @@ def test_first_item_batch_fixes_the_feature_length(lhome, db):
     later = run_ingest(db, lhome, "items")
     assert later.reasons == {"feature_length_mismatch": 2} and later.accepted == 0
     assert store.get_state(db, "feature_length") == 4
+
+
+def test_items_may_carry_text_and_a_uri_and_the_first_batch_fixes_what_they_carry(lhome, db):
+    text = {"item_id": "t1", "text": "  Refund not received after 10 days  ", "uri": "s3://tickets/t1.json",
+            "initial_label": "three"}
+    land(lhome, "items", "a.jsonl", [
+        text, {**text, "item_id": "t2", "text": "App crashes on start"},
+        {**text, "item_id": "t3"} | {"features": FEATURES},  # text and features: not what the batch carries
+        {"item_id": "t4", "initial_label": "three"},  # neither
+        {**text, "item_id": "t5", "uri": "not a uri"},
+        {**text, "item_id": "t6", "text": "x" * (contracts.MAX_ITEM_TEXT + 1)},
+        {**text, "item_id": "t7", "text": ""},
+    ])
+    report = run_ingest(db, lhome, "items")
+    assert (report.records_in, report.accepted, report.quarantined) == (7, 2, 5)
+    reasons = dict(db.execute("SELECT record_id, reason || ': ' || detail FROM quarantine").fetchall())
+    assert reasons == {
+        "t3": "item_content_mismatch: the item carries text+features; this deployment's items carry text "
+              "(fixed by its first items)",
+        "t4": "missing_field: text or features: an item carries text, features or both",
+        "t5": "invalid_value: uri: must be an absolute URI with a scheme (s3://, https://, file:///...) and no spaces",
+        "t6": f"oversize_field: text: longer than {contracts.MAX_ITEM_TEXT}",
+        "t7": "invalid_value: text: empty",
+    }
+    assert db.execute("SELECT item_id, text, features, uri FROM items ORDER BY 1").fetchall() == [
+        ("t1", "Refund not received after 10 days", None, "s3://tickets/t1.json"),
+        ("t2", "App crashes on start", None, "s3://tickets/t1.json"),
+    ]
+    # Later items are held to text, even when a whole batch carries features.
+    land(lhome, "items", "b.jsonl", [item("f1"), item("f2")])
+    assert run_ingest(db, lhome, "items").reasons == {"item_content_mismatch": 2}
 
 
 def test_items_keep_labels_source_and_gold(lhome, db):

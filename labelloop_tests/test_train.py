@@ -1,4 +1,4 @@
-"""core/train.py (fit, LinearModel, save/load) on scikit-learn's digits, and core/metrics.py."""
+"""core/train.py (fit, the default pipeline, save/load) on scikit-learn's digits, and core/metrics.py."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from labelloop_assets.core import metrics, store, train
+from labelloop_assets.core.pipelines import preset_spec
 
 NAMES = np.array(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"])
 
@@ -52,12 +53,13 @@ def test_predict_proba_equals_sklearn_pipeline(digits, fitted):
     assert (model.predict(features) == reference.predict(features)).all()
 
 
-def test_fitted_arrays_have_the_expected_shapes(fitted):
+def test_the_default_for_features_is_scaled_logistic_regression(fitted):
     model, _ = fitted
-    assert model.coef.shape == (10, 64) and model.intercept.shape == (10,)
-    assert model.mean.shape == model.scale.shape == (64,)
-    # Digits has always-blank pixels; their scale must not be 0 (no NaN/inf downstream).
-    assert (model.scale > 0).all() and np.isfinite(model.coef).all()
+    assert model.spec.algorithm == "standard_scaler+logistic_regression"
+    assert model.spec.input == "features" and model.feature_length == 64
+    final = model.pipeline[-1]
+    assert (final.C, final.max_iter) == (0.1, 2000)
+    assert final.coef_.shape == (10, 64) and np.isfinite(final.coef_).all()
     assert model.classes.dtype.kind == "U"
 
 
@@ -85,9 +87,9 @@ def test_fit_needs_two_labels(digits):
 
 def test_fit_params_are_used(digits):
     features, labels = digits
-    loose = train.fit(features[:400], labels[:400], {"C": 100.0})
+    loose = train.fit(features[:400], labels[:400], preset_spec("logistic_regression", "features", {"C": 100.0}))
     tight = train.fit(features[:400], labels[:400])
-    assert np.abs(loose.coef).max() > 2 * np.abs(tight.coef).max()
+    assert np.abs(loose.pipeline[-1].coef_).max() > 2 * np.abs(tight.pipeline[-1].coef_).max()
 
 
 def test_binary_predict_proba_equals_sklearn(digits):
@@ -124,29 +126,49 @@ def test_features_matrix_from_a_list_column(digits):
 def test_save_load_round_trip(tmp_path, digits, fitted):
     features, _ = digits
     model, _ = fitted
-    metadata = {"model_version": "m-001", "corpus_version": 3, "params": train.DEFAULT_PARAMS}
+    metadata = {"model_version": "m-001", "corpus_version": 3}
     folder = train.save(model, tmp_path / "models" / "m-001", metadata)
     assert folder == tmp_path / "models" / "m-001"
-    assert sorted(p.name for p in folder.iterdir()) == ["metadata.json", "model.npz"]
+    assert sorted(p.name for p in folder.iterdir()) == ["metadata.json", "model.skops"]
     assert [p.name for p in folder.parent.iterdir()] == ["m-001"]  # no staging folder left behind
 
     loaded, meta = train.load(folder)
-    assert meta == metadata
-    for name in ("classes", "mean", "scale", "coef", "intercept"):
-        assert np.array_equal(getattr(loaded, name), getattr(model, name)), name
+    assert meta.items() >= metadata.items()
+    assert meta["pipeline"] == model.spec.as_dict() and meta["classes"] == sorted(NAMES)
+    assert loaded.spec == model.spec
     assert np.array_equal(loaded.predict_proba(features), model.predict_proba(features))
     assert (loaded.predict(features) == model.predict(features)).all()
-    with np.load(folder / "model.npz", allow_pickle=False) as arrays:
-        assert all(arrays[name].dtype.kind != "O" for name in arrays.files)
     assert json.loads((folder / "metadata.json").read_text())["corpus_version"] == 3
 
 
-def test_load_refuses_pickled_arrays(tmp_path, fitted):
+class Payload:
+    """Not a scikit-learn type: a model file holding it must not be loaded."""
+
+
+def test_load_refuses_an_altered_file_and_foreign_types(tmp_path, fitted):
+    import skops.io
+
     model, _ = fitted
     folder = train.save(model, tmp_path / "m-evil", {})
-    np.savez(folder / "model.npz", classes=np.array([object()], dtype=object), mean=model.mean,
-             scale=model.scale, coef=model.coef, intercept=model.intercept)
-    with pytest.raises(ValueError, match="allow_pickle"):
+    with (folder / "model.skops").open("ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(train.ModelFileError, match="SHA-256 differs"):
+        train.load(folder)
+    # The metadata rewritten to match a file that carries another type: still refused, unloaded.
+    skops.io.dump({"model": Payload()}, folder / "model.skops")
+    meta = json.loads((folder / "metadata.json").read_text())
+    meta["model_file_sha256"] = train._sha256(folder / "model.skops")
+    (folder / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(train.ModelFileError, match="types labelloop does not load.*Payload"):
+        train.load(folder)
+
+
+def test_load_names_a_model_saved_before_pipelines(tmp_path):
+    folder = tmp_path / "m0001"
+    folder.mkdir()
+    (folder / "model.npz").write_bytes(b"old")
+    (folder / "metadata.json").write_text("{}")
+    with pytest.raises(train.ModelFileError, match="model.npz: saved by an earlier labelloop; train again"):
         train.load(folder)
 
 
@@ -154,16 +176,22 @@ def test_training_config_defaults_overrides_and_refusals(tmp_path):
     from labelloop_assets.core.settings import DEFAULTS_DIR, LabelloopConfigError
 
     shipped = train.TrainingConfig.load(DEFAULTS_DIR / "training.yaml")
-    assert shipped.params == train.DEFAULT_PARAMS and shipped.min_train_rows == 5
+    assert shipped.min_train_rows == 5
+    assert shipped.spec("features").steps == (
+        ("StandardScaler", {}), ("LogisticRegression", {"C": 0.1, "max_iter": 2000}),
+    )
     path = tmp_path / "training.yaml"
     path.write_text("params:\n  C: 1\n")
-    assert train.TrainingConfig.load(path).params == {"C": 1.0, "max_iter": 2000}
+    assert train.TrainingConfig.load(path).spec("features").steps[-1] == (
+        "LogisticRegression", {"C": 1.0, "max_iter": 2000},
+    )
     for text, message in (
-        ("params:\n  penalty: l1\n", "unknown params ['penalty']"),
+        ("params:\n  penalty_typo: l1\n", "unknown parameters ['penalty_typo']; LogisticRegression takes"),
         ("params:\n  C: 0\n", "params.C must be above 0"),
         ("params:\n  C: .nan\n", "params.C must be a finite number"),
         ("params:\n  max_iter: 10.5\n", "params.max_iter must be a whole number"),
-        ("min_train_rows: 1\n", "min_train_rows at least 2"),
+        ("params:\n  solver: newton\n", "The 'solver' parameter of LogisticRegression must be"),
+        ("min_train_rows: 1\n", "min_train_rows must be at least 2"),
         ("params: [C]\n", "params must be a mapping"),
         ("solver: lbfgs\n", "unknown keys ['solver']"),
     ):

@@ -29,12 +29,14 @@ APPLIED_REVIEWS = "production_corpus.review_seq"
 RELIABILITY_SEEN = "validated_labels.reliability_stamp"
 BURSTS_SEEN = "validated_labels.bursts_stamp"
 NEAR_DUPLICATES = "near_duplicates_agree"
-# Items whose features agree to this many decimals are the same item for this check.
+# Items whose features agree to this many decimals, and whose text agrees once case and spacing
+# are ignored, are the same item for this check.
 NEAR_DUPLICATE_DECIMALS = 2
 NEAR_DUPLICATES_SQL = f"""
     WITH keyed AS (
         SELECT c.item_id, c.label,
-               hash(list_transform(i.features, lambda x: round(x, {NEAR_DUPLICATE_DECIMALS}))) AS shape
+               hash(list_transform(i.features, lambda x: round(x, {NEAR_DUPLICATE_DECIMALS})),
+                    lower(regexp_replace(trim(i.text), '\\s+', ' ', 'g'))) AS shape
         FROM production_corpus c JOIN items i USING (item_id)
     )
     SELECT shape, list(item_id ORDER BY item_id) AS items, list(DISTINCT label) AS labels

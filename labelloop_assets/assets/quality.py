@@ -1,7 +1,5 @@
 """Quality signals that gate or steer the loop: correction bursts, label-issue candidates, guideline insights."""
 
-import json
-
 import dagster as dg
 import numpy as np
 import polars as pl
@@ -13,8 +11,9 @@ from labelloop_assets.assets.common import (
     run_id,
 )
 from labelloop_assets.checks.schema_checks import markdown_table
-from labelloop_assets.core import bursts, guidelines, label_issues, store, train
+from labelloop_assets.core import bursts, guidelines, item_content, label_issues, store, train
 from labelloop_assets.core.files import write_atomically
+from labelloop_assets.core.pipelines import PipelineSpec
 from labelloop_assets.resources import LabelloopHome, open_store
 
 OPEN_BURSTS_SQL = """
@@ -88,14 +87,17 @@ def label_issue_candidates(
         corpus = store.frame(con, train.TRAINING_SQL)
         active = label_issues.active_signals(con, policy.reliability_prior_mean, policy.reliability_prior_strength)
         corpus_version, _ = store.corpus_head(con)
-        # Judged with the serving champion's parameters: a rejected experiment does not steer the queue.
+        # Judged with the serving champion's pipeline: a rejected experiment does not steer the queue.
         champion_params = store.frame(con, "SELECT params FROM models WHERE status = 'champion'")["params"]
+        content = item_content.home_content(con)
     labels = corpus["label"].to_numpy()
+    if len(champion_params):
+        spec = PipelineSpec.from_recorded(champion_params[0])
+    elif content is not None:
+        with config_errors_as_failures():
+            spec = labelloop.training().spec(content)
     probabilities, classes, note = (
-        label_issues.out_of_sample_probabilities(
-            train.features_matrix(corpus), labels, folds=settings.issues_folds,
-            params=json.loads(champion_params[0]) if len(champion_params) else None,
-        )
+        label_issues.out_of_sample_probabilities(corpus, labels, folds=settings.issues_folds, spec=spec)
         if corpus.height else (None, np.array([]), "the corpus is empty")
     )
     passive = (

@@ -18,9 +18,10 @@ from labelloop_assets.checks.schema_checks import (
     failing_blocking_checks,
     markdown_table,
 )
-from labelloop_assets.core import bursts, evaluation, gold, registry, reliability, store, train
+from labelloop_assets.core import bursts, evaluation, gold, item_content, registry, reliability, store, train
 from labelloop_assets.core import release_notes as release
 from labelloop_assets.core.files import write_atomically
+from labelloop_assets.core.pipelines import PipelineSpec
 from labelloop_assets.core.settings import Home
 from labelloop_assets.resources import LabelloopHome, open_store
 
@@ -57,15 +58,22 @@ def retrained_model(
     with config_errors_as_failures():
         config = labelloop.training()
         plan = labelloop.validation_plan()
-    params = config.params
     with open_store(database) as con:
+        content = item_content.home_content(con)
+        if content is None:
+            raise dg.Failure(description="no items yet: land items (or declare gold items) before training")
+        with config_errors_as_failures():
+            spec = config.spec(content, f"training file {home.training_file}")
+        params = spec.recorded()
+        feature_length = store.get_state(con, item_content.LENGTH_KEY, 0) or None
         corpus_version, changes_total = store.corpus_head(con)
         corpus = store.frame(con, train.TRAINING_SQL)
         gold_items = store.frame(con, GOLD_SQL)
         evaluation_set = gold.current_evaluation_set(con)
         # Gold features never reach training: a corpus item that copies a gold item (under
         # another id, exactly or nearly) would let a model be scored on what it learned.
-        copies = gold.find_gold_copies(corpus.select("item_id", "features"), gold_items, plan.gold_copy_distance)
+        copies = gold.find_gold_copies(corpus.select("item_id", "text", "features"), gold_items,
+                                       plan.gold_copy_distance)
         if copies.copies.height:
             with store.transaction(con):
                 newly = gold.record_copies(con, copies, run_id(context))
@@ -82,7 +90,7 @@ def retrained_model(
         }
         # One training per corpus version, configuration and training rows: the same inputs give
         # the same model.
-        existing = store.frame(con, SAME_MODEL_SQL, [corpus_version, train.ALGORITHM, json.dumps(params), data_hash])
+        existing = store.frame(con, SAME_MODEL_SQL, [corpus_version, spec.algorithm, params, data_hash])
         if existing.height:
             record = existing.to_dicts()[0]
             context.log.info(
@@ -112,17 +120,17 @@ def retrained_model(
             "champion is untouched."
         )
     try:
-        model = train.fit(train.features_matrix(training), training["label"].to_numpy(), params)
+        model = train.fit(training, training["label"].to_numpy(), spec, feature_length)
     except (ValueError, ArithmeticError) as error:
         raise dg.Failure(
             description=f"training on corpus v{corpus_version} failed ({error}); the champion is untouched"
         ) from None
-    scores = train.evaluate(model, train.features_matrix(gold_items), gold_items["label"].to_numpy())
+    scores = train.evaluate(model, gold_items, gold_items["label"].to_numpy())
     record = {
         "corpus_version": corpus_version,
         "n_train_rows": training.height,
         "n_classes": int(len(model.classes)),
-        "algorithm": train.ALGORITHM,
+        "algorithm": spec.algorithm,
         "params": params,
         "train_data_hash": data_hash,
         "gold_accuracy": scores["accuracy"],
@@ -135,7 +143,7 @@ def retrained_model(
     # numbered, and a model of the same corpus and configuration looked for again, only now, in
     # the transaction that registers it.
     with open_store(database) as con, store.transaction(con):
-        rival = store.frame(con, SAME_MODEL_SQL, [corpus_version, train.ALGORITHM, json.dumps(params), data_hash])
+        rival = store.frame(con, SAME_MODEL_SQL, [corpus_version, spec.algorithm, params, data_hash])
         if rival.height:
             record = rival.to_dicts()[0]
             context.log.info(f"{record['model_version']} was trained on corpus v{corpus_version} meanwhile; reused")
@@ -145,7 +153,7 @@ def retrained_model(
         record = {"model_version": version, **record}
         # metadata.json also names the evaluation set of its gold metrics and the copies left out.
         folder = train.save(model, home.models / version, {**record, **extra})
-        record = {**record, "params": json.dumps(record["params"]), "path": folder.relative_to(home.root).as_posix()}
+        record = {**record, "path": folder.relative_to(home.root).as_posix()}
         store.append(
             con,
             "models",
@@ -267,7 +275,7 @@ def model_evaluation(
             {"m": champion[0]["model_version"]},
         ) if champion else None
         confirmed = store.frame(
-            con, "SELECT c.item_id, c.label, i.features FROM production_corpus c JOIN items i USING (item_id) "
+            con, "SELECT c.item_id, c.label, i.text, i.features FROM production_corpus c JOIN items i USING (item_id) "
             "WHERE c.reviewer_confirmed",
         ) if plan.reviewer_confirmed_slice else None
     if champion and train.current_version(home.models) != champion[0]["model_version"]:
@@ -352,14 +360,12 @@ def _rescored(champion: dict | None, last_set: int | None, evaluation_set: int |
     return f"{champion['model_version']} rescored on set {evaluation_set}; last scored on {before}{note}"
 
 
-def _load(home: Home, model_row: dict) -> train.LinearModel:
+def _load(home: Home, model_row: dict) -> train.TrainedModel:
     return train.load(home.model_folder(model_row["path"]))[0]
 
 
-def _probabilities(model: train.LinearModel, items: pl.DataFrame) -> np.ndarray:
-    if items.height == 0:
-        return np.empty((0, len(model.classes)))
-    return model.predict_proba(train.features_matrix(items))
+def _probabilities(model: train.TrainedModel, items: pl.DataFrame) -> np.ndarray:
+    return model.predict_proba(items)
 
 
 def _score_table(scores: dict) -> pl.DataFrame:
@@ -393,7 +399,8 @@ def release_notes(
         gold_items = store.frame(con, GOLD_SQL)
         written = []
         for judged in pending:
-            models = {row["model_version"]: {**row, "params": json.loads(row["params"])} for row in store.frame(
+            models = {row["model_version"]: {**row, "spec": PipelineSpec.from_recorded(row["params"])}
+                      for row in store.frame(
                 con, "SELECT model_version, corpus_version, params FROM models "
                 "WHERE list_contains($v, model_version)",
                 {"v": [judged["challenger"], judged["champion"]]},
@@ -405,10 +412,10 @@ def release_notes(
             # Attribution refits the way the challenger was fitted, so its deltas are the challenger's.
             attributed = release.attribution(
                 con, changes, since, until, gold_items, plan.attribution_max_groups if judged["champion"] else 0,
-                challenger["params"],
+                challenger["spec"],
             )
             text = release.render(
-                judged, changes, attributed, challenger["params"], champion["params"] if champion else None
+                judged, changes, attributed, challenger["spec"], champion["spec"] if champion else None
             )
             path = write_atomically(home.reports / "release-notes" / f"{judged['challenger']}.md", text)
             store.append(con, "release_notes", pl.DataFrame([{

@@ -65,6 +65,7 @@ UNKNOWN_KEY = "unknown_key"
 REVOKED_KEY = "revoked_key"
 UNKNOWN_MODEL_VERSION = "unknown_model_version"
 GOLD_NOT_DECLARED = "gold_not_declared"
+ITEM_CONTENT_MISMATCH = "item_content_mismatch"
 # Every code a quarantine row may carry (ROLE_NOT_GRANTED is an audit reason, never quarantined):
 # `labelloop quarantine --reason` accepts these and names them when given another.
 QUARANTINE_REASONS = (
@@ -73,7 +74,7 @@ QUARANTINE_REASONS = (
     DUPLICATE_EVENT, CONFLICTING_DUPLICATE, UNKNOWN_REVIEWER, ROLE_NOT_ALLOWED, UNKNOWN_ESCALATION,
     ESCALATION_CLOSED, DECISION_NOT_APPLICABLE, FEATURE_LENGTH_MISMATCH, UNREADABLE_FILE, UNSUPPORTED_FORMAT,
     FILE_TOO_LARGE, TOO_MANY_LINES, DECOMPRESSED_TOO_LARGE, RESOURCE_LIMIT, UNSIGNED, BAD_SIGNATURE,
-    UNKNOWN_KEY, REVOKED_KEY, UNKNOWN_MODEL_VERSION, GOLD_NOT_DECLARED,
+    UNKNOWN_KEY, REVOKED_KEY, UNKNOWN_MODEL_VERSION, GOLD_NOT_DECLARED, ITEM_CONTENT_MISMATCH,
 )
 
 # What the contract trims from both ends of a string field; the CLI and the signature check
@@ -142,12 +143,20 @@ PREDICTION_SPEC = RecordSpec(
     ),
 )
 
+# Characters of text one item may carry (a long support ticket, not a book).
+MAX_ITEM_TEXT = 20_000
+# An item's uri: a scheme, then no whitespace (labelloop stores it and never follows it).
+URI_PATTERN = r"^[A-Za-z][A-Za-z0-9+.\-]*:\S+$"
+
 ITEM_SPEC = RecordSpec(
     kind="items",
     key="item_id",
     fields=(
         FieldSpec("item_id", "string"),
-        FieldSpec("features", "number_array", max_length=4096),
+        # Text, features or both (core/item_content.py); uri is the payload's address, never read.
+        FieldSpec("text", "string", required=False, max_length=MAX_ITEM_TEXT),
+        FieldSpec("features", "number_array", required=False, max_length=4096),
+        FieldSpec("uri", "string", required=False, max_length=2048),
         FieldSpec("initial_label", "string", required=False),
         FieldSpec("label_source", "string", required=False, max_length=64),
         FieldSpec("gold_label", "string", required=False),

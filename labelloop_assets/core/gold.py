@@ -1,18 +1,19 @@
 """The evaluation set: gold items the deployment declares, versioned, append-only, never trained on.
 
 Gold labels come from one place only, `$LABELLOOP_HOME/gold.jsonl` (one JSON object a line:
-`item_id`, `features`, `gold_label`), which only whoever runs the deployment can edit. Landing
-files cannot declare gold: if they could, anyone who can land a file could change the yardstick
-every model is judged by. Each change of the file's content starts a new evaluation-set version
-(`evaluation_sets`); its new items are inserted into `items` with their gold label.
+`item_id`, `text` and/or `features` as the home's items carry, `gold_label`), which only whoever
+runs the deployment can edit. Landing files cannot declare gold: if they could, anyone who can
+land a file could change the yardstick every model is judged by. Each change of the file's
+content starts a new evaluation-set version (`evaluation_sets`); its new items are inserted into
+`items` with their gold label.
 
 The file may only grow. A version that changes or drops a gold item already declared fails:
 scores on a changed yardstick cannot be compared with the scores before it, so a champion that
 won on the old set could not be told from one that won because the set moved.
 
-Before training, corpus items whose features copy a gold item's (exactly, or nearly: see
-`find_gold_copies`) are recorded in `gold_copies` and left out of the training rows, so a model
-is never scored on what it was trained on.
+Before training, corpus items that copy a gold item (the same text once case and spacing are
+ignored, or features equal or nearly so: see `find_gold_copies`) are recorded in `gold_copies`
+and left out of the training rows, so a model is never scored on what it was trained on.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import numpy as np
 import polars as pl
 
 from labelloop_assets.core import contracts as c
-from labelloop_assets.core import reading, store
+from labelloop_assets.core import item_content, reading, store
 from labelloop_assets.core.audit import SYSTEM_ACTOR, record_audit
 from labelloop_assets.core.files import UnreadableFile
 from labelloop_assets.core.ontology import Ontology
@@ -37,7 +38,7 @@ GOLD_SOURCE = "gold.jsonl"  # items.source_file of declared gold items
 # The evaluation set as stored: every item with a gold label (declared in gold.jsonl, or landed
 # with one before gold had to be declared).
 GOLD_SQL = (
-    "SELECT item_id, gold_label AS label, features FROM items WHERE gold_label IS NOT NULL ORDER BY item_id"
+    "SELECT item_id, gold_label AS label, text, features FROM items WHERE gold_label IS NOT NULL ORDER BY item_id"
 )
 # Lines of gold.jsonl named in one error message; the rest are counted.
 MAX_LINES_NAMED = 10
@@ -48,14 +49,16 @@ GOLD_SPEC = c.RecordSpec(
     key="item_id",
     fields=(
         c.FieldSpec("item_id", "string"),
-        c.FieldSpec("features", "number_array", max_length=4096),
+        c.FieldSpec("text", "string", required=False, max_length=c.MAX_ITEM_TEXT),
+        c.FieldSpec("features", "number_array", required=False, max_length=4096),
+        c.FieldSpec("uri", "string", required=False, max_length=2048),
         c.FieldSpec("gold_label", "string"),
     ),
 )
 
 WHAT_TO_DO = (
     "gold.jsonl is append-only: restore the item as it was declared (the file's history, or "
-    "`SELECT item_id, features, gold_label FROM items WHERE source_file = 'gold.jsonl'`). To "
+    "`SELECT item_id, text, features, gold_label FROM items WHERE source_file = 'gold.jsonl'`). To "
     "retire a gold item that is wrong, leave it and add a corrected copy under a new item_id: "
     "models keep being compared on one growing yardstick, and the release notes name the "
     "evaluation set each score was measured on"
@@ -115,7 +118,7 @@ def declare(con: duckdb.DuckDBPyConnection, home: Home, ontology: Ontology, run_
     sha = file_sha256(data)
     if sha == _latest_sha(con):
         return Declaration(latest, _count_gold(con), 0, False)
-    records = read_gold_file(path, ontology, con, store.get_state(con, "feature_length", 0))
+    records = read_gold_file(path, ontology, con)
     if file_sha256(path.read_bytes()) != sha:
         raise GoldFileError(f"{path} changed while it was being read; run the step again")
     with store.transaction(con):
@@ -125,8 +128,7 @@ def declare(con: duckdb.DuckDBPyConnection, home: Home, ontology: Ontology, run_
         version = (current_evaluation_set(con) or 0) + 1
         if added.height:
             store.append(con, "items", added.with_columns(run_id=pl.lit(run_id)))
-            if not store.get_state(con, "feature_length", 0):
-                store.set_state(con, "feature_length", int(added["features"].list.len().first()))
+            item_content.fix(con, *item_content.expected(con, added))
         n_items = _count_gold(con)
         store.append(con, "evaluation_sets", pl.DataFrame([{
             "evaluation_set": version, "sha256": sha, "n_items": n_items, "n_added": added.height,
@@ -140,27 +142,31 @@ def declare(con: duckdb.DuckDBPyConnection, home: Home, ontology: Ontology, run_
     return Declaration(version, n_items, added.height, True)
 
 
-def read_gold_file(path: Path, ontology: Ontology, con: duckdb.DuckDBPyConnection, feature_length: int) -> pl.DataFrame:
-    """Every line of gold.jsonl as (item_id, features, gold_label, payload_hash, line_no), checked
+def read_gold_file(path: Path, ontology: Ontology, con: duckdb.DuckDBPyConnection) -> pl.DataFrame:
+    """Every line of gold.jsonl as (item_id, text, features, gold_label, payload_hash, line_no), checked
     by the rules landing items follow; any bad line fails the whole file, naming the lines."""
     try:
         lines, _ = reading.read_lines(path)
     except UnreadableFile as error:
         raise GoldFileError(f"{path}: {error.detail} ({error.reason})") from None
     if lines.height == 0:
-        return pl.DataFrame(schema={"item_id": pl.String, "features": pl.List(pl.Float64),
+        return pl.DataFrame(schema={"item_id": pl.String, "text": pl.String, "features": pl.List(pl.Float64),
+                                    "uri": pl.String,
                                     "gold_label": pl.String, "payload_hash": pl.String, "line_no": pl.Int64})
     accepted, rejected = check_records(lines, GOLD_SPEC, GOLD_SOURCE, con)
     problems = [(n, f"{reason} ({detail})") for n, reason, detail in
                 rejected.select("line_no", "reason", "detail").iter_rows()]
     label = ontology.harmonize("gold_label")
     accepted = accepted.with_columns(_label=label)
+    problems += [(n, "uri is not an absolute URI with a scheme (s3://, https://, file:///...)") for (n,) in
+                 accepted.filter(~pl.col("uri").str.contains(c.URI_PATTERN)).select("line_no").rows()]
     problems += [(n, f"gold_label {g!r} is not in the ontology") for n, g in
                  accepted.filter(pl.col("_label").is_null()).select("line_no", "gold_label").iter_rows()]
-    lengths = accepted["features"].list.len()
-    expected = feature_length or (int(lengths.mode().sort().first()) if accepted.height else 0)
-    problems += [(n, f"features has {k} values; this deployment's items have {expected}") for n, k in
-                 accepted.filter(lengths != expected).select("line_no", pl.col("features").list.len()).iter_rows()]
+    # The rules landing items follow for what they carry, against the home's (or the file's own).
+    for failing, _reason, detail in item_content.rules(*item_content.expected(con, accepted)):
+        problems += accepted.filter(failing.fill_null(False)).select(
+            "line_no", detail if isinstance(detail, pl.Expr) else pl.lit(detail)
+        ).rows()
     repeated = accepted.filter(pl.col("item_id").is_duplicated()).sort("line_no")
     first = repeated.group_by("item_id").agg(pl.col("line_no").min().alias("first"))
     problems += [(n, f"item_id {i!r} already declared on line {f}") for n, i, f in
@@ -175,7 +181,7 @@ def read_gold_file(path: Path, ontology: Ontology, con: duckdb.DuckDBPyConnectio
             "evaluation set, so no line of it is skipped: fix the lines and run the step again"
         )
     return accepted.with_columns(gold_label=pl.col("_label")).select(
-        "item_id", "features", "gold_label", "payload_hash", "line_no"
+        "item_id", "text", "features", "uri", "gold_label", "payload_hash", "line_no"
     )
 
 
@@ -183,7 +189,8 @@ def _new_items(con: duckdb.DuckDBPyConnection, records: pl.DataFrame, ontology: 
     """The records not yet stored, as `items` rows; a declared gold item changed or dropped, or a
     new gold id that is already an ordinary item, is a GoldFileError."""
     stored = store.frame(
-        con, "SELECT item_id, features AS stored_features, gold_label AS stored_label, source_file "
+        con, "SELECT item_id, text AS stored_text, features AS stored_features, gold_label AS stored_label, "
+        "source_file "
         "FROM items WHERE gold_label IS NOT NULL OR list_contains($ids, item_id)",
         {"ids": records["item_id"].to_list()},
     ).with_columns(
@@ -204,8 +211,9 @@ def _new_items(con: duckdb.DuckDBPyConnection, records: pl.DataFrame, ontology: 
         .select("line_no", "item_id", "stored_label", "gold_label").iter_rows()
     ]
     problems += [
-        f"line {n}: gold item {i!r} changed its features"
-        for n, i in gold.filter(pl.col("features") != pl.col("stored_features"))
+        f"line {n}: gold item {i!r} changed its text or features"
+        for n, i in gold.filter(pl.col("features").ne_missing(pl.col("stored_features"))
+                                | pl.col("text").ne_missing(pl.col("stored_text")))
         .select("line_no", "item_id").iter_rows()
     ]
     dropped = stored.filter(pl.col("source_file") == GOLD_SOURCE).join(
@@ -224,7 +232,7 @@ def _new_items(con: duckdb.DuckDBPyConnection, records: pl.DataFrame, ontology: 
             f"silently would make every comparison of models across it meaningless. {WHAT_TO_DO}"
         )
     return joined.filter(pl.col("_stored").is_null()).sort("line_no").select(
-        "item_id", "features", "gold_label", "payload_hash",
+        "item_id", "text", "features", "uri", "gold_label", "payload_hash",
         pl.lit(GOLD_SOURCE).alias("source_file"), "line_no",
     )
 
@@ -259,8 +267,36 @@ def _matrix(frame: pl.DataFrame) -> np.ndarray:
 
 
 def find_gold_copies(corpus: pl.DataFrame, gold: pl.DataFrame, near_distance: float) -> GoldCopies:
-    """Corpus items (item_id, features) whose features equal a gold item's (`exact`), or lie within
-    `near_distance` of one (`near`).
+    """Corpus items that copy a gold item: the same text once case and spacing are ignored
+    (`exact`), or features equal to a gold item's (`exact`) or within `near_distance` of one
+    (`near`, see `_feature_copies`). Frames hold item_id and text and/or features."""
+    text_copies = _text_copies(corpus, gold)
+    if "features" not in corpus.columns or "features" not in gold.columns:
+        return GoldCopies(text_copies, None)
+    by_features = _feature_copies(corpus.filter(pl.col("features").is_not_null()),
+                                  gold.filter(pl.col("features").is_not_null()), near_distance)
+    both = pl.concat([text_copies, by_features.copies]).sort("distance").unique(["item_id", "gold_item_id"],
+                                                                                  keep="first")
+    return GoldCopies(both.sort("item_id", "gold_item_id"), by_features.spacing)
+
+
+def _normalized_text() -> pl.Expr:
+    return pl.col("text").str.to_lowercase().str.replace_all(r"\s+", " ").str.strip_chars()
+
+
+def _text_copies(corpus: pl.DataFrame, gold: pl.DataFrame) -> pl.DataFrame:
+    if "text" not in corpus.columns or "text" not in gold.columns:
+        return pl.DataFrame(schema=COPY_SCHEMA)
+    keyed = gold.filter(pl.col("text").is_not_null()).select(pl.col("item_id").alias("gold_item_id"),
+                                                             _normalized_text().alias("_key"))
+    return corpus.filter(pl.col("text").is_not_null()).select("item_id", _normalized_text().alias("_key")).join(
+        keyed, on="_key"
+    ).select("item_id", "gold_item_id", kind=pl.lit(EXACT), distance=pl.lit(0.0)).cast(COPY_SCHEMA)
+
+
+def _feature_copies(corpus: pl.DataFrame, gold: pl.DataFrame, near_distance: float) -> GoldCopies:
+    """Corpus items whose features equal a gold item's (`exact`), or lie within `near_distance`
+    of one (`near`).
 
     Near is scale-free: features are standardized by the gold set's standard deviation (floored
     at the median feature's, so that a feature nearly constant in gold does not turn noise into

@@ -20,7 +20,7 @@ import duckdb
 import polars as pl
 
 from labelloop_assets.core import contracts as c
-from labelloop_assets.core import gold, reading, store
+from labelloop_assets.core import gold, item_content, reading, store
 from labelloop_assets.core.audit import record_audit_rows
 from labelloop_assets.core.directory import END_USER, ROOT_PRODUCER, Directory, effective_role, producer_expr
 from labelloop_assets.core.files import UnreadableFile, landing_file_sha256, landing_names
@@ -478,7 +478,8 @@ def _concat(frames: list[pl.DataFrame]) -> pl.DataFrame:
 def ingest_items(
     con: duckdb.DuckDBPyConnection, home: Home, ontology: Ontology, run_id: str
 ) -> IngestReport:
-    """New item files into `items`; the first batch fixes the deployment's feature length.
+    """New item files into `items`; the first batch fixes what items carry (text, features or both)
+    and the feature length.
 
     Gold items are declared by the deployment in gold.jsonl (read first, `gold.declare`): a
     landing line that carries a gold label, or reuses a gold item's id, is quarantined.
@@ -495,9 +496,7 @@ def _ingest_items(
     records = _concat(batch.accepted)
     quarantined = list(batch.quarantined)
     if records.height:
-        expected = store.get_state(con, "feature_length", 0) or int(
-            records["features"].list.len().mode().sort().first()
-        )
+        content, feature_length = item_content.expected(con, records)
         initial, initial_bad = _label_rule(ontology, "initial_label", required=False)
         declared = gold.declared_gold_ids(con, records.select("item_id"))
         records = records.join(declared, on="item_id", how="left")
@@ -508,22 +507,19 @@ def _ingest_items(
             (pl.col("is_gold").fill_null(False), c.GOLD_ITEM,
              "item_id is a gold item declared in gold.jsonl; gold items are frozen for evaluation"),
             (initial_bad, c.UNKNOWN_LABEL, _label_detail("initial_label")),
-            (
-                pl.col("features").list.len() != expected,
-                c.FEATURE_LENGTH_MISMATCH,
-                pl.format(f"features: {{}} values, this deployment uses {expected}",
-                          pl.col("features").list.len()),
-            ),
+            *item_content.rules(content, feature_length),
+            (pl.col("uri").is_not_null() & ~pl.col("uri").str.contains(c.URI_PATTERN), c.INVALID_VALUE,
+             "uri: must be an absolute URI with a scheme (s3://, https://, file:///...) and no spaces"),
         ]
         records, rejected = split_by_rules(records, spec.kind, spec.key, rules)
         records, replayed = _split_duplicates(records, con, "items", spec.kind, spec.key)
         quarantined.extend([rejected, replayed])
         records = records.with_columns(initial_label=initial).select(
-            "item_id", "features", "initial_label", "label_source",
+            "item_id", "text", "features", "uri", "initial_label", "label_source",
             "payload_hash", "source_file", "line_no",
         )
-        if records.height and not store.get_state(con, "feature_length", 0):
-            store.set_state(con, "feature_length", expected)
+        if records.height:
+            item_content.fix(con, content, feature_length)
     return _finish(con, spec.kind, "items", batch, records, quarantined, blank, run_id)
 
 

@@ -49,6 +49,7 @@ import numpy as np
 import polars as pl
 
 from labelloop_assets.core import bursts, store, train
+from labelloop_assets.core.pipelines import FEATURES, TEXT, PipelineSpec, preset_spec
 from labelloop_assets.core.settings import LabelloopConfigError
 
 # Active signals, one row per item (items missing = no human signal). votes_against / votes_for:
@@ -192,15 +193,24 @@ def vote_log_likelihood_ratios(n_classes: int, accuracy: float) -> tuple[float, 
 
 
 def out_of_sample_probabilities(
-    features: np.ndarray,
+    items: np.ndarray | pl.DataFrame,
     labels: np.ndarray,
     folds: int = 5,
     seed: int = 0,
-    params: dict | None = None,
+    spec: PipelineSpec | None = None,
 ) -> tuple[np.ndarray | None, np.ndarray, str | None]:
-    """K-fold out-of-sample probabilities from the production model: (probs, classes, note)."""
-    features = np.asarray(features, dtype=np.float64)
+    """K-fold out-of-sample probabilities from the production pipeline: (probs, classes, note).
+
+    `items` is a features matrix, or a frame with text and/or features as `spec` reads them
+    (None: the default pipeline for features)."""
     labels = np.asarray(labels)
+    if isinstance(items, pl.DataFrame):
+        if spec is None:
+            raise ValueError("a frame of items needs the pipeline that reads it")
+        features = train.features_matrix(items) if spec.input != TEXT else np.zeros((items.height, 1))
+    else:
+        features = np.asarray(items, dtype=np.float64)
+        spec = spec or preset_spec("logistic_regression", FEATURES)
     if features.ndim != 2 or labels.ndim != 1 or features.shape[0] != labels.shape[0]:
         raise ValueError(
             f"features must be (n, d) and labels (n,), got {features.shape} and {labels.shape}"
@@ -250,11 +260,16 @@ def out_of_sample_probabilities(
     column = {str(c): i for i, c in enumerate(classes)}
     probs = np.full((len(labels), len(classes)), np.nan)
 
+    def rows(selected: np.ndarray) -> pl.DataFrame:
+        return items[selected] if isinstance(items, pl.DataFrame) else pl.DataFrame(
+            {"features": features[selected]}, schema={"features": pl.List(pl.Float64)}
+        )
+
     def predict_into(rows_fit: np.ndarray, rows_out: np.ndarray) -> None:
-        model = train.fit(features[rows_fit], labels[rows_fit], params)
-        columns = np.array([column[c] for c in model.classes])
+        model = train.fit(rows(rows_fit), labels[rows_fit], spec, features.shape[1] if spec.input != TEXT else None)
+        columns = np.array([column[str(c)] for c in model.classes])
         block = np.zeros((len(rows_out), len(classes)))
-        block[:, columns] = model.predict_proba(features[rows_out])
+        block[:, columns] = model.predict_proba(rows(rows_out))
         probs[rows_out] = block
 
     # imported where used: loading the code location must not pay for scikit-learn

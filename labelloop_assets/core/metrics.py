@@ -218,9 +218,11 @@ CORRECTED_LABELS_SQL = (
     "SELECT corrected_label AS label FROM validated_labels v WHERE " + _IN_WINDOW.format(t="created_at")
     + f" AND NOT EXISTS (SELECT 1 FROM correction_bursts b WHERE b.status = 'discarded' AND {bursts.IN_BURST})"
 )
-# Features of the items served in the window (an item served twice counts twice: it is traffic).
+# Features of the items served in the window (an item served twice counts twice: it is traffic);
+# items that carry text only have none.
 SERVED_FEATURES_SQL = (
-    "SELECT i.features FROM predictions p JOIN items i USING (item_id) WHERE " + _IN_WINDOW.format(t="p.served_at")
+    "SELECT i.features FROM predictions p JOIN items i USING (item_id) WHERE i.features IS NOT NULL AND "
+    + _IN_WINDOW.format(t="p.served_at")
 )
 
 
@@ -278,7 +280,7 @@ def drift_signals(
     else:
         baseline, current = window_values(con, SERVED_FEATURES_SQL, window)
         if baseline.height == 0 or current.height == 0:
-            note = f"no served items in the {'baseline' if baseline.height == 0 else 'current'} window"
+            note = f"no served items with features in the {'baseline' if baseline.height == 0 else 'current'} window"
             rows.append({**_no_window("served_features"), **window, "n_baseline": baseline.height,
                          "n_current": current.height, "note": note})
         else:

@@ -15,6 +15,7 @@ import numpy as np
 import polars as pl
 
 from labelloop_assets.core import store, train
+from labelloop_assets.core.pipelines import PipelineSpec
 
 # The label changes between the champion's corpus version and the challenger's, with where the
 # corrections behind each came from.
@@ -47,15 +48,16 @@ def label_changes(con: duckdb.DuckDBPyConnection, since_version: int, until_vers
 
 def attribution(
     con: duckdb.DuckDBPyConnection, changes: pl.DataFrame, since_version: int, until_version: int,
-    gold: pl.DataFrame, max_groups: int, params: dict | None = None,
+    gold: pl.DataFrame, max_groups: int, spec: PipelineSpec | None = None,
 ) -> pl.DataFrame:
-    """Gold accuracy of the challenger's data minus that of the same data without each group."""
+    """Gold accuracy of the challenger's data minus that of the same data without each group,
+    each refitted with the challenger's pipeline (`spec`; none given: nothing is attributed)."""
     schema = {"group": pl.String, "items": pl.Int64, "accuracy_with": pl.Float64,
               "accuracy_without": pl.Float64, "benefit": pl.Float64}
-    if changes.height == 0 or gold.height == 0:
+    if changes.height == 0 or gold.height == 0 or spec is None:
         return pl.DataFrame(schema=schema)
     # Items that copy a gold item were not trained on (gold.find_gold_copies): not here either.
-    features = store.frame(con, "SELECT item_id, features FROM items ANTI JOIN gold_copies USING (item_id)")
+    features = store.frame(con, "SELECT item_id, text, features FROM items ANTI JOIN gold_copies USING (item_id)")
     now = store.frame(con, "SELECT item_id, label FROM corpus_as_of($v)", {"v": until_version})
     before = store.frame(con, "SELECT item_id, label AS label_before FROM corpus_as_of($v)", {"v": since_version})
     base = now.join(before, on="item_id", how="left").join(features, on="item_id").sort("item_id")
@@ -64,13 +66,13 @@ def attribution(
         changes.select(pl.format("label {}", "label").alias("group"), "item_id"),
     ])
     sizes = groups.group_by("group").len("items").sort(["items", "group"], descending=[True, False]).head(max_groups)
-    gold_x, gold_y = train.features_matrix(gold), gold["label"].to_numpy()
+    gold_y = gold["label"].to_numpy()
 
     def accuracy(frame: pl.DataFrame) -> float | None:
         if frame["label"].n_unique() < 2:
             return None
-        model = train.fit(train.features_matrix(frame), frame["label"].to_numpy(), params)
-        return float(np.mean(model.predict(gold_x) == gold_y))
+        model = train.fit(frame, frame["label"].to_numpy(), spec)
+        return float(np.mean(model.predict(gold) == gold_y))
 
     with_all = accuracy(base)
     rows = []
@@ -87,7 +89,7 @@ def attribution(
 
 def render(
     evaluation: dict, changes: pl.DataFrame, attributed: pl.DataFrame,
-    params: dict | None = None, champion_params: dict | None = None,
+    spec: PipelineSpec | None = None, champion_spec: PipelineSpec | None = None,
 ) -> str:
     """The release notes as markdown."""
     challenger = json.loads(evaluation["challenger_scores"])
@@ -100,11 +102,11 @@ def render(
         *[f"- {reason}" for reason in evaluation["reasons"]],
         "",
     ]
-    if params:
+    if spec:
         lines += [
-            f"Trained with {_params(params)}"
-            + ("" if champion_params is None else " (unchanged)" if champion_params == params
-               else f"; the champion with {_params(champion_params)}") + ".",
+            f"Trained with {spec.describe()}"
+            + ("" if champion_spec is None else " (unchanged)" if champion_spec == spec
+               else f"; the champion with {champion_spec.describe()}") + ".",
             "",
         ]
     lines += [
@@ -151,10 +153,6 @@ def render(
             for r in attributed.sort("benefit", descending=True, nulls_last=True).iter_rows(named=True)
         ]
     return "\n".join(lines) + "\n"
-
-
-def _params(params: dict) -> str:
-    return ", ".join(f"{key}={value}" for key, value in sorted(params.items()))
 
 
 def _num(value) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from labelloop_assets.core.contracts import MAX_ITEM_TEXT, URI_PATTERN
 from labelloop_assets.core.files import write_atomically
 from labelloop_assets.core.settings import DEFAULTS_DIR, Home
 
@@ -43,9 +44,21 @@ class ScaffoldError(ValueError):
 @dataclass
 class Record:
     item_id: str
-    features: list[float]
+    text: str | None
+    features: list[float] | None
+    uri: str | None
     label: str
     label_source: str
+
+    @property
+    def carries(self) -> str:
+        """text, features or text+features (the items contract's content)."""
+        return "+".join(name for name, value in (("text", self.text), ("features", self.features)) if value)
+
+    def item(self) -> dict:
+        """The item's own fields (text, features, uri: those it has), for gold.jsonl and landing."""
+        return {key: value for key, value in (("text", self.text), ("features", self.features), ("uri", self.uri))
+                if value is not None}
 
 
 @dataclass
@@ -83,14 +96,19 @@ def read_labelled(paths: list[Path]) -> ReadResult:
     result = ReadResult()
     seen: dict[str, str] = {}
     length: int | None = None
+    carries: str | None = None
     for path in paths:
         for where, raw in _raw_records(path, result):
             result.lines += 1
             try:
                 record = _record(raw)
-                if length is None:
+                # One model reads every item: the first record fixes what they all carry.
+                carries = carries or record.carries
+                if record.carries != carries:
+                    raise ScaffoldError(f"the record carries {record.carries}; the first record carries {carries}")
+                if length is None and record.features:
                     length = len(record.features)
-                elif len(record.features) != length:
+                elif record.features and len(record.features) != length:
                     raise ScaffoldError(f"features has {len(record.features)} values; the first record has {length}")
                 if record.item_id in seen:
                     raise ScaffoldError(f"item_id {record.item_id!r} repeats {seen[record.item_id]}")
@@ -129,14 +147,15 @@ def _raw_records(path: Path, result: ReadResult):
 
 
 def _csv_records(path: Path, text: str):
-    """CSV with a header: item_id, a label column, and either a `features` column (a JSON array, or
-    numbers separated by spaces or semicolons) or one column per feature."""
+    """CSV with a header: item_id, a label column, optionally `text` and `uri`, and either a
+    `features` column (a JSON array, or numbers separated by spaces or semicolons), one column per
+    feature, or (for items that carry text only) no other column."""
     rows = csv.reader(text.splitlines())
     header = next(rows, None)
     if not header:
         raise ScaffoldError(f"{path}: empty CSV file (a header row is needed)")
     header = [name.strip() for name in header]
-    fixed = {"item_id", "label_source", "features", *LABEL_FIELDS}
+    fixed = {"item_id", "label_source", "features", "text", "uri", *LABEL_FIELDS}
     feature_columns = [i for i, name in enumerate(header) if name not in fixed]
     for number, row in enumerate(rows, 2):
         if not any(cell.strip() for cell in row):
@@ -179,15 +198,27 @@ def _record(raw) -> Record:
     item_id = item_id.strip()
     if len(item_id) > ID_MAX or _CONTROL.search(item_id):
         raise ScaffoldError(f"item_id is longer than {ID_MAX} characters or holds control characters")
-    features = raw.get("features")
+    text, features, uri = (raw.get(name) if raw.get(name) != "" else None for name in ("text", "features", "uri"))
+    if text is None and features is None:
+        raise ScaffoldError("no text and no features: an item carries text, features or both")
+    if text is not None and (not isinstance(text, str) or not text.strip() or len(text) > MAX_ITEM_TEXT):
+        raise ScaffoldError(f"text must be a non-empty string of at most {MAX_ITEM_TEXT} characters")
+    if uri is not None and (not isinstance(uri, str) or len(uri) > 2048 or not re.match(URI_PATTERN, uri)):
+        raise ScaffoldError("uri must be an absolute URI with a scheme (s3://, https://, file:///...), no spaces")
+    if features is None:
+        return _labelled(raw, item_id, text.strip(), None, uri)
     if not isinstance(features, list) or not features:
-        raise ScaffoldError("features is missing or not a non-empty array of numbers")
+        raise ScaffoldError("features is not a non-empty array of numbers")
     if len(features) > FEATURES_MAX:
         raise ScaffoldError(f"features has {len(features)} values; at most {FEATURES_MAX}")
     bad = [i for i, v in enumerate(features)
            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)]
     if bad:
         raise ScaffoldError(f"features[{bad[0]}] is {features[bad[0]]!r}, not a finite number")
+    return _labelled(raw, item_id, text.strip() if text else None, [float(v) for v in features], uri)
+
+
+def _labelled(raw: dict, item_id: str, text: str | None, features: list[float] | None, uri: str | None) -> Record:
     present = [name for name in LABEL_FIELDS if raw.get(name) not in (None, "")]
     if not present:
         raise ScaffoldError(f"no label: give one of {', '.join(LABEL_FIELDS)}")
@@ -200,7 +231,7 @@ def _record(raw) -> Record:
     source = raw.get("label_source")
     if not isinstance(source, str) or not source.strip() or len(source) > 64 or _CONTROL.search(source):
         source = DEFAULT_LABEL_SOURCE
-    return Record(item_id, [float(v) for v in features], label, source.strip())
+    return Record(item_id, text, features, uri, label, source.strip())
 
 
 def default_min_eval_items() -> int:
@@ -266,10 +297,10 @@ def scaffold(home: Home, records: list[Record], plan: Plan, seed: int, force: bo
     write_atomically(home.ontology_file, ontology_text(plan))
     write_atomically(home.validation_file, validation_text(plan))
     write_atomically(home.gold_file, "".join(
-        json.dumps({"item_id": r.item_id, "features": r.features, "gold_label": r.label}) + "\n" for r in gold
+        json.dumps({"item_id": r.item_id, **r.item(), "gold_label": r.label}) + "\n" for r in gold
     ))
     write_atomically(home.landing_dir("items") / ITEMS_FILE, "".join(
-        json.dumps({"item_id": r.item_id, "features": r.features, "initial_label": r.label,
+        json.dumps({"item_id": r.item_id, **r.item(), "initial_label": r.label,
                     "label_source": r.label_source}) + "\n" for r in rest
     ))
 

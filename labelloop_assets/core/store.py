@@ -26,7 +26,7 @@ from labelloop_assets.core import lake
 from labelloop_assets.core.lake import Lake
 from labelloop_assets.core.settings import POLICY_READS, env_number
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 DDL = """
 CREATE TABLE IF NOT EXISTS schema_info (key VARCHAR NOT NULL, value VARCHAR);
@@ -48,8 +48,9 @@ CREATE OR REPLACE VIEW quarantined_corrections AS
     SELECT * EXCLUDE (kind) FROM quarantine WHERE kind = 'corrections';
 
 CREATE TABLE IF NOT EXISTS items (
-    seq BIGINT NOT NULL, item_id VARCHAR NOT NULL, features DOUBLE[] NOT NULL,
-    initial_label VARCHAR, label_source VARCHAR, gold_label VARCHAR,
+    seq BIGINT NOT NULL, item_id VARCHAR NOT NULL, features DOUBLE[],
+    -- v6: items may carry text instead of (or beside) features, and the address of their payload.
+    text VARCHAR, uri VARCHAR, initial_label VARCHAR, label_source VARCHAR, gold_label VARCHAR,
     payload_hash VARCHAR NOT NULL, source_file VARCHAR, line_no BIGINT,
     ingested_at TIMESTAMPTZ NOT NULL DEFAULT now(), run_id VARCHAR
 );
@@ -393,6 +394,11 @@ def _migrate(con: Any, found: int) -> None:
             ("line_count", "BIGINT"), ("first_line", "BIGINT"),
         ):
             con.execute(f"ALTER TABLE ingested_files ADD COLUMN IF NOT EXISTS {column} {kind}")
+    if found < 6:
+        # Version 6: items carry text, features or both, and an optional uri.
+        con.execute("ALTER TABLE items ALTER COLUMN features DROP NOT NULL")
+        for column in ("text", "uri"):
+            con.execute(f"ALTER TABLE items ADD COLUMN IF NOT EXISTS {column} VARCHAR")
 
 
 # DuckDB lets one process at a time hold the file for writing, and a process holding it open

@@ -1,7 +1,8 @@
-"""Train, evaluate and store the model: scikit-learn to fit, plain arrays and JSON to keep.
+"""Train, evaluate and store the model: a scikit-learn pipeline, kept in an audited format.
 
-A model is stored as `model.npz` (numbers only, loaded with allow_pickle=False) and
-`metadata.json` beside it, so loading one never executes code from the file.
+A model is stored as `model.skops` (scikit-learn's objects written by skops, which loads only
+types it is told to trust: never pickle) and `metadata.json` beside it, with the file's SHA-256,
+so loading one never executes code from the file.
 """
 
 from __future__ import annotations
@@ -12,123 +13,153 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
 
+from labelloop_assets.core import pipelines
 from labelloop_assets.core.files import sync_to_disk, write_atomically
+from labelloop_assets.core.pipelines import FEATURES, TEXT, PipelineChoice, PipelineSpec
 from labelloop_assets.core.settings import (
     LabelloopConfigError,
     config_number,
     load_yaml_mapping,
 )
 
-ALGORITHM = "standard_scaler+logistic_regression"
-DEFAULT_PARAMS = {"C": 0.1, "max_iter": 2000}
+MODEL_FILE = "model.skops"
 CURRENT_POINTER = "CURRENT"
-# The training data: every corpus item with its current label and features.
+# The training data: every corpus item with its current label and what it carries.
 TRAINING_SQL = (
-    "SELECT c.item_id, c.label, i.features FROM production_corpus c JOIN items i USING (item_id) ORDER BY c.item_id"
+    "SELECT c.item_id, c.label, i.text, i.features FROM production_corpus c JOIN items i USING (item_id) "
+    "ORDER BY c.item_id"
 )
+# Module prefixes whose types a model file may hold: scikit-learn's own (the rest skops trusts
+# already: numpy, scipy and Python's builtins).
+TRUSTED_MODULES = ("sklearn.",)
+
+
+class ModelFileError(ValueError):
+    """A model folder that cannot be loaded safely: missing, altered, or of another format."""
+
+
+def features_matrix(frame: pl.DataFrame, column: str = "features", width: int | None = None) -> np.ndarray:
+    """A (rows, width) float matrix from a list column of one fixed width."""
+    if frame.height == 0:
+        return np.empty((0, width or 0))
+    width = width or int(frame[column].list.len().max())
+    return frame[column].list.to_array(width).to_numpy().astype(np.float64, copy=False)
+
+
+def model_input(items: pl.DataFrame, item_input: str, feature_length: int | None = None) -> Any:
+    """What a pipeline of this input reads from items (columns text and/or features)."""
+    if item_input == TEXT:
+        return items["text"].to_numpy().astype(object)
+    if item_input == FEATURES:
+        return features_matrix(items, width=feature_length)
+    matrix = features_matrix(items, width=feature_length)
+    return pl.DataFrame({"text": items["text"]}).hstack(
+        pl.DataFrame(matrix, schema=pipelines.feature_columns(matrix.shape[1]), orient="row")
+    )
 
 
 @dataclass
-class LinearModel:
-    """A fitted multinomial logistic regression reduced to its arrays."""
+class TrainedModel:
+    """A fitted pipeline with what it reads and the labels it gives."""
 
-    classes: np.ndarray
-    mean: np.ndarray
-    scale: np.ndarray
-    coef: np.ndarray
-    intercept: np.ndarray
+    pipeline: Any
+    spec: PipelineSpec
+    feature_length: int | None
 
-    def decision(self, features: np.ndarray) -> np.ndarray:
-        return ((features - self.mean) / self.scale) @ self.coef.T + self.intercept
+    @property
+    def classes(self) -> np.ndarray:
+        return np.asarray(self.pipeline.classes_).astype(str)
 
-    def predict_proba(self, features: np.ndarray) -> np.ndarray:
-        logits = self.decision(features)
-        if logits.shape[1] == 1:  # binary: one logit for the second class, as in scikit-learn
-            logits = np.hstack([np.zeros_like(logits), logits])
-        logits = logits - logits.max(axis=1, keepdims=True)
-        exp = np.exp(logits)
-        return exp / exp.sum(axis=1, keepdims=True)
+    def predict_proba(self, items: pl.DataFrame | np.ndarray) -> np.ndarray:
+        """Probabilities per class (columns in `classes` order); a matrix stands for features."""
+        if isinstance(items, np.ndarray):
+            if self.spec.input != FEATURES:
+                raise ValueError(f"this model reads {self.spec.input}; pass items with those columns")
+            return self.pipeline.predict_proba(items)
+        if items.height == 0:
+            return np.empty((0, len(self.classes)))
+        return self.pipeline.predict_proba(model_input(items, self.spec.input, self.feature_length))
 
-    def predict(self, features: np.ndarray) -> np.ndarray:
-        return self.classes[self.predict_proba(features).argmax(axis=1)]
-
-
-def features_matrix(frame: pl.DataFrame, column: str = "features") -> np.ndarray:
-    """A (rows, width) float matrix from a list column of one fixed width."""
-    if frame.height == 0:
-        return np.empty((0, 0))
-    width = int(frame[column].list.len().max())
-    return frame[column].list.to_array(width).to_numpy().astype(np.float64, copy=False)
+    def predict(self, items: pl.DataFrame | np.ndarray) -> np.ndarray:
+        return self.classes[self.predict_proba(items).argmax(axis=1)]
 
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    """training.yaml: the estimator's parameters and the smallest corpus worth training on."""
+    """training.yaml: the pipeline, its parameters, and the smallest corpus worth training on."""
 
-    params: dict
+    choice: PipelineChoice
     min_train_rows: int = 5
+
+    @property
+    def params(self) -> dict:
+        """The preset's parameter overrides (empty for a steps list)."""
+        return self.choice.params
+
+    def spec(self, item_content: str, where: str = "training.yaml") -> PipelineSpec:
+        return self.choice.resolve(item_content, where)
 
     @classmethod
     def load(cls, path: Path) -> TrainingConfig:
         raw = load_yaml_mapping(path, "training")
         where = f"training file {path}"
-        known = {"params", "min_train_rows", "external_model_versions"}  # the last: read by ingest
+        # external_model_versions is read by ingest; trainer by the external trainer.
+        known = {"pipeline", "params", "input", "min_train_rows", "external_model_versions", "trainer"}
         if set(raw) - known:
             raise LabelloopConfigError(f"{where}: unknown keys {sorted(set(raw) - known)}; known: {sorted(known)}")
         given = raw.get("params") or {}
-        if not isinstance(given, dict):
-            raise LabelloopConfigError(f"{where}: params must be a mapping")
-        unknown = set(given) - set(DEFAULT_PARAMS)
-        if unknown:
-            raise LabelloopConfigError(f"{where}: unknown params {sorted(unknown)}; known: {sorted(DEFAULT_PARAMS)}")
-        params = {
-            **DEFAULT_PARAMS,
-            **{
-                key: config_number(value, DEFAULT_PARAMS[key], f"{where}: params.{key}")
-                for key, value in given.items()
-            },
-        }
+        if isinstance(given, dict) and raw.get("pipeline", "auto") in ("auto", "logistic_regression"):
+            # The linear model's two numbers keep their friendlier messages (and C: 1 is a float).
+            given = {**given, **{key: config_number(given[key], example, f"{where}: params.{key}")
+                                 for key, example in (("C", 1.0), ("max_iter", 1)) if key in given}}
+            if given.get("C", 1) <= 0 or given.get("max_iter", 1) < 1:
+                raise LabelloopConfigError(f"{where}: params.C must be above 0 and params.max_iter at least 1")
+            raw = {**raw, "params": given}
+        choice = pipelines.parse_choice(raw, where)
         min_rows = config_number(raw.get("min_train_rows", cls.min_train_rows), cls.min_train_rows,
                                  f"{where}: min_train_rows")
-        if params["C"] <= 0 or params["max_iter"] < 1 or min_rows < 2:
-            raise LabelloopConfigError(
-                f"{where}: params.C must be above 0, params.max_iter at least 1 and min_train_rows at least 2"
-            )
-        return cls(params=params, min_train_rows=min_rows)
+        if min_rows < 2:
+            raise LabelloopConfigError(f"{where}: min_train_rows must be at least 2")
+        return cls(choice=choice, min_train_rows=min_rows)
 
 
-def fit(features: np.ndarray, labels: np.ndarray, params: dict | None = None) -> LinearModel:
-    # imported where used: loading the code location must not pay for scikit-learn
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
+def fit(
+    items: pl.DataFrame | np.ndarray, labels: np.ndarray, spec: PipelineSpec | None = None,
+    feature_length: int | None = None,
+) -> TrainedModel:
+    """Fit the spec's pipeline (None: the default for features) on items and their labels.
 
-    params = {**DEFAULT_PARAMS, **(params or {})}
+    Items are a frame with text and/or features as the spec reads them, or a features matrix."""
+    spec = spec or pipelines.preset_spec("logistic_regression", FEATURES)
     if len(np.unique(labels)) < 2:
         raise ValueError("training needs at least two distinct labels in the corpus")
-    scaler = StandardScaler().fit(features)
-    scale = np.where(scaler.scale_ == 0, 1.0, scaler.scale_)
-    classifier = LogisticRegression(C=params["C"], max_iter=params["max_iter"])
-    classifier.fit((features - scaler.mean_) / scale, labels)
-    return LinearModel(
-        classes=np.asarray(classifier.classes_).astype(str),
-        mean=scaler.mean_,
-        scale=scale,
-        coef=classifier.coef_,
-        intercept=classifier.intercept_,
-    )
+    if isinstance(items, np.ndarray):
+        if spec.input != FEATURES:
+            raise ValueError(f"this pipeline reads {spec.input}; pass a frame with those columns")
+        feature_length, inputs = items.shape[1], items
+    else:
+        if spec.input == TEXT:
+            feature_length = None
+        elif feature_length is None:
+            feature_length = int(items["features"].list.len().max()) if items.height else None
+        inputs = model_input(items, spec.input, feature_length)
+    pipeline = spec.build(feature_length)
+    pipeline.fit(inputs, np.asarray(labels).astype(str))
+    return TrainedModel(pipeline=pipeline, spec=spec, feature_length=feature_length)
 
 
-def evaluate(model: LinearModel, features: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+def evaluate(model: TrainedModel, items: pl.DataFrame, labels: np.ndarray) -> dict[str, float]:
     if len(labels) == 0:
         return {"accuracy": float("nan"), "macro_f1": float("nan")}
     # imported where used: loading the code location must not pay for scikit-learn
     from sklearn.metrics import accuracy_score, f1_score
 
-    predicted = model.predict(features)
+    predicted = model.predict(items)
     return {
         "accuracy": float(accuracy_score(labels, predicted)),
         "macro_f1": float(f1_score(labels, predicted, average="macro", zero_division=0)),
@@ -141,27 +172,30 @@ def training_data_hash(training: pl.DataFrame) -> str:
     return hashlib.sha256(lines.str.join("\n").item().encode()).hexdigest()
 
 
-def save(model: LinearModel, folder: Path, metadata: dict) -> Path:
-    """Write the arrays and metadata into a temp folder, then rename it into place.
+def save(model: TrainedModel, folder: Path, metadata: dict) -> Path:
+    """Write the model file and metadata into a temp folder, then rename it into place.
 
     Callers save a version before registering it and number versions past every registered one,
     so a folder already there is what a run killed between the two left behind: it is replaced.
     """
+    import skops.io
+
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    np.savez(
-        staging / "model.npz",
-        classes=model.classes.astype("U"),
-        mean=model.mean,
-        scale=model.scale,
-        coef=model.coef,
-        intercept=model.intercept,
-    )
-    (staging / "metadata.json").write_text(json.dumps(metadata, indent=2, sort_keys=True, default=str))
+    skops.io.dump(model.pipeline, staging / MODEL_FILE)
+    described = {
+        **metadata,
+        "pipeline": model.spec.as_dict(),
+        "classes": model.classes.tolist(),
+        "feature_length": model.feature_length,
+        "model_file": MODEL_FILE,
+        "model_file_sha256": _sha256(staging / MODEL_FILE),
+    }
+    (staging / "metadata.json").write_text(json.dumps(described, indent=2, sort_keys=True, default=str))
     # The registry will refer to this folder: it must be on disk before the database says so.
-    for written in (staging / "model.npz", staging / "metadata.json", staging):
+    for written in (staging / MODEL_FILE, staging / "metadata.json", staging):
         sync_to_disk(written)
     if folder.exists():
         # A directory cannot be renamed over a non-empty one: move the leftover aside first.
@@ -176,11 +210,50 @@ def save(model: LinearModel, folder: Path, metadata: dict) -> Path:
     return folder
 
 
-def load(folder: Path) -> tuple[LinearModel, dict]:
-    with np.load(folder / "model.npz", allow_pickle=False) as arrays:
-        model = LinearModel(**{name: arrays[name] for name in ("classes", "mean", "scale", "coef", "intercept")})
-    metadata = json.loads((folder / "metadata.json").read_text())
+def load(folder: Path) -> tuple[TrainedModel, dict]:
+    """The model in `folder`, refused (ModelFileError) unless its file is the one its metadata names
+    (same SHA-256) and holds only trusted types; nothing in the file runs while loading."""
+    import skops.io
+
+    name = folder.name
+    try:
+        metadata = json.loads((folder / "metadata.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelFileError(f"{name}: metadata.json is missing from {folder}") from None
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise ModelFileError(f"{name}: metadata.json in {folder} is not readable JSON ({error})") from None
+    if not isinstance(metadata, dict):
+        raise ModelFileError(f"{name}: metadata.json in {folder} is not a JSON object")
+    path = folder / MODEL_FILE
+    if not path.is_file():
+        older = " (model.npz: saved by an earlier labelloop; train again)" if (folder / "model.npz").exists() else ""
+        raise ModelFileError(f"{name}: {MODEL_FILE} is missing from {folder}{older}")
+    if _sha256(path) != metadata.get("model_file_sha256"):
+        raise ModelFileError(f"{name}: {MODEL_FILE} in {folder} is not the file its metadata.json describes "
+                             "(SHA-256 differs): refused")
+    try:
+        untrusted = skops.io.get_untrusted_types(file=path)
+        foreign = [t for t in untrusted if not t.startswith(TRUSTED_MODULES)]
+        if foreign:
+            raise ModelFileError(f"{name}: {MODEL_FILE} in {folder} holds types labelloop does not load: {foreign}")
+        pipeline = skops.io.load(path, trusted=untrusted)
+        spec = PipelineSpec.from_recorded(metadata["pipeline"])
+    except ModelFileError:
+        raise
+    except Exception as error:  # skops raises many kinds on a damaged file; each is a refusal
+        raise ModelFileError(f"{name}: {MODEL_FILE} in {folder} is not a readable model ({error})") from None
+    model = TrainedModel(pipeline=pipeline, spec=spec, feature_length=metadata.get("feature_length"))
+    if not hasattr(pipeline, "predict_proba") or model.classes.tolist() != metadata.get("classes"):
+        raise ModelFileError(f"{name}: {MODEL_FILE} in {folder} does not match its metadata (classes)")
     return model, metadata
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def set_current(models_dir: Path, version: str) -> None:

@@ -18,7 +18,7 @@ from sklearn.datasets import load_digits
 
 from labelloop_assets.core.files import write_atomically
 from labelloop_assets.core.settings import Home
-from labelloop_assets.core.train import LinearModel
+from labelloop_assets.core.train import TrainedModel
 
 LABELS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # Digit pairs a reader (and a model) confuses most often, from a cross-validated confusion matrix.
@@ -199,7 +199,7 @@ def _event(
 
 
 def simulate_day(
-    world: DemoWorld, home: Home, day: int, model: LinearModel, model_version: str
+    world: DemoWorld, home: Home, day: int, model: TrainedModel, model_version: str
 ) -> dict[str, int]:
     """One day of traffic: the product serves predictions, users send corrections back."""
     cfg, rng = world.config, world.rng
