@@ -325,12 +325,18 @@ def test_a_version_3_store_is_upgraded_in_place(tmp_path):
             con.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
         for table in ("evaluation_sets", "gold_copies", "policy_uses"):
             con.execute(f"DROP TABLE {table}")
+        # Before version 6 items carried features only.
+        con.execute("ALTER TABLE items DROP COLUMN text")
+        con.execute("ALTER TABLE items DROP COLUMN uri")
+        con.execute("ALTER TABLE items ALTER COLUMN features SET NOT NULL")
         con.execute("UPDATE schema_info SET value = '3' WHERE key = 'schema_version'")
     with store.connect(path) as con:
-        assert store.schema_version(con) == store.SCHEMA_VERSION == 5
+        assert store.schema_version(con) == store.SCHEMA_VERSION == 6
+        con.execute("INSERT INTO items (seq, item_id, text, payload_hash) VALUES (2, 'i2', 'a text item', 'h')")
+        assert con.execute("SELECT item_id, text, features FROM items ORDER BY 1").fetchall() == [
+            ("i1", None, [1.0]), ("i2", "a text item", None)]
         columns = {(t, c) for t, c in con.execute(
             "SELECT table_name, column_name FROM duckdb_columns() WHERE table_name IN "
             "('raw_corrections', 'review_decisions', 'policy_uses', 'ingested_files')").fetchall()}
         assert {("raw_corrections", "claimed_role"), ("review_decisions", "signature"),
                 ("policy_uses", "sha256"), ("ingested_files", "version"), ("ingested_files", "sha256")} <= columns
-        assert con.execute("SELECT item_id FROM items").fetchall() == [("i1",)]
