@@ -3,6 +3,7 @@ loop promoted, predict as the loop's own model does, and land prediction logs th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -79,11 +80,12 @@ def test_model_current_names_the_registry_champion(champion_home, monkeypatch, c
     assert cli.main(["model", "current", "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
     row = _rows(champion_home, "SELECT * FROM models WHERE status = 'champion'").row(0, named=True)
-    assert set(shown) == {"model_version", "path", "corpus_version", "trained_at", "classes", "feature_length",
-                          "confirm_below", "gold_metrics"}
+    assert set(shown) == {"model_version", "path", "corpus_version", "trained_at", "classes", "reads", "pipeline",
+                          "feature_length", "confirm_below", "gold_metrics"}
     assert shown["model_version"] == row["model_version"] == train.current_version(champion_home.models) == "m0001"
     assert Path(shown["path"]) == champion_home.root / row["path"]
-    assert (Path(shown["path"]) / "model.npz").is_file()
+    assert (Path(shown["path"]) / "model.skops").is_file()
+    assert shown["reads"] == "features" and shown["pipeline"].startswith("StandardScaler() -> LogisticRegression(")
     assert shown["corpus_version"] == row["corpus_version"]
     assert datetime.fromisoformat(shown["trained_at"]) == row["trained_at"]
     assert sorted(shown["classes"]) == ["one", "two", "zero"] and shown["feature_length"] == 4
@@ -93,7 +95,7 @@ def test_model_current_names_the_registry_champion(champion_home, monkeypatch, c
 
     assert cli.main(["model", "current"]) == 0
     text = capsys.readouterr().out
-    assert "champion m0001" in text and "confirm_below" in text and "4 numbers per item" in text
+    assert "champion m0001" in text and "confirm_below" in text and "reads:         features (4 numbers per item)" in text
 
 
 def test_the_champion_predicts_what_the_loops_model_predicts(champion_home):
@@ -111,12 +113,12 @@ def test_the_champion_predicts_what_the_loops_model_predicts(champion_home):
     assert champion.predict(features[0].tolist())[0] == labels[:1]
     assert [champion.needs_review(c) for c in confidences] == [c < champion.confirm_below for c in confidences]
 
-    with pytest.raises(serving.ServingError, match="one row of 4 numbers per item"):
+    with pytest.raises(serving.ServingError, match="item 0: features must be 4 numbers"):
         champion.predict([[1.0, 2.0, 3.0]])
     with pytest.raises(serving.ServingError, match="finite"):
         champion.predict([[1.0, float("nan"), 3.0, 4.0]])
     assert champion.prediction_records([], []) == []
-    with pytest.raises(serving.ServingError, match="2 item ids for 3 rows"):
+    with pytest.raises(serving.ServingError, match="2 item ids for 3 items"):
         champion.prediction_records(["item-020", "item-021"], features[:3])
 
 
@@ -189,15 +191,19 @@ def test_a_tampered_metadata_file_is_refused(own_home, capsys):
 
 
 def test_a_missing_or_unsafe_model_file_is_refused(own_home, capsys):
-    arrays = own_home.models / "m0001" / "model.npz"
-    saved = dict(np.load(arrays, allow_pickle=False))
-    arrays.unlink()
-    _refused(capsys, "m0001: model.npz is missing")
-    # An array of Python objects would need pickle to load: never read.
-    np.savez(arrays, **{**saved, "classes": np.array([object(), "one", "two"], dtype=object)})
-    _refused(capsys, "model.npz", "not a readable model file")
-    np.savez(arrays, **{**saved, "mean": saved["mean"][:3]})
-    _refused(capsys, "not a consistent model", "feature length")
+    model_file = own_home.models / "m0001" / "model.skops"
+    saved = model_file.read_bytes()
+    model_file.unlink()
+    _refused(capsys, "m0001: model.skops is missing")
+    # Another file in its place (here the same bytes, one appended): its SHA-256 is not the recorded one.
+    model_file.write_bytes(saved + b"\0")
+    _refused(capsys, "model.skops", "not the file its metadata.json describes")
+    # Bytes that match the recorded hash but are not a model (metadata rewritten too).
+    model_file.write_bytes(b"not a zip")
+    metadata_file = own_home.models / "m0001" / "metadata.json"
+    metadata = json.loads(metadata_file.read_text())
+    metadata_file.write_text(json.dumps({**metadata, "model_file_sha256": hashlib.sha256(b"not a zip").hexdigest()}))
+    _refused(capsys, "model.skops", "not a readable model")
 
 
 def test_a_pointer_that_disagrees_with_the_registry_is_refused(own_home, capsys):
