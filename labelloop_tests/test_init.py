@@ -140,7 +140,8 @@ def test_malformed_lines_are_named_with_file_and_line_and_the_counts_reconcile(t
     assert code == 0
     assert "read 1 file: 68 lines, 60 accepted, 8 rejected" in out
     for line, why in ((31, "not JSON"), (32, "a record must be an object, got list"),
-                      (33, "no text and no features: an item carries text, features or both"), (34, "features[0] is nan, not a finite number"),
+                      (33, "no text and no features: an item carries text, features or both"),
+                      (34, "features[0] is nan, not a finite number"),
                       (35, "features has 2 values; the first record has 4"),
                       (36, "no label: give one of label, initial_label, gold_label"),
                       (37, "label must be a string, got bool"),

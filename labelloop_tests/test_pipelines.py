@@ -100,7 +100,8 @@ def test_models_recorded_before_pipelines_rebuild_as_the_old_default():
 
 
 @pytest.mark.parametrize(("text", "content", "message"), [
-    ("pipeline: xgboost\n", "features", "'xgboost' is not a preset (auto, logistic_regression, hist_gradient_boosting)"),
+    ("pipeline: xgboost\n", "features",
+     "'xgboost' is not a preset (auto, logistic_regression, hist_gradient_boosting)"),
     ("pipeline:\n  - system: {}\n", "features", "'system' is not a scikit-learn estimator in"),
     ("pipeline:\n  - Popen: {args: ls}\n", "features", "'Popen' is not a scikit-learn estimator"),
     ("pipeline:\n  - StandardScaler: {}\n  - LogisticRegression: {Cee: 1}\n", "features",

@@ -95,7 +95,8 @@ def test_model_current_names_the_registry_champion(champion_home, monkeypatch, c
 
     assert cli.main(["model", "current"]) == 0
     text = capsys.readouterr().out
-    assert "champion m0001" in text and "confirm_below" in text and "reads:         features (4 numbers per item)" in text
+    assert "champion m0001" in text and "confirm_below" in text
+    assert "reads:         features (4 numbers per item)" in text
 
 
 def test_the_champion_predicts_what_the_loops_model_predicts(champion_home):
