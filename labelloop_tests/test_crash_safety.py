@@ -35,7 +35,7 @@ CHILD = textwrap.dedent(
     from pathlib import Path
 
     import dagster as dg
-    import numpy as np
+    import skops.io
 
     from labelloop_assets.core import store, train
     from labelloop_assets.core.settings import Home, RetrainPolicy
@@ -68,12 +68,12 @@ CHILD = textwrap.dedent(
 
 
     store.transaction = transaction
-    save, savez = train.save, np.savez
-    if point == "save:model.npz":
+    save, dump = train.save, skops.io.dump
+    if point == "save:model.skops":
         def written_then_crash(*args, **kwargs):
-            savez(*args, **kwargs)
+            dump(*args, **kwargs)
             crash()
-        np.savez = written_then_crash
+        skops.io.dump = written_then_crash
     elif point == "save:exit":
         def saved_then_crash(*args, **kwargs):
             save(*args, **kwargs)
@@ -148,14 +148,14 @@ CRASHES = {
         ("SELECT count(*) FROM escalations", 0),
     ), (("labelloop.duckdb.wal", True), ("published/production_corpus.parquet", False))),
     # Half of the challenger's artifact is written, in its staging folder.
-    "model_artifact_half_written": Crash(RETRAIN_JOB, "save:model.npz", (
+    "model_artifact_half_written": Crash(RETRAIN_JOB, "save:model.skops", (
         ("SELECT list(model_version ORDER BY model_version) FROM models", ["m0001"]),
-    ), (("models/.m0002.tmp/model.npz", True), ("models/.m0002.tmp/metadata.json", False),
+    ), (("models/.m0002.tmp/model.skops", True), ("models/.m0002.tmp/metadata.json", False),
         ("models/m0002", False))),
     # The artifact is in place, the registry row never written.
     "model_saved_not_registered": Crash(RETRAIN_JOB, "save:exit", (
         ("SELECT list(model_version ORDER BY model_version) FROM models", ["m0001"]),
-    ), (("models/m0002/model.npz", True), ("models/m0002/metadata.json", True))),
+    ), (("models/m0002/model.skops", True), ("models/m0002/metadata.json", True))),
     # The registry committed the promotion; the process dies before models/CURRENT moves.
     "promotion_before_pointer_move": Crash(RETRAIN_JOB, "set_current:entry", (
         ("SELECT list(status ORDER BY model_version) FROM models", ["retired", "champion"]),

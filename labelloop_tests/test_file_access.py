@@ -79,7 +79,7 @@ def test_everything_the_loop_writes_is_readable_by_its_owner_only(tmp_path, inst
     found = created_by_labelloop(home, written)
     # What the loop writes is all there: the store, a model, published Parquet, reports.
     names = {p.name for p in found}
-    assert {"labelloop.duckdb", "model.npz", "production_corpus.parquet", "views.sql", "CURRENT"} <= names
+    assert {"labelloop.duckdb", "model.skops", "production_corpus.parquet", "views.sql", "CURRENT"} <= names
     assert any(p.parent == home.reports and p.is_file() for p in found)
     open_to_others = {str(p.relative_to(home.root)): oct(m) for p, m in found.items() if m & 0o077}
     assert open_to_others == {}
@@ -119,7 +119,7 @@ def test_a_home_made_before_is_tightened_but_its_landing_zone_is_left_as_its_ope
     with store.connect(root / "labelloop.duckdb") as con:
         con.execute("CHECKPOINT")
     (root / "models" / "m0001").mkdir(parents=True)
-    (root / "models" / "m0001" / "model.npz").write_bytes(b"model")
+    (root / "models" / "m0001" / "model.skops").write_bytes(b"model")
     (root / "models" / "CURRENT").write_text("m0001\n")
     (root / "published").mkdir()
     (root / "published" / "views.sql").write_text("-- views\n")
@@ -136,7 +136,7 @@ def test_a_home_made_before_is_tightened_but_its_landing_zone_is_left_as_its_ope
 
     for path in (root, root / "models", root / "models" / "m0001", root / "published", root / "reports"):
         assert mode(path) == 0o700, path
-    for path in (root / "labelloop.duckdb", root / "models" / "m0001" / "model.npz", root / "models" / "CURRENT",
+    for path in (root / "labelloop.duckdb", root / "models" / "m0001" / "model.skops", root / "models" / "CURRENT",
                  root / "published" / "views.sql", root / "contributors.yaml", home.governance_file):
         assert mode(path) == 0o600, path
     assert {p: mode(p) for p in before} == before
@@ -150,9 +150,9 @@ def test_group_access_never_widens_what_the_owner_narrowed(tmp_path, monkeypatch
     os.umask(0o077)
     root = tmp_path / "home"
     (root / "models").mkdir(parents=True)
-    (root / "models" / "model.npz").write_bytes(b"model")
+    (root / "models" / "model.skops").write_bytes(b"model")
     Home(root).ensure()
-    assert mode(root / "models") == 0o700 and mode(root / "models" / "model.npz") == 0o600
+    assert mode(root / "models") == 0o700 and mode(root / "models" / "model.skops") == 0o600
 
 
 def test_an_unknown_file_access_setting_is_a_config_error(tmp_path, monkeypatch, instance, capsys):

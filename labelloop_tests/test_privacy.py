@@ -16,6 +16,7 @@ import json
 import logging
 import re
 import sqlite3
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
@@ -111,6 +112,18 @@ def database_texts(database: Path) -> Iterator[tuple[str, str]]:
             yield f"table {name}", text or ""
 
 
+def _skops_texts(path: Path) -> Iterator[str]:
+    with zipfile.ZipFile(path) as archive:
+        for name in archive.namelist():
+            data = archive.read(name)
+            if name.endswith(".npy"):
+                array = np.load(io.BytesIO(data), allow_pickle=False)
+                if array.dtype.kind in "US":
+                    yield f"{name}: " + " ".join(map(str, array.ravel()))
+            else:
+                yield f"{name}: " + data.decode("utf-8", "replace")
+
+
 def file_texts(root: Path, skip: tuple[str, ...] = ()) -> Iterator[tuple[str, str]]:
     """Every file under root as text: Parquet rows, NumPy arrays (no pickles), the rest as bytes."""
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
@@ -124,11 +137,10 @@ def file_texts(root: Path, skip: tuple[str, ...] = ()) -> Iterator[tuple[str, st
                     {"path": str(path)},
                 ).fetchone()[0]
             yield relative, text or ""
-        elif path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as arrays:
-                texts = [" ".join(map(str, arrays[n].ravel())) if arrays[n].dtype.kind in "US" else ""
-                         for n in arrays.files]
-                yield relative, "\n".join(f"{name}: {text}" for name, text in zip(arrays.files, texts, strict=True))
+        elif path.suffix == ".skops":
+            # A model file is a zip: its schema (class names, parameters, the TF-IDF vocabulary)
+            # and its arrays, each a .npy member whose strings are read as text.
+            yield relative, "\n".join(_skops_texts(path))
         elif path.suffix == ".db" and path.read_bytes()[:16] == b"SQLite format 3\x00":
             with sqlite3.connect(path) as con:
                 tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
@@ -280,13 +292,15 @@ def test_the_scanner_finds_what_is_planted_in_every_kind_of_place(tmp_path, inst
     (files / "published").mkdir()
     pl.DataFrame({"k": [key_forms("planted-key")["key hex"]]}).write_parquet(files / "published" / "x.parquet")
     (files / "models" / "m0001").mkdir(parents=True)
-    classes = np.array(["a", key_forms("planted-key")["inner pad hex"]])
-    np.savez(files / "models" / "m0001" / "model.npz", classes=classes)
+    import skops.io
+
+    skops.io.dump({"classes": np.array(["a", key_forms("planted-key")["inner pad hex"]])},
+                  files / "models" / "m0001" / "model.skops")
     (files / "landing").mkdir()
     (files / "landing" / "input.jsonl").write_text('{"user_id": "planted-user-7"}')
     found = find_leaks(needles, file_texts(files, skip=("landing",)))
     assert found == {
-        "models/m0001/model.npz": ["inner pad hex: " + key_forms("planted-key")["inner pad hex"]],
+        "models/m0001/model.skops": ["inner pad hex: " + key_forms("planted-key")["inner pad hex"]],
         "published/x.parquet": ["key hex: " + key_forms("planted-key")["key hex"]],
         "reports/note.md": ["user id: planted-user-7"],
     }
