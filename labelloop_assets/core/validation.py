@@ -307,7 +307,12 @@ def check_records(
                 FROM rooted
             ), fields AS (
                 SELECT line, read_sha256, source_file, line_no, bad_encoding, oversize, valid, root,
-                       coalesce(len(keys) <> list_unique(keys), false) AS duplicate_keys, {values}
+                       -- Keys all distinct when there are only as many as the spec's fields found
+                       -- (each found field's key is among them): only other lines are counted
+                       -- (list_unique was a fifth of the query's time).
+                       CASE WHEN len(keys) = list_aggregate(types, 'count') THEN false
+                            ELSE coalesce(len(keys) <> list_unique(keys), false) END AS duplicate_keys,
+                       {values}
                 FROM parsed
             ), described AS (
                 SELECT *, {described} FROM fields
