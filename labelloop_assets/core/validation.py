@@ -73,6 +73,19 @@ def _field_columns(field: FieldSpec) -> str:
     return f"{_trim(_ref(field))} AS {_text_ref(field)}"
 
 
+def _time_ref(field: FieldSpec) -> str:
+    return f"ts_{field.name}"
+
+
+def _time_columns(spec: RecordSpec) -> str:
+    """Each timestamp field's parsed value, computed once for its three rules and its extraction
+    (a time-zone-aware cast is among the query's dearest expressions)."""
+    return "".join(
+        f", TRY_CAST(upper({_text_ref(field)}) AS TIMESTAMPTZ) AS {_time_ref(field)}"
+        for field in spec.fields if field.kind == "timestamp"
+    )
+
+
 def _field_rules(field: FieldSpec) -> list[tuple[str, str, str]]:
     """(failing condition, reason, detail) for one field, in the order they are tried."""
     value = _ref(field)
@@ -167,7 +180,7 @@ def _field_rules(field: FieldSpec) -> list[tuple[str, str, str]]:
             )
         )
     if field.kind == "timestamp":
-        parsed = f"TRY_CAST(upper({text}) AS TIMESTAMPTZ)"
+        parsed = _time_ref(field)
         rules.append(
             (
                 f"{present} AND (NOT regexp_matches({text}, '{ISO_TIMESTAMP}') "
@@ -207,7 +220,7 @@ def _extract(field: FieldSpec, author: str | None) -> str:
     if field.kind == "string":
         return f"{text} AS {field.name}"
     if field.kind == "timestamp":
-        return f"TRY_CAST(upper({text}) AS TIMESTAMPTZ) AS {field.name}"
+        return f"{_time_ref(field)} AS {field.name}"
     if field.kind == "number":
         return f"TRY_CAST({text} AS DOUBLE) AS {field.name}"
     if field.kind == "bool":
@@ -316,8 +329,10 @@ def check_records(
                 FROM parsed
             ), described AS (
                 SELECT *, {described} FROM fields
+            ), timed AS (
+                SELECT *{_time_columns(spec)} FROM described
             ), judged AS (
-                SELECT *, CASE {whens} END AS rule_no FROM described
+                SELECT *, CASE {whens} END AS rule_no FROM timed
             ){pseudonyms}, typed AS (
                 SELECT source_file, line_no, rule_no,
                        -- the raw line is never kept; its hash identifies a rejected one
