@@ -306,7 +306,7 @@ def check_records(
             WITH base AS (
                 -- a line the reader hashed instead of keeping (too long) arrives flagged, with its hash
                 SELECT source_file, line_no, line, bad_encoding, line_sha256 AS read_sha256,
-                       oversize OR octet_length(encode(line)) > {MAX_LINE_BYTES} AS oversize
+                       oversize OR strlen(line) > {MAX_LINE_BYTES} AS oversize
                 FROM landing_lines
             ), valid AS (
                 SELECT *, NOT bad_encoding AND NOT oversize AND json_valid(line) AS valid FROM base
@@ -331,12 +331,16 @@ def check_records(
                 SELECT *, {described} FROM fields
             ), timed AS (
                 SELECT *{_time_columns(spec)} FROM described
-            ), judged AS (
+            ), ruled AS (
                 SELECT *, CASE {whens} END AS rule_no FROM timed
+            ), judged AS (
+                -- The raw line is never kept; its hash identifies a rejected one. Taken here, so
+                -- the lines are not carried into the rows the pseudonyms are joined to.
+                SELECT * EXCLUDE (line, read_sha256),
+                       CASE WHEN rule_no IS NOT NULL THEN coalesce(read_sha256, sha256(line)) END AS line_sha256
+                FROM ruled
             ){pseudonyms}, typed AS (
-                SELECT source_file, line_no, rule_no,
-                       -- the raw line is never kept; its hash identifies a rejected one
-                       CASE WHEN rule_no IS NOT NULL THEN coalesce(read_sha256, sha256(line)) END AS line_sha256,
+                SELECT source_file, line_no, rule_no, line_sha256,
                        left(s_{spec.key}, 256) AS record_id,
                        left({item_ref}, 256) AS quarantined_item_id,
                        {extracted}
