@@ -289,6 +289,8 @@ SQL_BUILDERS = {
     ("core/validation.py", "_trim"), ("core/validation.py", "_field_columns"),
     ("core/validation.py", "_field_rules"), ("core/validation.py", "_extract"),
     ("core/validation.py", "check_records"),
+    # Each timestamp field's parse, from the contract's field names (once for all its rules).
+    ("core/validation.py", "_time_columns"),
     # Column or parameter names ($inner, $outer) from the callers; the patterns are constants.
     ("core/anonymize.py", "pseudonym_sql"), ("core/anonymize.py", "scrub_sql"),
 }

@@ -411,8 +411,9 @@ class _JsonRows:
 def _lines_frame(data: bytes, first_line: int) -> pl.DataFrame:
     """Non-blank lines of complete lines (no final newline), numbered from `first_line`."""
     try:
-        lines, bad = data.decode("utf-8").split("\n"), None
-    except UnicodeDecodeError:
+        # Split as bytes and validated by Polars: half the cost of decoding into Python strings.
+        lines, bad = pl.Series("line", data.split(b"\n"), dtype=pl.Binary).cast(pl.String), None
+    except pl.exceptions.PolarsError:  # bytes that are not UTF-8 in some line
         # Line by line, so that only the lines holding the bad bytes are flagged (a newline byte
         # never occurs inside a multi-byte UTF-8 character).
         lines, bad = [], []
@@ -423,7 +424,7 @@ def _lines_frame(data: bytes, first_line: int) -> pl.DataFrame:
             except UnicodeDecodeError:
                 lines.append(raw.decode("utf-8", errors="replace"))
                 bad.append(True)
-    frame = pl.DataFrame({"line": lines}, schema={"line": pl.String}).with_row_index(
+    frame = pl.DataFrame([pl.Series("line", lines, dtype=pl.String)]).with_row_index(
         "line_no", offset=first_line
     )
     # Files concatenated with `cat` keep their byte-order marks at the start of a line; a carriage

@@ -568,12 +568,28 @@ def append(con: Any, table: str, rows: pl.DataFrame) -> int:
         rows = rows.with_row_index("_append_order", offset=1)
         values = f"{_largest(table)} + _append_order, {columns}"
         columns = f"{serial}, {columns}"
-    con.register("rows_to_append", rows)
+    con.register("rows_to_append", _in_scan_chunks(rows))
     try:
         con.execute(f"INSERT INTO {table} ({columns}) SELECT {values} FROM rows_to_append")
     finally:
         con.unregister("rows_to_append")
     return rows.height
+
+
+# DuckDB scans a registered frame one chunk per thread: a frame in one piece is converted and
+# written by one thread (942,807 corrections: 2.1 s), in pieces of a row group by all (1.2 s).
+# Insertion order is kept either way.
+SCAN_CHUNK_ROWS = 122_880
+
+
+def _in_scan_chunks(rows: pl.DataFrame) -> pl.DataFrame:
+    """The same rows, in chunks of at most SCAN_CHUNK_ROWS (no copy: slices share the data)."""
+    if rows.height <= SCAN_CHUNK_ROWS:
+        return rows
+    return pl.concat(
+        [rows.slice(start, SCAN_CHUNK_ROWS) for start in range(0, rows.height, SCAN_CHUNK_ROWS)],
+        rechunk=False,
+    )
 
 
 def next_number(con: Any, table: str) -> int:
