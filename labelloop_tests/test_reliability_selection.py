@@ -10,10 +10,13 @@ the same selection, and show that the estimate from a random audit sample is clo
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import polars as pl
 import pytest
 
+from labelloop_assets import cli
 from labelloop_assets.core import label_issues, reliability, store
 from labelloop_assets.core.contracts import CORRECTION_SOURCES
 from labelloop_assets.core.reliability import (
@@ -191,7 +194,9 @@ def test_audit_source_is_a_correction_source_of_the_contract():
 CURATE = ["items", "raw_corrections", "validated_labels", "production_corpus", "contributor_reliability"]
 
 
-def test_label_issue_source_reliability_comes_from_the_audit_not_from_doubted_reviews(home, defs, instance):
+def test_label_issue_source_reliability_comes_from_the_audit_not_from_doubted_reviews(
+    home, defs, instance, monkeypatch, capsys
+):
     """600 vendor items, exactly 90 initial labels wrong (accuracy 0.85). A reviewer corrects
     the 60 items the model doubts most (source `review_prompt`) and another audits 150 items drawn
     at random (`audit_sample`). The label-issue ranking's reliability of the vendor's labels used
@@ -245,6 +250,19 @@ def test_label_issue_source_reliability_comes_from_the_audit_not_from_doubted_re
     assert meta["audited_items"] == 150
     assert f"| vendor | 150 | {agreements} | {round(expected, 3)} |" in meta["initial_label_sources"]
 
+    # The next audit sample: corpus items, none audited before, the same for the same seed.
+    monkeypatch.setenv("LABELLOOP_HOME", str(home.root))
+    assert cli.main(["review", "audit-sample", "--size", "40", "--seed", "9", "--json"]) == 0
+    drawn = [row["item_id"] for row in json.loads(capsys.readouterr().out)]
+    assert len(set(drawn)) == 40 and not set(drawn) & set(audited)
+    assert set(drawn) <= {r["item_id"] for r in vendor}
+    assert cli.main(["review", "audit-sample", "--size", "40", "--seed", "9", "--json"]) == 0
+    assert [row["item_id"] for row in json.loads(capsys.readouterr().out)] == drawn
+    assert cli.main(["review", "audit-sample", "--size", "1000"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("450 items drawn at random for audit (seed 0; 150 items audited before")
+    assert "only 450 left to draw" in text and "'audit_sample'" in text
+
 
 def test_without_an_audit_an_initial_label_has_no_source_reliability(home, defs, instance):
     """Doubted items reviewed, none audited: no estimate (it would be the biased one)."""
@@ -263,3 +281,4 @@ def test_without_an_audit_an_initial_label_has_no_source_reliability(home, defs,
         labels = store.frame(con, "SELECT item_id, label_source FROM production_corpus")
     initial = active.join(labels, on="item_id").filter(pl.col("label_source") == "vendor")
     assert initial.height > 0 and initial["source_reliability"].is_null().all()
+
