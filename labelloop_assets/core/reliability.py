@@ -1,4 +1,5 @@
-"""Contributor reliability: a one-coin Dawid–Skene model fitted by MAP EM, clamped by anchors.
+"""Contributor reliability (a one-coin Dawid–Skene model fitted by MAP EM, clamped by anchors) and
+the accuracy of initial label sources, measured on a random audit.
 
 Model. Each item i has an unknown true label z_i drawn from a class prior pi over K labels.
 Contributor c gives the true label with probability p_c (their accuracy); otherwise they give
@@ -55,7 +56,7 @@ source's audited items are a simple random sample of its items, and the share of
 initial label agrees with the auditor's is an unbiased estimate of its accuracy, with standard error
 sqrt(p(1 - p) / n) at n audited items (0.025 at n = 200 for p = 0.85). It is reported as the same
 MAP estimate as above under the Beta prior (the prior's pull is (mean - p) * strength / (n +
-strength), -0.006 at n = 200), with that standard error. Reviews of doubted items still decide
+strength), -0.003 at n = 200), with that standard error. Reviews of doubted items still decide
 labels and anchor the contributor fit; they never enter a source's accuracy. Weighting each
 reviewed item by the inverse of its chance of being chosen (Horvitz-Thompson) would also be unbiased,
 but that chance is not known for reviews routed by people or by the queue, so it is not used. The
@@ -65,10 +66,18 @@ random draw; draw them with `labelloop review audit-sample`.
 Limits. The one-coin model assumes independent errors: without anchors, colluders who outnumber
 honest contributors on the same items look reliable. Items only one contributor labeled say
 little about that contributor; with no anchors and no overlap their estimate rests on the prior
-and on self-consistency (it drifts up when their labels concentrate on a few classes). The
-contributor fit still clamps every reviewer-confirmed label: escalations are chosen on the votes,
-which the model sees, but a review routed by the model's doubt to a label a contributor set alone
-judges that contributor on a biased sample, as above (their unreviewed lone votes are left out).
+and on self-consistency (it drifts up when their labels concentrate on a few classes).
+
+Selection, for contributors. The contributor fit still clamps every reviewer-confirmed label,
+whatever chose the item for review. A choice made on the votes (an escalation opens on a
+disagreement) is ignorable: the model sees the votes. A choice made on the model's doubt is not,
+and it reaches contributors through their lone votes, which count only on anchored items: with
+every vote lone, a quarter of the items hard, and the most doubted items reviewed, contributors
+come out about 0.2 below their accuracy (labelloop_tests/test_reliability_selection.py), while
+anchors drawn at random give every one within 0.05. Lone votes on non-random anchors are kept
+anyway: leaving them out would also drop a reviewer's check of an annotator's own corrections (a
+choice made on the votes, and today's way for an annotator to earn the right to flip alone), and
+which reviews were routed by doubt is not recorded yet.
 """
 
 from __future__ import annotations
