@@ -601,7 +601,7 @@ def rank_candidates(
 # vote since the item's last closing review, weighted as resolve.py weighs them. The source of
 # an initial label (vendor, heuristic, ...) is scored on the items audited at random
 # (core/reliability.py `source_reliability`, joined in `active_signals`: reviewer-confirmed items
-# were chosen because they were doubted, and would rate every source near zero); a corrected
+# were chosen because they were doubted, and rate a good source near zero); a corrected
 # label by the reliability of the contributors behind it.
 ACTIVE_SQL = f"""
 WITH reviewed AS (
