@@ -117,9 +117,9 @@ def test_the_stated_standard_error_covers_the_truth_about_95_percent_of_the_time
     assert 0.9 <= hits / 200 <= 0.99, hits
 
 
-def test_doubt_routed_reviews_next_to_an_audit_do_not_move_the_audit_estimate():
-    """What active_signals passes: the audit verdicts only. However many doubted items are also
-    reviewed, the estimate is the audit's."""
+def test_the_standard_error_is_that_of_the_agreement_share_with_the_prior_votes():
+    """300 audited items of a source right 85% of the time: within 0.05, and the standard error
+    is sqrt(p (1 - p) / (n + strength))."""
     items = simulate_sources(3, {"vendor": 0.85}, 3000)
     audited = verdicts(items, draw_audit_sample(items["item_id"], 300, seed=3)["item_id"])
     alone = estimate(items, audited, "vendor")
