@@ -691,6 +691,28 @@ def cmd_review_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_review_audit_sample(args: argparse.Namespace) -> int:
+    """Items drawn at random from the corpus for a blind audit: the unbiased measure of how often
+    each initial label source is right (reviews of doubted items are a biased sample)."""
+    from labelloop_assets.core import reliability
+
+    with _read(_home()) as con:
+        corpus = store.frame(con, "SELECT item_id FROM production_corpus")["item_id"]
+        audited = store.frame(con, reliability.AUDIT_VERDICTS_SQL)["item_id"]
+    sample = reliability.draw_audit_sample(corpus, args.size, args.seed, exclude=audited)
+    if args.json:
+        _print(sample, True)
+        return 0
+    print(f"{_count(sample.height, 'item')} drawn at random for audit (seed {args.seed}; "
+          f"{_count(audited.len(), 'item')} audited before, not drawn again)"
+          + (f": only {sample.height} left to draw" if sample.height < args.size else ""))
+    if sample.height:
+        _print(sample, False)
+        print(f"Label each item without looking at its current label, and send the answers as corrections "
+              f"with source {reliability.AUDIT_SOURCE!r} under a reviewer's or domain expert's id.")
+    return 0
+
+
 def _print_bursts(rows: pl.DataFrame, limit: int) -> None:
     """Held bursts, which wait for a reviewer's release or discard, apart from warnings, which hold
     nothing and need no decision."""
@@ -1374,7 +1396,9 @@ def build_parser() -> argparse.ArgumentParser:
     quarantine.add_argument("--limit", type=_positive, default=50, metavar="N", help=LIMIT_HELP)
     quarantine.add_argument("--json", action="store_true", help=JSON_HELP)
     quarantine.set_defaults(func=cmd_quarantine)
-    reviewing = commands.add_parser("review", help="review queues: escalations, correction bursts, label issues")
+    reviewing = commands.add_parser(
+        "review", help="review queues: escalations, correction bursts, label issues; audit samples"
+    )
     review_commands = reviewing.add_subparsers(dest="review_command", required=True, metavar="ACTION")
     listing = review_commands.add_parser("list", help="a review queue: escalations, bursts or issues")
     listing.add_argument("--queue", choices=list(QUEUES), default="escalations",
@@ -1382,6 +1406,14 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--limit", type=_positive, default=50, metavar="N", help=LIMIT_HELP)
     listing.add_argument("--json", action="store_true", help=JSON_HELP)
     listing.set_defaults(func=cmd_review_list)
+    auditing = review_commands.add_parser(
+        "audit-sample", help="items drawn at random for a blind audit (measures each label source's accuracy)"
+    )
+    auditing.add_argument("--size", type=_positive, required=True, metavar="N", help="how many items to draw")
+    auditing.add_argument("--seed", type=_whole_number(0, 2**63 - 1), default=0, metavar="S",
+                          help="the random seed: the same seed and store give the same items (default: %(default)s)")
+    auditing.add_argument("--json", action="store_true", help=JSON_HELP)
+    auditing.set_defaults(func=cmd_review_audit_sample)
     showing = review_commands.add_parser(
         "show", help="one escalation with its votes, or one burst with its corrections"
     )

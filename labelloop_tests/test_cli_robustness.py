@@ -36,7 +36,7 @@ CLOSED_PIPE_EXITS = EXITS | {cli.BROKEN_PIPE_EXIT}
 # What a well-meaning user would type, per argument (dest); anything else gets "x".
 BENIGN = {"item_id": "sample-04", "escalation_id": "esc-sample-04-1", "label": "one", "rationale": "checked the scan",
           "reviewer": "reviewer-0", "version": "m0001", "query": "SELECT item_id FROM items",
-          "contributor_id": "reviewer-0"}
+          "contributor_id": "reviewer-0", "size": "5"}
 # Text for every text argument at once: terminal escapes, quotes, shell and SQL syntax, wide and
 # right-to-left characters; then bytes that are not UTF-8 (kept by Python as lone surrogates) in a
 # long value; then nothing at all.

@@ -220,10 +220,11 @@ def contributor_reliability(
             con, "SELECT item_id, label FROM production_corpus WHERE reviewer_confirmed"
         )
         corpus_version, _ = store.corpus_head(con)
-        estimates = reliability.estimate_reliability(
-            votes, anchors, ontology.labels,
-            reliability.ReliabilityPrior(policy.reliability_prior_mean, policy.reliability_prior_strength),
-        )
+        prior = reliability.ReliabilityPrior(policy.reliability_prior_mean, policy.reliability_prior_strength)
+        estimates = reliability.estimate_reliability(votes, anchors, ontology.labels, prior)
+        # Initial label sources are measured on the random audit only: reviewed items were
+        # chosen because they were doubted (see core/reliability.py, "Selection").
+        sources = reliability.stored_source_reliability(con, prior)
         rows = estimates.drop("iterations").with_columns(
             estimated_at=pl.lit(datetime.now(UTC)),
             corpus_version=pl.lit(corpus_version or None, pl.Int32),
@@ -242,6 +243,12 @@ def contributor_reliability(
                 float(estimates["accuracy"].median()) if estimates.height else 0.0
             ),
             "em_iterations": int(estimates["iterations"][0]) if estimates.height else 0,
+            "audited_items": int(sources["n_audited"].sum()),
+            "initial_label_sources": dg.MetadataValue.md(
+                markdown_table(sources.with_columns(pl.col("accuracy", "standard_error").round(3)))
+                if sources.height else "no audited items yet: send reviews of random items with source "
+                "`audit_sample` (`labelloop review audit-sample` draws them)"
+            ),
         }
     )
 

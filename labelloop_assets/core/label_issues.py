@@ -48,7 +48,7 @@ import duckdb
 import numpy as np
 import polars as pl
 
-from labelloop_assets.core import bursts, store, train
+from labelloop_assets.core import bursts, reliability, store, train
 from labelloop_assets.core.pipelines import FEATURES, TEXT, PipelineSpec, preset_spec
 from labelloop_assets.core.settings import LabelloopConfigError
 
@@ -614,8 +614,10 @@ def rank_candidates(
 
 # Active signals per corpus item, from the store. Votes are each contributor's latest counted
 # vote since the item's last closing review, weighted as resolve.py weighs them. The source of
-# an initial label (vendor, heuristic, ...) is scored by how often its labels agree with the
-# reviewer-confirmed ones; a corrected label by the reliability of the contributors behind it.
+# an initial label (vendor, heuristic, ...) is scored on the items audited at random
+# (core/reliability.py `source_reliability`, joined in `active_signals`: reviewer-confirmed items
+# were chosen because they were doubted, and rate a good source near zero); a corrected
+# label by the reliability of the contributors behind it.
 ACTIVE_SQL = f"""
 WITH reviewed AS (
     SELECT item_id, max(ingested_at) AS reviewed_at FROM review_decisions
@@ -638,13 +640,6 @@ WITH reviewed AS (
     FROM weighted w JOIN production_corpus c USING (item_id) GROUP BY w.item_id
 ), open_decision AS (
     SELECT item_id, status IN ('pending', 'escalate') AS open FROM latest_label_decisions
-), initial_sources AS (
-    SELECT i.label_source,
-           (count(*) FILTER (WHERE i.initial_label = c.label) + $prior_mean * $prior_strength)
-             / (count(*) + $prior_strength) AS accuracy,
-           count(*) AS n_anchors
-    FROM items i JOIN production_corpus c USING (item_id)
-    WHERE c.reviewer_confirmed GROUP BY i.label_source
 ), current_change AS (
     SELECT h.item_id, h.change_kind, h.label_source, h.event_ids FROM label_history h
     JOIN production_corpus c ON c.item_id = h.item_id AND c.updated_version = h.corpus_version
@@ -663,12 +658,12 @@ SELECT c.item_id,
        coalesce(v.n_contributors, 0) AS n_contributors,
        coalesce(o.open, false) AS escalated_or_pending,
        c.reviewer_confirmed,
-       CASE WHEN h.change_kind = 'initial' THEN s.accuracy ELSE cs.accuracy END AS source_reliability
+       CASE WHEN h.change_kind = 'initial' THEN h.label_source END AS initial_source,
+       cs.accuracy AS change_accuracy
 FROM production_corpus c
 LEFT JOIN votes v USING (item_id)
 LEFT JOIN open_decision o USING (item_id)
 LEFT JOIN current_change h USING (item_id)
-LEFT JOIN initial_sources s ON s.label_source = h.label_source AND s.n_anchors >= $min_anchors
 LEFT JOIN change_sources cs USING (item_id)
 """
 
@@ -676,8 +671,23 @@ LEFT JOIN change_sources cs USING (item_id)
 def active_signals(
     con: duckdb.DuckDBPyConnection, prior_mean: float, prior_strength: float, min_anchors: int = 10
 ) -> pl.DataFrame:
-    """Per corpus item: human votes for and against its label, open conflicts, review, source reliability."""
-    return store.frame(
-        con, ACTIVE_SQL,
-        {"prior_mean": prior_mean, "prior_strength": prior_strength, "min_anchors": min_anchors},
-    ).cast(ACTIVE_SCHEMA)
+    """Per corpus item: human votes for and against its label, open conflicts, review, source reliability.
+
+    An initial label's source reliability is its source's accuracy on the audit sample, once at
+    least `min_anchors` of its items were audited (null before: no estimate beats a biased one).
+    """
+    signals = store.frame(con, ACTIVE_SQL, {"prior_mean": prior_mean})
+    sources = reliability.stored_source_reliability(con, reliability.ReliabilityPrior(prior_mean, prior_strength))
+    audited = sources.filter(pl.col("n_audited") >= min_anchors).select(
+        pl.col("label_source").alias("initial_source"), pl.col("accuracy").alias("initial_accuracy")
+    )
+    return (
+        signals.join(audited, on="initial_source", how="left", maintain_order="left")
+        .with_columns(
+            source_reliability=pl.when(pl.col("initial_source").is_not_null())
+            .then("initial_accuracy")
+            .otherwise("change_accuracy")
+        )
+        .select(list(ACTIVE_SCHEMA))
+        .cast(ACTIVE_SCHEMA)
+    )

@@ -1,4 +1,5 @@
-"""Contributor reliability: a one-coin Dawid–Skene model fitted by MAP EM, clamped by anchors.
+"""Contributor reliability (a one-coin Dawid–Skene model fitted by MAP EM, clamped by anchors) and
+the accuracy of initial label sources, measured on a random audit.
 
 Model. Each item i has an unknown true label z_i drawn from a class prior pi over K labels.
 Contributor c gives the true label with probability p_c (their accuracy); otherwise they give
@@ -35,10 +36,48 @@ posterior follows the vote and the class prior tilts toward the labels the accou
 an account flipping items no one else looks at would rate itself up. Such votes are left out;
 the item counts once an anchor or a second contributor arrives.
 
+Selection. An anchor is evidence about a label source only if the item was not chosen for review
+*because* of that source's label. Reviews are mostly routed to doubted items (escalations, the
+label-issue queue, review prompts on low-confidence predictions): the model doubts an item's label
+chiefly when the label is wrong, so among reviewed items the labels of the source under review are
+far more often wrong than among all its items. The share of reviewed items on which a source agrees
+with the reviewer estimates P(right | chosen for review), not P(right): with 15% of a source's
+labels wrong and reviews sent to the items the model doubts most, it comes out near 0.05 for a
+source that is right 85% of the time. Taking the source's unreviewed items into the fit does not
+help: an item only that source labeled carries no evidence about it (see "Lone votes" above), and
+the selection depends on the item's features, which this model does not see, so the selection is
+not ignorable (it is ignorable only when it depends on what the model sees: the votes).
+
+The accuracy of an *initial label source* (the `label_source` that arrives with items: a vendor, a
+heuristic, a previous model) is therefore measured on an audit sample only (`source_reliability`):
+items drawn uniformly at random from the corpus (`draw_audit_sample`) and labeled by a reviewer or
+domain expert, with correction `source` `audit_sample`. The draw does not look at any label, so a
+source's audited items are a simple random sample of its items, and the share of them on which its
+initial label agrees with the auditor's is an unbiased estimate of its accuracy, with standard error
+sqrt(p(1 - p) / n) at n audited items (0.025 at n = 200 for p = 0.85). It is reported as the same
+MAP estimate as above under the Beta prior (the prior's pull is (mean - p) * strength / (n +
+strength), -0.003 at n = 200), with that standard error. Reviews of doubted items still decide
+labels and anchor the contributor fit; they never enter a source's accuracy. Weighting each
+reviewed item by the inverse of its chance of being chosen (Horvitz-Thompson) would also be unbiased,
+but that chance is not known for reviews routed by people or by the queue, so it is not used. The
+audit must be random in fact: `audit_sample` corrections on items someone picked are trusted as a
+random draw; draw them with `labelloop review audit-sample`.
+
 Limits. The one-coin model assumes independent errors: without anchors, colluders who outnumber
 honest contributors on the same items look reliable. Items only one contributor labeled say
 little about that contributor; with no anchors and no overlap their estimate rests on the prior
 and on self-consistency (it drifts up when their labels concentrate on a few classes).
+
+Selection, for contributors. The contributor fit still clamps every reviewer-confirmed label,
+whatever chose the item for review. A choice made on the votes (an escalation opens on a
+disagreement) is ignorable: the model sees the votes. A choice made on the model's doubt is not,
+and it reaches contributors through their lone votes, which count only on anchored items: with
+every vote lone, a quarter of the items hard, and the most doubted items reviewed, contributors
+come out about 0.2 below their accuracy (labelloop_tests/test_reliability_selection.py), while
+anchors drawn at random give every one within 0.05. Lone votes on non-random anchors are kept
+anyway: leaving them out would also drop a reviewer's check of an annotator's own corrections (a
+choice made on the votes, and today's way for an annotator to earn the right to flip alone), and
+which reviews were routed by doubt is not recorded yet.
 """
 
 from __future__ import annotations
@@ -49,6 +88,8 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
+from labelloop_assets.core.bursts import COUNTED_VOTES_SQL
+
 CONTRIBUTOR_SCHEMA = {
     "user_pseudonym": pl.String,
     "n_votes": pl.Int64,
@@ -58,6 +99,32 @@ CONTRIBUTOR_SCHEMA = {
     "iterations": pl.Int64,
 }
 POSTERIOR_SCHEMA = {"item_id": pl.String, "label": pl.String, "probability": pl.Float64}
+SOURCE_SCHEMA = {
+    "label_source": pl.String,
+    "n_audited": pl.Int64,
+    "n_audit_agreements": pl.Int64,
+    "accuracy": pl.Float64,
+    "standard_error": pl.Float64,
+}
+AUDIT_SAMPLE_SCHEMA = {"item_id": pl.String, "draw": pl.Int64}
+
+# The correction `source` of a review of an item drawn at random for audit (core/contracts.py).
+AUDIT_SOURCE = "audit_sample"
+# Each audited item's verdict: the latest counted `audit_sample` vote on it by a reviewer or domain
+# expert (user_role is the granted role: claiming one does not make an auditor; a held or
+# discarded burst's votes are no verdicts).
+AUDIT_VERDICTS_SQL = f"""
+    SELECT item_id, corrected_label AS label FROM ({COUNTED_VOTES_SQL})
+    WHERE source = 'audit_sample' AND user_role IN ('reviewer', 'domain_expert')
+    QUALIFY row_number() OVER (PARTITION BY item_id ORDER BY created_at DESC, seq DESC) = 1
+"""
+# Every audited item with the label it arrived with and the auditor's verdict. An item that
+# arrived without a source is `unknown`, as in the corpus (core/corpus.py).
+AUDITED_INITIAL_LABELS_SQL = f"""
+    SELECT i.item_id, coalesce(i.label_source, 'unknown') AS label_source, i.initial_label, a.label
+    FROM items i JOIN ({AUDIT_VERDICTS_SQL}) a USING (item_id)
+    WHERE i.initial_label IS NOT NULL
+"""
 
 # Pseudo-count per class in the class prior, so a label nobody voted keeps a finite log prior.
 CLASS_PRIOR_PSEUDO_COUNT = 1.0
@@ -325,4 +392,83 @@ def _encode(votes: pl.DataFrame, anchors: pl.DataFrame, labels: tuple[str, ...])
         vote_user=coded["user_code"].to_numpy(),
         vote_label=coded["label_code"].to_numpy(),
         item_anchor=items["anchor_code"].to_numpy(),
+    )
+
+
+def source_reliability(
+    initial: pl.DataFrame, audits: pl.DataFrame, prior: ReliabilityPrior = ReliabilityPrior()
+) -> pl.DataFrame:
+    """Each initial label source's accuracy, measured on the items audited at random.
+
+    `initial` holds item_id, label_source, initial_label (the label each item arrived with);
+    `audits` holds item_id, label: the auditor's label of each item drawn at random for audit
+    (the last row per item counts). Items without an initial label or a source, and audits of
+    items not in `initial`, are ignored. Reviews of items chosen for any other reason must not be
+    passed: they are a biased sample (see "Selection" in the module docstring).
+
+    Returns one row per source with at least one audited item, sorted by label_source:
+    n_audited, n_audit_agreements, accuracy (the MAP estimate under `prior`, strictly inside
+    (0, 1)) and standard_error (of the agreement share, sqrt(p (1 - p) / (n + strength)) at the
+    estimate p; it shrinks as 1 / sqrt(n)).
+    """
+    verdicts = (
+        audits.select(pl.col("item_id").cast(pl.String), pl.col("label").cast(pl.String).alias("audited"))
+        .drop_nulls()
+        .unique(subset="item_id", keep="last", maintain_order=True)
+    )
+    audited = (
+        initial.select(
+            pl.col("item_id").cast(pl.String),
+            pl.col("label_source").cast(pl.String),
+            pl.col("initial_label").cast(pl.String),
+        )
+        .drop_nulls()
+        .unique(subset="item_id", keep="last", maintain_order=True)
+        .join(verdicts, on="item_id", how="inner")
+    )
+    counts = audited.group_by("label_source").agg(
+        n_audited=pl.len().cast(pl.Int64),
+        n_audit_agreements=(pl.col("initial_label") == pl.col("audited")).sum().cast(pl.Int64),
+    )
+    accuracy = (pl.col("n_audit_agreements") + prior.correct_pseudo_votes) / (pl.col("n_audited") + prior.strength)
+    return (
+        counts.with_columns(accuracy=accuracy)
+        .with_columns(
+            standard_error=(pl.col("accuracy") * (1.0 - pl.col("accuracy")) / (pl.col("n_audited") + prior.strength))
+            .sqrt()
+        )
+        .sort("label_source")
+        .select(list(SOURCE_SCHEMA))
+        .cast(SOURCE_SCHEMA)
+    )
+
+
+def stored_source_reliability(con, prior: ReliabilityPrior = ReliabilityPrior()) -> pl.DataFrame:
+    """`source_reliability` of the store's initial label sources, from its audit verdicts."""
+    audited = con.execute(AUDITED_INITIAL_LABELS_SQL).pl()
+    return source_reliability(audited.select("item_id", "label_source", "initial_label"), audited, prior)
+
+
+def draw_audit_sample(
+    item_ids: pl.Series | list[str], size: int, seed: int, exclude: pl.Series | list[str] = ()
+) -> pl.DataFrame:
+    """A uniform random sample of `size` distinct items for audit, reproducible from `seed`.
+
+    The draw looks at no label, score or doubt, only at the ids: that is what makes the audited
+    items of every source a random sample of its items. `exclude` (e.g. items audited before)
+    are not drawn again. Ids are sorted and deduplicated first, so the sample depends on the set
+    of ids and the seed, not on their order. Fewer than `size` items are returned when fewer
+    remain. Returns item_id and draw (1 for the first drawn), in draw order.
+    """
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"audit sample size must be a positive whole number, got {size!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"audit sample seed must be a whole number >= 0, got {seed!r}")
+    population = pl.Series("item_id", list(item_ids), dtype=pl.String).drop_nulls().unique().sort()
+    population = population.filter(~population.is_in(pl.Series(list(exclude), dtype=pl.String).implode()))
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(len(population), size=min(size, len(population)), replace=False)
+    return pl.DataFrame(
+        {"item_id": population.gather(chosen), "draw": np.arange(1, len(chosen) + 1)},
+        schema=AUDIT_SAMPLE_SCHEMA,
     )
