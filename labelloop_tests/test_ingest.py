@@ -4,7 +4,10 @@ privacy, Parquet landing files and label harmonization."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -743,3 +746,30 @@ def test_parquet_with_null_context_then_jsonl_without_it_are_duplicates(seeded):
     ]
     land(home, "corrections", "b.jsonl", [correction("y-2")])
     assert run_ingest(con, home, "corrections").reasons == {"duplicate_event": 1}
+
+
+HASH_IN_ZONE = """
+import json, sys
+import duckdb, polars as pl
+from labelloop_assets.core import contracts
+from labelloop_assets.core.validation import check_records
+line = sys.argv[1]
+lines = pl.DataFrame({"line_no": [1], "line": [line], "bad_encoding": [False]})
+with duckdb.connect() as con:
+    zone = con.execute("SELECT current_setting('TimeZone')").fetchone()[0]
+    accepted, _ = check_records(lines, contracts.CORRECTION_SPEC, "c.jsonl", con, b"k" * 32)
+print(json.dumps([zone, accepted["payload_hash"].item()]))
+"""
+
+
+def test_a_replay_landed_on_a_machine_in_another_time_zone_is_the_same_event():
+    """The payload hash writes timestamps in UTC: the session's zone (the machine's) does not move it."""
+    line = json.dumps(correction("tz-1", created_at="2026-03-01T09:30:00.25+05:30"))
+    hashes = {}
+    for zone in ("UTC", "Asia/Kolkata", "America/Los_Angeles"):
+        done = subprocess.run([sys.executable, "-c", HASH_IN_ZONE, line], env={**os.environ, "TZ": zone},
+                              capture_output=True, text=True, timeout=120, check=True)
+        session_zone, digest = json.loads(done.stdout)
+        assert session_zone == zone  # DuckDB took the machine's zone
+        hashes[zone] = digest
+    assert len(set(hashes.values())) == 1, hashes

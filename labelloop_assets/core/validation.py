@@ -206,6 +206,15 @@ def _field_rules(field: FieldSpec) -> list[tuple[str, str, str]]:
     return rules
 
 
+def _hashed_text(field: FieldSpec) -> str:
+    """A field as text for the payload hash. A timestamp is written in UTC whatever the session's
+    time zone (a cast would follow it), so a replay landed on a machine in another zone is the same
+    event; the text is what a cast gives in a UTC session, so hashes stored before are unchanged."""
+    if field.kind == "timestamp":
+        return f"CAST(timezone('UTC', {field.name}) AS VARCHAR) || '+00'"
+    return f"CAST({field.name} AS VARCHAR)"
+
+
 def _extract(field: FieldSpec, author: str | None) -> str:
     value, text = _ref(field), _text_ref(field)
     if field.private:
@@ -276,7 +285,7 @@ def check_records(
     joins = " ".join(f"LEFT JOIN pseudonyms_{f.name} USING ({_text_ref(f)})" for f in private)
     extracted = ", ".join(_extract(field, author) for field in spec.fields)
     inner, outer = hmac_pads(key)
-    hashed = ", ".join(f"coalesce(CAST({field.name} AS VARCHAR), '\\N')" for field in spec.fields)
+    hashed = ", ".join(f"coalesce({_hashed_text(field)}, '\\N')" for field in spec.fields)
     paths = ", ".join(f"'$.{field.name}'" for field in spec.fields)
     values = ", ".join(
         f"types[{i}] AS {_type_ref(field)}, texts[{i}] AS {_ref(field)}"
