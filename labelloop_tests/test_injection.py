@@ -291,6 +291,8 @@ SQL_BUILDERS = {
     ("core/validation.py", "check_records"),
     # Each timestamp field's parse, from the contract's field names (once for all its rules).
     ("core/validation.py", "_time_columns"),
+    # A field as text for the payload hash, from the contract's field names.
+    ("core/validation.py", "_hashed_text"),
     # Column or parameter names ($inner, $outer) from the callers; the patterns are constants.
     ("core/anonymize.py", "pseudonym_sql"), ("core/anonymize.py", "scrub_sql"),
 }
