@@ -1011,9 +1011,15 @@ def cmd_model_current(args: argparse.Namespace) -> int:
           f"at {described['trained_at']})")
     print(f"  files:         {described['path']}")
     print(f"  classes:       {', '.join(_safe(label) for label in described['classes'])}")
-    reads = described["reads"].replace("features", f"features ({described['feature_length']} numbers per item)")
-    print(f"  reads:         {reads}")
-    print(f"  pipeline:      {_safe(described['pipeline'])}")
+    if described["trainer"] == "external":
+        # labelloop holds only its probabilities: serving code loads the model from its reference.
+        print("  trainer:       external (serve it from its reference with your own code)")
+        print(f"  reference:     {_safe(described['reference'])}")
+        print(f"  command:       {_safe(' '.join(described['command'] or []))}")
+    else:
+        reads = described["reads"].replace("features", f"features ({described['feature_length']} numbers per item)")
+        print(f"  reads:         {reads}")
+        print(f"  pipeline:      {_safe(described['pipeline'])}")
     print("  confirm_below: " + (f"{threshold:.3f} (predictions less confident than this go to review)"
                                  if threshold is not None else "none recorded"))
     metrics = described["gold_metrics"]
