@@ -289,10 +289,12 @@ def _forward(stream, tail: deque, forward: bool) -> None:
     stream.close()
 
 
-def build_resources(home: Home | None = None, retrain: RetrainPolicy | None = None) -> dict:
+def build_resources(
+    home: Home | None = None, retrain: RetrainPolicy | None = None, trainer_client: dg.PipesClient | None = None,
+) -> dict:
     """The resources of the deployment: bound to `home` when given (tests, the demo), else to
     LABELLOOP_HOME as the environment has it when a run or a sensor starts. Runs may not point
-    them elsewhere."""
+    them elsewhere. `trainer_client` runs an external trainer (default: TrainerSubprocessClient)."""
     if home is None:
         root = dg.EnvVar(HOME_ENV)
         labelloop, database = LabelloopHome(root=root), LabelloopStore(home_root=root)
@@ -311,4 +313,4 @@ def build_resources(home: Home | None = None, retrain: RetrainPolicy | None = No
     # The external trainer's Pipes client (training.yaml `trainer`); bind another Pipes client to
     # this key to run the trainer on Kubernetes, Docker or Databricks.
     return {"labelloop": labelloop, "database": database, "retrain_cadence": cadence,
-            "trainer_client": TrainerSubprocessClient()}
+            "trainer_client": trainer_client or TrainerSubprocessClient()}
