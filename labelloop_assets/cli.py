@@ -1081,7 +1081,7 @@ def cmd_model_rollback(args: argparse.Namespace) -> int:
     try:
         with store.connect(home.database) as con:
             outcome = registry.rollback(
-                con, request, lambda model: (home.model_folder(model["path"]) / "model.npz").exists()
+                con, request, lambda model: (home.model_folder(model["path"]) / "metadata.json").exists()
             )
     except (duckdb.IOException, LakeError) as error:
         print(f"labelloop: a run holds {home.database}; try again when it finishes ({error})", file=sys.stderr)
