@@ -109,10 +109,12 @@ def test_a_weaker_configuration_is_rejected_once_and_the_shipped_one_then_promot
     reasons = _rows(home, "SELECT reasons FROM model_evaluations WHERE challenger = 'm0002'")["reasons"][0]
     assert any(r.startswith("calibration_error rose from") for r in reasons)
     notes = (home.reports / "release-notes" / "m0002.md").read_text()
-    assert "Trained with C=0.0005, max_iter=2000; the champion with C=0.1, max_iter=2000." in notes
-    assert _rows(home, "SELECT params FROM models WHERE model_version = 'm0002'")["params"][0] == (
-        '{"C": 0.0005, "max_iter": 2000}'
-    )
+    assert ("Trained with StandardScaler() -> LogisticRegression(C=0.0005, max_iter=2000); the champion with "
+            "StandardScaler() -> LogisticRegression(C=0.1, max_iter=2000).") in notes
+    assert json.loads(_rows(home, "SELECT params FROM models WHERE model_version = 'm0002'")["params"][0]) == {
+        "input": "features", "preset": "logistic_regression",
+        "steps": [{"StandardScaler": {}}, {"LogisticRegression": {"C": 0.0005, "max_iter": 2000}}],
+    }
     # One training per corpus version: the sensor does not retry a rejected version.
     run_key, reason = retrain_decision(
         _latest_metadata(instance, "production_corpus"), _latest_metadata(instance, "retrained_model"),
@@ -123,12 +125,13 @@ def test_a_weaker_configuration_is_rejected_once_and_the_shipped_one_then_promot
     home.training_file.write_text(shipped)
     restored = _evaluation(_run(defs, instance, RETRAIN_JOB))
     assert (restored["decision"], restored["challenger"]) == ("promote", "m0003")
-    assert "Trained with C=0.1, max_iter=2000 (unchanged)." in (home.reports / "release-notes" / "m0003.md").read_text()
+    assert ("Trained with StandardScaler() -> LogisticRegression(C=0.1, max_iter=2000) (unchanged)."
+            in (home.reports / "release-notes" / "m0003.md").read_text())
     assert train.current_version(home.models) == "m0003"
 
 
 def test_a_failed_evaluation_fails_the_run_and_leaves_the_champion(home, defs, instance, loop):
-    (home.models / "m0001" / "model.npz").write_bytes(b"not a model")  # the champion's file is damaged
+    (home.models / "m0001" / "model.skops").write_bytes(b"not a model")  # the champion's file is damaged
     _new_corpus_version(home, defs, instance, "v2")
     result = defs.resolve_job_def(RETRAIN_JOB).execute_in_process(instance=instance, raise_on_error=False)
     assert not result.success
