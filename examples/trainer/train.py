@@ -46,8 +46,8 @@ def make_model(item_content: str):
     """The team's model: here TF-IDF + logistic regression for text, scaled logistic regression for
     features (items with both: their text)."""
     if "text" in item_content:
-        return make_pipeline(TfidfVectorizer(sublinear_tf=True, ngram_range=(1, 2)), LogisticRegression(C=4.0,
-                                                                                                      max_iter=2000))
+        return make_pipeline(TfidfVectorizer(sublinear_tf=True, ngram_range=(1, 2)),
+                             LogisticRegression(C=4.0, max_iter=2000))
     return make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
 
 
@@ -94,8 +94,8 @@ def main() -> None:
 
         oos = out_of_sample(training, item_content, classes, folds)
         final = make_model(item_content).fit(model_input(training, item_content), training["label"].to_numpy())
-        on_gold = probabilities_for(final, model_input(gold, item_content), classes) if gold.height else \
-            np.zeros((0, len(classes)))
+        on_gold = (probabilities_for(final, model_input(gold, item_content), classes) if gold.height
+                   else np.zeros((0, len(classes))))
 
         model_path = output_dir / "model.skops"
         skops.io.dump(final, model_path)
