@@ -1033,9 +1033,15 @@ def cmd_model_current(args: argparse.Namespace) -> int:
           f"at {described['trained_at']})")
     print(f"  files:         {described['path']}")
     print(f"  classes:       {', '.join(_safe(label) for label in described['classes'])}")
-    reads = described["reads"].replace("features", f"features ({described['feature_length']} numbers per item)")
-    print(f"  reads:         {reads}")
-    print(f"  pipeline:      {_safe(described['pipeline'])}")
+    if described["trainer"] == "external":
+        # labelloop holds only its probabilities: serving code loads the model from its reference.
+        print("  trainer:       external (serve it from its reference with your own code)")
+        print(f"  reference:     {_safe(described['reference'])}")
+        print(f"  command:       {_safe(' '.join(described['command'] or []))}")
+    else:
+        reads = described["reads"].replace("features", f"features ({described['feature_length']} numbers per item)")
+        print(f"  reads:         {reads}")
+        print(f"  pipeline:      {_safe(described['pipeline'])}")
     print("  confirm_below: " + (f"{threshold:.3f} (predictions less confident than this go to review)"
                                  if threshold is not None else "none recorded"))
     metrics = described["gold_metrics"]
@@ -1097,7 +1103,7 @@ def cmd_model_rollback(args: argparse.Namespace) -> int:
     try:
         with store.connect(home.database) as con:
             outcome = registry.rollback(
-                con, request, lambda model: (home.model_folder(model["path"]) / train.MODEL_FILE).exists()
+                con, request, lambda model: (home.model_folder(model["path"]) / "metadata.json").exists()
             )
     except (duckdb.IOException, LakeError) as error:
         print(f"labelloop: a run holds {home.database}; try again when it finishes ({error})", file=sys.stderr)

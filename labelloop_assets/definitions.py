@@ -18,10 +18,13 @@ from labelloop_assets.resources import build_resources
 from labelloop_assets.sensors import landing_sensor, retrain_sensor
 
 
-def build_definitions(home: Home | None = None, retrain: RetrainPolicy | None = None) -> dg.Definitions:
+def build_definitions(
+    home: Home | None = None, retrain: RetrainPolicy | None = None, trainer_client: dg.PipesClient | None = None,
+) -> dg.Definitions:
     """The loop bound to one LABELLOOP_HOME: `home` when given (tests, the demo), else the
     environment's, read through `dg.EnvVar` when a run or a sensor starts, so that loading the code
-    location reads no environment and touches no file."""
+    location reads no environment and touches no file. `trainer_client`: the Pipes client that runs
+    training.yaml's external trainer (default: a subprocess on this machine)."""
     return dg.Definitions(
         assets=[
             *landing_files,
@@ -31,7 +34,7 @@ def build_definitions(home: Home | None = None, retrain: RetrainPolicy | None = 
         jobs=[ingest_job, retrain_job, maintenance_job, scheduled_checks_job],
         schedules=[maintenance_schedule, scheduled_checks_schedule],
         sensors=[landing_sensor, retrain_sensor],
-        resources=build_resources(home, retrain),
+        resources=build_resources(home, retrain, trainer_client),
         executor=dg.in_process_executor,
     )
 

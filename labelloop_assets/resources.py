@@ -1,7 +1,12 @@
 """Resources: where the loop keeps its state, and the DuckDB connection to it."""
 
 import os
-from collections.abc import Iterator
+import signal
+import subprocess
+import sys
+import threading
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -207,10 +212,89 @@ class RetrainCadence(dg.ConfigurableResource):
         )
 
 
-def build_resources(home: Home | None = None, retrain: RetrainPolicy | None = None) -> dict:
+class TrainerRunFailed(RuntimeError):
+    """The external trainer exited with an error or ran past its time; the message says which."""
+
+
+class TrainerSubprocessClient(dg.PipesSubprocessClient):
+    """Dagster's subprocess Pipes client with what an external trainer needs besides: a deadline
+    (training.yaml's `timeout_seconds`: past it the trainer is stopped) and the last lines of its
+    error output in the failure, so a run that fails says why. Its output is still forwarded.
+
+    The training step calls `run(context=..., command=..., extras=..., cwd=...)`; any other Pipes
+    client (Kubernetes, Docker, Databricks) bound to the `trainer_client` resource is called with
+    `context`, `command` and `extras` only."""
+
+    TAIL_LINES = 20
+
+    def run(  # the parent's keywords, plus timeout_seconds
+        self,
+        *,
+        context: dg.AssetExecutionContext | dg.OpExecutionContext,
+        extras: dict | None = None,
+        command: str | Sequence[str],
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout_seconds: float | None = None,
+    ) -> dg.PipesClientCompletedInvocation:
+        with dg.open_pipes_session(
+            context=context, context_injector=self.context_injector, message_reader=self.message_reader,
+            extras=extras,
+        ) as session:
+            process = subprocess.Popen(
+                command, cwd=cwd or self.cwd, stderr=subprocess.PIPE,
+                env={**os.environ, **self.env, **(env or {}), **session.get_bootstrap_env_vars()},
+            )
+            tail: deque[str] = deque(maxlen=self.TAIL_LINES)
+            forwarding = threading.Thread(target=_forward, args=(process.stderr, tail, self.forward_stdio),
+                                          daemon=True)
+            forwarding.start()
+            try:
+                process.wait(timeout=timeout_seconds)
+            except subprocess.TimeoutExpired:
+                self._stop(process)
+                forwarding.join(timeout=5)
+                raise TrainerRunFailed(f"it ran past timeout_seconds ({timeout_seconds:g} s) and was stopped") from None
+            except dg.DagsterExecutionInterruptedError:
+                if self.forward_termination:
+                    context.log.info("[pipes] execution interrupted, sending SIGINT to the trainer")
+                    process.send_signal(signal.SIGINT)
+                    process.wait(timeout=self.termination_timeout_seconds)
+                raise
+            forwarding.join(timeout=5)
+            if process.returncode != 0:
+                said = "".join(tail).strip()
+                raise TrainerRunFailed(
+                    f"it exited with code {process.returncode}"
+                    + (f"; the end of its error output:\n{said}" if said else " and wrote nothing to its error output")
+                )
+        return dg.PipesClientCompletedInvocation(session)
+
+    def _stop(self, process: subprocess.Popen) -> None:
+        process.terminate()
+        try:
+            process.wait(timeout=self.termination_timeout_seconds)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _forward(stream, tail: deque, forward: bool) -> None:
+    """Copy the trainer's error output to this process's, keeping its last lines."""
+    for raw in iter(stream.readline, b""):
+        line = raw.decode("utf-8", errors="replace")
+        tail.append(line)
+        if forward:
+            sys.stderr.write(line)
+    stream.close()
+
+
+def build_resources(
+    home: Home | None = None, retrain: RetrainPolicy | None = None, trainer_client: dg.PipesClient | None = None,
+) -> dict:
     """The resources of the deployment: bound to `home` when given (tests, the demo), else to
     LABELLOOP_HOME as the environment has it when a run or a sensor starts. Runs may not point
-    them elsewhere."""
+    them elsewhere. `trainer_client` runs an external trainer (default: TrainerSubprocessClient)."""
     if home is None:
         root = dg.EnvVar(HOME_ENV)
         labelloop, database = LabelloopHome(root=root), LabelloopStore(home_root=root)
@@ -226,4 +310,7 @@ def build_resources(home: Home | None = None, retrain: RetrainPolicy | None = No
             min_label_changes=retrain.min_label_changes, min_interval_seconds=retrain.min_interval_seconds
         )
     )
-    return {"labelloop": labelloop, "database": database, "retrain_cadence": cadence}
+    # The external trainer's Pipes client (training.yaml `trainer`); bind another Pipes client to
+    # this key to run the trainer on Kubernetes, Docker or Databricks.
+    return {"labelloop": labelloop, "database": database, "retrain_cadence": cadence,
+            "trainer_client": trainer_client or TrainerSubprocessClient()}

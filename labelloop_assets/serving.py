@@ -110,7 +110,7 @@ def model_row(home: Home, version: str) -> dict:
     return rows[0]
 
 
-def read_model(folder: Path, row: dict) -> tuple[train.TrainedModel, dict]:
+def read_model(folder: Path, row: dict) -> tuple[train.TrainedModel | train.ExternalModel, dict]:
     """The model and metadata in `folder`, refused unless the model file is the one its metadata
     names, holds only trusted types (skops, never pickle), and the metadata names the registry
     row's model."""
@@ -149,7 +149,7 @@ class Champion:
     confirm_below: float | None
     gold_metrics: dict
     metadata: dict
-    model: train.TrainedModel = field(repr=False)
+    model: train.TrainedModel | train.ExternalModel = field(repr=False)
 
     @classmethod
     def load(cls, home_or_path: Home | str | os.PathLike | None = None, version: str | None = None) -> Champion:
@@ -173,13 +173,24 @@ class Champion:
         return [str(label) for label in self.model.classes]
 
     @property
-    def reads(self) -> str:
-        """What the model reads from an item: text, features or text+features."""
-        return self.model.spec.input
+    def external(self) -> bool:
+        """Whether the team's own trainer made this model (training.yaml `trainer`)."""
+        return isinstance(self.model, train.ExternalModel)
+
+    @property
+    def reference(self) -> str | None:
+        """An external model's reference as its trainer reported it (a path, a registry URI)."""
+        return self.model.reference if self.external else None
+
+    @property
+    def reads(self) -> str | None:
+        """What the model reads from an item: text, features or text+features (None: external,
+        its trainer's code decides)."""
+        return None if self.external else self.model.spec.input
 
     @property
     def feature_length(self) -> int | None:
-        """Numbers per item, for a model that reads features (None for text only)."""
+        """Numbers per item, for a model that reads features (None for text only, and external)."""
         return self.model.feature_length
 
     def is_current(self) -> bool:
@@ -242,6 +253,13 @@ class Champion:
         """One row of class probabilities per item, columns in the order of `classes`. Items are
         strings (a text model), lists of numbers (a features model), or mappings with `text`
         and/or `features`."""
+        if self.external:
+            raise ServingError(
+                f"{self.version} was trained by an external trainer: labelloop holds only its probabilities on the "
+                f"items it was trained and scored on. Serve it from its reference ({self.reference}) with your "
+                "own code, and send its predictions back through the prediction log (write_prediction_log, "
+                "landing/predictions)"
+            )
         frame = self._frame(items)
         if frame.height == 0:
             return np.empty((0, len(self.classes)))  # no items: nothing to predict, not an error
@@ -333,7 +351,10 @@ def describe(champion: Champion) -> dict:
         else champion.trained_at,
         "classes": champion.classes,
         "reads": champion.reads,
-        "pipeline": champion.model.spec.describe(),
+        "pipeline": None if champion.external else champion.model.spec.describe(),
+        "trainer": "external" if champion.external else "built-in",
+        "reference": champion.reference,
+        "command": champion.metadata.get("command") if champion.external else None,
         "feature_length": champion.feature_length,
         "confirm_below": champion.confirm_below,
         "gold_metrics": champion.gold_metrics,

@@ -125,8 +125,8 @@ def test_a_weaker_configuration_is_rejected_once_and_the_shipped_one_then_promot
     home.training_file.write_text(shipped)
     restored = _evaluation(_run(defs, instance, RETRAIN_JOB))
     assert (restored["decision"], restored["challenger"]) == ("promote", "m0003")
-    assert "Trained with StandardScaler() -> LogisticRegression(C=0.1, max_iter=2000) (unchanged)." in (
-        home.reports / "release-notes" / "m0003.md").read_text()
+    assert ("Trained with StandardScaler() -> LogisticRegression(C=0.1, max_iter=2000) (unchanged)."
+            in (home.reports / "release-notes" / "m0003.md").read_text())
     assert train.current_version(home.models) == "m0003"
 
 

@@ -81,7 +81,8 @@ def test_model_current_names_the_registry_champion(champion_home, monkeypatch, c
     shown = json.loads(capsys.readouterr().out)
     row = _rows(champion_home, "SELECT * FROM models WHERE status = 'champion'").row(0, named=True)
     assert set(shown) == {"model_version", "path", "corpus_version", "trained_at", "classes", "reads", "pipeline",
-                          "feature_length", "confirm_below", "gold_metrics"}
+                          "feature_length", "confirm_below", "gold_metrics", "trainer", "reference", "command"}
+    assert (shown["trainer"], shown["reference"], shown["command"]) == ("built-in", None, None)
     assert shown["model_version"] == row["model_version"] == train.current_version(champion_home.models) == "m0001"
     assert Path(shown["path"]) == champion_home.root / row["path"]
     assert (Path(shown["path"]) / "model.skops").is_file()

@@ -355,7 +355,7 @@ def test_a_rollback_is_signed_and_refused_without_a_key(home, monkeypatch, capsy
     with store.connect(home.database) as con:
         for version, status in (("m0001", "retired"), ("m0002", "champion")):
             (home.models / version).mkdir(parents=True)
-            (home.models / version / "model.skops").write_bytes(b"")
+            (home.models / version / "metadata.json").write_text("{}")
             con.execute("INSERT INTO models (model_version, corpus_version, n_train_rows, n_classes, algorithm, "
                         "params, train_data_hash, n_gold, label_changes_total, path, status) "
                         "VALUES (?, 1, 10, 3, 'logistic_regression', '{}', 'h', 15, 0, ?, ?)",

@@ -11,9 +11,10 @@ from labelloop_assets.assets.common import (
     run_id,
 )
 from labelloop_assets.checks.schema_checks import markdown_table
-from labelloop_assets.core import bursts, guidelines, item_content, label_issues, store, train
+from labelloop_assets.core import bursts, external, guidelines, item_content, label_issues, store, train
 from labelloop_assets.core.files import write_atomically
 from labelloop_assets.core.pipelines import PipelineSpec
+from labelloop_assets.core.settings import Home
 from labelloop_assets.resources import LabelloopHome, open_store
 
 OPEN_BURSTS_SQL = """
@@ -88,18 +89,24 @@ def label_issue_candidates(
         active = label_issues.active_signals(con, policy.reliability_prior_mean, policy.reliability_prior_strength)
         corpus_version, _ = store.corpus_head(con)
         # Judged with the serving champion's pipeline: a rejected experiment does not steer the queue.
-        champion_params = store.frame(con, "SELECT params FROM models WHERE status = 'champion'")["params"]
+        champion = store.frame(con, "SELECT model_version, algorithm, params, path FROM models "
+                                    "WHERE status = 'champion'").to_dicts()
         content = item_content.home_content(con)
     labels = corpus["label"].to_numpy()
-    if len(champion_params):
-        spec = PipelineSpec.from_recorded(champion_params[0])
-    elif content is not None:
-        with config_errors_as_failures():
-            spec = labelloop.training().spec(content)
-    probabilities, classes, note = (
-        label_issues.out_of_sample_probabilities(corpus, labels, folds=settings.issues_folds, spec=spec)
-        if corpus.height else (None, np.array([]), "the corpus is empty")
-    )
+    if champion and external.is_external(champion[0]["algorithm"]):
+        # An external champion cannot be refitted here: its trainer's out-of-sample probabilities,
+        # stored with it, are the passive signal.
+        probabilities, classes, note = _stored_probabilities(labelloop.home(), champion[0], corpus, labels)
+    else:
+        if champion:
+            spec = PipelineSpec.from_recorded(champion[0]["params"])
+        elif content is not None:
+            with config_errors_as_failures():
+                spec = labelloop.training().spec(content)
+        probabilities, classes, note = (
+            label_issues.out_of_sample_probabilities(corpus, labels, folds=settings.issues_folds, spec=spec)
+            if corpus.height else (None, np.array([]), "the corpus is empty")
+        )
     passive = (
         label_issues.confident_learning(probabilities, labels, classes) if probabilities is not None else None
     )
@@ -124,11 +131,45 @@ def label_issue_candidates(
             "items_with_votes_against": int((ranked["votes_against"] > 0).sum()) if ranked.height else 0,
             "expected_wrong_labels": dg.MetadataValue.float(round(float(ranked["score"].sum()), 1))
             if ranked.height else 0.0,
-            "passive_signal": note or f"{settings.issues_folds}-fold out-of-sample probabilities",
+            "passive_signal": note or (
+                "the external champion's out-of-sample probabilities" if champion
+                and external.is_external(champion[0]["algorithm"]) else
+                f"{settings.issues_folds}-fold out-of-sample probabilities"
+            ),
             "top_candidates": dg.MetadataValue.md(markdown_table(top)),
             "review_with": "labelloop review list --queue issues",
         }
     )
+
+
+def _stored_probabilities(
+    home: Home, champion: dict, corpus: pl.DataFrame, labels: np.ndarray
+) -> tuple[np.ndarray | None, np.ndarray, str | None]:
+    """(probabilities, classes, note) of the corpus items from an external champion's stored
+    out-of-sample probabilities; items it has none for get NaN rows (no passive signal)."""
+    version = champion["model_version"]
+    if corpus.height == 0:
+        return None, np.array([]), "the corpus is empty"
+    try:
+        model, _ = train.load(home.model_folder(champion["path"]))
+    except train.ModelFileError as error:
+        return None, np.array([]), f"no passive signal: the champion's files cannot be read ({error})"
+    probabilities, classes = model.stored(corpus["item_id"]), model.classes
+    # Labels the champion was not asked for (an ontology changed since) get a column of zeros, so
+    # every given label is a class; their items carry no probabilities of their own.
+    unseen = np.setdiff1d(np.unique(labels.astype(str)), classes)
+    if unseen.size:
+        probabilities = np.hstack([probabilities, np.zeros((len(probabilities), unseen.size))])
+        probabilities[np.isin(labels.astype(str), unseen)] = np.nan
+        order = np.argsort(np.concatenate([classes, unseen]))
+        classes, probabilities = np.concatenate([classes, unseen])[order], probabilities[:, order]
+    lacking = int(np.isnan(probabilities).any(axis=1).sum())
+    notes = [f"{lacking} of {corpus.height} corpus item(s) have no stored probabilities from the external champion "
+             f"{version} (added to the corpus after its training, or labelled with a class it was not trained "
+             "for): no passive signal for them"] if lacking else []
+    if lacking == corpus.height:
+        return None, classes, "; ".join(notes)
+    return probabilities, classes, "; ".join(notes) or None
 
 
 @labelloop_asset(

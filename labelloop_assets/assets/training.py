@@ -1,6 +1,7 @@
 """Training: a model fitted on the current corpus and evaluated on the frozen gold items."""
 
 import json
+import shutil
 from datetime import UTC, datetime
 
 import dagster as dg
@@ -18,12 +19,22 @@ from labelloop_assets.checks.schema_checks import (
     failing_blocking_checks,
     markdown_table,
 )
-from labelloop_assets.core import bursts, evaluation, gold, item_content, registry, reliability, store, train
+from labelloop_assets.core import (
+    bursts,
+    evaluation,
+    external,
+    gold,
+    item_content,
+    registry,
+    reliability,
+    store,
+    train,
+)
 from labelloop_assets.core import release_notes as release
 from labelloop_assets.core.files import write_atomically
 from labelloop_assets.core.pipelines import PipelineSpec
 from labelloop_assets.core.settings import Home
-from labelloop_assets.resources import LabelloopHome, open_store
+from labelloop_assets.resources import LabelloopHome, TrainerSubprocessClient, open_store
 
 # The frozen evaluation set: every model is scored on these, never trained on them.
 GOLD_SQL = gold.GOLD_SQL
@@ -31,6 +42,10 @@ GOLD_SQL = gold.GOLD_SQL
 SAME_MODEL_SQL = (
     "SELECT * FROM models WHERE corpus_version = ? AND algorithm = ? AND params = ? AND train_data_hash = ? "
     "ORDER BY trained_at DESC LIMIT 1"
+)
+# What an external trainer gets of the gold items: never their labels.
+GOLD_FOR_TRAINER_SQL = (
+    "SELECT item_id, text, features, uri FROM items WHERE gold_label IS NOT NULL ORDER BY item_id"
 )
 # The policy files whose hashes are recorded with a training and with an evaluation.
 TRAINING_POLICIES = ("training.yaml", "validation.yaml")
@@ -51,24 +66,32 @@ EVALUATION_POLICIES = ("validation.yaml", "training.yaml")
     deps=["production_corpus"],
 )
 def retrained_model(
-    context: dg.AssetExecutionContext, labelloop: LabelloopHome, database: DuckDBResource
+    context: dg.AssetExecutionContext, labelloop: LabelloopHome, database: DuckDBResource,
+    trainer_client: dg.ResourceParam[dg.PipesClient],
 ) -> dg.MaterializeResult:
     """A challenger model trained on the current corpus (gold copies left out), stored under `models/<version>/` with its gold metrics."""  # noqa: E501 -- kept on one line: the docs' asset reference shows a description's first line
     home = labelloop.home()
     with config_errors_as_failures():
         config = labelloop.training()
         plan = labelloop.validation_plan()
+        if config.trainer is not None:
+            classes, folds = labelloop.ontology().labels, labelloop.monitoring().issues_folds
     with open_store(database) as con:
         content = item_content.home_content(con)
         if content is None:
             raise dg.Failure(description="no items yet: land items (or declare gold items) before training")
-        with config_errors_as_failures():
-            spec = config.spec(content, f"training file {home.training_file}")
-        params = spec.recorded()
+        if config.trainer is None:
+            with config_errors_as_failures():
+                spec = config.spec(content, f"training file {home.training_file}")
+            algorithm, params = spec.algorithm, spec.recorded()
+        else:
+            # The team's own command trains (core/external.py); its command and script are the configuration.
+            spec, algorithm, params = None, external.EXTERNAL, config.trainer.recorded(home.root)
         feature_length = store.get_state(con, item_content.LENGTH_KEY, 0) or None
         corpus_version, changes_total = store.corpus_head(con)
         corpus = store.frame(con, train.TRAINING_SQL)
         gold_items = store.frame(con, GOLD_SQL)
+        gold_for_trainer = store.frame(con, GOLD_FOR_TRAINER_SQL) if spec is None else None
         evaluation_set = gold.current_evaluation_set(con)
         # Gold features never reach training: a corpus item that copies a gold item (under
         # another id, exactly or nearly) would let a model be scored on what it learned.
@@ -90,7 +113,7 @@ def retrained_model(
         }
         # One training per corpus version, configuration and training rows: the same inputs give
         # the same model.
-        existing = store.frame(con, SAME_MODEL_SQL, [corpus_version, spec.algorithm, params, data_hash])
+        existing = store.frame(con, SAME_MODEL_SQL, [corpus_version, algorithm, params, data_hash])
         if existing.height:
             record = existing.to_dicts()[0]
             context.log.info(
@@ -119,18 +142,25 @@ def retrained_model(
             "min_train_rows) and two labels: land items with initial labels or corrections first. The "
             "champion is untouched."
         )
-    try:
-        model = train.fit(training, training["label"].to_numpy(), spec, feature_length)
-    except (ValueError, ArithmeticError) as error:
-        raise dg.Failure(
-            description=f"training on corpus v{corpus_version} failed ({error}); the champion is untouched"
-        ) from None
+    if spec is None:
+        trained = _run_trainer(context, trainer_client, home, config.trainer, training, gold_for_trainer,
+                               _trainer_classes(classes, training), folds, corpus_version, content)
+        model = train.ExternalModel(version="challenger", probabilities=trained["probabilities"],
+                                    reference=trained["reference"])
+        extra = {**extra, **{key: value for key, value in trained.items() if key != "probabilities"}}
+    else:
+        try:
+            model = train.fit(training, training["label"].to_numpy(), spec, feature_length)
+        except (ValueError, ArithmeticError) as error:
+            raise dg.Failure(
+                description=f"training on corpus v{corpus_version} failed ({error}); the champion is untouched"
+            ) from None
     scores = train.evaluate(model, gold_items, gold_items["label"].to_numpy())
     record = {
         "corpus_version": corpus_version,
         "n_train_rows": training.height,
         "n_classes": int(len(model.classes)),
-        "algorithm": spec.algorithm,
+        "algorithm": algorithm,
         "params": params,
         "train_data_hash": data_hash,
         "gold_accuracy": scores["accuracy"],
@@ -143,7 +173,7 @@ def retrained_model(
     # numbered, and a model of the same corpus and configuration looked for again, only now, in
     # the transaction that registers it.
     with open_store(database) as con, store.transaction(con):
-        rival = store.frame(con, SAME_MODEL_SQL, [corpus_version, spec.algorithm, params, data_hash])
+        rival = store.frame(con, SAME_MODEL_SQL, [corpus_version, algorithm, params, data_hash])
         if rival.height:
             record = rival.to_dicts()[0]
             context.log.info(f"{record['model_version']} was trained on corpus v{corpus_version} meanwhile; reused")
@@ -152,7 +182,10 @@ def retrained_model(
         version = f"m{store.scalar(con, 'SELECT count(*) FROM models') + 1:04d}"
         record = {"model_version": version, **record}
         # metadata.json also names the evaluation set of its gold metrics and the copies left out.
-        folder = train.save(model, home.models / version, {**record, **extra})
+        if spec is None:
+            folder = train.save_external(trained["probabilities"], home.models / version, {**record, **extra})
+        else:
+            folder = train.save(model, home.models / version, {**record, **extra})
         record = {**record, "path": folder.relative_to(home.root).as_posix()}
         store.append(
             con,
@@ -164,8 +197,70 @@ def retrained_model(
         store.record_policies(con, run_id(context), "retrained_model", TRAINING_POLICIES)
     # A challenger: model_evaluation decides whether it replaces the champion.
     return dg.MaterializeResult(
-        metadata={**_model_metadata(home, record, extra), "reused": False, "status": "challenger"}
+        metadata={**_model_metadata(home, record, extra), "reused": False, "status": "challenger",
+                  **({"trainer": external.EXTERNAL, "reference": extra["reference"]} if spec is None else {})}
     )
+
+
+def _trainer_classes(ontology_labels: list[str], training: pl.DataFrame) -> list[str]:
+    """The classes an external trainer is asked for: the ontology's labels, and any label the
+    training rows still carry that the ontology no longer lists (sorted, as scikit-learn's are)."""
+    return sorted({*map(str, ontology_labels), *training["label"].unique().to_list()})
+
+
+def _run_trainer(
+    context: dg.AssetExecutionContext, client: dg.PipesClient, home: Home, trainer: external.TrainerConfig,
+    training: pl.DataFrame, gold_items: pl.DataFrame, classes: list[str], folds: int, corpus_version: int,
+    content: str,
+) -> dict:
+    """Run the team's training command through Dagster Pipes and return its checked report:
+    reference, metrics, command and the probabilities (a frame). Any failure fails the step."""
+    command = trainer.argv()
+    # One folder per run: the inputs are removed afterwards (the store is their record), the
+    # output folder stays, since the trainer's model files live there.
+    work = home.models / external.EXTERNAL / run_id(context)
+    output_dir = work / "output"
+    output_dir.mkdir(parents=True, exist_ok=True)
+    training_path, gold_path = external.write_inputs(work / "input", training, gold_items)
+    extras = {
+        "corpus_version": corpus_version,
+        "training_items": str(training_path),
+        "gold_items": str(gold_path),
+        "classes": classes,
+        "folds": folds,
+        "output_dir": str(output_dir),
+        "item_content": content,
+    }
+    shown = " ".join(trainer.command)
+    context.log.info(f"external trainer: {shown} ({training.height} training rows, {gold_items.height} gold items)")
+    arguments = {"context": context, "command": command, "extras": extras}
+    if isinstance(client, dg.PipesSubprocessClient):
+        arguments["cwd"] = str(home.root)
+    if isinstance(client, TrainerSubprocessClient):
+        arguments["timeout_seconds"] = trainer.timeout_seconds
+    try:
+        invocation = client.run(**arguments)
+        reported = {}
+        for result in invocation.get_results(implicit_materializations=False):
+            reported.update({key: getattr(value, "value", value) for key, value in (result.metadata or {}).items()})
+        report = external.read_report(reported, output_dir)
+        probabilities = external.check_probabilities(
+            report.probabilities, classes, training["item_id"], gold_items["item_id"]
+        )
+    except external.TrainerOutputError as error:
+        raise dg.Failure(
+            description=f"the external trainer ({shown}) reported what labelloop cannot use: {error}; "
+            "nothing registered, the champion is untouched"
+        ) from None
+    except Exception as error:  # the launch or the run failed, however the client says so
+        raise dg.Failure(
+            description=f"the external trainer ({shown}) failed: {error}; nothing registered, the champion is untouched"
+        ) from None
+    finally:
+        shutil.rmtree(work / "input", ignore_errors=True)
+    return {"probabilities": probabilities, "reference": report.reference, "command": list(trainer.command),
+            "trainer_metrics": external.plain_metrics(report.metrics),
+            "trainer_output": output_dir.relative_to(home.root).as_posix()}
 
 
 def _as_trained(home: Home, record: dict, extra: dict) -> dict:
@@ -305,6 +400,10 @@ def model_evaluation(
             scores["champion"] = evaluation.score(
                 _probabilities(held, gold_items), held.classes, gold_labels, plan.calibration_bins
             )
+        if confirmed is not None and isinstance(model, train.ExternalModel):
+            # An external model answers only for what it was trained on: the confirmed items it
+            # lacks (gold copies, items confirmed since) are not in its slice.
+            confirmed = confirmed.filter(pl.Series(~np.isnan(model.stored(confirmed["item_id"])).any(axis=1)))
         slice_scores = evaluation.score(
             _probabilities(model, confirmed), model.classes, confirmed["label"].to_numpy(), plan.calibration_bins
         ) if confirmed is not None else None
@@ -367,11 +466,11 @@ def _rescored(champion: dict | None, last_set: int | None, evaluation_set: int |
     return f"{champion['model_version']} rescored on set {evaluation_set}; last scored on {before}{note}"
 
 
-def _load(home: Home, model_row: dict) -> train.TrainedModel:
+def _load(home: Home, model_row: dict) -> train.TrainedModel | train.ExternalModel:
     return train.load(home.model_folder(model_row["path"]))[0]
 
 
-def _probabilities(model: train.TrainedModel, items: pl.DataFrame) -> np.ndarray:
+def _probabilities(model: train.TrainedModel | train.ExternalModel, items: pl.DataFrame) -> np.ndarray:
     return model.predict_proba(items)
 
 
@@ -406,9 +505,11 @@ def release_notes(
         gold_items = store.frame(con, GOLD_SQL)
         written = []
         for judged in pending:
-            models = {row["model_version"]: {**row, "spec": PipelineSpec.from_recorded(row["params"])}
+            # An external trainer's model has no pipeline labelloop could refit (spec None).
+            models = {row["model_version"]: {**row, "spec": None if external.is_external(row["algorithm"])
+                                             else PipelineSpec.from_recorded(row["params"])}
                       for row in store.frame(
-                con, "SELECT model_version, corpus_version, params FROM models "
+                con, "SELECT model_version, corpus_version, algorithm, params FROM models "
                 "WHERE list_contains($v, model_version)",
                 {"v": [judged["challenger"], judged["champion"]]},
             ).iter_rows(named=True)}
@@ -422,7 +523,9 @@ def release_notes(
                 challenger["spec"],
             )
             text = release.render(
-                judged, changes, attributed, challenger["spec"], champion["spec"] if champion else None
+                judged, changes, attributed, challenger["spec"], champion["spec"] if champion else None,
+                external_challenger=json.loads(challenger["params"]) if challenger["spec"] is None else None,
+                external_champion=bool(champion) and champion["spec"] is None,
             )
             path = write_atomically(home.reports / "release-notes" / f"{judged['challenger']}.md", text)
             store.append(con, "release_notes", pl.DataFrame([{

@@ -90,8 +90,10 @@ def attribution(
 def render(
     evaluation: dict, changes: pl.DataFrame, attributed: pl.DataFrame,
     spec: PipelineSpec | None = None, champion_spec: PipelineSpec | None = None,
+    external_challenger: dict | None = None, external_champion: bool = False,
 ) -> str:
-    """The release notes as markdown."""
+    """The release notes as markdown. `external_challenger`: the trainer configuration of a
+    challenger an external trainer made (its registry params); `external_champion`: the champion was."""
     challenger = json.loads(evaluation["challenger_scores"])
     champion = json.loads(evaluation["champion_scores"]) if evaluation["champion_scores"] else None
     promoted = evaluation["decision"] == "promote"
@@ -102,11 +104,21 @@ def render(
         *[f"- {reason}" for reason in evaluation["reasons"]],
         "",
     ]
+    champion_by = (
+        "; the champion by an external trainer" if external_champion
+        else "" if champion_spec is None else f"; the champion with {champion_spec.describe()}"
+    )
     if spec:
         lines += [
             f"Trained with {spec.describe()}"
-            + ("" if champion_spec is None else " (unchanged)" if champion_spec == spec
-               else f"; the champion with {champion_spec.describe()}") + ".",
+            + (" (unchanged)" if champion_spec == spec else champion_by) + ".",
+            "",
+        ]
+    elif external_challenger is not None:
+        command = " ".join(external_challenger.get("command", []))
+        lines += [
+            f"Trained by the external trainer `{command}`"
+            + (" (as the champion was)" if external_champion else champion_by) + ".",
             "",
         ]
     lines += [
@@ -139,7 +151,13 @@ def render(
     worse = sorted(c for c, r in recalls.items() if c in old_recalls and r < old_recalls[c])
     lines += ["", "**Classes that got worse:** " + (", ".join(worse) if worse else "none")]
     lines += ["", "## Which corrections paid off", ""]
-    if attributed.height == 0:
+    if external_challenger is not None:
+        lines.append(
+            "_Not attributed: attribution retrains the challenger without each group of corrections, and "
+            "labelloop can refit only models of its built-in trainer. This challenger was trained by an external "
+            "trainer; to attribute, run your trainer without each group yourself. The counts above are complete._"
+        )
+    elif attributed.height == 0:
         lines.append("_Nothing to attribute: no label changed since the champion's corpus._")
     else:
         lines += [

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from labelloop_assets.core import pipelines
+from labelloop_assets.core import external, pipelines
 from labelloop_assets.core.files import sync_to_disk, write_atomically
 from labelloop_assets.core.pipelines import FEATURES, TEXT, PipelineChoice, PipelineSpec
 from labelloop_assets.core.settings import (
@@ -31,7 +31,7 @@ MODEL_FILE = "model.skops"
 CURRENT_POINTER = "CURRENT"
 # The training data: every corpus item with its current label and what it carries.
 TRAINING_SQL = (
-    "SELECT c.item_id, c.label, i.text, i.features FROM production_corpus c JOIN items i USING (item_id) "
+    "SELECT c.item_id, c.label, i.text, i.features, i.uri FROM production_corpus c JOIN items i USING (item_id) "
     "ORDER BY c.item_id"
 )
 # Module prefixes whose types a model file may hold: scikit-learn's own (the rest skops trusts
@@ -89,12 +89,59 @@ class TrainedModel:
         return self.classes[self.predict_proba(items).argmax(axis=1)]
 
 
+@dataclass
+class ExternalModel:
+    """A model an external trainer made: labelloop holds only the class probabilities its trainer
+    reported (gold items, and training items out of sample), and answers from them by item_id."""
+
+    version: str
+    probabilities: pl.DataFrame  # item_id, then one Float64 column per class in `classes` order
+    reference: str
+    # What a TrainedModel has and an external model has not: no pipeline here to read items.
+    spec = None
+    feature_length = None
+
+    @property
+    def classes(self) -> np.ndarray:
+        return np.asarray([c for c in self.probabilities.columns if c != "item_id"]).astype(str)
+
+    def stored(self, item_ids: pl.Series) -> np.ndarray:
+        """Probabilities per item in the given order; NaN rows for items the trainer was not given."""
+        columns = self.classes.tolist()
+        joined = pl.DataFrame({"item_id": item_ids.cast(pl.String)}).with_row_index("_row").join(
+            self.probabilities, on="item_id", how="left"
+        ).sort("_row")
+        return joined.select(pl.col(columns).fill_null(float("nan"))).to_numpy().reshape(-1, len(columns))
+
+    def predict_proba(self, items: pl.DataFrame | np.ndarray) -> np.ndarray:
+        """The stored probabilities of these items (a frame with item_id); ValueError for any the
+        trainer was not given."""
+        if not isinstance(items, pl.DataFrame) or "item_id" not in items.columns:
+            raise ValueError(f"{self.version} was trained by an external trainer and answers only by item_id: "
+                             "pass items with an item_id column")
+        probabilities = self.stored(items["item_id"])
+        unknown = items["item_id"].filter(pl.Series(np.isnan(probabilities).any(axis=1) if len(probabilities)
+                                                    else np.zeros(0, dtype=bool)))
+        if unknown.len():
+            shown = ", ".join(repr(i) for i in unknown.head(3).to_list()) + (", ..." if unknown.len() > 3 else "")
+            raise ValueError(
+                f"{self.version} (external trainer, {self.reference}) has no probabilities for {unknown.len()} "
+                f"item(s) ({shown}): it answers only for the items it was trained and scored on; train it again"
+            )
+        return probabilities
+
+    def predict(self, items: pl.DataFrame) -> np.ndarray:
+        return self.classes[self.predict_proba(items).argmax(axis=1)]
+
+
 @dataclass(frozen=True)
 class TrainingConfig:
-    """training.yaml: the pipeline, its parameters, and the smallest corpus worth training on."""
+    """training.yaml: the pipeline, its parameters, the smallest corpus worth training on, and
+    the team's own training command when it has one (`trainer`)."""
 
     choice: PipelineChoice
     min_train_rows: int = 5
+    trainer: external.TrainerConfig | None = None
 
     @property
     def params(self) -> dict:
@@ -125,7 +172,8 @@ class TrainingConfig:
                                  f"{where}: min_train_rows")
         if min_rows < 2:
             raise LabelloopConfigError(f"{where}: min_train_rows must be at least 2")
-        return cls(choice=choice, min_train_rows=min_rows)
+        trainer = external.TrainerConfig.parse(raw["trainer"], where) if raw.get("trainer") is not None else None
+        return cls(choice=choice, min_train_rows=min_rows, trainer=trainer)
 
 
 def fit(
@@ -193,9 +241,31 @@ def save(model: TrainedModel, folder: Path, metadata: dict) -> Path:
         "model_file": MODEL_FILE,
         "model_file_sha256": _sha256(staging / MODEL_FILE),
     }
+    return _publish(staging, folder, described, MODEL_FILE)
+
+
+def save_external(probabilities: pl.DataFrame, folder: Path, metadata: dict) -> Path:
+    """Store an external model as save stores a built-in one: its checked probabilities
+    (`probabilities.parquet`) and metadata.json with the file's SHA-256, renamed into place."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    probabilities.write_parquet(staging / external.PROBABILITIES_FILE)
+    described = {
+        **metadata,
+        "trainer": external.EXTERNAL,
+        "classes": [c for c in probabilities.columns if c != "item_id"],
+        "probabilities_file": external.PROBABILITIES_FILE,
+        "probabilities_sha256": _sha256(staging / external.PROBABILITIES_FILE),
+    }
+    return _publish(staging, folder, described, external.PROBABILITIES_FILE)
+
+
+def _publish(staging: Path, folder: Path, described: dict, model_file: str) -> Path:
     (staging / "metadata.json").write_text(json.dumps(described, indent=2, sort_keys=True, default=str))
     # The registry will refer to this folder: it must be on disk before the database says so.
-    for written in (staging / MODEL_FILE, staging / "metadata.json", staging):
+    for written in (staging / model_file, staging / "metadata.json", staging):
         sync_to_disk(written)
     if folder.exists():
         # A directory cannot be renamed over a non-empty one: move the leftover aside first.
@@ -210,9 +280,10 @@ def save(model: TrainedModel, folder: Path, metadata: dict) -> Path:
     return folder
 
 
-def load(folder: Path) -> tuple[TrainedModel, dict]:
+def load(folder: Path) -> tuple[TrainedModel | ExternalModel, dict]:
     """The model in `folder`, refused (ModelFileError) unless its file is the one its metadata names
-    (same SHA-256) and holds only trusted types; nothing in the file runs while loading."""
+    (same SHA-256) and holds only trusted types; nothing in the file runs while loading. An
+    external trainer's model is its stored probabilities (an ExternalModel)."""
     import skops.io
 
     name = folder.name
@@ -224,6 +295,8 @@ def load(folder: Path) -> tuple[TrainedModel, dict]:
         raise ModelFileError(f"{name}: metadata.json in {folder} is not readable JSON ({error})") from None
     if not isinstance(metadata, dict):
         raise ModelFileError(f"{name}: metadata.json in {folder} is not a JSON object")
+    if metadata.get("trainer") == external.EXTERNAL:
+        return _load_external(folder, metadata), metadata
     path = folder / MODEL_FILE
     if not path.is_file():
         older = " (model.npz: saved by an earlier labelloop; train again)" if (folder / "model.npz").exists() else ""
@@ -246,6 +319,25 @@ def load(folder: Path) -> tuple[TrainedModel, dict]:
     if not hasattr(pipeline, "predict_proba") or model.classes.tolist() != metadata.get("classes"):
         raise ModelFileError(f"{name}: {MODEL_FILE} in {folder} does not match its metadata (classes)")
     return model, metadata
+
+
+def _load_external(folder: Path, metadata: dict) -> ExternalModel:
+    name = folder.name
+    path = folder / external.PROBABILITIES_FILE
+    if not path.is_file():
+        raise ModelFileError(f"{name}: {external.PROBABILITIES_FILE} is missing from {folder}")
+    if _sha256(path) != metadata.get("probabilities_sha256"):
+        raise ModelFileError(f"{name}: {external.PROBABILITIES_FILE} in {folder} is not the file its metadata.json "
+                             "describes (SHA-256 differs): refused")
+    try:
+        probabilities = pl.read_parquet(path)
+    except Exception as error:  # a damaged file: refused, whatever polars raises
+        raise ModelFileError(f"{name}: {external.PROBABILITIES_FILE} in {folder} is not readable ({error})") from None
+    model = ExternalModel(version=str(metadata.get("model_version", name)), probabilities=probabilities,
+                          reference=str(metadata.get("reference", "")))
+    if probabilities.columns[:1] != ["item_id"] or model.classes.tolist() != metadata.get("classes"):
+        raise ModelFileError(f"{name}: {external.PROBABILITIES_FILE} in {folder} does not match its metadata (classes)")
+    return model
 
 
 def _sha256(path: Path) -> str:
