@@ -40,12 +40,12 @@ def demo_env(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_text_demo_promotes_a_text_champion_and_cleans_the_corpus(demo_env, capsys):
     _require_wheel()
-    assert cli.main(["demo", "--world", "text", "--days", "2"]) == 0
+    assert cli.main(["demo", "--world", "text", "--days", "1"]) == 0
     out = capsys.readouterr().out
 
     # The table, one row per day, and the summary line under it.
     table = [line for line in out.splitlines() if line.startswith("|")]
-    assert table[0].split("|")[1].strip() == "day" and len(table) == 2 + 3
+    assert table[0].split("|")[1].strip() == "day" and len(table) == 2 + 2
     assert "day 0: challenger m0001 promoted" in out
     assert "corpus label accuracy" in out and "make dev WORLD=text" in out
 

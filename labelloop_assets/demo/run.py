@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
+from threadpoolctl import threadpool_limits
 
 from labelloop_assets.core import bursts, store, train
 from labelloop_assets.core.lake import CATALOG_ENV
@@ -180,6 +181,10 @@ def _metadata(results: list[dg.ExecuteInProcessResult], asset: str) -> list[dict
     return found
 
 
+# One BLAS thread: the demo's trainings are small, and on a shared 2-core machine BLAS's threads
+# wait for each other longer than they compute (measured: the text world's week took 406 s of CPU
+# with two threads, 138 s with one, printing the same figures; the digits' 31 s either way).
+@threadpool_limits.wrap(limits=1, user_api="blas")
 def run_demo(
     home: Home,
     instance: dg.DagsterInstance,
