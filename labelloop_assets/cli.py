@@ -199,6 +199,10 @@ def _print(frame: pl.DataFrame, as_json: bool) -> None:
     print("\n".join(_table(frame, width)))
 
 
+# The demo's home per world, unless LABELLOOP_HOME names one: the two demos never share a store.
+DEMO_HOMES = {"digits": "data/home", "text": "data/home-text"}
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     if not os.environ.get("DAGSTER_HOME"):
         print(
@@ -211,22 +215,36 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import dagster as dg
 
     from labelloop_assets.core.settings import ALLOW_DEV_SECRET_ENV
-    from labelloop_assets.demo.run import DemoRefused, prepare_home, run_demo
-    from labelloop_assets.demo.simulator import DemoConfig
+    from labelloop_assets.demo.rotten_tomatoes import DemoDataMissing, load_snippets
+    from labelloop_assets.demo.run import DemoRefused, DemoStopped, prepare_home, run_demo
+    from labelloop_assets.demo.simulator import WORLDS
 
-    root = Path(os.environ.get("LABELLOOP_HOME", "data/home")).resolve()
+    if args.world == "text":
+        # Before the home is wiped: without its data the text demo stops, saying how to get it.
+        try:
+            load_snippets()
+        except DemoDataMissing as error:
+            print(f"labelloop: {error}", file=sys.stderr)
+            return 2
+    # Each world has a home of its own (the Makefile's WORLD sets LABELLOOP_HOME the same way).
+    root = Path(os.environ.get("LABELLOOP_HOME", DEMO_HOMES[args.world])).resolve()
     if not os.environ.get("LABELLOOP_SECRET"):
         # The demo's simulated people may use the public development key (it says so when it
         # starts); anywhere else a missing LABELLOOP_SECRET stops the run.
         os.environ[ALLOW_DEV_SECRET_ENV] = "1"
     try:
-        home = prepare_home(root)
+        home = prepare_home(root, args.world)
     except DemoRefused as error:
         print(f"labelloop: {error}", file=sys.stderr)
         return 2
     os.environ.setdefault("LABELLOOP_DAGSTER_STORAGE", str(home.root / "dagster"))
+    config = dataclasses.replace(WORLDS[args.world].config, seed=args.seed)
     with dg.DagsterInstance.get() as instance:
-        rows = run_demo(home, instance, days=args.days, config=DemoConfig(seed=args.seed))
+        try:
+            rows = run_demo(home, instance, days=args.days, config=config, world_name=args.world)
+        except DemoStopped as error:
+            print(f"labelloop: the demo stopped: {error}", file=sys.stderr)
+            return 1
     first, last = rows[0], rows[-1]
     print()
     print(
@@ -236,7 +254,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     print(f"state:   {home.root}  (store: {home.database})")
     print(f"report:  {home.reports / 'demo.json'}")
-    print("open it: make dev   (then http://127.0.0.1:3000: Assets, Runs, Automation)")
+    make_dev = "make dev" if args.world == "digits" else f"make dev WORLD={args.world}"
+    print(f"open it: {make_dev}   (then http://127.0.0.1:3000: Assets, Runs, Automation)")
     cli = Path(sys.argv[0])
     command = os.path.relpath(cli) if cli.is_absolute() else str(cli)
     print(f"inspect: {command} status | {command} quarantine | {command} lineage ITEM_ID")
@@ -1368,7 +1387,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}",
                         help="print the installed version of labelloop and exit")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    demo = commands.add_parser("demo", help="run the loop on simulated days of digits traffic")
+    demo = commands.add_parser("demo", help="run the loop on simulated days of digits (or text) traffic")
+    demo.add_argument("--world", choices=tuple(DEMO_HOMES), default="digits",
+                      help="what the simulated product classifies: digits (scikit-learn's handwritten digits, "
+                           "items with features) or text (Rotten Tomatoes snippets: fresh, rotten or plot; "
+                           "data fetched by `make venv`); each has its own home, data/home or data/home-text, "
+                           "unless LABELLOOP_HOME is set (default: %(default)s)")
     demo.add_argument("--days", type=_whole_number(1, 365), default=6, metavar="N",
                       help="simulated days after the first (default: %(default)s)")
     demo.add_argument("--seed", type=_whole_number(0, 2**63 - 1), default=7, metavar="N",

@@ -8,7 +8,7 @@ import dagster as dg
 import pytest
 
 from labelloop_assets.core import store
-from labelloop_assets.core.settings import RetrainPolicy
+from labelloop_assets.core.settings import DEFAULTS_DIR, RetrainPolicy
 from labelloop_assets.demo.run import DemoRefused, prepare_home, run_demo
 from labelloop_assets.demo.simulator import DemoConfig
 
@@ -62,7 +62,7 @@ def test_demo_loop_raises_corpus_and_model_accuracy(tmp_path, instance):
     assert [d for d in decisions if d[0] == 2] == [(2, "reject")]
     rejected = rows[2]["model_evaluations"][0]
     assert (home.reports / "release-notes" / f"{rejected['challenger']}.md").exists()
-    assert "pipeline: auto" in home.training_file.read_text()
+    assert home.training_file.read_text() == (DEFAULTS_DIR / "training.yaml").read_text()
     _assert_lineage_is_complete(home)
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
+from threadpoolctl import threadpool_limits
 
 from labelloop_assets.core import bursts, store, train
 from labelloop_assets.core.lake import CATALOG_ENV
@@ -37,8 +38,13 @@ class DemoRefused(RuntimeError):
     """The demo would overwrite a LABELLOOP_HOME it did not create."""
 
 
-def prepare_home(root: Path) -> Home:
-    """Start from an empty home; only a home the demo itself made is ever wiped."""
+class DemoStopped(RuntimeError):
+    """A simulated day cannot go on: a run failed, or there is no champion to serve predictions."""
+
+
+def prepare_home(root: Path, world: str = "digits") -> Home:
+    """Start from an empty home for `world`; only a home the demo itself made is ever wiped."""
+    kind = simulator.WORLDS[world]
     if os.environ.get(CATALOG_ENV, "").strip():
         # The demo wipes its home and starts over: never with a lake, whose catalog is shared.
         raise DemoRefused(
@@ -52,7 +58,7 @@ def prepare_home(root: Path) -> Home:
                 "empty folder or remove it yourself"
             )
         shutil.rmtree(root)
-    keys = demo_keys_dir(root)
+    keys = demo_keys_dir(root, world)
     if keys.exists():
         if not (keys / DEMO_MARKER).exists() and any(keys.iterdir()):
             raise DemoRefused(f"{keys} holds files that the demo did not create; remove it yourself")
@@ -70,13 +76,16 @@ def prepare_home(root: Path) -> Home:
         .replace("sla_hours: 48", "sla_hours: 24")
         .replace("exempt_roles: [reviewer, domain_expert]", "exempt_roles: [annotator, reviewer, domain_expert]")
     )
+    if kind.ontology is not None:
+        home.ontology_file.write_text(kind.ontology)
     return home
 
 
-def demo_keys_dir(root: Path) -> Path:
+def demo_keys_dir(root: Path, world: str = "digits") -> Path:
     """Where the demo keeps its reviewers' private keys: a folder beside the home (data/demo-keys
-    for data/home), because a key inside the home is refused."""
-    return root.resolve().parent / DEMO_KEYS
+    for data/home; data/demo-keys-text for the text world's), because a key inside the home is
+    refused. Each world has its own, so that running one demo leaves the other's keys alone."""
+    return root.resolve().parent / (DEMO_KEYS if world == "digits" else f"{DEMO_KEYS}-{world}")
 
 
 def grant_and_key(home: Home, world: simulator.DemoWorld) -> dict:
@@ -89,7 +98,7 @@ def grant_and_key(home: Home, world: simulator.DemoWorld) -> dict:
     from labelloop_assets.core import signing
     from labelloop_assets.core.settings import DEFAULTS_DIR
 
-    folder = demo_keys_dir(home.root)
+    folder = demo_keys_dir(home.root, world.kind.name)
     folder.mkdir(mode=0o700, exist_ok=True)
     (folder / DEMO_MARKER).write_text("created by `labelloop demo`; `make demo` may wipe this folder\n")
     signers, people = {}, []
@@ -172,6 +181,10 @@ def _metadata(results: list[dg.ExecuteInProcessResult], asset: str) -> list[dict
     return found
 
 
+# One BLAS thread: the demo's trainings are small, and on a shared 2-core machine BLAS's threads
+# wait for each other longer than they compute (measured: the text world's week took 406 s of CPU
+# with two threads, 138 s with one, printing the same figures; the digits' 31 s either way).
+@threadpool_limits.wrap(limits=1, user_api="blas")
 def run_demo(
     home: Home,
     instance: dg.DagsterInstance,
@@ -179,12 +192,14 @@ def run_demo(
     config: simulator.DemoConfig | None = None,
     retrain: RetrainPolicy = DEMO_RETRAIN,
     echo: Callable[[str], None] = print,
+    world_name: str = "digits",
 ) -> list[dict]:
-    """Day 0 lands the items; each later day the current model serves and users correct it."""
-    config = simulator.DemoConfig() if config is None else config
+    """Day 0 lands the items; each later day the current model serves and users correct it.
+    `config` None: the world's own traffic (simulator.WORLDS)."""
     if using_development_secret():
         echo(f"note: {DEV_SECRET_WARNING}\n")
-    world = simulator.build_world(config)
+    world = simulator.build_world(config, simulator.WORLDS[world_name])
+    config = world.config
     signers = grant_and_key(home, world)
     loop = SensorLoop(build_definitions(home, retrain), build_resources(home, retrain), instance)
     rows: list[dict] = []
@@ -196,6 +211,11 @@ def run_demo(
             sent = {"corrections_sent": 0}
         else:
             version = train.current_version(home.models)
+            if version is None:
+                raise DemoStopped(
+                    f"day {day}: no champion serves predictions (the validation plan rejected every model so "
+                    "far; see reports/release-notes/ in the home)"
+                )
             model, _ = train.load(home.models / version)
             sent = simulator.simulate_day(world, home, day, model, version)
         if day == config.weak_training_day:
@@ -207,7 +227,7 @@ def run_demo(
         retrain_runs = loop.run_sensor("retrain_sensor")
         failed = [r for r in ingest_runs + retrain_runs if not r.success]
         if failed:
-            raise RuntimeError(f"day {day}: run {failed[0].run_id} failed; see `make dev` for its logs")
+            raise DemoStopped(f"day {day}: run {failed[0].run_id} failed; see `make dev` for its logs")
         corrections = _metadata(ingest_runs, "raw_corrections")
         corpus_meta = _metadata(ingest_runs, "production_corpus")
         reviews_meta = _metadata(ingest_runs, "review_decisions")

