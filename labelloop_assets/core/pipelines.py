@@ -42,7 +42,7 @@ RANDOM_STATE = 0
 # The presets' steps per input; `params` in training.yaml override the last step's.
 _LINEAR = {"C": 0.1, "max_iter": 2000}
 _TEXT_LINEAR = {"C": 4.0, "max_iter": 2000}
-_TFIDF = {"sublinear_tf": True, "ngram_range": (1, 2), "min_df": 1}
+_TFIDF = {"sublinear_tf": True, "ngram_range": (1, 2), "min_df": 2}
 PRESET_STEPS: dict[str, dict[str, tuple[tuple[str, dict], ...]]] = {
     "logistic_regression": {
         FEATURES: (("StandardScaler", {}), ("LogisticRegression", _LINEAR)),
