@@ -16,6 +16,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from labelloop_assets.core import metrics, store, train
+from labelloop_assets.core.files import path_sha256
 from labelloop_assets.core.pipelines import preset_spec
 
 NAMES = np.array(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"])
@@ -157,7 +158,7 @@ def test_load_refuses_an_altered_file_and_foreign_types(tmp_path, fitted):
     # The metadata rewritten to match a file that carries another type: still refused, unloaded.
     skops.io.dump({"model": Payload()}, folder / "model.skops")
     meta = json.loads((folder / "metadata.json").read_text())
-    meta["model_file_sha256"] = train._sha256(folder / "model.skops")
+    meta["model_file_sha256"] = path_sha256(folder / "model.skops")
     (folder / "metadata.json").write_text(json.dumps(meta))
     with pytest.raises(train.ModelFileError, match="types labelloop does not load.*Payload"):
         train.load(folder)

@@ -10,7 +10,6 @@ the gate scores the gold items from them, and label-issue ranking reads the trai
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import sys
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from labelloop_assets.core.files import path_sha256
 from labelloop_assets.core.settings import LabelloopConfigError, config_number
 
 # The registry's `algorithm` and metadata.json's `trainer` for a model an external trainer made.
@@ -93,7 +93,7 @@ class TrainerConfig:
         for argument in self.command[1:]:
             path = working_dir / argument
             if path.is_file():
-                files[argument] = _sha256(path)
+                files[argument] = path_sha256(path)
         return json.dumps({"trainer": EXTERNAL, "command": list(self.command), "files": files}, sort_keys=True)
 
 
@@ -253,10 +253,3 @@ def plain_metrics(metrics: dict) -> dict:
 
     return plain(metrics)
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -123,6 +123,12 @@ def sync_to_disk(path: Path) -> None:
         os.close(descriptor)
 
 
+def path_sha256(path: Path) -> str:
+    """A file's SHA-256, read in chunks (a model file may be large)."""
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
 def landing_file_sha256(path: Path) -> str | None:
     """A landing file's SHA-256, read in chunks through a handle that refuses a link (a file
     refused for its size must not be read into memory to be hashed); None if it cannot be read."""

@@ -19,7 +19,7 @@ import numpy as np
 import polars as pl
 
 from labelloop_assets.core import external, pipelines
-from labelloop_assets.core.files import sync_to_disk, write_atomically
+from labelloop_assets.core.files import path_sha256, sync_to_disk, write_atomically
 from labelloop_assets.core.pipelines import FEATURES, TEXT, PipelineChoice, PipelineSpec
 from labelloop_assets.core.settings import (
     LabelloopConfigError,
@@ -239,7 +239,7 @@ def save(model: TrainedModel, folder: Path, metadata: dict) -> Path:
         "classes": model.classes.tolist(),
         "feature_length": model.feature_length,
         "model_file": MODEL_FILE,
-        "model_file_sha256": _sha256(staging / MODEL_FILE),
+        "model_file_sha256": path_sha256(staging / MODEL_FILE),
     }
     return _publish(staging, folder, described, MODEL_FILE)
 
@@ -257,7 +257,7 @@ def save_external(probabilities: pl.DataFrame, folder: Path, metadata: dict) -> 
         "trainer": external.EXTERNAL,
         "classes": [c for c in probabilities.columns if c != "item_id"],
         "probabilities_file": external.PROBABILITIES_FILE,
-        "probabilities_sha256": _sha256(staging / external.PROBABILITIES_FILE),
+        "probabilities_sha256": path_sha256(staging / external.PROBABILITIES_FILE),
     }
     return _publish(staging, folder, described, external.PROBABILITIES_FILE)
 
@@ -301,7 +301,7 @@ def load(folder: Path) -> tuple[TrainedModel | ExternalModel, dict]:
     if not path.is_file():
         older = " (model.npz: saved by an earlier labelloop; train again)" if (folder / "model.npz").exists() else ""
         raise ModelFileError(f"{name}: {MODEL_FILE} is missing from {folder}{older}")
-    if _sha256(path) != metadata.get("model_file_sha256"):
+    if path_sha256(path) != metadata.get("model_file_sha256"):
         raise ModelFileError(f"{name}: {MODEL_FILE} in {folder} is not the file its metadata.json describes "
                              "(SHA-256 differs): refused")
     try:
@@ -326,7 +326,7 @@ def _load_external(folder: Path, metadata: dict) -> ExternalModel:
     path = folder / external.PROBABILITIES_FILE
     if not path.is_file():
         raise ModelFileError(f"{name}: {external.PROBABILITIES_FILE} is missing from {folder}")
-    if _sha256(path) != metadata.get("probabilities_sha256"):
+    if path_sha256(path) != metadata.get("probabilities_sha256"):
         raise ModelFileError(f"{name}: {external.PROBABILITIES_FILE} in {folder} is not the file its metadata.json "
                              "describes (SHA-256 differs): refused")
     try:
@@ -339,13 +339,6 @@ def _load_external(folder: Path, metadata: dict) -> ExternalModel:
         raise ModelFileError(f"{name}: {external.PROBABILITIES_FILE} in {folder} does not match its metadata (classes)")
     return model
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def set_current(models_dir: Path, version: str) -> None:
