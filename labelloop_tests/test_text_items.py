@@ -66,6 +66,12 @@ def test_labelled_text_goes_from_init_to_a_champion_and_a_label_issue_queue(tmp_
     with pytest.raises(serving.ServingError, match="item 0: m0001 reads text; give a non-empty string"):
         champion.predict([[1.0, 2.0]])
     monkeypatch.setenv("LABELLOOP_HOME", str(root))
+    # Label lineage names what the item carries, its text and where its payload is.
+    trained_on = queue["item_id"][0]
+    assert cli.main(["lineage", trained_on, "--json"]) == 0
+    item = json.loads(capsys.readouterr().out)["item"][0]
+    assert (item["carries"], item["uri"]) == ("text", f"s3://reviews/{trained_on}.txt")
+    assert item["text"] == frame.filter(frame["item_id"] == trained_on)["text"].item()
     assert cli.main(["model", "current", "--json"]) == 0
     current = json.loads(capsys.readouterr().out)
     assert current["reads"] == "text" and current["pipeline"].startswith("TfidfVectorizer(")

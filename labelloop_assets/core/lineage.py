@@ -8,7 +8,11 @@ import polars as pl
 from labelloop_assets.core import store
 
 TRAIL_QUERIES = {
+    # What the item carries (its text cut to 80 characters; `labelloop sql` shows it whole).
     "item": "SELECT item_id, initial_label, label_source, gold_label IS NOT NULL AS is_gold, "
+            "concat_ws('+', CASE WHEN text IS NOT NULL THEN 'text' END, "
+            "CASE WHEN features IS NOT NULL THEN 'features' END) AS carries, "
+            "CASE WHEN length(text) > 80 THEN left(text, 77) || '...' ELSE text END AS text, uri, "
             "ingested_at FROM items WHERE item_id = $item",
     "predictions": "SELECT prediction_id, model_version, predicted_label, confidence, served_at "
                    "FROM predictions WHERE item_id = $item ORDER BY served_at",
