@@ -116,7 +116,7 @@ def read_model(folder: Path, row: dict) -> tuple[train.TrainedModel | train.Exte
     row's model."""
     version = row["model_version"]
     try:
-        model, metadata = train.load(folder)
+        model, metadata = train.load(folder, row.get("file_sha256"))
     except train.ModelFileError as error:
         raise ServingError(f"{version}: {str(error).removeprefix(folder.name + ': ')}") from None
     # The registry row is the record of what was trained; the files must describe the same model.

@@ -164,6 +164,44 @@ def test_load_refuses_an_altered_file_and_foreign_types(tmp_path, fitted):
         train.load(folder)
 
 
+def _replace_model_file(folder, pipeline) -> None:
+    """Write another pipeline as the model file and make metadata.json describe it (what an
+    attacker who can write the folder would do)."""
+    import skops.io
+
+    skops.io.dump(pipeline, folder / "model.skops")
+    meta = json.loads((folder / "metadata.json").read_text())
+    meta["model_file_sha256"] = path_sha256(folder / "model.skops")
+    (folder / "metadata.json").write_text(json.dumps(meta))
+
+
+def test_a_function_or_a_foreign_step_in_a_model_file_is_never_loaded(tmp_path, digits, fitted):
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import FunctionTransformer, Normalizer
+    from sklearn.utils import _testing
+
+    model, _ = fitted
+    folder = train.save(model, tmp_path / "m0001", {})
+    registered = path_sha256(folder / "model.skops")
+    # scikit-learn's test helpers import subprocess.check_output: a "sklearn." name that runs commands.
+    shell = FunctionTransformer(func=_testing.check_output, kw_args={"shell": True})
+    _replace_model_file(folder, Pipeline([("shell", shell), ("model", model.pipeline[-1])]))
+    with pytest.raises(train.ModelFileError, match="holds types labelloop does not load.*check_output"):
+        train.load(folder)
+    # Only trusted types, but not the steps metadata.json records.
+    _replace_model_file(folder, Pipeline([("normalizer", Normalizer()), ("model", model.pipeline[-1])]))
+    with pytest.raises(train.ModelFileError, match="not the pipeline its metadata.json records "
+                                                   r"\(Normalizer -> LogisticRegression\)"):
+        train.load(folder)
+    # A well-formed model (another fit), folder and metadata rewritten together: the registry's
+    # hash refuses it.
+    features, labels = digits
+    _replace_model_file(folder, train.fit(features[:300], labels[:300]).pipeline)
+    assert train.load(folder)[0].spec == model.spec
+    with pytest.raises(train.ModelFileError, match="not the file the registry recorded"):
+        train.load(folder, registered)
+
+
 def test_load_names_a_model_saved_before_pipelines(tmp_path):
     folder = tmp_path / "m0001"
     folder.mkdir()

@@ -186,7 +186,8 @@ def retrained_model(
             folder = train.save_external(trained["probabilities"], home.models / version, {**record, **extra})
         else:
             folder = train.save(model, home.models / version, {**record, **extra})
-        record = {**record, "path": folder.relative_to(home.root).as_posix()}
+        record = {**record, "path": folder.relative_to(home.root).as_posix(),
+                  "file_sha256": train.recorded_sha256(folder)}
         store.append(
             con,
             "models",
@@ -467,7 +468,7 @@ def _rescored(champion: dict | None, last_set: int | None, evaluation_set: int |
 
 
 def _load(home: Home, model_row: dict) -> train.TrainedModel | train.ExternalModel:
-    return train.load(home.model_folder(model_row["path"]))[0]
+    return train.load(home.model_folder(model_row["path"]), model_row.get("file_sha256"))[0]
 
 
 def _probabilities(model: train.TrainedModel | train.ExternalModel, items: pl.DataFrame) -> np.ndarray:

@@ -180,7 +180,10 @@ CREATE TABLE IF NOT EXISTS models (
     gold_accuracy DOUBLE, gold_macro_f1 DOUBLE, n_gold BIGINT NOT NULL,
     label_changes_total BIGINT NOT NULL, path VARCHAR NOT NULL, run_id VARCHAR,
     -- challenger (trained, not evaluated yet), champion (serving), rejected, retired
-    status VARCHAR NOT NULL DEFAULT 'challenger', confirm_below DOUBLE
+    status VARCHAR NOT NULL DEFAULT 'challenger', confirm_below DOUBLE,
+    -- v6: the SHA-256 of the model's file (model.skops, or an external model's probabilities),
+    -- so that a folder rewritten together with its metadata.json is still refused.
+    file_sha256 VARCHAR
 );
 
 CREATE TABLE IF NOT EXISTS release_notes (
@@ -397,6 +400,7 @@ def _migrate(con: Any, found: int) -> None:
     if found < 6:
         # Version 6: items carry text, features or both, and an optional uri.
         con.execute("ALTER TABLE items ALTER COLUMN features DROP NOT NULL")
+        con.execute("ALTER TABLE models ADD COLUMN IF NOT EXISTS file_sha256 VARCHAR")
         for column in ("text", "uri"):
             con.execute(f"ALTER TABLE items ADD COLUMN IF NOT EXISTS {column} VARCHAR")
 

@@ -34,9 +34,24 @@ TRAINING_SQL = (
     "SELECT c.item_id, c.label, i.text, i.features, i.uri FROM production_corpus c JOIN items i USING (item_id) "
     "ORDER BY c.item_id"
 )
-# Module prefixes whose types a model file may hold: scikit-learn's own (the rest skops trusts
-# already: numpy, scipy and Python's builtins).
-TRUSTED_MODULES = ("sklearn.",)
+# Types a model file may hold beyond those skops trusts by default (scikit-learn's estimators,
+# NumPy arrays, builtins): the fitted parts of the estimators training.yaml may name, measured by
+# dumping each of them. A name, not a prefix: `sklearn.` modules also import functions such as
+# subprocess.check_output, which a crafted file could otherwise call when it predicts.
+TRUSTED_TYPES = frozenset({
+    "numpy.dtype",
+    "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
+    "sklearn.tree._tree.Tree",
+    "sklearn.neighbors._kd_tree.KDTree",
+    "sklearn.neighbors._ball_tree.BallTree",
+    "sklearn.metrics._dist_metrics.EuclideanDistance64",
+    "sklearn.neural_network._stochastic_optimizers.AdamOptimizer",
+    "sklearn.neural_network._stochastic_optimizers.SGDOptimizer",
+    # The score functions of SelectKBest and its kin: pure statistics.
+    "sklearn.feature_selection._univariate_selection.f_classif",
+    "sklearn.feature_selection._univariate_selection.chi2",
+    "sklearn.feature_selection._mutual_info.mutual_info_classif",
+})
 
 
 class ModelFileError(ValueError):
@@ -280,7 +295,7 @@ def _publish(staging: Path, folder: Path, described: dict, model_file: str) -> P
     return folder
 
 
-def load(folder: Path) -> tuple[TrainedModel | ExternalModel, dict]:
+def load(folder: Path, registered_sha256: str | None = None) -> tuple[TrainedModel | ExternalModel, dict]:
     """The model in `folder`, refused (ModelFileError) unless its file is the one its metadata names
     (same SHA-256) and holds only trusted types; nothing in the file runs while loading. An
     external trainer's model is its stored probabilities (an ExternalModel)."""
@@ -295,6 +310,9 @@ def load(folder: Path) -> tuple[TrainedModel | ExternalModel, dict]:
         raise ModelFileError(f"{name}: metadata.json in {folder} is not readable JSON ({error})") from None
     if not isinstance(metadata, dict):
         raise ModelFileError(f"{name}: metadata.json in {folder} is not a JSON object")
+    if registered_sha256 is not None and registered_sha256 != recorded_sha256(folder, metadata):
+        raise ModelFileError(f"{name}: the model in {folder} is not the file the registry recorded (SHA-256 "
+                             "differs from models.file_sha256): refused")
     if metadata.get("trainer") == external.EXTERNAL:
         return _load_external(folder, metadata), metadata
     path = folder / MODEL_FILE
@@ -306,7 +324,7 @@ def load(folder: Path) -> tuple[TrainedModel | ExternalModel, dict]:
                              "(SHA-256 differs): refused")
     try:
         untrusted = skops.io.get_untrusted_types(file=path)
-        foreign = [t for t in untrusted if not t.startswith(TRUSTED_MODULES)]
+        foreign = sorted(set(untrusted) - TRUSTED_TYPES)
         if foreign:
             raise ModelFileError(f"{name}: {MODEL_FILE} in {folder} holds types labelloop does not load: {foreign}")
         pipeline = skops.io.load(path, trusted=untrusted)
@@ -316,9 +334,34 @@ def load(folder: Path) -> tuple[TrainedModel | ExternalModel, dict]:
     except Exception as error:  # skops raises many kinds on a damaged file; each is a refusal
         raise ModelFileError(f"{name}: {MODEL_FILE} in {folder} is not a readable model ({error})") from None
     model = TrainedModel(pipeline=pipeline, spec=spec, feature_length=metadata.get("feature_length"))
+    # The steps must be the classes the recorded pipeline names, nothing slipped in before them.
+    if _step_classes(pipeline) != [step for step, _ in spec.steps]:
+        raise ModelFileError(f"{name}: {MODEL_FILE} in {folder} is not the pipeline its metadata.json records "
+                             f"({' -> '.join(_step_classes(pipeline))}): refused")
     if not hasattr(pipeline, "predict_proba") or model.classes.tolist() != metadata.get("classes"):
         raise ModelFileError(f"{name}: {MODEL_FILE} in {folder} does not match its metadata (classes)")
     return model, metadata
+
+
+def recorded_sha256(folder: Path, metadata: dict | None = None) -> str | None:
+    """The SHA-256 a model folder's metadata.json records for its model file (the registry keeps
+    it too: `models.file_sha256`)."""
+    if metadata is None:
+        metadata = json.loads((folder / "metadata.json").read_text(encoding="utf-8"))
+    return metadata.get("probabilities_sha256") or metadata.get("model_file_sha256")
+
+
+def _step_classes(pipeline: Any) -> list[str]:
+    """The class names of a pipeline's steps, a ColumnTransformer's blocks in their place."""
+    from sklearn.compose import ColumnTransformer
+
+    names = []
+    for _, step in getattr(pipeline, "steps", [("", pipeline)]):
+        if isinstance(step, ColumnTransformer):
+            names += [type(block).__name__ for _, block, _ in step.transformers_ if block != "drop"]
+        else:
+            names.append(type(step).__name__)
+    return names
 
 
 def _load_external(folder: Path, metadata: dict) -> ExternalModel:
