@@ -18,6 +18,7 @@ from pydantic import Field
 from labelloop_assets.core import lake, store, train
 from labelloop_assets.core.bursts import BurstPolicy
 from labelloop_assets.core.evaluation import ValidationPlan
+from labelloop_assets.core.external import trainer_environment
 from labelloop_assets.core.lake import Lake, LakeError
 from labelloop_assets.core.ontology import Ontology
 from labelloop_assets.core.resolve import ResolutionPolicy
@@ -243,7 +244,8 @@ class TrainerSubprocessClient(dg.PipesSubprocessClient):
         ) as session:
             process = subprocess.Popen(
                 command, cwd=cwd or self.cwd, stderr=subprocess.PIPE,
-                env={**os.environ, **self.env, **(env or {}), **session.get_bootstrap_env_vars()},
+                env={**trainer_environment(os.environ), **self.env, **(env or {}),
+                     **session.get_bootstrap_env_vars()},
             )
             tail: deque[str] = deque(maxlen=self.TAIL_LINES)
             forwarding = threading.Thread(target=_forward, args=(process.stderr, tail, self.forward_stdio),

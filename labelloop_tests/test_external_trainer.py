@@ -258,6 +258,27 @@ def test_a_failing_trainer_fails_the_step_and_leaves_the_champion(features_home,
     assert train.current_version(home.models) == "m0001"
 
 
+SHOWS_ITS_ENVIRONMENT = """
+import os, sys
+seen = sorted(name for name in os.environ if name.startswith("LABELLOOP_"))
+sys.stderr.write("labelloop settings seen: " + (", ".join(seen) or "none") + "\\n")
+sys.exit(3)
+"""
+
+
+@pytest.mark.slow
+def test_the_trainer_gets_none_of_labelloops_settings(features_home, monkeypatch):
+    """Not the pseudonymization key nor any other LABELLOOP_ setting: it gets the Pipes extras."""
+    home = features_home
+    monkeypatch.setenv("LABELLOOP_SECRET", "Mh4q8vT2xLr9NcW5kPz7bYd3JfG6sQe1uAo0iXnV-Rw")
+    _use_trainer(home, SHOWS_ITS_ENVIRONMENT, name="env.py")
+    try:
+        failure = _failure(_run(home, ["retrained_model"]))
+    finally:
+        _use_trainer(home, None)
+    assert "labelloop settings seen: none" in failure, failure
+
+
 @pytest.mark.slow
 def test_a_built_in_challenger_is_judged_against_an_external_champion(features_home):
     home = features_home

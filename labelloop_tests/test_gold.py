@@ -199,7 +199,13 @@ def test_changing_or_dropping_declared_gold_fails_the_step(home, defs, instance,
 
     moved = [dict(r, features=[0.0, 0.0, 0.0, 1.0]) if r["item_id"] == "item-003" else r for r in declared]
     _write_gold(home, moved)
-    assert "line 4: gold item 'item-003' changed its text or features" in _failure(
+    assert "line 4: gold item 'item-003' changed its text, features or uri" in _failure(
+        _run(defs, instance, "ingest_job", succeed=False)
+    )
+    # The payload's address is part of the yardstick too: the team's code reads the item there.
+    pointed = [dict(r, uri="s3://elsewhere/item-005.png") if r["item_id"] == "item-005" else r for r in declared]
+    _write_gold(home, pointed)
+    assert "gold item 'item-005' changed its text, features or uri" in _failure(
         _run(defs, instance, "ingest_job", succeed=False)
     )
     _write_gold(home, declared[1:])

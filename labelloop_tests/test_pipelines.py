@@ -126,6 +126,8 @@ def test_models_recorded_before_pipelines_rebuild_as_the_old_default():
     ("pipeline: [LogisticRegression]\n", "features", "step 1 must be one mapping"),
     ("pipeline:\n  - LogisticRegression: {}\nparams: {C: 1}\n", "features", "params go with a preset"),
     ("input: pictures\n", "features", "input must be one of text, features, text+features"),
+    ("pipeline:\n  - TfidfVectorizer: {input: filename}\n  - LogisticRegression: {}\n", "text",
+     "input must be content: the items' text is what is read, never a file it names"),
 ])
 def test_a_wrong_pipeline_is_refused_with_the_reason(tmp_path, text, content, message):
     with pytest.raises(LabelloopConfigError, match=message.replace("(", r"\(").replace(")", r"\)")

@@ -151,7 +151,7 @@ def retrained_model(
     else:
         try:
             model = train.fit(training, training["label"].to_numpy(), spec, feature_length)
-        except (ValueError, ArithmeticError) as error:
+        except (ValueError, TypeError, ArithmeticError) as error:
             raise dg.Failure(
                 description=f"training on corpus v{corpus_version} failed ({error}); the champion is untouched"
             ) from None

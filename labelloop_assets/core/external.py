@@ -253,3 +253,9 @@ def plain_metrics(metrics: dict) -> dict:
 
     return plain(metrics)
 
+
+def trainer_environment(environment: Mapping[str, str]) -> dict[str, str]:
+    """The environment a trainer runs with: the worker's, without labelloop's own settings
+    (LABELLOOP_SECRET is the pseudonymization key; the others name the home, the catalog and its
+    credentials). The trainer gets what it needs through the Pipes extras."""
+    return {name: value for name, value in environment.items() if not name.startswith("LABELLOOP_")}

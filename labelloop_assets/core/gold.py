@@ -189,8 +189,8 @@ def _new_items(con: duckdb.DuckDBPyConnection, records: pl.DataFrame, ontology: 
     """The records not yet stored, as `items` rows; a declared gold item changed or dropped, or a
     new gold id that is already an ordinary item, is a GoldFileError."""
     stored = store.frame(
-        con, "SELECT item_id, text AS stored_text, features AS stored_features, gold_label AS stored_label, "
-        "source_file "
+        con, "SELECT item_id, text AS stored_text, features AS stored_features, uri AS stored_uri, "
+        "gold_label AS stored_label, source_file "
         "FROM items WHERE gold_label IS NOT NULL OR list_contains($ids, item_id)",
         {"ids": records["item_id"].to_list()},
     ).with_columns(
@@ -211,9 +211,10 @@ def _new_items(con: duckdb.DuckDBPyConnection, records: pl.DataFrame, ontology: 
         .select("line_no", "item_id", "stored_label", "gold_label").iter_rows()
     ]
     problems += [
-        f"line {n}: gold item {i!r} changed its text or features"
+        f"line {n}: gold item {i!r} changed its text, features or uri"
         for n, i in gold.filter(pl.col("features").ne_missing(pl.col("stored_features"))
-                                | pl.col("text").ne_missing(pl.col("stored_text")))
+                                | pl.col("text").ne_missing(pl.col("stored_text"))
+                                | pl.col("uri").ne_missing(pl.col("stored_uri")))
         .select("line_no", "item_id").iter_rows()
     ]
     dropped = stored.filter(pl.col("source_file") == GOLD_SOURCE).join(

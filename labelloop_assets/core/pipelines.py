@@ -12,6 +12,8 @@ training.yaml names a pipeline in one of two ways:
 Every class is looked up by name in a fixed list of scikit-learn modules (a file cannot name
 arbitrary code), every parameter name is checked against the estimator, and every value by
 scikit-learn's own parameter validation, so a typo fails when the file is read, with the reason.
+Values that validation cannot judge alone (an `ngram_range` of [2, 1]) fail the training step,
+with scikit-learn's reason and the champion untouched.
 """
 
 from __future__ import annotations
@@ -241,6 +243,10 @@ def _check_params(name: str, params: dict, where: str) -> dict:
     unknown = sorted(set(params) - set(known))
     if unknown:
         raise LabelloopConfigError(f"{where}: unknown parameters {unknown}; {name} takes {sorted(known)}")
+    if name in TEXT_VECTORIZERS and params.get("input", "content") != "content":
+        # Item texts read as file names would open files on the worker (and on the serving host).
+        raise LabelloopConfigError(f"{where}: input must be content: the items' text is what is read, never a "
+                                   "file it names")
     for key, value in params.items():
         if not _plain(value):
             raise LabelloopConfigError(f"{where}: {key} must be a number, text, true/false, null or a list of those")
