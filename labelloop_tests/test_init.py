@@ -240,3 +240,41 @@ def test_status_counts_escalations_past_the_sla_and_sends_the_reviewer_to_them(t
     assert loop["escalations"]["overdue"] == 1
     assert "escalations: 1 escalation open past the 48 h SLA" in text
     assert "next step: review 1 overdue escalation: labelloop review list" in text
+
+
+def test_text_files_are_read_as_ingest_reads_them(tmp_path, capsys):
+    """Line breaks inside text survive, a byte-order mark is not part of a column name, and text
+    that ingest would refuse is refused here, so the counts init reports are the corpus's."""
+    texts = [f"a review that is {'good' if i % 2 else 'bad'} number {i}" for i in range(60)]
+    source = tmp_path / "reviews.jsonl"
+    records = [{"item_id": f"r{i}", "text": t, "label": "pos" if i % 2 else "neg"} for i, t in enumerate(texts)]
+    records[0]["text"] = "first line\u2028second line"  # legal inside a JSON string: not a line break
+    lines = [json.dumps(r, ensure_ascii=False) for r in records]
+    lines.append('{"item_id": "bad", "text": "broken \\ud800 surrogate", "label": "neg"}')
+    source.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    code, out, _ = _init(capsys, "--from", source, "--home", tmp_path / "home")
+    assert code == 0
+    assert "read 1 file: 61 lines, 60 accepted, 1 rejected" in out
+    assert f"{source}:61: text holds an unpaired surrogate: not valid Unicode text" in out
+    assert _written_texts(tmp_path / "home")["r0"] == "first line\u2028second line"
+
+    # A spreadsheet's CSV: a byte-order mark, and a quoted text with a line break in it.
+    csv = tmp_path / "export.csv"
+    rows = "".join(f'r{i},"{t}",{"pos" if i % 2 else "neg"}\r\n' for i, t in enumerate(texts))
+    csv.write_bytes(b"\xef\xbb\xbf" + ('item_id,text,label\r\nm0,"two\nlines",neg\r\n' + rows).encode())
+    code, out, _ = _init(capsys, "--from", csv, "--home", tmp_path / "csv-home")
+    assert code == 0 and "read 1 file: 61 lines, 61 accepted, 0 rejected" in out
+    assert _written_texts(tmp_path / "csv-home")["m0"] == "two\nlines"
+
+    semicolons = tmp_path / "semicolons.csv"
+    semicolons.write_text("item_id;text;label\nx1;hello;pos\n")
+    code, _, err = _init(capsys, "--from", semicolons, "--home", tmp_path / "x")
+    assert code == 1 and "the header has no item_id column (columns found: 'item_id;text;label')" in err
+    code, _, err = _init(capsys, "--from", "/dev/null", "--home", tmp_path / "y")
+    assert code == 1 and "/dev/null: not a regular file" in err
+
+
+def _written_texts(root: Path) -> dict[str, str]:
+    """item_id -> text of every item init wrote (gold and landing), read as ingest reads lines."""
+    data = (root / "gold.jsonl").read_bytes() + (root / "landing" / "items" / "init-items.jsonl").read_bytes()
+    return {r["item_id"]: r["text"] for r in map(json.loads, filter(None, data.split(b"\n")))}

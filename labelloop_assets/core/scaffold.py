@@ -7,6 +7,7 @@ Pure logic and file writing; the `labelloop init` command prints what `scaffold`
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import random
@@ -127,9 +128,10 @@ def _raw_records(path: Path, result: ReadResult):
     except (OSError, ValueError):  # a NUL byte or an over-long name: no file can have it
         raise ScaffoldError(f"{str(path)!r}: not a usable file name") from None
     if not is_file:
-        raise ScaffoldError(f"{path}: no such file")
+        raise ScaffoldError(f"{path}: {'not a regular file' if path.exists() else 'no such file'}")
     try:
-        text = path.read_text(encoding="utf-8")
+        # utf-8-sig: a byte-order mark (spreadsheet exports write one) is not part of the first field.
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as error:
         raise ScaffoldError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
     except OSError as error:
@@ -137,7 +139,8 @@ def _raw_records(path: Path, result: ReadResult):
     if path.suffix.lower() == ".csv":
         yield from _csv_records(path, text)
         return
-    for number, line in enumerate(text.splitlines(), 1):
+    # Lines end at \n only, as ingest reads them: a U+2028 inside a JSON string is not a line break.
+    for number, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -150,17 +153,23 @@ def _csv_records(path: Path, text: str):
     """CSV with a header: item_id, a label column, optionally `text` and `uri`, and either a
     `features` column (a JSON array, or numbers separated by spaces or semicolons), one column per
     feature, or (for items that carry text only) no other column."""
-    rows = csv.reader(text.splitlines())
+    # newline="": a quoted field may hold line breaks, kept as written.
+    rows = csv.reader(io.StringIO(text, newline=""))
     header = next(rows, None)
     if not header:
         raise ScaffoldError(f"{path}: empty CSV file (a header row is needed)")
     header = [name.strip() for name in header]
+    if "item_id" not in header:
+        shown = ", ".join(repr(name) for name in header[:8])
+        raise ScaffoldError(f"{path}: the header has no item_id column (columns found: {shown}); CSV files are "
+                            "comma-separated with a header row")
     fixed = {"item_id", "label_source", "features", "text", "uri", *LABEL_FIELDS}
     feature_columns = [i for i, name in enumerate(header) if name not in fixed]
-    for number, row in enumerate(rows, 2):
+    number = rows.line_num + 1
+    for row in rows:
+        where, number = f"{path}:{number}", rows.line_num + 1  # a record may span lines: name its first
         if not any(cell.strip() for cell in row):
             continue
-        where = f"{path}:{number}"
         if len(row) != len(header):
             yield where, ScaffoldError(f"{len(row)} columns; the header has {len(header)}")
             continue
@@ -192,6 +201,10 @@ def _record(raw) -> Record:
         raise raw
     if not isinstance(raw, dict):
         raise ScaffoldError(f"a record must be an object, got {type(raw).__name__}")
+    for name in ("item_id", "text", "uri", "label_source", *LABEL_FIELDS):
+        if isinstance(raw.get(name), str) and not _encodable(raw[name]):
+            # JSON can escape a lone surrogate (\ud800); it is not text, and ingest refuses the line.
+            raise ScaffoldError(f"{name} holds an unpaired surrogate: not valid Unicode text")
     item_id = raw.get("item_id")
     if not isinstance(item_id, str) or not item_id.strip():
         raise ScaffoldError("item_id is missing or not a non-empty string")
@@ -232,6 +245,14 @@ def _labelled(raw: dict, item_id: str, text: str | None, features: list[float] |
     if not isinstance(source, str) or not source.strip() or len(source) > 64 or _CONTROL.search(source):
         source = DEFAULT_LABEL_SOURCE
     return Record(item_id, text, features, uri, label, source.strip())
+
+
+def _encodable(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def default_min_eval_items() -> int:
