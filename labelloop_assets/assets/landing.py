@@ -11,7 +11,8 @@ from labelloop_assets.core.settings import LANDING_KINDS
 GROUP = "landing"
 
 DESCRIPTIONS = {
-    "items": "JSON Lines of items to label (item_id, features, an optional initial label), dropped by "
+    "items": "JSON Lines of items to label (item_id, text and/or features, an optional uri and initial label), "
+    "dropped by "
     "producers in LABELLOOP_HOME/landing/items/ or a producer's subfolder.",
     "predictions": "The prediction log: what each model version served, per item, in "
     "LABELLOOP_HOME/landing/predictions/.",
