@@ -200,12 +200,12 @@ def test_a_missing_or_unsafe_model_file_is_refused(own_home, capsys):
     # Another file in its place (here the same bytes, one appended): its SHA-256 is not the recorded one.
     model_file.write_bytes(saved + b"\0")
     _refused(capsys, "model.skops", "not the file its metadata.json describes")
-    # Bytes that match the recorded hash but are not a model (metadata rewritten too).
+    # Another file with metadata.json rewritten to match it: the registry's hash still refuses it.
     model_file.write_bytes(b"not a zip")
     metadata_file = own_home.models / "m0001" / "metadata.json"
     metadata = json.loads(metadata_file.read_text())
     metadata_file.write_text(json.dumps({**metadata, "model_file_sha256": hashlib.sha256(b"not a zip").hexdigest()}))
-    _refused(capsys, "model.skops", "not a readable model")
+    _refused(capsys, "m0001: the model in", "is not the file the registry recorded")
 
 
 def test_a_pointer_that_disagrees_with_the_registry_is_refused(own_home, capsys):
