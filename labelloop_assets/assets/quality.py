@@ -93,7 +93,8 @@ def label_issue_candidates(
                                     "WHERE status = 'champion'").to_dicts()
         content = item_content.home_content(con)
     labels = corpus["label"].to_numpy()
-    if champion and external.is_external(champion[0]["algorithm"]):
+    external_champion = bool(champion) and external.is_external(champion[0]["algorithm"])
+    if external_champion:
         # An external champion cannot be refitted here: its trainer's out-of-sample probabilities,
         # stored with it, are the passive signal.
         probabilities, classes, note = _stored_probabilities(labelloop.home(), champion[0], corpus, labels)
@@ -132,9 +133,8 @@ def label_issue_candidates(
             "expected_wrong_labels": dg.MetadataValue.float(round(float(ranked["score"].sum()), 1))
             if ranked.height else 0.0,
             "passive_signal": note or (
-                "the external champion's out-of-sample probabilities" if champion
-                and external.is_external(champion[0]["algorithm"]) else
-                f"{settings.issues_folds}-fold out-of-sample probabilities"
+                "the external champion's out-of-sample probabilities" if external_champion
+                else f"{settings.issues_folds}-fold out-of-sample probabilities"
             ),
             "top_candidates": dg.MetadataValue.md(markdown_table(top)),
             "review_with": "labelloop review list --queue issues",

@@ -43,10 +43,6 @@ SAME_MODEL_SQL = (
     "SELECT * FROM models WHERE corpus_version = ? AND algorithm = ? AND params = ? AND train_data_hash = ? "
     "ORDER BY trained_at DESC LIMIT 1"
 )
-# What an external trainer gets of the gold items: never their labels.
-GOLD_FOR_TRAINER_SQL = (
-    "SELECT item_id, text, features, uri FROM items WHERE gold_label IS NOT NULL ORDER BY item_id"
-)
 # The policy files whose hashes are recorded with a training and with an evaluation.
 TRAINING_POLICIES = ("training.yaml", "validation.yaml")
 EVALUATION_POLICIES = ("validation.yaml", "training.yaml")
@@ -91,7 +87,6 @@ def retrained_model(
         corpus_version, changes_total = store.corpus_head(con)
         corpus = store.frame(con, train.TRAINING_SQL)
         gold_items = store.frame(con, GOLD_SQL)
-        gold_for_trainer = store.frame(con, GOLD_FOR_TRAINER_SQL) if spec is None else None
         evaluation_set = gold.current_evaluation_set(con)
         # Gold features never reach training: a corpus item that copies a gold item (under
         # another id, exactly or nearly) would let a model be scored on what it learned.
@@ -143,7 +138,8 @@ def retrained_model(
             "champion is untouched."
         )
     if spec is None:
-        trained = _run_trainer(context, trainer_client, home, config.trainer, training, gold_for_trainer,
+        # What an external trainer gets of the gold items: never their labels.
+        trained = _run_trainer(context, trainer_client, home, config.trainer, training, gold_items.drop("label"),
                                _trainer_classes(classes, training), folds, corpus_version, content)
         model = train.ExternalModel(version="challenger", probabilities=trained["probabilities"],
                                     reference=trained["reference"])
@@ -394,19 +390,19 @@ def model_evaluation(
         # Each model is loaded and predicts the gold items once: its scores and (on a promotion)
         # the confirm threshold come from the same probabilities.
         model = _load(home, challenger)
-        probabilities = _probabilities(model, gold_items)
+        probabilities = model.predict_proba(gold_items)
         scores = {"challenger": evaluation.score(probabilities, model.classes, gold_labels, plan.calibration_bins)}
         if champion is not None:
             held = _load(home, champion)
             scores["champion"] = evaluation.score(
-                _probabilities(held, gold_items), held.classes, gold_labels, plan.calibration_bins
+                held.predict_proba(gold_items), held.classes, gold_labels, plan.calibration_bins
             )
         if confirmed is not None and isinstance(model, train.ExternalModel):
             # An external model answers only for what it was trained on: the confirmed items it
             # lacks (gold copies, items confirmed since) are not in its slice.
             confirmed = confirmed.filter(pl.Series(~np.isnan(model.stored(confirmed["item_id"])).any(axis=1)))
         slice_scores = evaluation.score(
-            _probabilities(model, confirmed), model.classes, confirmed["label"].to_numpy(), plan.calibration_bins
+            model.predict_proba(confirmed), model.classes, confirmed["label"].to_numpy(), plan.calibration_bins
         ) if confirmed is not None else None
     except (OSError, ValueError, KeyError) as error:
         raise dg.Failure(
@@ -469,10 +465,6 @@ def _rescored(champion: dict | None, last_set: int | None, evaluation_set: int |
 
 def _load(home: Home, model_row: dict) -> train.TrainedModel | train.ExternalModel:
     return train.load(home.model_folder(model_row["path"]), model_row.get("file_sha256"))[0]
-
-
-def _probabilities(model: train.TrainedModel | train.ExternalModel, items: pl.DataFrame) -> np.ndarray:
-    return model.predict_proba(items)
 
 
 def _score_table(scores: dict) -> pl.DataFrame:

@@ -508,8 +508,6 @@ def _ingest_items(
              "item_id is a gold item declared in gold.jsonl; gold items are frozen for evaluation"),
             (initial_bad, c.UNKNOWN_LABEL, _label_detail("initial_label")),
             *item_content.rules(content, feature_length),
-            (pl.col("uri").is_not_null() & ~pl.col("uri").str.contains(c.URI_PATTERN), c.INVALID_VALUE,
-             "uri: must be an absolute URI with a scheme (s3://, https://, file:///...) and no spaces"),
         ]
         records, rejected = split_by_rules(records, spec.kind, spec.key, rules)
         records, replayed = _split_duplicates(records, con, "items", spec.kind, spec.key)

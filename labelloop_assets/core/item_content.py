@@ -58,9 +58,9 @@ def expected(con: duckdb.DuckDBPyConnection, records: pl.DataFrame) -> tuple[str
 
 
 def rules(content: str | None, feature_length: int) -> list[tuple[pl.Expr, str, str | pl.Expr]]:
-    """(failing condition, reason, detail) for what items carry, in the order they are tried."""
-    found = []
-    found.append((carried().is_null(), c.MISSING_FIELD, "text or features: an item carries text, features or both"))
+    """(failing condition, reason, detail) for what items carry and where their payload is, in the
+    order they are tried: landing items and gold.jsonl both follow them."""
+    found = [(carried().is_null(), c.MISSING_FIELD, "text or features: an item carries text, features or both")]
     if content is not None:
         found.append((
             carried() != content, c.ITEM_CONTENT_MISMATCH,
@@ -73,6 +73,8 @@ def rules(content: str | None, feature_length: int) -> list[tuple[pl.Expr, str, 
             c.FEATURE_LENGTH_MISMATCH,
             pl.format(f"features: {{}} values, this deployment uses {feature_length}", pl.col("features").list.len()),
         ))
+    found.append((pl.col("uri").is_not_null() & ~pl.col("uri").str.contains(c.URI_PATTERN), c.INVALID_VALUE,
+                  "uri: must be an absolute URI with a scheme (s3://, https://, file:///...) and no spaces"))
     return found
 
 

@@ -260,10 +260,9 @@ def out_of_sample_probabilities(
     column = {str(c): i for i, c in enumerate(classes)}
     probs = np.full((len(labels), len(classes)), np.nan)
 
-    def rows(selected: np.ndarray) -> pl.DataFrame:
-        return items[selected] if isinstance(items, pl.DataFrame) else pl.DataFrame(
-            {"features": features[selected]}, schema={"features": pl.List(pl.Float64)}
-        )
+    def rows(selected: np.ndarray) -> np.ndarray | pl.DataFrame:
+        # A features pipeline reads the matrix already built; text is read from the frame.
+        return features[selected] if spec.input == FEATURES else items[selected]
 
     def predict_into(rows_fit: np.ndarray, rows_out: np.ndarray) -> None:
         model = train.fit(rows(rows_fit), labels[rows_fit], spec, features.shape[1] if spec.input != TEXT else None)

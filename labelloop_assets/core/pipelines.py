@@ -26,7 +26,7 @@ from typing import Any
 
 from labelloop_assets.core.settings import LabelloopConfigError
 
-# What an item carries: decided per home by its first accepted items (see ingest.ITEM_CONTENT).
+# What an item carries: decided per home by its first accepted items (see core/item_content.py).
 TEXT, FEATURES, BOTH = "text", "features", "text+features"
 INPUTS = (TEXT, FEATURES, BOTH)
 PRESETS = ("auto", "logistic_regression", "hist_gradient_boosting")
@@ -114,7 +114,7 @@ def feature_columns(width: int) -> list[str]:
 
 def preset_spec(preset: str, item_input: str, params: dict | None = None, where: str = "training.yaml") -> PipelineSpec:
     """A preset's steps for what the items carry, with `params` over its final estimator's."""
-    name = "logistic_regression" if preset == "auto" else preset
+    name = _preset_name(preset)
     by_input = PRESET_STEPS[name]
     if item_input not in by_input:
         raise LabelloopConfigError(
@@ -136,12 +136,11 @@ class PipelineChoice:
 
     def resolve(self, item_content: str, where: str = "training.yaml") -> PipelineSpec:
         """The spec for a home whose items carry `item_content` (text, features or text+features)."""
+        wanted = self.input or item_content
         if self.preset is not None:
-            wanted = self.input or item_content
             _check_carried(wanted, item_content, where)
             spec = preset_spec(self.preset, wanted, self.params, where)
         else:
-            wanted = self.input or item_content
             if wanted == BOTH:
                 raise LabelloopConfigError(
                     f"{where}: a steps list takes one input; this home's items carry text and features: "
@@ -151,6 +150,11 @@ class PipelineChoice:
             spec = PipelineSpec(input=wanted, steps=self.steps)
         check_spec(spec, where)
         return spec
+
+
+def _preset_name(preset: str) -> str:
+    """`auto` is logistic regression on what the items carry."""
+    return "logistic_regression" if preset == "auto" else preset
 
 
 def _check_carried(wanted: str, carried: str, where: str) -> None:
@@ -173,7 +177,7 @@ def parse_choice(raw: dict, where: str) -> PipelineChoice:
                 f"{where}: pipeline {pipeline!r} is not a preset ({', '.join(PRESETS)}); a list of steps "
                 "names scikit-learn classes: [{TfidfVectorizer: {}}, {LogisticRegression: {C: 4.0}}]"
             )
-        name = "logistic_regression" if pipeline == "auto" else pipeline
+        name = _preset_name(pipeline)
         # The final estimator is the same class for every input of a preset: check params on it.
         final = next(iter(PRESET_STEPS[name].values()))[-1][0]
         checked = _check_params(final, _tupled(params), f"{where}: params")
