@@ -623,6 +623,7 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     titles = {
         "item": "Item and initial label",  # one row: no count
         "predictions": "Predictions served",
+        "tasks": "Review tasks issued, with their answers and the label changes they made",
         "corrections": "Corrections, pseudonymized",
         "set_aside": "Corrections set aside in quarantine",
         "decisions": "Resolution decisions",
@@ -729,6 +730,51 @@ def cmd_review_audit_sample(args: argparse.Namespace) -> int:
         _print(sample, False)
         print(f"Label each item without looking at its current label, and send the answers as corrections "
               f"with source {reliability.AUDIT_SOURCE!r} under a reviewer's or domain expert's id.")
+    return 0
+
+
+TASK_STATUSES = ("open", "answered", "expired", "all")
+
+
+def cmd_tasks_list(args: argparse.Namespace) -> int:
+    """The review tasks the loop issued, newest first, with their answers so far."""
+    from labelloop_assets.core import tasks
+
+    with _read(_home()) as con:
+        rows = tasks.task_status(con, datetime.now(UTC))
+    if args.status != "all":
+        rows = rows.filter(pl.col("status") == args.status)
+    rows = rows.sort(["issued_at", "rank"], descending=[True, False]).head(args.limit).select(
+        "task_id", "item_id", "role", "policy", "rank", pl.col("score").round(3), "status", "answers",
+        "answers_wanted", "attempt", "expires_at", "why",
+    )
+    if args.json:
+        _print(rows, True)
+        return 0
+    shown = "" if args.status == "all" else f"{args.status} "
+    print(f"{_count(rows.height, shown + 'review task')}, newest first"
+          + (f" (--limit {args.limit} reached)" if rows.height == args.limit else ""))
+    if rows.height:
+        _print(rows, False)
+        print("Answer a task with a correction that carries its task_id (see docs: review tasks).")
+    return 0
+
+
+def cmd_tasks_efficacy(args: argparse.Namespace) -> int:
+    """Label changes per 100 answers, by routing policy."""
+    from labelloop_assets.core import tasks
+
+    with _read(_home()) as con:
+        rows = tasks.efficacy(con)
+    if args.json:
+        _print(rows, True)
+        return 0
+    if rows.height == 0:
+        print("no review tasks issued yet (the review_tasks asset issues them; see `labelloop tasks list`)")
+        return 0
+    print("Label changes per 100 answers, by routing policy (loop: expected benefit; controls: "
+          "least_confidence, random)")
+    _print(rows, False)
     return 0
 
 
@@ -1467,6 +1513,17 @@ def build_parser() -> argparse.ArgumentParser:
                             help="your id as contributors.yaml lists it (its role there decides what you may decide)")
         action.add_argument("--key", metavar="FILE", help=KEY_HELP)
         action.set_defaults(func=cmd_review_decide)
+    tasking = commands.add_parser("tasks", help="review tasks the loop issued: list, efficacy by routing policy")
+    task_commands = tasking.add_subparsers(dest="tasks_command", required=True, metavar="ACTION")
+    task_list = task_commands.add_parser("list", help="issued tasks with their status and answers, newest first")
+    task_list.add_argument("--status", choices=TASK_STATUSES, default="open",
+                           help="which tasks: %(choices)s (default: %(default)s)")
+    task_list.add_argument("--limit", type=_positive, default=50, metavar="N", help=LIMIT_HELP)
+    task_list.add_argument("--json", action="store_true", help=JSON_HELP)
+    task_list.set_defaults(func=cmd_tasks_list)
+    task_efficacy = task_commands.add_parser("efficacy", help="label changes per 100 answers, by routing policy")
+    task_efficacy.add_argument("--json", action="store_true", help=JSON_HELP)
+    task_efficacy.set_defaults(func=cmd_tasks_efficacy)
     models = commands.add_parser("model", help="the model registry: list, current, rollback")
     model_commands = models.add_subparsers(dest="model_command", required=True, metavar="ACTION")
     listing = model_commands.add_parser("list", help="every model with its status, data hash, metrics, decision")

@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from labelloop_assets.assets import curation, ingest, maintenance, monitoring, quality, training
+from labelloop_assets.assets import curation, ingest, maintenance, monitoring, quality, tasks, training
 from labelloop_assets.assets.landing import landing_files
 from labelloop_assets.checks.scheduled_checks import scheduled_checks
 from labelloop_assets.core.settings import Home, RetrainPolicy
@@ -11,6 +11,8 @@ from labelloop_assets.jobs import (
     maintenance_job,
     maintenance_schedule,
     retrain_job,
+    review_tasks_job,
+    review_tasks_schedule,
     scheduled_checks_job,
     scheduled_checks_schedule,
 )
@@ -28,11 +30,11 @@ def build_definitions(
     return dg.Definitions(
         assets=[
             *landing_files,
-            *dg.load_assets_from_modules([ingest, curation, quality, monitoring, training, maintenance]),
+            *dg.load_assets_from_modules([ingest, curation, quality, monitoring, tasks, training, maintenance]),
         ],
         asset_checks=scheduled_checks,
-        jobs=[ingest_job, retrain_job, maintenance_job, scheduled_checks_job],
-        schedules=[maintenance_schedule, scheduled_checks_schedule],
+        jobs=[ingest_job, retrain_job, review_tasks_job, maintenance_job, scheduled_checks_job],
+        schedules=[review_tasks_schedule, maintenance_schedule, scheduled_checks_schedule],
         sensors=[landing_sensor, retrain_sensor],
         resources=build_resources(home, retrain, trainer_client),
         executor=dg.in_process_executor,

@@ -55,3 +55,14 @@ scheduled_checks_job = dg.define_asset_job(
 scheduled_checks_schedule = dg.ScheduleDefinition(
     job=scheduled_checks_job, cron_schedule="7 * * * *", default_status=dg.DefaultScheduleStatus.RUNNING
 )
+
+REVIEW_TASKS_JOB = "review_tasks_job"
+review_tasks_job = dg.define_asset_job(
+    REVIEW_TASKS_JOB,
+    selection=dg.AssetSelection.assets("label_issue_candidates", "review_tasks"),
+    description="Rank label-issue candidates on today's corpus and issue the day's review tasks to the outbox.",
+)
+# Each morning: the day's work list (budgets, arms and expiry in review_tasks.yaml).
+review_tasks_schedule = dg.ScheduleDefinition(
+    job=review_tasks_job, cron_schedule="0 6 * * *", default_status=dg.DefaultScheduleStatus.RUNNING
+)

@@ -22,6 +22,7 @@ from labelloop_assets.core.external import trainer_environment
 from labelloop_assets.core.lake import Lake, LakeError
 from labelloop_assets.core.ontology import Ontology
 from labelloop_assets.core.resolve import ResolutionPolicy
+from labelloop_assets.core.tasks import TaskSettings
 from labelloop_assets.core.settings import (
     Home,
     LabelloopConfigError,
@@ -117,6 +118,9 @@ class LabelloopHome(dg.ConfigurableResource):
 
     def training(self) -> train.TrainingConfig:
         return train.TrainingConfig.load(self.home().training_file)
+
+    def review_tasks(self) -> TaskSettings:
+        return TaskSettings.load(self.home().review_tasks_file)
 
     def secret(self) -> bytes:
         return pseudonymization_key()

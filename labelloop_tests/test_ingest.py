@@ -211,6 +211,10 @@ LINE_CASES = {
         "corrections", correction("dup-1", corrected_label="six"), "different content", "dup-1",
         first=correction("dup-1"),
     ),
+    contracts.UNKNOWN_TASK: LineCase(
+        "corrections", correction("bad-1", task_id="tsk-20260301-000000000000"),
+        "no review task with this id was issued", "bad-1",
+    ),
     contracts.UNKNOWN_MODEL_VERSION: LineCase(
         "predictions", prediction("bad-1", model_version="m9999-not-a-model"), "not a model labelloop trained", "bad-1"
     ),
@@ -252,7 +256,7 @@ TRUST_REASONS = {
 
 def test_every_reason_code_has_a_test():
     defined = {v for k, v in vars(contracts).items() if isinstance(v, str) and k.lower() == v}
-    assert len(defined) == 36
+    assert len(defined) == 37
     assert defined == set(LINE_CASES) | set(WHOLE_FILE_REASONS) | REVIEW_REASONS | TRUST_REASONS | RESOURCE_REASONS
 
 

@@ -66,6 +66,7 @@ REVOKED_KEY = "revoked_key"
 UNKNOWN_MODEL_VERSION = "unknown_model_version"
 GOLD_NOT_DECLARED = "gold_not_declared"
 ITEM_CONTENT_MISMATCH = "item_content_mismatch"
+UNKNOWN_TASK = "unknown_task"
 # Every code a quarantine row may carry (ROLE_NOT_GRANTED is an audit reason, never quarantined):
 # `labelloop quarantine --reason` accepts these and names them when given another.
 QUARANTINE_REASONS = (
@@ -75,6 +76,7 @@ QUARANTINE_REASONS = (
     ESCALATION_CLOSED, DECISION_NOT_APPLICABLE, FEATURE_LENGTH_MISMATCH, UNREADABLE_FILE, UNSUPPORTED_FORMAT,
     FILE_TOO_LARGE, TOO_MANY_LINES, DECOMPRESSED_TOO_LARGE, RESOURCE_LIMIT, UNSIGNED, BAD_SIGNATURE,
     UNKNOWN_KEY, REVOKED_KEY, UNKNOWN_MODEL_VERSION, GOLD_NOT_DECLARED, ITEM_CONTENT_MISMATCH,
+    UNKNOWN_TASK,
 )
 
 # What the contract trims from both ends of a string field; the CLI and the signature check
@@ -123,6 +125,8 @@ CORRECTION_SPEC = RecordSpec(
         FieldSpec("user_confidence", "number", required=False, minimum=0.0, maximum=1.0),
         # Every string inside the object is scrubbed as free text; keys and numbers are kept.
         FieldSpec("context", "object", required=False, max_length=16 * 1024, free_text=True),
+        # An answer to a review task the loop issued (core/tasks.py): it must name a task for this item.
+        FieldSpec("task_id", "string", required=False, max_length=64),
     ),
 )
 

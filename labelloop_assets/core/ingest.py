@@ -619,6 +619,7 @@ def _ingest_corrections(
         records = records.join(known, on="item_id", how="left").with_columns(
             producer=producer_expr(pl.col("source_file"))
         )
+        records = _with_task_items(con, records)
         rules = [
             (pl.col("event_id").str.contains("/", literal=True), c.INVALID_VALUE,
              "event_id: '/' is reserved (stored ids are scoped as producer/event_id)"),
@@ -628,6 +629,12 @@ def _ingest_corrections(
             (pl.col("is_gold"), c.GOLD_ITEM, "gold items are frozen for evaluation"),
             (~pl.col("consent"), c.NO_CONSENT, "consent is false: never used for training"),
             _model_version_rule(con, home),
+            # An answer names a task the loop issued for this very item, so task -> answer ->
+            # label change holds in lineage and in the efficacy figures.
+            (pl.col("task_id").is_not_null() & pl.col("task_item").is_null(), c.UNKNOWN_TASK,
+             "task_id: no review task with this id was issued"),
+            (pl.col("task_id").is_not_null() & (pl.col("task_item") != pl.col("item_id")), c.UNKNOWN_TASK,
+             "task_id: the review task was issued for another item"),
         ]
         records, rejected = split_by_rules(records, spec.kind, spec.key, rules)
         records = records.with_columns(event_id=_scoped_event_id())
@@ -643,10 +650,23 @@ def _ingest_corrections(
             pl.col("user_id").alias("user_pseudonym"), "user_role", "source", "consent",
             "created_at", "model_version", "prediction_id", "rationale", "user_confidence",
             "context", "payload_hash", "source_file", "line_no", "producer", "claimed_role", "arrived_at",
+            "task_id",
         )
     extra = [("policy_uses", store.policy_rows(run_id, "raw_corrections", CORRECTION_POLICIES))]
     return _finish(con, spec.kind, "raw_corrections", batch, records, quarantined, blank, run_id, extra=extra,
                    audit_rows=audit)
+
+
+def _with_task_items(con: duckdb.DuckDBPyConnection, records: pl.DataFrame) -> pl.DataFrame:
+    """`task_item`: the item of the review task each line answers (null: no task, or none issued)."""
+    if "task_id" not in records.columns:
+        records = records.with_columns(task_id=pl.lit(None, pl.String))
+    asked = records.filter(pl.col("task_id").is_not_null())
+    issued = (
+        store.lookup(con, "review_tasks", "task_id", asked, "t.item_id AS task_item") if asked.height
+        else pl.DataFrame(schema={"task_id": pl.String, "task_item": pl.String})
+    )
+    return records.join(issued, on="task_id", how="left")
 
 
 def _scoped_event_id() -> pl.Expr:

@@ -47,7 +47,8 @@ TABLE_GROUPS = {
     "curation": 2,    # validated_labels, label_decisions, production_corpus, label_history, corpus_versions,
                       # escalations, correction_volume, correction_bursts
     "training": 3,    # models, model_evaluations, release_notes, contributor_reliability
-    "monitoring": 4,  # label_quality_*, label_agreement*, label_drift, label_issue_candidates, guideline_pairs
+    "monitoring": 4,  # label_quality_*, label_agreement*, label_drift, label_issue_candidates, guideline_pairs,
+                      # review_tasks
 }
 ALL_GROUPS = tuple(TABLE_GROUPS)
 

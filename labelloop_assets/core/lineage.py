@@ -16,9 +16,20 @@ TRAIL_QUERIES = {
             "ingested_at FROM items WHERE item_id = $item",
     "predictions": "SELECT prediction_id, model_version, predicted_label, confidence, served_at "
                    "FROM predictions WHERE item_id = $item ORDER BY served_at",
-    "corrections": "SELECT event_id, corrected_label, user_pseudonym, user_role, source, "
-                   "true AS consent, model_version, predicted_label, vote_weight, rationale, "
-                   "created_at FROM validated_labels WHERE item_id = $item ORDER BY created_at",
+    # The review tasks issued for the item, each with its answers and the label changes they made.
+    "tasks": "SELECT t.task_id, t.role, t.policy, t.attempt, t.issued_at, t.expires_at, "
+             "(SELECT list(r.event_id || ' -> ' || r.corrected_label ORDER BY r.seq) FROM raw_corrections r "
+             " WHERE r.task_id = t.task_id) AS answers, "
+             "(SELECT list(DISTINCT 'v' || h.corpus_version || ': ' || h.previous_label || ' -> ' || h.label) "
+             " FROM label_history h JOIN raw_corrections r ON list_contains(h.event_ids, r.event_id) "
+             " WHERE r.task_id = t.task_id AND h.previous_label <> h.label) AS label_changes, "
+             "CASE WHEN (SELECT count(*) FROM raw_corrections r WHERE r.task_id = t.task_id) >= t.answers_wanted "
+             "THEN 'answered' WHEN t.expires_at <= now() THEN 'expired' ELSE 'open' END AS status "
+             "FROM review_tasks t WHERE t.item_id = $item ORDER BY t.issued_at, t.task_id",
+    "corrections": "SELECT v.event_id, v.corrected_label, v.user_pseudonym, v.user_role, v.source, "
+                   "true AS consent, v.model_version, v.predicted_label, v.vote_weight, r.task_id, v.rationale, "
+                   "v.created_at FROM validated_labels v LEFT JOIN raw_corrections r USING (event_id) "
+                   "WHERE v.item_id = $item ORDER BY v.created_at",
     "set_aside": "SELECT record_id AS event_id, reason, detail, source_file, line_no "
                  "FROM quarantine WHERE kind = 'corrections' AND item_id = $item ORDER BY reason",
     "decisions": "SELECT decision_id, status, escalation_reason, current_label, proposed_label, "

@@ -20,6 +20,7 @@ LANDING_KINDS = ("items", "predictions", "corrections", "reviews")
 DEFAULTS_DIR = Path(__file__).resolve().parent.parent / "defaults"
 CONFIG_FILES = (
     "ontology.yaml", "governance.yaml", "contributors.yaml", "monitoring.yaml", "validation.yaml", "training.yaml",
+    "review_tasks.yaml",
 )
 DEV_SECRET = "labelloop-development-secret-do-not-use-in-production"
 
@@ -114,6 +115,10 @@ class Home:
     def training_file(self) -> Path:
         return self.root / "training.yaml"
 
+    @property
+    def review_tasks_file(self) -> Path:
+        return self.root / "review_tasks.yaml"
+
     def ensure(self) -> Home:
         """Create the folder layout and copy default configuration files that are missing.
 
@@ -143,7 +148,7 @@ FILE_ACCESS = {"owner": 0o077, "group": 0o027}
 # published Parquet files): tightened all the way down, once per process. Anything else in the
 # home is tightened at its own level only (a folder that others may not enter hides what it
 # holds), and the landing zone not at all (see `tighten_home`).
-OWN_TREES = ("models", "reports", "published", ".published")
+OWN_TREES = ("models", "reports", "published", ".published", "outbox")
 _TIGHTENED: set[tuple[Path, int]] = set()
 
 

@@ -26,7 +26,7 @@ from labelloop_assets.core import lake
 from labelloop_assets.core.lake import Lake
 from labelloop_assets.core.settings import POLICY_READS, env_number
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 DDL = """
 CREATE TABLE IF NOT EXISTS schema_info (key VARCHAR NOT NULL, value VARCHAR);
@@ -71,7 +71,9 @@ CREATE TABLE IF NOT EXISTS raw_corrections (
     source_file VARCHAR, line_no BIGINT, ingested_at TIMESTAMPTZ NOT NULL DEFAULT now(), run_id VARCHAR,
     -- v4: the landing folder the line came from, the role the line claimed (user_role is what
     -- the directory lets it count as), and when it arrived on the store's clock.
-    producer VARCHAR, claimed_role VARCHAR, arrived_at TIMESTAMPTZ
+    producer VARCHAR, claimed_role VARCHAR, arrived_at TIMESTAMPTZ,
+    -- v7: the review task this correction answers (core/tasks.py).
+    task_id VARCHAR
 );
 
 CREATE TABLE IF NOT EXISTS validated_labels (
@@ -273,6 +275,18 @@ CREATE TABLE IF NOT EXISTS label_issue_candidates (
     run_id VARCHAR
 );
 
+-- Review tasks the loop issued (core/tasks.py), append-only: a task's answers are the accepted
+-- corrections that carry its task_id, and whether it is open, answered or expired follows from them.
+CREATE TABLE IF NOT EXISTS review_tasks (
+    task_id VARCHAR NOT NULL, item_id VARCHAR NOT NULL, role VARCHAR NOT NULL, policy VARCHAR NOT NULL,
+    rank BIGINT NOT NULL, score DOUBLE NOT NULL, reasons VARCHAR[], why VARCHAR,
+    current_label VARCHAR, suggested_label VARCHAR, model_version VARCHAR, predicted_label VARCHAR,
+    predicted_probability DOUBLE, label_issue DOUBLE, uncertainty DOUBLE, disagreement DOUBLE,
+    shortfall DOUBLE, drift DOUBLE, overdue DOUBLE, answers_wanted INTEGER NOT NULL,
+    attempt INTEGER NOT NULL, reissue_of VARCHAR, issued_at TIMESTAMPTZ NOT NULL,
+    expires_at TIMESTAMPTZ NOT NULL, outbox_file VARCHAR, run_id VARCHAR
+);
+
 CREATE TABLE IF NOT EXISTS guideline_pairs (
     corpus_version INTEGER NOT NULL, label_from VARCHAR NOT NULL, label_to VARCHAR NOT NULL,
     n_corrections BIGINT NOT NULL, n_disputed BIGINT NOT NULL, n_items BIGINT NOT NULL,
@@ -403,6 +417,9 @@ def _migrate(con: Any, found: int) -> None:
         con.execute("ALTER TABLE models ADD COLUMN IF NOT EXISTS file_sha256 VARCHAR")
         for column in ("text", "uri"):
             con.execute(f"ALTER TABLE items ADD COLUMN IF NOT EXISTS {column} VARCHAR")
+    if found < 7:
+        # Version 7: corrections may answer a review task (the review_tasks table is new).
+        con.execute("ALTER TABLE raw_corrections ADD COLUMN IF NOT EXISTS task_id VARCHAR")
 
 
 # DuckDB lets one process at a time hold the file for writing, and a process holding it open
@@ -616,6 +633,7 @@ KEYS = (
     ("review_decisions", "decision_id"), ("review_decisions", "seq"),
     ("label_decisions", "decision_id"),
     ("production_corpus", "item_id"),
+    ("review_tasks", "task_id"),
     ("corpus_versions", "corpus_version"),
     ("models", "model_version"),
     ("model_evaluations", "evaluation_id"),

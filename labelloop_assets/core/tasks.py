@@ -1,0 +1,474 @@
+"""Review tasks: each day's work list for annotators and reviewers, under a budget, ordered by what
+an answer is expected to fix, written to an outbox that annotation tools read.
+
+Who looks at what. The annotators' budget is split between routing policies ("arms"): `loop`
+(the expected benefit below), and two controls the loop is measured against, `least_confidence`
+(the items the model is least sure of) and `random`. The arms' tasks are interleaved at random in
+the work list, so an annotator who stops halfway has answered each arm in proportion: the
+efficacy figures (`efficacy`) compare like with like. Reviewers get blind audits drawn at random
+(answered with source `audit_sample`), the sample that source reliability is measured on
+(core/label_issues.py).
+
+Expected benefit (the loop arm). Each candidate item gets components in [0, 1]:
+  - label_issue: the label-issue queue's score, the probability that the current label is wrong;
+  - uncertainty: 1 - the champion's probability of its own prediction;
+  - disagreement: 1 when the item's latest resolution is pending or escalated (votes disagree
+    with the current label and one more answer may settle it);
+  - shortfall: how far the predicted class is below an even share of the corpus (1 for an item
+    with no label at all);
+  - drift: the predicted class's share of the drift signal (per-label PSI term / the warn threshold);
+  - overdue: a task for the item expired unanswered (re-issued, attempt 2 and later).
+`score` is their weighted sum (weights in review_tasks.yaml).
+
+Open tasks are never duplicated: an item with an open task gets no other. A task is answered
+once `answers_wanted` accepted corrections carry its task_id, and expired once its `expires_at`
+passes first; an expired task is re-issued (attempt + 1, `reissue_of`) in its own arm, up to
+`max_attempts`. Items answered within `cooldown_days` wait unless votes still disagree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import polars as pl
+
+from labelloop_assets.core import store
+from labelloop_assets.core.settings import LabelloopConfigError, config_number, load_yaml_mapping
+
+ARMS = ("loop", "least_confidence", "random")
+COMPONENTS = ("label_issue", "uncertainty", "disagreement", "shortfall", "drift", "overdue")
+ANNOTATOR, REVIEWER = "annotator", "reviewer"
+# The correction source an answer carries: audits are the random sample reliability is measured on.
+ANSWER_SOURCE = {ANNOTATOR: "review_prompt", REVIEWER: "audit_sample"}
+OPEN, ANSWERED, EXPIRED = "open", "answered", "expired"
+OUTBOX = Path("outbox") / "review_tasks"
+
+TASK_SCHEMA = {
+    "task_id": pl.String, "item_id": pl.String, "role": pl.String, "policy": pl.String, "rank": pl.Int64,
+    "score": pl.Float64, "reasons": pl.List(pl.String), "why": pl.String, "current_label": pl.String,
+    "suggested_label": pl.String, "model_version": pl.String, "predicted_label": pl.String,
+    "predicted_probability": pl.Float64, **{name: pl.Float64 for name in COMPONENTS},
+    "answers_wanted": pl.Int32, "attempt": pl.Int32, "reissue_of": pl.String,
+    "issued_at": pl.Datetime("us", "UTC"), "expires_at": pl.Datetime("us", "UTC"),
+}
+
+
+@dataclass(frozen=True)
+class TaskSettings:
+    """review_tasks.yaml: budgets, the arms' shares, the benefit weights, expiry and re-issue."""
+
+    annotator_budget: int = 120
+    reviewer_budget: int = 25
+    arms: dict[str, float] = field(default_factory=lambda: {"loop": 0.8, "least_confidence": 0.1, "random": 0.1})
+    weights: dict[str, float] = field(default_factory=lambda: {
+        "label_issue": 1.0, "uncertainty": 0.3, "disagreement": 0.5, "shortfall": 0.2, "drift": 0.2, "overdue": 0.2,
+    })
+    expire_hours: float = 24.0
+    max_attempts: int = 3
+    answers_wanted: int = 1
+    answers_wanted_disputed: int = 2
+    cooldown_days: float = 7.0
+    seed: int = 0
+
+    @classmethod
+    def load(cls, path: Path) -> TaskSettings:
+        raw = load_yaml_mapping(path, "review tasks")
+        where = f"review tasks file {path}"
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(raw) - known
+        if unknown:
+            raise LabelloopConfigError(f"{where}: unknown settings {sorted(unknown)}; known: {sorted(known)}")
+        defaults = cls()
+        values: dict = {}
+        for name in known - {"arms", "weights"}:
+            if name in raw:
+                values[name] = config_number(raw[name], getattr(defaults, name), f"{where}: {name}")
+        values["arms"] = _shares(raw.get("arms", defaults.arms), ARMS, f"{where}: arms", defaults.arms)
+        values["weights"] = _shares(raw.get("weights", {}), COMPONENTS, f"{where}: weights", defaults.weights,
+                                    merge=True)
+        settings = cls(**values)
+        problems = [
+            text for broken, text in (
+                (min(settings.annotator_budget, settings.reviewer_budget) < 0, "budgets must be 0 or more"),
+                (abs(sum(settings.arms.values()) - 1.0) > 1e-9, "arms must add up to 1"),
+                (settings.expire_hours <= 0, "expire_hours must be positive"),
+                (settings.max_attempts < 1, "max_attempts must be at least 1"),
+                (min(settings.answers_wanted, settings.answers_wanted_disputed) < 1,
+                 "answers_wanted and answers_wanted_disputed must be at least 1"),
+                (settings.cooldown_days < 0, "cooldown_days must be 0 or more"),
+            ) if broken
+        ]
+        if problems:
+            raise LabelloopConfigError(f"{where}: " + "; ".join(problems))
+        return settings
+
+
+def _shares(raw, names: tuple[str, ...], where: str, defaults: dict[str, float], merge: bool = False) -> dict:
+    """A mapping of known names to finite numbers >= 0 (weights: merged over the defaults)."""
+    if not isinstance(raw, dict):
+        raise LabelloopConfigError(f"{where} must be a mapping of {', '.join(names)} to numbers")
+    unknown = set(raw) - set(names)
+    if unknown:
+        raise LabelloopConfigError(f"{where}: unknown names {sorted(unknown)}; known: {list(names)}")
+    values = {name: config_number(v, 0.0, f"{where}.{name}") for name, v in raw.items()}
+    negative = [name for name, v in values.items() if not math.isfinite(v) or v < 0]
+    if negative:
+        raise LabelloopConfigError(f"{where}: {', '.join(negative)} must be finite numbers of 0 or more")
+    base = dict(defaults) if merge else {name: 0.0 for name in names}
+    return {**base, **values}
+
+
+# What each corpus or unlabelled item offers a task: the queue's score, the latest resolution,
+# whether it has ever been audited at random, and its latest task answer.
+SIGNALS_SQL = """
+WITH pool AS (
+    SELECT i.item_id, c.label AS current_label FROM items i
+    LEFT JOIN production_corpus c USING (item_id)
+    WHERE i.gold_label IS NULL
+), issues AS (
+    SELECT item_id, score AS label_issue, suggested_label FROM label_issue_candidates
+), decided AS (
+    SELECT item_id, status IN ('pending', 'escalate') AS disputed FROM latest_label_decisions
+), audited AS (
+    SELECT DISTINCT item_id FROM raw_corrections WHERE source = 'audit_sample'
+), answered AS (
+    SELECT t.item_id, max(r.arrived_at) AS last_answer_at
+    FROM raw_corrections r JOIN review_tasks t USING (task_id) GROUP BY t.item_id
+)
+SELECT p.item_id, p.current_label, coalesce(s.label_issue, 0.0) AS label_issue, s.suggested_label,
+       coalesce(d.disputed, false) AS disputed, a.item_id IS NOT NULL AS audited, w.last_answer_at
+FROM pool p LEFT JOIN issues s USING (item_id) LEFT JOIN decided d USING (item_id)
+LEFT JOIN audited a USING (item_id) LEFT JOIN answered w USING (item_id)
+ORDER BY p.item_id
+"""
+
+# Every task with its accepted answers so far; status as of $now.
+STATUS_SQL = """
+SELECT t.*, coalesce(a.answers, 0) AS answers, a.answer_ids, a.first_answer_at,
+       CASE WHEN coalesce(a.answers, 0) >= t.answers_wanted THEN 'answered'
+            WHEN t.expires_at <= $now THEN 'expired' ELSE 'open' END AS status
+FROM review_tasks t LEFT JOIN (
+    SELECT task_id, count(*) AS answers, list(event_id ORDER BY seq) AS answer_ids,
+           min(arrived_at) AS first_answer_at
+    FROM raw_corrections WHERE task_id IS NOT NULL GROUP BY task_id
+) a USING (task_id)
+"""
+
+
+def task_status(con: duckdb.DuckDBPyConnection, now: datetime) -> pl.DataFrame:
+    """Every issued task with `answers`, `answer_ids` and `status` (open, answered, expired) at `now`."""
+    return store.frame(con, STATUS_SQL + " ORDER BY t.issued_at, t.rank", {"now": now})
+
+
+def plan(
+    signals: pl.DataFrame,
+    model_view: pl.DataFrame,
+    drift_terms: dict[str, float],
+    tasks: pl.DataFrame,
+    settings: TaskSettings,
+    now: datetime,
+) -> pl.DataFrame:
+    """The tasks to issue now (TASK_SCHEMA, rank 1 first); empty when nothing is worth asking.
+
+    `signals`: SIGNALS_SQL's rows; `model_view`: item_id, model_version, predicted_label,
+    predicted_probability (the champion's view of each item, or the latest served prediction);
+    `drift_terms`: label -> drift component; `tasks`: `task_status` at `now`.
+    """
+    frame = signals.join(model_view, on="item_id", how="left").with_columns(
+        pl.col("last_answer_at").cast(pl.Datetime("us", "UTC"))
+    )
+    busy = tasks.filter(pl.col("status") == OPEN)["item_id"] if tasks.height else pl.Series([], dtype=pl.String)
+    expired = _to_reissue(tasks, settings)
+    cooldown = now - timedelta(days=settings.cooldown_days)
+    frame = frame.filter(~pl.col("item_id").is_in(busy.implode()))
+    frame = _components(frame, drift_terms).join(expired, on="item_id", how="left").with_columns(
+        overdue=pl.col("reissue_of").is_not_null().cast(pl.Float64),
+        attempt=pl.col("attempt").fill_null(1).cast(pl.Int32),
+    )
+    weights = settings.weights
+    frame = frame.with_columns(
+        score=pl.sum_horizontal([pl.col(name) * weights[name] for name in COMPONENTS])
+    )
+    rng = np.random.default_rng([settings.seed, int(now.timestamp())])
+    audits = _audits(frame, settings.reviewer_budget, rng)
+    rest = frame.filter(~pl.col("item_id").is_in(audits["item_id"].implode()))
+    # Items answered recently wait out the cooldown unless their votes still disagree; re-issues do not.
+    rest = rest.filter(
+        pl.col("last_answer_at").is_null() | (pl.col("last_answer_at") < cooldown)
+        | pl.col("disputed") | pl.col("reissue_of").is_not_null()
+    )
+    chosen = _annotator_tasks(rest, settings, rng)
+    issued = pl.concat([chosen, audits], how="diagonal_relaxed") if chosen.height or audits.height else chosen
+    if issued.height == 0:
+        return pl.DataFrame(schema=TASK_SCHEMA)
+    return _finish(issued, settings, now)
+
+
+def _to_reissue(tasks: pl.DataFrame, settings: TaskSettings) -> pl.DataFrame:
+    """item_id -> (policy, attempt, reissue_of) of the latest expired, unanswered task per item
+    that may be issued again; items whose latest task is open or answered are not listed."""
+    empty = pl.DataFrame(schema={"item_id": pl.String, "arm": pl.String, "attempt": pl.Int32,
+                                 "reissue_of": pl.String})
+    if tasks.height == 0:
+        return empty
+    latest = tasks.sort("issued_at").group_by("item_id").last()
+    due = latest.filter((pl.col("status") == EXPIRED) & (pl.col("attempt") < settings.max_attempts)
+                        & (pl.col("role") == ANNOTATOR))
+    return due.select("item_id", pl.col("policy").alias("arm"), (pl.col("attempt") + 1).cast(pl.Int32),
+                      pl.col("task_id").alias("reissue_of"))
+
+
+def _components(frame: pl.DataFrame, drift_terms: dict[str, float]) -> pl.DataFrame:
+    """The benefit components in [0, 1] (see the module docstring)."""
+    predicted = pl.col("predicted_label")
+    counts = frame.filter(pl.col("current_label").is_not_null()).group_by("current_label").len()
+    even = frame.height / max(counts.height, 1)
+    deficit = {row[0]: max(0.0, 1.0 - row[1] / even) for row in counts.iter_rows()} if even else {}
+    return frame.with_columns(
+        label_issue=pl.col("label_issue").clip(0.0, 1.0),
+        uncertainty=(1.0 - pl.col("predicted_probability")).fill_null(0.0).clip(0.0, 1.0),
+        disagreement=pl.col("disputed").cast(pl.Float64),
+        shortfall=pl.when(pl.col("current_label").is_null()).then(1.0)
+        .otherwise(predicted.replace_strict(deficit, default=0.0, return_dtype=pl.Float64)).fill_null(0.0),
+        drift=predicted.replace_strict(drift_terms, default=0.0, return_dtype=pl.Float64).fill_null(0.0).clip(0.0, 1.0),
+    )
+
+
+def _audits(frame: pl.DataFrame, budget: int, rng: np.random.Generator) -> pl.DataFrame:
+    """Blind audits for reviewers: labelled items never audited, drawn uniformly at random."""
+    pool = frame.filter(pl.col("current_label").is_not_null() & ~pl.col("audited") & pl.col("reissue_of").is_null())
+    take = min(budget, pool.height)
+    if take == 0:
+        return pool.head(0).with_columns(policy=pl.lit("random"), role=pl.lit(REVIEWER))
+    picked = np.sort(rng.choice(pool.height, size=take, replace=False))
+    return pool[picked].with_columns(policy=pl.lit("random"), role=pl.lit(REVIEWER))
+
+
+def _annotator_tasks(frame: pl.DataFrame, settings: TaskSettings, rng: np.random.Generator) -> pl.DataFrame:
+    """Each arm's share of the annotator budget, re-issues first in their own arm, then the arm's order."""
+    budget = settings.annotator_budget
+    quotas = _quotas(budget, settings.arms)
+    chosen: list[pl.DataFrame] = []
+    taken: set[str] = set()
+    for arm in ARMS:
+        quota = quotas[arm]
+        if quota == 0:
+            continue
+        free = frame.filter(~pl.col("item_id").is_in(sorted(taken)))
+        again = free.filter(pl.col("arm") == arm).sort("score", descending=True).head(quota)
+        fresh = free.filter(pl.col("arm").is_null() | (pl.col("arm") != arm))
+        fresh = fresh.filter(pl.col("reissue_of").is_null())
+        need = quota - again.height
+        if arm == "loop":
+            fresh = fresh.filter(pl.col("score") > 0).sort(["score", "item_id"], descending=[True, False]).head(need)
+        elif arm == "least_confidence":
+            fresh = fresh.filter(pl.col("predicted_probability").is_not_null()).sort(
+                ["predicted_probability", "item_id"]).head(need)
+        else:
+            picked = np.sort(rng.choice(fresh.height, size=min(need, fresh.height), replace=False))
+            fresh = fresh[picked]
+        arm_tasks = pl.concat([again, fresh], how="vertical_relaxed").with_columns(
+            policy=pl.lit(arm), role=pl.lit(ANNOTATOR)
+        )
+        taken.update(arm_tasks["item_id"].to_list())
+        chosen.append(arm_tasks)
+    if not chosen:
+        return frame.head(0).with_columns(policy=pl.lit("loop"), role=pl.lit(ANNOTATOR))
+    tasks = pl.concat(chosen, how="vertical_relaxed")
+    # Interleaved at random across arms, each arm keeping its own order: whoever stops halfway
+    # has answered every arm in proportion.
+    slots = rng.permutation(tasks.height)
+    order = tasks.with_columns(slot=pl.Series(slots)).with_columns(
+        slot=pl.col("slot").sort().over("policy")
+    )
+    return order.sort("slot").drop("slot")
+
+
+def _quotas(budget: int, arms: dict[str, float]) -> dict[str, int]:
+    """Largest-remainder split of the budget by the arms' shares."""
+    exact = {arm: budget * arms.get(arm, 0.0) for arm in ARMS}
+    quotas = {arm: int(math.floor(v)) for arm, v in exact.items()}
+    for arm in sorted(ARMS, key=lambda a: exact[a] - quotas[a], reverse=True)[: budget - sum(quotas.values())]:
+        quotas[arm] += 1
+    return quotas
+
+
+def _finish(issued: pl.DataFrame, settings: TaskSettings, now: datetime) -> pl.DataFrame:
+    """Ids, ranks, reasons, answers wanted and times, in TASK_SCHEMA."""
+    stamp = now.astimezone(UTC)
+    ids = [
+        f"tsk-{stamp:%Y%m%d}-" + hashlib.sha256(f"{item}|{stamp.isoformat()}|{attempt}".encode()).hexdigest()[:12]
+        for item, attempt in issued.select("item_id", "attempt").iter_rows()
+    ]
+    reasons = [_reasons(row) for row in issued.iter_rows(named=True)]
+    return issued.with_columns(
+        task_id=pl.Series(ids),
+        rank=pl.int_range(1, issued.height + 1, dtype=pl.Int64),
+        reasons=pl.Series(reasons, dtype=pl.List(pl.String)),
+        why=pl.Series([_why(row) for row in issued.iter_rows(named=True)]),
+        answers_wanted=pl.when(pl.col("disputed") & (pl.col("role") == ANNOTATOR))
+        .then(settings.answers_wanted_disputed).otherwise(settings.answers_wanted).cast(pl.Int32),
+        issued_at=pl.lit(stamp, pl.Datetime("us", "UTC")),
+        expires_at=pl.lit(stamp + timedelta(hours=settings.expire_hours), pl.Datetime("us", "UTC")),
+    ).select(list(TASK_SCHEMA)).cast(TASK_SCHEMA)
+
+
+def _reasons(row: dict) -> list[str]:
+    if row["role"] == REVIEWER:
+        return ["audit"]
+    found = [name for name in COMPONENTS if (row.get(name) or 0.0) > 0]
+    return found or ["control"]
+
+
+def _why(row: dict) -> str:
+    """One sentence for the person answering."""
+    if row["role"] == REVIEWER:
+        return "blind audit: drawn at random to measure how reliable labels are; label it without looking at the current one"
+    parts = []
+    if (row.get("label_issue") or 0) >= 0.5 and row.get("suggested_label"):
+        parts.append(f"the label {row['current_label']} looks wrong ({row['label_issue']:.2f}); "
+                     f"the model suggests {row['suggested_label']}")
+    elif row.get("current_label") is None:
+        parts.append("the item has no label yet")
+    if row.get("disputed"):
+        parts.append("votes disagree with the current label")
+    if row.get("predicted_label") is not None and (row.get("uncertainty") or 0) >= 0.4:
+        parts.append(f"the model is unsure ({row['predicted_label']} at {row['predicted_probability']:.2f})")
+    if row.get("reissue_of"):
+        parts.append(f"asked before ({row['reissue_of']}) and not answered in time")
+    if not parts:
+        parts.append({"least_confidence": "among the items the model is least sure of",
+                      "random": "drawn at random (a control sample)"}.get(row["policy"], "worth a second look"))
+    return "; ".join(parts)
+
+
+def outbox_lines(tasks: pl.DataFrame, items: pl.DataFrame) -> list[str]:
+    """The outbox contract: one JSON object per task, with what the item carries."""
+    joined = tasks.join(items, on="item_id", how="left")
+    lines = []
+    for row in joined.iter_rows(named=True):
+        prediction = (
+            {"model_version": row["model_version"], "label": row["predicted_label"],
+             "probability": round(row["predicted_probability"], 4)}
+            if row["predicted_label"] is not None and row["predicted_probability"] is not None else None
+        )
+        lines.append(json.dumps({
+            "task_id": row["task_id"], "item_id": row["item_id"], "role": row["role"], "policy": row["policy"],
+            "answer_source": ANSWER_SOURCE[row["role"]], "rank": row["rank"], "score": round(row["score"], 4),
+            "reasons": row["reasons"], "why": row["why"],
+            "current_label": None if row["role"] == REVIEWER else row["current_label"],
+            "suggested_label": None if row["role"] == REVIEWER else row["suggested_label"],
+            "prediction": None if row["role"] == REVIEWER else prediction,
+            "text": row.get("text"), "features": row.get("features"), "uri": row.get("uri"),
+            "issued_at": _iso(row["issued_at"]), "expires_at": _iso(row["expires_at"]),
+            "attempt": row["attempt"], "reissue_of": row["reissue_of"], "answers_wanted": row["answers_wanted"],
+        }, ensure_ascii=False, separators=(",", ":")))
+    return lines
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def write_outbox(root: Path, tasks: pl.DataFrame, lines: list[str], run_id: str) -> Path:
+    """Write the work list whole (a temporary file renamed into place): a reader never sees half of it."""
+    folder = root / OUTBOX
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = tasks["issued_at"][0] if tasks.height else datetime.now(UTC)
+    path = folder / f"review-tasks-{stamp:%Y%m%dT%H%M%SZ}-{run_id[:8]}.jsonl"
+    partial = path.with_suffix(".jsonl.partial")
+    with open(partial, "w", encoding="utf-8") as handle:
+        handle.write("".join(line + "\n" for line in lines))
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(partial, path)
+    return path
+
+
+def latest_outbox(root: Path) -> Path | None:
+    """The newest work list in the outbox, or None."""
+    files = sorted((root / OUTBOX).glob("review-tasks-*.jsonl")) if (root / OUTBOX).exists() else []
+    return files[-1] if files else None
+
+
+# Per arm and role: tasks issued, answered, answers, and answers behind a label change. A change
+# counts for an answer when the answer's event is among the events the change was decided on.
+EFFICACY_SQL = """
+WITH answers AS (
+    SELECT task_id, event_id FROM raw_corrections WHERE task_id IS NOT NULL
+), changed AS (
+    SELECT DISTINCT e.event_id FROM label_history h, unnest(h.event_ids) AS e(event_id)
+    WHERE h.previous_label IS NOT NULL AND h.previous_label <> h.label
+)
+SELECT t.policy, t.role, count(DISTINCT t.task_id) AS tasks_issued,
+       count(DISTINCT a.task_id) AS tasks_answered, count(a.event_id) AS answers,
+       count(c.event_id) AS answers_changing_a_label,
+       round(100.0 * count(c.event_id) / nullif(count(a.event_id), 0), 1) AS label_changes_per_100_answers
+FROM review_tasks t LEFT JOIN answers a USING (task_id) LEFT JOIN changed c ON c.event_id = a.event_id
+GROUP BY t.policy, t.role ORDER BY t.role, t.policy
+"""
+
+
+def efficacy(con: duckdb.DuckDBPyConnection) -> pl.DataFrame:
+    """Label changes per 100 answers, by routing policy: what each arm's answers changed."""
+    return store.frame(con, EFFICACY_SQL)
+
+
+# What the item carries, for the outbox and for the champion's view of the pool.
+POOL_ITEMS_SQL = "SELECT item_id, text, features, uri FROM items WHERE gold_label IS NULL ORDER BY item_id"
+# The latest served prediction of each item: the model view where the champion cannot judge items itself.
+SERVED_SQL = """
+SELECT item_id, model_version, predicted_label, confidence AS predicted_probability FROM predictions
+QUALIFY row_number() OVER (PARTITION BY item_id ORDER BY served_at DESC, prediction_id DESC) = 1
+"""
+
+
+def model_view(version: str | None, model, items: pl.DataFrame, served: pl.DataFrame) -> pl.DataFrame:
+    """item_id, model_version, predicted_label, predicted_probability: the champion's own view of
+    each item where it can give one (probabilities from its pipeline or, for an external champion,
+    those its trainer reported), else the latest served prediction."""
+    schema = {"item_id": pl.String, "model_version": pl.String, "predicted_label": pl.String,
+              "predicted_probability": pl.Float64}
+    own = pl.DataFrame(schema=schema)
+    if model is not None and items.height:
+        stored = getattr(model, "stored", None)
+        probabilities = stored(items["item_id"]) if stored else model.predict_proba(items)
+        judged = ~np.isnan(probabilities).any(axis=1)
+        if judged.any():
+            best = probabilities[judged].argmax(axis=1)
+            own = pl.DataFrame({
+                "item_id": items["item_id"].filter(pl.Series(judged)),
+                "model_version": version,
+                "predicted_label": model.classes[best].astype(str),
+                "predicted_probability": probabilities[judged].max(axis=1),
+            }, schema=schema)
+    rest = served.cast(schema).filter(~pl.col("item_id").is_in(own["item_id"].implode()))
+    return pl.concat([own, rest], how="vertical")
+
+
+def drift_terms(con: duckdb.DuckDBPyConnection, psi_warn: float) -> dict[str, float]:
+    """label -> drift component: the latest predicted-label drift's per-label PSI term over the warn
+    threshold, for classes whose share grew (more of them arriving than the baseline had)."""
+    found = store.frame(
+        con, "SELECT detail FROM label_drift WHERE signal = 'predicted_labels' AND detail IS NOT NULL "
+        "ORDER BY computed_at DESC LIMIT 1",
+    )
+    if found.height == 0:
+        return {}
+    try:
+        per_label = json.loads(found["detail"][0]) or []
+    except (TypeError, ValueError):
+        return {}
+    return {
+        str(row["label"]): min(1.0, float(row["psi_term"]) / psi_warn)
+        for row in per_label
+        if row.get("psi_term") is not None and (row.get("current_share") or 0) > (row.get("baseline_share") or 0)
+    }
