@@ -75,6 +75,7 @@ class TaskSettings:
     max_attempts: int = 3
     answers_wanted: int = 1
     answers_wanted_disputed: int = 2
+    second_opinion_below: float = 0.5
     cooldown_days: float = 7.0
     seed: int = 0
 
@@ -104,6 +105,7 @@ class TaskSettings:
                 (min(settings.answers_wanted, settings.answers_wanted_disputed) < 1,
                  "answers_wanted and answers_wanted_disputed must be at least 1"),
                 (settings.cooldown_days < 0, "cooldown_days must be 0 or more"),
+                (not 0 <= settings.second_opinion_below <= 1, "second_opinion_below must be in [0, 1]"),
             ) if broken
         ]
         if problems:
@@ -197,7 +199,8 @@ def plan(
     frame = frame.with_columns(
         score=pl.sum_horizontal([pl.col(name) * weights[name] for name in COMPONENTS])
     )
-    rng = np.random.default_rng([settings.seed, int(now.timestamp())])
+    # Seeded by the store's history, not the clock: the same store and settings draw the same items.
+    rng = np.random.default_rng([settings.seed, tasks.height])
     audits = _audits(frame, settings.reviewer_budget, rng)
     rest = frame.filter(~pl.col("item_id").is_in(audits["item_id"].implode()))
     # Items answered recently wait out the cooldown unless their votes still disagree; re-issues do not.
@@ -314,8 +317,12 @@ def _finish(issued: pl.DataFrame, settings: TaskSettings, now: datetime) -> pl.D
         rank=pl.int_range(1, issued.height + 1, dtype=pl.Int64),
         reasons=pl.Series(reasons, dtype=pl.List(pl.String)),
         why=pl.Series([_why(row) for row in issued.iter_rows(named=True)]),
-        answers_wanted=pl.when(pl.col("disputed") & (pl.col("role") == ANNOTATOR))
-        .then(settings.answers_wanted_disputed).otherwise(settings.answers_wanted).cast(pl.Int32),
+        # Where the label is more likely right than wrong, one mistaken answer must not flip it:
+        # the task asks for a second opinion, as it does where votes already disagree.
+        answers_wanted=pl.when(
+            (pl.col("role") == ANNOTATOR)
+            & (pl.col("disputed") | (pl.col("label_issue") < settings.second_opinion_below))
+        ).then(settings.answers_wanted_disputed).otherwise(settings.answers_wanted).cast(pl.Int32),
         issued_at=pl.lit(stamp, pl.Datetime("us", "UTC")),
         expires_at=pl.lit(stamp + timedelta(hours=settings.expire_hours), pl.Datetime("us", "UTC")),
     ).select(list(TASK_SCHEMA)).cast(TASK_SCHEMA)

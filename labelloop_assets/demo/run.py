@@ -21,10 +21,13 @@ from labelloop_assets.core.settings import (
     using_development_secret,
 )
 from labelloop_assets.definitions import build_definitions
+from labelloop_assets.jobs import RETRAIN_JOB, REVIEW_TASKS_JOB
 from labelloop_assets.demo import simulator
 from labelloop_assets.resources import build_resources
 
 DEMO_MARKER = ".labelloop-demo"
+# The full event log goes to the instance (see `make dev`); the terminal shows the table.
+QUIET = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
 # The simulated reviewers' private keys: beside the home, never in it (see demo_keys_dir).
 DEMO_KEYS = "demo-keys"
 # A simulated day passes in seconds, so the demo waits for label changes, not for the clock.
@@ -79,6 +82,17 @@ def prepare_home(root: Path, world: str = "digits") -> Home:
     if kind.ontology is not None:
         home.ontology_file.write_text(kind.ontology)
     return home
+
+
+def set_task_budgets(home: Home, config: simulator.DemoConfig, arms: dict[str, float] | None) -> None:
+    """review_tasks.yaml sized to the simulated people's day (and, for a comparison, one routing arm)."""
+    import yaml
+
+    settings = yaml.safe_load(home.review_tasks_file.read_text()) or {}
+    settings.update(annotator_budget=config.annotator_answers_per_day, reviewer_budget=config.reviewer_items_per_day)
+    if arms is not None:
+        settings["arms"] = arms
+    home.review_tasks_file.write_text(yaml.safe_dump(settings, sort_keys=False))
 
 
 def demo_keys_dir(root: Path, world: str = "digits") -> Path:
@@ -156,10 +170,8 @@ class SensorLoop:
     def execute(self, sensor_name: str, request: dg.RunRequest) -> dg.ExecuteInProcessResult:
         job_name = self.defs.resolve_sensor_def(sensor_name).job_name
         tags = {**request.tags, "dagster/sensor_name": sensor_name, "dagster/run_key": request.run_key}
-        # The full event log goes to the instance (see `make dev`); the terminal shows the table.
-        quiet = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
         return self.defs.resolve_job_def(job_name).execute_in_process(
-            instance=self.instance, tags=tags, run_config=quiet, raise_on_error=False
+            instance=self.instance, tags=tags, run_config=QUIET, raise_on_error=False
         )
 
     def run_sensor(self, sensor_name: str) -> list[dg.ExecuteInProcessResult]:
@@ -181,6 +193,22 @@ def _metadata(results: list[dg.ExecuteInProcessResult], asset: str) -> list[dict
     return found
 
 
+def _evaluations(runs: list[dg.ExecuteInProcessResult]) -> list[dict]:
+    return [
+        {"challenger": m["challenger"], "decision": m["decision"],
+         "reasons": [line.removeprefix("- ") for line in m["reasons"].splitlines()]}
+        for m in _metadata(runs, "model_evaluation") if "reasons" in m
+    ]
+
+
+def _echo_evaluations(echo: Callable[[str], None], day: int, evaluations: list[dict]) -> None:
+    for judged in evaluations:
+        verdict = "promoted" if judged["decision"] == "promote" else "rejected"
+        echo(f"      day {day}: challenger {judged['challenger']} {verdict}: {judged['reasons'][0]}"
+             + (f" (+{len(judged['reasons']) - 1} more)" if len(judged["reasons"]) > 1 else "")
+             + f"; notes: reports/release-notes/{judged['challenger']}.md")
+
+
 # One BLAS thread: the demo's trainings are small, and on a shared 2-core machine BLAS's threads
 # wait for each other longer than they compute (measured: the text world's week took 406 s of CPU
 # with two threads, 138 s with one, printing the same figures; the digits' 31 s either way).
@@ -193,15 +221,18 @@ def run_demo(
     retrain: RetrainPolicy = DEMO_RETRAIN,
     echo: Callable[[str], None] = print,
     world_name: str = "digits",
+    arms: dict[str, float] | None = None,
 ) -> list[dict]:
     """Day 0 lands the items; each later day the current model serves and users correct it.
-    `config` None: the world's own traffic (simulator.WORLDS)."""
+    `config` None: the world's own traffic (simulator.WORLDS). `arms`: review_tasks.yaml's routing
+    arms (None: as shipped, the loop with its two control arms)."""
     if using_development_secret():
         echo(f"note: {DEV_SECRET_WARNING}\n")
     world = simulator.build_world(config, simulator.WORLDS[world_name])
     config = world.config
     signers = grant_and_key(home, world)
     loop = SensorLoop(build_definitions(home, retrain), build_resources(home, retrain), instance)
+    set_task_budgets(home, config, arms)
     rows: list[dict] = []
     shipped: str | None = None  # training.yaml as shipped, while the engineer's change awaits a training
     echo(_header())
@@ -246,11 +277,7 @@ def run_demo(
             burst_counts = dict(
                 store.frame(con, "SELECT status, count(*) FROM correction_bursts GROUP BY status").iter_rows()
             )
-        evaluations = [
-            {"challenger": m["challenger"], "decision": m["decision"],
-             "reasons": [line.removeprefix("- ") for line in m["reasons"].splitlines()]}
-            for m in _metadata(retrain_runs, "model_evaluation") if "reasons" in m
-        ]
+        evaluations = _evaluations(retrain_runs)
         row = {
             "day": day,
             "corrections_received": sum(m["records_in"] for m in corrections),
@@ -276,19 +303,36 @@ def run_demo(
         assert row["corrections_received"] == sent["corrections_sent"], "every line sent is counted"
         rows.append(row)
         echo(_format(row))
-        for judged in evaluations:
-            verdict = "promoted" if judged["decision"] == "promote" else "rejected"
-            echo(f"      day {day}: challenger {judged['challenger']} {verdict}: {judged['reasons'][0]}"
-                 + (f" (+{len(judged['reasons']) - 1} more)" if len(judged["reasons"]) > 1 else "")
-                 + f"; notes: reports/release-notes/{judged['challenger']}.md")
+        _echo_evaluations(echo, day, evaluations)
         if shipped is not None and evaluations:
             home.training_file.write_text(shipped)
             shipped = None
-            echo(f"      day {day}: the engineer reads the release notes and restores training.yaml")
+            echo(f"      day {day}: the engineer reads the release notes, restores training.yaml and trains again")
+            again = loop.defs.resolve_job_def(RETRAIN_JOB).execute_in_process(
+                instance=instance, raise_on_error=False, run_config=QUIET
+            )
+            if not again.success:
+                raise DemoStopped(f"day {day}: run {again.run_id} (training) failed; see `make dev` for its logs")
+            row["retrain_runs"].append(again.run_id)
+            row["model_evaluations"].extend(_evaluations([again]))
+            _echo_evaluations(echo, day, _evaluations([again]))
         if day > 0:
             simulator.review_escalations(world, home, day, escalations, signers)
             for decision in simulator.review_bursts(world, home, day, held, signers):
                 echo(f"      day {day}: {row['corrections_held']} corrections held by a burst; reviewer: {decision}")
+        # The evening's work list, which tomorrow's annotators and reviewers answer.
+        issued = loop.defs.resolve_job_def(REVIEW_TASKS_JOB).execute_in_process(
+            instance=instance, raise_on_error=False, run_config=QUIET
+        )
+        if not issued.success:
+            raise DemoStopped(f"day {day}: run {issued.run_id} (review tasks) failed; see `make dev` for its logs")
+    with store.connect(home.database, read_only=True) as con:
+        efficacy = simulator.routing_efficacy(world, con)
+    rows[-1]["routing_efficacy"] = efficacy
+    echo("      routing efficacy, wrong labels fixed per 100 annotator answers (net of labels broken): " + "; ".join(
+        f"{arm} {e['fixed_per_100_answers']} ({e['net_per_100_answers']}) of {e['answers']}"
+        for arm, e in efficacy.items() if e["answers"]
+    ))
     report = home.reports / "demo.json"
     report.write_text(json.dumps(rows, indent=2))
     return rows

@@ -19,6 +19,7 @@ import numpy as np
 import polars as pl
 from sklearn.datasets import load_digits
 
+from labelloop_assets.core import store
 from labelloop_assets.core.files import write_atomically
 from labelloop_assets.core.pipelines import FEATURES, TEXT
 from labelloop_assets.core.settings import Home
@@ -70,6 +71,11 @@ class DemoConfig:
     # come out far less calibrated, and the validation plan rejects it. Reverted the same evening.
     weak_training_day: int = 3
     weak_training_c: float = 0.01
+
+    @property
+    def annotator_answers_per_day(self) -> int:
+        """The annotators' daily capacity in answers: as many items a day, some of them twice."""
+        return round(self.annotator_items_per_day * (1 + self.second_annotator_rate))
 
 
 @dataclass
@@ -295,18 +301,8 @@ def simulate_day(
             label = (_answer(world, user, true_class, ambiguous) if wrong
                      else _wrong_label(world.kind, true_class, rng, 0.8))
             events.append(_event(world, day, item_index, user, label, "feedback_button", predictions[k]))
-    # Low-confidence predictions go to annotators (review prompts), some twice.
-    for k in np.argsort(confidence)[: cfg.annotator_items_per_day]:
-        item_index = served[k]
-        chosen = rng.choice(len(annotators), size=2, replace=False)
-        n_votes = 2 if rng.random() < cfg.second_annotator_rate else 1
-        for a in chosen[:n_votes]:
-            label = _answer(world, annotators[a], int(world.truth[item_index]), True)
-            events.append(_event(world, day, item_index, annotators[a], label, "review_prompt", predictions[k]))
-    for item_index in rng.choice(pool, size=cfg.reviewer_items_per_day, replace=False):
-        reviewer = reviewers[int(rng.integers(0, len(reviewers)))]
-        label = _answer(world, reviewer, int(world.truth[item_index]), False)
-        events.append(_event(world, day, item_index, reviewer, label, "audit_sample", None))
+    # Annotators and reviewers work through the loop's latest work list (core/tasks.py).
+    events.extend(answer_tasks(world, home, day, annotators, reviewers))
     if day == cfg.burst_day:
         events.extend(_burst(world, day))
     lines = [json.dumps(e, separators=(",", ":")) for e in events]
@@ -332,6 +328,71 @@ def simulate_day(
         "corrections_sent": len(all_lines),
         "no_consent_sent": sum(not e["consent"] for e in events),
     }
+
+
+def answer_tasks(
+    world: DemoWorld, home: Home, day: int, annotators: list[Contributor], reviewers: list[Contributor]
+) -> list[dict]:
+    """The day's answers to the newest outbox file, in its order, within the people's capacity
+    (annotator and reviewer answers per day); each answer carries its task_id."""
+    from labelloop_assets.core import tasks
+
+    cfg, rng = world.config, world.rng
+    path = tasks.latest_outbox(home.root)
+    if path is None:
+        return []
+    index = {item_id: i for i, item_id in enumerate(world.item_ids)}
+    capacity = {"annotator": cfg.annotator_answers_per_day, "reviewer": cfg.reviewer_items_per_day}
+    people = {"annotator": annotators, "reviewer": reviewers}
+    events = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        task = json.loads(line)
+        role = task["role"]
+        wanted = min(task["answers_wanted"], len(people[role]))
+        if capacity[role] < wanted:
+            continue
+        capacity[role] -= wanted
+        item_index = index[task["item_id"]]
+        prediction = task["prediction"]
+        for person in rng.choice(len(people[role]), size=wanted, replace=False):
+            contributor = people[role][int(person)]
+            label = _answer(world, contributor, int(world.truth[item_index]), role == "annotator")
+            event = _event(world, day, item_index, contributor, label, task["answer_source"], None)
+            event["task_id"] = task["task_id"]
+            if prediction is not None:
+                event.update(original_label=prediction["label"], model_version=prediction["model_version"])
+            events.append(event)
+    return events
+
+
+# Per routing arm: each answer to a task, and the label changes it was behind (previous and new label).
+TASK_ANSWERS_SQL = """
+SELECT t.policy, t.role, r.event_id, h.item_id, h.previous_label, h.label
+FROM raw_corrections r JOIN review_tasks t USING (task_id)
+LEFT JOIN label_history h ON list_contains(h.event_ids, r.event_id) AND h.previous_label <> h.label
+"""
+
+
+def routing_efficacy(world: DemoWorld, con) -> dict[str, dict]:
+    """Per annotator arm: answers, wrong labels the answers fixed (a change from a wrong label to the
+    true one) and right labels they broke, per 100 answers; only the simulator knows the truth."""
+    truth = world.truth_labels
+    rows = store.frame(con, TASK_ANSWERS_SQL).filter(pl.col("role") == "annotator")
+    result = {}
+    for arm in ("loop", "least_confidence", "random"):
+        mine = rows.filter(pl.col("policy") == arm)
+        answers = mine["event_id"].n_unique()
+        changes = mine.filter(pl.col("item_id").is_not_null()).unique(["item_id", "previous_label", "label"])
+        fixed = sum(truth[i] != before and truth[i] == after for i, before, after in
+                    changes.select("item_id", "previous_label", "label").iter_rows())
+        broken = sum(truth[i] == before and truth[i] != after for i, before, after in
+                     changes.select("item_id", "previous_label", "label").iter_rows())
+        result[arm] = {
+            "answers": answers, "fixed": fixed, "broken": broken,
+            "fixed_per_100_answers": round(100 * fixed / answers, 1) if answers else None,
+            "net_per_100_answers": round(100 * (fixed - broken) / answers, 1) if answers else None,
+        }
+    return result
 
 
 BURST_ACCOUNT = "annotator-3"
