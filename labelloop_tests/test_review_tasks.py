@@ -118,7 +118,7 @@ def test_answers_come_back_with_a_task_id_and_lineage_shows_task_answer_change(
 def test_expired_tasks_are_reissued_in_their_arm_until_the_attempts_run_out(home, issued):
     settings = tasks.TaskSettings.load(home.review_tasks_file)
     with store.connect(home.database_file) as con:
-        signals = store.frame(con, tasks.SIGNALS_SQL)
+        signals = tasks.signals(con, event_clock=False)
         view = tasks.model_view(None, None, pl.DataFrame(), store.frame(con, tasks.SERVED_SQL))
         first = tasks.task_status(con, datetime.now(UTC))
         later = datetime.now(UTC) + timedelta(hours=settings.expire_hours + 1)

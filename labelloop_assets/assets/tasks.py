@@ -1,7 +1,5 @@
 """Each day's review tasks: what annotators and reviewers should look at next, in the outbox."""
 
-from datetime import UTC, datetime
-
 import dagster as dg
 import polars as pl
 from dagster_duckdb import DuckDBResource
@@ -25,10 +23,11 @@ def review_tasks(
     with config_errors_as_failures():
         settings = labelloop.review_tasks()
         psi_warn = labelloop.monitoring().drift_label_psi_warn
+        event_clock = labelloop.policy().escalation_clock == "events"
     home = labelloop.home()
-    now = datetime.now(UTC)
     with open_store(database) as con:
-        signals = store.frame(con, tasks.SIGNALS_SQL)
+        now = tasks.clock(con, event_clock)
+        signals = tasks.signals(con, event_clock)
         items = store.frame(con, tasks.POOL_ITEMS_SQL)
         served = store.frame(con, tasks.SERVED_SQL)
         champion = store.frame(con, "SELECT model_version, path, file_sha256 FROM models "

@@ -142,7 +142,7 @@ WITH pool AS (
 ), audited AS (
     SELECT DISTINCT item_id FROM raw_corrections WHERE source = 'audit_sample'
 ), answered AS (
-    SELECT t.item_id, max(r.arrived_at) AS last_answer_at
+    SELECT t.item_id, max(CASE WHEN $event_clock THEN r.created_at ELSE r.arrived_at END) AS last_answer_at
     FROM raw_corrections r JOIN review_tasks t USING (task_id) GROUP BY t.item_id
 )
 SELECT p.item_id, p.current_label, coalesce(s.label_issue, 0.0) AS label_issue, s.suggested_label,
@@ -163,6 +163,23 @@ FROM review_tasks t LEFT JOIN (
     FROM raw_corrections WHERE task_id IS NOT NULL GROUP BY task_id
 ) a USING (task_id)
 """
+
+
+def signals(con: duckdb.DuckDBPyConnection, event_clock: bool) -> pl.DataFrame:
+    """SIGNALS_SQL's rows, with answer times on the store's clock."""
+    return store.frame(con, SIGNALS_SQL, {"event_clock": event_clock})
+
+
+def clock(con: duckdb.DuckDBPyConnection, event_clock: bool) -> datetime:
+    """Now on the store's clock (governance escalation.clock): the wall clock, or for replays and
+    the demo the newest event's time (a correction's created_at or a prediction's served_at); the
+    wall clock until there is any."""
+    if event_clock:
+        newest = store.scalar(con, "SELECT greatest((SELECT max(created_at) FROM raw_corrections), "
+                                   "(SELECT max(served_at) FROM predictions))")
+        if newest is not None:
+            return newest.astimezone(UTC)
+    return datetime.now(UTC)
 
 
 def task_status(con: duckdb.DuckDBPyConnection, now: datetime) -> pl.DataFrame:
@@ -390,7 +407,10 @@ def write_outbox(root: Path, tasks: pl.DataFrame, lines: list[str], run_id: str)
     folder = root / OUTBOX
     folder.mkdir(parents=True, exist_ok=True)
     stamp = tasks["issued_at"][0] if tasks.height else datetime.now(UTC)
-    path = folder / f"review-tasks-{stamp:%Y%m%dT%H%M%SZ}-{run_id[:8]}.jsonl"
+    # Numbered, so that the names sort in the order of issue whatever the clock said.
+    numbers = [int(p.name.split("-")[2]) for p in folder.glob("review-tasks-*.jsonl") if p.name.split("-")[2].isdigit()]
+    number = 1 + max(numbers, default=0)
+    path = folder / f"review-tasks-{number:06d}-{stamp:%Y%m%dT%H%M%SZ}-{run_id[:8]}.jsonl"
     partial = path.with_suffix(".jsonl.partial")
     with open(partial, "w", encoding="utf-8") as handle:
         handle.write("".join(line + "\n" for line in lines))

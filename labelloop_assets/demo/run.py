@@ -89,7 +89,9 @@ def set_task_budgets(home: Home, config: simulator.DemoConfig, arms: dict[str, f
     import yaml
 
     settings = yaml.safe_load(home.review_tasks_file.read_text()) or {}
-    settings.update(annotator_budget=config.annotator_answers_per_day, reviewer_budget=config.reviewer_items_per_day)
+    # Issued each morning on the events' clock, a task expires before the next morning's issue.
+    settings.update(annotator_budget=config.annotator_answers_per_day, reviewer_budget=config.reviewer_items_per_day,
+                    expire_hours=20)
     if arms is not None:
         settings["arms"] = arms
     home.review_tasks_file.write_text(yaml.safe_dump(settings, sort_keys=False))
@@ -248,13 +250,21 @@ def run_demo(
                     "far; see reports/release-notes/ in the home)"
                 )
             model, _ = train.load(home.models / version)
-            sent = simulator.simulate_day(world, home, day, model, version)
+            served = simulator.serve_day(world, home, day, model, version)
+            # The morning: the prediction log lands, and the day's work list is issued from it.
+            morning = loop.run_sensor("landing_sensor")
+            issued = loop.defs.resolve_job_def(REVIEW_TASKS_JOB).execute_in_process(
+                instance=instance, raise_on_error=False, run_config=QUIET
+            )
+            if not issued.success or not all(r.success for r in morning):
+                raise DemoStopped(f"day {day}: the morning's runs failed; see `make dev` for their logs")
+            sent = simulator.respond_day(world, home, day, served)
         if day == config.weak_training_day:
             shipped = home.training_file.read_text()
             home.training_file.write_text(f"params:\n  C: {config.weak_training_c}\n")
             echo(f"      day {day}: an engineer sets training.yaml params.C to {config.weak_training_c} "
                  "for a smoother next model")
-        ingest_runs = loop.run_sensor("landing_sensor")
+        ingest_runs = (morning if day else []) + loop.run_sensor("landing_sensor")
         retrain_runs = loop.run_sensor("retrain_sensor")
         failed = [r for r in ingest_runs + retrain_runs if not r.success]
         if failed:
@@ -320,12 +330,6 @@ def run_demo(
             simulator.review_escalations(world, home, day, escalations, signers)
             for decision in simulator.review_bursts(world, home, day, held, signers):
                 echo(f"      day {day}: {row['corrections_held']} corrections held by a burst; reviewer: {decision}")
-        # The evening's work list, which tomorrow's annotators and reviewers answer.
-        issued = loop.defs.resolve_job_def(REVIEW_TASKS_JOB).execute_in_process(
-            instance=instance, raise_on_error=False, run_config=QUIET
-        )
-        if not issued.success:
-            raise DemoStopped(f"day {day}: run {issued.run_id} (review tasks) failed; see `make dev` for its logs")
     with store.connect(home.database, read_only=True) as con:
         efficacy = simulator.routing_efficacy(world, con)
     rows[-1]["routing_efficacy"] = efficacy

@@ -259,10 +259,18 @@ def _event(
     return record
 
 
-def simulate_day(
-    world: DemoWorld, home: Home, day: int, model: TrainedModel, model_version: str
-) -> dict[str, int]:
-    """One day of traffic: the product serves predictions, users send corrections back."""
+@dataclass
+class Served:
+    """A morning's served predictions, which the day's users then react to."""
+
+    indices: np.ndarray
+    predicted: np.ndarray
+    confidence: np.ndarray
+    records: list[dict]
+
+
+def serve_day(world: DemoWorld, home: Home, day: int, model: TrainedModel, model_version: str) -> Served:
+    """The morning: the product serves the champion's predictions and lands its prediction log."""
     cfg, rng = world.config, world.rng
     pool = np.flatnonzero(~world.gold)
     served = rng.choice(pool, size=min(cfg.served_per_day, len(pool)), replace=False)
@@ -286,6 +294,19 @@ def simulate_day(
                 "served_at": (served_at + timedelta(seconds=k)).isoformat(),
             }
         )
+    write_jsonl(
+        home.landing_dir("predictions"), f"predictions-day{day:02d}.jsonl",
+        [json.dumps(p, separators=(",", ":")) for p in predictions],
+    )
+    return Served(served, predicted, confidence, predictions)
+
+
+def respond_day(world: DemoWorld, home: Home, day: int, served: Served) -> dict[str, int]:
+    """The rest of the day: end users correct what they were served, annotators and reviewers
+    answer the morning's review tasks, and the corrections land."""
+    cfg, rng = world.config, world.rng
+    predicted, confidence, predictions = served.predicted, served.confidence, served.records
+    served = served.indices
     end_users = [c for c in world.contributors if c.role == "end_user"]
     annotators = [c for c in world.contributors if c.role == "annotator"]
     reviewers = [c for c in world.contributors if c.role == "reviewer"]
@@ -318,10 +339,6 @@ def simulate_day(
     )
     all_lines = lines + replays + broken + unknown_term
     order = rng.permutation(len(all_lines))
-    write_jsonl(
-        home.landing_dir("predictions"), f"predictions-day{day:02d}.jsonl",
-        [json.dumps(p, separators=(",", ":")) for p in predictions],
-    )
     write_jsonl(home.landing_dir("corrections"), f"corrections-day{day:02d}.jsonl", [all_lines[i] for i in order])
     return {
         "predictions_served": len(predictions),
