@@ -425,8 +425,14 @@ def bombs_markdown(measured: dict) -> str:
     return "\n".join(lines)
 
 
+def child_routing(world: str, arm: str) -> dict:
+    from benchmarks.routing import run
+
+    return run(world, arm)
+
+
 CHILDREN = {
-    "label_issues": child_label_issues, "soak": child_soak,
+    "label_issues": child_label_issues, "soak": child_soak, "routing": child_routing,
     "setup": child_setup, "loop": child_loop, "profile": child_profile, "import": child_import,
     "increment": child_increment, "sensor": child_sensor, "train": child_train,
     "raw_floor": child_raw_floor, "pandas": child_pandas, "components": child_components,
@@ -736,6 +742,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label-issues-only", action="store_true",
                         help="only the label-issue comparison with cleanlab")
     parser.add_argument("--soak-only", action="store_true", help="only the soak run")
+    parser.add_argument("--routing-only", action="store_true",
+                        help="only the routing efficacy (the demo week once per world and routing policy)")
     parser.add_argument("--bombs-only", action="store_true",
                         help="only the hostile files' peak memory (after the soak run unless --no-soak)")
     parser.add_argument("--no-soak", action="store_true", help="leave out the soak run")
@@ -744,12 +752,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.child:
         name, *rest = args.child
-        casts = {"setup": (str, int, int), "increment": (str, int), "sensor": (str, int), "bomb": (str, str),
+        casts = {"routing": (str, str), "setup": (str, int, int), "increment": (str, int), "sensor": (str, int), "bomb": (str, str),
                  "soak": (str, float, int), "components": (int, int), "import": (int,)}
         values = [cast(v) for cast, v in zip(casts.get(name, (str,)), rest, strict=False)]
         print(json.dumps(CHILDREN[name](*values)))
         return 0
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.routing_only:
+        return routing_bench(args)
     if not args.label_issues_only and not args.no_soak:
         print(f"soak: landing files with bad rows under the sensors for {args.soak_seconds:.0f} s ...")
         soaked = _child("soak", args.work / "soak", args.soak_seconds, SOAK_ITEMS)
@@ -791,6 +801,20 @@ def main(argv: list[str] | None = None) -> int:
     print(issues_table)
     if not args.no_readme:
         write_tables(issues_table, "bench-issues", PAGE)
+    return 0 if args.label_issues_only else routing_bench(args)
+
+
+def routing_bench(args: argparse.Namespace) -> int:
+    """The demo week once per world and routing policy: wrong labels fixed per 100 answers."""
+    from benchmarks import routing
+
+    print("routing: the demo week per world and routing policy ...")
+    found = [_child("routing", world, arm) for world in routing.WORLDS for arm in routing.ARMS]
+    (RESULTS / "routing.json").write_text(json.dumps(found, indent=2))
+    table = routing.markdown(found)
+    print(table)
+    if not args.no_readme:
+        write_tables(table, "bench-routing", PAGE)
     return 0
 
 

@@ -250,7 +250,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(
         f"corpus label accuracy {first['corpus_label_accuracy']:.3f} -> "
         f"{last['corpus_label_accuracy']:.3f}; model accuracy on gold "
-        f"{first['model_gold_accuracy']:.3f} -> {last['model_gold_accuracy']:.3f}"
+        f"{first['model_gold_accuracy']:.3f} -> {last['model_gold_accuracy']:.3f} "
+        f"(trained on the true labels: {last['clean_label_ceiling']:.3f})"
     )
     print(f"state:   {home.root}  (store: {home.database})")
     print(f"report:  {home.reports / 'demo.json'}")

@@ -31,9 +31,12 @@ def test_demo_loop_raises_corpus_and_model_accuracy(tmp_path, instance):
     assert last["model_version"] != first["model_version"]
     assert all(r["corrections_quarantined"] > 0 for r in rows[1:])  # malformed lines, replays...
     assert json.loads((home.reports / "demo.json").read_text()) == rows
-    # Every run came from a sensor and ran through Dagster on the instance.
+    # Every run came from a sensor, the morning's review-task schedule or the engineer's one retraining,
+    # and ran through Dagster on the instance.
     runs = instance.get_runs()
-    assert {r.tags.get("dagster/sensor_name") for r in runs} == {"landing_sensor", "retrain_sensor"}
+    assert {r.tags.get("dagster/sensor_name") or r.tags.get("dagster/schedule_name")
+            or r.tags.get("labelloop/launched_by") for r in runs} == {
+        "landing_sensor", "retrain_sensor", "review_tasks_schedule", "engineer"}
     assert all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs)
     with store.connect(home.database, read_only=True) as con:
         files = store.frame(con, "SELECT sum(records_in) AS n, sum(accepted) AS a, "
@@ -43,10 +46,10 @@ def test_demo_loop_raises_corpus_and_model_accuracy(tmp_path, instance):
     n, accepted, q = files.row(0)
     assert n == accepted + q == sum(r["corrections_received"] for r in rows)
     assert (accepted, q) == (raw, quarantined)
-    # Disagreements open escalations from day 1; each day the reviewers decide the oldest
+    # Disagreements open escalations; each day the reviewers decide the oldest
     # reviews_per_day of those open, the next day's ingest applies the decisions and closes them;
     # the intern's unsigned try on day 2 is refused on day 3.
-    assert rows[1]["open_escalations"] > 0
+    assert any(r["open_escalations"] > 0 for r in rows[1:])
     assert [r["reviews_applied"] for r in rows] == [0, 0] + [
         min(config.reviews_per_day, r["open_escalations"]) for r in rows[1:-1]
     ]
@@ -59,10 +62,17 @@ def test_demo_loop_raises_corpus_and_model_accuracy(tmp_path, instance):
     # Day 2's weaker training configuration is rejected by the plan; the shipped one is back for day 3.
     decisions = [(r["day"], e["decision"]) for r in rows for e in r["model_evaluations"]]
     assert decisions[0] == (0, "promote") and decisions[-1] == (3, "promote")
-    assert [d for d in decisions if d[0] == 2] == [(2, "reject")]
+    assert [d for d in decisions if d[0] == 2][0] == (2, "reject")  # then the engineer trains again
     rejected = rows[2]["model_evaluations"][0]
     assert (home.reports / "release-notes" / f"{rejected['challenger']}.md").exists()
     assert home.training_file.read_text() == (DEFAULTS_DIR / "training.yaml").read_text()
+    # The annotators answered the loop's tasks, and its arm fixed more wrong labels per answer than
+    # the controls.
+    efficacy = last["routing_efficacy"]
+    assert efficacy["loop"]["answers"] > 100 and efficacy["loop"]["fixed"] > 20
+    assert efficacy["loop"]["fixed_per_100_answers"] > 3 * max(
+        efficacy["random"]["fixed_per_100_answers"], efficacy["least_confidence"]["fixed_per_100_answers"], 1)
+    assert last["clean_label_ceiling"] > last["model_gold_accuracy"] - 0.02
     _assert_lineage_is_complete(home)
 
 

@@ -254,7 +254,8 @@ def run_demo(
             # The morning: the prediction log lands, and the day's work list is issued from it.
             morning = loop.run_sensor("landing_sensor")
             issued = loop.defs.resolve_job_def(REVIEW_TASKS_JOB).execute_in_process(
-                instance=instance, raise_on_error=False, run_config=QUIET
+                instance=instance, raise_on_error=False, run_config=QUIET,
+                tags={"dagster/schedule_name": "review_tasks_schedule"},  # as the daemon's morning run
             )
             if not issued.success or not all(r.success for r in morning):
                 raise DemoStopped(f"day {day}: the morning's runs failed; see `make dev` for their logs")
@@ -319,7 +320,7 @@ def run_demo(
             shipped = None
             echo(f"      day {day}: the engineer reads the release notes, restores training.yaml and trains again")
             again = loop.defs.resolve_job_def(RETRAIN_JOB).execute_in_process(
-                instance=instance, raise_on_error=False, run_config=QUIET
+                instance=instance, raise_on_error=False, run_config=QUIET, tags={"labelloop/launched_by": "engineer"}
             )
             if not again.success:
                 raise DemoStopped(f"day {day}: run {again.run_id} (training) failed; see `make dev` for its logs")
@@ -333,6 +334,7 @@ def run_demo(
     with store.connect(home.database, read_only=True) as con:
         efficacy = simulator.routing_efficacy(world, con)
     rows[-1]["routing_efficacy"] = efficacy
+    rows[-1]["clean_label_ceiling"] = round(simulator.clean_label_ceiling(world, home), 4)
     echo("      routing efficacy, wrong labels fixed per 100 annotator answers (net of labels broken): " + "; ".join(
         f"{arm} {e['fixed_per_100_answers']} ({e['net_per_100_answers']}) of {e['answers']}"
         for arm, e in efficacy.items() if e["answers"]

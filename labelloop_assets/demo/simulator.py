@@ -390,6 +390,17 @@ LEFT JOIN label_history h ON list_contains(h.event_ids, r.event_id) AND h.previo
 """
 
 
+def clean_label_ceiling(world: DemoWorld, home: Home) -> float:
+    """Gold accuracy of the home's shipped pipeline trained on every non-gold item's TRUE label:
+    what the corpus could at best give the model."""
+    from labelloop_assets.core.train import TrainingConfig, fit
+
+    spec = TrainingConfig.load(home.training_file).spec(world.kind.carries)
+    train_rows, gold_rows = np.flatnonzero(~world.gold), np.flatnonzero(world.gold)
+    model = fit(world.model_input(train_rows), np.asarray(world.labels)[world.truth[train_rows]], spec)
+    return float((model.predict(world.model_input(gold_rows)) == np.asarray(world.labels)[world.truth[gold_rows]]).mean())
+
+
 def routing_efficacy(world: DemoWorld, con) -> dict[str, dict]:
     """Per annotator arm: answers, wrong labels the answers fixed (a change from a wrong label to the
     true one) and right labels they broke, per 100 answers; only the simulator knows the truth."""
