@@ -1,0 +1,345 @@
+"""Label Studio as the reviewers' front end, against a real Label Studio server on loopback.
+
+The server comes from `.venv-label-studio` (`make label-studio`: label-studio 1.23.2 in a virtual
+environment of its own), started once for this module with a throwaway data folder. The test
+exports our review tasks, creates a project with our labeling config through the REST API, imports
+the tasks, answers them as two Label Studio users (one the directory maps to an annotator, one it
+does not list), exports through the REST API, runs `labelloop label-studio import` and ingests what
+it landed. Without the virtual environment the test is skipped locally and fails under CI=true.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from labelloop_assets import cli
+from labelloop_assets.core import label_studio, store
+from labelloop_assets.core.directory import Directory
+from labelloop_assets.core.ontology import Ontology
+from labelloop_assets.core.settings import Home, LabelloopConfigError
+from labelloop_assets.definitions import build_definitions
+from labelloop_tests.conftest import RETRAIN
+from labelloop_tests.pg import free_port, in_ci
+from labelloop_tests.test_loop import _materialize
+
+ROOT = Path(__file__).resolve().parents[1]
+LABEL_STUDIO_VENV = ROOT / ".venv-label-studio"
+STARTUP_TIMEOUT_S = 180  # a fresh data folder runs Label Studio's migrations first (about 35 s here)
+ADMIN, ADMIN_TOKEN = "alice@example.org", "labelloop-test-token-0123456789abcdef"
+STRANGER = "bob@example.org"
+MODEL = "ext-baseline"  # the champion named by the tasks' predictions, declared in training.yaml
+LABELS = ("fresh", "rotten")
+
+
+# --------------------------------------------------------------------------- the server
+
+
+def _require_label_studio() -> Path:
+    binary = LABEL_STUDIO_VENV / "bin" / "label-studio"
+    if (LABEL_STUDIO_VENV / ".installed").exists() and binary.exists():
+        return binary
+    reason = f"Label Studio is not installed in {LABEL_STUDIO_VENV.name}/: run `make label-studio`"
+    if in_ci():
+        pytest.fail(f"{reason} (CI=true, so this fails instead of skipping)", pytrace=False)
+    pytest.skip(reason)
+
+
+class Server:
+    """A running Label Studio: its address, and REST calls with the admin's token."""
+
+    def __init__(self, url: str, startup_s: float):
+        self.url, self.startup_s = url, startup_s
+
+    def call(self, method: str, path: str, body=None, token: str = ADMIN_TOKEN):
+        request = urllib.request.Request(
+            self.url + path,
+            method=method,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={"Authorization": f"Token {token}", "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                raw = response.read()
+        except urllib.error.HTTPError as error:
+            raise AssertionError(f"{method} {path}: {error.code} {error.read()[:600]!r}") from None
+        return json.loads(raw) if raw else None
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    binary = _require_label_studio()
+    folder = tmp_path_factory.mktemp("label-studio")
+    port = free_port()
+    # The admin (and its API token) from Label Studio's own variables (label_studio/server.py
+    # _create_user); nothing reaches out: no version check, no analytics, no error reporting.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "DJANGO"))}
+    env.update(
+        HOME=str(folder),
+        LABEL_STUDIO_USERNAME=ADMIN,
+        LABEL_STUDIO_PASSWORD="alice-password-0123",
+        LABEL_STUDIO_USER_TOKEN=ADMIN_TOKEN,
+        LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN="true",
+        LATEST_VERSION_CHECK="false",
+        COLLECT_ANALYTICS="false",
+        SENTRY_DSN="",
+        FRONTEND_SENTRY_DSN="",
+    )
+    log = (folder / "server.log").open("wb")
+    command = [str(binary), "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(port),
+               "--data-dir", str(folder / "data")]
+    started = time.monotonic()
+    process = subprocess.Popen(command, env=env, cwd=folder, stdout=log, stderr=subprocess.STDOUT,
+                               stdin=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"Label Studio exited ({process.returncode}) before it was up:\n"
+                            f"{(folder / 'server.log').read_text(errors='replace')[-3000:]}", pytrace=False)
+            if time.monotonic() - started > STARTUP_TIMEOUT_S:
+                pytest.fail(f"Label Studio was not healthy within {STARTUP_TIMEOUT_S} s:\n"
+                            f"{(folder / 'server.log').read_text(errors='replace')[-3000:]}", pytrace=False)
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        yield Server(url, time.monotonic() - started)
+    finally:
+        # Its own session: the server and the workers it started end together.
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=20)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        log.close()
+
+
+# --------------------------------------------------------------------------- the home and its outbox
+
+
+def _home(tmp_path: Path) -> Home:
+    """A text home made by `labelloop init`, with an annotator the directory maps to Label Studio."""
+    source = tmp_path / "reviews.jsonl"
+    words = {"fresh": "a brilliant, moving film", "rotten": "a dull and tedious film"}
+    source.write_text("".join(
+        json.dumps({"item_id": f"r{i:03d}", "text": f"{words[LABELS[i % 2]]} number {i}", "label": LABELS[i % 2]})
+        + "\n" for i in range(40)))
+    root = tmp_path / "home"
+    assert cli.main(["init", "--from", str(source), "--home", str(root), "--gold", "10"]) == 0
+    home = Home(root)
+    home.contributors_file.write_text(
+        "contributors:\n"
+        f"  - {{id: ann-alice, role: annotator, label_studio: {ADMIN.upper()}}}\n"  # addresses match in any case
+        "producers: []\n")
+    with home.training_file.open("a") as config:
+        config.write(f"external_model_versions: [{MODEL}]\n")
+    return home
+
+
+def write_outbox(home: Home, tasks: list[dict], name: str = "2026-03-05.jsonl") -> Path:
+    """Review tasks as the loop issues them: one JSON object a line, written whole (temp name, rename)."""
+    folder = home.root / "outbox" / "review_tasks"
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{name}.tmp"
+    tmp.write_text("".join(json.dumps(t) + "\n" for t in tasks))
+    tmp.rename(folder / name)
+    return folder / name
+
+
+def outbox_task(n: int, item_id: str, text: str, current: str, predicted: str | None, **extra) -> dict:
+    task = {
+        "task_id": f"tsk-20260305-{n:012x}", "item_id": item_id, "role": "annotator", "policy": "loop",
+        "rank": n, "score": 0.5, "reasons": ["label_issue"], "why": f"the label {current} looks wrong",
+        "current_label": current, "suggested_label": predicted,
+        "prediction": {"model_version": MODEL, "label": predicted, "probability": 0.91} if predicted else None,
+        "text": text, "features": None, "uri": None,
+        "issued_at": "2026-03-05T08:00:00Z", "expires_at": "2026-03-06T08:00:00Z",
+        "attempt": 1, "reissue_of": None, "answers_wanted": 1,
+    }
+    return {**task, **extra}
+
+
+def _choice(label: str) -> list[dict]:
+    return [{"from_name": "label", "to_name": "text", "type": "choices", "value": {"choices": [label]}}]
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.label_studio
+@pytest.mark.slow
+def test_answers_in_label_studio_come_back_as_corrections_with_the_granted_role(
+    server, tmp_path, capsys, monkeypatch
+):
+    begun = time.monotonic()
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    monkeypatch.delenv("LABELLOOP_CATALOG", raising=False)
+    home = _home(tmp_path)
+    capsys.readouterr()
+    monkeypatch.setenv("LABELLOOP_HOME", str(home.root))
+    items = [json.loads(line) for f in sorted(home.landing_dir("items").rglob("*.jsonl"))
+             for line in f.read_text().splitlines()]
+    a, b, c, d = items[:4]
+    write_outbox(home, [
+        outbox_task(1, a["item_id"], a["text"], a["initial_label"], "rotten" if a["initial_label"] == "fresh"
+                    else "fresh"),
+        outbox_task(2, b["item_id"], b["text"], b["initial_label"], b["initial_label"]),
+        outbox_task(3, c["item_id"], c["text"], c["initial_label"], None),
+        # The model names a label the ontology does not have: nothing is pre-filled.
+        outbox_task(4, d["item_id"], d["text"], d["initial_label"], "neutral"),
+    ])
+
+    # Our labeling config and tasks.
+    assert cli.main(["label-studio", "config"]) == 0
+    config = capsys.readouterr().out
+    choices = [e.get("value") for e in ET.fromstring(config).iter("Choice")]
+    assert sorted(choices) == sorted(LABELS)
+    tasks_file = tmp_path / "tasks.json"
+    assert cli.main(["label-studio", "export", "--out", str(tasks_file)]) == 0
+    assert "4 tasks from 2026-03-05.jsonl (2 with the champion's prediction), 0 lines refused" in capsys.readouterr().out
+    tasks = json.loads(tasks_file.read_text())
+    # A task that claims a role for whoever answers it: authority never comes from Label Studio.
+    for task in tasks:
+        task["data"]["user_role"] = "domain_expert"
+
+    # The project, the tasks, a second user, the answers: all through Label Studio's REST API.
+    project = server.call("POST", "/api/projects", {"title": "labelloop review", "label_config": config})["id"]
+    imported = server.call("POST", f"/api/projects/{project}/import", tasks)
+    assert (imported["task_count"], imported["prediction_count"]) == (4, 2)
+    listed = server.call("GET", f"/api/tasks?project={project}&page_size=100")["tasks"]
+    ids = {t["data"]["item_id"]: t["id"] for t in listed}
+    assert {t["data"]["item_id"]: t["total_predictions"] for t in listed} == {
+        a["item_id"]: 1, b["item_id"]: 1, c["item_id"]: 0, d["item_id"]: 0}
+    stranger = server.call("POST", "/api/users/", {"email": STRANGER, "username": "bob"})["id"]
+    new_label = "rotten" if a["initial_label"] == "fresh" else "fresh"
+    answers = [
+        (a, {"result": _choice(new_label)}),  # alice: the label was wrong
+        (b, {"result": _choice(b["initial_label"])}),  # alice: it was right
+        (a, {"result": _choice(a["initial_label"]), "completed_by": stranger}),  # bob: not in the directory
+        (c, {"result": [], "was_cancelled": True}),  # alice skips
+        (d, {"result": _choice("neutral")}),  # Label Studio accepts a choice outside the config
+    ]
+    for item, body in answers:
+        server.call("POST", f"/api/tasks/{ids[item['item_id']]}/annotations/", body)
+
+    # The export with the annotators' details, as a snapshot through the API.
+    snapshot = server.call("POST", f"/api/projects/{project}/exports/", {
+        "title": "answers", "serialization_options": {"annotations__completed_by": {"only_id": False}}})
+    for _ in range(100):
+        if server.call("GET", f"/api/projects/{project}/exports/{snapshot['id']}")["status"] == "completed":
+            break
+        time.sleep(0.2)
+    export_file = tmp_path / "export.json"
+    export_file.write_bytes(_download(server, f"/api/projects/{project}/exports/{snapshot['id']}/download?exportType=JSON"))
+
+    assert cli.main(["label-studio", "import", str(export_file), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["project"], report["annotations"], report["written"], report["refused"]) == (project, 5, 2, 3)
+    assert report["written"] + report["refused"] == len(answers)
+    assert report["reasons"] == {"unknown_annotator": 1, "skipped": 1, "label_not_in_ontology": 1}
+    unknown = next(r for r in report["refused_annotations"] if r["reason"] == "unknown_annotator")
+    assert STRANGER in unknown["detail"] and unknown["task"] == ids[a["item_id"]]
+    landed = Path(report["file"])
+    assert landed.parent == home.landing_dir("corrections") / "label-studio" and not report["already_landed"]
+    lines = {line["item_id"]: line for line in map(json.loads, landed.read_text().splitlines())}
+    assert set(lines) == {a["item_id"], b["item_id"]}
+    first = lines[a["item_id"]]
+    # The role the directory grants (annotator), not the domain_expert the task claimed.
+    assert (first["user_id"], first["user_role"], first["source"], first["consent"]) == (
+        "ann-alice", "annotator", "annotation", True)
+    assert (first["corrected_label"], first["original_label"], first["model_version"]) == (
+        new_label, a["initial_label"], MODEL)
+    assert first["task_id"] == "tsk-20260305-000000000001"
+    assert first["event_id"].startswith(f"ls-{project}-") and first["created_at"].endswith("Z")
+    assert "model_version" not in lines[b["item_id"]] or lines[b["item_id"]]["model_version"] == MODEL
+
+    # The same export again lands nothing new; the plain export (annotators by number only) needs
+    # Label Studio's users list, and then gives the same corrections.
+    assert cli.main(["label-studio", "import", str(export_file)]) == 0
+    out = capsys.readouterr().out
+    assert "5 annotations in, 2 written, 3 refused" in out and "already landed as" in out
+    plain = tmp_path / "plain.json"
+    plain.write_bytes(_download(server, f"/api/projects/{project}/export?exportType=JSON"))
+    assert cli.main(["label-studio", "import", str(plain), "--json"]) == 0
+    by_number = json.loads(capsys.readouterr().out)
+    assert (by_number["written"], by_number["reasons"]) == (0, {"annotator_unnamed": 4, "skipped": 1})
+    users = tmp_path / "users.json"
+    users.write_text(json.dumps(server.call("GET", "/api/users/")))
+    assert cli.main(["label-studio", "import", str(plain), "--users", str(users), "--json"]) == 0
+    resolved = json.loads(capsys.readouterr().out)
+    assert (resolved["written"], resolved["file"], resolved["already_landed"]) == (2, str(landed), True)
+    assert len(list(landed.parent.iterdir())) == 1
+
+    # Ingest takes both answers, counted at the granted role, from the label-studio producer.
+    with dg.instance_for_test() as instance:
+        assert _materialize(build_definitions(home, RETRAIN), instance,
+                            ["items", "predictions", "raw_corrections", "validated_labels"]).success
+    with store.connect(home.database_file, read_only=True) as con:
+        rows = store.frame(con, "SELECT event_id, item_id, user_role, claimed_role, producer FROM raw_corrections "
+                                "ORDER BY item_id")
+        set_aside = store.frame(con, "SELECT reason FROM quarantine WHERE kind = 'corrections'")
+    assert rows["item_id"].to_list() == sorted(lines)
+    assert set(rows["user_role"]) == {"annotator"} and set(rows["producer"]) == {"label-studio"}
+    assert rows["event_id"].to_list() == [f"label-studio/{lines[i]['event_id']}" for i in sorted(lines)]
+    assert set_aside.height == 0, set_aside
+    took = time.monotonic() - begun
+    print(f"\nLabel Studio start-up {server.startup_s:.1f} s; the test after it {took:.1f} s")
+
+
+def _download(server: Server, path: str) -> bytes:
+    request = urllib.request.Request(server.url + path, headers={"Authorization": f"Token {ADMIN_TOKEN}"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return response.read()
+
+
+# --------------------------------------------------------------------------- without a server
+
+
+def test_the_config_offers_every_label_and_escapes_it():
+    config = label_studio.labeling_config(Ontology(labels=("a&b", '"quoted"', "<tag>")))
+    root = ET.fromstring(config)
+    assert [e.get("value") for e in root.iter("Choice")] == ["a&b", '"quoted"', "<tag>"]
+    assert root.find("Choices").get("toName") == root.find("Text").get("name")
+
+
+def test_items_without_text_show_their_features_or_uri(tmp_path):
+    ontology = Ontology(labels=("1", "2"))
+    lines = [
+        (1, outbox_task(1, "i1", None, "1", "2", features=[0.0, 1.5, 16], uri="https://cdn.example/scan.PNG")),
+        (2, outbox_task(2, "i2", None, "1", None, uri='https://example.org/x?a="><script>')),
+        (3, {"item_id": "no task id"}),
+        (4, json.JSONDecodeError("Expecting value", "x", 0)),
+    ]
+    export = label_studio.import_tasks(lines, ontology)
+    first, second = (t["data"] for t in export.tasks)
+    assert first["text"] == "features: 0, 1.5, 16" and first["media"].startswith('<img src="https://cdn.example/')
+    assert second["text"].startswith("uri: ") and "<script>" not in second["media"]
+    assert [r["detail"] for r in export.refused] == ["no task_id", "not JSON: Expecting value"]
+
+
+def test_the_directory_maps_one_label_studio_address_to_one_person(tmp_path):
+    path = tmp_path / "contributors.yaml"
+    path.write_text("contributors:\n  - {id: a, role: annotator, label_studio: x@example.org}\n"
+                    "  - {id: b, role: reviewer, label_studio: X@example.org}\n")
+    with pytest.raises(LabelloopConfigError, match="same label_studio address"):
+        Directory.load(path)
+    path.write_text("contributors:\n  - {id: a, role: annotator, label_studio: not an address}\n")
+    with pytest.raises(LabelloopConfigError, match="e-mail address they sign in with"):
+        Directory.load(path)
