@@ -60,7 +60,16 @@ $(LABEL_STUDIO_VENV)/.installed:
 	$(LABEL_STUDIO_VENV)/bin/python -m pip install --quiet label-studio==1.23.2
 	touch $@
 
-label-studio: $(LABEL_STUDIO_VENV)/.installed
+# A data folder with Label Studio's tables already made (its migrations take 35-50 s): the test
+# starts each server on a copy of it, in about 5 s. Nothing reaches out while it is made.
+LABEL_STUDIO_DATA := $(LABEL_STUDIO_VENV)/migrated-data
+$(LABEL_STUDIO_DATA)/.made: $(LABEL_STUDIO_VENV)/.installed
+	rm -rf $(LABEL_STUDIO_DATA)
+	HOME=$(CURDIR)/$(LABEL_STUDIO_VENV)/home LATEST_VERSION_CHECK=false COLLECT_ANALYTICS=false SENTRY_DSN= \
+		$(LABEL_STUDIO_VENV)/bin/label-studio version --data-dir $(CURDIR)/$(LABEL_STUDIO_DATA) > $(LABEL_STUDIO_VENV)/migrate.log 2>&1
+	touch $@
+
+label-studio: $(LABEL_STUDIO_DATA)/.made
 
 # Test files run in TEST_WORKERS processes (one file stays in one process, so module-scoped
 # fixtures are built once); TEST_WORKERS=0 runs everything in this process.

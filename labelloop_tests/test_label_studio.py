@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -35,7 +36,10 @@ from labelloop_tests.test_loop import _materialize
 
 ROOT = Path(__file__).resolve().parents[1]
 LABEL_STUDIO_VENV = ROOT / ".venv-label-studio"
-STARTUP_TIMEOUT_S = 180  # a fresh data folder runs Label Studio's migrations first (about 35 s here)
+# `make label-studio` makes Label Studio's tables once: a copy starts in about 5 s, where a fresh
+# data folder runs its migrations first (35-50 s on the test machine).
+MIGRATED_DATA = LABEL_STUDIO_VENV / "migrated-data"
+STARTUP_TIMEOUT_S = 180
 ADMIN, ADMIN_TOKEN = "alice@example.org", "labelloop-test-token-0123456789abcdef"
 STRANGER = "bob@example.org"
 MODEL = "ext-baseline"  # the champion named by the tasks' predictions, declared in training.yaml
@@ -80,6 +84,8 @@ class Server:
 def server(tmp_path_factory):
     binary = _require_label_studio()
     folder = tmp_path_factory.mktemp("label-studio")
+    if (MIGRATED_DATA / ".made").exists():
+        shutil.copytree(MIGRATED_DATA, folder / "data")
     port = free_port()
     # The admin (and its API token) from Label Studio's own variables (label_studio/server.py
     # _create_user); nothing reaches out: no version check, no analytics, no error reporting.
@@ -96,20 +102,42 @@ def server(tmp_path_factory):
         FRONTEND_SENTRY_DSN="",
     )
     log = (folder / "server.log").open("wb")
-    command = [str(binary), "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(port),
-               "--data-dir", str(folder / "data")]
+    command = [
+        str(binary),
+        "start",
+        "--no-browser",
+        "--internal-host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--data-dir",
+        str(folder / "data"),
+    ]
     started = time.monotonic()
-    process = subprocess.Popen(command, env=env, cwd=folder, stdout=log, stderr=subprocess.STDOUT,
-                               stdin=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(
+        command,
+        env=env,
+        cwd=folder,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         while True:
             if process.poll() is not None:
-                pytest.fail(f"Label Studio exited ({process.returncode}) before it was up:\n"
-                            f"{(folder / 'server.log').read_text(errors='replace')[-3000:]}", pytrace=False)
+                pytest.fail(
+                    f"Label Studio exited ({process.returncode}) before it was up:\n"
+                    f"{(folder / 'server.log').read_text(errors='replace')[-3000:]}",
+                    pytrace=False,
+                )
             if time.monotonic() - started > STARTUP_TIMEOUT_S:
-                pytest.fail(f"Label Studio was not healthy within {STARTUP_TIMEOUT_S} s:\n"
-                            f"{(folder / 'server.log').read_text(errors='replace')[-3000:]}", pytrace=False)
+                pytest.fail(
+                    f"Label Studio was not healthy within {STARTUP_TIMEOUT_S} s:\n"
+                    f"{(folder / 'server.log').read_text(errors='replace')[-3000:]}",
+                    pytrace=False,
+                )
             try:
                 with urllib.request.urlopen(url + "/health", timeout=2) as response:
                     if response.status == 200:
@@ -138,16 +166,21 @@ def _home(tmp_path: Path) -> Home:
     """A text home made by `labelloop init`, with an annotator the directory maps to Label Studio."""
     source = tmp_path / "reviews.jsonl"
     words = {"fresh": "a brilliant, moving film", "rotten": "a dull and tedious film"}
-    source.write_text("".join(
-        json.dumps({"item_id": f"r{i:03d}", "text": f"{words[LABELS[i % 2]]} number {i}", "label": LABELS[i % 2]})
-        + "\n" for i in range(40)))
+    source.write_text(
+        "".join(
+            json.dumps({"item_id": f"r{i:03d}", "text": f"{words[LABELS[i % 2]]} number {i}", "label": LABELS[i % 2]})
+            + "\n"
+            for i in range(40)
+        )
+    )
     root = tmp_path / "home"
     assert cli.main(["init", "--from", str(source), "--home", str(root), "--gold", "10"]) == 0
     home = Home(root)
     home.contributors_file.write_text(
         "contributors:\n"
         f"  - {{id: ann-alice, role: annotator, label_studio: {ADMIN.upper()}}}\n"  # addresses match in any case
-        "producers: []\n")
+        "producers: []\n"
+    )
     with home.training_file.open("a") as config:
         config.write(f"external_model_versions: [{MODEL}]\n")
     return home
@@ -165,13 +198,25 @@ def write_outbox(home: Home, tasks: list[dict], name: str = "2026-03-05.jsonl") 
 
 def outbox_task(n: int, item_id: str, text: str, current: str, predicted: str | None, **extra) -> dict:
     task = {
-        "task_id": f"tsk-20260305-{n:012x}", "item_id": item_id, "role": "annotator", "policy": "loop",
-        "rank": n, "score": 0.5, "reasons": ["label_issue"], "why": f"the label {current} looks wrong",
-        "current_label": current, "suggested_label": predicted,
+        "task_id": f"tsk-20260305-{n:012x}",
+        "item_id": item_id,
+        "role": "annotator",
+        "policy": "loop",
+        "rank": n,
+        "score": 0.5,
+        "reasons": ["label_issue"],
+        "why": f"the label {current} looks wrong",
+        "current_label": current,
+        "suggested_label": predicted,
         "prediction": {"model_version": MODEL, "label": predicted, "probability": 0.91} if predicted else None,
-        "text": text, "features": None, "uri": None,
-        "issued_at": "2026-03-05T08:00:00Z", "expires_at": "2026-03-06T08:00:00Z",
-        "attempt": 1, "reissue_of": None, "answers_wanted": 1,
+        "text": text,
+        "features": None,
+        "uri": None,
+        "issued_at": "2026-03-05T08:00:00Z",
+        "expires_at": "2026-03-06T08:00:00Z",
+        "attempt": 1,
+        "reissue_of": None,
+        "answers_wanted": 1,
     }
     return {**task, **extra}
 
@@ -185,26 +230,31 @@ def _choice(label: str) -> list[dict]:
 
 @pytest.mark.label_studio
 @pytest.mark.slow
-def test_answers_in_label_studio_come_back_as_corrections_with_the_granted_role(
-    server, tmp_path, capsys, monkeypatch
-):
+def test_answers_in_label_studio_come_back_as_corrections_with_the_granted_role(server, tmp_path, capsys, monkeypatch):
     begun = time.monotonic()
     monkeypatch.delenv("DAGSTER_HOME", raising=False)
     monkeypatch.delenv("LABELLOOP_CATALOG", raising=False)
     home = _home(tmp_path)
     capsys.readouterr()
     monkeypatch.setenv("LABELLOOP_HOME", str(home.root))
-    items = [json.loads(line) for f in sorted(home.landing_dir("items").rglob("*.jsonl"))
-             for line in f.read_text().splitlines()]
+    items = [
+        json.loads(line)
+        for f in sorted(home.landing_dir("items").rglob("*.jsonl"))
+        for line in f.read_text().splitlines()
+    ]
     a, b, c, d = items[:4]
-    write_outbox(home, [
-        outbox_task(1, a["item_id"], a["text"], a["initial_label"], "rotten" if a["initial_label"] == "fresh"
-                    else "fresh"),
-        outbox_task(2, b["item_id"], b["text"], b["initial_label"], b["initial_label"]),
-        outbox_task(3, c["item_id"], c["text"], c["initial_label"], None),
-        # The model names a label the ontology does not have: nothing is pre-filled.
-        outbox_task(4, d["item_id"], d["text"], d["initial_label"], "neutral"),
-    ])
+    write_outbox(
+        home,
+        [
+            outbox_task(
+                1, a["item_id"], a["text"], a["initial_label"], "rotten" if a["initial_label"] == "fresh" else "fresh"
+            ),
+            outbox_task(2, b["item_id"], b["text"], b["initial_label"], b["initial_label"]),
+            outbox_task(3, c["item_id"], c["text"], c["initial_label"], None),
+            # The model names a label the ontology does not have: nothing is pre-filled.
+            outbox_task(4, d["item_id"], d["text"], d["initial_label"], "neutral"),
+        ],
+    )
 
     # Our labeling config and tasks.
     assert cli.main(["label-studio", "config"]) == 0
@@ -213,7 +263,9 @@ def test_answers_in_label_studio_come_back_as_corrections_with_the_granted_role(
     assert sorted(choices) == sorted(LABELS)
     tasks_file = tmp_path / "tasks.json"
     assert cli.main(["label-studio", "export", "--out", str(tasks_file)]) == 0
-    assert "4 tasks from 2026-03-05.jsonl (2 with the champion's prediction), 0 lines refused" in capsys.readouterr().out
+    assert (
+        "4 tasks from 2026-03-05.jsonl (2 with the champion's prediction), 0 lines refused" in capsys.readouterr().out
+    )
     tasks = json.loads(tasks_file.read_text())
     # A task that claims a role for whoever answers it: authority never comes from Label Studio.
     for task in tasks:
@@ -226,7 +278,11 @@ def test_answers_in_label_studio_come_back_as_corrections_with_the_granted_role(
     listed = server.call("GET", f"/api/tasks?project={project}&page_size=100")["tasks"]
     ids = {t["data"]["item_id"]: t["id"] for t in listed}
     assert {t["data"]["item_id"]: t["total_predictions"] for t in listed} == {
-        a["item_id"]: 1, b["item_id"]: 1, c["item_id"]: 0, d["item_id"]: 0}
+        a["item_id"]: 1,
+        b["item_id"]: 1,
+        c["item_id"]: 0,
+        d["item_id"]: 0,
+    }
     stranger = server.call("POST", "/api/users/", {"email": STRANGER, "username": "bob"})["id"]
     new_label = "rotten" if a["initial_label"] == "fresh" else "fresh"
     answers = [
@@ -240,14 +296,19 @@ def test_answers_in_label_studio_come_back_as_corrections_with_the_granted_role(
         server.call("POST", f"/api/tasks/{ids[item['item_id']]}/annotations/", body)
 
     # The export with the annotators' details, as a snapshot through the API.
-    snapshot = server.call("POST", f"/api/projects/{project}/exports/", {
-        "title": "answers", "serialization_options": {"annotations__completed_by": {"only_id": False}}})
+    snapshot = server.call(
+        "POST",
+        f"/api/projects/{project}/exports/",
+        {"title": "answers", "serialization_options": {"annotations__completed_by": {"only_id": False}}},
+    )
     for _ in range(100):
         if server.call("GET", f"/api/projects/{project}/exports/{snapshot['id']}")["status"] == "completed":
             break
         time.sleep(0.2)
     export_file = tmp_path / "export.json"
-    export_file.write_bytes(_download(server, f"/api/projects/{project}/exports/{snapshot['id']}/download?exportType=JSON"))
+    export_file.write_bytes(
+        _download(server, f"/api/projects/{project}/exports/{snapshot['id']}/download?exportType=JSON")
+    )
 
     assert cli.main(["label-studio", "import", str(export_file), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -263,9 +324,16 @@ def test_answers_in_label_studio_come_back_as_corrections_with_the_granted_role(
     first = lines[a["item_id"]]
     # The role the directory grants (annotator), not the domain_expert the task claimed.
     assert (first["user_id"], first["user_role"], first["source"], first["consent"]) == (
-        "ann-alice", "annotator", "annotation", True)
+        "ann-alice",
+        "annotator",
+        "annotation",
+        True,
+    )
     assert (first["corrected_label"], first["original_label"], first["model_version"]) == (
-        new_label, a["initial_label"], MODEL)
+        new_label,
+        a["initial_label"],
+        MODEL,
+    )
     assert first["task_id"] == "tsk-20260305-000000000001"
     assert first["event_id"].startswith(f"ls-{project}-") and first["created_at"].endswith("Z")
     assert "model_version" not in lines[b["item_id"]] or lines[b["item_id"]]["model_version"] == MODEL
@@ -289,11 +357,13 @@ def test_answers_in_label_studio_come_back_as_corrections_with_the_granted_role(
 
     # Ingest takes both answers, counted at the granted role, from the label-studio producer.
     with dg.instance_for_test() as instance:
-        assert _materialize(build_definitions(home, RETRAIN), instance,
-                            ["items", "predictions", "raw_corrections", "validated_labels"]).success
+        assert _materialize(
+            build_definitions(home, RETRAIN), instance, ["items", "predictions", "raw_corrections", "validated_labels"]
+        ).success
     with store.connect(home.database_file, read_only=True) as con:
-        rows = store.frame(con, "SELECT event_id, item_id, user_role, claimed_role, producer FROM raw_corrections "
-                                "ORDER BY item_id")
+        rows = store.frame(
+            con, "SELECT event_id, item_id, user_role, claimed_role, producer FROM raw_corrections ORDER BY item_id"
+        )
         set_aside = store.frame(con, "SELECT reason FROM quarantine WHERE kind = 'corrections'")
     assert rows["item_id"].to_list() == sorted(lines)
     assert set(rows["user_role"]) == {"annotator"} and set(rows["producer"]) == {"label-studio"}
@@ -336,8 +406,10 @@ def test_items_without_text_show_their_features_or_uri(tmp_path):
 
 def test_the_directory_maps_one_label_studio_address_to_one_person(tmp_path):
     path = tmp_path / "contributors.yaml"
-    path.write_text("contributors:\n  - {id: a, role: annotator, label_studio: x@example.org}\n"
-                    "  - {id: b, role: reviewer, label_studio: X@example.org}\n")
+    path.write_text(
+        "contributors:\n  - {id: a, role: annotator, label_studio: x@example.org}\n"
+        "  - {id: b, role: reviewer, label_studio: X@example.org}\n"
+    )
     with pytest.raises(LabelloopConfigError, match="same label_studio address"):
         Directory.load(path)
     path.write_text("contributors:\n  - {id: a, role: annotator, label_studio: not an address}\n")
