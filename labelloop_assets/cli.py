@@ -1425,14 +1425,18 @@ def cmd_label_studio_export(args: argparse.Namespace) -> int:
     from labelloop_assets.core import label_studio
     from labelloop_assets.core.files import write_atomically
     from labelloop_assets.core.ontology import Ontology
+    from labelloop_assets.core.tasks import OUTBOX, latest_outbox
 
     home = _home()
     try:
-        source = label_studio.latest_outbox_file(home.root / "outbox" / "review_tasks")
-        lines = label_studio.read_outbox(source)
-    except (label_studio.LabelStudioError, OSError) as error:
-        print(f"labelloop: {_safe(_cut(_reason(error) if isinstance(error, OSError) else str(error)))}",
-              file=sys.stderr)
+        source = latest_outbox(home.root)
+        lines = label_studio.read_outbox(source) if source else None
+    except OSError as error:
+        print(f"labelloop: cannot read the outbox: {_safe(_cut(_reason(error)))}", file=sys.stderr)
+        return 1
+    if source is None:
+        print(f"labelloop: no review tasks yet: {_safe(home.root / OUTBOX)} holds no work list (the review_tasks asset "
+              "writes one when it picks items to review)", file=sys.stderr)
         return 1
     export = label_studio.import_tasks(lines, Ontology.load(home.ontology_file))
     text = json.dumps(export.tasks, indent=2, ensure_ascii=False) + "\n"

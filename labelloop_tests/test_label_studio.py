@@ -21,18 +21,17 @@ import urllib.request
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-import dagster as dg
+import polars as pl
 import pytest
 
 from labelloop_assets import cli
-from labelloop_assets.core import label_studio, store
+from labelloop_assets.core import label_studio, store, tasks
 from labelloop_assets.core.directory import Directory
 from labelloop_assets.core.ontology import Ontology
 from labelloop_assets.core.settings import Home, LabelloopConfigError
-from labelloop_assets.definitions import build_definitions
-from labelloop_tests.conftest import RETRAIN
+from labelloop_tests.conftest import land_items, make_items, set_yaml
 from labelloop_tests.pg import free_port, in_ci
-from labelloop_tests.test_loop import _materialize
+from labelloop_tests.test_loop import ALL, _materialize
 
 ROOT = Path(__file__).resolve().parents[1]
 LABEL_STUDIO_VENV = ROOT / ".venv-label-studio"
@@ -42,8 +41,6 @@ MIGRATED_DATA = LABEL_STUDIO_VENV / "migrated-data"
 STARTUP_TIMEOUT_S = 180
 ADMIN, ADMIN_TOKEN = "alice@example.org", "labelloop-test-token-0123456789abcdef"
 STRANGER = "bob@example.org"
-MODEL = "ext-baseline"  # the champion named by the tasks' predictions, declared in training.yaml
-LABELS = ("fresh", "rotten")
 
 
 # --------------------------------------------------------------------------- the server
@@ -161,63 +158,40 @@ def server(tmp_path_factory):
 
 # --------------------------------------------------------------------------- the home and its outbox
 
+PLANTED = [f"item-{i:03d}" for i in range(20, 90, 7)]  # initial labels set wrong on purpose
+WRONG = {"zero": "one", "one": "two", "two": "zero"}
 
-def _home(tmp_path: Path) -> Home:
-    """A text home made by `labelloop init`, with an annotator the directory maps to Label Studio."""
-    source = tmp_path / "reviews.jsonl"
-    words = {"fresh": "a brilliant, moving film", "rotten": "a dull and tedious film"}
-    source.write_text(
-        "".join(
-            json.dumps({"item_id": f"r{i:03d}", "text": f"{words[LABELS[i % 2]]} number {i}", "label": LABELS[i % 2]})
-            + "\n"
-            for i in range(40)
-        )
-    )
-    root = tmp_path / "home"
-    assert cli.main(["init", "--from", str(source), "--home", str(root), "--gold", "10"]) == 0
-    home = Home(root)
+
+@pytest.fixture
+def issued(home: Home, defs, instance, monkeypatch) -> dict[str, str]:
+    """A champion and one issue of review tasks in the outbox (the review_tasks asset), on 75 items
+    with 10 labels planted wrong; the directory maps Label Studio's admin to an annotator."""
+    monkeypatch.setenv("LABELLOOP_HOME", str(home.root))
+    records, truth = make_items(90, 15)
+    for record in records:
+        if record["item_id"] in PLANTED:
+            record["initial_label"] = WRONG[record["initial_label"]]
+    land_items(home, records)
+    set_yaml(home.review_tasks_file, {"annotator_budget": 6, "reviewer_budget": 2})
+    assert _materialize(defs, instance, [*ALL, "label_issue_candidates", "review_tasks"]).success
+    # Addresses match in any case; the Label Studio folder is a producer that may claim nothing.
     home.contributors_file.write_text(
-        "contributors:\n"
-        f"  - {{id: ann-alice, role: annotator, label_studio: {ADMIN.upper()}}}\n"  # addresses match in any case
-        "producers: []\n"
+        f"contributors:\n  - {{id: ann-alice, role: annotator, label_studio: {ADMIN.upper()}}}\nproducers: []\n"
     )
-    with home.training_file.open("a") as config:
-        config.write(f"external_model_versions: [{MODEL}]\n")
-    return home
+    return truth
 
 
-def write_outbox(home: Home, tasks: list[dict], name: str = "2026-03-05.jsonl") -> Path:
-    """Review tasks as the loop issues them: one JSON object a line, written whole (temp name, rename)."""
-    folder = home.root / "outbox" / "review_tasks"
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{name}.tmp"
-    tmp.write_text("".join(json.dumps(t) + "\n" for t in tasks))
-    tmp.rename(folder / name)
-    return folder / name
-
-
-def outbox_task(n: int, item_id: str, text: str, current: str, predicted: str | None, **extra) -> dict:
+def outbox_task(n: int, item_id: str, text: str | None, current: str, predicted: str | None, **extra) -> dict:
+    """One outbox line as core/tasks.py writes them (for the tests without a server)."""
     task = {
-        "task_id": f"tsk-20260305-{n:012x}",
-        "item_id": item_id,
-        "role": "annotator",
-        "policy": "loop",
-        "rank": n,
-        "score": 0.5,
-        "reasons": ["label_issue"],
-        "why": f"the label {current} looks wrong",
-        "current_label": current,
-        "suggested_label": predicted,
-        "prediction": {"model_version": MODEL, "label": predicted, "probability": 0.91} if predicted else None,
-        "text": text,
-        "features": None,
-        "uri": None,
-        "issued_at": "2026-03-05T08:00:00Z",
-        "expires_at": "2026-03-06T08:00:00Z",
-        "attempt": 1,
-        "reissue_of": None,
-        "answers_wanted": 1,
-    }
+        "task_id": f"tsk-20260305-{n:012x}", "item_id": item_id, "role": "annotator", "policy": "loop",
+        "answer_source": "review_prompt", "rank": n, "score": 0.5, "reasons": ["label_issue"],
+        "why": f"the label {current} looks wrong", "current_label": current, "suggested_label": predicted,
+        "prediction": {"model_version": "m0001", "label": predicted, "probability": 0.91} if predicted else None,
+        "text": text, "features": None, "uri": None,
+        "issued_at": "2026-03-05T08:00:00Z", "expires_at": "2026-03-06T08:00:00Z",
+        "attempt": 1, "reissue_of": None, "answers_wanted": 1,
+    }  # fmt: skip
     return {**task, **extra}
 
 
@@ -230,70 +204,52 @@ def _choice(label: str) -> list[dict]:
 
 @pytest.mark.label_studio
 @pytest.mark.slow
-def test_answers_in_label_studio_come_back_as_corrections_with_the_granted_role(server, tmp_path, capsys, monkeypatch):
+def test_answers_in_label_studio_come_back_as_corrections_with_the_granted_role(
+    server, issued, home, defs, instance, tmp_path, capsys
+):
     begun = time.monotonic()
-    monkeypatch.delenv("DAGSTER_HOME", raising=False)
-    monkeypatch.delenv("LABELLOOP_CATALOG", raising=False)
-    home = _home(tmp_path)
-    capsys.readouterr()
-    monkeypatch.setenv("LABELLOOP_HOME", str(home.root))
-    items = [
-        json.loads(line)
-        for f in sorted(home.landing_dir("items").rglob("*.jsonl"))
-        for line in f.read_text().splitlines()
-    ]
-    a, b, c, d = items[:4]
-    write_outbox(
-        home,
-        [
-            outbox_task(
-                1, a["item_id"], a["text"], a["initial_label"], "rotten" if a["initial_label"] == "fresh" else "fresh"
-            ),
-            outbox_task(2, b["item_id"], b["text"], b["initial_label"], b["initial_label"]),
-            outbox_task(3, c["item_id"], c["text"], c["initial_label"], None),
-            # The model names a label the ontology does not have: nothing is pre-filled.
-            outbox_task(4, d["item_id"], d["text"], d["initial_label"], "neutral"),
-        ],
-    )
+    truth = issued
+    outbox = [json.loads(line) for line in tasks.latest_outbox(home.root).read_text().splitlines()]
+    asked = [t for t in outbox if t["role"] == "annotator"]
+    audits = [t for t in outbox if t["role"] == "reviewer"]
+    assert len(asked) == 6 and len(audits) == 2
 
-    # Our labeling config and tasks.
+    # Our labeling config and the outbox as Label Studio tasks.
     assert cli.main(["label-studio", "config"]) == 0
     config = capsys.readouterr().out
-    choices = [e.get("value") for e in ET.fromstring(config).iter("Choice")]
-    assert sorted(choices) == sorted(LABELS)
+    labels = Ontology.load(home.ontology_file).labels
+    assert [e.get("value") for e in ET.fromstring(config).iter("Choice")] == list(labels) and "two" in labels
     tasks_file = tmp_path / "tasks.json"
     assert cli.main(["label-studio", "export", "--out", str(tasks_file)]) == 0
-    assert (
-        "4 tasks from 2026-03-05.jsonl (2 with the champion's prediction), 0 lines refused" in capsys.readouterr().out
-    )
-    tasks = json.loads(tasks_file.read_text())
-    # A task that claims a role for whoever answers it: authority never comes from Label Studio.
-    for task in tasks:
+    predicted = sum(t["prediction"] is not None for t in outbox)
+    assert "8 tasks from review-tasks-" in capsys.readouterr().out
+    exported = json.loads(tasks_file.read_text())
+    assert sum("predictions" in t for t in exported) == predicted == 6
+    audit_data = next(t["data"] for t in exported if t["data"]["task_id"] == audits[0]["task_id"])
+    assert audit_data["current_label"] is None and "current label" not in audit_data["prompt"]
+    # Every task claims a role for whoever answers it: authority never comes from Label Studio.
+    for task in exported:
         task["data"]["user_role"] = "domain_expert"
 
     # The project, the tasks, a second user, the answers: all through Label Studio's REST API.
     project = server.call("POST", "/api/projects", {"title": "labelloop review", "label_config": config})["id"]
-    imported = server.call("POST", f"/api/projects/{project}/import", tasks)
-    assert (imported["task_count"], imported["prediction_count"]) == (4, 2)
+    imported = server.call("POST", f"/api/projects/{project}/import", exported)
+    assert (imported["task_count"], imported["prediction_count"]) == (8, 6)
     listed = server.call("GET", f"/api/tasks?project={project}&page_size=100")["tasks"]
-    ids = {t["data"]["item_id"]: t["id"] for t in listed}
-    assert {t["data"]["item_id"]: t["total_predictions"] for t in listed} == {
-        a["item_id"]: 1,
-        b["item_id"]: 1,
-        c["item_id"]: 0,
-        d["item_id"]: 0,
-    }
+    ids = {t["data"]["task_id"]: t["id"] for t in listed}
+    assert sum(t["total_predictions"] for t in listed) == 6
     stranger = server.call("POST", "/api/users/", {"email": STRANGER, "username": "bob"})["id"]
-    new_label = "rotten" if a["initial_label"] == "fresh" else "fresh"
+    a, b, c, d = asked[:4]
     answers = [
-        (a, {"result": _choice(new_label)}),  # alice: the label was wrong
-        (b, {"result": _choice(b["initial_label"])}),  # alice: it was right
-        (a, {"result": _choice(a["initial_label"]), "completed_by": stranger}),  # bob: not in the directory
+        (a, {"result": _choice(truth[a["item_id"]])}),  # alice: the true label
+        (b, {"result": _choice(b["current_label"])}),  # alice: the label stands
+        (audits[0], {"result": _choice(truth[audits[0]["item_id"]])}),  # alice: a blind audit
+        (a, {"result": _choice(a["current_label"]), "completed_by": stranger}),  # bob: not in the directory
         (c, {"result": [], "was_cancelled": True}),  # alice skips
         (d, {"result": _choice("neutral")}),  # Label Studio accepts a choice outside the config
     ]
-    for item, body in answers:
-        server.call("POST", f"/api/tasks/{ids[item['item_id']]}/annotations/", body)
+    for task, body in answers:
+        server.call("POST", f"/api/tasks/{ids[task['task_id']]}/annotations/", body)
 
     # The export with the annotators' details, as a snapshot through the API.
     snapshot = server.call(
@@ -312,63 +268,60 @@ def test_answers_in_label_studio_come_back_as_corrections_with_the_granted_role(
 
     assert cli.main(["label-studio", "import", str(export_file), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert (report["project"], report["annotations"], report["written"], report["refused"]) == (project, 5, 2, 3)
+    assert (report["project"], report["annotations"], report["written"], report["refused"]) == (project, 6, 3, 3)
     assert report["written"] + report["refused"] == len(answers)
     assert report["reasons"] == {"unknown_annotator": 1, "skipped": 1, "label_not_in_ontology": 1}
     unknown = next(r for r in report["refused_annotations"] if r["reason"] == "unknown_annotator")
-    assert STRANGER in unknown["detail"] and unknown["task"] == ids[a["item_id"]]
+    assert STRANGER in unknown["detail"] and unknown["task"] == ids[a["task_id"]]
     landed = Path(report["file"])
     assert landed.parent == home.landing_dir("corrections") / "label-studio" and not report["already_landed"]
-    lines = {line["item_id"]: line for line in map(json.loads, landed.read_text().splitlines())}
-    assert set(lines) == {a["item_id"], b["item_id"]}
-    first = lines[a["item_id"]]
+    lines = {line["task_id"]: line for line in map(json.loads, landed.read_text().splitlines())}
+    assert set(lines) == {a["task_id"], b["task_id"], audits[0]["task_id"]}
+    first = lines[a["task_id"]]
     # The role the directory grants (annotator), not the domain_expert the task claimed.
     assert (first["user_id"], first["user_role"], first["source"], first["consent"]) == (
-        "ann-alice",
-        "annotator",
-        "annotation",
-        True,
-    )
-    assert (first["corrected_label"], first["original_label"], first["model_version"]) == (
-        new_label,
-        a["initial_label"],
-        MODEL,
-    )
-    assert first["task_id"] == "tsk-20260305-000000000001"
+        "ann-alice", "annotator", "review_prompt", True)  # fmt: skip
+    assert (first["item_id"], first["corrected_label"], first["original_label"], first["model_version"]) == (
+        a["item_id"], truth[a["item_id"]], a["current_label"], "m0001")  # fmt: skip
     assert first["event_id"].startswith(f"ls-{project}-") and first["created_at"].endswith("Z")
-    assert "model_version" not in lines[b["item_id"]] or lines[b["item_id"]]["model_version"] == MODEL
+    audit = lines[audits[0]["task_id"]]
+    assert audit["source"] == "audit_sample" and "original_label" not in audit and "model_version" not in audit
 
     # The same export again lands nothing new; the plain export (annotators by number only) needs
     # Label Studio's users list, and then gives the same corrections.
     assert cli.main(["label-studio", "import", str(export_file)]) == 0
     out = capsys.readouterr().out
-    assert "5 annotations in, 2 written, 3 refused" in out and "already landed as" in out
+    assert "6 annotations in, 3 written, 3 refused" in out and "already landed as" in out
     plain = tmp_path / "plain.json"
     plain.write_bytes(_download(server, f"/api/projects/{project}/export?exportType=JSON"))
     assert cli.main(["label-studio", "import", str(plain), "--json"]) == 0
     by_number = json.loads(capsys.readouterr().out)
-    assert (by_number["written"], by_number["reasons"]) == (0, {"annotator_unnamed": 4, "skipped": 1})
+    assert (by_number["written"], by_number["reasons"]) == (0, {"annotator_unnamed": 5, "skipped": 1})
     users = tmp_path / "users.json"
     users.write_text(json.dumps(server.call("GET", "/api/users/")))
     assert cli.main(["label-studio", "import", str(plain), "--users", str(users), "--json"]) == 0
     resolved = json.loads(capsys.readouterr().out)
-    assert (resolved["written"], resolved["file"], resolved["already_landed"]) == (2, str(landed), True)
+    assert (resolved["written"], resolved["file"], resolved["already_landed"]) == (3, str(landed), True)
     assert len(list(landed.parent.iterdir())) == 1
 
-    # Ingest takes both answers, counted at the granted role, from the label-studio producer.
-    with dg.instance_for_test() as instance:
-        assert _materialize(
-            build_definitions(home, RETRAIN), instance, ["items", "predictions", "raw_corrections", "validated_labels"]
-        ).success
+    # Ingest accepts the answers with their task ids, counted at the granted role, from the
+    # label-studio producer; nothing of that file is set aside.
+    assert _materialize(defs, instance, ["raw_corrections", "validated_labels"]).success
     with store.connect(home.database_file, read_only=True) as con:
         rows = store.frame(
-            con, "SELECT event_id, item_id, user_role, claimed_role, producer FROM raw_corrections ORDER BY item_id"
+            con,
+            "SELECT event_id, task_id, item_id, source, user_role, claimed_role, producer FROM raw_corrections "
+            "WHERE producer = 'label-studio' ORDER BY task_id",
         )
-        set_aside = store.frame(con, "SELECT reason FROM quarantine WHERE kind = 'corrections'")
-    assert rows["item_id"].to_list() == sorted(lines)
-    assert set(rows["user_role"]) == {"annotator"} and set(rows["producer"]) == {"label-studio"}
-    assert rows["event_id"].to_list() == [f"label-studio/{lines[i]['event_id']}" for i in sorted(lines)]
+        set_aside = store.frame(
+            con,
+            "SELECT reason, detail FROM quarantine WHERE kind = 'corrections' AND source_file LIKE '%label-studio%'",
+        )
     assert set_aside.height == 0, set_aside
+    assert rows["task_id"].to_list() == sorted(lines)
+    assert rows["event_id"].to_list() == [f"label-studio/{lines[t]['event_id']}" for t in sorted(lines)]
+    assert set(rows["user_role"]) == {"annotator"} and set(rows["claimed_role"]) == {"annotator"}
+    assert rows.filter(pl.col("task_id") == audits[0]["task_id"])["source"].item() == "audit_sample"
     took = time.monotonic() - begun
     print(f"\nLabel Studio start-up {server.startup_s:.1f} s; the test after it {took:.1f} s")
 

@@ -22,7 +22,6 @@ from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
 from labelloop_assets.core.directory import Directory
-from labelloop_assets.core.files import is_landing_name
 from labelloop_assets.core.ontology import Ontology
 
 # The control names in the labeling config; predictions and annotations name them too.
@@ -31,6 +30,9 @@ TO_NAME = "text"
 # The landing subfolder imported answers go to: a producer of its own (contributors.yaml `via`).
 PRODUCER = "label-studio"
 EVENT_PREFIX = "ls"
+# A correction's source: what the task asked for (the outbox's answer_source), else annotation.
+ANNOTATION, AUDIT_SAMPLE = "annotation", "audit_sample"
+ANSWER_SOURCES = ("review_prompt", AUDIT_SAMPLE)
 # uris whose path ends so are shown as an image; any other http(s) uri as a link.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".svg")
 LINK_SCHEMES = ("http://", "https://")
@@ -85,20 +87,6 @@ def labeling_config(ontology: Ontology) -> str:
 
 
 # --------------------------------------------------------------------------- tasks -> import JSON
-
-
-def latest_outbox_file(folder: Path) -> Path:
-    """The newest review-task file (latest issue): by modification time, then name."""
-    try:
-        files = [p for p in folder.iterdir() if p.suffix == ".jsonl" and is_landing_name(p.name) and p.is_file()]
-    except FileNotFoundError:
-        files = []
-    if not files:
-        raise LabelStudioError(
-            f"no review tasks yet: {folder} holds no .jsonl file (the loop writes one a day when it picks items "
-            "to review)"
-        )
-    return max(files, key=lambda p: (p.stat().st_mtime_ns, p.name))
 
 
 @dataclass
@@ -172,7 +160,11 @@ def _task_data(line: dict, prediction: dict | None) -> dict:
     uri = line.get("uri") if isinstance(line.get("uri"), str) else None
     current = line.get("current_label")
     why = line.get("why") if isinstance(line.get("why"), str) else ""
-    prompt = f"{line['item_id']} - current label: {current if current is not None else 'none'}"
+    # A blind audit shows no current label (the outbox leaves it out); the prompt does not say "none".
+    blind = line.get("answer_source") == AUDIT_SAMPLE or line.get("role") == "reviewer"
+    prompt = (
+        line["item_id"] if blind else f"{line['item_id']} - current label: {current if current is not None else 'none'}"
+    )
     return {
         "text": _shown_text(line.get("text"), line.get("features"), uri),
         "media": _media(uri),
@@ -182,6 +174,7 @@ def _task_data(line: dict, prediction: dict | None) -> dict:
         "current_label": None if current is None else str(current),
         "model_version": str(prediction["model_version"]) if prediction and prediction.get("model_version") else None,
         "why": why,
+        "answer_source": line.get("answer_source") if line.get("answer_source") in ANSWER_SOURCES else None,
         "uri": uri,
         "role": line.get("role"),
         "policy": line.get("policy"),
@@ -367,7 +360,8 @@ def _correction(
         "corrected_label": label,
         "user_id": person.id,
         "user_role": person.role,  # the grant, never anything the export says
-        "source": "annotation",
+        # What the task asked for (review_prompt, or audit_sample for a blind audit), else annotation.
+        "source": data["answer_source"] if data.get("answer_source") in ANSWER_SOURCES else ANNOTATION,
         "consent": True,
         "created_at": answered.isoformat().replace("+00:00", "Z"),
         "context": {"label_studio": {"project": project, "task": task.get("id"), "annotation": annotation["id"]}},
