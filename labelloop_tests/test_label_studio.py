@@ -368,3 +368,49 @@ def test_the_directory_maps_one_label_studio_address_to_one_person(tmp_path):
     path.write_text("contributors:\n  - {id: a, role: annotator, label_studio: not an address}\n")
     with pytest.raises(LabelloopConfigError, match="e-mail address they sign in with"):
         Directory.load(path)
+
+
+def test_every_annotation_is_written_or_refused_with_its_reason(tmp_path):
+    path = tmp_path / "contributors.yaml"
+    path.write_text("contributors:\n  - {id: ann, role: annotator, label_studio: ann@example.org}\n")
+    directory, ontology = Directory.load(path), Ontology(labels=("zero", "one"), renames={"nought": "zero"})
+    ann = {"id": 1, "email": "ann@example.org"}
+
+    def annotation(n: int, result, **extra) -> dict:
+        return {"id": n, "completed_by": ann, "result": result, "created_at": "2026-03-05T09:00:00.5Z",
+                "updated_at": "2026-03-05T09:00:00.5Z", "project": 7, **extra}  # fmt: skip
+
+    export = [
+        {"id": 1, "data": {"item_id": "i1", "task_id": "t1", "current_label": "one"}, "annotations": [
+            annotation(1, _choice("nought")),  # an old term: ingest harmonizes it
+            annotation(2, []),
+            annotation(3, _choice("zero") + _choice("one")),
+            annotation(4, _choice("zero"), created_at="yesterday"),
+            annotation(5, _choice("zero"), completed_by=9),
+            {"result": _choice("zero")},
+        ]},
+        {"id": 2, "data": {"text": "a task of someone else's"}, "annotations": [annotation(6, _choice("zero"))]},
+    ]  # fmt: skip
+    result = label_studio.corrections(export, directory, ontology)
+    assert result.project == 7 and result.annotations == 7 and len(result.lines) == 1
+    assert [r["reason"] for r in result.refused] == [
+        "no_choice",
+        "no_choice",
+        "bad_annotation",
+        "annotator_unnamed",
+        "bad_annotation",
+        "not_a_labelloop_task",
+    ]
+    line = result.lines[0]
+    assert (line["corrected_label"], line["source"], line["created_at"]) == (
+        "nought", "annotation", "2026-03-05T09:00:00.500000Z")  # fmt: skip
+    # The user number resolves through Label Studio's users list.
+    again = label_studio.corrections(export, directory, ontology, users={9: "ANN@example.org"})
+    assert len(again.lines) == 2 and [e["event_id"] for e in again.lines][0] == line["event_id"]
+    with pytest.raises(label_studio.LabelStudioError, match="the export is of project 7, not 8"):
+        label_studio.corrections(export, directory, ontology, project=8)
+    bad = tmp_path / "bad.json"
+    for text in ('{"not": "a list"}', '[{"annotations": "none"}]', "[1]", "not json"):
+        bad.write_text(text)
+        with pytest.raises(label_studio.LabelStudioError, match="Label Studio JSON export"):
+            label_studio.load_export(bad)

@@ -241,8 +241,15 @@ def load_export(path: Path) -> list:
         raw = json.loads(path.read_bytes())
     except (OSError, ValueError) as error:  # a JSONDecodeError and a UnicodeDecodeError are ValueErrors
         raise LabelStudioError(f"cannot read {path} as a Label Studio JSON export: {error}") from None
+    # Checked whole before anything is written: a task that is not an object, or annotations that
+    # are not a list, would otherwise be lost without a count.
     if not isinstance(raw, list):
         raise LabelStudioError(f"{path} is not a Label Studio JSON export (a list of tasks)")
+    for number, task in enumerate(raw, 1):
+        if not isinstance(task, dict) or not isinstance(task.get("annotations") or [], list):
+            raise LabelStudioError(
+                f"{path} is not a Label Studio JSON export: task {number} is not an object with a list of annotations"
+            )
     return raw
 
 
@@ -276,10 +283,9 @@ def corrections(
     a new event, the contributor's latest vote."""
     result = Import(project=_project_of(export, project))
     by_address = directory.label_studio_addresses()
-    for task in export:
-        if not isinstance(task, dict):
-            continue
+    for task in export:  # load_export checked the shape: tasks are objects, annotations lists
         data = task.get("data") if isinstance(task.get("data"), dict) else {}
+        # Drafts (`drafts`) are not answers: only submitted annotations become corrections.
         for annotation in task.get("annotations") or []:
             result.annotations += 1
             line, reason, detail = _correction(
