@@ -1408,6 +1408,129 @@ def pseudonym_of(user_id: str) -> str:
     return pseudonym(pseudonymization_key(), user_id)
 
 
+# ----------------------------------------------------------------------- label-studio (reviewers' front end)
+# Pure logic in core/label_studio.py; these commands read the home, print, and land one file.
+
+
+def cmd_label_studio_config(args: argparse.Namespace) -> int:
+    """The labeling config (Label Studio XML) for the home's ontology."""
+    from labelloop_assets.core import label_studio
+    from labelloop_assets.core.ontology import Ontology
+
+    print(label_studio.labeling_config(Ontology.load(_home().ontology_file)), end="")
+    return 0
+
+
+def cmd_label_studio_export(args: argparse.Namespace) -> int:
+    """The latest review-task file of the outbox as Label Studio import JSON."""
+    from labelloop_assets.core import label_studio
+    from labelloop_assets.core.files import write_atomically
+    from labelloop_assets.core.ontology import Ontology
+    from labelloop_assets.core.tasks import OUTBOX, latest_outbox
+
+    home = _home()
+    try:
+        source = latest_outbox(home.root)
+        lines = label_studio.read_outbox(source) if source else None
+    except OSError as error:
+        print(f"labelloop: cannot read the outbox: {_safe(_cut(_reason(error)))}", file=sys.stderr)
+        return 1
+    if source is None:
+        print(f"labelloop: no review tasks yet: {_safe(home.root / OUTBOX)} holds no work list (the review_tasks asset "
+              "writes one when it picks items to review)", file=sys.stderr)
+        return 1
+    export = label_studio.import_tasks(lines, Ontology.load(home.ontology_file))
+    text = json.dumps(export.tasks, indent=2, ensure_ascii=False) + "\n"
+    summary = (f"{_count(len(export.tasks), 'task')} from {source.name} ({export.with_prediction:,} with the "
+               f"champion's prediction), {_count(len(export.refused), 'line')} refused")
+    refusals = [f"line {r['line']}: {r['reason']}: {_safe(r['detail'])}" for r in export.refused]
+    if not args.out:
+        print(text, end="")
+        for refusal in refusals:  # beside the JSON, not in it
+            print(f"labelloop: refused {refusal}", file=sys.stderr)
+        return 0
+    out = Path(args.out).expanduser()
+    try:
+        write_atomically(out, text)
+    except (OSError, ValueError) as error:
+        print(f"labelloop: cannot write {quoted(str(out))}: {_safe(_reason(error))}", file=sys.stderr)
+        return 1
+    print(f"{summary}; written to {_safe(out)}")
+    for refusal in refusals:
+        print(f"  refused {refusal}")
+    return 0
+
+
+def cmd_label_studio_import(args: argparse.Namespace) -> int:
+    """Label Studio's JSON export as one correction file in landing/corrections/label-studio/."""
+    from labelloop_assets.core import label_studio, review
+    from labelloop_assets.core.files import write_atomically
+    from labelloop_assets.core.ontology import Ontology
+
+    home = _home()
+    try:
+        export = label_studio.load_export(Path(args.export_file))
+        users = label_studio.load_users(Path(args.users)) if args.users else None
+    except label_studio.LabelStudioError as error:
+        print(f"labelloop: {_safe(_cut(str(error)))}", file=sys.stderr)
+        return 1
+    directory, ontology = review.directory(home), Ontology.load(home.ontology_file)
+    try:
+        result = label_studio.corrections(export, directory, ontology, args.project, users)
+    except label_studio.LabelStudioError as error:
+        print(f"labelloop: {_safe(_cut(str(error)))}", file=sys.stderr)
+        return 2
+    target, landed = None, False
+    if result.lines:
+        text = label_studio.landing_text(result.lines)
+        target = home.landing_dir("corrections") / label_studio.PRODUCER / label_studio.landing_name(
+            result.project, text)
+        landed = target.exists()  # the same export again: the file it landed is already there
+        if not landed:
+            try:
+                write_atomically(target, text, durable=True)
+            except OSError as error:
+                print(f"labelloop: cannot write {quoted(str(target))}: {_safe(_reason(error))}", file=sys.stderr)
+                return 1
+    report = {"project": result.project, "annotations": result.annotations, "written": len(result.lines),
+              "refused": len(result.refused), "reasons": result.reasons(),
+              "file": str(target) if target else None, "already_landed": landed,
+              "refused_annotations": result.refused}
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+        return 0
+    print(f"project {result.project}: {_count(result.annotations, 'annotation')} in, {len(result.lines):,} written, "
+          f"{len(result.refused):,} refused")
+    if target:
+        print(f"{'already landed as' if landed else 'landed'} {_safe(target)}; the next ingest run reads it")
+    for refusal in result.refused:
+        print(f"  refused task {_safe(refusal['task'])} annotation {_safe(refusal['annotation'])}: "
+              f"{refusal['reason']}: {_safe(_cut(str(refusal['detail']), 300))}")
+    return 0
+
+
+def _label_studio_commands(commands) -> None:
+    """`labelloop label-studio config|export|import`."""
+    tool = commands.add_parser(
+        "label-studio", help="Label Studio as the reviewers' front end: config, export tasks, import answers")
+    actions = tool.add_subparsers(dest="label_studio_command", required=True, metavar="ACTION")
+    config = actions.add_parser("config", help="print the labeling config (XML) for the home's ontology")
+    config.set_defaults(func=cmd_label_studio_config)
+    export = actions.add_parser("export", help="the latest review tasks as Label Studio import JSON")
+    export.add_argument("--out", metavar="FILE", help="write the JSON to FILE (default: standard output)")
+    export.set_defaults(func=cmd_label_studio_export)
+    importing = actions.add_parser(
+        "import", help="Label Studio's JSON export as corrections in landing/corrections/label-studio/")
+    importing.add_argument("export_file", metavar="FILE", help="the JSON export of one Label Studio project")
+    importing.add_argument("--project", type=_whole_number(1, 2**31 - 1), metavar="N",
+                           help="the project's number (default: the one the export names)")
+    importing.add_argument("--users", metavar="FILE",
+                           help="Label Studio's users list (GET /api/users/), for an export that names "
+                                "annotators by number only")
+    importing.add_argument("--json", action="store_true", help="print the report as JSON")
+    importing.set_defaults(func=cmd_label_studio_import)
+
+
 KEY_HELP = ("the private key to sign with (default: $LABELLOOP_SIGNING_KEY, else "
             "$LABELLOOP_KEYS_DIR/REVIEWER_ID.key); never inside LABELLOOP_HOME")
 
@@ -1577,6 +1700,7 @@ def build_parser() -> argparse.ArgumentParser:
     lineage.add_argument("item_id", help="the item's id, as landed (e.g. from `labelloop review list`)")
     lineage.add_argument("--json", action="store_true", help=JSON_HELP)
     lineage.set_defaults(func=cmd_lineage)
+    _label_studio_commands(commands)
     return parser
 
 

@@ -102,7 +102,7 @@ def loaded(home, defs, instance, monkeypatch, tmp_path):
 BENIGN = {"item_id": "item-030", "escalation_id": "esc-item-030-1", "label": "two",
           "rationale": "looked at the scan", "reviewer": "reviewer-0", "version": "m0001",
           "query": "SELECT count(*) FROM items", "contributor_id": "reviewer-0",
-          "sources": "no-such-labelled-file.jsonl", "size": "5"}
+          "sources": "no-such-labelled-file.jsonl", "size": "5", "export_file": "no-such-export.json"}
 
 
 def _arguments(parser: argparse.ArgumentParser):

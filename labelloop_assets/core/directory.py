@@ -31,6 +31,7 @@ END_USER = USER_ROLES[0]
 ROOT_PRODUCER = "."
 PRODUCER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 ED25519_PUBLIC_KEY_BYTES = 32
+LABEL_STUDIO_ADDRESS = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,255}$")
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,8 @@ class Contributor:
     role: str
     keys: tuple[PublicKey, ...] = ()
     via: tuple[str, ...] | None = None
+    # The e-mail address they sign in to Label Studio with (core/label_studio.py maps answers by it).
+    label_studio: str | None = None
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,10 @@ class Directory:
                         f"{person.id!r} is a {person.role} in {reviewers_file} but a {known.role} in "
                         f"{contributors_file}; keep one (contributors.yaml is the directory)"
                     )
+        addresses = [p.label_studio.casefold() for p in contributors.values() if p.label_studio]
+        if len(addresses) != len(set(addresses)):
+            raise LabelloopConfigError(
+                f"contributors file {contributors_file}: the same label_studio address is listed for two people")
         key_ids = [key.key_id for person in contributors.values() for key in person.keys]
         if len(key_ids) != len(set(key_ids)):
             raise LabelloopConfigError(f"contributors file {contributors_file}: the same public key is listed twice")
@@ -110,6 +117,10 @@ class Directory:
     def authorities(self) -> dict[str, str]:
         """Contributor id -> role, for roles above end_user (who may act as a reviewer)."""
         return {p.id: p.role for p in self.contributors.values() if p.role != END_USER}
+
+    def label_studio_addresses(self) -> dict[str, Contributor]:
+        """Label Studio sign-in address (case-folded) -> the contributor it belongs to."""
+        return {p.label_studio.casefold(): p for p in self.contributors.values() if p.label_studio}
 
     def key(self, key_id: str) -> tuple[Contributor, PublicKey] | None:
         for person in self.contributors.values():
@@ -172,10 +183,10 @@ def _entries(raw: dict, section: str, path: Path) -> list[dict]:
 
 
 def _contributor(entry: dict, path: Path) -> Contributor:
-    unknown = set(entry) - {"id", "role", "keys", "via"}
+    unknown = set(entry) - {"id", "role", "keys", "via", "label_studio"}
     if unknown:
         raise LabelloopConfigError(
-            f"{path}: unknown fields {sorted(unknown)} in {entry.get('id')!r}; known: id, role, keys, via"
+            f"{path}: unknown fields {sorted(unknown)} in {entry.get('id')!r}; known: id, role, keys, via, label_studio"
         )
     ident, role = entry.get("id"), entry.get("role")
     if not isinstance(ident, str) or not ident.strip() or ident != ident.strip():
@@ -187,10 +198,13 @@ def _contributor(entry: dict, path: Path) -> Contributor:
         if not isinstance(via, list) or not all(isinstance(v, str) and _is_producer(v) for v in via):
             raise LabelloopConfigError(f"{path}: `via` of {ident!r} must list producer folders (or '.')")
         via = tuple(via)
+    address = entry.get("label_studio")
+    if address is not None and (not isinstance(address, str) or not LABEL_STUDIO_ADDRESS.match(address)):
+        raise LabelloopConfigError(f"{path}: `label_studio` of {ident!r} must be the e-mail address they sign in with")
     keys = entry.get("keys") or []
     if not isinstance(keys, list):
         raise LabelloopConfigError(f"{path}: `keys` of {ident!r} must be a list of {{public_key: ...}} entries")
-    return Contributor(ident, role, tuple(_public_key(k, ident, path) for k in keys), via)
+    return Contributor(ident, role, tuple(_public_key(k, ident, path) for k in keys), via, address)
 
 
 def _public_key(entry, owner: str, path: Path) -> PublicKey:
