@@ -752,7 +752,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.child:
         name, *rest = args.child
-        casts = {"routing": (str, str), "setup": (str, int, int), "increment": (str, int), "sensor": (str, int), "bomb": (str, str),
+        casts = {"routing": (str, str), "setup": (str, int, int), "increment": (str, int), "sensor": (str, int),
+                 "bomb": (str, str),
                  "soak": (str, float, int), "components": (int, int), "import": (int,)}
         values = [cast(v) for cast, v in zip(casts.get(name, (str,)), rest, strict=False)]
         print(json.dumps(CHILDREN[name](*values)))

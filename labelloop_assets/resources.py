@@ -22,7 +22,6 @@ from labelloop_assets.core.external import trainer_environment
 from labelloop_assets.core.lake import Lake, LakeError
 from labelloop_assets.core.ontology import Ontology
 from labelloop_assets.core.resolve import ResolutionPolicy
-from labelloop_assets.core.tasks import TaskSettings
 from labelloop_assets.core.settings import (
     Home,
     LabelloopConfigError,
@@ -31,6 +30,7 @@ from labelloop_assets.core.settings import (
     load_yaml_mapping,
     pseudonymization_key,
 )
+from labelloop_assets.core.tasks import TaskSettings
 
 HOME_ENV = "LABELLOOP_HOME"
 

@@ -319,11 +319,11 @@ def test_a_version_3_store_is_upgraded_in_place(tmp_path):
         for table, column in (
             ("raw_corrections", "producer"), ("raw_corrections", "claimed_role"), ("raw_corrections", "arrived_at"),
             ("validated_labels", "arrived_at"), ("validated_labels", "burst_day"), ("review_decisions", "key_id"),
-            ("review_decisions", "signature"), ("model_evaluations", "evaluation_set"),
+            ("review_decisions", "signature"), ("model_evaluations", "evaluation_set"), ("raw_corrections", "task_id"),
             *(("ingested_files", c) for c in ("version", "sha256", "ctime_ns", "line_count", "first_line")),
         ):
             con.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
-        for table in ("evaluation_sets", "gold_copies", "policy_uses"):
+        for table in ("evaluation_sets", "gold_copies", "policy_uses", "review_tasks"):
             con.execute(f"DROP TABLE {table}")
         # Before version 6 items carried features only.
         con.execute("ALTER TABLE items DROP COLUMN text")
@@ -331,12 +331,13 @@ def test_a_version_3_store_is_upgraded_in_place(tmp_path):
         con.execute("ALTER TABLE items ALTER COLUMN features SET NOT NULL")
         con.execute("UPDATE schema_info SET value = '3' WHERE key = 'schema_version'")
     with store.connect(path) as con:
-        assert store.schema_version(con) == store.SCHEMA_VERSION == 6
+        assert store.schema_version(con) == store.SCHEMA_VERSION == 7
         con.execute("INSERT INTO items (seq, item_id, text, payload_hash) VALUES (2, 'i2', 'a text item', 'h')")
         assert con.execute("SELECT item_id, text, features FROM items ORDER BY 1").fetchall() == [
             ("i1", None, [1.0]), ("i2", "a text item", None)]
         columns = {(t, c) for t, c in con.execute(
             "SELECT table_name, column_name FROM duckdb_columns() WHERE table_name IN "
-            "('raw_corrections', 'review_decisions', 'policy_uses', 'ingested_files')").fetchall()}
-        assert {("raw_corrections", "claimed_role"), ("review_decisions", "signature"),
+            "('raw_corrections', 'review_decisions', 'policy_uses', 'ingested_files', 'review_tasks')").fetchall()}
+        assert {("raw_corrections", "claimed_role"), ("raw_corrections", "task_id"), ("review_tasks", "policy"),
+                ("review_decisions", "signature"),
                 ("policy_uses", "sha256"), ("ingested_files", "version"), ("ingested_files", "sha256")} <= columns

@@ -355,7 +355,8 @@ def _reasons(row: dict) -> list[str]:
 def _why(row: dict) -> str:
     """One sentence for the person answering."""
     if row["role"] == REVIEWER:
-        return "blind audit: drawn at random to measure how reliable labels are; label it without looking at the current one"
+        return ("blind audit: drawn at random to measure how reliable labels are; "
+                "label it without looking at the current one")
     parts = []
     if (row.get("label_issue") or 0) >= 0.5 and row.get("suggested_label"):
         parts.append(f"the label {row['current_label']} looks wrong ({row['label_issue']:.2f}); "

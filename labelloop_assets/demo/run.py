@@ -21,8 +21,8 @@ from labelloop_assets.core.settings import (
     using_development_secret,
 )
 from labelloop_assets.definitions import build_definitions
-from labelloop_assets.jobs import RETRAIN_JOB, REVIEW_TASKS_JOB
 from labelloop_assets.demo import simulator
+from labelloop_assets.jobs import RETRAIN_JOB, REVIEW_TASKS_JOB
 from labelloop_assets.resources import build_resources
 
 DEMO_MARKER = ".labelloop-demo"

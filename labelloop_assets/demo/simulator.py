@@ -398,7 +398,8 @@ def clean_label_ceiling(world: DemoWorld, home: Home) -> float:
     spec = TrainingConfig.load(home.training_file).spec(world.kind.carries)
     train_rows, gold_rows = np.flatnonzero(~world.gold), np.flatnonzero(world.gold)
     model = fit(world.model_input(train_rows), np.asarray(world.labels)[world.truth[train_rows]], spec)
-    return float((model.predict(world.model_input(gold_rows)) == np.asarray(world.labels)[world.truth[gold_rows]]).mean())
+    labels = np.asarray(world.labels)
+    return float((model.predict(world.model_input(gold_rows)) == labels[world.truth[gold_rows]]).mean())
 
 
 def routing_efficacy(world: DemoWorld, con) -> dict[str, dict]:
