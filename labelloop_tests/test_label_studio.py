@@ -29,9 +29,9 @@ from labelloop_assets.core import label_studio, store, tasks
 from labelloop_assets.core.directory import Directory
 from labelloop_assets.core.ontology import Ontology
 from labelloop_assets.core.settings import Home, LabelloopConfigError
-from labelloop_tests.conftest import land_items, make_items, set_yaml
 from labelloop_tests.pg import free_port, in_ci
-from labelloop_tests.test_loop import ALL, _materialize
+from labelloop_tests.test_loop import _materialize
+from labelloop_tests.test_review_tasks import issue_tasks
 
 ROOT = Path(__file__).resolve().parents[1]
 LABEL_STUDIO_VENV = ROOT / ".venv-label-studio"
@@ -158,22 +158,13 @@ def server(tmp_path_factory):
 
 # --------------------------------------------------------------------------- the home and its outbox
 
-PLANTED = [f"item-{i:03d}" for i in range(20, 90, 7)]  # initial labels set wrong on purpose
-WRONG = {"zero": "one", "one": "two", "two": "zero"}
-
 
 @pytest.fixture
 def issued(home: Home, defs, instance, monkeypatch) -> dict[str, str]:
     """A champion and one issue of review tasks in the outbox (the review_tasks asset), on 75 items
     with 10 labels planted wrong; the directory maps Label Studio's admin to an annotator."""
     monkeypatch.setenv("LABELLOOP_HOME", str(home.root))
-    records, truth = make_items(90, 15)
-    for record in records:
-        if record["item_id"] in PLANTED:
-            record["initial_label"] = WRONG[record["initial_label"]]
-    land_items(home, records)
-    set_yaml(home.review_tasks_file, {"annotator_budget": 6, "reviewer_budget": 2})
-    assert _materialize(defs, instance, [*ALL, "label_issue_candidates", "review_tasks"]).success
+    truth = issue_tasks(home, defs, instance, annotator_budget=6, reviewer_budget=2)
     # Addresses match in any case; the Label Studio folder is a producer that may claim nothing.
     home.contributors_file.write_text(
         f"contributors:\n  - {{id: ann-alice, role: annotator, label_studio: {ADMIN.upper()}}}\nproducers: []\n"

@@ -20,19 +20,23 @@ PLANTED = [f"item-{i:03d}" for i in range(20, 90, 7)]  # 10 initial labels set w
 WRONG = {"zero": "one", "one": "two", "two": "zero"}
 
 
-@pytest.fixture
-def issued(home: Home, defs, instance, monkeypatch):
-    """A corpus of 75 items with 10 labels planted wrong, a champion, and one issue of tasks."""
-    monkeypatch.setenv("LABELLOOP_HOME", str(home.root))
+def issue_tasks(home: Home, defs, instance, annotator_budget: int, reviewer_budget: int) -> dict[str, str]:
+    """A corpus of 75 items with 10 labels planted wrong, a champion, and one issue of tasks under
+    these budgets; returns the true labels."""
     records, truth = make_items(90, 15)
     for record in records:
         if record["item_id"] in PLANTED:
             record["initial_label"] = WRONG[record["initial_label"]]
     land_items(home, records)
-    set_yaml(home.review_tasks_file, {"annotator_budget": 10, "reviewer_budget": 4})
-    result = _materialize(defs, instance, [*ALL, "label_issue_candidates", "review_tasks"])
-    assert result.success
+    set_yaml(home.review_tasks_file, {"annotator_budget": annotator_budget, "reviewer_budget": reviewer_budget})
+    assert _materialize(defs, instance, [*ALL, "label_issue_candidates", "review_tasks"]).success
     return truth
+
+
+@pytest.fixture
+def issued(home: Home, defs, instance, monkeypatch):
+    monkeypatch.setenv("LABELLOOP_HOME", str(home.root))
+    return issue_tasks(home, defs, instance, annotator_budget=10, reviewer_budget=4)
 
 
 def _outbox(home: Home) -> list[dict]:
