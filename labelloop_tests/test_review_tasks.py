@@ -113,6 +113,10 @@ def test_answers_come_back_with_a_task_id_and_lineage_shows_task_answer_change(
     assert task["answers"] == [f"ans-0 -> {truth[item]}"]
     assert task["label_changes"] == [f"v2: {WRONG[truth[item]]} -> {truth[item]}"]
     assert trail["corrections"][0]["task_id"] == loop[0]["task_id"]
+    # ...and in the metrics, one series per arm.
+    metrics = _materialize(defs, instance, ["label_quality_metrics"])
+    shown = next(e for e in metrics.get_asset_materialization_events()).materialization.metadata
+    assert shown["label_changes_per_100_answers_loop"].value == 100.0
     assert cli.main(["tasks", "efficacy"]) == 0
     assert "Label changes per 100 answers" in capsys.readouterr().out
     assert cli.main(["tasks", "list", "--status", "answered"]) == 0

@@ -14,7 +14,7 @@ from labelloop_assets.assets.common import (
     run_id,
 )
 from labelloop_assets.checks.schema_checks import markdown_table
-from labelloop_assets.core import charts, metrics, publish, store
+from labelloop_assets.core import charts, metrics, publish, store, tasks
 from labelloop_assets.jobs import INGEST_JOB
 from labelloop_assets.resources import LabelloopHome, open_store
 
@@ -51,12 +51,13 @@ ALPHA_FLOOR = 0.667
 def label_quality_metrics(
     context: dg.AssetExecutionContext, labelloop: LabelloopHome, database: DuckDBResource
 ) -> dg.MaterializeResult:
-    """Coverage, correction rate, per-label counts and the current model's accuracy on gold items."""
+    """Coverage, correction rate, per-label counts, the model's accuracy on gold items and label changes per 100 answers by routing policy."""  # noqa: E501 -- one line: the docs' asset reference shows a description's first line
     with config_errors_as_failures():
         labels = labelloop.ontology().labels
     with open_store(database) as con:
         summary = metrics.summary(con)
         per_label = metrics.by_label(con, labels)
+        efficacy = tasks.efficacy(con)
         with store.transaction(con):
             store.append(con, "label_quality_metrics", pl.DataFrame([{**summary, "run_id": run_id(context)}]))
             store.append(
@@ -78,6 +79,13 @@ def label_quality_metrics(
             "corpus_version": summary["corpus_version"] or 0,
             "model_version": summary["model_version"] or "none yet",
             "by_label": dg.MetadataValue.md(markdown_table(per_label.with_columns(pl.selectors.float().round(3)))),
+            # Review tasks' efficacy, one series per annotator arm (plotted over runs in the UI).
+            **{f"label_changes_per_100_answers_{row['policy']}": dg.MetadataValue.float(
+                row["label_changes_per_100_answers"])
+               for row in efficacy.filter(pl.col("role") == "annotator").iter_rows(named=True)
+               if row["label_changes_per_100_answers"] is not None},
+            "routing_efficacy": dg.MetadataValue.md(markdown_table(efficacy)) if efficacy.height
+            else "no review tasks issued yet",
         }
     )
 
