@@ -175,3 +175,21 @@ def test_a_run_with_a_broken_review_tasks_file_fails_with_the_reason(home, defs,
     assert not result.success
     failure = next(e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE)
     assert "arms must add up to 1" in failure.event_specific_data.error.message
+
+
+def test_an_outbox_line_stays_one_line_whatever_the_item_text_holds():
+    now = datetime(2026, 3, 2, 8, tzinfo=UTC)
+    task = pl.DataFrame([{
+        "task_id": "tsk-20260302-000000000001", "item_id": "t1", "role": "annotator", "policy": "loop", "rank": 1,
+        "score": 0.9, "reasons": ["label_issue"], "why": "w", "current_label": "zero", "suggested_label": "one",
+        "model_version": "m0001", "predicted_label": "one", "predicted_probability": 0.8,
+        **dict.fromkeys(tasks.COMPONENTS, 0.0), "answers_wanted": 1, "attempt": 1, "reissue_of": None,
+        "issued_at": now, "expires_at": now + timedelta(hours=24),
+    }], schema=tasks.TASK_SCHEMA)
+    text = "line one\u2028line two\u0085three\r\nfour \U0001F600"
+    items = pl.DataFrame({"item_id": ["t1"], "text": [text], "features": [None], "uri": [None]},
+                         schema={"item_id": pl.String, "text": pl.String, "features": pl.List(pl.Float64),
+                                 "uri": pl.String})
+    [line] = tasks.outbox_lines(task, items)
+    assert line.isascii() and len(line.splitlines()) == 1
+    assert json.loads(line)["text"] == text

@@ -395,7 +395,7 @@ def outbox_lines(tasks: pl.DataFrame, items: pl.DataFrame) -> list[str]:
             "text": row.get("text"), "features": row.get("features"), "uri": row.get("uri"),
             "issued_at": _iso(row["issued_at"]), "expires_at": _iso(row["expires_at"]),
             "attempt": row["attempt"], "reissue_of": row["reissue_of"], "answers_wanted": row["answers_wanted"],
-        }, ensure_ascii=False, separators=(",", ":")))
+        }, separators=(",", ":")))  # ASCII: a text's U+2028 must not split the line for a reader
     return lines
 
 

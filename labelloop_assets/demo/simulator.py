@@ -362,7 +362,9 @@ def answer_tasks(
     capacity = {"annotator": cfg.annotator_answers_per_day, "reviewer": cfg.reviewer_items_per_day}
     people = {"annotator": annotators, "reviewer": reviewers}
     events = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8").split("\n"):
+        if not line:
+            continue
         task = json.loads(line)
         role = task["role"]
         wanted = min(task["answers_wanted"], len(people[role]))
