@@ -298,7 +298,7 @@ def test_answers_in_label_studio_come_back_as_corrections_with_the_granted_role(
     # Ingest accepts the answers with their task ids, counted at the granted role, from the
     # label-studio producer; nothing of that file is set aside.
     assert _materialize(defs, instance, ["raw_corrections", "validated_labels"]).success
-    with store.connect(home.database_file, read_only=True) as con:
+    with store.connect(home.database, read_only=True) as con:
         rows = store.frame(
             con,
             "SELECT event_id, task_id, item_id, source, user_role, claimed_role, producer FROM raw_corrections "

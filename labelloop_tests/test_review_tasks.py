@@ -67,7 +67,7 @@ def test_the_work_list_is_in_the_outbox_under_budget_with_the_planted_labels_fir
     assert all(t["current_label"] is None and t["prediction"] is None and t["answer_source"] == "audit_sample"
                for t in audits)
     # Issued again at once: items with open tasks get no second task.
-    with store.connect(home.database_file, read_only=True) as con:
+    with store.connect(home.database, read_only=True) as con:
         status = tasks.task_status(con, datetime.now(UTC))
     assert set(status["status"]) == {"open"} and status.height == 14
 
@@ -92,7 +92,7 @@ def test_answers_come_back_with_a_task_id_and_lineage_shows_task_answer_change(
     # A domain expert answers alone here, so each answer settles its item.
     assert _materialize(defs, instance, ALL).success
 
-    with store.connect(home.database_file, read_only=True) as con:
+    with store.connect(home.database, read_only=True) as con:
         reasons = store.frame(con, "SELECT record_id, detail FROM quarantine WHERE kind = 'corrections' "
                                    "ORDER BY record_id").rows()
         status = tasks.task_status(con, datetime.now(UTC))
@@ -125,7 +125,7 @@ def test_answers_come_back_with_a_task_id_and_lineage_shows_task_answer_change(
 
 def test_expired_tasks_are_reissued_in_their_arm_until_the_attempts_run_out(home, issued):
     settings = tasks.TaskSettings.load(home.review_tasks_file)
-    with store.connect(home.database_file) as con:
+    with store.connect(home.database) as con:
         signals = tasks.signals(con, event_clock=False)
         view = tasks.model_view(None, None, pl.DataFrame(), store.frame(con, tasks.SERVED_SQL))
         first = tasks.task_status(con, datetime.now(UTC))
