@@ -610,8 +610,9 @@ _positive = _whole_number(1, 1_000_000_000)
 def cmd_lineage(args: argparse.Namespace) -> int:
     from labelloop_assets.core.lineage import item_trail, quarantined_lines
 
-    with _read(_home()) as con:
-        trail = item_trail(con, args.item_id)
+    home = _home()
+    with _read(home) as con:
+        trail = item_trail(con, args.item_id, _store_clock(home, con))
         set_aside = quarantined_lines(con, args.item_id)
     if trail["versions"].height == 0 and trail["corrections"].height == 0:
         print(f"labelloop: no label history for item {quoted(args.item_id)}: "
@@ -737,12 +738,25 @@ def cmd_review_audit_sample(args: argparse.Namespace) -> int:
 TASK_STATUSES = ("open", "answered", "expired", "all")
 
 
+def _store_clock(home: Home, con) -> datetime:
+    """Now as the loop judges tasks: governance.yaml's escalation.clock (the wall clock, or the events')."""
+    from labelloop_assets.core import tasks
+    from labelloop_assets.core.resolve import ResolutionPolicy
+
+    try:
+        events = ResolutionPolicy.load(home.governance_file).escalation_clock == "events"
+    except LabelloopConfigError as error:
+        raise SystemExit(f"labelloop: {error}") from None
+    return tasks.clock(con, events)
+
+
 def cmd_tasks_list(args: argparse.Namespace) -> int:
     """The review tasks the loop issued, newest first, with their answers so far."""
     from labelloop_assets.core import tasks
 
-    with _read(_home()) as con:
-        rows = tasks.task_status(con, datetime.now(UTC))
+    home = _home()
+    with _read(home) as con:
+        rows = tasks.task_status(con, _store_clock(home, con))
     if args.status != "all":
         rows = rows.filter(pl.col("status") == args.status)
     rows = rows.sort(["issued_at", "rank"], descending=[True, False]).head(args.limit).select(
@@ -1480,11 +1494,20 @@ def cmd_label_studio_import(args: argparse.Namespace) -> int:
     except label_studio.LabelStudioError as error:
         print(f"labelloop: {_safe(_cut(str(error)))}", file=sys.stderr)
         return 2
+    # A whole-project export holds every earlier answer again: those already ingested are left out.
+    known = _ingested_event_ids(home, [f"{label_studio.PRODUCER}/{line['event_id']}" for line in result.lines])
+    new_lines = [line for line in result.lines if f"{label_studio.PRODUCER}/{line['event_id']}" not in known]
     target, landed = None, False
-    if result.lines:
-        text = label_studio.landing_text(result.lines)
-        target = home.landing_dir("corrections") / label_studio.PRODUCER / label_studio.landing_name(
-            result.project, text)
+    if new_lines:
+        folder = home.landing_dir("corrections") / label_studio.PRODUCER
+        linked = next((p for p in (home.landing, home.landing_dir("corrections"), folder) if p.is_symlink()), None)
+        if linked is not None:
+            # Ingest never reads through a link: answers written there would be lost.
+            print(f"labelloop: {quoted(str(linked))} is a symbolic link; landing folders must be real folders "
+                  "(ingest does not follow links), so nothing was written", file=sys.stderr)
+            return 1
+        text = label_studio.landing_text(new_lines)
+        target = folder / label_studio.landing_name(result.project, text)
         landed = target.exists()  # the same export again: the file it landed is already there
         if not landed:
             try:
@@ -1492,21 +1515,31 @@ def cmd_label_studio_import(args: argparse.Namespace) -> int:
             except OSError as error:
                 print(f"labelloop: cannot write {quoted(str(target))}: {_safe(_reason(error))}", file=sys.stderr)
                 return 1
-    report = {"project": result.project, "annotations": result.annotations, "written": len(result.lines),
+    report = {"project": result.project, "annotations": result.annotations, "written": len(new_lines),
+              "already_ingested": len(result.lines) - len(new_lines),
               "refused": len(result.refused), "reasons": result.reasons(),
               "file": str(target) if target else None, "already_landed": landed,
               "refused_annotations": result.refused}
     if args.json:
         print(json.dumps(report, indent=2, default=str))
         return 0
-    print(f"project {result.project}: {_count(result.annotations, 'annotation')} in, {len(result.lines):,} written, "
-          f"{len(result.refused):,} refused")
+    print(f"project {result.project}: {_count(result.annotations, 'annotation')} in, {len(new_lines):,} written, "
+          f"{len(result.lines) - len(new_lines):,} already ingested, {len(result.refused):,} refused")
     if target:
         print(f"{'already landed as' if landed else 'landed'} {_safe(target)}; the next ingest run reads it")
     for refusal in result.refused:
         print(f"  refused task {_safe(refusal['task'])} annotation {_safe(refusal['annotation'])}: "
               f"{refusal['reason']}: {_safe(_cut(str(refusal['detail']), 300))}")
     return 0
+
+
+def _ingested_event_ids(home: Home, event_ids: list[str]) -> set[str]:
+    """Which of these (scoped) event ids the store already holds; none when there is no store yet."""
+    if not event_ids or not home.has_store():
+        return set()
+    with _read(home) as con:
+        found = store.lookup(con, "raw_corrections", "event_id", pl.DataFrame({"event_id": event_ids}), "true")
+    return set(found["event_id"].to_list())
 
 
 def _label_studio_commands(commands) -> None:

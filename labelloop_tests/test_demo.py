@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 
 import dagster as dg
 import pytest
@@ -88,7 +89,7 @@ def _assert_lineage_is_complete(home):
         models = set(store.frame(con, "SELECT model_version FROM models")["model_version"].to_list())
         assert sample
         for item_id in sample:
-            trail = item_trail(con, item_id)
+            trail = item_trail(con, item_id, datetime.now(UTC))
             versions = trail["versions"]
             current = store.frame(con, "SELECT label FROM production_corpus WHERE item_id = ?", [item_id])
             assert versions["label"][-1] == current["label"][0], item_id

@@ -282,7 +282,7 @@ def test_answers_in_label_studio_come_back_as_corrections_with_the_granted_role(
     # Label Studio's users list, and then gives the same corrections.
     assert cli.main(["label-studio", "import", str(export_file)]) == 0
     out = capsys.readouterr().out
-    assert "6 annotations in, 3 written, 3 refused" in out and "already landed as" in out
+    assert "6 annotations in, 3 written, 0 already ingested, 3 refused" in out and "already landed as" in out
     plain = tmp_path / "plain.json"
     plain.write_bytes(_download(server, f"/api/projects/{project}/export?exportType=JSON"))
     assert cli.main(["label-studio", "import", str(plain), "--json"]) == 0
@@ -313,6 +313,10 @@ def test_answers_in_label_studio_come_back_as_corrections_with_the_granted_role(
     assert rows["event_id"].to_list() == [f"label-studio/{lines[t]['event_id']}" for t in sorted(lines)]
     assert set(rows["user_role"]) == {"annotator"} and set(rows["claimed_role"]) == {"annotator"}
     assert rows.filter(pl.col("task_id") == audits[0]["task_id"])["source"].item() == "audit_sample"
+    # A later export of the whole project holds these answers again: they are not landed twice.
+    assert cli.main(["label-studio", "import", str(export_file), "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert (again["written"], again["already_ingested"], again["refused"], again["file"]) == (0, 3, 3, None)
     took = time.monotonic() - begun
     print(f"\nLabel Studio start-up {server.startup_s:.1f} s; the test after it {took:.1f} s")
 
@@ -379,19 +383,28 @@ def test_every_annotation_is_written_or_refused_with_its_reason(tmp_path):
             annotation(4, _choice("zero"), created_at="yesterday"),
             annotation(5, _choice("zero"), completed_by=9),
             {"result": _choice("zero")},
+            # Hostile shapes: refused with a reason, never a traceback.
+            annotation(7, [{"from_name": "label", "type": "choices", "value": {"choices": 5}}]),
+            annotation(8, _choice("zero"), created_at="0001-01-01T00:00:00+14:00", updated_at=None),
         ]},
         {"id": 2, "data": {"text": "a task of someone else's"}, "annotations": [annotation(6, _choice("zero"))]},
     ]  # fmt: skip
     result = label_studio.corrections(export, directory, ontology)
-    assert result.project == 7 and result.annotations == 7 and len(result.lines) == 1
+    assert result.project == 7 and result.annotations == 9 and len(result.lines) == 1
     assert [r["reason"] for r in result.refused] == [
         "no_choice",
         "no_choice",
         "bad_annotation",
         "annotator_unnamed",
         "bad_annotation",
+        "no_choice",
+        "bad_annotation",
         "not_a_labelloop_task",
     ]
+    # A project that is not a number is not a project: the export then names none.
+    odd = [{"id": 3, "data": {"item_id": "i1"}, "annotations": [annotation(9, _choice("zero"), project=[1])]}]
+    with pytest.raises(label_studio.LabelStudioError, match="does not say its project"):
+        label_studio.corrections(odd, directory, ontology)
     line = result.lines[0]
     assert (line["corrected_label"], line["source"], line["created_at"]) == (
         "nought", "annotation", "2026-03-05T09:00:00.500000Z")  # fmt: skip
@@ -405,3 +418,19 @@ def test_every_annotation_is_written_or_refused_with_its_reason(tmp_path):
         bad.write_text(text)
         with pytest.raises(label_studio.LabelStudioError, match="Label Studio JSON export"):
             label_studio.load_export(bad)
+
+
+def test_an_import_into_a_linked_landing_folder_is_refused(home, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LABELLOOP_HOME", str(home.root))
+    home.contributors_file.write_text("contributors:\n  - {id: ann, role: annotator, label_studio: ann@example.org}\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (home.landing_dir("corrections") / "label-studio").symlink_to(elsewhere)
+    export = tmp_path / "export.json"
+    export.write_text(json.dumps([{"id": 1, "data": {"item_id": "i1", "task_id": "t1"}, "annotations": [
+        {"id": 1, "completed_by": {"email": "ann@example.org"}, "result": _choice("zero"), "project": 3,
+         "created_at": "2026-03-05T09:00:00Z"}]}]))
+    assert cli.main(["label-studio", "import", str(export)]) == 1
+    err = capsys.readouterr().err
+    assert "is a symbolic link" in err and "nothing was written" in err and "Traceback" not in err
+    assert list(elsewhere.iterdir()) == []

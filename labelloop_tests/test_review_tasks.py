@@ -68,8 +68,14 @@ def test_the_work_list_is_in_the_outbox_under_budget_with_the_planted_labels_fir
                for t in audits)
     # Issued again at once: items with open tasks get no second task.
     with store.connect(home.database, read_only=True) as con:
-        status = tasks.task_status(con, datetime.now(UTC))
+        now = datetime.now(UTC)
+        status = tasks.task_status(con, now)
+        again = tasks.plan(tasks.signals(con, False), tasks.model_view(None, None, pl.DataFrame(), pl.DataFrame(
+            schema={"item_id": pl.String, "model_version": pl.String, "predicted_label": pl.String,
+                    "predicted_probability": pl.Float64})), {}, status, tasks.TaskSettings.load(home.review_tasks_file),
+            now)
     assert set(status["status"]) == {"open"} and status.height == 14
+    assert again.height >= 10 and not set(again["item_id"]) & {t["item_id"] for t in lines}
 
 
 def test_answers_come_back_with_a_task_id_and_lineage_shows_task_answer_change(
@@ -141,12 +147,17 @@ def test_expired_tasks_are_reissued_in_their_arm_until_the_attempts_run_out(home
         assert (reissued.join(before, left_on="reissue_of", right_on="task_id")
                 .filter(pl.col("policy") != pl.col("policy_right")).height) == 0
         assert set(reissued["attempt"]) == {2} and all("overdue" in r for r in reissued["reasons"])
-        for step in (2, 3):
+        for step in (2, 3, 4):
             moment = later + timedelta(hours=step * (settings.expire_hours + 1))
             plan = tasks.plan(signals, view, {}, tasks.task_status(con, moment), settings, moment)
             store.append(con, "review_tasks", plan)
         attempts = store.frame(con, "SELECT item_id, max(attempt) AS most FROM review_tasks "
                                     "WHERE role = 'annotator' GROUP BY item_id")
+        # The third attempt expired too: those items rest for the cooldown, never attempt 1 again.
+        restarted = store.frame(con, "SELECT count(*) AS n FROM review_tasks WHERE attempt = 1 AND item_id IN "
+                                     "(SELECT item_id FROM review_tasks WHERE attempt = 3) AND issued_at > "
+                                     "(SELECT min(issued_at) FROM review_tasks WHERE attempt = 3)")["n"].item()
+    assert restarted == 0
     # Never past max_attempts (3), and the first 10 items reached it.
     assert attempts["most"].max() == settings.max_attempts
     assert attempts.filter(pl.col("item_id").is_in(before.join(first, on="task_id")["item_id"].implode())
@@ -160,6 +171,7 @@ def test_expired_tasks_are_reissued_in_their_arm_until_the_attempts_run_out(home
     ({"weights": {"label_issue": -1}}, "label_issue must be finite numbers of 0 or more"),
     ({"expire_hours": 0}, "expire_hours must be positive"),
     ({"annotator_budget": "many"}, "annotator_budget"),
+    ({"seed": -1}, "seed must be 0 or more"),
 ])
 def test_a_wrong_review_tasks_file_is_refused_with_its_reason(tmp_path, changes, message):
     path = tmp_path / "review_tasks.yaml"
@@ -193,3 +205,55 @@ def test_an_outbox_line_stays_one_line_whatever_the_item_text_holds():
     [line] = tasks.outbox_lines(task, items)
     assert line.isascii() and len(line.splitlines()) == 1
     assert json.loads(line)["text"] == text
+
+
+def test_a_task_closes_only_with_enough_different_people_of_its_role(home, issued, defs, instance):
+    """One person sending two lines is one opinion; an end user cannot close an annotator's task,
+    nor an annotator a reviewer's blind audit (their corrections still count as votes)."""
+    lines = _outbox(home)
+    loop = [t for t in lines if t["policy"] == "loop"]
+    audit = next(t for t in lines if t["role"] == "reviewer")
+    home.review_tasks_file.write_text("answers_wanted: 2\n")
+    with store.connect(home.database) as con:  # the first task wants two people
+        con.execute("UPDATE review_tasks SET answers_wanted = 2 WHERE task_id = ?", [loop[0]["task_id"]])
+    write_jsonl(home.landing_dir("corrections"), "answers.jsonl", [
+        correction("same-1", loop[0]["item_id"], "one", user="ann", role="annotator", task_id=loop[0]["task_id"]),
+        correction("same-2", loop[0]["item_id"], "two", user="ann", role="annotator", task_id=loop[0]["task_id"]),
+        correction("user-1", loop[1]["item_id"], "one", user="pat", role="end_user", task_id=loop[1]["task_id"]),
+        correction("ann-1", audit["item_id"], "one", user="ann", role="annotator", source="audit_sample",
+                   task_id=audit["task_id"]),
+    ])
+    assert _materialize(defs, instance, ["raw_corrections"]).success
+    with store.connect(home.database, read_only=True) as con:
+        status = {r["task_id"]: r for r in tasks.task_status(con, datetime.now(UTC)).to_dicts()}
+        accepted = store.scalar(con, "SELECT count(*) FROM raw_corrections")
+        audited = tasks.signals(con, False).filter(pl.col("item_id") == audit["item_id"])["audited"].item()
+    assert accepted == 4  # every answer is a correction all the same
+    assert (status[loop[0]["task_id"]]["answerers"], status[loop[0]["task_id"]]["status"]) == (1, "open")
+    assert (status[loop[1]["task_id"]]["answers"], status[loop[1]["task_id"]]["status"]) == (0, "open")
+    assert (status[audit["task_id"]]["answers"], status[audit["task_id"]]["status"]) == (0, "open")
+    assert not audited  # an annotator's audit_sample line is no blind verdict: the item stays in the pool
+
+
+def test_reissues_of_an_arm_switched_off_go_to_the_other_arms(home, issued):
+    settings = tasks.TaskSettings.load(home.review_tasks_file)
+    # The controls switched off, with room for more than the loop's own re-issues: the controls'
+    # re-issues compete on their score, their overdue component included.
+    loop_only = tasks.TaskSettings(**{**settings.__dict__, "annotator_budget": 40,
+                                      "arms": {"loop": 1.0, "least_confidence": 0.0, "random": 0.0}})
+    with store.connect(home.database, read_only=True) as con:
+        later = datetime.now(UTC) + timedelta(hours=settings.expire_hours + 1)
+        status = tasks.task_status(con, later)
+        controls = status.filter(pl.col("policy").is_in(["least_confidence", "random"])
+                                 & (pl.col("role") == "annotator"))
+        plan = tasks.plan(tasks.signals(con, False), tasks.model_view(None, None, pl.DataFrame(), store.frame(
+            con, tasks.SERVED_SQL)), {}, status, loop_only, later)
+    again = plan.filter(pl.col("item_id").is_in(controls["item_id"].implode()))
+    assert again.height == controls.height == 2
+    assert set(again["policy"]) == {"loop"} and set(again["attempt"]) == {2}
+
+
+def test_the_answer_query_ranks_roles_in_the_contract_order():
+    from labelloop_assets.core.contracts import USER_ROLES
+
+    assert f"[{', '.join(repr(r) for r in USER_ROLES)}]" in tasks.COUNTED_ANSWERS_SQL

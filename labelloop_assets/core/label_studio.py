@@ -233,12 +233,14 @@ class Import:
 def load_export(path: Path) -> list:
     """Label Studio's JSON export (a list of tasks), read whole."""
     try:
-        size = path.stat().st_size
-        if size > MAX_EXPORT_BYTES:
+        # Read at most one byte past the limit: a named pipe or a device has no size to check first.
+        with path.open("rb") as handle:
+            content = handle.read(MAX_EXPORT_BYTES + 1)
+        if len(content) > MAX_EXPORT_BYTES:
             raise LabelStudioError(
-                f"{path} is {size:,} bytes, more than {MAX_EXPORT_BYTES:,}; export fewer tasks at a time"
+                f"{path} is more than {MAX_EXPORT_BYTES:,} bytes; export fewer tasks at a time"
             )
-        raw = json.loads(path.read_bytes())
+        raw = json.loads(content)
     except (OSError, ValueError) as error:  # a JSONDecodeError and a UnicodeDecodeError are ValueErrors
         raise LabelStudioError(f"cannot read {path} as a Label Studio JSON export: {error}") from None
     # Checked whole before anything is written: a task that is not an object, or annotations that
@@ -306,13 +308,13 @@ def corrections(
 
 
 def _project_of(export: list, given: int | None) -> int:
-    found = {
+    named = (
         a.get("project") if isinstance(a, dict) and "project" in a else t.get("project")
         for t in export
         if isinstance(t, dict)
         for a in (t.get("annotations") or [None])
-    }
-    found = {p for p in found if isinstance(p, int) and not isinstance(p, bool)}
+    )
+    found = {p for p in named if isinstance(p, int) and not isinstance(p, bool)}
     if given is not None:
         if found - {given}:
             raise LabelStudioError(f"the export is of project {', '.join(map(str, sorted(found)))}, not {given}")
@@ -397,7 +399,8 @@ def _choices(result) -> list[str]:
     for region in result if isinstance(result, list) else []:
         if isinstance(region, dict) and region.get("from_name") == FROM_NAME and region.get("type") == "choices":
             value = region.get("value") if isinstance(region.get("value"), dict) else {}
-            chosen += [str(c) for c in value.get("choices") or [] if isinstance(c, (str, int))]
+            choices = value.get("choices") if isinstance(value.get("choices"), list) else []
+            chosen += [str(c) for c in choices if isinstance(c, (str, int)) and not isinstance(c, bool)]
     return chosen
 
 
@@ -406,9 +409,9 @@ def _time(value) -> datetime | None:
         return None
     try:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
+        return parsed.astimezone(UTC) if parsed.tzinfo is not None else None
+    except (ValueError, OverflowError):  # year 1 at +14:00 is before year 1 in UTC
         return None
-    return parsed.astimezone(UTC) if parsed.tzinfo is not None else None
 
 
 def _digest(text: str) -> str:

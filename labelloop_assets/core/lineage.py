@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import duckdb
 import polars as pl
 
 from labelloop_assets.core import store
+from labelloop_assets.core.tasks import STATUS_SQL
 
-TRAIL_QUERIES = {
+TRAIL_QUERIES: dict[str, str] = {
     # What the item carries (its text cut to 80 characters; `labelloop sql` shows it whole).
     "item": "SELECT item_id, initial_label, label_source, gold_label IS NOT NULL AS is_gold, "
             "concat_ws('+', CASE WHEN text IS NOT NULL THEN 'text' END, "
@@ -16,16 +19,15 @@ TRAIL_QUERIES = {
             "ingested_at FROM items WHERE item_id = $item",
     "predictions": "SELECT prediction_id, model_version, predicted_label, confidence, served_at "
                    "FROM predictions WHERE item_id = $item ORDER BY served_at",
-    # The review tasks issued for the item, each with its answers and the label changes they made.
+    # The review tasks issued for the item (status on the store's clock, $now), each with its
+    # answers and the label changes they made.
     "tasks": "SELECT t.task_id, t.role, t.policy, t.attempt, t.issued_at, t.expires_at, "
              "(SELECT list(r.event_id || ' -> ' || r.corrected_label ORDER BY r.seq) FROM raw_corrections r "
              " WHERE r.task_id = t.task_id) AS answers, "
              "(SELECT list(DISTINCT 'v' || h.corpus_version || ': ' || h.previous_label || ' -> ' || h.label) "
              " FROM label_history h JOIN raw_corrections r ON list_contains(h.event_ids, r.event_id) "
-             " WHERE r.task_id = t.task_id AND h.previous_label <> h.label) AS label_changes, "
-             "CASE WHEN (SELECT count(*) FROM raw_corrections r WHERE r.task_id = t.task_id) >= t.answers_wanted "
-             "THEN 'answered' WHEN t.expires_at <= now() THEN 'expired' ELSE 'open' END AS status "
-             "FROM review_tasks t WHERE t.item_id = $item ORDER BY t.issued_at, t.task_id",
+             " WHERE r.task_id = t.task_id AND h.previous_label <> h.label) AS label_changes, t.status "
+             f"FROM ({STATUS_SQL}) t WHERE t.item_id = $item ORDER BY t.issued_at, t.task_id",
     "corrections": "SELECT v.event_id, v.corrected_label, v.user_pseudonym, v.user_role, v.source, "
                    "true AS consent, v.model_version, v.predicted_label, v.vote_weight, r.task_id, v.rationale, "
                    "v.created_at FROM validated_labels v LEFT JOIN raw_corrections r USING (event_id) "
@@ -44,9 +46,13 @@ TRAIL_QUERIES = {
 }
 
 
-def item_trail(con: duckdb.DuckDBPyConnection, item_id: str) -> dict[str, pl.DataFrame]:
-    """Every section of the trail; empty frames where the item has none."""
-    return {name: store.frame(con, sql, {"item": item_id}) for name, sql in TRAIL_QUERIES.items()}
+def item_trail(con: duckdb.DuckDBPyConnection, item_id: str, now: datetime) -> dict[str, pl.DataFrame]:
+    """Every section of the trail; empty frames where the item has none. `now`: the store's clock,
+    which says whether a task is still open (core/tasks.py `clock`)."""
+    return {
+        name: store.frame(con, sql, {"item": item_id, **({"now": now} if name == "tasks" else {})})
+        for name, sql in TRAIL_QUERIES.items()
+    }
 
 
 def quarantined_lines(con: duckdb.DuckDBPyConnection, item_id: str) -> pl.DataFrame:

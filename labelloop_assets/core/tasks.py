@@ -41,6 +41,7 @@ import numpy as np
 import polars as pl
 
 from labelloop_assets.core import store
+from labelloop_assets.core.reliability import AUDIT_VERDICTS_SQL
 from labelloop_assets.core.settings import LabelloopConfigError, config_number, load_yaml_mapping
 
 ARMS = ("loop", "least_confidence", "random")
@@ -71,7 +72,7 @@ class TaskSettings:
     weights: dict[str, float] = field(default_factory=lambda: {
         "label_issue": 1.0, "uncertainty": 0.3, "disagreement": 0.5, "shortfall": 0.2, "drift": 0.2, "overdue": 0.2,
     })
-    expire_hours: float = 24.0
+    expire_hours: float = 20.0
     max_attempts: int = 3
     answers_wanted: int = 1
     answers_wanted_disputed: int = 2
@@ -106,6 +107,7 @@ class TaskSettings:
                  "answers_wanted and answers_wanted_disputed must be at least 1"),
                 (settings.cooldown_days < 0, "cooldown_days must be 0 or more"),
                 (not 0 <= settings.second_opinion_below <= 1, "second_opinion_below must be in [0, 1]"),
+                (settings.seed < 0, "seed must be 0 or more"),
             ) if broken
         ]
         if problems:
@@ -130,7 +132,7 @@ def _shares(raw, names: tuple[str, ...], where: str, defaults: dict[str, float],
 
 # What each corpus or unlabelled item offers a task: the queue's score, the latest resolution,
 # whether it has ever been audited at random, and its latest task answer.
-SIGNALS_SQL = """
+SIGNALS_SQL = f"""
 WITH pool AS (
     SELECT i.item_id, c.label AS current_label FROM items i
     LEFT JOIN production_corpus c USING (item_id)
@@ -140,7 +142,8 @@ WITH pool AS (
 ), decided AS (
     SELECT item_id, status IN ('pending', 'escalate') AS disputed FROM latest_label_decisions
 ), audited AS (
-    SELECT DISTINCT item_id FROM raw_corrections WHERE source = 'audit_sample'
+    -- Audited as source reliability counts it: a reviewer's or domain expert's blind verdict.
+    SELECT DISTINCT item_id FROM ({AUDIT_VERDICTS_SQL})
 ), answered AS (
     SELECT t.item_id, max(CASE WHEN $event_clock THEN r.created_at ELSE r.arrived_at END) AS last_answer_at
     FROM raw_corrections r JOIN review_tasks t USING (task_id) GROUP BY t.item_id
@@ -152,15 +155,24 @@ LEFT JOIN audited a USING (item_id) LEFT JOIN answered w USING (item_id)
 ORDER BY p.item_id
 """
 
-# Every task with its accepted answers so far; status as of $now.
-STATUS_SQL = """
-SELECT t.*, coalesce(a.answers, 0) AS answers, a.answer_ids, a.first_answer_at,
-       CASE WHEN coalesce(a.answers, 0) >= t.answers_wanted THEN 'answered'
+# The accepted corrections that count as answers to their task: from someone granted at least the
+# task's role (user_role is the granted role), so an end user cannot close a reviewer's audit.
+# Roles in USER_ROLES' order (a test checks it).
+COUNTED_ANSWERS_SQL = """
+SELECT r.task_id, r.event_id, r.user_pseudonym, r.corrected_label, r.seq
+FROM raw_corrections r JOIN review_tasks k USING (task_id)
+WHERE list_position(['end_user', 'annotator', 'reviewer', 'domain_expert'], r.user_role)
+   >= list_position(['end_user', 'annotator', 'reviewer', 'domain_expert'], k.role)
+"""
+# Every task with its counted answers so far; status as of $now. A task is answered once that many
+# different people answered it: one person sending two lines is still one opinion.
+STATUS_SQL = f"""
+SELECT t.*, coalesce(a.answers, 0) AS answers, coalesce(a.answerers, 0) AS answerers,
+       CASE WHEN coalesce(a.answerers, 0) >= t.answers_wanted THEN 'answered'
             WHEN t.expires_at <= $now THEN 'expired' ELSE 'open' END AS status
 FROM review_tasks t LEFT JOIN (
-    SELECT task_id, count(*) AS answers, list(event_id ORDER BY seq) AS answer_ids,
-           min(arrived_at) AS first_answer_at
-    FROM raw_corrections WHERE task_id IS NOT NULL GROUP BY task_id
+    SELECT task_id, count(*) AS answers, count(DISTINCT user_pseudonym) AS answerers
+    FROM ({COUNTED_ANSWERS_SQL}) GROUP BY task_id
 ) a USING (task_id)
 """
 
@@ -183,8 +195,9 @@ def clock(con: duckdb.DuckDBPyConnection, event_clock: bool) -> datetime:
 
 
 def task_status(con: duckdb.DuckDBPyConnection, now: datetime) -> pl.DataFrame:
-    """Every issued task with `answers`, `answer_ids` and `status` (open, answered, expired) at `now`."""
-    return store.frame(con, STATUS_SQL + " ORDER BY t.issued_at, t.rank", {"now": now})
+    """Every issued task with its counted `answers`, `answerers` and `status` (open, answered, expired) at `now`."""
+    found = store.frame(con, STATUS_SQL + " ORDER BY t.issued_at, t.rank", {"now": now})
+    return found.with_columns(pl.col("issued_at", "expires_at").cast(pl.Datetime("us", "UTC")))
 
 
 def plan(
@@ -204,10 +217,10 @@ def plan(
     frame = signals.join(model_view, on="item_id", how="left").with_columns(
         pl.col("last_answer_at").cast(pl.Datetime("us", "UTC"))
     )
-    busy = tasks.filter(pl.col("status") == OPEN)["item_id"] if tasks.height else pl.Series([], dtype=pl.String)
-    expired = _to_reissue(tasks, settings)
     cooldown = now - timedelta(days=settings.cooldown_days)
-    frame = frame.filter(~pl.col("item_id").is_in(busy.implode()))
+    expired, resting = _to_reissue(tasks, settings, cooldown)
+    busy = tasks.filter(pl.col("status") == OPEN)["item_id"] if tasks.height else pl.Series([], dtype=pl.String)
+    frame = frame.filter(~pl.col("item_id").is_in(pl.concat([busy, resting]).implode()))
     frame = _components(frame, drift_terms).join(expired, on="item_id", how="left").with_columns(
         overdue=pl.col("reissue_of").is_not_null().cast(pl.Float64),
         attempt=pl.col("attempt").fill_null(1).cast(pl.Int32),
@@ -232,18 +245,23 @@ def plan(
     return _finish(issued, settings, now)
 
 
-def _to_reissue(tasks: pl.DataFrame, settings: TaskSettings) -> pl.DataFrame:
-    """item_id -> (policy, attempt, reissue_of) of the latest expired, unanswered task per item
-    that may be issued again; items whose latest task is open or answered are not listed."""
-    empty = pl.DataFrame(schema={"item_id": pl.String, "arm": pl.String, "attempt": pl.Int32,
-                                 "reissue_of": pl.String})
+def _to_reissue(tasks: pl.DataFrame, settings: TaskSettings, cooldown: datetime) -> tuple[pl.DataFrame, pl.Series]:
+    """(item_id -> policy, attempt, reissue_of of the latest expired, unanswered annotator task per
+    item that may be issued again; the items whose last attempt expired unanswered within the
+    cooldown, which rest until it has passed)."""
+    due = pl.DataFrame(schema={"item_id": pl.String, "arm": pl.String, "attempt": pl.Int32, "reissue_of": pl.String})
     if tasks.height == 0:
-        return empty
-    latest = tasks.sort("issued_at").group_by("item_id").last()
-    due = latest.filter((pl.col("status") == EXPIRED) & (pl.col("attempt") < settings.max_attempts)
-                        & (pl.col("role") == ANNOTATOR))
-    return due.select("item_id", pl.col("policy").alias("arm"), (pl.col("attempt") + 1).cast(pl.Int32),
-                      pl.col("task_id").alias("reissue_of"))
+        return due, pl.Series([], dtype=pl.String)
+    latest = tasks.sort("issued_at").group_by("item_id").last().filter(
+        (pl.col("status") == EXPIRED) & (pl.col("role") == ANNOTATOR)
+    )
+    exhausted = pl.col("attempt") >= settings.max_attempts
+    resting = latest.filter(exhausted & (pl.col("expires_at") > cooldown))["item_id"]
+    due = latest.filter(~exhausted).select(
+        "item_id", pl.col("policy").alias("arm"), (pl.col("attempt") + 1).cast(pl.Int32),
+        pl.col("task_id").alias("reissue_of"),
+    )
+    return due, resting
 
 
 def _components(frame: pl.DataFrame, drift_terms: dict[str, float]) -> pl.DataFrame:
@@ -276,6 +294,9 @@ def _annotator_tasks(frame: pl.DataFrame, settings: TaskSettings, rng: np.random
     """Each arm's share of the annotator budget, re-issues first in their own arm, then the arm's order."""
     budget = settings.annotator_budget
     quotas = _quotas(budget, settings.arms)
+    # A re-issue whose arm gets no share now (switched off) joins the other arms' pools as it is.
+    active = [arm for arm in ARMS if quotas[arm]]
+    frame = frame.with_columns(arm=pl.when(pl.col("arm").is_in(active)).then(pl.col("arm")))
     chosen: list[pl.DataFrame] = []
     taken: set[str] = set()
     for arm in ARMS:
@@ -284,8 +305,7 @@ def _annotator_tasks(frame: pl.DataFrame, settings: TaskSettings, rng: np.random
             continue
         free = frame.filter(~pl.col("item_id").is_in(sorted(taken)))
         again = free.filter(pl.col("arm") == arm).sort("score", descending=True).head(quota)
-        fresh = free.filter(pl.col("arm").is_null() | (pl.col("arm") != arm))
-        fresh = fresh.filter(pl.col("reissue_of").is_null())
+        fresh = free.filter(pl.col("arm").is_null())
         need = quota - again.height
         if arm == "loop":
             fresh = fresh.filter(pl.col("score") > 0).sort(["score", "item_id"], descending=[True, False]).head(need)
@@ -429,19 +449,22 @@ def latest_outbox(root: Path) -> Path | None:
 
 # Per arm and role: tasks issued, answered, answers, and answers behind a label change. A change
 # counts for an answer when the answer's event is among the events the change was decided on.
-EFFICACY_SQL = """
-WITH answers AS (
-    SELECT task_id, event_id FROM raw_corrections WHERE task_id IS NOT NULL
-), changed AS (
+EFFICACY_SQL = f"""
+WITH changed AS (
     SELECT DISTINCT e.event_id FROM label_history h, unnest(h.event_ids) AS e(event_id)
     WHERE h.previous_label IS NOT NULL AND h.previous_label <> h.label
+), per_task AS (
+    SELECT t.task_id, t.policy, t.role, t.answers_wanted, count(a.event_id) AS answers,
+           count(DISTINCT a.user_pseudonym) AS answerers, count(c.event_id) AS changing
+    FROM review_tasks t LEFT JOIN ({COUNTED_ANSWERS_SQL}) a USING (task_id)
+    LEFT JOIN changed c ON c.event_id = a.event_id
+    GROUP BY t.task_id, t.policy, t.role, t.answers_wanted
 )
-SELECT t.policy, t.role, count(DISTINCT t.task_id) AS tasks_issued,
-       count(DISTINCT a.task_id) AS tasks_answered, count(a.event_id) AS answers,
-       count(c.event_id) AS answers_changing_a_label,
-       round(100.0 * count(c.event_id) / nullif(count(a.event_id), 0), 1) AS label_changes_per_100_answers
-FROM review_tasks t LEFT JOIN answers a USING (task_id) LEFT JOIN changed c ON c.event_id = a.event_id
-GROUP BY t.policy, t.role ORDER BY t.role, t.policy
+SELECT policy, role, count(*) AS tasks_issued,
+       count(*) FILTER (WHERE answerers >= answers_wanted) AS tasks_answered,
+       sum(answers)::BIGINT AS answers, sum(changing)::BIGINT AS answers_changing_a_label,
+       round(100.0 * sum(changing) / nullif(sum(answers), 0), 1) AS label_changes_per_100_answers
+FROM per_task GROUP BY policy, role ORDER BY role, policy
 """
 
 

@@ -89,9 +89,7 @@ def set_task_budgets(home: Home, config: simulator.DemoConfig, arms: dict[str, f
     import yaml
 
     settings = yaml.safe_load(home.review_tasks_file.read_text()) or {}
-    # Issued each morning on the events' clock, a task expires before the next morning's issue.
-    settings.update(annotator_budget=config.annotator_answers_per_day, reviewer_budget=config.reviewer_items_per_day,
-                    expire_hours=20)
+    settings.update(annotator_budget=config.annotator_answers_per_day, reviewer_budget=config.reviewer_items_per_day)
     if arms is not None:
         settings["arms"] = arms
     home.review_tasks_file.write_text(yaml.safe_dump(settings, sort_keys=False))
