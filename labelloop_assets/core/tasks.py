@@ -17,7 +17,8 @@ Expected benefit (the loop arm). Each candidate item gets components in [0, 1]:
   - shortfall: how far the predicted class is below an even share of the corpus (1 for an item
     with no label at all);
   - drift: the predicted class's share of the drift signal (per-label PSI term / the warn threshold);
-  - overdue: a task for the item expired unanswered (re-issued, attempt 2 and later).
+  - overdue: a task for the item expired unanswered (re-issued, attempt 2 and later), or the
+    item's escalation is past its SLA (one more answer may settle what reviewers have not reached).
 `score` is their weighted sum (weights in review_tasks.yaml).
 
 Open tasks are never duplicated: an item with an open task gets no other. A task is answered
@@ -141,6 +142,8 @@ WITH pool AS (
     SELECT item_id, score AS label_issue, suggested_label FROM label_issue_candidates
 ), decided AS (
     SELECT item_id, status IN ('pending', 'escalate') AS disputed FROM latest_label_decisions
+), breached AS (
+    SELECT DISTINCT item_id FROM escalations WHERE sla_breached
 ), audited AS (
     -- Audited as source reliability counts it: a reviewer's or domain expert's blind verdict.
     SELECT DISTINCT item_id FROM ({AUDIT_VERDICTS_SQL})
@@ -149,9 +152,10 @@ WITH pool AS (
     FROM raw_corrections r JOIN review_tasks t USING (task_id) GROUP BY t.item_id
 )
 SELECT p.item_id, p.current_label, coalesce(s.label_issue, 0.0) AS label_issue, s.suggested_label,
-       coalesce(d.disputed, false) AS disputed, a.item_id IS NOT NULL AS audited, w.last_answer_at
+       coalesce(d.disputed, false) AS disputed, b.item_id IS NOT NULL AS sla_breached,
+       a.item_id IS NOT NULL AS audited, w.last_answer_at
 FROM pool p LEFT JOIN issues s USING (item_id) LEFT JOIN decided d USING (item_id)
-LEFT JOIN audited a USING (item_id) LEFT JOIN answered w USING (item_id)
+LEFT JOIN breached b USING (item_id) LEFT JOIN audited a USING (item_id) LEFT JOIN answered w USING (item_id)
 ORDER BY p.item_id
 """
 
@@ -222,7 +226,7 @@ def plan(
     busy = tasks.filter(pl.col("status") == OPEN)["item_id"] if tasks.height else pl.Series([], dtype=pl.String)
     frame = frame.filter(~pl.col("item_id").is_in(pl.concat([busy, resting]).implode()))
     frame = _components(frame, drift_terms).join(expired, on="item_id", how="left").with_columns(
-        overdue=pl.col("reissue_of").is_not_null().cast(pl.Float64),
+        overdue=(pl.col("reissue_of").is_not_null() | pl.col("sla_breached")).cast(pl.Float64),
         attempt=pl.col("attempt").fill_null(1).cast(pl.Int32),
     )
     weights = settings.weights
