@@ -703,7 +703,8 @@ def _yes(target: dict) -> str:
 
 def label_issues_markdown(result: dict) -> str:
     """The cleanlab comparison: tuning split, held-out data sets and seeds, the time it took."""
-    return f"{result['markdown']}\n\nThe whole comparison took {result['seconds']:.0f} s (tuning {result['tuning_seconds']:.0f} s)."
+    took = f"The whole comparison took {result['seconds']:.0f} s (tuning {result['tuning_seconds']:.0f} s)."
+    return f"{result['markdown']}\n\n{took}"
 
 
 def write_tables(table: str, marker: str, page: str) -> None:
