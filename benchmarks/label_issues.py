@@ -501,7 +501,11 @@ def _run(
             "n_items": len(data.truth),
             "n_classes": len(data.confused_with),
             "noises": {
-                noise: {"summary": summarize(per_seed), "per_seed": {str(s): r for s, r in per_seed.items()}}
+                # Scores per seed are in the summary's per_seed lists; the rest of each run stays here.
+                noise: {
+                    "summary": summarize(per_seed),
+                    "per_seed": {str(s): {k: v for k, v in r.items() if k != "scores"} for s, r in per_seed.items()},
+                }
                 for noise, per_seed in runs.items()
             },
         }
