@@ -81,7 +81,7 @@ TUNE_DATASETS = ("digits", "synthetic-10k", "synthetic-imbalanced")
 TUNE_SEEDS = (0, 1, 2)
 REPORT_SEEDS = (3, 4, 5, 6, 7)
 # Rotten Tomatoes items per seed: the 5-fold TF-IDF fits are the benchmark's largest cost (about
-# 2 s per noise and seed for 4,000 snippets with one BLAS thread, 44 s of the 116 s of the last
+# 2 s per noise and seed for 4,000 snippets with one BLAS thread, 44 s of the 110 s of the last
 # run), so not all 13,834.
 TEXT_ITEMS = 4_000
 # Only the ratios to `passive` change the order (a common factor scales every log-odds alike), so
