@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
 
-from benchmarks import run, soak
+from benchmarks import label_issues, run, soak
 from labelloop_tests import pg
 
 
@@ -51,3 +52,30 @@ def test_soak_harness_smoke(tmp_path):
     assert result["checks"] and all(result["checks"].values()), result["checks"]
     assert result["failed_runs"] == 0 and result["runs"]["ingest_job"]["count"] >= 1
     assert "| reconciled | yes" in soak.markdown(result)
+
+
+def test_label_issue_benchmark_smoke():
+    """The cleanlab comparison's whole path on small data: tuning split, held-out image and text, the table."""
+    result = label_issues.run(
+        datasets=("digits", "rotten-tomatoes"), tune_seeds=(0,), report_seeds=(3, 4), text_items=400
+    )
+    tuning = result["tuning"]
+    assert tuning["split"] == {"datasets": ["digits"], "seeds": [0], "noises": result["noises"], "cases": 4}
+    assert len(tuning["grid"]) == len(list(itertools.product(*label_issues.GRID.values())))
+    assert tuning["best"]["objective"] >= tuning["defaults"]["objective"]
+    digits, text = result["datasets"]["digits"], result["datasets"]["rotten-tomatoes"]
+    assert digits["role"] == "tuning data set, held-out seeds" and text["role"] == "held out"
+    assert text["kind"] == "text" and text["n_items"] == 400 and text["n_classes"] == 3
+    for noise in result["noises"]:
+        at_k = digits["noises"][noise]["summary"]["k"]
+        assert len(at_k["ours passive"]["precision"]["per_seed"]) == 2
+        # Digits are easy: with 10-15% planted noise, both rankings find mostly real flips.
+        assert at_k["cleanlab"]["precision"]["mean"] > 0.6 and at_k["ours passive"]["precision"]["mean"] > 0.6
+        assert 0.08 < digits["noises"][noise]["summary"]["noise_rate_mean"] < 0.17
+    # The held-out mean is over the held-out data sets only (here: the text one).
+    text_k = [p for n in text["noises"].values() for p in n["summary"]["k"]["cleanlab"]["precision"]["per_seed"]]
+    assert result["held_out_mean_precision_at_k"]["cleanlab"] == round(sum(text_k) / len(text_k), 4)
+    table = run.label_issues_markdown({**result, "seconds": 1.0})
+    assert "| rotten-tomatoes (text) | uniform 10% |" in table and "digits (image; tuned on other seeds)" in table
+    assert "Held-out data sets, all noises and seeds" in table and "Tuning (digits, seeds 0," in table
+    json.dumps(result)

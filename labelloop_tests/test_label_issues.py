@@ -213,6 +213,29 @@ def test_confident_learning_matches_the_hand_computed_joint():
     assert frame["self_confidence"][8] is None and frame["margin"][8] is None
 
 
+def test_normalized_margin_is_capped_at_each_class_threshold():
+    """c_j = min(p_j / t_j, 1): clearing a class's threshold counts, how far past it does not."""
+    frame = li.confident_learning(HAND_PROBS, HAND_LABELS, HAND_CLASSES)
+    t = np.array([0.4625, 0.7, 0.375])
+    expected = []
+    for probs, label in zip(HAND_PROBS[:8], HAND_LABELS[:8], strict=True):
+        c = np.minimum(probs / t, 1.0)
+        given = list(HAND_CLASSES).index(label)
+        expected.append(c[given] - np.delete(c, given).max())
+    assert frame["normalized_margin"].to_list()[:8] == pytest.approx(expected)
+    # Item 0 (a at 0.9, twice t_a) reads as 1 - 0.05 / 0.375, not 0.9 / 0.4625 - 0.05 / 0.375.
+    assert frame["normalized_margin"][0] == pytest.approx(1 - 0.05 / 0.375)
+    assert frame["normalized_margin"][8] is None
+    # A rare class with a low threshold (0.1): for items of the common class at 2x and 4x that
+    # threshold, the rare class counts 1 either way (uncapped: 2 and 4, swamping the common class).
+    labels = np.array(["common"] * 18 + ["rare"] * 2)
+    probs = np.array([[0.9, 0.1]] * 16 + [[0.8, 0.2], [0.6, 0.4]] + [[0.9, 0.1]] * 2)
+    margins = li.confident_learning(probs, labels, np.array(["common", "rare"]))["normalized_margin"]
+    t_common = (16 * 0.9 + 0.8 + 0.6) / 18  # t_rare = 0.1
+    assert margins[16] == pytest.approx(0.8 / t_common - 1)
+    assert margins[17] == pytest.approx(0.6 / t_common - 1)
+
+
 def test_confident_learning_rejects_labels_outside_the_classes():
     with pytest.raises(ValueError, match="not among the classes"):
         li.confident_learning(HAND_PROBS[:2], np.array(["a", "z"]), HAND_CLASSES)

@@ -19,6 +19,7 @@ a ranking score in [0, 1], comparable across runs with the same weights):
 
     log_odds = prior + passive * (logit(1 - self_confidence) - prior)   # the model's own odds
              + confident_learning * [off-diagonal]
+             - normalized_margin * (c_given - max_{j != given} c_j)       # c_j = min(p_j / t_j, 1)
              + votes_against * votes_against * LLR_against(K, a)        # per unit of vote weight
              - votes_for * votes_for * LLR_for(K, a)
              + disagreement * [escalated or pending]
@@ -105,11 +106,14 @@ class IssueWeights:
     passive: multiplies the model's out-of-sample log-odds against the label (1 = take them as is).
     confident_learning: added when the item is off-diagonal in the confident joint; the per-class
         thresholds correct the model's class-dependent over- or under-confidence.
-    normalized_margin: multiplies minus the threshold-normalized margin, p_given / t_given -
-        max_{j != given} p_j / t_j. Read against the per-class thresholds, a label the model
-        typically gives with low confidence is not suspect for that alone, while an item that
-        looks like a confidently-predicted other class is: this is what catches systematic
-        (class-pair) noise, which lowers the given class's own confidence everywhere.
+    normalized_margin: multiplies minus the threshold-normalized margin, c_given -
+        max_{j != given} c_j with c_j = min(p_j / t_j, 1). Read against the per-class thresholds,
+        a label the model typically gives with low confidence is not suspect for that alone,
+        while an item that looks like a confidently-predicted other class is: this is what
+        catches systematic (class-pair) noise, which lowers the given class's own confidence
+        everywhere. Capped at the threshold because clearing it is all confident learning asks
+        of a class: uncapped, a rare or hard class (low t_j) turns small probabilities into large
+        ratios and pushes its look-alikes' clean items up the queue.
     votes_against / votes_for: multiply the one-coin likelihood ratio of a unit of vote weight
         against / for the current label (1 = independent votes, as the reliability model assumes).
     disagreement: added for an open escalation or pending correction; small, because the votes
@@ -338,7 +342,9 @@ def confident_learning(probs: np.ndarray, labels: np.ndarray, classes: np.ndarra
     suggested = np.where(has_probs, np.nan_to_num(probs, nan=-1.0).argmax(axis=1), 0)
 
     thresholds = class_thresholds(probs, labels, classes)
-    normalized = probs / np.where(np.isfinite(thresholds) & (thresholds > 0), thresholds, np.inf)
+    # Capped at 1 (see IssueWeights.normalized_margin): a class at or above its threshold is
+    # confident, and how far above tells nothing more about this label.
+    normalized = np.minimum(probs / np.where(np.isfinite(thresholds) & (thresholds > 0), thresholds, np.inf), 1.0)
     normalized_others = normalized.copy()
     normalized_others[rows, given] = -np.inf
     normalized_margin = (
