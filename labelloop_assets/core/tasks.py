@@ -7,7 +7,7 @@ Who looks at what. The annotators' budget is split between routing policies ("ar
 the work list, so an annotator who stops halfway has answered each arm in proportion: the
 efficacy figures (`efficacy`) compare like with like. Reviewers get blind audits drawn at random
 (answered with source `audit_sample`), the sample that source reliability is measured on
-(core/label_issues.py).
+(core/reliability.py).
 
 Expected benefit (the loop arm). Each candidate item gets components in [0, 1]:
   - label_issue: the label-issue queue's score, the probability that the current label is wrong;
@@ -22,9 +22,10 @@ Expected benefit (the loop arm). Each candidate item gets components in [0, 1]:
 `score` is their weighted sum (weights in review_tasks.yaml).
 
 Open tasks are never duplicated: an item with an open task gets no other. A task is answered
-once `answers_wanted` accepted corrections carry its task_id, and expired once its `expires_at`
-passes first; an expired task is re-issued (attempt + 1, `reissue_of`) in its own arm, up to
-`max_attempts`. Items answered within `cooldown_days` wait unless votes still disagree.
+once `answers_wanted` different people granted at least its role sent an accepted correction
+with its task_id, and expired once its `expires_at` passes first; an expired annotator task is
+re-issued (attempt + 1, `reissue_of`) in its own arm, up to `max_attempts`, after which the item
+rests for `cooldown_days`. Items answered within `cooldown_days` wait unless votes still disagree.
 """
 
 from __future__ import annotations
