@@ -308,8 +308,10 @@ def prepare(data: Dataset, noisy: np.ndarray, seed: int) -> Case:
     assert probs is not None and np.array_equal(classes, np.arange(n_classes)), note
 
     started = time.perf_counter()
-    flagged = find_label_issues(noisy, probs)
-    flagged_ranked = find_label_issues(noisy, probs, return_indices_ranked_by="self_confidence")
+    # One process: a multiprocessing pool forks this process, and a fork of a process running
+    # Polars threads can deadlock (it did under pytest-xdist); the results do not depend on it.
+    flagged = find_label_issues(noisy, probs, n_jobs=1)
+    flagged_ranked = find_label_issues(noisy, probs, return_indices_ranked_by="self_confidence", n_jobs=1)
     quality = get_label_quality_scores(noisy, probs, method="self_confidence")
     rest = np.setdiff1d(np.argsort(quality, kind="stable"), flagged_ranked, assume_unique=True)
     rest = rest[np.argsort(quality[rest], kind="stable")]
