@@ -37,7 +37,7 @@ def test_demo_loop_raises_corpus_and_model_accuracy(tmp_path, instance):
     runs = instance.get_runs()
     assert {r.tags.get("dagster/sensor_name") or r.tags.get("dagster/schedule_name")
             or r.tags.get("labelloop/launched_by") for r in runs} == {
-        "landing_sensor", "retrain_sensor", "review_tasks_schedule", "engineer"}
+        "landing_sensor", "retrain_sensor", "review_tasks_job_schedule", "engineer"}
     assert all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs)
     with store.connect(home.database, read_only=True) as con:
         files = store.frame(con, "SELECT sum(records_in) AS n, sum(accepted) AS a, "

@@ -257,3 +257,9 @@ def test_the_answer_query_ranks_roles_in_the_contract_order():
     from labelloop_assets.core.contracts import USER_ROLES
 
     assert f"[{', '.join(repr(r) for r in USER_ROLES)}]" in tasks.COUNTED_ANSWERS_SQL
+
+
+def test_the_work_list_is_issued_each_morning_by_a_running_schedule(defs):
+    schedule = defs.resolve_schedule_def("review_tasks_job_schedule")
+    assert (schedule.job_name, schedule.cron_schedule) == ("review_tasks_job", "0 6 * * *")
+    assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING

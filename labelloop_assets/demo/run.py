@@ -253,7 +253,7 @@ def run_demo(
             morning = loop.run_sensor("landing_sensor")
             issued = loop.defs.resolve_job_def(REVIEW_TASKS_JOB).execute_in_process(
                 instance=instance, raise_on_error=False, run_config=QUIET,
-                tags={"dagster/schedule_name": "review_tasks_schedule"},  # as the daemon's morning run
+                tags={"dagster/schedule_name": "review_tasks_job_schedule"},  # as the daemon's morning run
             )
             if not issued.success or not all(r.success for r in morning):
                 raise DemoStopped(f"day {day}: the morning's runs failed; see `make dev` for their logs")
