@@ -28,6 +28,7 @@ ASSETS = {
     "production_corpus", "escalations", "correction_bursts", "contributor_reliability",
     "label_quality_metrics", "label_quality_signals", "label_issue_candidates", "guideline_report",
     "retrained_model", "model_evaluation", "release_notes", "published_views", "store_maintenance",
+    "review_tasks",
 }
 CHECKS = {
     "raw_corrections_schema", "raw_corrections_counts_reconcile", "validated_labels_schema",
@@ -35,9 +36,9 @@ CHECKS = {
     "agreement_above_floor", "escalations_within_sla", "near_duplicates_agree", "no_held_bursts",
     "store_keys_unique",
 }
-JOBS = {"ingest_job", "retrain_job", "maintenance_job", "scheduled_checks_job"}
+JOBS = {"ingest_job", "retrain_job", "review_tasks_job", "maintenance_job", "scheduled_checks_job"}
 SENSORS = {"landing_sensor", "retrain_sensor"}
-SCHEDULES = {"maintenance_job_schedule", "scheduled_checks_job_schedule"}
+SCHEDULES = {"review_tasks_job_schedule", "maintenance_job_schedule", "scheduled_checks_job_schedule"}
 
 LIST_DEFINITIONS = """
 import importlib, json, sys

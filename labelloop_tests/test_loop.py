@@ -197,7 +197,7 @@ def test_definitions_load_with_descriptions_groups_and_pools(home):
         "label_quality_metrics": "monitoring", "published_views": "monitoring",
         "retrained_model": "training", "contributor_reliability": "training",
         "correction_bursts": "curation", "label_issue_candidates": "monitoring",
-        "guideline_report": "monitoring", "label_quality_signals": "monitoring",
+        "guideline_report": "monitoring", "label_quality_signals": "monitoring", "review_tasks": "monitoring",
         "model_evaluation": "training", "release_notes": "training",
         "store_maintenance": "maintenance",
         # The landing zone, as external assets the ingest assets depend on.

@@ -234,8 +234,9 @@ def demo(tmp_path_factory) -> Iterator[Demo]:
             # The operator signs with the demo reviewers' keys, kept beside the home.
             env.setenv("LABELLOOP_KEYS_DIR", str(demo_keys_dir(home.root)))
             # More end users than usual withhold consent, so that there is something to keep out.
+            # Reviewers decide one escalation a day, so that the operator finds one nobody decided yet.
             config = DemoConfig(served_per_day=400, annotator_items_per_day=100, weak_training_day=99,
-                                no_consent_rate=0.3)
+                                no_consent_rate=0.3, reviews_per_day=1)
             # Two days, as before the trust rules: the first model and a second (the rollback needs both).
             rows = run_demo(home, instance, days=2, config=config, retrain=DEMO_RETRAIN, echo=print)
             assert [(e["challenger"], e["decision"]) for r in rows for e in r["model_evaluations"]] == [

@@ -337,7 +337,8 @@ def test_asset_graph_and_asset_pages_render(chromium, server, browser, tmp_path)
     assert landing == sorted(LANDING_ASSETS), f"the {LANDING_GROUP} group holds {landing}"
 
     # The global asset graph with every group expanded.
-    with _page(browser, 1600, 1000, shots / "FAILED-asset-graph.png") as page:
+    # Tall enough that the whole expanded graph fits at a zoom where node names show.
+    with _page(browser, 1800, 2400, shots / "FAILED-asset-graph.png") as page:
         page.goto(server.url + "/asset-groups")
         for group in groups:
             expect(page.get_by_text(group, exact=True).first).to_be_visible()
