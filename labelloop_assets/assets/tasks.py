@@ -45,17 +45,14 @@ def review_tasks(
     issued = tasks.plan(signals, view, drift, before, settings, now)
     outbox = None
     if issued.height:
-        lines = tasks.outbox_lines(issued, items)
+        outbox = tasks.outbox_path(home.root, now, run_id(context))
         with open_store(database) as con:
             store.append(con, "review_tasks", issued.with_columns(
-                outbox_file=pl.lit(str(tasks.OUTBOX / "pending")), run_id=pl.lit(run_id(context))
+                outbox_file=pl.lit(str(outbox)), run_id=pl.lit(run_id(context))
             ))
         # The store first: an answer to a task in the file is never refused as unknown. A file
         # lost after the commit only costs its tasks' expiry and re-issue.
-        outbox = tasks.write_outbox(home.root, issued, lines, run_id(context))
-        with open_store(database) as con:
-            con.execute("UPDATE review_tasks SET outbox_file = $file WHERE run_id = $run",
-                        {"file": str(outbox.relative_to(home.root)), "run": run_id(context)})
+        tasks.write_outbox(home.root / outbox, tasks.outbox_lines(issued, items))
     counts = before.group_by("status").len() if before.height else pl.DataFrame()
     status = dict(counts.iter_rows()) if counts.height else {}
     top = issued.head(20).select("rank", "item_id", "role", "policy", pl.col("score").round(3), "why")
@@ -69,7 +66,7 @@ def review_tasks(
             "open_before": status.get(tasks.OPEN, 0),
             "answered_so_far": status.get(tasks.ANSWERED, 0),
             "expired_so_far": status.get(tasks.EXPIRED, 0),
-            "outbox_file": str(outbox.relative_to(home.root)) if outbox else "none (nothing to ask)",
+            "outbox_file": str(outbox) if outbox else "none (nothing to ask)",
             "top_tasks": dg.MetadataValue.md(markdown_table(top)),
             "list_with": "labelloop tasks list",
         }

@@ -33,7 +33,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -43,6 +42,7 @@ import numpy as np
 import polars as pl
 
 from labelloop_assets.core import store
+from labelloop_assets.core.files import write_atomically
 from labelloop_assets.core.reliability import AUDIT_VERDICTS_SQL
 from labelloop_assets.core.settings import LabelloopConfigError, config_number, load_yaml_mapping
 
@@ -428,22 +428,18 @@ def _iso(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def write_outbox(root: Path, tasks: pl.DataFrame, lines: list[str], run_id: str) -> Path:
-    """Write the work list whole (a temporary file renamed into place): a reader never sees half of it."""
+def outbox_path(root: Path, issued_at: datetime, run_id: str) -> Path:
+    """The next work list's file, relative to the home: numbered, so that the names sort in the
+    order of issue whatever the clock said."""
     folder = root / OUTBOX
-    folder.mkdir(parents=True, exist_ok=True)
-    stamp = tasks["issued_at"][0] if tasks.height else datetime.now(UTC)
-    # Numbered, so that the names sort in the order of issue whatever the clock said.
-    numbers = [int(p.name.split("-")[2]) for p in folder.glob("review-tasks-*.jsonl") if p.name.split("-")[2].isdigit()]
-    number = 1 + max(numbers, default=0)
-    path = folder / f"review-tasks-{number:06d}-{stamp:%Y%m%dT%H%M%SZ}-{run_id[:8]}.jsonl"
-    partial = path.with_suffix(".jsonl.partial")
-    with open(partial, "w", encoding="utf-8") as handle:
-        handle.write("".join(line + "\n" for line in lines))
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(partial, path)
-    return path
+    found = folder.glob("review-tasks-*.jsonl") if folder.exists() else []
+    numbers = [int(p.name.split("-")[2]) for p in found if p.name.split("-")[2].isdigit()]
+    return OUTBOX / f"review-tasks-{1 + max(numbers, default=0):06d}-{issued_at:%Y%m%dT%H%M%SZ}-{run_id[:8]}.jsonl"
+
+
+def write_outbox(path: Path, lines: list[str]) -> Path:
+    """Write the work list whole and durably (a temporary file renamed into place): a reader never sees half of it."""
+    return write_atomically(path, "".join(line + "\n" for line in lines), durable=True)
 
 
 def latest_outbox(root: Path) -> Path | None:

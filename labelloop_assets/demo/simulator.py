@@ -19,7 +19,7 @@ import numpy as np
 import polars as pl
 from sklearn.datasets import load_digits
 
-from labelloop_assets.core import store
+from labelloop_assets.core import store, tasks
 from labelloop_assets.core.files import write_atomically
 from labelloop_assets.core.pipelines import FEATURES, TEXT
 from labelloop_assets.core.settings import Home
@@ -352,8 +352,6 @@ def answer_tasks(
 ) -> list[dict]:
     """The day's answers to the newest outbox file, in its order, within the people's capacity
     (annotator and reviewer answers per day); each answer carries its task_id."""
-    from labelloop_assets.core import tasks
-
     cfg, rng = world.config, world.rng
     path = tasks.latest_outbox(home.root)
     if path is None:
@@ -384,10 +382,11 @@ def answer_tasks(
     return events
 
 
-# Per routing arm: each answer to a task, and the label changes it was behind (previous and new label).
-TASK_ANSWERS_SQL = """
+# Per routing arm: each answer that counts for its task (core/tasks.py), and the label changes it
+# was behind (previous and new label).
+TASK_ANSWERS_SQL = f"""
 SELECT t.policy, t.role, r.event_id, h.item_id, h.previous_label, h.label
-FROM raw_corrections r JOIN review_tasks t USING (task_id)
+FROM ({tasks.COUNTED_ANSWERS_SQL}) r JOIN review_tasks t USING (task_id)
 LEFT JOIN label_history h ON list_contains(h.event_ids, r.event_id) AND h.previous_label <> h.label
 """
 
