@@ -181,6 +181,28 @@ def test_near_duplicates_with_conflicting_labels_are_flagged(home, defs, instanc
     assert "twin-of-40" in check.metadata["groups"].value
 
 
+def _near_duplicates_check(result):
+    return [e.asset_check_evaluation_data for e in result.all_events
+            if e.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION
+            and e.asset_check_evaluation_data.check_name == "near_duplicates_agree"][0]
+
+
+def test_a_twin_landed_later_is_found_against_the_shapes_already_kept(home, defs, instance):
+    records, _ = make_items()
+    land_items(home, records)
+    first = _near_duplicates_check(_materialize(defs, instance, ["items", "production_corpus"]))
+    assert first.passed and first.metadata["conflicting_groups"].value == 0
+    # Only the new items' shapes are worked out by the next run; the old ones are read as kept.
+    twin = dict(records[40], item_id="twin-of-40", initial_label="zero")  # item-040 is "one"
+    agreeing = dict(records[41], item_id="agreeing-twin-of-41")  # the same label as item-041
+    write_jsonl(home.landing_dir("items"), "later.jsonl", [twin, agreeing])
+    later = _near_duplicates_check(_materialize(defs, instance, ["items", "production_corpus"]))
+    assert not later.passed and later.metadata["conflicting_groups"].value == 1
+    assert "twin-of-40" in later.metadata["groups"].value and "agreeing-twin" not in later.metadata["groups"].value
+    shapes = _rows(home, "SELECT count(*) AS n, count(DISTINCT item_id) AS items FROM item_shapes")
+    assert shapes.row(0) == (len(records) + 2, len(records) + 2)
+
+
 def test_published_views_are_readable_while_a_writer_holds_the_database(home, defs, instance):
     import duckdb
 

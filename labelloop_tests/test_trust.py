@@ -323,7 +323,7 @@ def test_a_version_3_store_is_upgraded_in_place(tmp_path):
             *(("ingested_files", c) for c in ("version", "sha256", "ctime_ns", "line_count", "first_line")),
         ):
             con.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
-        for table in ("evaluation_sets", "gold_copies", "policy_uses", "review_tasks"):
+        for table in ("evaluation_sets", "gold_copies", "policy_uses", "review_tasks", "item_shapes"):
             con.execute(f"DROP TABLE {table}")
         # Before version 6 items carried features only.
         con.execute("ALTER TABLE items DROP COLUMN text")
@@ -331,7 +331,7 @@ def test_a_version_3_store_is_upgraded_in_place(tmp_path):
         con.execute("ALTER TABLE items ALTER COLUMN features SET NOT NULL")
         con.execute("UPDATE schema_info SET value = '3' WHERE key = 'schema_version'")
     with store.connect(path) as con:
-        assert store.schema_version(con) == store.SCHEMA_VERSION == 7
+        assert store.schema_version(con) == store.SCHEMA_VERSION == 8
         con.execute("INSERT INTO items (seq, item_id, text, payload_hash) VALUES (2, 'i2', 'a text item', 'h')")
         assert con.execute("SELECT item_id, text, features FROM items ORDER BY 1").fetchall() == [
             ("i1", None, [1.0]), ("i2", "a text item", None)]

@@ -18,7 +18,7 @@ from labelloop_assets.checks.schema_checks import (
     markdown_table,
     schema_check_result,
 )
-from labelloop_assets.core import bursts, corpus, lake, registry, resolve, review, schemas, store
+from labelloop_assets.core import bursts, corpus, lake, near_duplicates, registry, resolve, review, schemas, store
 from labelloop_assets.resources import LabelloopHome, open_store
 
 GROUP = "curation"
@@ -29,20 +29,6 @@ APPLIED_REVIEWS = "production_corpus.review_seq"
 RELIABILITY_SEEN = "validated_labels.reliability_stamp"
 BURSTS_SEEN = "validated_labels.bursts_stamp"
 NEAR_DUPLICATES = "near_duplicates_agree"
-# Items whose features agree to this many decimals, and whose text agrees once case and spacing
-# are ignored, are the same item for this check.
-NEAR_DUPLICATE_DECIMALS = 2
-NEAR_DUPLICATES_SQL = f"""
-    WITH keyed AS (
-        SELECT c.item_id, c.label,
-               hash(list_transform(i.features, lambda x: round(x, {NEAR_DUPLICATE_DECIMALS})),
-                    lower(regexp_replace(trim(i.text), '\\s+', ' ', 'g'))) AS shape
-        FROM production_corpus c JOIN items i USING (item_id)
-    )
-    SELECT shape, list(item_id ORDER BY item_id) AS items, list(DISTINCT label) AS labels
-    FROM keyed GROUP BY shape HAVING count(DISTINCT label) > 1
-    ORDER BY items[1]
-"""
 
 
 @labelloop_asset(
@@ -350,7 +336,7 @@ def production_corpus(
             con, "SELECT label, count(*) AS items, count(*) FILTER (WHERE human_confirmed) AS "
             "human_confirmed FROM production_corpus GROUP BY label ORDER BY label",
         )
-        clashes = store.frame(con, NEAR_DUPLICATES_SQL)
+        clashes = near_duplicates.clashes(con)
     latest_version, changes_total = (
         (version, changes_before + n_changes) if published else (previous_version, changes_before)
     )

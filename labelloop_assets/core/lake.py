@@ -45,7 +45,7 @@ LOCK_CLASS = 0x4C4C
 TABLE_GROUPS = {
     "intake": 1,      # items, predictions, raw_corrections, review_decisions, ingested_files
     "curation": 2,    # validated_labels, label_decisions, production_corpus, label_history, corpus_versions,
-                      # escalations, correction_volume, correction_bursts
+                      # escalations, correction_volume, correction_bursts, item_shapes
     "training": 3,    # models, model_evaluations, release_notes, contributor_reliability
     "monitoring": 4,  # label_quality_*, label_agreement*, label_drift, label_issue_candidates, guideline_pairs,
                       # review_tasks

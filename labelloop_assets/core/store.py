@@ -26,7 +26,7 @@ from labelloop_assets.core import lake
 from labelloop_assets.core.lake import Lake
 from labelloop_assets.core.settings import POLICY_READS, env_number
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 DDL = """
 CREATE TABLE IF NOT EXISTS schema_info (key VARCHAR NOT NULL, value VARCHAR);
@@ -113,6 +113,9 @@ CREATE TABLE IF NOT EXISTS review_decisions (
     -- v4: the Ed25519 key that signed the decision and the signature ingest verified.
     key_id VARCHAR, signature VARCHAR
 );
+
+-- The shape each item's content has (core/near_duplicates.py), worked out once per item.
+CREATE TABLE IF NOT EXISTS item_shapes (seq BIGINT NOT NULL, item_id VARCHAR NOT NULL, shape VARCHAR NOT NULL);
 
 CREATE TABLE IF NOT EXISTS escalations (
     escalation_id VARCHAR NOT NULL, item_id VARCHAR NOT NULL, reason VARCHAR NOT NULL,
@@ -420,6 +423,7 @@ def _migrate(con: Any, found: int) -> None:
     if found < 7:
         # Version 7: corrections may answer a review task (the review_tasks table is new).
         con.execute("ALTER TABLE raw_corrections ADD COLUMN IF NOT EXISTS task_id VARCHAR")
+    # Version 8: item_shapes is new (created by the DDL; filled by the next production_corpus run).
 
 
 # DuckDB lets one process at a time hold the file for writing, and a process holding it open
@@ -633,6 +637,7 @@ KEYS = (
     ("review_decisions", "decision_id"), ("review_decisions", "seq"),
     ("label_decisions", "decision_id"),
     ("production_corpus", "item_id"),
+    ("item_shapes", "item_id"),
     ("review_tasks", "task_id"),
     ("corpus_versions", "corpus_version"),
     ("models", "model_version"),
