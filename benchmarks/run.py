@@ -122,6 +122,56 @@ def child_loop(home_dir: str) -> dict:
             "peak_mb": _peak_mb()}
 
 
+def _noop_step(specs: list, checks: list):
+    """A step body that reports each asset and check as ours do (a little metadata), and no more."""
+    import dagster as dg
+
+    def body(context):
+        for spec in specs:
+            metadata = {"rows": 1, "table": dg.MetadataValue.md("|a|\n|-|\n|1|")}
+            yield dg.MaterializeResult(asset_key=spec.key, metadata=metadata)
+        for check in checks:
+            yield dg.AssetCheckResult(asset_key=check.asset_key, check_name=check.name, passed=True)
+
+    return body
+
+
+def child_dagster_floor(home_dir: str, runs: int = 3) -> dict:
+    """What Dagster alone costs a run of `ingest_job`: the job's own shape (the same assets,
+    checks, dependencies and executor, on the same kind of instance) with steps that do nothing
+    but report a little metadata, as ours do. The least of `runs` runs."""
+    import dagster as dg
+
+    job = _definitions(_home(home_dir)).resolve_job_def("ingest_job")
+    graph = job.asset_layer.asset_graph
+    nodes = {node.name for node in job.graph.node_defs}
+    noops = []
+    for definition in graph.assets_defs:
+        if not definition.is_executable or definition.node_def.name not in nodes:
+            continue
+        specs, checks = list(definition.specs), list(definition.check_specs)
+
+        body = _noop_step(specs, checks)
+        if specs:
+            noops.append(dg.multi_asset(name=definition.node_def.name, specs=specs, check_specs=checks)(body))
+        else:
+            noops.append(dg.multi_asset_check(name=definition.node_def.name, specs=checks)(body))
+    selection = dg.AssetSelection.assets(*graph.executable_asset_keys) | dg.AssetSelection.checks(
+        *graph.asset_check_keys)
+    job = dg.define_asset_job("ingest_job", selection=selection, executor_def=dg.in_process_executor)
+    defs = dg.Definitions(assets=[d for d in noops if d.specs], asset_checks=[d for d in noops if not d.specs],
+                          jobs=[job])
+    seconds = []
+    for _ in range(runs):
+        with dg.instance_for_test() as instance:
+            started = time.perf_counter()
+            result = defs.resolve_job_def("ingest_job").execute_in_process(instance=instance, run_config=QUIET)
+            seconds.append(time.perf_counter() - started)
+            assert result.success
+            steps = len(_step_seconds(result))
+    return {"seconds": min(seconds), "runs": seconds, "steps": steps, "real_steps": len(nodes)}
+
+
 def child_profile(home_dir: str) -> dict:
     """The loop again under pyinstrument (a sampling profiler): where its time goes, as the tree
     of calls that took at least 2% of it."""
@@ -436,7 +486,7 @@ CHILDREN = {
     "setup": child_setup, "loop": child_loop, "profile": child_profile, "import": child_import,
     "increment": child_increment, "sensor": child_sensor, "train": child_train,
     "raw_floor": child_raw_floor, "pandas": child_pandas, "components": child_components,
-    "bomb": child_bomb,
+    "bomb": child_bomb, "dagster_floor": child_dagster_floor,
 }
 
 
@@ -496,6 +546,8 @@ def suite(
             entry["increment"] = _child("increment", base, increment)
             entry["increment_share_of_full"] = entry["increment"]["seconds"] / loop["seconds"]
             entry["increment_work_share"] = entry["increment"]["work_seconds"] / loop["work_seconds"]
+            log(f"[{events:>9,} events] Dagster alone: the job's shape with steps that do nothing ...")
+            entry["dagster_floor"] = _child("dagster_floor", base)
             log(f"[{events:>9,} events] the loop again under a profiler ...")
             entry["profile"] = _child("profile", copies["profile"])
         results["scales"][str(events)] = entry
@@ -632,6 +684,14 @@ def markdown(results: dict) -> str:
             f"{top['increment']['seconds']:.2f} s = {100 * top['increment_share_of_full']:.1f}% "
             f"(in the steps: {top['increment']['work_seconds']:.2f} s = {100 * top['increment_work_share']:.1f}%) | "
             f"{_yes(t['increment_at_most_5pct_of_full'])} |"
+        )
+    if "dagster_floor" in top:
+        floor = top["dagster_floor"]["seconds"]
+        above = top["increment"]["seconds"] - floor
+        lines.append(
+            f"| (for scale) Dagster alone: `ingest_job`'s {top['dagster_floor']['steps']} steps doing nothing | "
+            f"{floor:.2f} s = {100 * floor / top['loop']['seconds']:.1f}% of the full run; the increment above it: "
+            f"{above:.2f} s = {100 * above / top['loop']['seconds']:.1f}% | |"
         )
     lines += [
         f"| peak memory ≤ 1.5 GiB at the largest scale | {t['peak_memory_within_1_5gib']['mb']:,.0f} MB | "

@@ -28,6 +28,8 @@ def test_benchmark_harness_smoke(tmp_path):
     # The hand-written baseline applies the same rules and must accept exactly the same rows.
     assert entry["pandas"]["accepted"] == loop["accepted"]
     assert entry["increment"]["records_in"] == 500
+    # Dagster alone runs the ingest job's own steps, each doing nothing.
+    assert entry["dagster_floor"]["steps"] == entry["dagster_floor"]["real_steps"] == len(loop["steps"])
     assert results["sensor"]["new_files"] == 10
     assert results["train"]["n_train_rows"] > 900
     assert (results["components"]["votes"], results["components"]["contributors"]) == (4_000, 200)
@@ -37,6 +39,7 @@ def test_benchmark_harness_smoke(tmp_path):
     # The lake is measured on a real PostgreSQL (the workers' comparison: test_lake_workers.py).
     assert results["lake"]["loop"]["records_in"] == 2_000 and results["lake"]["lake_vs_embedded"] > 0
     assert "within 1.5x the embedded file" in table
+    assert "Dagster alone: `ingest_job`'s" in table
     # Where the time goes: the profiler's tree names the assets that ran.
     assert "raw_corrections" in run.profile_markdown(results)
     assert results["import"]["median_seconds"] > 0
