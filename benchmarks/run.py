@@ -6,6 +6,7 @@ Results go to benchmarks/results/*.json and, as markdown tables, into docs/perfo
     python -m benchmarks.run                 # the full suite (100k / 300k / 1M events)
     python -m benchmarks.run --scales 3000   # a smoke run (what `make test` does)
     python -m benchmarks.run --soak-only --soak-seconds 60   # only the soak run
+    python -m benchmarks.run --throughput-only   # only the loop against its baselines (~8 min)
 """
 
 from __future__ import annotations
@@ -798,6 +799,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="only the routing efficacy (the demo week once per world and routing policy)")
     parser.add_argument("--bombs-only", action="store_true",
                         help="only the hostile files' peak memory (after the soak run unless --no-soak)")
+    parser.add_argument("--throughput-only", action="store_true",
+                        help="only the loop against its baselines (the tables under Results and the profile)")
     parser.add_argument("--no-soak", action="store_true", help="leave out the soak run")
     parser.add_argument("--soak-seconds", type=float, default=SOAK_SECONDS,
                         help="how long landing files keep arriving in the soak run")
@@ -813,6 +816,8 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.routing_only:
         return routing_bench(args)
+    if args.throughput_only:
+        return throughput_bench(args)
     if not args.label_issues_only and not args.no_soak:
         print(f"soak: landing files with bad rows under the sensors for {args.soak_seconds:.0f} s ...")
         soaked = _child("soak", args.work / "soak", args.soak_seconds, SOAK_ITEMS)
@@ -840,13 +845,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.bombs_only:
         return 0
     if not args.label_issues_only:
-        results = suite(sorted(args.scales), args.work, args.items)
-        table = markdown(results)
-        (RESULTS / "latest.json").write_text(json.dumps(results, indent=2))
-        print(table)
-        if not args.no_readme:
-            write_tables(table, "bench", PAGE)
-            write_tables(profile_markdown(results), "bench-profile", PAGE)
+        throughput_bench(args)
     print("label issues: ours vs cleanlab.filter.find_label_issues ...")
     issues = _child("label_issues")
     (RESULTS / "label_issues.json").write_text(json.dumps(issues, indent=2))
@@ -855,6 +854,18 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_readme:
         write_tables(issues_table, "bench-issues", PAGE)
     return 0 if args.label_issues_only else routing_bench(args)
+
+
+def throughput_bench(args: argparse.Namespace) -> int:
+    """The loop against its baselines at each scale, the lake, the components and the profile."""
+    results = suite(sorted(args.scales), args.work, args.items)
+    table = markdown(results)
+    (RESULTS / "latest.json").write_text(json.dumps(results, indent=2))
+    print(table)
+    if not args.no_readme:
+        write_tables(table, "bench", PAGE)
+        write_tables(profile_markdown(results), "bench-profile", PAGE)
+    return 0
 
 
 def routing_bench(args: argparse.Namespace) -> int:

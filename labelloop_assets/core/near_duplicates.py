@@ -4,8 +4,8 @@ Two items have the same shape when their features, rounded to DECIMALS places, a
 trimmed, with runs of white space made one space and lowered, are equal. An item's content never
 changes once ingested, so its shape is worked out once, when it is first seen here, and kept in
 `item_shapes`: each run then looks at the items new since the last one and groups the stored
-shapes, instead of rounding every item's features and normalizing every text again (0.27 s a run
-at 100,000 items, growing with the item count, against a few milliseconds).
+shapes, instead of rounding every item's features and normalizing every text again (at 100,000
+items: 0.27 s a run, growing with the item count, against about 0.07 s).
 """
 
 from __future__ import annotations
@@ -43,14 +43,13 @@ CLASHES_SQL = """
 def record_shapes(con: Any) -> int:
     """Work out the shape of every item not yet in item_shapes; returns how many were added.
 
-    Items are numbered as they are appended (`seq`) by one writer at a time, so every item is
-    either at most the largest number here already or new."""
-    before = store.scalar(con, "SELECT count(*) FROM item_shapes")
-    con.execute(
+    Items are numbered in the order they are appended, by one writer at a time, and committed in
+    that order: the items after the largest number kept here are exactly the ones not seen yet."""
+    return int(store.scalar(
+        con,
         f"INSERT INTO item_shapes (seq, item_id, shape) SELECT i.seq, i.item_id, {SHAPE_SQL} FROM items i "
-        "WHERE i.seq > (SELECT coalesce(max(seq), 0) FROM item_shapes)"
-    )
-    return int(store.scalar(con, "SELECT count(*) FROM item_shapes")) - int(before)
+        "WHERE i.seq > (SELECT coalesce(max(seq), 0) FROM item_shapes)",
+    ) or 0)
 
 
 def clashes(con: Any) -> pl.DataFrame:
