@@ -6,12 +6,14 @@ import argparse
 import importlib
 import json
 import os
+import sqlite3
 from pathlib import Path
 from types import ModuleType
 
 import dagster as dg
 import numpy as np
 import pytest
+import sqlalchemy
 import yaml
 
 from labelloop_assets.core.settings import Home, RetrainPolicy
@@ -160,6 +162,19 @@ def prepared_home(root: Path) -> Home:
     # The shipped plan wants 30 gold items before it promotes a model.
     set_yaml(home.validation_file, {"min_eval_items": 10})
     return home
+
+
+# Dagster's instances keep their run and event history in SQLite files, and open one for every
+# event (connect, insert, commit, close): with SQLite's default synchronous=FULL each event waits
+# for the disk, about half the time of a Dagster run in this suite. No test is about Dagster's own
+# history surviving a power cut, so the suite's processes open those files with synchronous=OFF:
+# every write still goes through SQLite into the file (other connections and processes, and the
+# privacy scan, read it as before; a killed process loses nothing), it is only not flushed to the
+# disk. Only SQLite through SQLAlchemy, which is Dagster's storage: labelloop's store is DuckDB.
+@sqlalchemy.event.listens_for(sqlalchemy.engine.Engine, "connect")
+def _sqlite_not_flushed_to_disk(dbapi_connection, _connection_record) -> None:
+    if isinstance(dbapi_connection, sqlite3.Connection):
+        dbapi_connection.execute("PRAGMA synchronous=OFF")
 
 
 @pytest.fixture
