@@ -6,12 +6,17 @@ import argparse
 import importlib
 import json
 import os
+import shutil
+import sqlite3
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
 import dagster as dg
 import numpy as np
 import pytest
+import sqlalchemy
 import yaml
 
 from labelloop_assets.core.settings import Home, RetrainPolicy
@@ -41,6 +46,18 @@ def require_module(name: str, why: str) -> ModuleType:
         if in_ci():
             pytest.fail(f"{reason} (CI=true, so this fails instead of skipping)", pytrace=False)
         pytest.skip(reason)
+
+
+@contextmanager
+def umask_kept():
+    """For module-wide fixtures that make homes: Home.ensure() sets the process umask, and the
+    tests that follow keep the one they had."""
+    before = os.umask(0o022)
+    os.umask(before)
+    try:
+        yield
+    finally:
+        os.umask(before)
 
 
 @pytest.fixture(autouse=True)
@@ -141,7 +158,9 @@ def correction(event_id: str, item_id: str, label: str, user: str = "alice",
 
 
 @pytest.fixture
-def home(tmp_path: Path, monkeypatch) -> Home:
+def home(tmp_path: Path, monkeypatch, _restored_world) -> Home:
+    if _restored_world is not None:
+        return _restored_world.home
     if os.environ.get("LABELLOOP_TEST_BACKEND") == "lake":
         # `make test-lake`: the same tests with the lake as the store, a fresh catalog each.
         from labelloop_tests import pg
@@ -162,13 +181,93 @@ def prepared_home(root: Path) -> Home:
     return home
 
 
+# Dagster's instances keep their run and event history in SQLite files, and open one for every
+# event (connect, insert, commit, close): with SQLite's default synchronous=FULL each event waits
+# for the disk, about half the time of a Dagster run in this suite. No test is about Dagster's own
+# history surviving a power cut, so the suite's processes open those files with synchronous=OFF:
+# every write still goes through SQLite into the file (other connections and processes, and the
+# privacy scan, read it as before; a killed process loses nothing), it is only not flushed to the
+# disk. Only SQLite through SQLAlchemy, which is Dagster's storage: labelloop's store is DuckDB.
+@sqlalchemy.event.listens_for(sqlalchemy.engine.Engine, "connect")
+def _sqlite_not_flushed_to_disk(dbapi_connection, _connection_record) -> None:
+    if isinstance(dbapi_connection, sqlite3.Connection):
+        dbapi_connection.execute("PRAGMA synchronous=OFF")
+
+
 @pytest.fixture
-def instance():
-    with dg.instance_for_test() as test_instance:
+def instance(_restored_world):
+    folder = None if _restored_world is None else str(_restored_world.instance_dir)
+    with dg.instance_for_test(temp_dir=folder) as test_instance:
         yield test_instance
 
 
 RETRAIN = RetrainPolicy(min_label_changes=2, min_interval_seconds=0)
+
+
+@dataclass(frozen=True)
+class TrainedWorld:
+    """A home and its Dagster instance after make_items() landed (its 15 gold items declared in
+    gold.jsonl), ingest_job, then retrain_job (m0001 promoted): the state several suites start
+    from, built once per module and copied back for each test to the very paths it was built at
+    (views.sql and Dagster's event log record absolute paths, so each copy is the state a build
+    there gives, its Dagster history included)."""
+
+    root: Path
+    template: Path
+    ingested: dg.ExecuteInProcessResult
+    trained: dg.ExecuteInProcessResult
+
+    @property
+    def home(self) -> Home:
+        return Home(self.root / "home")
+
+    @property
+    def instance_dir(self) -> Path:
+        return self.root / "dagster"
+
+    def restore(self) -> None:
+        """The state as built, whatever the previous test made of it."""
+        shutil.rmtree(self.root, ignore_errors=True)
+        shutil.copytree(self.template, self.root, symlinks=True)
+
+
+def build_trained_world(root: Path) -> TrainedWorld | None:
+    """None under `make test-lake` (the store is then a catalog no copy of the home carries)."""
+    if os.environ.get("LABELLOOP_TEST_BACKEND") == "lake":
+        return None
+    with umask_kept(), pytest.MonkeyPatch.context() as env:
+        env.setenv("LABELLOOP_KEYS_DIR", str(root.parent / f"{root.name}-keys"))
+        env.delenv("LABELLOOP_SIGNING_KEY", raising=False)
+        home = prepared_home(root / "home")
+        land_items(home, make_items()[0])
+        (root / "dagster").mkdir()
+        with dg.instance_for_test(temp_dir=str(root / "dagster")) as instance:
+            defs = build_definitions(home, RETRAIN)
+            results = []
+            for job in ("ingest_job", "retrain_job"):
+                result = defs.resolve_job_def(job).execute_in_process(instance=instance, raise_on_error=False)
+                assert result.success, [e.message for e in result.all_events if e.is_failure]
+                results.append(result)
+    template = root.parent / f"{root.name}-template"
+    root.rename(template)
+    return TrainedWorld(root, template, *results)
+
+
+@pytest.fixture(scope="module")
+def trained_world(tmp_path_factory) -> TrainedWorld | None:
+    """The module's TrainedWorld. A test whose fixtures ask for it gets `home` and `instance` as a
+    copy of it (restored for each test), not new ones."""
+    return build_trained_world(tmp_path_factory.mktemp("trained") / "world")
+
+
+@pytest.fixture
+def _restored_world(request) -> TrainedWorld | None:
+    if "trained_world" not in request.fixturenames:
+        return None
+    world = request.getfixturevalue("trained_world")
+    if world is not None:
+        world.restore()
+    return world
 
 
 @pytest.fixture

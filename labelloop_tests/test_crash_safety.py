@@ -27,6 +27,7 @@ from labelloop_tests.conftest import RETRAIN, correction, land_items, make_items
 
 # Every crash point is a child run killed there, all of them started by one module-wide fixture.
 pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = textwrap.dedent(
     """
@@ -236,7 +237,10 @@ def crashed(tmp_path_factory) -> tuple[dict[str, Crashed], dict[str, dict[str, l
             # The child's instance is ephemeral; its own DAGSTER_HOME keeps it off any real one.
             dagster_home = root / name / "dagster"
             dagster_home.mkdir()
-            env = {**os.environ, "LABELLOOP_HOME": str(home.root), "DAGSTER_HOME": str(dagster_home)}
+            # PYTHONPATH: the child imports this checkout's labelloop, as the parent does, whatever
+            # copy is installed (the parent compares its tables with the child's).
+            env = {**os.environ, "LABELLOOP_HOME": str(home.root), "DAGSTER_HOME": str(dagster_home),
+                   "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
             children[name] = (home, subprocess.Popen(
                 [sys.executable, str(script), str(home.root), job, crash.point],
                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

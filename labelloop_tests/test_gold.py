@@ -62,13 +62,28 @@ def _write_gold(home, records: list[dict]) -> None:
     home.gold_file.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
-@pytest.fixture
-def loop(home, defs, instance):
-    """15 gold items declared in gold.jsonl, 45 landed items, and a first champion (m0001)."""
+def _build_loop(home, defs, instance) -> dg.ExecuteInProcessResult:
     land_items(home, make_items()[0])
     ingested = _run(defs, instance, "ingest_job")
     _run(defs, instance, RETRAIN_JOB)
     return ingested
+
+
+@pytest.fixture
+def loop(trained_world, home, defs, instance):
+    """15 gold items declared in gold.jsonl, 45 landed items, and a first champion (m0001); the
+    ingest's result. Built once for the module (conftest.TrainedWorld): `home` and `instance` are
+    a fresh copy of it for each test."""
+    if trained_world is not None:
+        return trained_world.ingested
+    return _build_loop(home, defs, instance)
+
+
+@pytest.fixture
+def loop_built_here(home, defs, instance):
+    """The same state built in this test's own home: the landing sensor knows files by their
+    inode's change time, which a copy cannot keep (to it, every file of a copy is new)."""
+    return _build_loop(home, defs, instance)
 
 
 @pytest.mark.slow
@@ -173,7 +188,7 @@ def test_adding_gold_starts_set_2_and_both_models_are_scored_on_it(home, defs, i
     assert used == {name: file_sha256((home.root / name).read_bytes()) for name in ("validation.yaml", "training.yaml")}
 
 
-def test_an_edited_gold_file_wakes_the_landing_sensor(home, instance, resources, loop):
+def test_an_edited_gold_file_wakes_the_landing_sensor(home, instance, resources, loop_built_here):
     def tick(cursor=None):
         with dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources) as context:
             return landing_sensor(context)

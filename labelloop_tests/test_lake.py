@@ -24,7 +24,15 @@ from labelloop_assets.core.lake import Lake
 from labelloop_assets.core.settings import Home
 from labelloop_assets.definitions import build_definitions
 from labelloop_tests import pg
-from labelloop_tests.conftest import RETRAIN, correction, land_items, make_items, prepared_home, write_jsonl
+from labelloop_tests.conftest import (
+    RETRAIN,
+    correction,
+    land_items,
+    make_items,
+    prepared_home,
+    umask_kept,
+    write_jsonl,
+)
 
 pytestmark = pytest.mark.postgres
 
@@ -112,14 +120,36 @@ def assert_same_tables(found: dict[str, list], expected: dict[str, list]) -> Non
     assert len(expected["corpus_versions"]) == 3 and expected["models"]
 
 
-def test_the_loop_on_the_lake_gives_what_it_gives_on_the_embedded_store(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory) -> tuple[Home, dict[str, list]]:
+    """embedded_reference, run once for the module: its tables are only read; its home is used
+    (and changed) by test_an_embedded_home_is_copied_into_the_lake alone."""
     pg.require_server()
-    _, expected = embedded_reference(tmp_path / "embedded")
-    monkeypatch.setenv(lake.CATALOG_ENV, pg.fresh_database("lake_same"))
-    on_lake = prepared_home(tmp_path / "lake-home")
+    with umask_kept():
+        return embedded_reference(tmp_path_factory.mktemp("embedded") / "home")
+
+
+@pytest.fixture(scope="module")
+def three_days_on_the_lake(tmp_path_factory) -> tuple[Home, str]:
+    """The same three days on a fresh lake, once for the module: (its home, its catalog). The tests
+    that use it only read it, each with LABELLOOP_CATALOG pointing at it."""
+    pg.require_server()
+    dsn = pg.fresh_database("lake_same")
+    with umask_kept(), pytest.MonkeyPatch.context() as env:
+        env.setenv(lake.CATALOG_ENV, dsn)
+        on_lake = prepared_home(tmp_path_factory.mktemp("lake-days") / "home")
+        assert isinstance(on_lake.database, Lake)
+        with dg.instance_for_test() as instance:
+            _run_days(on_lake, instance)
+    return on_lake, dsn
+
+
+def test_the_loop_on_the_lake_gives_what_it_gives_on_the_embedded_store(embedded, three_days_on_the_lake,
+                                                                         monkeypatch):
+    _, expected = embedded
+    on_lake, dsn = three_days_on_the_lake
+    monkeypatch.setenv(lake.CATALOG_ENV, dsn)
     assert isinstance(on_lake.database, Lake)
-    with dg.instance_for_test() as instance:
-        _run_days(on_lake, instance)
 
     assert_same_tables(_tables(on_lake), expected)
     # Nothing of the store is on the home's disk but the lake's data folder.
@@ -127,8 +157,9 @@ def test_the_loop_on_the_lake_gives_what_it_gives_on_the_embedded_store(tmp_path
     assert any((on_lake.root / "lake").rglob("*.parquet"))
 
 
-def test_corpus_versions_are_lake_snapshots_analysts_can_time_travel_to(home, catalog, instance):
-    _run_days(home, instance)
+def test_corpus_versions_are_lake_snapshots_analysts_can_time_travel_to(three_days_on_the_lake, monkeypatch):
+    home, dsn = three_days_on_the_lake
+    monkeypatch.setenv(lake.CATALOG_ENV, dsn)
     with store.connect(home.database, read_only=True) as con:
         versions = con.execute(
             "SELECT corpus_version, lake_snapshot, n_items FROM corpus_versions ORDER BY 1"
@@ -210,9 +241,8 @@ def test_analysts_read_with_a_role_the_server_refuses_writes_to(home, catalog, i
         assert store.scalar(con, "SELECT count(*) FROM audit_log WHERE actor = 'x'") == 0
 
 
-def test_an_embedded_home_is_copied_into_the_lake(tmp_path, monkeypatch, capsys):
-    pg.require_server()
-    home, expected = embedded_reference(tmp_path / "home")
+def test_an_embedded_home_is_copied_into_the_lake(embedded, monkeypatch, capsys):
+    home, expected = embedded
     monkeypatch.setenv(lake.CATALOG_ENV, pg.fresh_database("migrate"))
     monkeypatch.setenv("LABELLOOP_HOME", str(home.root))
 

@@ -58,7 +58,11 @@ def _harmful_batch(home, defs, instance) -> None:
 
 
 @pytest.fixture
-def loop(home, defs, instance):
+def loop(trained_world, home, defs, instance):
+    """Items landed, ingest_job and retrain_job (m0001 promoted); its result. Built once for the
+    module (conftest.TrainedWorld): `home` and `instance` are a fresh copy of it for each test."""
+    if trained_world is not None:
+        return trained_world.trained
     land_items(home, make_items()[0])
     _run(defs, instance, "ingest_job")
     first = _run(defs, instance, RETRAIN_JOB)
