@@ -6,7 +6,7 @@ Results go to benchmarks/results/*.json and, as markdown tables, into docs/perfo
     python -m benchmarks.run                 # the full suite (100k / 300k / 1M events)
     python -m benchmarks.run --scales 3000   # a smoke run (what `make test` does)
     python -m benchmarks.run --soak-only --soak-seconds 60   # only the soak run
-    python -m benchmarks.run --throughput-only   # only the loop against its baselines (~8 min)
+    python -m benchmarks.run --throughput-only   # only the loop against its baselines (about 7 minutes)
 """
 
 from __future__ import annotations
