@@ -151,7 +151,6 @@ def child_dagster_floor(home_dir: str, runs: int = 3) -> dict:
         if not definition.is_executable or definition.node_def.name not in nodes:
             continue
         specs, checks = list(definition.specs), list(definition.check_specs)
-
         body = _noop_step(specs, checks)
         if specs:
             noops.append(dg.multi_asset(name=definition.node_def.name, specs=specs, check_specs=checks)(body))

@@ -18,6 +18,7 @@ import polars as pl
 from labelloop_assets.core import store
 
 DECIMALS = 2
+SCALE = 10 ** DECIMALS  # features are compared as whole multiples of 1 / SCALE
 
 # Shapes are kept, so how they are worked out must not drift under them: features are written
 # as whole numbers of hundredths (integers print the same in every DuckDB release; -0.0 becomes
@@ -26,7 +27,7 @@ DECIMALS = 2
 SHAPE_FORMAT = 1
 FORMAT_STATE = "item_shapes.format"
 SHAPE_SQL = f"""md5(
-    coalesce(CAST(list_transform(i.features, lambda x: CAST(round(x * {10 ** DECIMALS}) AS BIGINT)) AS VARCHAR), '')
+    coalesce(CAST(list_transform(i.features, lambda x: CAST(round(x * {SCALE}) AS BIGINT)) AS VARCHAR), '')
     || chr(31) || coalesce(lower(regexp_replace(trim(i.text), '\\s+', ' ', 'g')), '')
 )"""
 
