@@ -63,10 +63,8 @@ def umask_kept():
 @pytest.fixture(autouse=True)
 def _restore_umask():
     """Home.ensure() sets the process umask (LABELLOOP_FILE_ACCESS); each test starts from the same."""
-    before = os.umask(0o022)
-    os.umask(before)
-    yield
-    os.umask(before)
+    with umask_kept():
+        yield
 
 
 def set_yaml(path: Path, changes: dict) -> None:
@@ -231,6 +229,18 @@ class TrainedWorld:
         shutil.copytree(self.template, self.root, symlinks=True)
 
 
+def land_and_train(home: Home, defs: dg.Definitions, instance) -> tuple[dg.ExecuteInProcessResult, ...]:
+    """make_items() landed (its gold items declared in gold.jsonl), then ingest_job and retrain_job
+    (m0001 promoted): the two runs' results, each asserted successful."""
+    land_items(home, make_items()[0])
+    results = []
+    for job in ("ingest_job", "retrain_job"):
+        result = defs.resolve_job_def(job).execute_in_process(instance=instance, raise_on_error=False)
+        assert result.success, [e.message for e in result.all_events if e.is_failure]
+        results.append(result)
+    return tuple(results)
+
+
 def build_trained_world(root: Path) -> TrainedWorld | None:
     """None under `make test-lake` (the store is then a catalog no copy of the home carries)."""
     if os.environ.get("LABELLOOP_TEST_BACKEND") == "lake":
@@ -239,15 +249,9 @@ def build_trained_world(root: Path) -> TrainedWorld | None:
         env.setenv("LABELLOOP_KEYS_DIR", str(root.parent / f"{root.name}-keys"))
         env.delenv("LABELLOOP_SIGNING_KEY", raising=False)
         home = prepared_home(root / "home")
-        land_items(home, make_items()[0])
         (root / "dagster").mkdir()
         with dg.instance_for_test(temp_dir=str(root / "dagster")) as instance:
-            defs = build_definitions(home, RETRAIN)
-            results = []
-            for job in ("ingest_job", "retrain_job"):
-                result = defs.resolve_job_def(job).execute_in_process(instance=instance, raise_on_error=False)
-                assert result.success, [e.message for e in result.all_events if e.is_failure]
-                results.append(result)
+            results = land_and_train(home, build_definitions(home, RETRAIN), instance)
     template = root.parent / f"{root.name}-template"
     root.rename(template)
     return TrainedWorld(root, template, *results)

@@ -16,7 +16,7 @@ from labelloop_assets.core.settings import file_sha256
 from labelloop_assets.demo import simulator
 from labelloop_assets.jobs import RETRAIN_JOB
 from labelloop_assets.sensors import landing_sensor
-from labelloop_tests.conftest import LABELS, correction, land_items, make_items, write_jsonl
+from labelloop_tests.conftest import LABELS, correction, land_and_train, land_items, make_items, write_jsonl
 
 
 def _rows(home, sql, params=None) -> pl.DataFrame:
@@ -63,10 +63,7 @@ def _write_gold(home, records: list[dict]) -> None:
 
 
 def _build_loop(home, defs, instance) -> dg.ExecuteInProcessResult:
-    land_items(home, make_items()[0])
-    ingested = _run(defs, instance, "ingest_job")
-    _run(defs, instance, RETRAIN_JOB)
-    return ingested
+    return land_and_train(home, defs, instance)[0]
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from labelloop_assets.core.settings import Home
 from labelloop_assets.definitions import build_definitions
 from labelloop_assets.jobs import RETRAIN_JOB
 from labelloop_assets.sensors import _latest_metadata, retrain_decision
-from labelloop_tests.conftest import RETRAIN, correction, give_keys, land_items, make_items, write_jsonl
+from labelloop_tests.conftest import RETRAIN, correction, give_keys, land_and_train, land_items, make_items, write_jsonl
 
 # Each test trains and evaluates models through Dagster runs (5 to 10 s each).
 pytestmark = pytest.mark.slow
@@ -63,10 +63,7 @@ def loop(trained_world, home, defs, instance):
     module (conftest.TrainedWorld): `home` and `instance` are a fresh copy of it for each test."""
     if trained_world is not None:
         return trained_world.trained
-    land_items(home, make_items()[0])
-    _run(defs, instance, "ingest_job")
-    first = _run(defs, instance, RETRAIN_JOB)
-    return first
+    return land_and_train(home, defs, instance)[1]
 
 
 def test_the_first_model_is_promoted_and_the_pointer_follows(home, loop):
