@@ -169,22 +169,19 @@ def test_reliability_is_estimated_on_the_training_cadence(home, defs, instance):
     assert _rows(home, solo)["label"][0] == "zero"
 
 
-def test_near_duplicates_with_conflicting_labels_are_flagged(home, defs, instance):
-    records, _ = make_items()
-    twin = dict(records[40], item_id="twin-of-40", initial_label="zero")  # item-040 is "one"
-    land_items(home, [*records, twin])
-    result = _materialize(defs, instance, ["items", "production_corpus"])
-    check = [e.asset_check_evaluation_data for e in result.all_events
-             if e.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION
-             and e.asset_check_evaluation_data.check_name == "near_duplicates_agree"][0]
-    assert not check.passed and check.metadata["conflicting_groups"].value == 1
-    assert "twin-of-40" in check.metadata["groups"].value
-
-
 def _near_duplicates_check(result):
     return [e.asset_check_evaluation_data for e in result.all_events
             if e.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION
             and e.asset_check_evaluation_data.check_name == "near_duplicates_agree"][0]
+
+
+def test_near_duplicates_with_conflicting_labels_are_flagged(home, defs, instance):
+    records, _ = make_items()
+    twin = dict(records[40], item_id="twin-of-40", initial_label="zero")  # item-040 is "one"
+    land_items(home, [*records, twin])
+    check = _near_duplicates_check(_materialize(defs, instance, ["items", "production_corpus"]))
+    assert not check.passed and check.metadata["conflicting_groups"].value == 1
+    assert "twin-of-40" in check.metadata["groups"].value
 
 
 def test_a_twin_landed_later_is_found_against_the_shapes_already_kept(home, defs, instance):
