@@ -1,7 +1,8 @@
 """Quality signals that gate or steer the loop: correction bursts, label-issue candidates, guideline insights."""
 
+from typing import TYPE_CHECKING
+
 import dagster as dg
-import numpy as np
 import polars as pl
 from dagster_duckdb import DuckDBResource
 
@@ -16,6 +17,9 @@ from labelloop_assets.core.files import write_atomically
 from labelloop_assets.core.pipelines import PipelineSpec
 from labelloop_assets.core.settings import Home
 from labelloop_assets.resources import LabelloopHome, open_store
+
+if TYPE_CHECKING:
+    import numpy as np
 
 OPEN_BURSTS_SQL = """
     SELECT burst_id, day, scope, key, n_events, day_total, round(expected, 1) AS expected,
@@ -78,6 +82,7 @@ def label_issue_candidates(
     context: dg.AssetExecutionContext, labelloop: LabelloopHome, database: DuckDBResource
 ) -> dg.MaterializeResult:
     """Review queue of corpus labels most likely wrong: K-fold confident learning fused with votes, disputes and reliability."""  # noqa: E501 -- kept on one line: the docs' asset reference shows a description's first line
+    import numpy as np
     with config_errors_as_failures():
         settings = labelloop.monitoring()
         policy = labelloop.policy()
@@ -143,10 +148,11 @@ def label_issue_candidates(
 
 
 def _stored_probabilities(
-    home: Home, champion: dict, corpus: pl.DataFrame, labels: np.ndarray
-) -> tuple[np.ndarray | None, np.ndarray, str | None]:
+    home: Home, champion: dict, corpus: pl.DataFrame, labels: "np.ndarray"
+) -> "tuple[np.ndarray | None, np.ndarray, str | None]":
     """(probabilities, classes, note) of the corpus items from an external champion's stored
     out-of-sample probabilities; items it has none for get NaN rows (no passive signal)."""
+    import numpy as np
     version = champion["model_version"]
     if corpus.height == 0:
         return None, np.array([]), "the corpus is empty"

@@ -5,7 +5,6 @@ import shutil
 from datetime import UTC, datetime
 
 import dagster as dg
-import numpy as np
 import polars as pl
 from dagster_duckdb import DuckDBResource
 
@@ -274,6 +273,7 @@ def _copy_counts(copies: gold.GoldCopies) -> str:
 
 
 def _model_metadata(home: Home, record: dict, extra: dict) -> dict:
+    import numpy as np
     return {
         "model_version": record["model_version"],
         "corpus_version": int(record["corpus_version"]),
@@ -355,6 +355,7 @@ def model_evaluation(
     context: dg.AssetExecutionContext, labelloop: LabelloopHome, database: DuckDBResource
 ) -> dg.MaterializeResult:
     """The challenger against the champion, both scored on the current evaluation set; promoted only if not worse, with reasons."""  # noqa: E501 -- kept on one line: the docs' asset reference shows a description's first line
+    import numpy as np
     with config_errors_as_failures():
         plan = labelloop.validation_plan()
         labelloop.training()  # read now, so that the hash recorded with the decision is today's file

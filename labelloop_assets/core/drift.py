@@ -22,9 +22,12 @@ of bins and, on small samples, with noise alone.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
 import polars as pl
+
+if TYPE_CHECKING:
+    import numpy as np
 
 # Added to every share (then renormalized) before PSI, so an empty bin or class gives a large
 # but finite term instead of an infinite one.
@@ -143,6 +146,7 @@ def feature_drift(
     baseline: np.ndarray, current: np.ndarray, bins: int = 10, names: list[str] | None = None
 ) -> pl.DataFrame:
     """Per feature column: PSI on baseline quantile bins, Wasserstein distance, and notes."""
+    import numpy as np
     base = _as_matrix(baseline, "baseline")
     cur = _as_matrix(current, "current")
     if base.shape[1] != cur.shape[1]:
@@ -215,6 +219,7 @@ def _label_counts(values: pl.Series) -> pl.DataFrame:
 
 
 def _psi_terms(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    import numpy as np
     k = len(p)
     p_s = (p + PSI_EPSILON) / (1.0 + k * PSI_EPSILON)
     q_s = (q + PSI_EPSILON) / (1.0 + k * PSI_EPSILON)
@@ -222,6 +227,7 @@ def _psi_terms(p: np.ndarray, q: np.ndarray) -> np.ndarray:
 
 
 def _as_matrix(values: np.ndarray, side: str) -> np.ndarray:
+    import numpy as np
     matrix = np.asarray(values, dtype=np.float64)
     if matrix.ndim == 1:
         matrix = matrix.reshape(-1, 1)
@@ -232,6 +238,7 @@ def _as_matrix(values: np.ndarray, side: str) -> np.ndarray:
 
 def _wasserstein(u_sorted: np.ndarray, v_sorted: np.ndarray) -> float:
     """scipy.stats.wasserstein_distance for two sorted, unweighted, non-empty samples."""
+    import numpy as np
     # W1 = integral over t in (0, 1] of |U^-1(t) - V^-1(t)|. The quantile functions step at i/n
     # and j/m; on the common grid (integers over n*m, so exact) the integral is a sum, with no
     # searchsorted of one sample into the other: that is what keeps 100k x 16 fast. A stable
@@ -249,6 +256,7 @@ def _feature_row(
     base: np.ndarray, cur: np.ndarray, bins: int
 ) -> tuple[float | None, float | None, float | None, int, str | None]:
     """psi, wasserstein, baseline_std, n_nan_dropped, note for one feature."""
+    import numpy as np
     base_ok = np.isfinite(base)
     cur_ok = np.isfinite(cur)
     dropped_base = int(base.size - base_ok.sum())

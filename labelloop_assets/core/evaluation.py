@@ -11,14 +11,16 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from labelloop_assets.core.settings import (
     LabelloopConfigError,
     config_number,
     load_yaml_mapping,
 )
+
+if TYPE_CHECKING:
+    import numpy as np
 
 METRICS = ("accuracy", "macro_f1", "per_class_recall", "calibration_error")
 # Higher is better for these; calibration error is better lower.
@@ -105,6 +107,7 @@ class ValidationPlan:
 
 def score(probabilities: np.ndarray, classes: np.ndarray, labels: np.ndarray, bins: int = 10) -> dict:
     """Accuracy, macro-F1, recall per class and expected calibration error on evaluation items."""
+    import numpy as np
     if len(labels) == 0:
         return {"n": 0, "accuracy": None, "macro_f1": None, "per_class_recall": {}, "calibration_error": None}
     # imported where used: loading the code location must not pay for scikit-learn
@@ -125,6 +128,7 @@ def score(probabilities: np.ndarray, classes: np.ndarray, labels: np.ndarray, bi
 
 def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = 10) -> float:
     """ECE: the gap between confidence and accuracy, averaged over equal-width confidence bins."""
+    import numpy as np
     edges = np.linspace(0.0, 1.0, bins + 1)
     which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
     counts = np.bincount(which, minlength=bins)
@@ -172,6 +176,7 @@ def decide(challenger: dict, champion: dict | None, plan: ValidationPlan) -> tup
 def confirm_threshold(confidence: np.ndarray, correct: np.ndarray, target_precision: float) -> float | None:
     """The lowest confidence at which predictions at or above it are right at least `target_precision`
     of the time; the product should ask a user to confirm below it. None when no threshold reaches it."""
+    import numpy as np
     if len(confidence) == 0:
         return None
     order = np.argsort(-confidence, kind="stable")

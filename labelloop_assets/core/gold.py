@@ -21,9 +21,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import duckdb
-import numpy as np
 import polars as pl
 
 from labelloop_assets.core import contracts as c
@@ -33,6 +33,9 @@ from labelloop_assets.core.files import UnreadableFile
 from labelloop_assets.core.ontology import Ontology
 from labelloop_assets.core.settings import Home, LabelloopConfigError, file_sha256
 from labelloop_assets.core.validation import check_records
+
+if TYPE_CHECKING:
+    import numpy as np
 
 GOLD_SOURCE = "gold.jsonl"  # items.source_file of declared gold items
 # The evaluation set as stored: every item with a gold label (declared in gold.jsonl, or landed
@@ -262,6 +265,7 @@ COPY_SCHEMA = {"item_id": pl.String, "gold_item_id": pl.String, "kind": pl.Strin
 
 
 def _matrix(frame: pl.DataFrame) -> np.ndarray:
+    import numpy as np
     width = int(frame["features"].list.len().max())
     # + 0.0 turns -0.0 into 0.0, so that equal numbers have equal bytes.
     return frame["features"].list.to_array(width).to_numpy().astype(np.float64) + 0.0
@@ -306,6 +310,7 @@ def _feature_copies(corpus: pl.DataFrame, gold: pl.DataFrame, near_distance: flo
     ten times closer than two gold items usually are. `distance` is that ratio (0 for exact).
     With fewer than two distinct gold items there is no spacing, and only exact copies are found.
     """
+    import numpy as np
     if corpus.height == 0 or gold.height == 0:
         return GoldCopies(pl.DataFrame(schema=COPY_SCHEMA), None)
     corpus = corpus.filter(pl.col("features").list.len() == gold["features"].list.len().max())

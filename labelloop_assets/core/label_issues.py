@@ -44,14 +44,17 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING
 
 import duckdb
-import numpy as np
 import polars as pl
 
 from labelloop_assets.core import bursts, reliability, store, train
 from labelloop_assets.core.pipelines import FEATURES, TEXT, PipelineSpec, preset_spec
 from labelloop_assets.core.settings import LabelloopConfigError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 # Active signals, one row per item (items missing = no human signal). votes_against / votes_for:
 # summed weight of recent votes for another label / for the current one, each vote weighted as in
@@ -207,6 +210,7 @@ def out_of_sample_probabilities(
 
     `items` is a features matrix, or a frame with text and/or features as `spec` reads them
     (None: the default pipeline for features)."""
+    import numpy as np
     labels = np.asarray(labels)
     if isinstance(items, pl.DataFrame):
         if spec is None:
@@ -295,6 +299,7 @@ def out_of_sample_probabilities(
 
 
 def _label_indices(labels: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    import numpy as np
     labels = np.asarray(labels)
     index = np.searchsorted(classes, labels)
     index = np.clip(index, 0, len(classes) - 1)
@@ -308,6 +313,7 @@ def _label_indices(labels: np.ndarray, classes: np.ndarray) -> np.ndarray:
 
 def class_thresholds(probs: np.ndarray, labels: np.ndarray, classes: np.ndarray) -> np.ndarray:
     """Confident-learning thresholds t_j = mean p_j over items labeled j (inf if there are none)."""
+    import numpy as np
     probs = np.asarray(probs, dtype=np.float64)
     given = _label_indices(labels, classes)
     rows = np.isfinite(probs).all(axis=1)
@@ -322,6 +328,7 @@ def class_thresholds(probs: np.ndarray, labels: np.ndarray, classes: np.ndarray)
 
 def confident_learning(probs: np.ndarray, labels: np.ndarray, classes: np.ndarray) -> pl.DataFrame:
     """The passive signals per item, in row order (the columns are PASSIVE_COLUMNS)."""
+    import numpy as np
     probs = np.asarray(probs, dtype=np.float64)
     classes = np.asarray(classes)
     labels = np.asarray(labels)
@@ -393,6 +400,7 @@ def prune_by_noise_rate(
     many items labeled i truly belong to j (Northcutt et al. 2021, section 3). One loop step per
     class pair, vectorized within.
     """
+    import numpy as np
     n_classes = probs.shape[1]
     flagged = np.zeros(len(given), dtype=bool)
     if n_classes < 2:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 
 import duckdb
-import numpy as np
 import polars as pl
 
 from labelloop_assets.core import store, train
@@ -52,6 +51,7 @@ def attribution(
 ) -> pl.DataFrame:
     """Gold accuracy of the challenger's data minus that of the same data without each group,
     each refitted with the challenger's pipeline (`spec`; none given: nothing is attributed)."""
+    import numpy as np
     schema = {"group": pl.String, "items": pl.Int64, "accuracy_with": pl.Float64,
               "accuracy_without": pl.Float64, "benefit": pl.Float64}
     if changes.height == 0 or gold.height == 0 or spec is None:

@@ -84,11 +84,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
 import polars as pl
 
 from labelloop_assets.core.bursts import COUNTED_VOTES_SQL
+
+if TYPE_CHECKING:
+    import numpy as np
 
 CONTRIBUTOR_SCHEMA = {
     "user_pseudonym": pl.String,
@@ -179,6 +182,7 @@ def fit_reliability(
     tolerance: float = 1e-6,
 ) -> ReliabilityFit:
     """Fit the anchored one-coin Dawid–Skene model; see `estimate_reliability` for the inputs."""
+    import numpy as np
     labels = _checked_labels(labels)
     if max_iterations < 1:
         raise ValueError(f"max_iterations must be at least 1, got {max_iterations}")
@@ -336,6 +340,7 @@ def _checked_labels(labels: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def _encode(votes: pl.DataFrame, anchors: pl.DataFrame, labels: tuple[str, ...]) -> _EncodedVotes:
+    import numpy as np
     label_codes = pl.DataFrame(
         {"label": list(labels), "label_code": np.arange(len(labels), dtype=np.int64)},
         schema={"label": pl.String, "label_code": pl.Int64},
@@ -460,6 +465,7 @@ def draw_audit_sample(
     of ids and the seed, not on their order. Fewer than `size` items are returned when fewer
     remain. Returns item_id and draw (1 for the first drawn), in draw order.
     """
+    import numpy as np
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ValueError(f"audit sample size must be a positive whole number, got {size!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:

@@ -36,15 +36,18 @@ import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import duckdb
-import numpy as np
 import polars as pl
 
 from labelloop_assets.core import store
 from labelloop_assets.core.files import write_atomically
 from labelloop_assets.core.reliability import AUDIT_VERDICTS_SQL
 from labelloop_assets.core.settings import LabelloopConfigError, config_number, load_yaml_mapping
+
+if TYPE_CHECKING:
+    import numpy as np
 
 ARMS = ("loop", "least_confidence", "random")
 COMPONENTS = ("label_issue", "uncertainty", "disagreement", "shortfall", "drift", "overdue")
@@ -219,6 +222,7 @@ def plan(
     predicted_probability (the champion's view of each item, or the latest served prediction);
     `drift_terms`: label -> drift component; `tasks`: `task_status` at `now`.
     """
+    import numpy as np
     frame = signals.join(model_view, on="item_id", how="left").with_columns(
         pl.col("last_answer_at").cast(pl.Datetime("us", "UTC"))
     )
@@ -287,6 +291,7 @@ def _components(frame: pl.DataFrame, drift_terms: dict[str, float]) -> pl.DataFr
 
 def _audits(frame: pl.DataFrame, budget: int, rng: np.random.Generator) -> pl.DataFrame:
     """Blind audits for reviewers: labelled items never audited, drawn uniformly at random."""
+    import numpy as np
     pool = frame.filter(pl.col("current_label").is_not_null() & ~pl.col("audited") & pl.col("reissue_of").is_null())
     take = min(budget, pool.height)
     if take == 0:
@@ -297,6 +302,7 @@ def _audits(frame: pl.DataFrame, budget: int, rng: np.random.Generator) -> pl.Da
 
 def _annotator_tasks(frame: pl.DataFrame, settings: TaskSettings, rng: np.random.Generator) -> pl.DataFrame:
     """Each arm's share of the annotator budget, re-issues first in their own arm, then the arm's order."""
+    import numpy as np
     budget = settings.annotator_budget
     quotas = _quotas(budget, settings.arms)
     # A re-issue whose arm gets no share now (switched off) joins the other arms' pools as it is.
@@ -487,6 +493,7 @@ def model_view(version: str | None, model, items: pl.DataFrame, served: pl.DataF
     """item_id, model_version, predicted_label, predicted_probability: the champion's own view of
     each item where it can give one (probabilities from its pipeline or, for an external champion,
     those its trainer reported), else the latest served prediction."""
+    import numpy as np
     schema = {"item_id": pl.String, "model_version": pl.String, "predicted_label": pl.String,
               "predicted_probability": pl.Float64}
     own = pl.DataFrame(schema=schema)

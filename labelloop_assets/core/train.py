@@ -13,9 +13,8 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import polars as pl
 
 from labelloop_assets.core import external, pipelines
@@ -26,6 +25,9 @@ from labelloop_assets.core.settings import (
     config_number,
     load_yaml_mapping,
 )
+
+if TYPE_CHECKING:
+    import numpy as np
 
 MODEL_FILE = "model.skops"
 CURRENT_POINTER = "CURRENT"
@@ -60,6 +62,7 @@ class ModelFileError(ValueError):
 
 def features_matrix(frame: pl.DataFrame, column: str = "features", width: int | None = None) -> np.ndarray:
     """A (rows, width) float matrix from a list column of one fixed width."""
+    import numpy as np
     if frame.height == 0:
         return np.empty((0, width or 0))
     width = width or int(frame[column].list.len().max())
@@ -88,10 +91,12 @@ class TrainedModel:
 
     @property
     def classes(self) -> np.ndarray:
+        import numpy as np
         return np.asarray(self.pipeline.classes_).astype(str)
 
     def predict_proba(self, items: pl.DataFrame | np.ndarray) -> np.ndarray:
         """Probabilities per class (columns in `classes` order); a matrix stands for features."""
+        import numpy as np
         if isinstance(items, np.ndarray):
             if self.spec.input != FEATURES:
                 raise ValueError(f"this model reads {self.spec.input}; pass items with those columns")
@@ -118,6 +123,7 @@ class ExternalModel:
 
     @property
     def classes(self) -> np.ndarray:
+        import numpy as np
         return np.asarray([c for c in self.probabilities.columns if c != "item_id"]).astype(str)
 
     def stored(self, item_ids: pl.Series) -> np.ndarray:
@@ -131,6 +137,7 @@ class ExternalModel:
     def predict_proba(self, items: pl.DataFrame | np.ndarray) -> np.ndarray:
         """The stored probabilities of these items (a frame with item_id); ValueError for any the
         trainer was not given."""
+        import numpy as np
         if not isinstance(items, pl.DataFrame) or "item_id" not in items.columns:
             raise ValueError(f"{self.version} was trained by an external trainer and answers only by item_id: "
                              "pass items with an item_id column")
@@ -198,6 +205,7 @@ def fit(
     """Fit the spec's pipeline (None: the default for features) on items and their labels.
 
     Items are a frame with text and/or features as the spec reads them, or a features matrix."""
+    import numpy as np
     spec = spec or pipelines.preset_spec("logistic_regression", FEATURES)
     if len(np.unique(labels)) < 2:
         raise ValueError("training needs at least two distinct labels in the corpus")
