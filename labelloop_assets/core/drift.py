@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import polars as pl
 
+# NumPy is imported where used: loading the code location must not pay for it (a tenth of its time).
 if TYPE_CHECKING:
     import numpy as np
 

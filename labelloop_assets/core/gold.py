@@ -34,6 +34,7 @@ from labelloop_assets.core.ontology import Ontology
 from labelloop_assets.core.settings import Home, LabelloopConfigError, file_sha256
 from labelloop_assets.core.validation import check_records
 
+# NumPy is imported where used: loading the code location must not pay for it (a tenth of its time).
 if TYPE_CHECKING:
     import numpy as np
 

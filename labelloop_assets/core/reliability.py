@@ -90,6 +90,7 @@ import polars as pl
 
 from labelloop_assets.core.bursts import COUNTED_VOTES_SQL
 
+# NumPy is imported where used: loading the code location must not pay for it (a tenth of its time).
 if TYPE_CHECKING:
     import numpy as np
 
