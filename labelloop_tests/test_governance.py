@@ -234,8 +234,8 @@ def test_published_views_are_readable_while_a_writer_holds_the_database(home, de
     # Whole-history views follow the training cadence.
     assert defs.resolve_job_def(RETRAIN_JOB).execute_in_process(instance=instance).success
     assert "label_versions" in views.read_text()
-    # A run holds the database file open for writing...
-    writer = duckdb.connect(str(home.database))
+    # A run holds the store open for writing (the embedded file, or the lake's writer locks)...
+    writer = store.connect(home.database)
     try:
         writer.execute("BEGIN TRANSACTION")
         writer.execute("DELETE FROM production_corpus")  # uncommitted: readers must not see this
