@@ -277,6 +277,15 @@ CASES: dict[str, Case] = {
     "empty_required_string": between(correction("bad", item_id=""), contracts.INVALID_VALUE,
                                      detail="item_id: empty"),
     "whitespace_only_id": between(correction(" \t "), contracts.INVALID_VALUE, detail="event_id: empty"),
+    # Ids are looked up by value, and on the lake a NUL in one ended DuckLake's pruning query early:
+    # the line failed the whole run. Free text keeps it as data.
+    "nul_character_in_an_item_id": between(correction("bad", item_id="item-\u0000-1"), contracts.INVALID_VALUE,
+                                           detail="item_id: holds a NUL character"),
+    "nul_character_in_a_rationale_is_data": between(
+        correction("bad", rationale="see\u0000here"), None,
+        check=lambda con: stored(con, "SELECT rationale FROM raw_corrections WHERE event_id = 'bad'")
+        == [("see\x00here",)],
+    ),
     "role_outside_the_list": between(correction("bad", user_role="admin"), contracts.INVALID_VALUE,
                                      detail="user_role"),
     "source_in_other_case": between(correction("bad", source="Annotation"), contracts.INVALID_VALUE,
