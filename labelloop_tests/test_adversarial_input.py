@@ -281,6 +281,13 @@ CASES: dict[str, Case] = {
     # the line failed the whole run. Free text keeps it as data.
     "nul_character_in_an_item_id": between(correction("bad", item_id="item-\u0000-1"), contracts.INVALID_VALUE,
                                            detail="item_id: holds a NUL character"),
+    # ...but not as a way past the scrubber: a NUL between digits hid a card or an id from it.
+    "nul_characters_inside_personal_data_in_free_text": between(
+        correction("bad", rationale="card 4111 1111 1111\u00001111", context={"note": "ssn 123-45\u0000-6789"}),
+        None,
+        check=lambda con: stored(con, "SELECT rationale, context FROM raw_corrections WHERE event_id = 'bad'")
+        == [("card [card-or-account]", '{"note":"ssn [national-id]"}')],
+    ),
     "nul_character_in_a_rationale_is_data": between(
         correction("bad", rationale="see\u0000here"), None,
         check=lambda con: stored(con, "SELECT rationale FROM raw_corrections WHERE event_id = 'bad'")

@@ -473,3 +473,20 @@ def test_parquet_rows_with_maps_structs_and_lists_read_as_json_objects(tmp_path)
          "features": [3.0, 4.0], "tags": []},
     ]
     assert read.lines == 2 and len(read.sha256) == 64
+
+
+def test_a_nul_character_is_refused_where_values_are_looked_up_and_kept_elsewhere(con):
+    """Ids, labels and references are looked up by value (on the lake, DuckDB's parser ends a
+    query at a NUL); an item's text, free text and pseudonymized ids are not."""
+    accepted, quarantined = check(
+        con, {"item_id": "a\u0000b"}, {"item_id": "x", "text": "a\u0000b"},
+        {"item_id": "y", "uri": "s3://b/\u0000"}, spec=contracts.ITEM_SPEC,
+    )
+    assert reasons(quarantined) == [
+        (1, contracts.INVALID_VALUE, "item_id: holds a NUL character"),
+        (3, contracts.INVALID_VALUE, "uri: holds a NUL character"),
+    ]
+    assert accepted["text"].to_list() == ["a\x00b"]
+    accepted, quarantined = check(con, correction("e1", user_id="al\u0000ice", rationale="a\u0000b"))
+    assert quarantined.height == 0 and accepted["rationale"].to_list() == ["a\x00b"]
+    assert accepted["user_id"][0].startswith("u_")

@@ -148,6 +148,16 @@ def test_scrubbing_is_idempotent(con):
         ("4111_1111_1111_1111 and 4111_1111_1111_1112", "[card-or-account] and 4111_1111_1111_1112"),
         ("DE 0049 30 1234567", "DE [phone]"),
         ("on 2026-12-06 at 10:30, v2.3.1, it00001234", "on 2026-12-06 at 10:30, v2.3.1, it00001234"),
+        # control characters between the digits are invisible to the detectors, as zero-width
+        # spaces are; a NUL is also the detectors' own mask, which hid the numbers around it
+        ("card 4111 1111 1111\x001111", "card [card-or-account]"),
+        ("4111\x011111\x011111\x011111 ok", "[card-or-account] ok"),
+        ("ssn 123-45\x00-6789", "ssn [national-id]"),
+        ("call +1 415-555\x00-0132 now", "call [phone] now"),
+        ("call +1 415-555\u200b-0132 now", "call [phone] now"),
+        ("mail jane\x1f.doe@example.com", "mail [email]"),
+        # and a control character with nothing around it stays as it was
+        ("see\x00here", "see\x00here"),
         ("", ""),
         (None, None),
     ],

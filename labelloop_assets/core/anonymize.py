@@ -28,14 +28,20 @@ SCRUB_PATTERNS: tuple[tuple[str, str], ...] = (
 )
 
 # After the fast path, a text goes through the Python scrubber only if it still holds one of
-# these: a digit of another script, a full-width form, an invisible (format) character or a
+# these: a digit of another script, a full-width form, an invisible character (above) or a
 # circled or superscript digit; an `@`; six digits or more, possibly separated; an
 # `(at)`/`[dot]`-style or `x at y dot z`-style obfuscation; the shape of an Italian fiscal code.
 # Other text outside ASCII (accents, dashes, quotes, other scripts) stays in SQL. RE2 syntax (for
 # DuckDB, and for pandas' Arrow-backed strings in the baseline).
+# Invisible characters: format characters (zero-width space, joiners, bidi marks) and control
+# characters (tab and line breaks aside). The detectors read a text without them, so one between
+# two digits cannot split a number; a text holding one skips the SQL fast path, which would see
+# the number cut in two and replace only its first part.
+INVISIBLE_PATTERN = r"\p{Cf}|[\x{00}-\x{08}\x{0B}\x{0C}\x{0E}-\x{1F}\x{7F}-\x{9F}]"
 RESIDUAL_PATTERN = "|".join(
     (
-        r"[^\P{Nd}0-9]|[\x{FF01}-\x{FF5E}\x{FE6B}]|\p{Cf}|\p{No}",
+        r"[^\P{Nd}0-9]|[\x{FF01}-\x{FF5E}\x{FE6B}]|\p{No}",
+        INVISIBLE_PATTERN,
         r"@|%40|&#0*64;|&#[xX]0*40;|&commat;",
         r"[0-9](?:[\s().\-/_*,\x{00B7}\p{Pd}\p{Zs}]*[0-9]){5,}",
         r"(?i:[^\s(\[{<]\s*[(\[{<]\s*(?:at|dot)\s*[)\]}>])",
@@ -110,6 +116,7 @@ def scrub_sql(text_column: str, author_column: str | None = None, json_object: b
     any_pattern = _literal("|".join(f"(?:{pattern})" for pattern, _ in SCRUB_PATTERNS))
     fast = (
         f"CASE WHEN regexp_matches({text_column}, {any_pattern}) "
+        f"AND NOT regexp_matches({text_column}, {_literal(INVISIBLE_PATTERN)}) "
         f"THEN {scrubbed} ELSE {text_column} END"
     )
     # What may still hold personal data goes through the Python scrubber.

@@ -97,6 +97,7 @@ class FieldSpec:
     maximum: float | None = None
     private: bool = False  # stored only as a keyed pseudonym
     free_text: bool = False  # stored only after PII scrubbing (an object: every string in it)
+    content: bool = False  # an item's own content: kept as it came, compared but never looked up
 
 
 @dataclass(frozen=True)
@@ -158,7 +159,7 @@ ITEM_SPEC = RecordSpec(
     fields=(
         FieldSpec("item_id", "string"),
         # Text, features or both (core/item_content.py); uri is the payload's address, never read.
-        FieldSpec("text", "string", required=False, max_length=MAX_ITEM_TEXT),
+        FieldSpec("text", "string", required=False, max_length=MAX_ITEM_TEXT, content=True),
         FieldSpec("features", "number_array", required=False, max_length=4096),
         FieldSpec("uri", "string", required=False, max_length=2048),
         FieldSpec("initial_label", "string", required=False),

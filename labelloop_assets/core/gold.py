@@ -54,7 +54,7 @@ GOLD_SPEC = c.RecordSpec(
     key="item_id",
     fields=(
         c.FieldSpec("item_id", "string"),
-        c.FieldSpec("text", "string", required=False, max_length=c.MAX_ITEM_TEXT),
+        c.FieldSpec("text", "string", required=False, max_length=c.MAX_ITEM_TEXT, content=True),
         c.FieldSpec("features", "number_array", required=False, max_length=4096),
         c.FieldSpec("uri", "string", required=False, max_length=2048),
         c.FieldSpec("gold_label", "string"),

@@ -63,6 +63,8 @@ class Span(NamedTuple):
 # --------------------------------------------------------------------------- normalization
 
 _FOLDED: dict[str, str] = {}
+# ASCII control characters that detection drops (tab and line breaks are white space to it).
+_ASCII_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _MARK = "\u01c0"  # a letter (Lo) that stands in for a combining mark
 
 
@@ -71,7 +73,9 @@ def _fold(ch: str) -> str:
     folded = _FOLDED.get(ch)
     if folded is None:
         category = unicodedata.category(ch)
-        if category == "Cf":  # zero-width space and joiners, soft hyphen, bidi marks
+        # zero-width space and joiners, soft hyphen, bidi marks; control characters (a NUL or a
+        # unit separator between the digits of a card number hid it, and a NUL is _MASK too)
+        if category in ("Cf", "Cc"):
             folded = ""
         elif category == "Nd":
             folded = str(unicodedata.decimal(ch))
@@ -97,14 +101,14 @@ def _fold(ch: str) -> str:
 def normalize(text: str) -> tuple[str, list[int] | None, list[int] | None]:
     """(detection text, original start and end of each of its characters); None for both when
     every character maps to itself or to one character in place."""
-    if text.isascii():
+    if text.isascii() and not _ASCII_CONTROL.search(text):
         return text, None, None
     parts: list[str] = []
     starts: list[int] = []
     ends: list[int] = []
     shifted = False
     for i, ch in enumerate(text):
-        folded = ch if ch < "\x80" else _fold(ch)
+        folded = ch if " " <= ch < "\x7f" or ch in "\t\n\r" else _fold(ch)
         parts.append(folded)
         if len(folded) != 1:
             shifted = True

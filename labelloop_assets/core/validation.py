@@ -119,10 +119,11 @@ def _field_rules(field: FieldSpec) -> list[tuple[str, str, str]]:
         rules.append(
             (f"{present} AND length({text}) = 0", INVALID_VALUE, f"{field.name}: empty")
         )
-    if field.kind == "string" and not field.free_text:
+    if field.kind == "string" and not (field.free_text or field.private or field.content):
         # An id, term or reference is looked up by value; on the lake, DuckLake writes the value
         # into the SQL of its file pruning, and DuckDB's parser ends a query at a NUL character:
-        # one such line failed the whole run. PostgreSQL cannot store one in text either.
+        # one such line failed the whole run. (Free text and an item's content are never looked
+        # up; a private id is stored as its pseudonym.)
         rules.append(
             (f"{present} AND contains({text}, chr(0))", INVALID_VALUE, f"{field.name}: holds a NUL character")
         )
